@@ -1,0 +1,102 @@
+"""The one interface every attack implements, and the geometry they share.
+
+Attacks stay small: an attack only proposes candidate inputs. The runner
+(`robaudit.attacks.runner`) owns batching, skipping points that are already broken,
+restarts, pass counting, projection into the threat ball and the input box, and the
+re-verification that decides whether a candidate counts.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from robaudit.threats import Threat
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """What an attack may know besides the batch: box bounds, RNG and class count."""
+
+    lower: float
+    upper: float
+    num_classes: int
+    generator: torch.Generator
+
+
+class Attack(ABC):
+    """A perturbation search.
+
+    ``kind`` is ``"fixed"`` for attacks that search inside the threat's radius and
+    ``"minimal"`` for attacks that look for the smallest perturbation (their results
+    also give a per-sample distance). ``randomized`` attacks benefit from restarts.
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str] = "fixed"
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    randomized: ClassVar[bool] = True
+
+    def supports(self, threat: Threat) -> bool:
+        """Whether this attack can run under the threat's norm."""
+        return threat.norm in self.norms
+
+    @abstractmethod
+    def perturb(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, ctx: AttackContext
+    ) -> torch.Tensor:
+        """Return candidate inputs, same shape as ``x``: adversarial where the attack succeeded."""
+
+    @abstractmethod
+    def params(self) -> dict[str, Any]:
+        """The attack's effective parameters, written into the report's config."""
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat, lower: float, upper: float) -> torch.Tensor:
+    """Project onto the threat ball around ``x`` intersected with the input box.
+
+    For Linf the two projections commute. For L2, shrinking the perturbation first and
+    clipping to the box afterwards can only shrink each coordinate further, so the
+    result stays in the ball.
+    """
+    delta = x_adv - x
+    if threat.norm == "linf":
+        delta = delta.clamp(-threat.eps, threat.eps)
+    elif threat.norm == "l2":
+        norms = delta.flatten(1).norm(p=2, dim=1).clamp_min(1e-12)
+        factor = (threat.eps / norms).clamp(max=1.0)
+        delta = delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+    elif threat.norm == "l1":
+        raise NotImplementedError("L1 projection is not implemented yet")
+    return (x + delta).clamp(lower, upper)
+
+
+def random_start(x: torch.Tensor, threat: Threat, ctx: AttackContext) -> torch.Tensor:
+    """A random point in the threat ball (uniform cube for Linf, uniform ball for L2), in the box."""
+    shape = x.shape
+    if threat.norm == "linf":
+        noise = torch.rand(shape, generator=ctx.generator, device="cpu").to(x.device)
+        delta = (2 * noise - 1) * threat.eps
+    elif threat.norm == "l2":
+        direction = torch.randn(shape, generator=ctx.generator, device="cpu").to(x.device)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        dim = x[0].numel()
+        radius = torch.rand(shape[0], generator=ctx.generator, device="cpu").to(x.device) ** (1.0 / dim)
+        delta = direction * (threat.eps * radius).view(-1, *([1] * (x.dim() - 1)))
+    else:
+        raise NotImplementedError(f"random start for {threat.norm} is not implemented")
+    return (x + delta.to(x.dtype)).clamp(ctx.lower, ctx.upper)
+
+
+def normalized_step(grad: torch.Tensor, norm: str) -> torch.Tensor:
+    """Steepest-ascent direction of unit size for the norm (sign for Linf, unit L2 vector for L2)."""
+    if norm == "linf":
+        return grad.sign()
+    if norm == "l2":
+        size = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
+        return grad / size.view(-1, *([1] * (grad.dim() - 1)))
+    raise NotImplementedError(f"steps for {norm} are not implemented")

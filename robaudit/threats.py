@@ -1,0 +1,88 @@
+"""Threat models: a norm and a radius, parsed from strings such as ``linf:8/255``.
+
+One canonical spelling per threat (``linf:0.0313725``) keeps JSON keys, gate
+expressions and file names in agreement however the user wrote the radius.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+import torch
+
+from robaudit.errors import RobauditError
+
+NORMS = ("linf", "l2", "l1")
+_NORM_ALIASES = {"linf": "linf", "inf": "linf", "l_inf": "linf", "l2": "l2", "l1": "l1"}
+
+# Float slack for re-verification: a perturbation may exceed eps by this relative amount
+# (plus an absolute float32 ulp-scale term) and still count as within the ball.
+NORM_RTOL = 1e-5
+NORM_ATOL = 1e-6
+
+
+@dataclass(frozen=True)
+class Threat:
+    """An Lp ball of radius ``eps`` around each input, in pixel space."""
+
+    norm: str
+    eps: float
+    spec: str = ""
+
+    @property
+    def canonical(self) -> str:
+        """The stable name used in reports, JSON keys and gate expressions."""
+        return f"{self.norm}:{self.eps:.6g}"
+
+    def __str__(self) -> str:
+        return self.canonical
+
+    def same_as(self, other: "Threat") -> bool:
+        """Equal norms and radii up to float noise (``8/255`` equals ``0.0313725``)."""
+        return self.norm == other.norm and math.isclose(self.eps, other.eps, rel_tol=1e-6, abs_tol=1e-12)
+
+
+def parse_number(text: str) -> float:
+    """Parse ``0.1``, ``8/255`` or ``1e-2`` into a float; fractions keep users' habits."""
+    text = text.strip()
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(Fraction(num.strip()) / Fraction(den.strip()))
+        return float(text)
+    except (ValueError, ZeroDivisionError) as exc:
+        raise RobauditError(f"'{text}' is not a number (write e.g. 0.1 or 8/255)") from exc
+
+
+def parse_threat(text: str) -> Threat:
+    """Parse ``NORM:EPS`` (``linf:8/255``, ``l2:0.5``, ``l1:12``)."""
+    if ":" not in text:
+        raise RobauditError(f"threat '{text}' must look like NORM:EPS, e.g. linf:8/255 or l2:0.5")
+    norm_text, eps_text = text.split(":", 1)
+    norm = _NORM_ALIASES.get(norm_text.strip().lower())
+    if norm is None:
+        raise RobauditError(f"threat '{text}': unknown norm '{norm_text}' (use one of {', '.join(NORMS)})")
+    eps = parse_number(eps_text)
+    if not math.isfinite(eps) or eps <= 0:
+        raise RobauditError(f"threat '{text}': the radius must be a positive number")
+    return Threat(norm=norm, eps=eps, spec=text.strip())
+
+
+def perturbation_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample norm of a batch of perturbations, computed in float64 for honest checks."""
+    flat = delta.detach().flatten(1).to(torch.float64)
+    if norm == "linf":
+        return flat.abs().amax(dim=1)
+    if norm == "l2":
+        return flat.norm(p=2, dim=1)
+    if norm == "l1":
+        return flat.abs().sum(dim=1)
+    raise ValueError(f"unknown norm {norm}")
+
+
+def within_ball(delta: torch.Tensor, threat: Threat) -> torch.Tensor:
+    """True where a perturbation lies inside the threat's ball, up to float slack."""
+    limit = threat.eps * (1 + NORM_RTOL) + NORM_ATOL
+    return perturbation_norms(delta, threat.norm) <= limit
