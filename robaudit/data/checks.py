@@ -1,0 +1,58 @@
+"""Whether a dataset fits a model, checked before any attack runs.
+
+Catching a shape or label mismatch here gives the user one clear sentence instead of a
+matmul error deep inside an attack.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from robaudit.data.dataset import Dataset
+from robaudit.errors import RobauditError
+
+
+def _known(dim: object) -> bool:
+    """Dynamic dims (None, -1, 0 as some ONNX exports write them) match anything."""
+    return isinstance(dim, int) and dim > 0
+
+
+def _shape_str(shape: Sequence[object]) -> str:
+    return str(tuple(d if _known(d) else "?" for d in shape))
+
+
+def check_compatible(
+    data: Dataset, input_shape: tuple[int, ...] | None, num_classes: int
+) -> str | None:
+    """None if the data fits the model as is, a note if it fits after a reshape.
+
+    Raises RobauditError when the sample size or a label cannot fit the model.
+    """
+    note = _check_shape(data, input_shape)
+    if len(data) and data.y.numel():
+        top = int(data.y.max())
+        if top >= num_classes:
+            raise RobauditError(
+                f"label {top} in data {data.name} is out of range for a model with "
+                f"{num_classes} classes (labels 0 to {num_classes - 1})."
+            )
+    return note
+
+
+def _check_shape(data: Dataset, input_shape: tuple[int, ...] | None) -> str | None:
+    if input_shape is None:
+        return None
+    sample = tuple(int(d) for d in data.x.shape[1:])
+    model = tuple(input_shape)
+    if len(sample) == len(model) and all(
+        not _known(m) or m == s for m, s in zip(model, sample, strict=True)
+    ):
+        return None
+    if all(_known(d) for d in model) and math.prod(model) == math.prod(sample):
+        kind = "images" if len(sample) == 3 else "samples"
+        flat = "flat " if sum(d > 1 for d in model) <= 1 else ""
+        return f"{kind} {sample} reshaped to the model's {flat}input {model}"
+    raise RobauditError(
+        f"data samples have shape {sample} but the model expects {_shape_str(model)}."
+    )

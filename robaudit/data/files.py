@@ -1,0 +1,238 @@
+"""Readers for user data files: .npz, .safetensors, .pt/.pth and image folders.
+
+Files are only ever opened for reading. Every low-level failure is turned into a
+RobauditError that names the file, since a traceback tells the user nothing useful.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from robaudit.data.dataset import RawData
+from robaudit.errors import RobauditError
+
+SUPPORTED_FORMATS = (
+    ".npz or .safetensors (arrays x and y), .pt/.pth (a dict with tensors x and y), "
+    "or a directory of images in one sub-folder per class"
+)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+CHANNEL_AXIS_SIZES = {1, 3, 4}
+
+
+def short_reason(exc: BaseException, limit: int = 160) -> str:
+    """One line of an exception, so the CLI can print the error on one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_error(spec: str, exc: BaseException | str) -> RobauditError:
+    reason = exc if isinstance(exc, str) else short_reason(exc)
+    return RobauditError(f"cannot read data file {spec}: {reason}.")
+
+
+def load_path(path: Path, spec: str, channels: int | None) -> RawData:
+    """Dispatch on the path type; `spec` is the user's spelling, used in messages."""
+    if path.is_dir():
+        return load_image_folder(path, spec, channels)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        x, y = _read_npz(path, spec)
+    elif suffix == ".safetensors":
+        x, y = _read_safetensors(path, spec)
+    elif suffix in (".pt", ".pth"):
+        x, y = _read_torch(path, spec)
+    else:
+        raise RobauditError(
+            f"data file {spec} has an unsupported format; use {SUPPORTED_FORMATS}."
+        )
+    notes: list[str] = []
+    return RawData(x=_to_nchw(x, notes), y=y, notes=notes)
+
+
+def _pick(found: dict[str, Any], spec: str) -> tuple[Any, Any]:
+    missing = [k for k in ("x", "y") if k not in found]
+    if missing:
+        keys = ", ".join(sorted(str(k) for k in found)) or "none"
+        raise RobauditError(
+            f"data file {spec} has no {' or '.join(missing)} entry; it must hold x "
+            f"(samples) and y (labels), but its keys are: {keys}."
+        )
+    return found["x"], found["y"]
+
+
+def _numpy_to_tensor(arr: np.ndarray, key: str, spec: str) -> torch.Tensor:
+    if arr.dtype.kind not in "biuf":
+        raise RobauditError(
+            f"data file {spec} has {key} of unsupported dtype {arr.dtype}; "
+            "use numeric arrays."
+        )
+    if arr.dtype.kind == "u" and arr.dtype != np.uint8:
+        arr = arr.astype(np.int64)
+    elif arr.dtype.byteorder not in "=|":
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def _read_npz(path: Path, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        # numpy falls back to unpickling unknown bytes, so garbage reports "pickled data".
+        detail = "" if "pickle" in str(exc).lower() else f" ({short_reason(exc)})"
+        raise read_error(spec, f"it is not a valid .npz archive{detail}") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise RobauditError(f"data file {spec} is a single array, not an .npz archive "
+                            "with arrays x and y.")
+    with archive:
+        _pick(dict.fromkeys(archive.files), spec)
+        try:
+            x, y = archive["x"], archive["y"]
+        except ValueError as exc:
+            if "pickle" not in str(exc).lower():
+                raise read_error(spec, exc) from exc
+            raise read_error(spec, "it contains pickled object arrays, which are not "
+                             "loaded for safety; save plain numeric arrays") from exc
+        except Exception as exc:
+            raise read_error(spec, exc) from exc
+    return _numpy_to_tensor(x, "x", spec), _numpy_to_tensor(y, "y", spec)
+
+
+def _read_safetensors(path: Path, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except Exception as exc:
+        raise read_error(spec, exc) from exc
+    return _pick(tensors, spec)
+
+
+def _read_torch(path: Path, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as exc:
+        raise read_error(spec, _unpickling_reason(exc)) from exc
+    except Exception as exc:
+        raise read_error(spec, exc) from exc
+    if isinstance(obj, dict):
+        x, y = _pick(obj, spec)
+    elif isinstance(obj, (tuple, list)) and len(obj) == 2:
+        x, y = obj
+    else:
+        raise RobauditError(
+            f"data file {spec} holds a {type(obj).__name__}, but it must hold a dict "
+            "{'x': tensor, 'y': tensor} or a pair (x, y)."
+        )
+    out = []
+    for key, value in (("x", x), ("y", y)):
+        if isinstance(value, np.ndarray):
+            value = _numpy_to_tensor(value, key, spec)
+        if not isinstance(value, torch.Tensor):
+            raise RobauditError(
+                f"data file {spec} has {key} of type {type(value).__name__}, "
+                "but x and y must be tensors."
+            )
+        out.append(value.detach().cpu())
+    return out[0], out[1]
+
+
+def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
+    """torch's weights-only errors are paragraphs; keep the part that names the cause."""
+    text = str(exc)
+    if "Unsupported global" in text:
+        return ("it contains objects other than tensors, which are not loaded for safety; "
+                "save a dict {'x': tensor, 'y': tensor}")
+    match = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    detail = match.group(1).strip() if match else short_reason(exc)
+    return f"it is not a valid PyTorch tensor file ({detail})"
+
+
+def _to_nchw(x: torch.Tensor, notes: list[str]) -> torch.Tensor:
+    """Bring common image layouts to NCHW; flat (N, D) data is left alone."""
+    if x.dim() == 3:
+        notes.append(f"added a channel dimension: samples {tuple(x.shape[1:])} -> "
+                     f"{(1, *x.shape[1:])}")
+        return x.unsqueeze(1)
+    if (x.dim() == 4 and x.shape[-1] in CHANNEL_AXIS_SIZES
+            and x.shape[1] not in CHANNEL_AXIS_SIZES):
+        out = x.permute(0, 3, 1, 2).contiguous()
+        notes.append(f"converted NHWC to NCHW: samples {tuple(x.shape[1:])} -> "
+                     f"{tuple(out.shape[1:])}")
+        return out
+    return x
+
+
+def _image_files(root: Path, classes: list[str], numeric: bool) -> list[tuple[Path, int]]:
+    """(file, label) in ImageFolder order: class folders sorted, then files sorted."""
+    files: list[tuple[Path, int]] = []
+    for index, cls in enumerate(classes):
+        label = int(cls) if numeric else index
+        for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
+                    files.append((Path(dirpath) / fname, label))
+    return files
+
+
+def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
+    """Read an ImageFolder-style tree (class sub-folders) into uint8 NCHW."""
+    from PIL import Image
+
+    try:
+        classes = sorted(d.name for d in root.iterdir()
+                         if d.is_dir() and not d.name.startswith("."))
+    except OSError as exc:
+        raise read_error(spec, exc) from exc
+    if not classes:
+        raise RobauditError(
+            f"image folder {spec} has no class sub-folders; put the images of each "
+            f"class in its own sub-folder, e.g. {Path(spec) / '0' / 'img.png'}."
+        )
+    # Integer folder names are the labels themselves (e.g. 0..9); otherwise sorted index.
+    numeric = all(re.fullmatch(r"[0-9]+", c) for c in classes)
+    files = _image_files(root, classes, numeric)
+    if not files:
+        raise RobauditError(
+            f"image folder {spec} contains no images ({', '.join(IMAGE_EXTENSIONS)}) "
+            "in its class sub-folders."
+        )
+    mode = {1: "L", 3: "RGB"}.get(channels or 0)
+    arrays: list[np.ndarray] = []
+    all_gray = True
+    first: tuple[Path, tuple[int, int]] | None = None
+    for file, _ in files:
+        shown = Path(spec) / file.relative_to(root)
+        try:
+            with Image.open(file) as img:
+                all_gray = all_gray and img.mode in GRAY_MODES
+                arr = np.asarray(img.convert(mode or "RGB"), dtype=np.uint8)
+                size = img.size
+        except Exception as exc:
+            raise RobauditError(f"cannot read image {shown}: {short_reason(exc)}.") from exc
+        if first is None:
+            first = (shown, size)
+        elif size != first[1]:
+            raise RobauditError(
+                f"image {shown} is {size[0]}x{size[1]} pixels but {first[0]} is "
+                f"{first[1][0]}x{first[1][1]}; all images in a folder must have the same size."
+            )
+        arrays.append(arr)
+    x = np.stack(arrays)
+    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
+    if mode is None and all_gray:
+        x = x[:, :1]  # grayscale converted to RGB repeats the channel: keep one copy
+    x = np.ascontiguousarray(x)
+    kind = "grayscale (1 channel)" if x.shape[1] == 1 else "RGB (3 channels)"
+    notes = [f"read {len(files)} images from {len(classes)} class folders as {kind}"]
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return RawData(x=torch.from_numpy(x), y=labels, notes=notes,
+                   class_names=None if numeric else classes)
