@@ -1,0 +1,65 @@
+"""Load a user's saved classifier, whatever the format, and wrap it for pixel-space attacks.
+
+`load_model` reads the file (never writing to it) into a frozen CPU `nn.Module` plus what
+the file states about its input; `wrap_model` turns that into an `AuditModel` mapping
+pixels in the user's range to logits. Every problem with the user's file or flags is a
+`RobauditError` with one sentence, never a raw traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from robaudit.errors import RobauditError
+from robaudit.models.detect import FORMATS, RawModel, check_format, detect_format
+from robaudit.models.wrapper import AuditModel, WrapInfo, wrap_model
+
+__all__ = ["FORMATS", "AuditModel", "RawModel", "WrapInfo", "detect_format", "load_model", "wrap_model"]
+
+
+def load_model(
+    path: Path,
+    *,
+    fmt: str | None = None,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    trust_pickle: bool = False,
+) -> RawModel:
+    """Load `path` (format detected unless `fmt` is given) as a frozen, eval-mode module on CPU."""
+    path = Path(path)
+    if not path.exists():
+        raise RobauditError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise RobauditError(f"model path {path} is not a file; pass the model file itself")
+    if num_classes is not None and num_classes < 2:
+        raise RobauditError(f"--num-classes must be at least 2, got {num_classes}")
+    fmt = check_format(fmt) if fmt else detect_format(path)
+    if path.stat().st_size == 0:
+        raise RobauditError(f"model file {path} is empty (0 bytes); re-save or re-copy it")
+
+    if fmt == "onnx":
+        from robaudit.models.onnx_file import load_onnx
+
+        return load_onnx(path)
+    if fmt == "torchscript":
+        from robaudit.models.torchscript_file import load_torchscript
+
+        return load_torchscript(path)
+    if fmt == "torch-export":
+        from robaudit.models.export_file import load_export
+
+        return load_export(path)
+
+    from robaudit.models.weights_file import read_safetensors, state_dict_from, weights_model
+
+    if fmt == "safetensors":
+        return weights_model(path, read_safetensors(path), fmt="safetensors", arch=arch, num_classes=num_classes)
+
+    # 'state-dict' or 'pickle': what the file really holds decides, not the guess.
+    from robaudit.models.pickle_file import find_module, pickle_model, read_torch_save
+
+    obj = read_torch_save(path, trust_pickle=trust_pickle)
+    module = find_module(obj)
+    if module is not None:
+        return pickle_model(path, module, arch)
+    return weights_model(path, state_dict_from(obj, path), fmt="state-dict", arch=arch, num_classes=num_classes)

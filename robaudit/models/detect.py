@@ -1,0 +1,176 @@
+"""Which kind of model file is this? Decided from the extension and the first bytes.
+
+Users pass whatever their framework wrote, often with a generic or wrong extension, so
+the bytes are trusted over the name where they say something; `--format` overrides both.
+Detection never unpickles anything: a `torch.save` file is classified by statically
+listing the Python globals its pickle would import.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from robaudit.errors import RobauditError
+
+FORMATS = ("onnx", "torchscript", "torch-export", "safetensors", "state-dict", "pickle")
+
+_SUPPORTED = (
+    "supported formats are ONNX (.onnx), TorchScript (torch.jit.save), torch.export (.pt2), "
+    "safetensors, a torch.save state dict (with --arch) and a pickled nn.Module (with --trust-pickle)"
+)
+
+
+@dataclass
+class RawModel:
+    """A loaded network plus what its file says about it, before any wrapping."""
+
+    net: torch.nn.Module
+    format: str
+    input_shape: tuple[int, ...] | None
+    num_classes: int | None
+    notes: list[str] = field(default_factory=list)
+    # The batch size the graph is hard-wired to when the file says so and it is > 1
+    # (e.g. a torch.export program traced with a batch of 4 and static shapes).
+    fixed_batch: int | None = None
+    # The file name, for error messages raised after loading.
+    name: str = "the model"
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """A low-level exception as a short single line, for embedding in a RobauditError."""
+    text = " ".join(str(exc).split())
+    if not text or isinstance(exc, (KeyError, IndexError, AttributeError, TypeError)):
+        text = f"{type(exc).__name__}: {text}".rstrip(": ")
+    if len(text) > limit:
+        text = text[: limit - 3].rstrip() + "..."
+    return text
+
+
+def freeze(net: torch.nn.Module) -> torch.nn.Module:
+    """Inference mode, no parameter gradients: attacks only need gradients w.r.t. the input."""
+    net.eval()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def check_format(fmt: str) -> str:
+    """Validate a `--format` value (accepting a few spellings people naturally type)."""
+    key = fmt.strip().lower().replace("_", "-")
+    key = {"pt2": "torch-export", "export": "torch-export", "jit": "torchscript", "statedict": "state-dict"}.get(key, key)
+    if key not in FORMATS:
+        raise RobauditError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    return key
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    if len(head) < 9:
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    return 0 < header_len <= size - 8 and head[8:9] == b"{"
+
+
+def _zip_kind(path: Path) -> str:
+    """Classify a zip archive written by torch.save / torch.jit.save / torch.export.save."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise RobauditError(
+            f"{path} starts like a zip archive (torch.save, TorchScript or torch.export) but cannot be "
+            f"opened ({one_line(exc)}); the file is probably truncated or corrupt"
+        ) from None
+    # Entries live under one top-level folder named after the archive: "<name>/code/...".
+    inner = {n.split("/", 1)[1] if "/" in n else n for n in names}
+    if any(n.startswith("code/") for n in inner) or "constants.pkl" in inner:
+        return "torchscript"
+    if "archive_format" in inner or any(n.startswith("models/") for n in inner):
+        return "torch-export"
+    if "data.pkl" in inner:
+        return _pickle_kind(path)
+    raise RobauditError(
+        f"{path} is a zip archive but not one written by torch.save, torch.jit.save or torch.export.save; "
+        f"{_SUPPORTED} (use --format to say which)"
+    )
+
+
+def _pickle_kind(path: Path) -> str:
+    """'state-dict' when the pickle imports only what weights_only allows, else 'pickle'."""
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception:  # noqa: BLE001 - undecidable statically; load_model decides from the content
+        return "state-dict"
+    return "pickle" if unsafe else "state-dict"
+
+
+def _is_onnx(path: Path) -> bool:
+    try:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - any parse failure just means "not ONNX"
+        return False
+    return len(model.graph.node) > 0 and len(model.opset_import) > 0
+
+
+def detect_format(path: Path) -> str:
+    """Return one of FORMATS for `path`, or raise RobauditError naming the supported ones."""
+    path = Path(path)
+    if not path.exists():
+        raise RobauditError(f"model file {path} does not exist")
+    if path.is_dir():
+        raise RobauditError(f"model path {path} is a directory; pass the model file itself")
+    size = path.stat().st_size
+    if size == 0:
+        raise RobauditError(f"model file {path} is empty (0 bytes); re-save or re-copy it ({_SUPPORTED})")
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    suffix = path.suffix.lower()
+
+    if suffix == ".onnx":
+        return "onnx"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"PK\x05\x06"):
+        return _zip_kind(path)
+    if suffix == ".pt2":
+        return "torch-export"
+    if suffix == ".safetensors" or _is_safetensors(head, size):
+        return "safetensors"
+    if head.startswith(b"\x80"):
+        return "state-dict"  # legacy (non-zip) torch.save; load_model tells a state dict from a pickle
+    if _is_onnx(path):
+        return "onnx"
+    raise RobauditError(
+        f"cannot tell what kind of model file {path} is (it is not ONNX, safetensors or a PyTorch archive); "
+        f"{_SUPPORTED}; if it is one of these, pass --format"
+    )
+
+
+def safetensors_header(path: Path) -> dict:
+    """Parse a safetensors header, so corrupt files fail with a clear message before loading."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise RobauditError(f"cannot read safetensors file {path}: the file is shorter than its 8-byte header")
+        (header_len,) = struct.unpack("<Q", head)
+        size = path.stat().st_size
+        if header_len > size - 8:
+            raise RobauditError(f"cannot read safetensors file {path}: its header is cut off (truncated file?)")
+        try:
+            header = json.loads(handle.read(header_len))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise RobauditError(f"cannot read safetensors file {path}: invalid header ({one_line(exc)})") from None
+    if not isinstance(header, dict):
+        raise RobauditError(f"cannot read safetensors file {path}: invalid header")
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise RobauditError(f"cannot read safetensors file {path}: its header does not describe tensors") from None
+    if 8 + header_len + end > size:
+        raise RobauditError(f"cannot read safetensors file {path}: the tensor data is cut off (truncated file?)")
+    return header

@@ -1,0 +1,237 @@
+"""ONNX models, converted to PyTorch with onnx2torch so attacks get autograd gradients.
+
+onnx2torch lags behind the ONNX exporters: today's `torch.onnx.export` writes opset 18-20
+(e.g. AveragePool-19) for which onnx2torch has no converter, so on a missing converter
+the graph is rewritten to an older opset with ONNX's own version converter and retried.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from robaudit.errors import RobauditError
+from robaudit.models.detect import RawModel, freeze, one_line
+
+# Opsets that onnx2torch covers well, best first; tried in this order when conversion fails.
+FALLBACK_OPSETS = (17, 16, 15, 13, 11)
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+_OP_RE = re.compile(r"domain='([^']*)', operation_type='([^']+)', version=(\d+)")
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | None]:
+    """Tensor dims, None for symbolic or unknown ones."""
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in shape.dim]
+
+
+def _default_opset(model: onnx.ModelProto) -> int | None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            return int(entry.version)
+    return None
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, missing external data, ...
+        raise RobauditError(f"cannot read ONNX file {path}: {one_line(exc)}") from None
+    if not model.graph.node or not model.graph.output or _default_opset(model) is None:
+        raise RobauditError(f"cannot read ONNX file {path}: it holds no ONNX graph (truncated or not an ONNX file?)")
+    try:
+        onnx.checker.check_model(model)
+    except ValueError:  # protos over 2 GB can only be checked from the file
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as exc:  # noqa: BLE001
+            raise RobauditError(f"cannot read ONNX file {path}: {one_line(exc)}") from None
+    except Exception as exc:  # noqa: BLE001 - onnx.checker.ValidationError and friends
+        raise RobauditError(f"cannot read ONNX file {path}: {one_line(exc)}") from None
+    return model
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    found = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    found[node.output[0]] = attr.t
+    return found
+
+
+def _drop_harmless_allowzero(model: onnx.ModelProto) -> None:
+    """Clear Reshape's allowzero=1 where the target shape is a constant without zeros.
+
+    torch's dynamo exporter sets allowzero=1 on every Reshape, which onnx2torch refuses;
+    with no 0 in the shape the flag cannot change the result, so dropping it is exact.
+    """
+    constants = _constants(model)
+    for node in model.graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        for i, attr in enumerate(node.attribute):
+            if attr.name == "allowzero" and attr.i == 1:
+                if 0 not in numpy_helper.to_array(constants[node.input[1]]).tolist():
+                    del node.attribute[i]
+                break
+
+
+def _fold_initializer_identities(model: onnx.ModelProto) -> None:
+    """Replace `Identity(initializer)` nodes by a copy of the initializer.
+
+    The TorchScript-based exporter shares equal weights through Identity nodes, but
+    onnx2torch's Conv/Gemm converters need their weights to be initializers.
+    """
+    graph = model.graph
+    initializers = {init.name: init for init in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input and node.input[0] in initializers and node.output[0] not in outputs:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(initializers[node.input[0]])
+            copy.name = node.output[0]
+            graph.initializer.append(copy)
+            initializers[copy.name] = copy
+        else:
+            keep.append(node)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
+def _decompose_gelu(model: onnx.ModelProto, elem: int) -> int:
+    """Rewrite Gelu (new in opset 20, no onnx2torch converter) as the Erf/Tanh formula it is defined by.
+
+    Without this a graph with Gelu can neither be converted nor moved to an older opset.
+    """
+    graph = model.graph
+    if not any(node.op_type == "Gelu" and node.domain in ("", "ai.onnx") for node in graph.node):
+        return 0
+    dtype = {onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16}.get(elem, np.float32)
+    consts = {"half": 0.5, "one": 1.0, "sqrt2": math.sqrt(2.0), "k": 0.044715, "s": math.sqrt(2.0 / math.pi)}
+    names = {}
+    for key, value in consts.items():
+        names[key] = f"_robaudit_gelu_{key}"
+        graph.initializer.append(numpy_helper.from_array(np.array(value, dtype=dtype), names[key]))
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.op_type != "Gelu" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        count += 1
+        x, y, t = node.input[0], node.output[0], f"_robaudit_gelu{count}_"
+        approximate = next((a.s.decode() for a in node.attribute if a.name == "approximate"), "none")
+        make = onnx.helper.make_node
+        if approximate == "tanh":
+            nodes += [
+                make("Mul", [x, x], [t + "x2"]),
+                make("Mul", [t + "x2", x], [t + "x3"]),
+                make("Mul", [t + "x3", names["k"]], [t + "kx3"]),
+                make("Add", [x, t + "kx3"], [t + "u"]),
+                make("Mul", [t + "u", names["s"]], [t + "v"]),
+                make("Tanh", [t + "v"], [t + "w"]),
+            ]
+        else:
+            nodes += [make("Div", [x, names["sqrt2"]], [t + "v"]), make("Erf", [t + "v"], [t + "w"])]
+        nodes += [
+            make("Add", [t + "w", names["one"]], [t + "p"]),
+            make("Mul", [x, t + "p"], [t + "q"]),
+            make("Mul", [t + "q", names["half"]], [y]),
+        ]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def _convert(model: onnx.ModelProto):
+    import onnx2torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return onnx2torch.convert(model)
+
+
+def _to_torch(model: onnx.ModelProto, path: Path) -> tuple:
+    """Convert with onnx2torch, falling back to older opsets; returns (module, note or None)."""
+    opset = _default_opset(model)
+    try:
+        return _convert(model), None
+    except Exception as exc:  # noqa: BLE001 - NotImplementedError for missing converters, bare errors on odd graphs
+        first = exc
+
+    from onnx import version_converter
+
+    for target in FALLBACK_OPSETS:
+        if target == opset:
+            continue
+        try:
+            net = _convert(version_converter.convert_version(model, target))
+        except Exception:  # noqa: BLE001 - this opset does not work either; try the next
+            continue
+        return net, f"ONNX graph converted from opset {opset} to {target} for onnx2torch"
+
+    match = _OP_RE.search(str(first))
+    if match:
+        domain, op, version = match.groups()
+        where = f" from domain {domain}" if domain not in ("", "ai.onnx") else ""
+        raise RobauditError(
+            f"ONNX operator {op}{where} (opset {version}) in {path} is not supported by onnx2torch, "
+            f"even after converting the graph to opsets {', '.join(map(str, FALLBACK_OPSETS))}; "
+            "re-export the model with a lower opset or save it as TorchScript or torch.export (.pt2)"
+        )
+    raise RobauditError(f"cannot convert ONNX file {path} to PyTorch with onnx2torch: {one_line(first)}")
+
+
+def load_onnx(path: Path) -> RawModel:
+    """Read, check and convert an ONNX classifier with a single float image input."""
+    model = _read(path)
+    initializers = {init.name for init in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1:
+        raise RobauditError(
+            f"ONNX file {path} takes {len(inputs)} inputs; robaudit audits classifiers with exactly one image input"
+        )
+    elem = inputs[0].type.tensor_type.elem_type
+    if elem not in _FLOAT_TYPES:
+        name = onnx.TensorProto.DataType.Name(elem) if elem else "unknown"
+        raise RobauditError(
+            f"ONNX file {path} takes {name} input, but gradient attacks need a floating-point input tensor"
+        )
+
+    dims = _dims(inputs[0])
+    input_shape = tuple(dims[1:]) if len(dims) >= 2 and all(d is not None for d in dims[1:]) else None
+    fixed_batch = dims[0] if dims and dims[0] is not None and dims[0] > 1 else None
+    out_dims = _dims(model.graph.output[0])[1:]
+    num_classes = None
+    if out_dims and all(d is not None for d in out_dims):
+        big = [d for d in out_dims if d > 1]
+        num_classes = big[0] if len(big) == 1 else None
+
+    # Exact rewrites of what today's exporters write and onnx2torch cannot take (in memory only).
+    _drop_harmless_allowzero(model)
+    _fold_initializer_identities(model)
+    notes = []
+    gelus = _decompose_gelu(model, elem)
+    if gelus:
+        notes.append(f"{gelus} ONNX Gelu op(s) rewritten as their Erf/Tanh formula for onnx2torch")
+    net, note = _to_torch(model, path)
+    if note:
+        notes.append(note)
+    return RawModel(
+        net=freeze(net),
+        format="onnx",
+        input_shape=input_shape,  # type: ignore[arg-type]
+        num_classes=num_classes,
+        notes=notes,
+        fixed_batch=fixed_batch,
+        name=str(path),
+    )

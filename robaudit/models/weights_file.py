@@ -1,0 +1,132 @@
+"""Weights-only files (safetensors, torch.save state dicts) rebuilt with `--arch`.
+
+These files cannot run code, which makes them the safe way to share a model; the price
+is that the user names the architecture. Keys and shapes are compared up front so a
+mismatch reads as one sentence naming the first offending keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from robaudit.errors import RobauditError
+from robaudit.models.arch import build_arch
+from robaudit.models.detect import RawModel, freeze, one_line, safetensors_header
+
+_WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
+# Prefixes training wrappers add to every key: DataParallel/DDP, torch.compile, Lightning.
+_KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
+
+
+def no_arch(path: Path) -> RobauditError:
+    return RobauditError(
+        f"{path} holds only weights; pass --arch NAME (a torchvision model) or --arch package.module:factory"
+    )
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    safetensors_header(path)
+    try:
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError
+        raise RobauditError(f"cannot read safetensors file {path}: {one_line(exc)}") from None
+
+
+def state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, unwrapping the usual checkpoint layouts."""
+    if isinstance(obj, dict):
+        for key in _WRAPPER_KEYS:
+            inner = obj.get(key)
+            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+                obj = inner
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise RobauditError(f"{path} holds a {type(obj).__name__}, not a model or a state dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        keys = ", ".join(map(str, list(obj)[:5]))
+        raise RobauditError(f"{path} holds a dict without tensors (keys: {keys}), not a state dict")
+    return tensors
+
+
+def _compare(model_sd: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> tuple[list, list, list]:
+    missing = [k for k in model_sd if k not in weights]
+    unexpected = [k for k in weights if k not in model_sd]
+    shapes = [
+        (k, tuple(weights[k].shape), tuple(v.shape))
+        for k, v in model_sd.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    ]
+    return missing, unexpected, shapes
+
+
+def _head_classes(model_sd: dict[str, torch.Tensor], shapes: list) -> int | None:
+    """If only the final layer's output size differs, the number of classes the weights have."""
+    last = set(list(model_sd)[-2:])
+    if not all(key in last and file_shape[1:] == model_shape[1:] for key, file_shape, model_shape in shapes):
+        return None
+    sizes = {file_shape[0] for _, file_shape, _ in shapes if file_shape}
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:4])
+    return shown + (f" and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
+def weights_model(
+    path: Path, weights: dict[str, torch.Tensor], *, fmt: str, arch: str | None, num_classes: int | None
+) -> RawModel:
+    """Build `arch` and load `weights` into it strictly."""
+    if not arch:
+        raise no_arch(path)
+    notes: list[str] = []
+    net = build_arch(arch, num_classes)
+    model_sd = net.state_dict()
+    missing, unexpected, shapes = _compare(model_sd, weights)
+    for prefix in _KEY_PREFIXES if missing or unexpected else ():
+        if all(k.startswith(prefix) for k in weights):
+            stripped = {k.removeprefix(prefix): v for k, v in weights.items()}
+            if not any(_compare(model_sd, stripped)[:2]):
+                weights = stripped
+                missing, unexpected, shapes = _compare(model_sd, weights)
+                notes.append(f"removed the prefix {prefix!r} (added by a training wrapper) from the weight names")
+                break
+
+    if num_classes is None and not missing and not unexpected and shapes:
+        classes = _head_classes(model_sd, shapes)
+        if classes is not None:
+            try:
+                retry = build_arch(arch, classes)
+            except RobauditError:
+                retry = None
+            if retry is not None and not any(_compare(retry.state_dict(), weights)):
+                net, model_sd, shapes = retry, retry.state_dict(), []
+                num_classes = classes
+                notes.append(f"built --arch {arch} with num_classes={classes} to match the weights")
+
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) the model needs are missing from the file ({_listing(missing)})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} key(s) in the file are not in the model ({_listing(unexpected)})")
+        raise RobauditError(f"the weights in {path} do not fit --arch {arch}: {'; '.join(parts)}")
+    if shapes:
+        key, file_shape, model_shape = shapes[0]
+        more = f" (and {len(shapes) - 1} more mismatched tensors)" if len(shapes) > 1 else ""
+        raise RobauditError(
+            f"the weights in {path} do not fit --arch {arch}: {key} has shape {file_shape} in the file but "
+            f"{model_shape} in the model{more}; if the model has a different number of classes, pass --num-classes"
+        )
+    try:
+        net.load_state_dict(weights, strict=True)
+    except Exception as exc:  # noqa: BLE001 - dtype/device oddities the comparison above cannot see
+        raise RobauditError(f"the weights in {path} do not fit --arch {arch}: {one_line(exc)}") from None
+    return RawModel(
+        net=freeze(net), format=fmt, input_shape=None, num_classes=num_classes, notes=notes, name=str(path)
+    )

@@ -1,0 +1,264 @@
+"""Turn any loaded network into one uniform pixel-space classifier for the attacks.
+
+Attacks perturb pixels in the user's input range and need logits of shape (B, K) with
+gradients. Real model files differ in everything around that: normalization done
+outside the graph, flat vs image inputs, graphs that only run at one batch size, outputs
+shaped (B, K, 1) or already softmaxed. `wrap_model` probes the net with a few real
+samples once, decides how to bridge each difference, and records it in notes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from robaudit.errors import RobauditError
+from robaudit.models.detect import RawModel, one_line
+
+BATCH_RTOL, BATCH_ATOL = 1e-4, 1e-5
+PROB_ATOL = 1e-4
+LOG_FLOOR = 1e-30
+
+
+@dataclass
+class WrapInfo:
+    """What the wrapper decided, for the report."""
+
+    num_classes: int
+    output_kind: str  # 'logits' or 'probabilities'
+    batching: str  # 'batched', 'per-sample' or 'fixed-batch' (graph hard-wired to one batch size > 1)
+    notes: list[str] = field(default_factory=list)
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _select_output(out: object) -> torch.Tensor:
+    """The class scores among whatever the net returns (tensor, tuple of outputs, dict with logits)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict) or hasattr(out, "logits"):
+        logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
+        if isinstance(logits, torch.Tensor):
+            return logits
+        values = list(out.values()) if isinstance(out, dict) else []
+        out = values
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise ValueError(f"the model returned {type(out).__name__}, not a tensor of class scores")
+
+
+def _class_scores(out: object, batch: int) -> torch.Tensor:
+    """Reshape the net's output to (batch, K); (B, K, 1), (B, 1, K) and (K,) at batch 1 are fine."""
+    scores = _select_output(out)
+    rest = tuple(scores.shape[1:]) if scores.dim() >= 1 and scores.shape[0] == batch else tuple(scores.shape)
+    if batch == 0 or scores.numel() % batch or sum(d > 1 for d in rest) > 1:
+        raise ValueError(f"the model output has shape ({', '.join(map(str, scores.shape))}), not (batch, classes)")
+    return scores.reshape(batch, -1)
+
+
+class AuditModel(torch.nn.Module):
+    """Pixel-space classifier: input (B, *sample_shape) in the user's input range -> logits (B, K)."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        *,
+        sample_shape: tuple[int, ...],
+        model_shape: tuple[int, ...] | None,
+        mean: torch.Tensor | None,
+        std: torch.Tensor | None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.sample_shape = tuple(sample_shape)
+        self.model_shape = tuple(model_shape) if model_shape is not None else None
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.dtype = dtype
+        self.batching = "batched"
+        self.chunk: int | None = None  # samples per net call when not 'batched'
+        self.output_kind = "logits"
+        self.num_classes: int | None = None
+
+    def train(self, mode: bool = True) -> AuditModel:
+        """Always inference mode: attacks must never update batch-norm statistics or use dropout."""
+        return super().train(False)
+
+    def _run(self, z: torch.Tensor) -> torch.Tensor:
+        return _class_scores(self.net(z), z.shape[0])
+
+    def _run_padded(self, z: torch.Tensor) -> torch.Tensor:
+        """Run a chunk on a graph fixed to `self.chunk` samples, padding with zeros."""
+        n = z.shape[0]
+        if self.batching == "fixed-batch" and n < self.chunk:
+            z = torch.cat([z, z.new_zeros((self.chunk - n, *z.shape[1:]))])
+        return self._run(z)[:n]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"expected input of shape (B, {_shape_text(self.sample_shape)}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        z = x.to(self.dtype)
+        if self.mean is not None:
+            z = (z - self.mean) / self.std
+        if self.model_shape is not None:
+            z = z.reshape(b, *self.model_shape)
+        if b == 0 and self.num_classes is not None:
+            return x.new_zeros((0, self.num_classes), dtype=torch.float32)
+        if self.chunk is None:
+            out = self._run(z)
+        else:
+            out = torch.cat([self._run_padded(z[i : i + self.chunk]) for i in range(0, b, self.chunk)])
+        out = out.float()
+        if self.output_kind == "probabilities":
+            out = out.clamp_min(LOG_FLOOR).log()
+        return out
+
+
+def _stats(values: Sequence[float] | None, flag: str, sample_shape: tuple[int, ...]) -> torch.Tensor | None:
+    """--mean/--std as a tensor broadcasting over channels (dim 1 of image-shaped input)."""
+    if values is None:
+        return None
+    vals = [float(v) for v in values]
+    channels = sample_shape[0] if len(sample_shape) >= 2 else 1
+    if len(vals) not in (1, channels):
+        expect = f"1 or {channels}" if channels > 1 else "1"
+        what = f"{channels} channels" if len(sample_shape) >= 2 else "flat samples"
+        raise RobauditError(f"{flag} has {len(vals)} values but the data has {what}; pass {expect} value(s)")
+    if not all(math.isfinite(v) for v in vals):
+        raise RobauditError(f"{flag} values must be finite numbers")
+    if flag == "--std" and any(v <= 0 for v in vals):
+        raise RobauditError("--std values must all be greater than 0")
+    if len(sample_shape) < 2:
+        return torch.tensor(vals[0])
+    return torch.tensor(vals).reshape(1, len(vals), *([1] * (len(sample_shape) - 1)))
+
+
+def _try(fn, *args):
+    try:
+        with torch.no_grad():
+            return fn(*args), None
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's graph is an answer here
+        return None, exc
+
+
+def _per_sample(model: AuditModel, x: torch.Tensor) -> torch.Tensor:
+    model.batching, model.chunk = "per-sample", 1
+    return model(x)
+
+
+def wrap_model(
+    raw: RawModel,
+    *,
+    sample_shape: tuple[int, ...],
+    probe: torch.Tensor,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    device: torch.device | str = "cpu",
+) -> tuple[AuditModel, WrapInfo]:
+    """Probe `raw.net` with real samples on CPU and return the uniform classifier on `device`."""
+    sample_shape = tuple(int(d) for d in sample_shape)
+    probe = torch.as_tensor(probe).detach().to("cpu", torch.float32)
+    if tuple(probe.shape[1:]) != sample_shape or probe.shape[0] == 0:
+        raise ValueError(f"probe must have shape (N>0, {_shape_text(sample_shape)}), got {tuple(probe.shape)}")
+    name = raw.name
+    notes: list[str] = []
+
+    mean_t, std_t = _stats(mean, "--mean", sample_shape), _stats(std, "--std", sample_shape)
+    if mean_t is not None and std_t is None:
+        std_t = torch.ones_like(mean_t)
+    if std_t is not None and mean_t is None:
+        mean_t = torch.zeros_like(std_t)
+
+    model_shape = None
+    if raw.input_shape is not None:
+        want, have = math.prod(raw.input_shape), math.prod(sample_shape)
+        if want != have:
+            raise RobauditError(
+                f"model {name} expects samples of shape {_shape_text(raw.input_shape)} ({want} values) but the data "
+                f"has samples of shape {_shape_text(sample_shape)} ({have} values)"
+            )
+        if tuple(raw.input_shape) != sample_shape:
+            model_shape = tuple(raw.input_shape)
+            notes.append(
+                f"data samples of shape {_shape_text(sample_shape)} reshaped to the model's input shape "
+                f"{_shape_text(model_shape)}"
+            )
+
+    net = raw.net.to("cpu")
+    dtypes = {t.dtype for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()}
+    if dtypes and dtypes != {torch.float32}:
+        net = net.float()
+        found = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        notes.append(f"model weights converted from {found} to float32 for gradient attacks")
+    model = AuditModel(net, sample_shape=sample_shape, model_shape=model_shape, mean=mean_t, std=std_t)
+    model.eval()
+    model.requires_grad_(False)
+
+    # Batching: batched results must match one-sample-at-a-time results (batch >= 2).
+    x = probe if probe.shape[0] >= 2 else probe.repeat(2, *([1] * len(sample_shape)))
+    single, single_err = _try(_per_sample, model, x)
+    model.batching, model.chunk = "batched", None
+    batched, batched_err = _try(model, x)
+    if single is not None:
+        if batched is not None and batched.shape == single.shape and torch.allclose(
+            batched, single, rtol=BATCH_RTOL, atol=BATCH_ATOL, equal_nan=True
+        ):
+            out = batched
+        else:
+            model.batching, model.chunk = "per-sample", 1
+            notes.append("graph only runs at batch size 1: evaluating one sample at a time")
+            out = single
+    else:
+        fixed = raw.fixed_batch or (x.shape[0] if batched is not None else None)
+        out = None
+        if fixed and fixed > 1:
+            model.batching, model.chunk = "fixed-batch", fixed
+            out, _ = _try(model, x)
+        if out is None:
+            shape = (1, *(model_shape or sample_shape))
+            raise RobauditError(f"model {name} failed on input of shape ({', '.join(map(str, shape))}): {one_line(single_err)}")
+        notes.append(f"graph only runs at batch size {fixed}: evaluating {fixed} samples at a time (zero-padded)")
+
+    k = out.shape[1]
+    if k < 2:
+        raise RobauditError(f"model {name} returns {k} score(s) per sample; robaudit needs one score per class (at least 2)")
+    if not torch.isfinite(out).all():
+        raise RobauditError(
+            f"model {name} returned NaN or infinite scores on the first data samples; check the data range and --mean/--std"
+        )
+    if out.min() >= 0 and out.max() <= 1 and torch.allclose(out.sum(1), torch.ones(out.shape[0]), atol=PROB_ATOL):
+        model.output_kind = "probabilities"
+        notes.append("model outputs probabilities (rows sum to 1); attacks use log-probabilities")
+    model.num_classes = k
+    if raw.num_classes is not None and raw.num_classes != k:
+        notes.append(f"the file declares {raw.num_classes} outputs but the model returns {k} class scores")
+
+    # Attacks are gradient-based: make sure the input gets a gradient at all.
+    xg = x[: min(2, x.shape[0])].clone().requires_grad_(True)
+    try:
+        with torch.enable_grad():
+            scores = model(xg)
+            if scores.requires_grad:
+                scores.max(1).values.sum().backward()
+    except Exception as exc:  # noqa: BLE001
+        raise RobauditError(f"model {name} fails when computing gradients w.r.t. its input: {one_line(exc)}") from None
+    if xg.grad is None:
+        raise RobauditError(
+            f"model {name} does not pass gradients back to its input (its graph detaches or discretizes the input), "
+            "so gradient attacks cannot run on it"
+        )
+
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    batching = model.batching
+    return model, WrapInfo(num_classes=k, output_kind=model.output_kind, batching=batching, notes=notes)

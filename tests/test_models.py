@@ -1,0 +1,503 @@
+"""Model loading and wrapping on real files: every format saved for real, then loaded back.
+
+Small models (1x8x8 inputs, 10 classes) keep this fast; the third-party ONNX fixtures
+beside the checkout check the loaders against files nobody on this project wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from safetensors.torch import save_file
+
+import model_zoo
+from robaudit.errors import RobauditError
+from robaudit.models import FORMATS, AuditModel, RawModel, WrapInfo, detect_format, load_model, wrap_model
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+SHAPE = (1, 8, 8)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class Zoo:
+    """The reference models and every file saved from them."""
+
+    def __init__(self, root: Path) -> None:
+        torch.manual_seed(0)
+        self.root = root
+        self.cnn = model_zoo.tiny_cnn().eval()
+        self.mlp = model_zoo.tiny_mlp().eval()
+        self.softmax_mlp = model_zoo.TinyMLP(softmax=True).eval()
+        self.softmax_mlp.load_state_dict(self.mlp.state_dict())
+        self.batch1 = model_zoo.Batch1CNN().eval()
+        self.batch1.load_state_dict(self.cnn.state_dict())
+        self.files: dict[str, Path] = {}
+        one, two, four = torch.zeros(1, *SHAPE), torch.rand(2, *SHAPE), torch.rand(4, *SHAPE)
+
+        def path(name: str) -> Path:
+            self.files[name] = root / name
+            return root / name
+
+        # ONNX: the legacy exporter with a dynamic batch, and the (default) dynamo exporter
+        # with a static batch of 1 and a Reshape hard-wired to it.
+        torch.onnx.export(
+            self.cnn, (one,), str(path("cnn_dynamic.onnx")), input_names=["x"], output_names=["y"],
+            dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False,
+        )  # fmt: skip
+        torch.onnx.export(self.batch1, (one,), str(path("cnn_batch1.onnx")), dynamo=True, verbose=False)
+        torch.onnx.export(self.mlp, (torch.zeros(1, 64, 1),), str(path("mlp_flat.onnx")), dynamo=False)
+        torch.jit.script(self.cnn).save(str(path("cnn_script.pt")))
+        torch.jit.trace(self.cnn, two).save(str(path("cnn_trace.pt")))
+        torch.jit.script(self.softmax_mlp).save(str(path("mlp_softmax.pt")))
+        batch = torch.export.Dim("batch", max=4096)
+        torch.export.save(torch.export.export(self.cnn, (two,), dynamic_shapes=({0: batch},)), str(path("cnn_dynamic.pt2")))
+        torch.export.save(torch.export.export(self.cnn, (four,)), str(path("cnn_batch4.pt2")))
+        self.cnn.train()
+        torch.export.save(torch.export.export(self.cnn, (two,)), str(path("cnn_trainmode.pt2")))
+        self.cnn.eval()
+        save_file({k: v.contiguous() for k, v in self.cnn.state_dict().items()}, str(path("cnn.safetensors")))
+        torch.save({"model_state_dict": self.cnn.state_dict(), "epoch": 3}, str(path("cnn_checkpoint.pt")))
+        torch.save(self.cnn.state_dict(), str(path("cnn_legacy.pt")), _use_new_zipfile_serialization=False)
+        torch.save(self.cnn, str(path("cnn_pickle.pt")))
+        self.hashes = {name: sha256(p) for name, p in self.files.items()}
+        self.listing = sorted(os.listdir(root))
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' own deprecation notices
+        return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def files_untouched(zoo: Zoo):
+    """Loading must never write to, or next to, the user's files."""
+    yield
+    assert sorted(os.listdir(zoo.root)) == zoo.listing
+    assert {name: sha256(p) for name, p in zoo.files.items()} == zoo.hashes
+
+
+def check_equivalent(model: AuditModel, reference: torch.nn.Module, shape: tuple[int, ...] = SHAPE) -> None:
+    """Same logits as the original model on a batch of 5, and non-zero input gradients."""
+    x = torch.rand(5, *shape)
+    with torch.no_grad():
+        expected = reference(x)
+    got = model(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    model(xg).max(1).values.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def wrap(raw: RawModel, shape: tuple[int, ...] = SHAPE, **kwargs) -> tuple[AuditModel, WrapInfo]:
+    return wrap_model(raw, sample_shape=shape, probe=torch.rand(8, *shape), **kwargs)
+
+
+# --------------------------------------------------------------------------- detection
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt"),
+    [
+        ("cnn_dynamic.onnx", "onnx"),
+        ("cnn_script.pt", "torchscript"),
+        ("cnn_trace.pt", "torchscript"),
+        ("cnn_dynamic.pt2", "torch-export"),
+        ("cnn.safetensors", "safetensors"),
+        ("cnn_checkpoint.pt", "state-dict"),
+        ("cnn_legacy.pt", "state-dict"),
+        ("cnn_pickle.pt", "pickle"),
+    ],
+)
+def test_detect_format(zoo: Zoo, name: str, fmt: str, tmp_path: Path) -> None:
+    assert fmt in FORMATS
+    assert detect_format(zoo.files[name]) == fmt
+    # The content decides, not the extension.
+    renamed = tmp_path / "model.bin"
+    shutil.copy(zoo.files[name], renamed)
+    assert detect_format(renamed) == fmt
+
+
+# --------------------------------------------------------------------------- each format
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "batching", "kwargs"),
+    [
+        ("cnn_dynamic.onnx", "onnx", "batched", {}),
+        ("cnn_batch1.onnx", "onnx", "per-sample", {}),
+        ("cnn_script.pt", "torchscript", "batched", {}),
+        ("cnn_trace.pt", "torchscript", "batched", {}),
+        ("cnn_dynamic.pt2", "torch-export", "batched", {}),
+        ("cnn_batch4.pt2", "torch-export", "fixed-batch", {}),
+        ("cnn_trainmode.pt2", "torch-export", "fixed-batch", {}),
+        ("cnn.safetensors", "safetensors", "batched", {"arch": "model_zoo:tiny_cnn"}),
+        ("cnn.safetensors", "safetensors", "batched", {"arch": "model_zoo:tiny_cnn", "num_classes": 10}),
+        ("cnn_checkpoint.pt", "state-dict", "batched", {"arch": "model_zoo:tiny_cnn"}),
+        ("cnn_legacy.pt", "state-dict", "batched", {"arch": "model_zoo:TinyCNN"}),
+        ("cnn_pickle.pt", "pickle", "batched", {"trust_pickle": True}),
+    ],
+)
+def test_loads_and_matches_original(zoo: Zoo, name: str, fmt: str, batching: str, kwargs: dict) -> None:
+    raw = load_model(zoo.files[name], **kwargs)
+    assert raw.format == fmt
+    assert not raw.net.training and not any(p.requires_grad for p in raw.net.parameters())
+    if fmt in ("onnx", "torch-export"):
+        assert raw.input_shape == SHAPE and raw.num_classes == 10
+    model, info = wrap(raw)
+    assert (info.num_classes, info.output_kind, info.batching) == (10, "logits", batching)
+    assert all("\n" not in note for note in [*raw.notes, *info.notes])
+    check_equivalent(model, zoo.cnn)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_wrapper_prefixes_in_state_dict(zoo: Zoo, tmp_path: Path, prefix: str) -> None:
+    """DataParallel / torch.compile checkpoints prefix every key; the weights still fit."""
+    path = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": {prefix + k: v for k, v in zoo.cnn.state_dict().items()}, "step": 7}, path)
+    raw = load_model(path, arch="model_zoo:tiny_cnn")
+    assert raw.format == "state-dict" and any(repr(prefix) in note for note in raw.notes)
+    check_equivalent(wrap(raw)[0], zoo.cnn)
+
+
+def test_onnx_exporters_need_opset_conversion(zoo: Zoo) -> None:
+    """torch 2.x writes opset 20 (AveragePool-19), which onnx2torch only converts after a downgrade."""
+    for name in ("cnn_dynamic.onnx", "cnn_batch1.onnx"):
+        raw = load_model(zoo.files[name])
+        assert raw.num_classes == 10
+        assert any("converted from opset 20 to 17" in note for note in raw.notes), raw.notes
+
+
+def test_batch1_graph_runs_any_batch_size(zoo: Zoo) -> None:
+    model, info = wrap(load_model(zoo.files["cnn_batch1.onnx"]))
+    assert info.batching == "per-sample"
+    assert any("batch size 1" in note for note in info.notes)
+    for n in (1, 5, 7):
+        assert model(torch.rand(n, *SHAPE)).shape == (n, 10)
+
+
+def test_fixed_batch_export_pads_last_chunk(zoo: Zoo) -> None:
+    raw = load_model(zoo.files["cnn_batch4.pt2"])
+    assert raw.fixed_batch == 4
+    model, info = wrap(raw)
+    x = torch.rand(6, *SHAPE)
+    torch.testing.assert_close(model(x), zoo.cnn(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_trainmode_export_switched_to_inference(zoo: Zoo) -> None:
+    raw = load_model(zoo.files["cnn_trainmode.pt2"])
+    assert any("training mode" in note for note in raw.notes)
+
+
+def test_flat_onnx_input_reshaped(zoo: Zoo) -> None:
+    """Images (1, 8, 8) fed to a graph that takes (64, 1), like mnistfc_256x2."""
+    raw = load_model(zoo.files["mlp_flat.onnx"])
+    assert raw.input_shape == (64, 1)
+    model, info = wrap(raw)
+    assert any("reshaped" in note for note in info.notes)
+    check_equivalent(model, zoo.mlp)
+
+
+def test_probabilities_become_log_probabilities(zoo: Zoo) -> None:
+    model, info = wrap(load_model(zoo.files["mlp_softmax.pt"]))
+    assert info.output_kind == "probabilities"
+    assert any("probabilities" in note for note in info.notes)
+    x = torch.rand(5, *SHAPE)
+    torch.testing.assert_close(model(x), torch.log_softmax(zoo.mlp(x), 1).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_mean_std_equal_normalizing_by_hand(zoo: Zoo) -> None:
+    raw = load_model(zoo.files["cnn_script.pt"])
+    model, _ = wrap(raw, mean=[0.25], std=[0.5])
+    x = torch.rand(5, *SHAPE)
+    torch.testing.assert_close(model(x), zoo.cnn((x - 0.25) / 0.5).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_per_channel_mean_std() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 5)).eval()
+    raw = RawModel(net=net, format="pickle", input_shape=None, num_classes=None, notes=[])
+    mean, std = [0.1, 0.2, 0.3], [0.5, 0.25, 2.0]
+    model, info = wrap_model(raw, sample_shape=(3, 4, 4), probe=torch.rand(3, 3, 4, 4), mean=mean, std=std)
+    x = torch.rand(4, 3, 4, 4)
+    by_hand = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    torch.testing.assert_close(model(x), net(by_hand).detach())
+    assert info.batching == "batched"
+
+
+def test_output_shapes_accepted() -> None:
+    """(B, K, 1) outputs are class scores too."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4), torch.nn.Unflatten(1, (4, 1))).eval()
+    raw = RawModel(net=net, format="torchscript", input_shape=None, num_classes=None, notes=[])
+    model, info = wrap(raw)
+    assert info.num_classes == 4 and model(torch.rand(3, *SHAPE)).shape == (3, 4)
+
+
+def test_torchvision_arch(tmp_path: Path) -> None:
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=10).eval()
+    path = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    digest = sha256(path)
+    shape = (3, 32, 32)
+    for num_classes in (10, None):  # without --num-classes it is read off the classifier's weights
+        raw = load_model(path, arch="resnet18", num_classes=num_classes)
+        assert raw.format == "safetensors" and raw.num_classes == 10
+        if num_classes is None:
+            assert any("num_classes=10" in note for note in raw.notes)
+        model, info = wrap_model(raw, sample_shape=shape, probe=torch.rand(2, *shape))
+        assert info.num_classes == 10
+        x = torch.rand(2, *shape)
+        torch.testing.assert_close(model(x), net(x).detach(), atol=1e-5, rtol=1e-5)
+    xg = torch.rand(1, *shape, requires_grad=True)
+    model(xg).max().backward()
+    assert xg.grad.abs().sum() > 0
+    assert sha256(path) == digest and os.listdir(tmp_path) == ["resnet.safetensors"]
+
+
+def _opset20_graph(path: Path, gelu: str | None = None) -> None:
+    """A hand-built opset-20 graph with AveragePool-19 (and optionally Gelu-20), which onnx2torch cannot take."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((10, 16)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "B")
+    nodes = [
+        helper.make_node("AveragePool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1),
+    ]
+    if gelu:
+        nodes.insert(0, helper.make_node("Gelu", ["x0"], ["x"], approximate=gelu))
+    graph = helper.make_graph(
+        nodes, "opset20",
+        [helper.make_tensor_value_info("x0" if gelu else "x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=[weight, bias],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize("gelu", [None, "none", "tanh"])
+def test_handbuilt_opset20_graph(tmp_path: Path, gelu: str | None) -> None:
+    path = tmp_path / "opset20.onnx"
+    _opset20_graph(path, gelu)
+    raw = load_model(path)
+    assert "ONNX graph converted from opset 20 to 17 for onnx2torch" in raw.notes
+    assert any("Gelu" in note for note in raw.notes) == bool(gelu)
+    assert raw.input_shape == SHAPE and raw.num_classes == 10
+    model, _ = wrap(raw)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, *SHAPE)
+    expected = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=1e-5, rtol=1e-5)
+    xg = x.clone().requires_grad_(True)
+    model(xg).max(1).values.sum().backward()
+    assert xg.grad.abs().sum() > 0
+
+
+def test_identity_shared_weights(tmp_path: Path) -> None:
+    """The TorchScript-based exporter passes shared weights through Identity nodes; onnx2torch needs initializers."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 1, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(4).astype(np.float32), "b"),
+        numpy_helper.from_array(rng.standard_normal((10, 256)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "B"),
+    ]
+    nodes = [
+        helper.make_node("Identity", ["b"], ["b_shared"]),
+        helper.make_node("Conv", ["x", "w", "b_shared"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Flatten", ["r"], ["f"]),
+        helper.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "identity",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        initializer=inits,
+    )  # fmt: skip
+    path = tmp_path / "identity.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    model, info = wrap(load_model(path))
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(1, *SHAPE)
+    np.testing.assert_allclose(model(x).detach().numpy(), session.run(None, {"x": x.numpy()})[0], atol=1e-5, rtol=1e-5)
+    assert info.batching == "batched" and model(torch.rand(3, *SHAPE)).shape == (3, 10)
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _unsupported_op(path: Path) -> None:
+    nodes = [helper.make_node("GlobalMaxPool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    graph = helper.make_graph(
+        nodes, "gmp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def _make_bad(zoo: Zoo, kind: str, tmp: Path) -> Path:
+    rng = np.random.default_rng(1)
+    if kind == "empty":
+        (tmp / "empty.onnx").write_bytes(b"")
+        return tmp / "empty.onnx"
+    if kind == "empty-unknown":
+        (tmp / "model.bin").write_bytes(b"")
+        return tmp / "model.bin"
+    if kind == "random":
+        (tmp / "model.bin").write_bytes(rng.bytes(4096))
+        return tmp / "model.bin"
+    if kind == "random-onnx":
+        (tmp / "model.onnx").write_bytes(rng.bytes(4096))
+        return tmp / "model.onnx"
+    if kind == "random-pickle":
+        (tmp / "model.pt").write_bytes(b"\x80" + rng.bytes(4096))
+        return tmp / "model.pt"
+    if kind == "unsupported-op":
+        _unsupported_op(tmp / "gmp.onnx")
+        return tmp / "gmp.onnx"
+    source = zoo.files[{"trunc-onnx": "cnn_dynamic.onnx", "trunc-safetensors": "cnn.safetensors",
+                        "trunc-torchscript": "cnn_script.pt", "trunc-export": "cnn_dynamic.pt2",
+                        "trunc-state-dict": "cnn_checkpoint.pt"}[kind]]  # fmt: skip
+    data = source.read_bytes()
+    out = tmp / source.name
+    out.write_bytes(data[: len(data) // 2])
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "kwargs", "fragment"),
+    [
+        ("empty", {}, "empty"),
+        ("empty-unknown", {}, "empty"),
+        ("random", {}, "--format"),
+        ("random-onnx", {}, "cannot read ONNX file"),
+        ("random-pickle", {}, "corrupt"),
+        ("trunc-onnx", {}, "cannot read ONNX file"),
+        ("trunc-safetensors", {"arch": "model_zoo:tiny_cnn"}, "truncated"),
+        ("trunc-torchscript", {}, "truncated"),
+        ("trunc-torchscript", {"fmt": "torchscript"}, "cannot read TorchScript file"),
+        ("trunc-export", {}, "truncated"),
+        ("trunc-export", {"fmt": "torch-export"}, "cannot read torch.export file"),
+        ("trunc-state-dict", {"fmt": "state-dict", "arch": "model_zoo:tiny_cnn"}, "cannot read PyTorch file"),
+        ("unsupported-op", {}, "GlobalMaxPool (opset 1)"),
+    ],
+)
+def test_bad_files(zoo: Zoo, tmp_path: Path, kind: str, kwargs: dict, fragment: str) -> None:
+    path = _make_bad(zoo, kind, tmp_path)
+    digest = sha256(path)
+    with pytest.raises(RobauditError) as caught:
+        load_model(path, **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message and str(path) in message and fragment in message, message
+    assert sha256(path) == digest
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "fragments"),
+    [
+        ("cnn.safetensors", {"arch": "resnet181"}, ["resnet18", "package.module:factory"]),
+        ("cnn.safetensors", {"arch": "no_such_module_xyz:build"}, ["cannot import no_such_module_xyz"]),
+        ("cnn.safetensors", {"arch": "model_zoo:nope"}, ["has no attribute 'nope'"]),
+        ("cnn.safetensors", {"arch": "model_zoo:not_a_model"}, ["not a torch.nn.Module"]),
+        ("cnn.safetensors", {}, ["holds only weights", "--arch"]),
+        ("cnn_checkpoint.pt", {}, ["holds only weights", "--arch"]),
+        ("cnn.safetensors", {"arch": "model_zoo:tiny_mlp"}, ["do not fit", "missing from the file (body.1.weight"]),
+        ("cnn_checkpoint.pt", {"arch": "model_zoo:tiny_cnn", "num_classes": 5}, ["fc.weight", "--num-classes"]),
+        ("cnn_pickle.pt", {}, ["pickled Python object", "--trust-pickle", "model_zoo.TinyCNN"]),
+        ("cnn_pickle.pt", {"arch": "model_zoo:tiny_cnn"}, ["--trust-pickle"]),
+        ("cnn_script.pt", {"fmt": "coreml"}, ["unknown --format"]),
+        ("cnn_script.pt", {"num_classes": 1}, ["--num-classes"]),
+    ],
+)
+def test_bad_flags(zoo: Zoo, name: str, kwargs: dict, fragments: list[str]) -> None:
+    with pytest.raises(RobauditError) as caught:
+        load_model(zoo.files[name], **kwargs)
+    message = str(caught.value)
+    assert "\n" not in message and all(f in message for f in fragments), message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(RobauditError, match="does not exist"):
+        load_model(tmp_path / "nope.onnx")
+    with pytest.raises(RobauditError, match="does not exist"):
+        detect_format(tmp_path / "nope.onnx")
+
+
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "fragment"),
+    [
+        (SHAPE, {"mean": [0.1, 0.2, 0.3]}, "--mean has 3 values"),
+        (SHAPE, {"std": [0.0]}, "--std"),
+        ((1, 9, 9), {}, "81 values"),
+    ],
+)
+def test_bad_wrap_arguments(zoo: Zoo, shape: tuple, kwargs: dict, fragment: str) -> None:
+    raw = load_model(zoo.files["cnn_dynamic.onnx"])
+    with pytest.raises(RobauditError) as caught:
+        wrap(raw, shape, **kwargs)
+    assert "\n" not in str(caught.value) and fragment in str(caught.value)
+
+
+def test_wrong_channels_fails_with_shape(zoo: Zoo) -> None:
+    raw = load_model(zoo.files["cnn_script.pt"])  # TorchScript: the file states no input shape
+    with pytest.raises(RobauditError) as caught:
+        wrap(raw, (3, 8, 8))
+    message = str(caught.value)
+    assert "\n" not in message and "failed on input of shape (1, 3, 8, 8)" in message
+
+
+# --------------------------------------------------------------------------- third-party fixtures
+
+
+def _manifest() -> dict:
+    path = FIXTURES / "manifest.json"
+    return json.loads(path.read_text())["models"] if path.exists() else {}
+
+
+@pytest.mark.parametrize("name", sorted(_manifest()) or ["(fixtures absent)"])
+def test_fixture_models(name: str) -> None:
+    if not (FIXTURES / "manifest.json").exists():
+        pytest.skip("../shared/fixtures is not present (a user's own checkout has none)")
+    entry = _manifest()[name]
+    path = FIXTURES / entry["file"]
+    digest = sha256(path)
+    raw = load_model(path)
+    assert raw.format == "onnx"
+    assert list(raw.input_shape) == entry["input_shape"][1:]
+    data = np.load(FIXTURES / "data" / ("mnist_test_first100.npz" if entry["dataset"] == "MNIST" else "cifar10_test_first100.npz"))
+    x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
+    model, info = wrap_model(raw, sample_shape=tuple(x.shape[1:]), probe=x[:16], mean=entry["mean"], std=entry["std"])
+    assert info.num_classes == 10 and info.output_kind == "logits"
+    with torch.no_grad():
+        accuracy = (model(x).argmax(1) == y).double().mean().item()
+    assert round(accuracy, 2) == entry["clean_accuracy_first100"]
+    xg = x[:4].clone().requires_grad_(True)
+    model(xg).max(1).values.sum().backward()
+    assert xg.grad.abs().sum() > 0
+    assert sha256(path) == digest
