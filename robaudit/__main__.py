@@ -1,0 +1,5 @@
+"""Allow ``python -m robaudit``."""
+
+from robaudit.cli import main
+
+main()

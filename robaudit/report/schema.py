@@ -1,0 +1,183 @@
+"""The report as data: dataclasses that become the JSON file, read back by `robaudit report`.
+
+Every renderer (terminal, JSON, and later JUnit / Markdown / HTML) reads this one
+object, so adding a format never touches the pipeline. The layout is documented in
+docs/report-schema.md; bump SCHEMA_VERSION on any incompatible change. Everything that
+varies between two runs with the same seed lives in ``created`` and ``timing`` only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from robaudit.errors import RobauditError
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    format: str
+    sha256: str
+    input_shape: list[int] | None
+    num_classes: int
+    output_kind: str = "logits"
+    batching: str = "batched"
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    input_range: list[float] = field(default_factory=lambda: [0.0, 1.0])
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DataInfo:
+    name: str
+    n: int
+    seed: int
+    indices: list[int]
+    source_size: int
+    sample_shape: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttackSummary:
+    """One attack's share of a threat's result: what it broke and what it cost."""
+
+    name: str
+    params: dict[str, Any]
+    restarts: int
+    attempted: int
+    broke: int
+    robust_accuracy_after: float
+    forward_passes: int
+    backward_passes: int
+    skipped: str | None = None
+
+
+@dataclass
+class ThreatSummary:
+    threat: str
+    norm: str
+    eps: float
+    robust_accuracy: float
+    attacks: dict[str, float]
+    attack_details: list[AttackSummary] = field(default_factory=list)
+    forward_passes_per_sample: float = 0.0
+    backward_passes_per_sample: float = 0.0
+    spec: str = ""
+
+
+@dataclass
+class Summary:
+    clean_accuracy: float
+    threats: list[ThreatSummary]
+
+
+@dataclass
+class SampleThreat:
+    robust: bool
+    broken_by: str | None
+    distance: float | None
+
+
+@dataclass
+class SampleRecord:
+    index: int
+    label: int
+    clean_pred: int
+    threats: dict[str, SampleThreat]
+
+
+@dataclass
+class GateCheck:
+    expression: str
+    metric: str
+    threshold: float
+    value: float
+    passed: bool
+
+
+@dataclass
+class Report:
+    schema_version: str
+    robaudit_version: str
+    created: str
+    model: ModelInfo
+    data: DataInfo
+    config: dict[str, Any]
+    environment: dict[str, str]
+    summary: Summary
+    samples: list[SampleRecord]
+    timing: dict[str, Any] = field(default_factory=dict)
+    gate: list[GateCheck] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write_json(self, path: Path) -> None:
+        """Write the report; the parent folder must exist (we never create the user's folders silently)."""
+        try:
+            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        except OSError as exc:
+            raise RobauditError(f"cannot write report {path}: {exc.strerror or exc}") from exc
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Report":
+        summary = raw["summary"]
+        threats = [
+            ThreatSummary(
+                **{
+                    **t,
+                    "attack_details": [AttackSummary(**a) for a in t.get("attack_details", [])],
+                }
+            )
+            for t in summary["threats"]
+        ]
+        samples = [
+            SampleRecord(
+                index=s["index"],
+                label=s["label"],
+                clean_pred=s["clean_pred"],
+                threats={k: SampleThreat(**v) for k, v in s["threats"].items()},
+            )
+            for s in raw["samples"]
+        ]
+        return cls(
+            schema_version=raw["schema_version"],
+            robaudit_version=raw["robaudit_version"],
+            created=raw["created"],
+            model=ModelInfo(**raw["model"]),
+            data=DataInfo(**raw["data"]),
+            config=raw["config"],
+            environment=raw["environment"],
+            summary=Summary(clean_accuracy=summary["clean_accuracy"], threats=threats),
+            samples=samples,
+            timing=raw.get("timing", {}),
+            gate=[GateCheck(**g) for g in raw.get("gate", [])],
+        )
+
+
+def read_report(path: Path) -> Report:
+    """Load a JSON report written by `robaudit scan --json`, with a clear error for anything else."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RobauditError(f"report {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RobauditError(f"cannot read report {path}: not a JSON file ({exc.__class__.__name__})") from None
+    if not isinstance(raw, dict) or "schema_version" not in raw:
+        raise RobauditError(f"{path} is not a robaudit report (no schema_version)")
+    major = str(raw["schema_version"]).split(".")[0]
+    if major != SCHEMA_VERSION.split(".")[0]:
+        raise RobauditError(
+            f"{path} uses report schema {raw['schema_version']}; this robaudit reads {SCHEMA_VERSION}"
+        )
+    try:
+        return Report.from_dict(raw)
+    except (KeyError, TypeError) as exc:
+        raise RobauditError(f"{path} is not a valid robaudit report ({exc.__class__.__name__}: {exc})") from None

@@ -1,0 +1,333 @@
+"""The scan pipeline, top to bottom: load model, load data, clean pass, attack, verify, report.
+
+This is also the Python API: build a `ScanConfig` and call `scan()`. The CLI is a thin
+layer over it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from robaudit import __version__
+from robaudit.attacks import PGD, AttackRun, ThreatOutcome, run_threat, verify_adversarial
+from robaudit.attacks.runner import NoProgress, ProgressSink, predict
+from robaudit.data import check_compatible, load_data
+from robaudit.data.dataset import Dataset
+from robaudit.errors import RobauditError
+from robaudit.gate import Threshold, check_thresholds_cover, evaluate
+from robaudit.models import load_model, wrap_model
+from robaudit.report.schema import (
+    SCHEMA_VERSION,
+    AttackSummary,
+    DataInfo,
+    ModelInfo,
+    Report,
+    SampleRecord,
+    SampleThreat,
+    Summary,
+    ThreatSummary,
+)
+from robaudit.threats import Threat, parse_threat
+
+DEFAULT_THREAT = "linf:8/255"
+DEFAULT_STEPS = 50
+PROBE_SIZE = 8
+
+
+@dataclass
+class ScanConfig:
+    """Everything a scan needs; the CLI fills it from flags."""
+
+    model: Path
+    data: str = "digits"
+    format: str | None = None
+    arch: str | None = None
+    num_classes: int | None = None
+    trust_pickle: bool = False
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    input_range: tuple[float, float] = (0.0, 1.0)
+    n: int | None = None
+    seed: int = 0
+    data_dir: Path | None = None
+    threats: list[Threat] = field(default_factory=lambda: [parse_threat(DEFAULT_THREAT)])
+    steps: int = DEFAULT_STEPS
+    restarts: int = 1
+    batch_size: int | None = None
+    device: str = "auto"
+    thresholds: list[Threshold] = field(default_factory=list)
+
+    def validate(self) -> None:
+        """Reject impossible settings before any file is read."""
+        lo, hi = self.input_range
+        if not lo < hi:
+            raise RobauditError(f"--input-range {lo},{hi}: the lower end must be below the upper end")
+        if not self.threats:
+            raise RobauditError("no threat given; pass e.g. --threat linf:8/255")
+        if self.steps < 1:
+            raise RobauditError("--steps must be at least 1")
+        if self.restarts < 1:
+            raise RobauditError("--restarts must be at least 1")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise RobauditError("--batch-size must be at least 1")
+        if self.n is not None and self.n < 1:
+            raise RobauditError("--n must be at least 1")
+        for threat in self.threats:
+            if threat.norm == "l1":
+                raise RobauditError(f"threat {threat.spec}: L1 attacks are not available yet (use linf or l2)")
+        check_thresholds_cover(self.thresholds, self.threats)
+
+    def battery(self) -> list[AttackRun]:
+        """The attacks to run, in order (PGD only until the full battery lands)."""
+        return [AttackRun(PGD(steps=self.steps), restarts=self.restarts)]
+
+
+@dataclass
+class ScanResult:
+    """The report plus what only the process holds (adversarial inputs for --save-adversarial)."""
+
+    report: Report
+    data: Dataset
+    outcomes: list[ThreatOutcome]
+
+
+ProgressFactory = Callable[[], ProgressSink]
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for CUDA without it is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RobauditError("--device cuda was requested but no CUDA device is available (use --device cpu)")
+    if name not in ("cpu", "cuda"):
+        raise RobauditError(f"--device must be auto, cpu or cuda, not '{name}'")
+    return torch.device(name)
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Large enough to amortize per-call overhead, small enough for a laptop or one GPU."""
+    return 1024 if device.type == "cuda" else 256
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return "cpu"
+
+
+def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResult:
+    """Run a whole audit and return the verified report."""
+    started = time.perf_counter()
+    config.validate()
+    device = resolve_device(config.device)
+    lower, upper = config.input_range
+
+    # 1. model
+    if not config.model.exists():
+        raise RobauditError(f"model file {config.model} does not exist")
+    raw = load_model(
+        config.model, fmt=config.format, arch=config.arch, num_classes=config.num_classes, trust_pickle=config.trust_pickle
+    )
+    channels = raw.input_shape[0] if raw.input_shape and len(raw.input_shape) == 3 else None
+
+    # 2. data
+    data = load_data(
+        config.data, n=config.n, seed=config.seed, data_dir=config.data_dir, input_range=config.input_range, channels=channels
+    )
+    reshape_note = check_compatible(data, raw.input_shape, raw.num_classes or np.iinfo(np.int64).max)
+    sample_shape = tuple(data.x.shape[1:])
+    model, info = wrap_model(
+        raw, sample_shape=sample_shape, probe=data.x[:PROBE_SIZE], mean=config.mean, std=config.std, device=device
+    )
+    check_compatible(data, raw.input_shape, info.num_classes)
+    loaded = time.perf_counter()
+
+    # 3. clean pass
+    batch_size = config.batch_size or default_batch_size(device)
+    x, y = data.x, data.y
+    clean_pred = predict(model, x, batch_size, device)
+    clean_correct = clean_pred == y
+
+    # 4. attacks, one threat at a time
+    battery = config.battery()
+    outcomes = []
+    for threat in config.threats:
+        outcome = run_threat(
+            model, x, y, clean_correct, threat, battery,
+            lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size,
+            device=device, seed=config.seed, progress=progress(),
+        )  # fmt: skip
+        outcomes.append(outcome)
+
+    # 5. every claim re-checked once more before it is reported
+    for outcome in outcomes:
+        _reverify(model, outcome, x, y, clean_correct, lower, upper, batch_size, device)
+
+    report = Report(
+        schema_version=SCHEMA_VERSION,
+        robaudit_version=__version__,
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        model=ModelInfo(
+            path=str(config.model),
+            format=raw.format,
+            sha256=sha256_of(config.model),
+            input_shape=list(raw.input_shape) if raw.input_shape else None,
+            num_classes=info.num_classes,
+            output_kind=info.output_kind,
+            batching=info.batching,
+            mean=config.mean,
+            std=config.std,
+            input_range=[lower, upper],
+            notes=[*raw.notes, *info.notes, *([reshape_note] if reshape_note else [])],
+        ),
+        data=DataInfo(
+            name=data.name,
+            n=len(data.y),
+            seed=config.seed,
+            indices=list(data.indices),
+            source_size=data.source_size,
+            sample_shape=list(sample_shape),
+            notes=list(data.notes),
+        ),
+        config=_config_dict(config, battery, batch_size),
+        environment={
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "device": describe_device(device),
+        },
+        summary=_summary(clean_correct, outcomes, battery),
+        samples=_samples(data, clean_pred, outcomes),
+        timing={
+            "total_s": round(time.perf_counter() - started, 3),
+            "load_s": round(loaded - started, 3),
+            "attacks_s": {
+                o.threat.canonical: {r.name: round(r.seconds, 3) for r in o.records} for o in outcomes
+            },
+        },
+    )
+    report.gate = evaluate(report, config.thresholds)
+    return ScanResult(report=report, data=data, outcomes=outcomes)
+
+
+def _reverify(
+    model: torch.nn.Module,
+    outcome: ThreatOutcome,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean_correct: torch.Tensor,
+    lower: float,
+    upper: float,
+    batch_size: int,
+    device: torch.device,
+) -> None:
+    """A final independent check of every stored adversarial example; a failure is a robaudit bug."""
+    idx = torch.nonzero(outcome.broken).flatten()
+    if len(idx) == 0:
+        return
+    ok = verify_adversarial(model, outcome.x_adv[idx], x[idx], y[idx], outcome.threat, lower, upper, batch_size, device)
+    if not bool(ok.all()) or bool((outcome.broken & ~clean_correct).any()):
+        bad = idx[~ok].tolist()
+        raise RuntimeError(f"internal error: adversarial examples for samples {bad[:5]} did not re-verify")
+
+
+def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) -> dict:
+    return {
+        "threats": [t.canonical for t in config.threats],
+        "attacks": [{"name": r.attack.name, "restarts": r.restarts, "params": r.attack.params()} for r in battery],
+        "n": config.n,
+        "seed": config.seed,
+        "batch_size": batch_size,
+        "device": config.device,
+        "format": config.format,
+        "arch": config.arch,
+        "num_classes": config.num_classes,
+        "mean": config.mean,
+        "std": config.std,
+        "input_range": list(config.input_range),
+        "fail_under": [t.expression for t in config.thresholds],
+    }
+
+
+def _summary(clean_correct: torch.Tensor, outcomes: list[ThreatOutcome], battery: list[AttackRun]) -> Summary:
+    n = len(clean_correct)
+    threats = []
+    for outcome in outcomes:
+        robust = clean_correct & ~outcome.broken
+        details = [
+            AttackSummary(
+                name=r.name,
+                params=r.params,
+                restarts=r.restarts,
+                attempted=r.attempted,
+                broke=r.broke,
+                robust_accuracy_after=r.robust_after / n,
+                forward_passes=r.forwards,
+                backward_passes=r.backwards,
+                skipped=r.skipped,
+            )
+            for r in outcome.records
+        ]
+        threats.append(
+            ThreatSummary(
+                threat=outcome.threat.canonical,
+                norm=outcome.threat.norm,
+                eps=outcome.threat.eps,
+                spec=outcome.threat.spec,
+                robust_accuracy=float(robust.sum()) / n,
+                attacks={d.name: d.robust_accuracy_after for d in details},
+                attack_details=details,
+                forward_passes_per_sample=sum(r.forwards for r in outcome.records) / n,
+                backward_passes_per_sample=sum(r.backwards for r in outcome.records) / n,
+            )
+        )
+    return Summary(clean_accuracy=float(clean_correct.sum()) / n, threats=threats)
+
+
+def _samples(data: Dataset, clean_pred: torch.Tensor, outcomes: list[ThreatOutcome]) -> list[SampleRecord]:
+    records = []
+    for i, (index, label, pred) in enumerate(zip(data.indices, data.y.tolist(), clean_pred.tolist())):
+        threats = {}
+        for outcome in outcomes:
+            if pred != label:
+                entry = SampleThreat(robust=False, broken_by=None, distance=0.0)
+            elif outcome.broken[i]:
+                entry = SampleThreat(robust=False, broken_by=outcome.broken_by[i], distance=float(outcome.distance[i]))
+            else:
+                entry = SampleThreat(robust=True, broken_by=None, distance=None)
+            threats[outcome.threat.canonical] = entry
+        records.append(SampleRecord(index=int(index), label=int(label), clean_pred=int(pred), threats=threats))
+    return records
+
+
+def save_adversarial(path: Path, result: ScanResult) -> None:
+    """Write verified adversarial inputs so anyone can re-check them with their own tools."""
+    arrays: dict[str, np.ndarray] = {}
+    indices = np.asarray(result.data.indices, dtype=np.int64)
+    for outcome in result.outcomes:
+        idx = torch.nonzero(outcome.broken).flatten()
+        key = outcome.threat.canonical
+        arrays[f"{key}__x"] = outcome.x_adv[idx].to(torch.float32).numpy()
+        arrays[f"{key}__index"] = indices[idx.numpy()]
+    try:
+        with path.open("wb") as handle:
+            np.savez_compressed(handle, **arrays)
+    except OSError as exc:
+        raise RobauditError(f"cannot write {path}: {exc.strerror or exc}") from exc

@@ -1,0 +1,132 @@
+"""Shared fixtures: real model files made by the tests, real data files, and a CLI runner."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO.parent / "shared" / "fixtures"
+
+
+def fixtures_dir() -> Path:
+    """The third-party fixtures beside the checkout; tests skip cleanly when absent."""
+    if not (FIXTURES / "manifest.json").exists():
+        pytest.skip("../shared/fixtures is not present (a user's own checkout has none)")
+    return FIXTURES
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str | Path, timeout: float = 300, env: dict[str, str] | None = None) -> CliResult:
+    """Run robaudit in a real subprocess, as a user would."""
+    full_env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, "-m", "robaudit", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+        cwd=REPO,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def assert_one_line_error(result: CliResult, fragment: str | None = None) -> None:
+    """Exit 2, exactly one non-empty line on stderr, no traceback."""
+    assert result.code == 2, (result.code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    assert lines[0].startswith("error:"), lines[0]
+    if fragment:
+        assert fragment.lower() in lines[0].lower(), lines[0]
+
+
+def load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
+    with resources.files("robaudit.data").joinpath("digits_test.npz").open("rb") as handle:
+        archive = np.load(handle)
+        return archive["x"], archive["y"]
+
+
+@dataclass
+class ModelFiles:
+    """One trained digits CNN saved in every format the tests need, plus its own accuracy."""
+
+    onnx: Path
+    onnx_batch1: Path
+    torchscript: Path
+    export: Path
+    safetensors: Path
+    data_npz: Path
+    accuracy: float
+    predictions: np.ndarray
+
+
+@pytest.fixture(scope="session")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
+    from safetensors.torch import save_file
+
+    from robaudit.demo import digits_cnn
+
+    root = tmp_path_factory.mktemp("models")
+    x_u8, y_np = bundled_digits()
+    x = torch.from_numpy(x_u8).float() / 255
+    y = torch.from_numpy(y_np).long()
+    torch.manual_seed(1)
+    model = digits_cnn()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):  # a few epochs of full-batch training: a real, imperfect model
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        preds = model(x).argmax(1)
+    accuracy = float((preds == y).float().mean())
+
+    files = ModelFiles(
+        onnx=root / "cnn.onnx",
+        onnx_batch1=root / "cnn_batch1.onnx",
+        torchscript=root / "cnn.torchscript.pt",
+        export=root / "cnn.pt2",
+        safetensors=root / "cnn.safetensors",
+        data_npz=root / "digits.npz",
+        accuracy=accuracy,
+        predictions=preds.numpy(),
+    )
+    example = torch.zeros(1, 1, 8, 8)
+    torch.onnx.export(
+        model, (example,), str(files.onnx), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+    )  # fmt: skip
+    torch.onnx.export(model, (example,), str(files.onnx_batch1), input_names=["input"], dynamo=False)
+    torch.jit.trace(model, example).save(str(files.torchscript))
+    torch.export.save(torch.export.export(model, (torch.zeros(4, 1, 8, 8),)), str(files.export))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files.safetensors))
+    np.savez(files.data_npz, x=x_u8, y=y_np)
+    return files

@@ -1,0 +1,122 @@
+"""PGD and the runner on models whose answers are known in closed form."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from robaudit.attacks import PGD, Attack, AttackContext, AttackRun, run_threat
+from robaudit.attacks.counting import CountingModel
+from robaudit.threats import Threat, parse_threat
+
+
+def linear_problem(seed: int = 0, n: int = 200, d: int = 20, k: int = 5):
+    """A random linear classifier, inputs labelled by its own decisions, and exact distances."""
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, k)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(k, d, generator=g))
+        model.bias.copy_(torch.randn(k, generator=g))
+    model.eval().requires_grad_(False)
+    x = torch.rand(n, d, generator=g)
+    with torch.no_grad():
+        logits = model(x)
+    y = logits.argmax(1)
+    w = model.weight
+    diff = w[y][:, None, :] - w[None, :, :]  # (n, k, d): w_y - w_j
+    margin = logits.gather(1, y[:, None]) - logits  # (n, k)
+    mask = torch.nn.functional.one_hot(y, k).bool()
+    dist = {}
+    for norm, dual in (("linf", 1), ("l2", 2)):
+        d_j = margin / diff.norm(p=dual, dim=2).clamp_min(1e-12)
+        dist[norm] = d_j.masked_fill(mask, float("inf")).amin(1)
+    return model, x, y, dist
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_breaks_points_closer_than_eps_and_never_farther(norm: str) -> None:
+    model, x, y, dist = linear_problem()
+    eps = float(dist[norm].median())
+    threat = Threat(norm=norm, eps=eps)
+    # A box far away from the data, so the closed-form (unboxed) distances are exact.
+    outcome = run_threat(
+        model, x, y, torch.ones(len(x), dtype=torch.bool), threat, [AttackRun(PGD(steps=100))],
+        lower=-100.0, upper=100.0, num_classes=5, batch_size=64, device=torch.device("cpu"), seed=0,
+    )  # fmt: skip
+    true_dist = dist[norm]
+    assert not bool((outcome.broken & (true_dist > eps)).any()), "broke a point that is provably robust"
+    clearly_inside = true_dist < 0.9 * eps
+    assert bool(outcome.broken[clearly_inside].all())
+    found = outcome.distance[outcome.broken]
+    assert bool((found >= true_dist[outcome.broken].double() * (1 - 1e-4)).all())
+
+
+class LyingAttack(Attack):
+    """Returns points outside the ball, or non-adversarial points: the runner must reject all."""
+
+    name = "liar"
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def params(self) -> dict[str, Any]:
+        return {"mode": self.mode}
+
+    def perturb(self, model, x, y, threat, ctx):
+        if self.mode == "far":
+            return x + 10 * threat.eps  # the runner projects, so this becomes a legal point
+        return x.clone()  # the clean point: not adversarial
+
+
+def test_runner_counts_only_verified_examples() -> None:
+    model, x, y, dist = linear_problem(seed=1)
+    threat = Threat(norm="linf", eps=1e-4)
+    outcome = run_threat(
+        model, x, y, torch.ones(len(x), dtype=torch.bool), threat, [AttackRun(LyingAttack("far")), AttackRun(LyingAttack("same"))],
+        lower=-100.0, upper=100.0, num_classes=5, batch_size=64, device=torch.device("cpu"), seed=0,
+    )  # fmt: skip
+    # Only points within 1e-4 of the boundary (after projection) can be broken, and each one verified.
+    assert not bool((outcome.broken & (dist["linf"] > threat.eps)).any())
+    assert outcome.records[1].broke == 0
+
+
+def test_pgd_costs_one_forward_and_backward_per_iteration() -> None:
+    model, x, y, _ = linear_problem(seed=2, n=50)
+    counted = CountingModel(model)
+    ctx = AttackContext(lower=-100.0, upper=100.0, num_classes=5, generator=torch.Generator().manual_seed(0))
+    tiny = Threat(norm="linf", eps=1e-6)  # nothing breaks: every point runs every step
+    PGD(steps=20).perturb(counted, x, y, tiny, ctx)
+    assert counted.backwards == 20 * len(x)
+    assert counted.forwards == 21 * len(x)  # one extra forward checks the last iterate
+
+
+def test_restarts_only_attack_points_still_robust() -> None:
+    model, x, y, dist = linear_problem(seed=3)
+    eps = float(dist["l2"].median())
+    outcome = run_threat(
+        model, x, y, torch.ones(len(x), dtype=torch.bool), Threat(norm="l2", eps=eps), [AttackRun(PGD(steps=5), restarts=3)],
+        lower=-100.0, upper=100.0, num_classes=5, batch_size=64, device=torch.device("cpu"), seed=0,
+    )  # fmt: skip
+    record = outcome.records[0]
+    per_run = 6 * 1  # forwards per point per run at most (5 steps + final check)
+    assert record.forwards < 3 * per_run * len(x)  # later restarts skipped broken points
+    assert record.broke == int(outcome.broken.sum())
+
+
+def test_misclassified_points_are_never_attacked() -> None:
+    model, x, y, _ = linear_problem(seed=4, n=40)
+    clean_correct = torch.zeros(len(x), dtype=torch.bool)
+    outcome = run_threat(
+        model, x, y, clean_correct, parse_threat("linf:0.5"), [AttackRun(PGD(steps=3))],
+        lower=-100.0, upper=100.0, num_classes=5, batch_size=16, device=torch.device("cpu"), seed=0,
+    )  # fmt: skip
+    assert not bool(outcome.broken.any()) and outcome.records[0].forwards == 0
+
+
+def test_threat_parsing_canonical_names() -> None:
+    assert parse_threat("linf:8/255").canonical == "linf:0.0313725"
+    assert parse_threat("L2:0.5").canonical == "l2:0.5"
+    assert parse_threat("linf:8/255").same_as(parse_threat("linf:0.03137254901960784"))

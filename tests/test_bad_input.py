@@ -1,0 +1,116 @@
+"""Bad input through the real CLI: exit 2, one line, no traceback, and the user's files untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ModelFiles, assert_one_line_error, bundled_digits, run_cli, sha256
+
+
+def _scan_expect_error(model: Path, data: Path | str, *extra: str, fragment: str | None = None) -> None:
+    owned = [p for p in (model, Path(str(data))) if p.exists() and p.is_file()]
+    before = {p: sha256(p) for p in owned}
+    listing = {p.parent: sorted(q.name for q in p.parent.iterdir()) for p in owned}
+    result = run_cli("scan", model, "--data", data, "--steps", "2", *extra)
+    assert_one_line_error(result, fragment)
+    assert {p: sha256(p) for p in owned} == before
+    assert {d: sorted(q.name for q in d.iterdir()) for d in listing} == listing
+
+
+def test_missing_model(tmp_path, model_files: ModelFiles) -> None:
+    _scan_expect_error(tmp_path / "nope.onnx", model_files.data_npz, fragment="does not exist")
+
+
+@pytest.mark.parametrize("kind", ["onnx", "torchscript", "export", "safetensors"])
+def test_truncated_model_files(tmp_path, model_files: ModelFiles, kind: str) -> None:
+    source = getattr(model_files, kind)
+    broken = tmp_path / f"truncated{source.suffix}"
+    payload = source.read_bytes()
+    broken.write_bytes(payload[: len(payload) // 2])
+    extra = ("--arch", "robaudit.demo:digits_cnn") if kind == "safetensors" else ()
+    _scan_expect_error(broken, model_files.data_npz, *extra)
+
+
+@pytest.mark.parametrize("name", ["garbage.onnx", "garbage.pt", "garbage.bin", "empty.onnx"])
+def test_corrupt_model_files(tmp_path, model_files: ModelFiles, name: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"" if name.startswith("empty") else np.random.default_rng(0).bytes(4096))
+    _scan_expect_error(path, model_files.data_npz)
+
+
+def test_unknown_arch(model_files: ModelFiles) -> None:
+    _scan_expect_error(model_files.safetensors, model_files.data_npz, "--arch", "resnet9000", fragment="resnet9000")
+
+
+def test_weights_without_arch(model_files: ModelFiles) -> None:
+    _scan_expect_error(model_files.safetensors, model_files.data_npz, fragment="--arch")
+
+
+def test_pickle_needs_trust(tmp_path, model_files: ModelFiles) -> None:
+    from robaudit.demo import digits_cnn
+
+    path = tmp_path / "whole.pt"
+    torch.save(digits_cnn(), path)
+    _scan_expect_error(path, model_files.data_npz, fragment="--trust-pickle")
+    trusted = run_cli("scan", path, "--data", model_files.data_npz, "--trust-pickle", "--steps", "2", "--n", "20", "--quiet")
+    assert trusted.code == 0, trusted.stderr
+
+
+def _npz(tmp_path: Path, name: str, x: np.ndarray, y: np.ndarray) -> Path:
+    path = tmp_path / name
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def test_wrong_data_shape(tmp_path, model_files: ModelFiles) -> None:
+    x = np.random.default_rng(0).random((10, 3, 32, 32), dtype=np.float32)
+    path = _npz(tmp_path, "cifar_like.npz", x, np.zeros(10, dtype=np.int64))
+    _scan_expect_error(model_files.onnx, path, fragment="shape")
+
+
+def test_nan_in_data(tmp_path, model_files: ModelFiles) -> None:
+    x, y = bundled_digits()
+    xf = x.astype(np.float32) / 255
+    xf[3, 0, 2, 2] = np.nan
+    _scan_expect_error(model_files.onnx, _npz(tmp_path, "nan.npz", xf, y), fragment="nan")
+
+
+def test_labels_out_of_range(tmp_path, model_files: ModelFiles) -> None:
+    x, y = bundled_digits()
+    y = y.copy()
+    y[0] = 12
+    _scan_expect_error(model_files.onnx, _npz(tmp_path, "labels.npz", x, y), fragment="12")
+
+
+def test_empty_data(tmp_path, model_files: ModelFiles) -> None:
+    path = _npz(tmp_path, "empty.npz", np.zeros((0, 1, 8, 8), np.float32), np.zeros(0, np.int64))
+    _scan_expect_error(model_files.onnx, path, fragment="empty")
+
+
+def test_unknown_dataset_name(model_files: ModelFiles) -> None:
+    _scan_expect_error(model_files.onnx, "imagenet-21k")
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (("--threat", "linf"), "NORM:EPS"),
+        (("--threat", "l3:0.1"), "unknown norm"),
+        (("--threat", "linf:-1"), "positive"),
+        (("--threat", "linf:abc"), "not a number"),
+        (("--input-range", "1,0"), "lower end"),
+        (("--mean", "0.5,0.5,0.5"), "mean"),
+        (("--device", "tpu"), "--device"),
+        (("--format", "keras"), "keras"),
+    ],
+)
+def test_bad_flags(model_files: ModelFiles, flags: tuple[str, ...], fragment: str) -> None:
+    _scan_expect_error(model_files.onnx, model_files.data_npz, *flags, fragment=fragment)
+
+
+def test_refuses_to_overwrite_an_input(model_files: ModelFiles) -> None:
+    _scan_expect_error(model_files.onnx, model_files.data_npz, "--json", str(model_files.data_npz), fragment="refusing")

@@ -1,0 +1,174 @@
+"""End-to-end: the real CLI in a subprocess on real model files that the tests create."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ModelFiles, assert_one_line_error, load_json, run_cli, sha256
+from robaudit import __version__
+from robaudit.demo import demo_path, digits_cnn
+
+FAST = ("--steps", "10", "--quiet")
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.code == 0
+    assert result.stdout.strip() == f"robaudit {__version__}"
+
+
+@pytest.mark.parametrize("command", ["scan", "report"])
+def test_help_explains_with_examples(command: str) -> None:
+    result = run_cli(command, "--help")
+    assert result.code == 0
+    assert "Example" in result.stdout
+    if command == "scan":
+        for flag in ("--threat", "--data", "--fail-under", "--mean", "--trust-pickle", "--json"):
+            assert flag in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["onnx", "onnx_batch1", "torchscript", "export", "safetensors"])
+def test_scan_each_format_matches_model_accuracy(model_files: ModelFiles, tmp_path, kind: str) -> None:
+    path = getattr(model_files, kind)
+    extra = ("--arch", "robaudit.demo:digits_cnn") if kind == "safetensors" else ()
+    before = sha256(path), sha256(model_files.data_npz)
+    out = tmp_path / "report.json"
+    result = run_cli("scan", path, "--data", model_files.data_npz, "--threat", "linf:0.05", *extra, "--json", out, *FAST)
+    assert result.code == 0, result.stderr
+    report = load_json(out)
+    assert report["summary"]["clean_accuracy"] == pytest.approx(model_files.accuracy, abs=1e-12)
+    assert [s["clean_pred"] for s in report["samples"]] == model_files.predictions.tolist()
+    assert report["model"]["num_classes"] == 10
+    assert (sha256(path), sha256(model_files.data_npz)) == before
+
+
+def test_json_follows_the_contract(model_files: ModelFiles, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", model_files.onnx, "--data", model_files.data_npz, "--threat", "linf:8/255", "--threat", "l2:0.5",
+        "--n", "50", "--seed", "3", "--json", out, *FAST,
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    r = load_json(out)
+    for key in ("schema_version", "robaudit_version", "created", "model", "data", "config", "environment", "summary", "samples"):
+        assert key in r
+    assert set(r["model"]) >= {"path", "format", "sha256", "input_shape", "num_classes"}
+    assert r["model"]["format"] == "onnx" and r["model"]["input_shape"] == [1, 8, 8]
+    assert r["model"]["sha256"] == sha256(model_files.onnx)
+    assert set(r["data"]) >= {"name", "n", "seed", "indices"}
+    assert r["data"]["n"] == 50 == len(r["data"]["indices"]) == len(r["samples"])
+    assert set(r["environment"]) >= {"python", "torch", "device"}
+    threats = r["summary"]["threats"]
+    assert [t["threat"] for t in threats] == ["linf:0.0313725", "l2:0.5"]
+    for t in threats:
+        assert set(t) >= {"threat", "norm", "eps", "robust_accuracy", "attacks"}
+        assert 0 <= t["robust_accuracy"] <= r["summary"]["clean_accuracy"]
+        assert t["attacks"]["pgd"] == pytest.approx(t["robust_accuracy"])
+    for sample in r["samples"]:
+        assert set(sample) == {"index", "label", "clean_pred", "threats"}
+        for t in threats:
+            entry = sample["threats"][t["threat"]]
+            assert set(entry) == {"robust", "broken_by", "distance"}
+            if entry["robust"]:
+                assert entry["broken_by"] is None and entry["distance"] is None
+            elif sample["clean_pred"] == sample["label"]:
+                assert entry["broken_by"] == "pgd" and 0 < entry["distance"] <= t["eps"] * (1 + 1e-5)
+    robust = [sum(s["threats"][t["threat"]]["robust"] for s in r["samples"]) / 50 for t in threats]
+    assert robust == [t["robust_accuracy"] for t in threats]
+
+
+def test_same_seed_same_json(model_files: ModelFiles, tmp_path) -> None:
+    reports = []
+    for name in ("a.json", "b.json"):
+        out = tmp_path / name
+        args = ("scan", model_files.onnx, "--data", model_files.data_npz, "--n", "60", "--seed", "7", "-t", "linf:0.1", "--json", out)
+        assert run_cli(*args, *FAST).code == 0
+        report = load_json(out)
+        report.pop("created")
+        report.pop("timing")
+        reports.append(report)
+    assert reports[0] == reports[1]
+    assert 0 < reports[0]["summary"]["threats"][0]["robust_accuracy"] < reports[0]["summary"]["clean_accuracy"]
+
+
+def test_saved_adversarial_examples_reverify_independently(model_files: ModelFiles, tmp_path) -> None:
+    out, adv = tmp_path / "r.json", tmp_path / "adv.npz"
+    result = run_cli(
+        "scan", model_files.safetensors, "--arch", "robaudit.demo:digits_cnn", "--data", model_files.data_npz,
+        "--threat", "linf:0.08", "--threat", "l2:0.6", "--json", out, "--save-adversarial", adv, *FAST,
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = load_json(out)
+    model = digits_cnn()
+    model.load_state_dict(load_file(model_files.safetensors))
+    model.eval()
+    data = np.load(model_files.data_npz)
+    x_all = torch.from_numpy(data["x"]).float() / 255
+    y_all = torch.from_numpy(data["y"]).long()
+    saved = np.load(adv)
+    for t in report["summary"]["threats"]:
+        key = t["threat"]
+        x_adv = torch.from_numpy(saved[f"{key}__x"])
+        index = torch.from_numpy(saved[f"{key}__index"])
+        broken = [s["index"] for s in report["samples"] if s["threats"][key]["broken_by"]]
+        assert sorted(index.tolist()) == sorted(broken) and len(broken) > 0
+        delta = (x_adv - x_all[index]).flatten(1).double()
+        size = delta.abs().amax(1) if t["norm"] == "linf" else delta.norm(dim=1)
+        assert bool((size <= t["eps"] * (1 + 1e-5) + 1e-6).all())
+        assert float(x_adv.min()) >= 0 and float(x_adv.max()) <= 1
+        with torch.no_grad():
+            assert bool((model(x_adv).argmax(1) != y_all[index]).all())
+
+
+def test_gate_pass_and_fail(model_files: ModelFiles, tmp_path) -> None:
+    common = ("scan", model_files.onnx, "--data", model_files.data_npz, "--n", "40", "--threat", "linf:0.1", *FAST)
+    passed = run_cli(*common, "--fail-under", "robust_accuracy[linf:0.1]=0.0", "--fail-under", "clean_accuracy=0.1")
+    assert passed.code == 0, passed.stderr
+    failed = run_cli(*common, "--fail-under", "robust_accuracy[linf:1/10]=1.0")
+    assert failed.code == 1
+    assert "gate failed: robust_accuracy[linf:0.1]" in failed.stderr
+    assert "Traceback" not in failed.stderr
+
+
+@pytest.mark.parametrize(
+    ("gate", "fragment"),
+    [
+        ("robust_accuracy[linf:0.3]=0.5", "not scanned"),
+        ("robust_accuracy=0.5", "needs a threat"),
+        ("accuracy=0.5", "unknown metric"),
+        ("clean_accuracy=1.5", "between 0 and 1"),
+        ("clean_accuracy>0.5", "must look like"),
+    ],
+)
+def test_bad_gate_expressions_are_usage_errors(model_files: ModelFiles, gate: str, fragment: str) -> None:
+    result = run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--threat", "linf:0.1", "--fail-under", gate)
+    assert_one_line_error(result, fragment)
+
+
+def test_report_command_renders_saved_json(model_files: ModelFiles, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    assert run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--n", "30", "--json", out, *FAST).code == 0
+    shown = run_cli("report", out)
+    assert shown.code == 0, shown.stderr
+    report = load_json(out)
+    assert "clean accuracy" in shown.stdout
+    assert f"{100 * report['summary']['clean_accuracy']:.1f}%" in shown.stdout
+    assert "linf:0.0313725" in shown.stdout
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert_one_line_error(run_cli("report", bad), "not a JSON file")
+    assert_one_line_error(run_cli("report", tmp_path / "missing.json"), "does not exist")
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"hello": 1}))
+    assert_one_line_error(run_cli("report", other), "not a robaudit report")
+
+
+def test_demo_main_job_runs() -> None:
+    result = run_cli("scan", demo_path(), "--data", "digits")
+    assert result.code == 0, result.stderr
+    assert "robust accuracy" in result.stdout and "clean accuracy" in result.stdout
