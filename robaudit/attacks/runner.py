@@ -47,10 +47,14 @@ class NoProgress:
 
 @dataclass
 class AttackRun:
-    """One entry of a battery: an attack and how many times to restart it."""
+    """One entry of a battery: an attack, how many times to restart it, and its report label."""
 
     attack: Attack
     restarts: int = 1
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.attack.name
 
 
 @dataclass
@@ -81,6 +85,17 @@ class ThreatOutcome:
     records: list[AttackRecord] = field(default_factory=list)
 
 
+@dataclass
+class MinimalOutcome:
+    """Smallest verified adversarial perturbation per sample under one norm (inf where none)."""
+
+    norm: str
+    distance: torch.Tensor  # float64 (N,)
+    found_by: list[str | None]
+    x_adv: torch.Tensor
+    records: list[AttackRecord] = field(default_factory=list)
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
     """Class predictions in batches (eval mode, no gradients), returned on the CPU."""
@@ -102,11 +117,107 @@ def verify_adversarial(
     """Independent check of candidate adversarial examples: misclassified, in the ball, in the box."""
     x_adv = x_adv.detach().to(torch.float32).cpu()
     x = x.detach().cpu()
-    in_box = (x_adv >= lower - BOX_TOL).flatten(1).all(dim=1) & (x_adv <= upper + BOX_TOL).flatten(1).all(dim=1)
-    finite = torch.isfinite(x_adv).flatten(1).all(dim=1)
+    if len(x_adv) == 0:
+        return torch.zeros(0, dtype=torch.bool)
     in_ball = within_ball(x_adv - x, threat)
     wrong = predict(model, x_adv, batch_size, device) != y.cpu()
-    return wrong & in_ball & in_box & finite
+    return wrong & in_ball & _in_box(x_adv, lower, upper)
+
+
+def _in_box(x_adv: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    flat = x_adv.flatten(1)
+    return (flat >= lower - BOX_TOL).all(dim=1) & (flat <= upper + BOX_TOL).all(dim=1) & torch.isfinite(flat).all(dim=1)
+
+
+@dataclass
+class _Stage:
+    """What one stage (a threat, or a norm's minimal-norm search) shares across its attacks."""
+
+    model: nn.Module
+    counted: CountingModel
+    x: torch.Tensor
+    y: torch.Tensor
+    ctx: AttackContext
+    batch_size: int
+    device: torch.device
+    progress: ProgressSink
+
+
+def _run_attack(stage: _Stage, run: AttackRun, threat: Threat, todo_fn, accept_fn, record: AttackRecord) -> None:
+    """Run one battery entry (with restarts) on the points `todo_fn` names; `accept_fn` keeps results."""
+    start_time = time.perf_counter()
+    f0, b0 = stage.counted.snapshot()
+    n = len(stage.x)
+    for _ in range(run.restarts):
+        todo = todo_fn()
+        record.attempted = max(record.attempted, len(todo))
+        stage.progress.advance(n - len(todo))
+        for chunk in torch.split(todo, stage.batch_size):
+            xb, yb = stage.x[chunk].to(stage.device), stage.y[chunk].to(stage.device)
+            candidates = run.attack.perturb(stage.counted, xb, yb, threat, stage.ctx).detach()
+            record.broke += accept_fn(chunk, candidates, xb)
+            stage.progress.advance(len(chunk))
+    f1, b1 = stage.counted.snapshot()
+    record.forwards, record.backwards = f1 - f0, b1 - b0
+    record.seconds = time.perf_counter() - start_time
+    record.params = run.attack.params()  # what actually ran (e.g. a loss fallback for few classes)
+
+
+def _stage(model, x, y, lower, upper, num_classes, batch_size, device, seed, progress) -> _Stage:
+    generator = torch.Generator().manual_seed(seed)
+    ctx = AttackContext(lower=lower, upper=upper, num_classes=num_classes, generator=generator)
+    return _Stage(model, CountingModel(model), x, y, ctx, batch_size, device, progress or NoProgress())
+
+
+def run_minimal(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean_correct: torch.Tensor,
+    norm: str,
+    hint_eps: float,
+    battery: list[AttackRun],
+    *,
+    lower: float,
+    upper: float,
+    num_classes: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    progress: ProgressSink | None = None,
+) -> MinimalOutcome:
+    """Run minimal-norm attacks on every correctly classified point; keep each sample's smallest verified perturbation."""
+    stage = _stage(model, x, y, lower, upper, num_classes, batch_size, device, seed, progress)
+    n = len(x)
+    distance = torch.full((n,), float("inf"), dtype=torch.float64)
+    found_by: list[str | None] = [None] * n
+    x_adv = x.detach().clone().cpu()
+    hint = Threat(norm=norm, eps=hint_eps)
+    unbounded = Threat(norm=norm, eps=float("inf"))
+    runs = [r for r in battery if r.attack.supports(hint)]
+    stage.progress.start(f"minimal {norm}", max(1, sum(r.restarts for r in runs) * n))
+    records = []
+    for run in runs:
+        record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
+        records.append(record)
+
+        def accept(chunk: torch.Tensor, candidates: torch.Tensor, xb: torch.Tensor, run=run) -> int:
+            candidates = candidates.clamp(lower, upper)
+            ok = verify_adversarial(model, candidates, x[chunk], y[chunk], unbounded, lower, upper, batch_size, device)
+            sizes = perturbation_norms(candidates.cpu() - x[chunk], norm)
+            better = ok & (sizes < distance[chunk])
+            hits = chunk[better]
+            newly = int(torch.isinf(distance[hits]).sum())
+            distance[hits] = sizes[better]
+            x_adv[hits] = candidates[better].cpu()
+            for i in hits.tolist():
+                found_by[i] = run.label
+            return newly
+
+        _run_attack(stage, run, hint, lambda: torch.nonzero(clean_correct).flatten(), accept, record)
+        record.robust_after = int((clean_correct & torch.isinf(distance)).sum())
+    stage.progress.finish()
+    return MinimalOutcome(norm=norm, distance=distance, found_by=found_by, x_adv=x_adv, records=records)
 
 
 def run_threat(
@@ -124,50 +235,64 @@ def run_threat(
     device: torch.device,
     seed: int,
     progress: ProgressSink | None = None,
+    minimal: MinimalOutcome | None = None,
 ) -> ThreatOutcome:
-    """Run every attack of the battery in order; later attacks only see points still robust."""
-    progress = progress or NoProgress()
+    """Run every attack of the battery in order; later attacks only see points still robust.
+
+    Results of a minimal-norm stage for the same norm (``minimal``) count first: a
+    sample whose smallest verified perturbation lies within eps is broken without
+    another attack, after it re-verifies under this threat.
+    """
+    stage = _stage(model, x, y, lower, upper, num_classes, batch_size, device, seed, progress)
     n = len(x)
-    counted = CountingModel(model)
-    ctx = AttackContext(lower=lower, upper=upper, num_classes=num_classes, generator=torch.Generator().manual_seed(seed))
     broken = torch.zeros(n, dtype=torch.bool)
     broken_by: list[str | None] = [None] * n
     distance = torch.full((n,), float("nan"), dtype=torch.float64)
     x_adv = x.detach().clone().cpu()
     records: list[AttackRecord] = []
 
-    runs_total = sum(run.restarts for run in battery if run.attack.supports(threat))
-    progress.start(f"{threat.canonical}", max(1, runs_total * n))
-    for run in battery:
-        attack = run.attack
-        record = AttackRecord(name=attack.name, params=attack.params(), restarts=run.restarts)
+    if minimal is not None and minimal.norm == threat.norm:
+        for record in minimal.records:
+            label = record.name
+            pick = torch.nonzero(clean_correct & (minimal.distance <= threat.eps * (1 + 1e-9))).flatten()
+            pick = pick[[minimal.found_by[i] == label for i in pick.tolist()]] if len(pick) else pick
+            ok = verify_adversarial(model, minimal.x_adv[pick], x[pick], y[pick], threat, lower, upper, batch_size, device)
+            hits = pick[ok]
+            broken[hits] = True
+            x_adv[hits] = minimal.x_adv[hits]
+            distance[hits] = minimal.distance[hits]
+            for i in hits.tolist():
+                broken_by[i] = label
+            records.append(
+                AttackRecord(
+                    name=label, params=record.params, restarts=record.restarts, attempted=record.attempted,
+                    broke=len(hits), robust_after=int((clean_correct & ~broken).sum()),
+                    skipped="minimal-norm stage, shared by every threat of this norm (cost counted there)",
+                )
+            )  # fmt: skip
+
+    runs = [r for r in battery if r.attack.kind != "minimal"]
+    stage.progress.start(f"{threat.canonical}", max(1, sum(r.restarts for r in runs if r.attack.supports(threat)) * n))
+    for run in runs:
+        record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
         records.append(record)
-        if not attack.supports(threat):
-            record.skipped = f"{attack.name} does not support {threat.norm}"
+        if not run.attack.supports(threat):
+            record.skipped = f"{run.attack.name} does not support {threat.norm}"
             record.robust_after = int((clean_correct & ~broken).sum())
             continue
-        start_time = time.perf_counter()
-        f0, b0 = counted.snapshot()
-        for _ in range(run.restarts):
-            todo = torch.nonzero(clean_correct & ~broken).flatten()
-            record.attempted = max(record.attempted, len(todo))
-            progress.advance(n - len(todo))
-            for chunk in torch.split(todo, batch_size):
-                xb, yb = x[chunk].to(device), y[chunk].to(device)
-                candidates = attack.perturb(counted, xb, yb, threat, ctx).detach()
-                candidates = project(candidates, xb, threat, lower, upper)
-                ok = verify_adversarial(model, candidates, x[chunk], y[chunk], threat, lower, upper, batch_size, device)
-                hits = chunk[ok]
-                broken[hits] = True
-                x_adv[hits] = candidates[ok].cpu()
-                distance[hits] = perturbation_norms(candidates[ok].cpu() - x[hits], threat.norm)
-                for i in hits.tolist():
-                    broken_by[i] = attack.name
-                record.broke += len(hits)
-                progress.advance(len(chunk))
-        f1, b1 = counted.snapshot()
-        record.forwards, record.backwards = f1 - f0, b1 - b0
-        record.seconds = time.perf_counter() - start_time
+
+        def accept(chunk: torch.Tensor, candidates: torch.Tensor, xb: torch.Tensor, run=run) -> int:
+            candidates = project(candidates, xb, threat, lower, upper)
+            ok = verify_adversarial(model, candidates, x[chunk], y[chunk], threat, lower, upper, batch_size, device)
+            hits = chunk[ok]
+            broken[hits] = True
+            x_adv[hits] = candidates[ok].cpu()
+            distance[hits] = perturbation_norms(candidates[ok].cpu() - x[hits], threat.norm)
+            for i in hits.tolist():
+                broken_by[i] = run.label
+            return len(hits)
+
+        _run_attack(stage, run, threat, lambda: torch.nonzero(clean_correct & ~broken).flatten(), accept, record)
         record.robust_after = int((clean_correct & ~broken).sum())
-    progress.finish()
+    stage.progress.finish()
     return ThreatOutcome(threat=threat, broken=broken, broken_by=broken_by, distance=distance, x_adv=x_adv, records=records)
