@@ -1,0 +1,165 @@
+"""Which attacks run, in which order, with which parameters: presets, TOML files, flags.
+
+A battery is a list of specs (``{"attack": "apgd-ce", "steps": 100, "restarts": 1}``);
+`build_battery` turns specs into `AttackRun`s. Presets are specs too, so a TOML file
+or a flag changes a preset the same way it changes any other battery.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from robaudit.attacks.base import Attack
+from robaudit.attacks.runner import AttackRun
+from robaudit.errors import RobauditError
+
+Spec = dict[str, Any]
+
+
+def _factories() -> dict[str, tuple[type[Attack], dict[str, Any]]]:
+    """Attack name -> (class, fixed arguments); imported lazily to keep CLI start-up fast."""
+    from robaudit.attacks.apgd import APGD, APGDTargeted
+    from robaudit.attacks.deepfool import DeepFool
+    from robaudit.attacks.fgsm import FGSM
+    from robaudit.attacks.fmn import FMN
+    from robaudit.attacks.noise import Noise
+    from robaudit.attacks.pgd import PGD
+    from robaudit.attacks.simba import SimBA
+    from robaudit.attacks.square import Square
+
+    return {
+        "fgsm": (FGSM, {}),
+        "pgd": (PGD, {}),
+        "bim": (PGD, {"random_init": False}),
+        "apgd-ce": (APGD, {"loss": "ce"}),
+        "apgd-dlr": (APGD, {"loss": "dlr"}),
+        "apgd-t": (APGDTargeted, {}),
+        "fmn": (FMN, {}),
+        "deepfool": (DeepFool, {}),
+        "square": (Square, {}),
+        "simba": (SimBA, {}),
+        "noise": (Noise, {}),
+    }
+
+
+ATTACK_NAMES = ("fgsm", "pgd", "bim", "apgd-ce", "apgd-dlr", "apgd-t", "fmn", "deepfool", "square", "simba", "noise")
+
+PRESETS: dict[str, list[Spec]] = {
+    # A fast screen: one gradient step, then a short APGD on what survives.
+    "quick": [
+        {"attack": "fgsm"},
+        {"attack": "apgd-ce", "steps": 50},
+    ],
+    # AutoAttack "standard" strength: APGD-CE, APGD-T (9 targets), a minimal-norm attack
+    # (FMN in place of FAB-T; it also gives the accuracy-versus-eps curve) and Square.
+    "standard": [
+        {"attack": "fmn", "steps": 100},
+        {"attack": "apgd-ce", "steps": 100},
+        {"attack": "apgd-t", "steps": 100, "n_targets": 9},
+        {"attack": "square", "n_queries": 5000},
+    ],
+    # Many restarts, a PGD step-size grid, both DLR forms, more queries, two minimal-norm attacks.
+    "thorough": [
+        {"attack": "fmn", "steps": 300},
+        {"attack": "deepfool"},
+        {"attack": "fgsm"},
+        {"attack": "apgd-ce", "steps": 200, "restarts": 5},
+        {"attack": "apgd-dlr", "steps": 200, "restarts": 5},
+        {"attack": "pgd", "steps": 200, "step_size": 0.01, "restarts": 3},
+        {"attack": "pgd", "steps": 200, "step_size": 0.025, "restarts": 3},
+        {"attack": "pgd", "steps": 200, "step_size": 0.1, "restarts": 3},
+        {"attack": "apgd-t", "steps": 200, "n_targets": 9, "restarts": 2},
+        {"attack": "square", "n_queries": 10000, "restarts": 2},
+        {"attack": "simba"},
+    ],
+}
+DEFAULT_PRESET = "standard"
+
+
+def _accepts(cls: type[Attack], key: str) -> bool:
+    return key in inspect.signature(cls.__init__).parameters
+
+
+def override(
+    specs: list[Spec], *, steps: int | None = None, restarts: int | None = None, step_sizes: list[float] | None = None
+) -> list[Spec]:
+    """Apply command-line overrides to a battery (flags beat presets and files)."""
+    factories = _factories()
+    specs = copy.deepcopy(specs)
+    for spec in specs:
+        cls, _ = factories.get(spec.get("attack", ""), (None, None))
+        if cls is None:
+            continue
+        if steps is not None and _accepts(cls, "steps"):
+            spec["steps"] = steps
+        if restarts is not None and cls.randomized:
+            spec["restarts"] = restarts
+    if step_sizes:
+        base = {"steps": steps or 100, "restarts": restarts or 1}
+        specs.extend({"attack": "pgd", "step_size": float(s), **base} for s in step_sizes)
+    return specs
+
+
+def _label(spec: Spec, seen: dict[str, int]) -> str:
+    name = spec["attack"]
+    if name == "pgd" and "step_size" in spec:
+        name = f"pgd[step={spec['step_size']:g}eps]"
+    seen[name] = seen.get(name, 0) + 1
+    return name if seen[name] == 1 else f"{name}#{seen[name]}"
+
+
+def build_battery(specs: list[Spec]) -> list[AttackRun]:
+    """Construct the attacks, with a one-line error for unknown names or parameters."""
+    factories = _factories()
+    runs, seen = [], {}
+    for spec in specs:
+        if not isinstance(spec, dict) or "attack" not in spec:
+            raise RobauditError(f"attack entry {spec!r} needs an 'attack' name (one of {', '.join(ATTACK_NAMES)})")
+        params = {k: v for k, v in spec.items() if k not in ("attack", "restarts")}
+        name = spec["attack"]
+        if name not in factories:
+            raise RobauditError(f"unknown attack '{name}' (known: {', '.join(ATTACK_NAMES)})")
+        cls, fixed = factories[name]
+        restarts = spec.get("restarts", 1)
+        if not isinstance(restarts, int) or restarts < 1:
+            raise RobauditError(f"attack '{name}': restarts must be a positive integer, not {restarts!r}")
+        try:
+            attack = cls(**fixed, **params)
+        except (TypeError, ValueError) as exc:
+            raise RobauditError(f"attack '{name}': {exc}") from None
+        runs.append(AttackRun(attack, restarts=restarts, label=_label(spec, seen)))
+    if not runs:
+        raise RobauditError("the battery is empty: name at least one attack")
+    return runs
+
+
+def preset_specs(name: str) -> list[Spec]:
+    try:
+        return copy.deepcopy(PRESETS[name])
+    except KeyError:
+        raise RobauditError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """Read an audit TOML file (see docs/attacks.md); unknown keys are errors, not silently ignored."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RobauditError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RobauditError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RobauditError(f"config file {path} is not valid TOML: {exc}") from None
+    known = {"preset", "attacks", "threats"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise RobauditError(f"config file {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    if "attacks" in raw and not isinstance(raw["attacks"], list):
+        raise RobauditError(f"config file {path}: 'attacks' must be an array of tables ([[attacks]])")
+    if "threats" in raw and not (isinstance(raw["threats"], list) and all(isinstance(t, str) for t in raw["threats"])):
+        raise RobauditError(f"config file {path}: 'threats' must be a list of strings such as \"linf:8/255\"")
+    return raw

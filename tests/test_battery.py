@@ -1,0 +1,67 @@
+"""Presets, TOML configuration and flag overrides build the battery users asked for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from robaudit.battery import PRESETS, build_battery, override, preset_specs, read_config
+from robaudit.errors import RobauditError
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name: str) -> None:
+    runs = build_battery(preset_specs(name))
+    labels = [r.label for r in runs]
+    assert len(labels) == len(set(labels)), "labels must be unique: they key the report's attacks"
+
+
+def test_standard_has_autoattack_components() -> None:
+    names = [r.attack.name for r in build_battery(preset_specs("standard"))]
+    for needed in ("apgd-ce", "apgd-t", "square"):
+        assert needed in names
+    kinds = {r.attack.kind for r in build_battery(preset_specs("standard"))}
+    assert "minimal" in kinds
+
+
+def test_overrides_steps_restarts_and_step_sizes() -> None:
+    specs = override(preset_specs("standard"), steps=7, restarts=3, step_sizes=[0.1, 0.25])
+    runs = build_battery(specs)
+    by_label = {r.label: r for r in runs}
+    assert by_label["apgd-ce"].attack.params()["steps"] == 7
+    assert by_label["apgd-ce"].restarts == 3
+    assert "pgd[step=0.1eps]" in by_label and "pgd[step=0.25eps]" in by_label
+    assert by_label["pgd[step=0.25eps]"].attack.params()["step_size"] == 0.25
+
+
+def test_toml_config(tmp_path: Path) -> None:
+    path = tmp_path / "audit.toml"
+    path.write_text(
+        'threats = ["linf:8/255", "l2:0.5"]\n'
+        "[[attacks]]\nattack = \"apgd-ce\"\nsteps = 20\nrestarts = 2\n"
+        "[[attacks]]\nattack = \"square\"\nn_queries = 100\n"
+    )
+    raw = read_config(path)
+    runs = build_battery(raw["attacks"])
+    assert [r.label for r in runs] == ["apgd-ce", "square"]
+    assert runs[0].restarts == 2 and runs[1].attack.params()["n_queries"] == 100
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("[[attacks]]\nattack = \"nope\"\n", "unknown attack"),
+        ("[[attacks]]\nattack = \"apgd-ce\"\nbogus = 1\n", "apgd-ce"),
+        ("[[attacks]]\nattack = \"apgd-ce\"\nrestarts = 0\n", "restarts"),
+        ("colour = 1\n", "unknown key"),
+        ("threats = \"linf:0.1\"\n", "list of strings"),
+        ("this is = not toml", "not valid TOML"),
+    ],
+)
+def test_bad_configs_are_clear_errors(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(RobauditError, match=fragment) as info:
+        build_battery(read_config(path).get("attacks", []))
+    assert "\n" not in str(info.value)
