@@ -133,8 +133,11 @@ def scan(
     mean: Annotated[Optional[str], typer.Option("--mean", metavar="M1,M2,...", help="Per-channel mean the model expects, applied inside the model so attacks work in pixel space, e.g. 0.4914,0.4822,0.4465.", show_default=False)] = None,
     std: Annotated[Optional[str], typer.Option("--std", metavar="S1,S2,...", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616.", show_default=False)] = None,
     input_range: Annotated[str, typer.Option("--input-range", metavar="LO,HI", help="Pixel range LO,HI of the inputs; attacks stay inside it.")] = "0,1",
-    steps: Annotated[int, typer.Option("--steps", help="PGD iterations per attack run.")] = 50,
-    restarts: Annotated[int, typer.Option("--restarts", help="Random restarts of PGD, each only on points still robust.")] = 1,
+    preset: Annotated[Optional[str], typer.Option("--preset", metavar="quick|standard|thorough", help="Attack battery: quick (FGSM + short APGD), standard (AutoAttack strength: FMN, APGD-CE, APGD-T, Square) or thorough (restarts, step-size grid, more queries). \\[default: standard]", show_default=False)] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", metavar="AUDIT.toml", help="TOML file choosing the preset, attacks and their parameters, and threats (docs/attacks.md); flags override it.", show_default=False)] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Override the iterations of every iterative attack.", show_default=False)] = None,
+    restarts: Annotated[Optional[int], typer.Option("--restarts", help="Override the random restarts of every randomized attack; each restart runs only on points still robust.", show_default=False)] = None,
+    step_sizes: Annotated[Optional[str], typer.Option("--step-sizes", metavar="S1,S2,...", help="Add a PGD run per step size (multiples of eps), e.g. 0.01,0.025,0.1; a point counts as broken if any run breaks it.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Inputs per batch. \\[default: 256 on CPU, 1024 on CUDA]", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto, cpu or cuda.")] = "auto",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (schema: docs/report-schema.md).", show_default=False)] = None,
@@ -153,6 +156,11 @@ def scan(
     lo_hi = _floats(input_range, "--input-range")
     if lo_hi is None or len(lo_hi) != 2:
         raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI, e.g. 0,1 or 0,255")
+    from robaudit.battery import DEFAULT_PRESET, read_config
+
+    file_config = read_config(config_file) if config_file is not None else {}
+    threat_specs = threat or file_config.get("threats") or [DEFAULT_THREAT]
+    attack_specs = None if preset is not None else file_config.get("attacks")
     config = ScanConfig(
         model=model,
         data=data,
@@ -166,14 +174,17 @@ def scan(
         n=n,
         seed=seed,
         data_dir=data_dir,
-        threats=[parse_threat(t) for t in (threat or [DEFAULT_THREAT])],
+        threats=[parse_threat(t) for t in threat_specs],
+        preset=preset or file_config.get("preset", DEFAULT_PRESET),
+        attacks=attack_specs,
         steps=steps,
         restarts=restarts,
+        step_sizes=_floats(step_sizes, "--step-sizes"),
         batch_size=batch_size,
         device=device,
         thresholds=[parse_threshold(f) for f in (fail_under or [])],
     )
-    inputs = [model, Path(data)]
+    inputs = [model, Path(data), *([config_file] if config_file else [])]
     _guard_outputs([json_path, save_adversarial], inputs)
     if json_path is not None and save_adversarial is not None and json_path.resolve() == save_adversarial.resolve():
         raise RobauditError("--json and --save-adversarial must be different files")

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from robaudit import __version__
-from robaudit.attacks import PGD, AttackRun, ThreatOutcome, run_threat, verify_adversarial
-from robaudit.attacks.runner import NoProgress, ProgressSink, predict
+from robaudit.attacks import AttackRun, ThreatOutcome, run_threat, verify_adversarial
+from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, ProgressSink, predict, run_minimal
+from robaudit.battery import DEFAULT_PRESET, Spec, build_battery, override, preset_specs
 from robaudit.data import check_compatible, load_data
 from robaudit.data.dataset import Dataset
 from robaudit.errors import RobauditError
@@ -28,7 +29,9 @@ from robaudit.models import load_model, wrap_model
 from robaudit.report.schema import (
     SCHEMA_VERSION,
     AttackSummary,
+    Curve,
     DataInfo,
+    MinimalNormSummary,
     ModelInfo,
     Report,
     SampleRecord,
@@ -36,10 +39,10 @@ from robaudit.report.schema import (
     Summary,
     ThreatSummary,
 )
-from robaudit.threats import Threat, parse_threat
+from robaudit.threats import Threat, parse_threat, perturbation_norms
 
 DEFAULT_THREAT = "linf:8/255"
-DEFAULT_STEPS = 50
+CURVE_POINTS = 25
 PROBE_SIZE = 8
 
 
@@ -60,8 +63,11 @@ class ScanConfig:
     seed: int = 0
     data_dir: Path | None = None
     threats: list[Threat] = field(default_factory=lambda: [parse_threat(DEFAULT_THREAT)])
-    steps: int = DEFAULT_STEPS
-    restarts: int = 1
+    preset: str = DEFAULT_PRESET
+    attacks: list[Spec] | None = None  # from a TOML file; replaces the preset's list
+    steps: int | None = None
+    restarts: int | None = None
+    step_sizes: list[float] | None = None
     batch_size: int | None = None
     device: str = "auto"
     thresholds: list[Threshold] = field(default_factory=list)
@@ -73,10 +79,12 @@ class ScanConfig:
             raise RobauditError(f"--input-range {lo},{hi}: the lower end must be below the upper end")
         if not self.threats:
             raise RobauditError("no threat given; pass e.g. --threat linf:8/255")
-        if self.steps < 1:
+        if self.steps is not None and self.steps < 1:
             raise RobauditError("--steps must be at least 1")
-        if self.restarts < 1:
+        if self.restarts is not None and self.restarts < 1:
             raise RobauditError("--restarts must be at least 1")
+        if self.step_sizes is not None and any(not 0 < s <= 10 for s in self.step_sizes):
+            raise RobauditError("--step-sizes are multiples of eps and must lie in (0, 10]")
         if self.batch_size is not None and self.batch_size < 1:
             raise RobauditError("--batch-size must be at least 1")
         if self.n is not None and self.n < 1:
@@ -86,9 +94,13 @@ class ScanConfig:
                 raise RobauditError(f"threat {threat.spec}: L1 attacks are not available yet (use linf or l2)")
         check_thresholds_cover(self.thresholds, self.threats)
 
+    def battery_specs(self) -> list[Spec]:
+        """The effective battery: the TOML file's attacks or the preset, then flag overrides."""
+        specs = self.attacks if self.attacks is not None else preset_specs(self.preset)
+        return override(specs, steps=self.steps, restarts=self.restarts, step_sizes=self.step_sizes)
+
     def battery(self) -> list[AttackRun]:
-        """The attacks to run, in order (PGD only until the full battery lands)."""
-        return [AttackRun(PGD(steps=self.steps), restarts=self.restarts)]
+        return build_battery(self.battery_specs())
 
 
 @dataclass
@@ -137,6 +149,7 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     """Run a whole audit and return the verified report."""
     started = time.perf_counter()
     config.validate()
+    battery = config.battery()
     device = resolve_device(config.device)
     lower, upper = config.input_range
 
@@ -166,20 +179,31 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     clean_pred = predict(model, x, batch_size, device)
     clean_correct = clean_pred == y
 
-    # 4. attacks, one threat at a time
-    battery = config.battery()
+    # 4. minimal-norm attacks, once per norm: per-sample distances and the accuracy-versus-eps curve
+    attack_kw = dict(lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size, device=device)
+    minimal: dict[str, MinimalOutcome] = {}
+    for norm in dict.fromkeys(t.norm for t in config.threats):
+        hint = max(t.eps for t in config.threats if t.norm == norm)
+        runs = [r for r in battery if r.attack.kind == "minimal" and r.attack.supports(Threat(norm=norm, eps=hint))]
+        if runs:
+            minimal[norm] = run_minimal(
+                model, x, y, clean_correct, norm, hint, runs, seed=config.seed, progress=progress(), **attack_kw
+            )
+
+    # 5. fixed-radius attacks, one threat at a time, each only on points still robust
     outcomes = []
     for threat in config.threats:
         outcome = run_threat(
-            model, x, y, clean_correct, threat, battery,
-            lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size,
-            device=device, seed=config.seed, progress=progress(),
+            model, x, y, clean_correct, threat, battery, seed=config.seed, progress=progress(),
+            minimal=minimal.get(threat.norm), **attack_kw,
         )  # fmt: skip
         outcomes.append(outcome)
 
-    # 5. every claim re-checked once more before it is reported
+    # 6. every claim re-checked once more before it is reported
     for outcome in outcomes:
         _reverify(model, outcome, x, y, clean_correct, lower, upper, batch_size, device)
+    for norm, found in minimal.items():
+        _reverify_minimal(model, found, x, y, lower, upper, batch_size, device)
 
     report = Report(
         schema_version=SCHEMA_VERSION,
@@ -213,13 +237,14 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
             "torch": torch.__version__,
             "device": describe_device(device),
         },
-        summary=_summary(clean_correct, outcomes, battery),
-        samples=_samples(data, clean_pred, outcomes),
+        summary=_summary(data.y, clean_correct, outcomes, minimal),
+        samples=_samples(data, clean_pred, outcomes, minimal),
         timing={
             "total_s": round(time.perf_counter() - started, 3),
             "load_s": round(loaded - started, 3),
             "attacks_s": {
-                o.threat.canonical: {r.name: round(r.seconds, 3) for r in o.records} for o in outcomes
+                **{f"minimal:{m.norm}": {r.name: round(r.seconds, 3) for r in m.records} for m in minimal.values()},
+                **{o.threat.canonical: {r.name: round(r.seconds, 3) for r in o.records if not r.skipped} for o in outcomes},
             },
         },
     )
@@ -248,10 +273,38 @@ def _reverify(
         raise RuntimeError(f"internal error: adversarial examples for samples {bad[:5]} did not re-verify")
 
 
+def _reverify_minimal(
+    model: torch.nn.Module,
+    found: MinimalOutcome,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    lower: float,
+    upper: float,
+    batch_size: int,
+    device: torch.device,
+) -> None:
+    """Every minimal-norm distance that will be printed must belong to a verified adversarial example."""
+    idx = torch.nonzero(torch.isfinite(found.distance)).flatten()
+    if len(idx) == 0:
+        return
+    unbounded = Threat(norm=found.norm, eps=float("inf"))
+    ok = verify_adversarial(model, found.x_adv[idx], x[idx], y[idx], unbounded, lower, upper, batch_size, device)
+    sizes = perturbation_norms(found.x_adv[idx] - x[idx], found.norm)
+    if not bool(ok.all()) or not torch.allclose(sizes, found.distance[idx]):
+        raise RuntimeError(f"internal error: minimal-norm examples for {found.norm} did not re-verify")
+
+
 def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) -> dict:
     return {
         "threats": [t.canonical for t in config.threats],
-        "attacks": [{"name": r.attack.name, "restarts": r.restarts, "params": r.attack.params()} for r in battery],
+        "preset": config.preset if config.attacks is None else None,
+        "attacks": [
+            {"name": r.label, "attack": r.attack.name, "kind": r.attack.kind, "restarts": r.restarts, "params": r.attack.params()}
+            for r in battery
+        ],
+        "steps": config.steps,
+        "restarts": config.restarts,
+        "step_sizes": config.step_sizes,
         "n": config.n,
         "seed": config.seed,
         "batch_size": batch_size,
@@ -266,25 +319,60 @@ def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) 
     }
 
 
-def _summary(clean_correct: torch.Tensor, outcomes: list[ThreatOutcome], battery: list[AttackRun]) -> Summary:
+def _attack_summaries(records: list[AttackRecord], n: int) -> list[AttackSummary]:
+    return [
+        AttackSummary(
+            name=r.name,
+            params=r.params,
+            restarts=r.restarts,
+            attempted=r.attempted,
+            broke=r.broke,
+            robust_accuracy_after=r.robust_after / n,
+            forward_passes=r.forwards,
+            backward_passes=r.backwards,
+            skipped=r.skipped,
+        )
+        for r in records
+    ]
+
+
+def _per_class(y: torch.Tensor, robust: torch.Tensor) -> dict[str, float]:
+    return {str(c): float(robust[y == c].float().mean()) for c in sorted(set(y.tolist()))}
+
+
+def _curve(norm: str, clean_correct: torch.Tensor, found: MinimalOutcome, outcomes: list[ThreatOutcome]) -> Curve:
+    """Robust accuracy against radius: a sample falls at the smallest radius where any verified attack broke it.
+
+    Fixed-radius results count too: a sample broken at eps is broken at every larger radius.
+    """
+    fall = found.distance.clone()
+    for outcome in outcomes:
+        if outcome.threat.norm == norm:
+            fall = torch.where(outcome.broken, torch.minimum(fall, torch.full_like(fall, outcome.threat.eps)), fall)
+    fall[~clean_correct] = 0.0
+    finite = fall[torch.isfinite(fall) & clean_correct]
+    top = max([o.threat.eps * 2 for o in outcomes if o.threat.norm == norm] + [float(finite.max()) if len(finite) else 0.0])
+    grid = torch.linspace(0.0, top, CURVE_POINTS, dtype=torch.float64)
+    n = len(fall)
+    accuracy = [float(((fall > e) & clean_correct).sum()) / n for e in grid.tolist()]
+    median = float(finite.median()) if len(finite) else None
+    return Curve(
+        norm=norm,
+        eps=[round(e, 8) for e in grid.tolist()],
+        robust_accuracy=accuracy,
+        median_distance=median,
+        attacks=[r.name for r in found.records],
+    )
+
+
+def _summary(
+    y: torch.Tensor, clean_correct: torch.Tensor, outcomes: list[ThreatOutcome], minimal: dict[str, MinimalOutcome]
+) -> Summary:
     n = len(clean_correct)
     threats = []
     for outcome in outcomes:
         robust = clean_correct & ~outcome.broken
-        details = [
-            AttackSummary(
-                name=r.name,
-                params=r.params,
-                restarts=r.restarts,
-                attempted=r.attempted,
-                broke=r.broke,
-                robust_accuracy_after=r.robust_after / n,
-                forward_passes=r.forwards,
-                backward_passes=r.backwards,
-                skipped=r.skipped,
-            )
-            for r in outcome.records
-        ]
+        details = _attack_summaries(outcome.records, n)
         threats.append(
             ThreatSummary(
                 threat=outcome.threat.canonical,
@@ -296,22 +384,46 @@ def _summary(clean_correct: torch.Tensor, outcomes: list[ThreatOutcome], battery
                 attack_details=details,
                 forward_passes_per_sample=sum(r.forwards for r in outcome.records) / n,
                 backward_passes_per_sample=sum(r.backwards for r in outcome.records) / n,
+                per_class=_per_class(y, robust),
             )
         )
-    return Summary(clean_accuracy=float(clean_correct.sum()) / n, threats=threats)
+    stages = [
+        MinimalNormSummary(
+            norm=m.norm,
+            attack_details=_attack_summaries(m.records, n),
+            forward_passes_per_sample=sum(r.forwards for r in m.records) / n,
+            backward_passes_per_sample=sum(r.backwards for r in m.records) / n,
+        )
+        for m in minimal.values()
+    ]
+    everything = [*stages, *threats]
+    return Summary(
+        clean_accuracy=float(clean_correct.sum()) / n,
+        threats=threats,
+        minimal_norm=stages,
+        curves=[_curve(m.norm, clean_correct, m, outcomes) for m in minimal.values()],
+        forward_passes_per_sample=sum(t.forward_passes_per_sample for t in everything),
+        backward_passes_per_sample=sum(t.backward_passes_per_sample for t in everything),
+    )
 
 
-def _samples(data: Dataset, clean_pred: torch.Tensor, outcomes: list[ThreatOutcome]) -> list[SampleRecord]:
+def _samples(
+    data: Dataset, clean_pred: torch.Tensor, outcomes: list[ThreatOutcome], minimal: dict[str, MinimalOutcome]
+) -> list[SampleRecord]:
+    """Per-sample results; ``distance`` is the smallest verified perturbation found under that norm."""
     records = []
     for i, (index, label, pred) in enumerate(zip(data.indices, data.y.tolist(), clean_pred.tolist())):
         threats = {}
         for outcome in outcomes:
+            found = minimal.get(outcome.threat.norm)
+            smallest = float(found.distance[i]) if found is not None else float("inf")
             if pred != label:
                 entry = SampleThreat(robust=False, broken_by=None, distance=0.0)
             elif outcome.broken[i]:
-                entry = SampleThreat(robust=False, broken_by=outcome.broken_by[i], distance=float(outcome.distance[i]))
+                distance = min(float(outcome.distance[i]), smallest)
+                entry = SampleThreat(robust=False, broken_by=outcome.broken_by[i], distance=distance)
             else:
-                entry = SampleThreat(robust=True, broken_by=None, distance=None)
+                entry = SampleThreat(robust=True, broken_by=None, distance=smallest if smallest < float("inf") else None)
             threats[outcome.threat.canonical] = entry
         records.append(SampleRecord(index=int(index), label=int(label), clean_pred=int(pred), threats=threats))
     return records

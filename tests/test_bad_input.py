@@ -15,7 +15,7 @@ def _scan_expect_error(model: Path, data: Path | str, *extra: str, fragment: str
     owned = [p for p in (model, Path(str(data))) if p.exists() and p.is_file()]
     before = {p: sha256(p) for p in owned}
     listing = {p.parent: sorted(q.name for q in p.parent.iterdir()) for p in owned}
-    result = run_cli("scan", model, "--data", data, "--steps", "2", *extra)
+    result = run_cli("scan", model, "--data", data, "--preset", "quick", "--steps", "2", *extra)
     assert_one_line_error(result, fragment)
     assert {p: sha256(p) for p in owned} == before
     assert {d: sorted(q.name for q in d.iterdir()) for d in listing} == listing
@@ -56,7 +56,7 @@ def test_pickle_needs_trust(tmp_path, model_files: ModelFiles) -> None:
     path = tmp_path / "whole.pt"
     torch.save(digits_cnn(), path)
     _scan_expect_error(path, model_files.data_npz, fragment="--trust-pickle")
-    trusted = run_cli("scan", path, "--data", model_files.data_npz, "--trust-pickle", "--steps", "2", "--n", "20", "--quiet")
+    trusted = run_cli("scan", path, "--data", model_files.data_npz, "--trust-pickle", "--preset", "quick", "--steps", "2", "--n", "20", "--quiet")
     assert trusted.code == 0, trusted.stderr
 
 

@@ -13,7 +13,7 @@ from conftest import ModelFiles, assert_one_line_error, load_json, run_cli, sha2
 from robaudit import __version__
 from robaudit.demo import demo_path, digits_cnn
 
-FAST = ("--steps", "10", "--quiet")
+FAST = ("--preset", "quick", "--steps", "10", "--quiet")
 
 
 def test_version() -> None:
@@ -68,7 +68,11 @@ def test_json_follows_the_contract(model_files: ModelFiles, tmp_path) -> None:
     for t in threats:
         assert set(t) >= {"threat", "norm", "eps", "robust_accuracy", "attacks"}
         assert 0 <= t["robust_accuracy"] <= r["summary"]["clean_accuracy"]
-        assert t["attacks"]["pgd"] == pytest.approx(t["robust_accuracy"])
+        assert list(t["attacks"]) == ["fgsm", "apgd-ce"]
+        assert list(t["attacks"].values())[-1] == pytest.approx(t["robust_accuracy"])
+        assert sum(a["broke"] for a in t["attack_details"]) == sum(
+            1 for s in r["samples"] if s["threats"][t["threat"]]["broken_by"]
+        )
     for sample in r["samples"]:
         assert set(sample) == {"index", "label", "clean_pred", "threats"}
         for t in threats:
@@ -77,7 +81,7 @@ def test_json_follows_the_contract(model_files: ModelFiles, tmp_path) -> None:
             if entry["robust"]:
                 assert entry["broken_by"] is None and entry["distance"] is None
             elif sample["clean_pred"] == sample["label"]:
-                assert entry["broken_by"] == "pgd" and 0 < entry["distance"] <= t["eps"] * (1 + 1e-5)
+                assert entry["broken_by"] in ("fgsm", "apgd-ce") and 0 < entry["distance"] <= t["eps"] * (1 + 1e-5)
     robust = [sum(s["threats"][t["threat"]]["robust"] for s in r["samples"]) / 50 for t in threats]
     assert robust == [t["robust_accuracy"] for t in threats]
 
@@ -172,3 +176,54 @@ def test_demo_main_job_runs() -> None:
     result = run_cli("scan", demo_path(), "--data", "digits")
     assert result.code == 0, result.stderr
     assert "robust accuracy" in result.stdout and "clean accuracy" in result.stdout
+
+
+def test_standard_preset_reports_curve_per_class_and_distances(model_files: ModelFiles, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", model_files.onnx, "--data", model_files.data_npz, "--n", "30", "-t", "linf:0.1", "-t", "l2:0.5",
+        "--json", out, "--quiet",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    r = load_json(out)
+    assert r["config"]["preset"] == "standard"
+    assert [a["name"] for a in r["config"]["attacks"]] == ["fmn", "apgd-ce", "apgd-t", "square"]
+    assert {m["norm"] for m in r["summary"]["minimal_norm"]} == {"linf", "l2"}
+    for curve in r["summary"]["curves"]:
+        assert curve["robust_accuracy"][0] == r["summary"]["clean_accuracy"]
+        assert all(a >= b for a, b in zip(curve["robust_accuracy"], curve["robust_accuracy"][1:]))
+        threat = next(t for t in r["summary"]["threats"] if t["norm"] == curve["norm"])
+        # the curve at the threat's radius can never claim more robustness than the battery found
+        below = [acc for e, acc in zip(curve["eps"], curve["robust_accuracy"]) if e >= threat["eps"]]
+        assert below[0] <= threat["robust_accuracy"] + 1e-12
+    for t in r["summary"]["threats"]:
+        assert set(t["per_class"]) == {str(c) for c in range(10)} & {str(s["label"]) for s in r["samples"]}
+        for s in r["samples"]:
+            entry = s["threats"][t["threat"]]
+            if s["clean_pred"] == s["label"]:
+                assert entry["distance"] is not None  # the minimal-norm stage gives every point a distance
+                assert (entry["distance"] > t["eps"] * (1 + 1e-5)) == entry["robust"]
+    assert r["summary"]["forward_passes_per_sample"] > 0
+
+
+def test_config_file_and_preset_flags(model_files: ModelFiles, tmp_path) -> None:
+    config = tmp_path / "audit.toml"
+    config.write_text('threats = ["l2:0.3"]\n[[attacks]]\nattack = "pgd"\nsteps = 5\n[[attacks]]\nattack = "noise"\n')
+    out = tmp_path / "r.json"
+    result = run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--n", "20", "--config", config, "--json", out, "-q")
+    assert result.code == 0, result.stderr
+    r = load_json(out)
+    assert r["config"]["threats"] == ["l2:0.3"] and [a["name"] for a in r["config"]["attacks"]] == ["pgd", "noise"]
+    assert r["config"]["attacks"][0]["params"]["steps"] == 5
+    flagged = run_cli(
+        "scan", model_files.onnx, "--data", model_files.data_npz, "--n", "20", "--config", config, "--preset", "quick",
+        "--restarts", "2", "--step-sizes", "0.1,0.5", "--steps", "3", "--json", out, "-q",
+    )  # fmt: skip
+    assert flagged.code == 0, flagged.stderr
+    r = load_json(out)
+    assert [a["name"] for a in r["config"]["attacks"]] == ["fgsm", "apgd-ce", "pgd[step=0.1eps]", "pgd[step=0.5eps]"]
+    assert r["config"]["attacks"][1]["restarts"] == 2 and r["config"]["attacks"][1]["params"]["steps"] == 3
+    assert_one_line_error(run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--preset", "fast"), "unknown preset")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[attacks]]\nattack = \"carlini\"\n")
+    assert_one_line_error(run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--config", bad), "unknown attack")

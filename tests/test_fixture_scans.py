@@ -46,7 +46,7 @@ def test_fixture_model_scans_with_its_images(name: str, tmp_path) -> None:
     before = sha256(model), sha256(data)
     out = tmp_path / "r.json"
     result = run_cli(
-        "scan", model, "--data", data, "--threat", "linf:1/255", "--steps", STEPS, "--json", out, "--quiet",
+        "scan", model, "--data", data, "--threat", "linf:1/255", "--preset", "quick", "--steps", STEPS, "--json", out, "--quiet",
         *_norm_flags(entry),
     )  # fmt: skip
     assert result.code == 0, result.stderr
@@ -73,7 +73,7 @@ def test_no_attack_breaks_a_verified_instance(name: str, tmp_path) -> None:
         np.savez(data, x=instances["x"][pick], y=instances["y"][pick])
         out = tmp_path / f"r_{eps}.json"
         result = run_cli(
-            "scan", root / entry["file"], "--data", data, "--threat", f"linf:{eps!r}", "--steps", STEPS,
+            "scan", root / entry["file"], "--data", data, "--threat", f"linf:{eps!r}", "--preset", "quick", "--steps", STEPS,
             "--restarts", "2", "--json", out, "--quiet", *_norm_flags(entry),
         )  # fmt: skip
         assert result.code == 0, result.stderr

@@ -14,17 +14,18 @@ from torch import nn
 
 
 def digits_cnn(num_classes: int = 10) -> nn.Module:
-    """Two 3x3 convolutions, one max-pool and two linear layers, for 1x8x8 inputs in [0, 1]."""
+    """Two 3x3 convolutions (the second strided) and a linear layer, for 1x8x8 inputs in [0, 1].
+
+    Kept small on purpose: the standard battery (with Square's 5000 queries on every
+    robust point) must finish on the demo in seconds on a laptop CPU.
+    """
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1),
         nn.ReLU(),
-        nn.MaxPool2d(2),
         nn.Flatten(),
-        nn.Linear(32 * 4 * 4, 64),
-        nn.ReLU(),
-        nn.Linear(64, num_classes),
+        nn.Linear(16 * 4 * 4, num_classes),
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from robaudit.errors import RobauditError
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 
 
 @dataclass
@@ -70,12 +70,38 @@ class ThreatSummary:
     forward_passes_per_sample: float = 0.0
     backward_passes_per_sample: float = 0.0
     spec: str = ""
+    per_class: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class MinimalNormSummary:
+    """The minimal-norm stage of one norm: run once, shared by every threat of that norm."""
+
+    norm: str
+    attack_details: list[AttackSummary]
+    forward_passes_per_sample: float = 0.0
+    backward_passes_per_sample: float = 0.0
+
+
+@dataclass
+class Curve:
+    """Robust accuracy against radius from verified minimal-norm and fixed-radius results."""
+
+    norm: str
+    eps: list[float]
+    robust_accuracy: list[float]
+    median_distance: float | None
+    attacks: list[str]
 
 
 @dataclass
 class Summary:
     clean_accuracy: float
     threats: list[ThreatSummary]
+    minimal_norm: list[MinimalNormSummary] = field(default_factory=list)
+    curves: list[Curve] = field(default_factory=list)
+    forward_passes_per_sample: float = 0.0
+    backward_passes_per_sample: float = 0.0
 
 
 @dataclass
@@ -155,7 +181,19 @@ class Report:
             data=DataInfo(**raw["data"]),
             config=raw["config"],
             environment=raw["environment"],
-            summary=Summary(clean_accuracy=summary["clean_accuracy"], threats=threats),
+            summary=Summary(
+                clean_accuracy=summary["clean_accuracy"],
+                threats=threats,
+                minimal_norm=[
+                    MinimalNormSummary(
+                        **{**m, "attack_details": [AttackSummary(**a) for a in m.get("attack_details", [])]}
+                    )
+                    for m in summary.get("minimal_norm", [])
+                ],
+                curves=[Curve(**c) for c in summary.get("curves", [])],
+                forward_passes_per_sample=summary.get("forward_passes_per_sample", 0.0),
+                backward_passes_per_sample=summary.get("backward_passes_per_sample", 0.0),
+            ),
             samples=samples,
             timing=raw.get("timing", {}),
             gate=[GateCheck(**g) for g in raw.get("gate", [])],

@@ -38,6 +38,14 @@ def _results(report: Report) -> Table:
     table.add_column("bwd / sample", justify="right")
     table.add_column("time", justify="right")
     table.add_row("clean accuracy", _pct(report.summary.clean_accuracy), "", "", "")
+    if report.summary.minimal_norm:
+        minimal_times = {k: v for k, v in report.timing.get("attacks_s", {}).items() if k.startswith("minimal:")}
+        for m in report.summary.minimal_norm:
+            seconds = sum(minimal_times.get(f"minimal:{m.norm}", {}).values())
+            table.add_row(
+                f"minimal-norm search {m.norm}", "", f"{m.forward_passes_per_sample:.1f}",
+                f"{m.backward_passes_per_sample:.1f}", f"{seconds:.1f}s" if minimal_times else "",
+            )  # fmt: skip
     attack_times = report.timing.get("attacks_s", {})
     for t in report.summary.threats:
         seconds = sum(attack_times.get(t.threat, {}).values())
@@ -52,13 +60,22 @@ def _results(report: Report) -> Table:
 
 
 def _attacks(report: Report) -> Table:
-    table = Table(title="Attacks (each runs only on points still robust)", title_justify="left")
+    table = Table(title="Attacks (each runs only on points still robust; 'broke' counts points it broke first)", title_justify="left")
     for column in ("threat", "attack", "attempted", "broke", "robust after", "passes (f/b)"):
         table.add_column(column, justify="left" if column in ("threat", "attack") else "right")
+    for m in report.summary.minimal_norm:
+        for a in m.attack_details:
+            table.add_row(
+                f"minimal {m.norm}", a.name, str(a.attempted), str(a.broke), "[dim]any radius[/dim]",
+                f"{a.forward_passes}/{a.backward_passes}",
+            )  # fmt: skip
     for t in report.summary.threats:
         for a in t.attack_details:
+            if a.skipped and a.skipped.startswith("minimal-norm stage"):
+                table.add_row(t.threat, a.name, "", str(a.broke), _pct(a.robust_accuracy_after), "[dim]shared[/dim]")
+                continue
             if a.skipped:
-                table.add_row(t.threat, a.name, "-", "-", _pct(a.robust_accuracy_after), f"[dim]{a.skipped}[/dim]")
+                table.add_row(t.threat, a.name, "-", "-", _pct(a.robust_accuracy_after), f"[dim]{escape(a.skipped)}[/dim]")
                 continue
             restarts = f" x{a.restarts}" if a.restarts > 1 else ""
             table.add_row(
@@ -69,6 +86,37 @@ def _attacks(report: Report) -> Table:
                 _pct(a.robust_accuracy_after),
                 f"{a.forward_passes}/{a.backward_passes}",
             )
+    return table
+
+
+def _curves(report: Report) -> Table | None:
+    if not report.summary.curves:
+        return None
+    table = Table(
+        title="Robust accuracy against radius (from verified minimal-norm and fixed-radius results)", title_justify="left"
+    )
+    table.add_column("norm")
+    table.add_column("median distance", justify="right")
+    table.add_column("radius -> robust accuracy")
+    for c in report.summary.curves:
+        step = max(1, (len(c.eps) - 1) // 6)
+        points = "  ".join(f"{c.eps[i]:.3g}: {_pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
+        median = f"{c.median_distance:.4g}" if c.median_distance is not None else "-"
+        table.add_row(c.norm, median, points)
+    return table
+
+
+def _per_class(report: Report) -> Table | None:
+    threats = report.summary.threats
+    if not threats or not threats[0].per_class or len(threats[0].per_class) > 20:
+        return None
+    table = Table(title="Robust accuracy per class", title_justify="left")
+    table.add_column("threat")
+    classes = list(threats[0].per_class)
+    for c in classes:
+        table.add_column(c, justify="right")
+    for t in threats:
+        table.add_row(t.threat, *[f"{100 * t.per_class.get(c, 0.0):.0f}" for c in classes])
     return table
 
 
@@ -100,6 +148,9 @@ def render(report: Report, console: Console) -> None:
     console.print(Panel(Group(*parts), title=f"robaudit {report.robaudit_version}", title_align="left"))
     console.print(_results(report))
     console.print(_attacks(report))
+    for extra in (_curves(report), _per_class(report)):
+        if extra is not None:
+            console.print(extra)
     gate = _gate(report)
     if gate:
         console.print(Panel(gate, title="gate", title_align="left"))
