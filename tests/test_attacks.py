@@ -120,3 +120,19 @@ def test_threat_parsing_canonical_names() -> None:
     assert parse_threat("linf:8/255").canonical == "linf:0.0313725"
     assert parse_threat("L2:0.5").canonical == "l2:0.5"
     assert parse_threat("linf:8/255").same_as(parse_threat("linf:0.03137254901960784"))
+
+
+def test_attacks_are_never_called_with_an_empty_batch() -> None:
+    model, x, y, _ = linear_problem(seed=5, n=20)
+
+    class Strict(LyingAttack):
+        def perturb(self, model, x, y, threat, ctx):
+            assert len(x) > 0, "an attack was handed an empty batch"
+            return x
+
+    nobody = torch.zeros(len(x), dtype=torch.bool)  # every point misclassified: nothing left to attack
+    outcome = run_threat(
+        model, x, y, nobody, parse_threat("linf:0.1"), [AttackRun(Strict("same"), restarts=2)],
+        lower=-100.0, upper=100.0, num_classes=5, batch_size=8, device=torch.device("cpu"), seed=0,
+    )  # fmt: skip
+    assert outcome.records[0].attempted == 0 and outcome.records[0].forwards == 0

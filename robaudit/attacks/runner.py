@@ -152,6 +152,8 @@ def _run_attack(stage: _Stage, run: AttackRun, threat: Threat, todo_fn, accept_f
         todo = todo_fn()
         record.attempted = max(record.attempted, len(todo))
         stage.progress.advance(n - len(todo))
+        if len(todo) == 0:
+            continue
         for chunk in torch.split(todo, stage.batch_size):
             xb, yb = stage.x[chunk].to(stage.device), stage.y[chunk].to(stage.device)
             candidates = run.attack.perturb(stage.counted, xb, yb, threat, stage.ctx).detach()
