@@ -73,6 +73,27 @@ def bundled_digits() -> tuple[np.ndarray, np.ndarray]:
         return archive["x"], archive["y"]
 
 
+def demo_classifier() -> torch.nn.Module:
+    """The shipped demo CNN with its weights, frozen in eval mode (a real trained model)."""
+    from safetensors.torch import load_file
+
+    from robaudit.demo import demo_path, digits_cnn
+
+    model = digits_cnn()
+    model.load_state_dict(load_file(str(demo_path("digits_cnn.safetensors"))))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one intra-op thread; on a busy 2-core machine the
+    threads' spin-waiting made forward passes 10-50x slower (measured while developing)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class ModelFiles:
     """One trained digits CNN saved in every format the tests need, plus its own accuracy."""

@@ -8,28 +8,21 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
+from conftest import demo_classifier
 from robaudit.attacks import PGD, AttackContext, AttackRun, run_threat
 from robaudit.attacks.apgd import APGD, APGDTargeted, apgd_run, checkpoint_schedule
 from robaudit.attacks.counting import CountingModel
 from robaudit.attacks.fgsm import FGSM
 from robaudit.attacks.losses import LOSSES, cross_entropy, dlr, dlr_targeted, get_loss, margin
-from robaudit.demo import demo_path, digits_cnn
 from robaudit.threats import Threat, perturbation_norms, within_ball
 from test_attacks import linear_problem
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ctx_for(num_classes: int, lower: float = -100.0, upper: float = 100.0, seed: int = 0) -> AttackContext:
@@ -248,9 +241,7 @@ def test_fgsm_takes_one_full_step() -> None:
 
 
 def digits_problem(n: int):
-    model = digits_cnn()
-    model.load_state_dict(load_file(str(demo_path("digits_cnn.safetensors"))))
-    model.eval().requires_grad_(False)
+    model = demo_classifier()
     with resources.files("robaudit.data").joinpath("digits_test.npz").open("rb") as handle:
         archive = np.load(handle)
         x = torch.from_numpy(archive["x"][:n]).float() / 255

@@ -17,15 +17,14 @@ from importlib import resources
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 from test_attacks import linear_problem
 from torch import nn
 
+from conftest import demo_classifier
 from robaudit.attacks import PGD, AttackContext, AttackRun, run_threat
 from robaudit.attacks.counting import CountingModel
 from robaudit.attacks.simba import SimBA, dct_matrix
 from robaudit.attacks.square import Square, meta_pseudo_gaussian, p_selection
-from robaudit.demo import demo_path, digits_cnn
 from robaudit.threats import NORM_ATOL, NORM_RTOL, Threat, perturbation_norms
 
 CPU = torch.device("cpu")
@@ -92,21 +91,12 @@ class QueryAudit(nn.Module):
         return self.model(q)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead, and on a loaded 2-core machine
-    OpenMP's spinning threads make each forward pass tens of times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    model = digits_cnn()
-    model.load_state_dict(load_file(str(demo_path("digits_cnn.safetensors"))))
-    model.eval().requires_grad_(False)
+    model = demo_classifier()
     with resources.files("robaudit.data").joinpath("digits_test.npz").open("rb") as handle:
         archive = np.load(handle)
         x = torch.from_numpy(archive["x"]).float() / 255

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import demo_classifier
 from robaudit.attacks import PGD, AttackContext, AttackRun, run_threat
 from robaudit.attacks.counting import CountingModel
 from robaudit.attacks.deepfool import DeepFool
@@ -20,14 +21,7 @@ DUAL = {"linf": 1, "l2": 2, "l1": float("inf")}
 FAR = (-100.0, 100.0)  # a box far from the data: the closed-form distances are exact
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add overhead, and on a busy 2-core machine
-    their waiting costs 10x (measured: a 200x20 gather took 15 ms with 2 threads, 24 us with 1)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def context(num_classes: int, box: tuple[float, float] = FAR) -> AttackContext:
@@ -226,13 +220,7 @@ def test_box_constrained_minimal_distance(attack, norm: str) -> None:
 
 
 def demo_model_and_data(n: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    from robaudit.demo import demo_path, digits_cnn
-
-    model = digits_cnn()
-    model.load_state_dict(load_file(str(demo_path("digits_cnn.safetensors"))))
-    model.eval().requires_grad_(False)
+    model = demo_classifier()
     with resources.files("robaudit.data").joinpath("digits_test.npz").open("rb") as handle:
         archive = np.load(handle)
         x = torch.from_numpy(archive["x"][:n]).float() / 255
