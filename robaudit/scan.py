@@ -154,8 +154,6 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     lower, upper = config.input_range
 
     # 1. model
-    if not config.model.exists():
-        raise RobauditError(f"model file {config.model} does not exist")
     raw = load_model(
         config.model, fmt=config.format, arch=config.arch, num_classes=config.num_classes, trust_pickle=config.trust_pickle
     )
@@ -200,10 +198,15 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
         outcomes.append(outcome)
 
     # 6. every claim re-checked once more before it is reported
+    check = dict(lower=lower, upper=upper, batch_size=batch_size, device=device)
     for outcome in outcomes:
-        _reverify(model, outcome, x, y, clean_correct, lower, upper, batch_size, device)
+        if bool((outcome.broken & ~clean_correct).any()):
+            raise RuntimeError("internal error: a misclassified sample was reported as broken by an attack")
+        idx = torch.nonzero(outcome.broken).flatten()
+        _reverify(model, outcome.x_adv, idx, x, y, outcome.threat, outcome.distance, **check)
     for norm, found in minimal.items():
-        _reverify_minimal(model, found, x, y, lower, upper, batch_size, device)
+        idx = torch.nonzero(torch.isfinite(found.distance)).flatten()
+        _reverify(model, found.x_adv, idx, x, y, Threat(norm=norm, eps=float("inf")), found.distance, **check)
 
     report = Report(
         schema_version=SCHEMA_VERSION,
@@ -254,44 +257,28 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
 
 def _reverify(
     model: torch.nn.Module,
-    outcome: ThreatOutcome,
+    x_adv: torch.Tensor,
+    idx: torch.Tensor,
     x: torch.Tensor,
     y: torch.Tensor,
-    clean_correct: torch.Tensor,
+    threat: Threat,
+    distance: torch.Tensor,
     lower: float,
     upper: float,
     batch_size: int,
     device: torch.device,
 ) -> None:
-    """A final independent check of every stored adversarial example; a failure is a robaudit bug."""
-    idx = torch.nonzero(outcome.broken).flatten()
+    """A final independent check of stored adversarial examples and their printed distances.
+
+    A failure here is a robaudit bug, so it stops the scan rather than print a number.
+    """
     if len(idx) == 0:
         return
-    ok = verify_adversarial(model, outcome.x_adv[idx], x[idx], y[idx], outcome.threat, lower, upper, batch_size, device)
-    if not bool(ok.all()) or bool((outcome.broken & ~clean_correct).any()):
+    ok = verify_adversarial(model, x_adv[idx], x[idx], y[idx], threat, lower, upper, batch_size, device)
+    sizes = perturbation_norms(x_adv[idx] - x[idx], threat.norm)
+    if not bool(ok.all()) or not torch.allclose(sizes, distance[idx]):
         bad = idx[~ok].tolist()
-        raise RuntimeError(f"internal error: adversarial examples for samples {bad[:5]} did not re-verify")
-
-
-def _reverify_minimal(
-    model: torch.nn.Module,
-    found: MinimalOutcome,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    lower: float,
-    upper: float,
-    batch_size: int,
-    device: torch.device,
-) -> None:
-    """Every minimal-norm distance that will be printed must belong to a verified adversarial example."""
-    idx = torch.nonzero(torch.isfinite(found.distance)).flatten()
-    if len(idx) == 0:
-        return
-    unbounded = Threat(norm=found.norm, eps=float("inf"))
-    ok = verify_adversarial(model, found.x_adv[idx], x[idx], y[idx], unbounded, lower, upper, batch_size, device)
-    sizes = perturbation_norms(found.x_adv[idx] - x[idx], found.norm)
-    if not bool(ok.all()) or not torch.allclose(sizes, found.distance[idx]):
-        raise RuntimeError(f"internal error: minimal-norm examples for {found.norm} did not re-verify")
+        raise RuntimeError(f"internal error: adversarial examples for samples {bad[:5]} ({threat}) did not re-verify")
 
 
 def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) -> dict:
