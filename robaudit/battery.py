@@ -29,6 +29,7 @@ def _factories() -> dict[str, tuple[type[Attack], dict[str, Any]]]:
     from robaudit.attacks.noise import Noise
     from robaudit.attacks.pgd import PGD
     from robaudit.attacks.simba import SimBA
+    from robaudit.attacks.spatial import SpatialGrid
     from robaudit.attacks.square import Square
 
     return {
@@ -43,16 +44,18 @@ def _factories() -> dict[str, tuple[type[Attack], dict[str, Any]]]:
         "square": (Square, {}),
         "simba": (SimBA, {}),
         "noise": (Noise, {}),
+        "spatial-grid": (SpatialGrid, {}),
     }
 
 
-ATTACK_NAMES = ("fgsm", "pgd", "bim", "apgd-ce", "apgd-dlr", "apgd-t", "fmn", "deepfool", "square", "simba", "noise")
+ATTACK_NAMES = ("fgsm", "pgd", "bim", "apgd-ce", "apgd-dlr", "apgd-t", "fmn", "deepfool", "square", "simba", "noise", "spatial-grid")
 
 PRESETS: dict[str, list[Spec]] = {
     # A fast screen: one gradient step, then a short APGD on what survives.
     "quick": [
         {"attack": "fgsm"},
         {"attack": "apgd-ce", "steps": 50},
+        {"attack": "spatial-grid", "rotations": 11, "shifts": 3},
     ],
     # AutoAttack "standard" strength: APGD-CE, APGD-T (9 targets), a minimal-norm attack
     # (FMN in place of FAB-T; it also gives the accuracy-versus-eps curve) and Square.
@@ -63,6 +66,8 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "apgd-ce", "steps": 100, "restarts": 2},
         {"attack": "apgd-t", "steps": 100, "n_targets": 9},
         {"attack": "square", "n_queries": 5000},
+        # Only spatial threats (spatial:DEG,PX) run it; Engstrom et al.'s 31 x 5 x 5 grid.
+        {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
     ],
     # Many restarts, a PGD step-size grid, both DLR forms, more queries, two minimal-norm attacks.
     "thorough": [
@@ -77,6 +82,7 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "apgd-t", "steps": 200, "n_targets": 9, "restarts": 2},
         {"attack": "square", "n_queries": 10000, "restarts": 2},
         {"attack": "simba"},
+        {"attack": "spatial-grid", "rotations": 61, "shifts": 9},
     ],
 }
 DEFAULT_PRESET = "standard"

@@ -69,7 +69,7 @@ def metric_value(report: Report, threshold: Threshold) -> float:
     if threshold.metric == "clean_accuracy":
         return report.summary.clean_accuracy
     for summary in report.summary.threats:
-        if threshold.threat and threshold.threat.same_as(Threat(norm=summary.norm, eps=summary.eps)):
+        if threshold.threat and threshold.threat.same_as(Threat(norm=summary.norm, eps=summary.eps, shift=summary.shift)):
             return summary.robust_accuracy
     raise RobauditError(f"the report has no result for {threshold.name}")
 

@@ -19,7 +19,17 @@ import torch
 
 from robaudit import __version__
 from robaudit.attacks import AttackRun, ThreatOutcome, run_threat, verify_adversarial
-from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, ProgressSink, predict, run_minimal
+from robaudit.attacks.runner import (
+    AttackRecord,
+    MinimalOutcome,
+    NoProgress,
+    ProgressSink,
+    predict,
+    run_minimal,
+    run_spatial,
+    verify_spatial,
+)
+from robaudit.attacks.spatial import describe
 from robaudit.battery import DEFAULT_PRESET, Spec, build_battery, override, preset_specs
 from robaudit.data import check_compatible, load_data
 from robaudit.data.dataset import Dataset
@@ -42,6 +52,7 @@ from robaudit.report.schema import (
 from robaudit.threats import Threat, parse_threat, perturbation_norms
 
 DEFAULT_THREAT = "linf:8/255"
+_SPATIAL_PROBE = Threat(norm="spatial", eps=1.0, shift=1.0)
 CURVE_POINTS = 25
 PROBE_SIZE = 8
 
@@ -169,6 +180,10 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
         raw, sample_shape=sample_shape, probe=data.x[:PROBE_SIZE], mean=config.mean, std=config.std, device=device
     )
     check_compatible(data, raw.input_shape, info.num_classes)
+    for threat in config.threats:
+        if threat.is_spatial and (data.x.dim() != 4 or min(data.x.shape[2:]) < 2):
+            shape = "x".join(map(str, sample_shape))
+            raise RobauditError(f"threat {threat.spec}: spatial threats need image data (C, H, W), not samples of shape {shape}")
     loaded = time.perf_counter()
 
     # 3. clean pass
@@ -180,7 +195,9 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     # 4. minimal-norm attacks, once per norm: per-sample distances and the accuracy-versus-eps curve
     attack_kw = dict(lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size, device=device)
     minimal: dict[str, MinimalOutcome] = {}
-    for norm in dict.fromkeys(t.norm for t in config.threats):
+    lp_battery = [r for r in battery if not r.attack.supports(_SPATIAL_PROBE)]
+    spatial_battery = [r for r in battery if r.attack.supports(_SPATIAL_PROBE)]
+    for norm in dict.fromkeys(t.norm for t in config.threats if not t.is_spatial):
         hint = max(t.eps for t in config.threats if t.norm == norm)
         runs = [r for r in battery if r.attack.kind == "minimal" and r.attack.supports(Threat(norm=norm, eps=hint))]
         if runs:
@@ -191,10 +208,15 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     # 5. fixed-radius attacks, one threat at a time, each only on points still robust
     outcomes = []
     for threat in config.threats:
-        outcome = run_threat(
-            model, x, y, clean_correct, threat, battery, seed=config.seed, progress=progress(),
-            minimal=minimal.get(threat.norm), **attack_kw,
-        )  # fmt: skip
+        if threat.is_spatial:
+            outcome = run_spatial(
+                model, x, y, clean_correct, threat, spatial_battery, seed=config.seed, progress=progress(), **attack_kw
+            )
+        else:
+            outcome = run_threat(
+                model, x, y, clean_correct, threat, lp_battery, seed=config.seed, progress=progress(),
+                minimal=minimal.get(threat.norm), **attack_kw,
+            )  # fmt: skip
         outcomes.append(outcome)
 
     # 6. every claim re-checked once more before it is reported
@@ -203,7 +225,12 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
         if bool((outcome.broken & ~clean_correct).any()):
             raise RuntimeError("internal error: a misclassified sample was reported as broken by an attack")
         idx = torch.nonzero(outcome.broken).flatten()
-        _reverify(model, outcome.x_adv, idx, x, y, outcome.threat, outcome.distance, **check)
+        if outcome.transform is not None:
+            ok = verify_spatial(model, outcome.x_adv[idx], x[idx], y[idx], outcome.transform[idx], outcome.threat, **check)
+            if not bool(ok.all()):
+                raise RuntimeError(f"internal error: spatial examples for samples {idx[~ok].tolist()[:5]} did not re-verify")
+        else:
+            _reverify(model, outcome.x_adv, idx, x, y, outcome.threat, outcome.distance, **check)
     for norm, found in minimal.items():
         idx = torch.nonzero(torch.isfinite(found.distance)).flatten()
         _reverify(model, found.x_adv, idx, x, y, Threat(norm=norm, eps=float("inf")), found.distance, **check)
@@ -366,6 +393,7 @@ def _summary(
                 norm=outcome.threat.norm,
                 eps=outcome.threat.eps,
                 spec=outcome.threat.spec,
+                shift=outcome.threat.shift,
                 robust_accuracy=float(robust.sum()) / n,
                 attacks={d.name: d.robust_accuracy_after for d in details},
                 attack_details=details,
@@ -405,7 +433,11 @@ def _samples(
             found = minimal.get(outcome.threat.norm)
             smallest = float(found.distance[i]) if found is not None else float("inf")
             if pred != label:
-                entry = SampleThreat(robust=False, broken_by=None, distance=0.0)
+                entry = SampleThreat(robust=False, broken_by=None, distance=None if outcome.threat.is_spatial else 0.0)
+            elif outcome.broken[i] and outcome.transform is not None:
+                entry = SampleThreat(
+                    robust=False, broken_by=outcome.broken_by[i], distance=None, transform=describe(outcome.transform[i])
+                )
             elif outcome.broken[i]:
                 distance = min(float(outcome.distance[i]), smallest)
                 entry = SampleThreat(robust=False, broken_by=outcome.broken_by[i], distance=distance)

@@ -2,6 +2,10 @@
 
 One canonical spelling per threat (``linf:0.0313725``) keeps JSON keys, gate
 expressions and file names in agreement however the user wrote the radius.
+
+The spatial threat (``spatial:30,3``: rotations up to 30 degrees and translations up
+to 3 pixels) is a different threat model, not an Lp ball; it shares the type so the
+gate, the report and the CLI treat every threat alike.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ import torch
 from robaudit.errors import RobauditError
 
 NORMS = ("linf", "l2", "l1")
-_NORM_ALIASES = {"linf": "linf", "inf": "linf", "l_inf": "linf", "l2": "l2", "l1": "l1"}
+SPATIAL = "spatial"
+_NORM_ALIASES = {"linf": "linf", "inf": "linf", "l_inf": "linf", "l2": "l2", "l1": "l1", "spatial": SPATIAL}
 
 # Float slack for re-verification: a perturbation may exceed eps by this relative amount
 # (plus an absolute float32 ulp-scale term) and still count as within the ball.
@@ -25,23 +30,38 @@ NORM_ATOL = 1e-6
 
 @dataclass(frozen=True)
 class Threat:
-    """An Lp ball of radius ``eps`` around each input, in pixel space."""
+    """An Lp ball of radius ``eps`` around each input, in pixel space.
+
+    For ``norm == "spatial"``, ``eps`` is the largest rotation in degrees and ``shift``
+    the largest translation in pixels along each image axis.
+    """
 
     norm: str
     eps: float
     spec: str = ""
+    shift: float = 0.0
 
     @property
     def canonical(self) -> str:
         """The stable name used in reports, JSON keys and gate expressions."""
+        if self.norm == SPATIAL:
+            return f"{SPATIAL}:{self.eps:.6g},{self.shift:.6g}"
         return f"{self.norm}:{self.eps:.6g}"
+
+    @property
+    def is_spatial(self) -> bool:
+        return self.norm == SPATIAL
 
     def __str__(self) -> str:
         return self.canonical
 
     def same_as(self, other: "Threat") -> bool:
         """Equal norms and radii up to float noise (``8/255`` equals ``0.0313725``)."""
-        return self.norm == other.norm and math.isclose(self.eps, other.eps, rel_tol=1e-6, abs_tol=1e-12)
+        return (
+            self.norm == other.norm
+            and math.isclose(self.eps, other.eps, rel_tol=1e-6, abs_tol=1e-12)
+            and math.isclose(self.shift, other.shift, rel_tol=1e-6, abs_tol=1e-12)
+        )
 
 
 def parse_number(text: str) -> float:
@@ -57,17 +77,33 @@ def parse_number(text: str) -> float:
 
 
 def parse_threat(text: str) -> Threat:
-    """Parse ``NORM:EPS`` (``linf:8/255``, ``l2:0.5``, ``l1:12``)."""
+    """Parse ``NORM:EPS`` (``linf:8/255``, ``l2:0.5``, ``l1:12``) or ``spatial:DEGREES,PIXELS``."""
     if ":" not in text:
         raise RobauditError(f"threat '{text}' must look like NORM:EPS, e.g. linf:8/255 or l2:0.5")
     norm_text, eps_text = text.split(":", 1)
     norm = _NORM_ALIASES.get(norm_text.strip().lower())
     if norm is None:
-        raise RobauditError(f"threat '{text}': unknown norm '{norm_text}' (use one of {', '.join(NORMS)})")
+        raise RobauditError(f"threat '{text}': unknown norm '{norm_text}' (use one of {', '.join(NORMS)} or {SPATIAL})")
+    if norm == SPATIAL:
+        return _parse_spatial(text, eps_text)
     eps = parse_number(eps_text)
     if not math.isfinite(eps) or eps <= 0:
         raise RobauditError(f"threat '{text}': the radius must be a positive number")
     return Threat(norm=norm, eps=eps, spec=text.strip())
+
+
+def _parse_spatial(text: str, body: str) -> Threat:
+    """``spatial:30,3`` (also ``30deg,3px``): largest rotation in degrees, largest shift in pixels."""
+    parts = [p.strip().lower() for p in body.split(",")]
+    if len(parts) > 2 or not parts[0]:
+        raise RobauditError(f"threat '{text}' must look like spatial:DEGREES,PIXELS, e.g. spatial:30,3")
+    rotation = parse_number(parts[0].removesuffix("deg"))
+    shift = parse_number(parts[1].removesuffix("px")) if len(parts) == 2 else 0.0
+    if not (math.isfinite(rotation) and math.isfinite(shift)) or rotation < 0 or shift < 0 or rotation + shift == 0:
+        raise RobauditError(f"threat '{text}': rotation and shift must be non-negative and not both 0")
+    if rotation > 180:
+        raise RobauditError(f"threat '{text}': rotations beyond 180 degrees repeat; use at most 180")
+    return Threat(norm=SPATIAL, eps=rotation, spec=text.strip(), shift=shift)
 
 
 def perturbation_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:

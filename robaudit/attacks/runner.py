@@ -83,6 +83,7 @@ class ThreatOutcome:
     distance: torch.Tensor  # float64 (N,): norm of the accepted perturbation, NaN where none
     x_adv: torch.Tensor  # (N, ...) accepted adversarial inputs (rows valid where broken)
     records: list[AttackRecord] = field(default_factory=list)
+    transform: torch.Tensor | None = None  # spatial threats: float64 (N, 3) rotation, dx, dy; NaN where none
 
 
 @dataclass
@@ -143,8 +144,17 @@ class _Stage:
     progress: ProgressSink
 
 
-def _run_attack(stage: _Stage, run: AttackRun, threat: Threat, todo_fn, accept_fn, record: AttackRecord) -> None:
-    """Run one battery entry (with restarts) on the points `todo_fn` names; `accept_fn` keeps results."""
+def _run_attack(
+    stage: _Stage, run: AttackRun, threat: Threat, todo_fn, accept_fn, record: AttackRecord, propose=None
+) -> None:
+    """Run one battery entry (with restarts) on the points `todo_fn` names; `accept_fn` keeps results.
+
+    ``propose(xb, yb)`` makes the candidates; by default the attack's ``perturb``.
+    """
+    if propose is None:
+        def propose(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+            return run.attack.perturb(stage.counted, xb, yb, threat, stage.ctx).detach()
+
     start_time = time.perf_counter()
     f0, b0 = stage.counted.snapshot()
     n = len(stage.x)
@@ -156,7 +166,7 @@ def _run_attack(stage: _Stage, run: AttackRun, threat: Threat, todo_fn, accept_f
             continue
         for chunk in torch.split(todo, stage.batch_size):
             xb, yb = stage.x[chunk].to(stage.device), stage.y[chunk].to(stage.device)
-            candidates = run.attack.perturb(stage.counted, xb, yb, threat, stage.ctx).detach()
+            candidates = propose(xb, yb)
             record.broke += accept_fn(chunk, candidates, xb)
             stage.progress.advance(len(chunk))
     f1, b1 = stage.counted.snapshot()
@@ -298,3 +308,92 @@ def run_threat(
         record.robust_after = int((clean_correct & ~broken).sum())
     stage.progress.finish()
     return ThreatOutcome(threat=threat, broken=broken, broken_by=broken_by, distance=distance, x_adv=x_adv, records=records)
+
+
+def verify_spatial(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    params: torch.Tensor,
+    threat: Threat,
+    lower: float,
+    upper: float,
+    batch_size: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Independent check of spatial examples: parameters within the limits, the image rebuilt
+    from them equal to the stored one, misclassified by a fresh forward pass, in the box."""
+    from robaudit.attacks.spatial import transform_images, within_limits
+
+    if len(x_adv) == 0:
+        return torch.zeros(0, dtype=torch.bool)
+    x_adv = x_adv.detach().to(torch.float32).cpu()
+    rebuilt = transform_images(x.detach().cpu().to(torch.float32), params.nan_to_num(0.0), lower)
+    same = ((rebuilt - x_adv).flatten(1).abs().amax(dim=1) <= BOX_TOL)
+    wrong = predict(model, x_adv, batch_size, device) != y.cpu()
+    return within_limits(params, threat) & same & wrong & _in_box(x_adv, lower, upper)
+
+
+def run_spatial(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean_correct: torch.Tensor,
+    threat: Threat,
+    battery: list[AttackRun],
+    *,
+    lower: float,
+    upper: float,
+    num_classes: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    progress: ProgressSink | None = None,
+) -> ThreatOutcome:
+    """Run the spatial attacks of the battery under a spatial threat, on points still robust.
+
+    The attacks propose transformation parameters; the runner rebuilds each image from
+    them and keeps it only after `verify_spatial`.
+    """
+    from robaudit.attacks.spatial import transform_images
+
+    if x.dim() != 4 or min(x.shape[2:]) < 2:
+        raise ValueError(f"threat {threat.spec or threat}: spatial threats need image data (C, H, W)")
+    stage = _stage(model, x, y, lower, upper, num_classes, batch_size, device, seed, progress)
+    n = len(x)
+    broken = torch.zeros(n, dtype=torch.bool)
+    broken_by: list[str | None] = [None] * n
+    transform = torch.full((n, 3), float("nan"), dtype=torch.float64)
+    x_adv = x.detach().clone().cpu()
+    records: list[AttackRecord] = []
+    runs = [r for r in battery if r.attack.supports(threat)]
+    stage.progress.start(threat.canonical, max(1, sum(r.restarts for r in runs) * n))
+    for run in runs:
+        record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
+        records.append(record)
+
+        def propose(xb: torch.Tensor, yb: torch.Tensor, run=run) -> torch.Tensor:
+            return run.attack.search(stage.counted, xb, yb, threat, lower, batch_size)
+
+        def accept(chunk: torch.Tensor, params: torch.Tensor, xb: torch.Tensor, run=run) -> int:
+            candidates = transform_images(x[chunk].to(torch.float32), params.nan_to_num(0.0), lower)
+            ok = verify_spatial(model, candidates, x[chunk], y[chunk], params, threat, lower, upper, batch_size, device)
+            hits = chunk[ok]
+            broken[hits] = True
+            x_adv[hits] = candidates[ok]
+            transform[hits] = params[ok]
+            for i in hits.tolist():
+                broken_by[i] = run.label
+            return len(hits)
+
+        _run_attack(
+            stage, run, threat, lambda: torch.nonzero(clean_correct & ~broken).flatten(), accept, record, propose=propose
+        )
+        record.robust_after = int((clean_correct & ~broken).sum())
+    stage.progress.finish()
+    distance = torch.full((n,), float("nan"), dtype=torch.float64)
+    return ThreatOutcome(
+        threat=threat, broken=broken, broken_by=broken_by, distance=distance, x_adv=x_adv, records=records,
+        transform=transform,
+    )  # fmt: skip

@@ -71,6 +71,7 @@ class ThreatSummary:
     backward_passes_per_sample: float = 0.0
     spec: str = ""
     per_class: dict[str, float] = field(default_factory=dict)
+    shift: float = 0.0  # spatial threats: largest translation in pixels (eps is the largest rotation in degrees)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class SampleThreat:
     robust: bool
     broken_by: str | None
     distance: float | None
+    transform: dict[str, float] | None = None  # spatial threats: the verified rotation (degrees) and shift (pixels)
 
 
 @dataclass
