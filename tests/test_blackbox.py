@@ -260,6 +260,31 @@ def test_gradient_masking_stops_pgd_but_not_the_black_box_attacks(digits) -> Non
     assert int(simba.broken.sum()) >= 0.8 * n
 
 
+def test_square_probe_stops_without_evidence_and_escalates_to_the_plain_run_with_it(digits) -> None:
+    model, x, y = digits
+
+    def attack(square: Square, xb: torch.Tensor, yb: torch.Tensor, eps: float) -> tuple[torch.Tensor, int]:
+        counted = CountingModel(model)
+        ctx = AttackContext(lower=0.0, upper=1.0, num_classes=10, generator=torch.Generator().manual_seed(1))
+        return square.perturb(counted, xb, yb, Threat(norm="linf", eps=eps), ctx), counted.forwards
+
+    with torch.no_grad():
+        ok = model(x).argmax(1) == y
+    x, y = x[ok], y[ok]
+    # Evidence (eps 0.1 breaks many points within 50 queries): the full budget runs, exactly the plain run.
+    plain, plain_cost = attack(Square(n_queries=300), x, y, 0.1)
+    escalated, cost = attack(Square(n_queries=300, probe_queries=50), x, y, 0.1)
+    assert torch.equal(escalated, plain) and cost == plain_cost
+    # No evidence (points that a plain 300-query run cannot break at a small eps): stop after the probe.
+    small, _ = attack(Square(n_queries=300), x, y, 0.01)
+    with torch.no_grad():
+        robust = model(small).argmax(1) == y
+    assert int(robust.sum()) >= 10
+    _, probe_cost = attack(Square(n_queries=300, probe_queries=50), x[robust], y[robust], 0.01)
+    _, full_cost = attack(Square(n_queries=300), x[robust], y[robust], 0.01)
+    assert probe_cost == 51 * int(robust.sum()) and full_cost == 301 * int(robust.sum())
+
+
 # -- interface ----------------------------------------------------------------------------
 
 
@@ -269,7 +294,11 @@ def test_interface_and_parameters() -> None:
     assert square.randomized and simba.randomized
     assert square.supports(Threat("linf", 0.1)) and square.supports(Threat("l2", 0.5))
     assert not square.supports(Threat("l1", 1.0)) and not simba.supports(Threat("l1", 1.0))
-    assert square.params() == {"n_queries": 5000, "p_init": 0.8, "loss": "margin", "rescale_schedule": True}
+    assert square.params() == {
+        "n_queries": 5000, "p_init": 0.8, "loss": "margin", "rescale_schedule": True, "probe_queries": None
+    }
+    with pytest.raises(ValueError):
+        Square(n_queries=100, probe_queries=101)
     assert simba.params()["max_queries"] == 2000 and simba.params()["basis"] == "pixel"
     with pytest.raises(ValueError):
         Square(n_queries=0)

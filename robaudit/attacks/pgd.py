@@ -56,23 +56,47 @@ class PGD(Attack):
         best = current.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
         active = torch.arange(x.shape[0], device=x.device)
+        full = True  # every point still active, in order: the loop then needs no gathers or scatters
+        view = (-1, *([1] * (x.dim() - 1)))
+        if threat.norm == "linf":  # the ball and the box in one pair of bounds: projection is one clamp
+            floor = (x - threat.eps).clamp_(min=ctx.lower)
+            ceil = (x + threat.eps).clamp_(max=ctx.upper)
 
         for step in range(self.steps + 1):
-            point = current[active].detach().requires_grad_(step < self.steps)
-            with torch.set_grad_enabled(step < self.steps):
+            last = step == self.steps
+            point = (current if full else current[active]).detach().requires_grad_(not last)
+            labels = y if full else y[active]
+            with torch.set_grad_enabled(not last):
                 logits = model(point)
-                losses = self.loss(logits, y[active])
-            broken = logits.argmax(dim=1) != y[active]
-            improved = broken | (losses.detach() > best_loss[active])
-            best[active[improved]] = point.detach()[improved]
-            best_loss[active] = torch.maximum(best_loss[active], losses.detach())
-            if step == self.steps:
+                losses = self.loss(logits, labels)
+            broken = logits.argmax(dim=1) != labels
+            seen = best_loss if full else best_loss[active]
+            improved = broken | (losses.detach() > seen)
+            if full:
+                best = torch.where(improved.view(view), point.detach(), best)
+                best_loss = torch.maximum(best_loss, losses.detach())
+            else:
+                best[active[improved]] = point.detach()[improved]
+                best_loss[active] = torch.maximum(seen, losses.detach())
+            if last:
                 break
             grad = torch.autograd.grad(losses.sum(), point)[0]
             keep = ~broken
             if not keep.any():
                 break
-            stepped = point.detach()[keep] + alpha * normalized_step(grad[keep], threat.norm)
-            active = active[keep]
-            current[active] = project(stepped, x[active], threat, ctx.lower, ctx.upper)
+            base = point.detach()
+            if full and not bool(keep.all()):
+                full = False
+            if not full:
+                grad, base = grad[keep], base[keep]
+                active = active[keep]
+            if threat.norm == "linf":
+                stepped = grad.sign_().mul_(alpha).add_(base)
+                stepped = stepped.clamp_(min=floor if full else floor[active], max=ceil if full else ceil[active])
+            else:
+                stepped = project(base + alpha * normalized_step(grad, threat.norm), x[active], threat, ctx.lower, ctx.upper)
+            if full:
+                current = stepped
+            else:
+                current[active] = stepped
         return best

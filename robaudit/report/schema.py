@@ -15,7 +15,7 @@ from typing import Any
 
 from robaudit.errors import RobauditError
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 
 @dataclass
