@@ -298,7 +298,7 @@ def test_interface_and_parameters() -> None:
         "n_queries": 5000, "p_init": 0.8, "loss": "margin", "rescale_schedule": True, "probe_queries": None
     }
     with pytest.raises(ValueError):
-        Square(n_queries=100, probe_queries=101)
+        Square(n_queries=100, probe_queries=0)
     assert simba.params()["max_queries"] == 2000 and simba.params()["basis"] == "pixel"
     with pytest.raises(ValueError):
         Square(n_queries=0)

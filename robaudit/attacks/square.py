@@ -133,8 +133,8 @@ class Square(Attack):
     ) -> None:
         if n_queries < 1:
             raise ValueError("Square needs at least one query")
-        if probe_queries is not None and not 1 <= probe_queries <= n_queries:
-            raise ValueError("probe_queries must lie between 1 and n_queries")
+        if probe_queries is not None and probe_queries < 1:
+            raise ValueError("probe_queries must be at least 1 (a probe of n_queries or more is the plain run)")
         if not 0 < p_init <= 1:
             raise ValueError("p_init must lie in (0, 1]")
         if loss not in ("margin", "ce"):
