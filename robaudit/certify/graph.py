@@ -1,0 +1,693 @@
+"""Reduce a classifier to a DAG of primitive float64 ops (see `ops.py`) that the bounds walk.
+
+The network is traced with torch.fx (onnx2torch already returns an fx GraphModule; any
+other module goes through `torch.fx.symbolic_trace`) and run once at batch size 1 on a
+real sample. That run gives every node's per-sample shape and folds everything that does
+not depend on the input into constants: ONNX's Shape/Gather/Unsqueeze/Concat chains that
+compute a flatten target, constant tensors, `x.size(0)`. Tracing at batch size 1 is the
+per-sample function the certificate is about (the wrapper checked that batching does
+not change results), and it makes a Reshape to ``(1, -1)`` an ordinary flatten.
+
+Any op outside the supported set raises `CertificateUnavailable` naming its module path
+and type, never a silent approximation. As a last guard, `build_graph` checks that the
+float64 graph reproduces the model's own outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.node import _get_qualified_name
+
+from robaudit.certify.errors import CertificateUnavailable
+from robaudit.certify.ops import (
+    ActOp,
+    AddOp,
+    AffineOp,
+    AvgPoolOp,
+    ConvOp,
+    DenseOp,
+    MaxPoolOp,
+    MeanOp,
+    Op,
+    PadOp,
+    ReshapeOp,
+    ScaleOp,
+    Shape,
+)
+
+F64 = torch.float64
+
+
+@dataclass(eq=False)
+class Node:
+    name: str
+    op: Op | None  # None: the network input (pixel space)
+    inputs: list[int]
+    shape: Shape
+
+
+@dataclass(eq=False)
+class Graph:
+    """Nodes in topological order; node 0 is the pixel input, the last node the (K,) logits."""
+
+    nodes: list[Node]
+    sample_shape: Shape
+    num_classes: int
+    consumers: list[list[int]] = field(init=False)
+    exact: list[bool] = field(init=False)  # node is an affine function of the input
+
+    def __post_init__(self) -> None:
+        self.consumers = [[] for _ in self.nodes]
+        for i, node in enumerate(self.nodes):
+            for j in node.inputs:
+                self.consumers[j].append(i)
+        self.exact = []
+        for node in self.nodes:
+            affine = node.op is None or isinstance(node.op, (AffineOp, AddOp))
+            self.exact.append(affine and all(self.exact[j] for j in node.inputs))
+
+    @property
+    def is_linear(self) -> bool:
+        """No nonlinearity between input and logits: the exact linear certificate applies."""
+        return self.exact[-1]
+
+    @property
+    def input_dim(self) -> int:
+        return math.prod(self.sample_shape)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every node's value for a float64 batch (B, *sample_shape)."""
+        values: list[torch.Tensor] = []
+        for node in self.nodes:
+            if node.op is None:
+                values.append(x)
+                continue
+            args = [values[j] for j in node.inputs]
+            op = node.op
+            if isinstance(op, AffineOp):
+                values.append(op.apply(args[0]))
+            elif isinstance(op, (ActOp, MaxPoolOp)):
+                values.append(op.value(args[0]))
+            else:
+                values.append(args[0] + op.sign * args[1])
+        return values
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward(x)[-1]
+
+
+# --------------------------------------------------------------------------- tracing helpers
+
+
+class _Var:
+    """Marks an fx argument that depends on the network input (holds our node index)."""
+
+    def __init__(self, index: int, shape: Shape) -> None:
+        self.index, self.shape = index, shape
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph once and keeps every node's output."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        super().__init__(module)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n] = out
+        return out
+
+
+_SHAPE_METHODS = {"size", "dim", "numel"}
+_IDENTITY_METHODS = {"contiguous", "clone", "detach", "float", "double"}
+_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_ACT_FUNCTIONS = {
+    torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
+    F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu", F.softplus: "softplus",
+}  # fmt: skip
+_ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
+_BINARY = {
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub", operator.mul: "mul",
+    torch.mul: "mul", operator.truediv: "div", torch.div: "div", operator.iadd: "add", operator.isub: "sub",
+    operator.imul: "mul", operator.itruediv: "div",
+}  # fmt: skip
+_BINARY_METHODS = {k: k.rstrip("_") for k in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")}
+_ONNX_BINARY = {"add": "add", "sub": "sub", "mul": "mul", "_onnx_div": "div", "div": "div"}
+_ONNX_RESHAPES = {
+    "OnnxReshape", "OnnxFlatten", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeStaticAxes",
+    "OnnxUnsqueezeDynamicAxes",
+}  # fmt: skip
+_ONNX_IDENTITY = {"OnnxCopyIdentity", "OnnxCast"}
+
+
+def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Bind positional and keyword arguments of a builtin whose signature Python cannot read."""
+    bound = dict(defaults)
+    bound.update(zip(names, args))
+    bound.update(kwargs)
+    return bound
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    if isinstance(v, (list, tuple)):
+        return (int(v[0]), int(v[-1])) if len(v) in (1, 2) else (int(v[0]), int(v[1]))
+    return (int(v), int(v))
+
+
+class _Builder:
+    """Walks an fx graph and emits primitive ops."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[Node] = []
+
+    def add(self, name: str, op: Op | None, inputs: list[int], shape: Shape) -> int:
+        self.nodes.append(Node(name, op, inputs, tuple(int(d) for d in shape)))
+        return len(self.nodes) - 1
+
+    # ---- naming for messages
+    def where(self, n: fx.Node, gm: fx.GraphModule) -> str:
+        if n.op == "call_module":
+            return f"{self.prefix}{n.target}: {type(gm.get_submodule(n.target)).__name__}"
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            path, cls = list(stack.values())[-1]
+            place = f"{self.prefix}{path} ({getattr(cls, '__name__', cls)})"
+        else:
+            place = f"{self.prefix}{n.name}"
+        what = f"Tensor.{n.target}" if n.op == "call_method" else _get_qualified_name(n.target)
+        return f"{place}: {what}"
+
+    # ---- emitting ops
+    def reshape(self, name: str, var: _Var, out_shape: Shape) -> int:
+        if math.prod(out_shape) != math.prod(var.shape):
+            raise CertificateUnavailable(f"{name}: reshape that changes the number of values per sample")
+        if tuple(out_shape) == tuple(var.shape):
+            return var.index
+        return self.add(name, ReshapeOp(name, var.shape, tuple(out_shape)), [var.index], out_shape)
+
+    def scale(self, name: str, var: _Var, weight: Any, bias: Any, out_shape: Shape) -> int:
+        """x * weight + bias with constants broadcast to the sample's traced shape."""
+        shape = var.shape
+        if tuple(out_shape) != tuple(shape):
+            raise CertificateUnavailable(f"{name}: a constant that broadcasts the sample to a larger shape")
+        w = torch.ones(shape, dtype=F64) * torch.as_tensor(weight).detach().to(F64)
+        b = torch.zeros(shape, dtype=F64) + torch.as_tensor(bias).detach().to(F64)
+        if w.shape != shape or b.shape != shape:
+            raise CertificateUnavailable(f"{name}: a constant that broadcasts the sample to a larger shape")
+        bias_t = None if bool((b == 0).all()) else b
+        return self.add(name, ScaleOp(name, shape, shape, bias_t, bool((w >= 0).all()), w), [var.index], shape)
+
+    def binary(self, name: str, kind: str, a: Any, b: Any, out_shape: Shape) -> int:
+        if isinstance(a, _Var) and isinstance(b, _Var):
+            if kind in ("add", "sub") and a.shape == b.shape == tuple(out_shape):
+                op = AddOp(name, a.shape, 1.0 if kind == "add" else -1.0)
+                return self.add(name, op, [a.index, b.index], out_shape)
+            raise CertificateUnavailable(f"{name}: {kind} of two input-dependent tensors")
+        if isinstance(a, _Var):
+            c = torch.as_tensor(b).detach().to(F64)
+            if kind == "add":
+                return self.scale(name, a, 1.0, c, out_shape)
+            if kind == "sub":
+                return self.scale(name, a, 1.0, -c, out_shape)
+            if kind == "mul":
+                return self.scale(name, a, c, 0.0, out_shape)
+            return self.scale(name, a, 1.0 / c, 0.0, out_shape)
+        c = torch.as_tensor(a).detach().to(F64)
+        if kind == "add":
+            return self.scale(name, b, 1.0, c, out_shape)
+        if kind == "sub":
+            return self.scale(name, b, -1.0, c, out_shape)
+        if kind == "mul":
+            return self.scale(name, b, c, 0.0, out_shape)
+        raise CertificateUnavailable(f"{name}: division by an input-dependent tensor")
+
+    def dense(self, name: str, var: _Var, weight: torch.Tensor, bias: Any, out_shape: Shape) -> int:
+        w = torch.as_tensor(weight).detach().to(F64)
+        if w.dim() != 2 or var.shape[-1] != w.shape[1]:
+            raise CertificateUnavailable(f"{name}: matrix product with a weight of shape {tuple(w.shape)}")
+        b = None if bias is None else torch.as_tensor(bias).detach().to(F64)
+        op = DenseOp(name, var.shape, tuple(out_shape), b, False, w)
+        return self.add(name, op, [var.index], out_shape)
+
+    def conv(self, name: str, var: _Var, m: nn.Conv2d | dict, out_shape: Shape) -> int:
+        p = m if isinstance(m, dict) else {
+            "weight": m.weight, "bias": m.bias, "stride": m.stride, "padding": m.padding,
+            "dilation": m.dilation, "groups": m.groups,
+        }  # fmt: skip
+        if not isinstance(m, dict) and m.padding_mode != "zeros":
+            raise CertificateUnavailable(f"{name}: Conv2d with padding_mode={m.padding_mode!r}")
+        if len(var.shape) < 3:
+            raise CertificateUnavailable(f"{name}: Conv2d on a tensor of shape {var.shape}")
+        w = p["weight"].detach().to(F64)
+        stride, dilation = _pair(p["stride"]), _pair(p["dilation"])
+        padding = p["padding"]
+        index, shape = var.index, var.shape
+        if isinstance(padding, str):
+            if padding == "valid":
+                padding = (0, 0)
+            else:  # 'same': torch pads total = d (k - 1), the extra one on the right/bottom
+                totals = [dilation[i] * (w.shape[2 + i] - 1) for i in range(2)]
+                pads = (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2)
+                padded = (*shape[:-2], shape[-2] + totals[0], shape[-1] + totals[1])
+                pad = PadOp(name, shape, padded, None, True, pads)
+                index = self.add(name + " (same padding)", pad, [index], padded)
+                shape, padding = padded, (0, 0)
+        b = None if p["bias"] is None else p["bias"].detach().to(F64).reshape(-1, 1, 1)
+        op = ConvOp(name, shape, tuple(out_shape), b, False, w, stride, _pair(padding), dilation, int(p["groups"]))
+        return self.add(name, op, [index], out_shape)
+
+    def batchnorm(self, name: str, var: _Var, m: nn.modules.batchnorm._BatchNorm, out_shape: Shape) -> int:
+        if m.running_mean is None or m.running_var is None:
+            raise CertificateUnavailable(f"{name}: batch norm without running statistics (batch-dependent)")
+        return self.batchnorm_tensors(name, var, m.weight, m.bias, m.running_mean, m.running_var, m.eps, out_shape)
+
+    def batchnorm_tensors(
+        self, name: str, var: _Var, weight, bias, mean, variance, eps: float, out_shape: Shape
+    ) -> int:
+        """Batch norm in eval mode: a per-channel (dim 1) scale and shift."""
+        if len(var.shape) < 2:
+            raise CertificateUnavailable(f"{name}: batch norm on a tensor of shape {var.shape}")
+        inv = 1.0 / torch.sqrt(variance.detach().to(F64) + eps)
+        gamma = weight.detach().to(F64) if weight is not None else torch.ones_like(inv)
+        beta = bias.detach().to(F64) if bias is not None else torch.zeros_like(inv)
+        scale = gamma * inv
+        shift = beta - mean.detach().to(F64) * scale
+        view = (1, -1) + (1,) * (len(var.shape) - 2)
+        return self.scale(name, var, scale.reshape(view), shift.reshape(view), out_shape)
+
+    def act(self, name: str, var: _Var, kind: str, **params: float) -> int:
+        return self.add(name, ActOp(name, var.shape, kind, **params), [var.index], var.shape)
+
+    def avgpool(self, name: str, var: _Var, p: dict, out_shape: Shape) -> int:
+        kernel = _pair(p["kernel_size"])
+        stride = _pair(p["stride"]) if p.get("stride") not in (None, [], ()) else kernel
+        op = AvgPoolOp(
+            name, var.shape, tuple(out_shape), None, True, kernel, stride, _pair(p.get("padding", 0)),
+            bool(p.get("ceil_mode", False)), bool(p.get("count_include_pad", True)), p.get("divisor_override"),
+        )  # fmt: skip
+        return self.add(name, op, [var.index], out_shape)
+
+    def maxpool(self, name: str, var: _Var, p: dict, out_shape: Shape) -> int:
+        if p.get("ceil_mode") or p.get("return_indices"):
+            raise CertificateUnavailable(f"{name}: MaxPool2d with ceil_mode or return_indices")
+        kernel = _pair(p["kernel_size"])
+        stride = _pair(p["stride"]) if p.get("stride") not in (None, [], ()) else kernel
+        padding, dilation = _pair(p.get("padding", 0)), _pair(p.get("dilation", 1))
+        op = MaxPoolOp(name, var.shape, tuple(out_shape), kernel, stride, padding, dilation)
+        return self.add(name, op, [var.index], out_shape)
+
+    def adaptive_avg(self, name: str, var: _Var, out_shape: Shape) -> int:
+        (h, w), (oh, ow) = var.shape[-2:], tuple(out_shape)[-2:]
+        if h % oh or w % ow:
+            raise CertificateUnavailable(f"{name}: adaptive average pooling with uneven windows")
+        k = (h // oh, w // ow)
+        return self.avgpool(name, var, {"kernel_size": k, "stride": k}, out_shape)
+
+    def mean(self, name: str, var: _Var, dims: Any, out_shape: Shape) -> int:
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        rank = len(var.shape)
+        dims = sorted({d % rank for d in dims})
+        if 0 in dims and var.shape[0] == 1 and len(dims) == 1:
+            return self.reshape(name, var, out_shape)
+        if 0 in dims:
+            raise CertificateUnavailable(f"{name}: mean over the batch dimension")
+        op = MeanOp(name, var.shape, tuple(out_shape), None, True, tuple(dims))
+        return self.add(name, op, [var.index], out_shape)
+
+
+# --------------------------------------------------------------------------- the walk
+
+
+def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, out_shape: Shape) -> int:
+    """Emit the op of one call_module node whose first argument depends on the input."""
+    var = args[0]
+    if not isinstance(var, _Var) or any(isinstance(a, _Var) for a in args[1:]):
+        if type(m).__name__ == "OnnxBinaryMathOperation" and getattr(m, "axis", None) is None:
+            fn = getattr(m.math_op_function, "__name__", "")
+            if fn in _ONNX_BINARY:
+                return b.binary(name, _ONNX_BINARY[fn], args[0], args[1], out_shape)
+        raise CertificateUnavailable(name)
+    kind = type(m).__name__
+    if isinstance(m, nn.Linear):
+        return b.dense(name, var, m.weight, m.bias, out_shape)
+    if isinstance(m, nn.Conv2d):
+        return b.conv(name, var, m, out_shape)
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return b.batchnorm(name, var, m, out_shape)
+    if isinstance(m, nn.ReLU):
+        return b.act(name, var, "relu")
+    if isinstance(m, nn.LeakyReLU):
+        return b.act(name, var, "leaky_relu", slope=float(m.negative_slope))
+    if isinstance(m, nn.Softplus):
+        return b.act(name, var, "softplus", beta=float(m.beta), threshold=float(m.threshold))
+    if isinstance(m, nn.Tanh):
+        return b.act(name, var, "tanh")
+    if isinstance(m, nn.Sigmoid):
+        return b.act(name, var, "sigmoid")
+    if isinstance(m, nn.AvgPool2d):
+        keys = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override")
+        p = {k: getattr(m, k) for k in keys}
+        return b.avgpool(name, var, p, out_shape)
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        return b.adaptive_avg(name, var, out_shape)
+    if isinstance(m, nn.MaxPool2d):
+        p = {k: getattr(m, k) for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")}
+        return b.maxpool(name, var, p, out_shape)
+    if isinstance(m, (nn.Flatten, nn.Unflatten)) or kind in _ONNX_RESHAPES:
+        return b.reshape(name, var, out_shape)
+    if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)) or kind in _ONNX_IDENTITY:
+        return var.index
+    if kind == "OnnxBinaryMathOperation" and getattr(m, "axis", None) is None:
+        fn = getattr(m.math_op_function, "__name__", "")
+        if fn in _ONNX_BINARY:
+            return b.binary(name, _ONNX_BINARY[fn], args[0], args[1], out_shape)
+    if kind == "OnnxNeg":
+        return b.scale(name, var, -1.0, 0.0, out_shape)
+    if kind == "OnnxPadStatic" and m.mode == "constant":
+        pads = tuple(int(p) for p in m.pads)
+        bias = None
+        if m.constant_value:
+            bias = F.pad(torch.zeros(var.shape, dtype=F64), list(pads), value=float(m.constant_value))
+        return b.add(name, PadOp(name, var.shape, tuple(out_shape), bias, True, pads), [var.index], out_shape)
+    if kind in ("OnnxGlobalAveragePool", "OnnxGlobalAveragePoolWithKnownInputShape"):
+        return b.mean(name, var, list(range(2, len(var.shape))), out_shape)
+    if kind == "OnnxMatMul" and len(args) == 2 and torch.is_tensor(args[1]) and args[1].dim() == 2:
+        return b.dense(name, var, args[1].T, None, out_shape)
+    if kind == "OnnxGemm" and not m.trans_a and torch.is_tensor(args[1]) and len(var.shape) == 2:
+        weight = (args[1].T if m.trans_b else args[1]).T.to(F64) * m.alpha
+        bias = None if len(args) < 3 or args[2] is None else torch.as_tensor(args[2]).detach().to(F64) * m.beta
+        return b.dense(name, var, weight, bias, out_shape)
+    raise CertificateUnavailable(name)
+
+
+def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, out_shape: Shape) -> int:
+    """Emit the op of a call_function / call_method node that depends on the input."""
+    target = n.target
+    var = args[0] if args and isinstance(args[0], _Var) else None
+    if n.op == "call_method":
+        if target in _BINARY_METHODS and not kwargs:
+            return b.binary(name, _BINARY_METHODS[target], args[0], args[1], out_shape)
+        if var is None or any(isinstance(a, _Var) for a in args[1:]):
+            raise CertificateUnavailable(name)
+        to_float = target == "to" and not any(isinstance(a, torch.dtype) and not a.is_floating_point for a in args[1:])
+        if target in _IDENTITY_METHODS or to_float:
+            return var.index
+        if target in _RESHAPE_METHODS:
+            return b.reshape(name, var, out_shape)
+        if target in _ACT_METHODS:
+            return b.act(name, var, _ACT_METHODS[target])
+        if target == "neg":
+            return b.scale(name, var, -1.0, 0.0, out_shape)
+        if target == "mean" and not kwargs.get("dtype"):
+            dims = args[1] if len(args) > 1 else kwargs.get("dim")
+            if dims is None:
+                raise CertificateUnavailable(name)
+            return b.mean(name, var, dims, out_shape)
+        raise CertificateUnavailable(name)
+    if target in _BINARY and not (kwargs.get("alpha") not in (None, 1) or kwargs.get("rounding_mode")):
+        return b.binary(name, _BINARY[target], args[0], args[1], out_shape)
+    if var is None or any(isinstance(a, _Var) for a in list(args[1:]) + list(kwargs.values())):
+        raise CertificateUnavailable(name)
+    if target in (operator.neg, torch.neg):
+        return b.scale(name, var, -1.0, 0.0, out_shape)
+    if target in _RESHAPE_FUNCTIONS:
+        return b.reshape(name, var, out_shape)
+    if target in _ACT_FUNCTIONS:
+        kind = _ACT_FUNCTIONS[target]
+        if kind == "leaky_relu":
+            p = _bind(["input", "negative_slope"], {"negative_slope": 0.01}, args, kwargs)
+            return b.act(name, var, kind, slope=float(p["negative_slope"]))
+        if kind == "softplus":
+            p = _bind(["input", "beta", "threshold"], {"beta": 1.0, "threshold": 20.0}, args, kwargs)
+            return b.act(name, var, kind, beta=float(p["beta"]), threshold=float(p["threshold"]))
+        return b.act(name, var, kind)
+    if target is F.dropout:
+        p = _bind(["input", "p", "training"], {"training": True}, args, kwargs)
+        if not p["training"]:
+            return var.index
+    if target is torch.mean:
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        if dims is not None:
+            return b.mean(name, var, dims, out_shape)
+    if target is F.linear:
+        p = _bind(["input", "weight", "bias"], {"bias": None}, args, kwargs)
+        return b.dense(name, var, p["weight"], p["bias"], out_shape)
+    if target in (operator.matmul, torch.matmul) and torch.is_tensor(args[1]) and args[1].dim() == 2:
+        return b.dense(name, var, args[1].T, None, out_shape)
+    if target in (F.conv2d, torch.conv2d):
+        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        p = _bind(names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}, args, kwargs)
+        return b.conv(name, var, p, out_shape)
+    if target is F.avg_pool2d:
+        names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
+        return b.avgpool(name, var, _bind(names, {}, args, kwargs), out_shape)
+    if target in (F.max_pool2d, torch.max_pool2d, F.max_pool2d_with_indices):
+        names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
+        return b.maxpool(name, var, _bind(names, {}, args, kwargs), out_shape)
+    if target is F.adaptive_avg_pool2d:
+        return b.adaptive_avg(name, var, out_shape)
+    raise CertificateUnavailable(name)
+
+
+_ATEN_TUPLE = {"_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit"}
+_ATEN_RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze"}
+_ATEN_IDENTITY = {"clone", "contiguous", "alias", "detach", "_to_copy", "lift_fresh_copy"}
+_ATEN_ACTS = {
+    "relu": "relu", "relu_": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "leaky_relu": "leaky_relu",
+    "softplus": "softplus",
+}  # fmt: skip
+_ATEN_BINARY = {k: k.rstrip("_") for k in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")}
+
+
+def _aten_name(target: Any) -> str | None:
+    """'conv2d' for torch.ops.aten.conv2d.default (torch.export graphs), else None."""
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        return target._opname
+    return None
+
+
+def _aten_op(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_shape: Shape) -> int:
+    """Emit the op of an aten call (graphs saved with torch.export)."""
+    if op in _ATEN_BINARY and kwargs.get("alpha", 1) == 1 and not kwargs.get("rounding_mode"):
+        return b.binary(name, _ATEN_BINARY[op], args[0], args[1], out_shape)
+    var = args[0] if args and isinstance(args[0], _Var) else None
+    if var is None or any(isinstance(a, _Var) for a in list(args[1:]) + list(kwargs.values())):
+        raise CertificateUnavailable(name)
+    if op in _ATEN_RESHAPES:
+        return b.reshape(name, var, out_shape)
+    if op in _ATEN_IDENTITY and (kwargs.get("dtype") or torch.float32).is_floating_point:
+        return var.index
+    if op in ("dropout", "native_dropout") and not _bind(["input", "p", "train"], {}, args, kwargs).get("train"):
+        return var.index
+    if op == "neg":
+        return b.scale(name, var, -1.0, 0.0, out_shape)
+    if op in _ATEN_ACTS:
+        kind = _ATEN_ACTS[op]
+        if kind == "leaky_relu":
+            p = _bind(["input", "negative_slope"], {"negative_slope": 0.01}, args, kwargs)
+            return b.act(name, var, kind, slope=float(p["negative_slope"]))
+        if kind == "softplus":
+            p = _bind(["input", "beta", "threshold"], {"beta": 1.0, "threshold": 20.0}, args, kwargs)
+            return b.act(name, var, kind, beta=float(p["beta"]), threshold=float(p["threshold"]))
+        return b.act(name, var, kind)
+    if op == "linear":
+        p = _bind(["input", "weight", "bias"], {"bias": None}, args, kwargs)
+        return b.dense(name, var, p["weight"], p["bias"], out_shape)
+    if op == "conv2d":
+        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
+        defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+        return b.conv(name, var, _bind(names, defaults, args, kwargs), out_shape)
+    if op == "max_pool2d":
+        names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"]
+        return b.maxpool(name, var, _bind(names, {}, args, kwargs), out_shape)
+    if op == "avg_pool2d":
+        names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
+        return b.avgpool(name, var, _bind(names, {}, args, kwargs), out_shape)
+    if op in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d"):
+        return b.adaptive_avg(name, var, out_shape)
+    if op == "mean" and len(args) > 1:
+        return b.mean(name, var, args[1], out_shape)
+    if op in ("batch_norm", *_ATEN_TUPLE):
+        names = ["input", "weight", "bias", "running_mean", "running_var"]
+        p = _bind(names, {}, args, kwargs)
+        eps = args[-1] if op == "_native_batch_norm_legit_no_training" else args[7]
+        training = False if op == "_native_batch_norm_legit_no_training" else args[5]
+        if training or p["running_mean"] is None:
+            raise CertificateUnavailable(f"{name} (batch norm in training mode)")
+        stats = (p["weight"], p["bias"], p["running_mean"], p["running_var"])
+        return b.batchnorm_tensors(name, var, *stats, float(eps), out_shape)
+    raise CertificateUnavailable(name)
+
+
+def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int) -> int:
+    """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node."""
+    recorder = _Recorder(gm)
+    with torch.no_grad():
+        recorder.run(example)
+    values = recorder.values
+    env: dict[fx.Node, Any] = {}
+
+    def resolve(a: Any) -> Any:
+        return fx.node.map_arg(a, lambda n: env[n])
+
+    def is_var(v: Any) -> bool:
+        return isinstance(v, _Var) or (isinstance(v, (tuple, list)) and any(is_var(u) for u in v))
+
+    def has_var(a: Any) -> bool:
+        found = []
+        fx.node.map_arg(a, lambda n: found.append(is_var(env[n])))
+        return any(found)
+
+    output = None
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":  # the first is the image; later ones keep their default values
+            first = not any(isinstance(v, _Var) for v in env.values())
+            env[n] = _Var(input_index, tuple(example.shape)) if first else values[n]
+            continue
+        if n.op == "output":
+            out = resolve(n.args[0])
+            while isinstance(out, (tuple, list)) and out:
+                out = out[0]
+            if isinstance(out, dict):
+                out = out.get("logits", next(iter(out.values())))
+            if not isinstance(out, _Var):
+                raise CertificateUnavailable(f"{b.prefix}output: does not depend on the input")
+            output = out.index
+            continue
+        if n.op == "get_attr" or not has_var((n.args, n.kwargs)):
+            env[n] = values[n]  # a constant: parameters, ONNX constants, folded shape arithmetic
+            continue
+        args, kwargs = resolve(n.args), resolve(n.kwargs)
+        shape_only = (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
+            n.op == "call_function" and n.target is getattr and args[1] in ("shape", "ndim", "dtype", "device")
+        )
+        if shape_only or (n.op == "call_module" and type(gm.get_submodule(n.target)).__name__ == "OnnxShape"):
+            env[n] = values[n]  # depends on the input's shape only, fixed at batch 1
+            continue
+        name = b.where(n, gm)
+        value = values[n]
+        if value is None and n.op == "call_module" and not n.users:
+            env[n] = None  # torch.export's input guards: checks only, no value
+            continue
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(args[0], (tuple, list)):
+            item = args[0][args[1]]  # one output of a multi-output op (aten batch norm)
+            if not isinstance(item, _Var):
+                raise CertificateUnavailable(f"{name}: an output the bound does not track")
+            env[n] = item
+            continue
+        if isinstance(value, tuple) and n.op == "call_function" and _aten_name(n.target) in _ATEN_TUPLE:
+            index = _aten_op(b, name, _aten_name(n.target), list(args), dict(kwargs), tuple(value[0].shape))
+            env[n] = (_Var(index, tuple(value[0].shape)),) + (None,) * (len(value) - 1)
+            continue
+        if not torch.is_tensor(value) or not value.is_floating_point():
+            raise CertificateUnavailable(f"{name} (returns {type(value).__name__}, not a float tensor)")
+        out_shape = tuple(value.shape)
+        if n.op == "call_module":
+            index = _module_op(b, name, gm.get_submodule(n.target), list(args), dict(kwargs), out_shape)
+        elif n.op == "call_function" and _aten_name(n.target):
+            index = _aten_op(b, name, _aten_name(n.target), list(args), dict(kwargs), out_shape)
+        elif n.op in ("call_function", "call_method"):
+            index = _function_op(b, name, n, list(args), dict(kwargs), out_shape)
+        else:
+            raise CertificateUnavailable(name)
+        if b.nodes[index].shape != out_shape:
+            got = b.nodes[index].shape
+            raise CertificateUnavailable(f"{name}: traced shape {out_shape} differs from the bound's {got}")
+        env[n] = _Var(index, out_shape)
+    if output is None:
+        raise CertificateUnavailable(f"{b.prefix}output: not found")
+    return output
+
+
+def _trace(net: nn.Module) -> fx.GraphModule:
+    if isinstance(net, fx.GraphModule):
+        return net
+    try:
+        return fx.symbolic_trace(net)
+    except Exception as exc:  # noqa: BLE001 - data-dependent control flow and friends
+        why = f"the network cannot be traced by torch.fx ({exc})"
+        raise CertificateUnavailable(f"{type(net).__name__}: {why}") from None
+
+
+def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
+    """The primitive-op graph of `model` (an AuditModel or a plain (B, *sample_shape) -> (B, K) module).
+
+    `sample` is one real input (1, *sample_shape) used to trace shapes and fold constants.
+    """
+    sample_shape = tuple(sample.shape[1:])
+    b = _Builder("")
+    index = b.add("input", None, [], sample_shape)
+    net = model
+    if hasattr(model, "net") and hasattr(model, "sample_shape") and hasattr(model, "output_kind"):
+        if model.output_kind != "logits":
+            raise CertificateUnavailable(
+                f"model output: {model.output_kind} (log of probabilities is not a layer the bound supports; "
+                "export the model without its final softmax)"
+            )
+        if getattr(model, "batching", "batched") == "fixed-batch":
+            raise CertificateUnavailable(f"{type(model.net).__name__}: graph hard-wired to a batch size above 1")
+        var = _Var(index, sample_shape)
+        if model.mean is not None:
+            mean = model.mean.detach().to(F64)
+            std = model.std.detach().to(F64)
+            w = (torch.ones((1, *sample_shape), dtype=F64) / std)[0]
+            bias = (-torch.ones((1, *sample_shape), dtype=F64) * mean / std)[0]
+            index = b.scale("normalization (x - mean) / std", var, w, bias, sample_shape)
+            var = _Var(index, sample_shape)
+        net_shape = (1, *(model.model_shape or sample_shape))
+        index = b.reshape("reshape to the model's input shape", var, net_shape)
+        b.prefix, net = "net.", model.net
+    else:
+        index = b.reshape("batch dimension", _Var(index, sample_shape), (1, *sample_shape))
+    gm = _trace(net)
+    dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
+    example = sample.detach().to("cpu", dtype)
+    if b.prefix:  # AuditModel preprocessing, in the model's own arithmetic
+        if model.mean is not None:
+            example = (example - model.mean.to(dtype)) / model.std.to(dtype)
+        example = example.reshape(1, *(model.model_shape or sample_shape))
+    out = _walk(b, gm, example, index)
+    out_shape = b.nodes[out].shape
+    k = math.prod(out_shape)
+    if sum(d > 1 for d in out_shape) > 1:
+        raise CertificateUnavailable(f"output: shape {out_shape} is not (batch, classes)")
+    if out_shape != (k,):
+        out = b.add("logits", ReshapeOp("logits", out_shape, (k,)), [out], (k,))
+    return Graph(_prune(b.nodes, out), sample_shape, k)
+
+
+def _prune(nodes: list[Node], out: int) -> list[Node]:
+    """Keep the ancestors of the output (dead branches would only cost time), output last."""
+    keep = {out}
+    for i in range(out, -1, -1):
+        if i in keep:
+            keep.update(nodes[i].inputs)
+    keep.add(0)
+    order = sorted(keep)
+    new_index = {old: new for new, old in enumerate(order)}
+    return [Node(nodes[i].name, nodes[i].op, [new_index[j] for j in nodes[i].inputs], nodes[i].shape) for i in order]
+
+
+def check_graph(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
+    """The float64 graph must reproduce the model's logits (guards against any tracing slip)."""
+    with torch.no_grad():
+        want = model(x).detach().to("cpu", F64).reshape(len(x), -1)
+    got = graph.logits(x.detach().to("cpu", F64))
+    scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
+    err = ((got - want).abs() / scale).max().item() if want.numel() else 0.0
+    if want.shape != got.shape or not math.isfinite(err) or err > 1e-3:
+        raise CertificateUnavailable(
+            f"the traced graph does not reproduce the model's outputs (relative difference {err:.2g}); "
+            "the model probably has batch- or data-dependent behaviour"
+        )
