@@ -155,7 +155,7 @@ def preset_specs(name: str) -> list[Spec]:
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """Read an audit TOML file (see docs/attacks.md); unknown keys are errors, not silently ignored."""
+    """Read an audit TOML file (docs/attacks.md; the [gate] table: docs/ci.md); unknown keys are errors, not silently ignored."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -164,7 +164,7 @@ def read_config(path: Path) -> dict[str, Any]:
         raise RobauditError(f"cannot read config file {path}: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RobauditError(f"config file {path} is not valid TOML: {exc}") from None
-    known = {"preset", "attacks", "threats"}
+    known = {"preset", "attacks", "threats", "gate"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise RobauditError(f"config file {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -172,4 +172,8 @@ def read_config(path: Path) -> dict[str, Any]:
         raise RobauditError(f"config file {path}: 'attacks' must be an array of tables ([[attacks]])")
     if "threats" in raw and not (isinstance(raw["threats"], list) and all(isinstance(t, str) for t in raw["threats"])):
         raise RobauditError(f"config file {path}: 'threats' must be a list of strings such as \"linf:8/255\"")
+    if "gate" in raw:  # thresholds and allowed drops (docs/ci.md), parsed into a GateSpec
+        from robaudit.gate import parse_gate_table
+
+        raw["gate"] = parse_gate_table(raw["gate"], path)
     return raw

@@ -1,7 +1,8 @@
 """The command line: parse flags, call the library, render, exit.
 
-Exit codes: 0 all gates passed, 1 a --fail-under threshold was missed, 2 bad usage or
-bad input (one line on stderr, never a traceback), 3 an internal error.
+Exit codes: 0 all gates passed, 1 a gate check (--fail-under, --max-drop, [gate]) was
+missed, 2 bad usage or bad input (one line on stderr, never a traceback), 3 an internal
+error.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class RichProgress:
         self.task = None
 
     def start(self, description: str, total: int) -> None:
-        self.task = self.progress.add_task(f"attacking {description}", total=total)
+        self.task = self.progress.add_task(description, total=total)
 
     def advance(self, amount: int) -> None:
         if self.task is not None:
@@ -100,11 +101,48 @@ def _guard_outputs(outputs: list[Path | None], inputs: list[Path]) -> None:
         if out is None:
             continue
         if out.resolve() in resolved_inputs:
-            raise RobauditError(f"refusing to write {out}: it is one of the scan's inputs")
+            raise RobauditError(f"refusing to write {out}: it is one of the command's inputs")
         if not out.parent.exists():
             raise RobauditError(f"cannot write {out}: folder {out.parent} does not exist")
         if out.is_dir():
             raise RobauditError(f"cannot write {out}: it is a folder")
+
+
+def _distinct_outputs(outputs: dict[str, Path | None]) -> None:
+    """Two output flags must not name the same file (the second would silently replace the first)."""
+    seen: dict[Path, str] = {}
+    for flag, out in outputs.items():
+        if out is None:
+            continue
+        key = out.resolve()
+        if key in seen:
+            raise RobauditError(f"{seen[key]} and {flag} must be different files")
+        seen[key] = flag
+
+
+def _write_renderings(report, *, junit: Path | None, markdown: Path | None, html_path: Path | None) -> None:
+    """The CI outputs of a report: JUnit XML, Markdown, self-contained HTML (docs/ci.md)."""
+    if junit is not None:
+        from robaudit.report.junit import write_junit
+
+        write_junit(report, junit)
+    if markdown is not None:
+        from robaudit.report.markdown import write_markdown
+
+        write_markdown(report, markdown)
+    if html_path is not None:
+        from robaudit.report.html import write_html
+
+        write_html(report, html_path)
+
+
+def _exit_on_failed_gate(checks) -> None:
+    """One `gate failed:` line per missed check on stderr, then exit 1."""
+    failed = [c for c in checks if not c.passed]
+    for check in failed:
+        stderr.print("[bold red]gate failed:[/bold red] " + escape(check.describe()), highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(EXIT_GATE_FAILED)
 
 
 SCAN_EPILOG = (
@@ -113,8 +151,11 @@ SCAN_EPILOG = (
     "  robaudit scan model.onnx --data cifar10 --n 500 --threat linf:8/255 --threat l2:0.5 --json report.json\n\n"
     "  robaudit scan resnet.safetensors --arch resnet18 --num-classes 10 --data ./images "
     "--mean 0.4914,0.4822,0.4465 --std 0.2471,0.2435,0.2616\n\n"
-    "  robaudit scan model.onnx --data ./test.npz --fail-under \"robust_accuracy[linf:8/255]=0.40\"\n\n"
-    "Exit codes: 0 passed, 1 a --fail-under threshold was missed, 2 bad usage or input, 3 internal error."
+    "  robaudit scan model.onnx --data ./test.npz --fail-under \"robust_accuracy\\[linf:8/255]=0.40\"\n\n"
+    "  robaudit scan model.onnx --data ./test.npz --config audit.toml --baseline base.json "
+    "--max-drop \"robust_accuracy\\[linf:8/255]=0.02\" --junit gate.xml --markdown \"$GITHUB_STEP_SUMMARY\" --html report.html\n\n"
+    "Exit codes: 0 passed, 1 a gate check (--fail-under, --max-drop, \\[gate]) was missed, 2 bad usage or input, "
+    "3 internal error. CI recipes: docs/ci.md."
 )
 
 
@@ -142,14 +183,25 @@ def scan(
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto, cpu or cuda.")] = "auto",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (schema: docs/report-schema.md).", show_default=False)] = None,
     save_adversarial: Annotated[Optional[Path], typer.Option("--save-adversarial", help="Write the verified adversarial examples to an .npz: <threat>__x and <threat>__index per threat.", show_default=False)] = None,
-    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", metavar="METRIC[THREAT]=MIN", help="Gate, repeatable: exit 1 when a metric is below its minimum, e.g. \"robust_accuracy[linf:8/255]=0.40\" or \"clean_accuracy=0.9\".", show_default=False)] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", metavar="METRIC[THREAT]=MIN", help="Gate, repeatable: exit 1 when a metric is below its minimum, e.g. \"robust_accuracy\\[linf:8/255]=0.40\", \"clean_accuracy=0.9\", \"certified_accuracy\\[l2:0.5]=0.2\" or \"indicator_score=0.5\" (docs/ci.md).", show_default=False)] = None,
+    max_drop: Annotated[Optional[list[str]], typer.Option("--max-drop", metavar="METRIC[THREAT]=DROP", help="Gate against --baseline, repeatable: exit 1 when a metric fell by more than DROP, absolute (0.02), relative to the baseline (5%) or both (0.02,5%), e.g. \"robust_accuracy\\[linf:8/255]=0.02\"; robust_accuracy without a threat means every threat.", show_default=False)] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", metavar="BASE.json", help="JSON report of an earlier scan that --max-drop and \\[gate.max_drop] compare with (overrides baseline in \\[gate]).", show_default=False)] = None,
+    force_baseline: Annotated[bool, typer.Option("--force-baseline", help="Gate against a baseline scanned on other data (name, seed or samples differ) anyway.")] = False,
+    junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="Write the gate as JUnit XML, one test case per check (GitLab, Jenkins).", show_default=False)] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="PATH", help="Write a Markdown summary, e.g. --markdown \"$GITHUB_STEP_SUMMARY\" for a GitHub job summary.", show_default=False)] = None,
+    html_path: Annotated[Optional[Path], typer.Option("--html", metavar="PATH", help="Write one self-contained HTML page with the plots embedded.", show_default=False)] = None,
+    certify: Annotated[Optional[bool], typer.Option("--certify/--no-certify", help="Certified L2 radii (lower bounds no attack can break; docs/certify.md). Default: on when an L2 threat is scanned and a pilot of 8 samples projects no longer than the attacks took (at least 10 s).", show_default=False)] = None,
+    certify_budget: Annotated[str, typer.Option("--certify-budget", metavar="fast|default|tight", help="Work per certificate: more shells and bound evaluations give larger (still sound) radii.")] = "default",
+    indicator: Annotated[Optional[bool], typer.Option("--indicator/--no-indicator", help="Decision-surface indicator (docs/indicator.md): gradient and curvature of the decision function per sample, and a model score. Default: on when the attacks spent at least its cost (about 60 passes per sample).", show_default=False)] = None,
+    plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write decision-surface slices (random and attack planes) of the first samples and accuracy-versus-eps curves as PNG into DIR (needs robaudit[plot]).", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors and failed gates still go to stderr.")] = False,
 ) -> None:
     """Attack a model on a dataset and report clean and robust accuracy.
 
     Every adversarial example is re-verified by an independent forward pass before it counts.
     """
-    from robaudit.gate import parse_threshold
+    from robaudit.gate import Baseline, parse_max_drop, parse_threshold
+    from robaudit.report.schema import read_report
     from robaudit.scan import DEFAULT_THREAT, ScanConfig, save_adversarial as write_adversarial, scan as run_scan
     from robaudit.threats import parse_threat
 
@@ -161,6 +213,15 @@ def scan(
     file_config = read_config(config_file) if config_file is not None else {}
     threat_specs = threat or file_config.get("threats") or [DEFAULT_THREAT]
     attack_specs = None if preset is not None else file_config.get("attacks")
+    gate_spec = file_config.get("gate")
+    thresholds = [parse_threshold(f) for f in (fail_under or [])] + (gate_spec.minimums if gate_spec else [])
+    max_drops = [parse_max_drop(f) for f in (max_drop or [])] + (gate_spec.max_drops if gate_spec else [])
+    baseline_path = baseline or (gate_spec.baseline if gate_spec else None)
+    # a gate on the certificate or the indicator turns the stage on (unless it was switched off: a usage error)
+    if certify is None and any(r.metric == "certified_accuracy" for r in [*thresholds, *max_drops]):
+        certify = True
+    if indicator is None and any(r.metric == "indicator_score" for r in [*thresholds, *max_drops]):
+        indicator = True
     config = ScanConfig(
         model=model,
         data=data,
@@ -182,12 +243,17 @@ def scan(
         step_sizes=_floats(step_sizes, "--step-sizes"),
         batch_size=batch_size,
         device=device,
-        thresholds=[parse_threshold(f) for f in (fail_under or [])],
+        thresholds=thresholds,
+        max_drops=max_drops,
+        baseline=Baseline(read_report(baseline_path), str(baseline_path), force=force_baseline) if baseline_path else None,
+        certify="auto" if certify is None else ("on" if certify else "off"),
+        certify_budget=certify_budget,
+        indicator="auto" if indicator is None else ("on" if indicator else "off"),
+        plots=plots,
     )
-    inputs = [model, Path(data), *([config_file] if config_file else [])]
-    _guard_outputs([json_path, save_adversarial], inputs)
-    if json_path is not None and save_adversarial is not None and json_path.resolve() == save_adversarial.resolve():
-        raise RobauditError("--json and --save-adversarial must be different files")
+    inputs = [model, Path(data), *([config_file] if config_file else []), *([baseline_path] if baseline_path else [])]
+    _guard_outputs([json_path, save_adversarial, junit, markdown, html_path], inputs)
+    _distinct_outputs({"--json": json_path, "--save-adversarial": save_adversarial, "--junit": junit, "--markdown": markdown, "--html": html_path})
 
     if quiet:
         result = run_scan(config)
@@ -201,31 +267,152 @@ def scan(
         report.write_json(json_path)
     if save_adversarial is not None:
         write_adversarial(save_adversarial, result)
+    _write_renderings(report, junit=junit, markdown=markdown, html_path=html_path)
     if not quiet:
         from robaudit.report.terminal import render
 
         render(report, stdout)
-    failed = [c for c in report.gate if not c.passed]
-    for check in failed:
-        stderr.print(
-            f"[bold red]gate failed:[/bold red] "
-            + escape(f"{check.metric} = {check.value:.4f} is below {check.threshold:.4f} ({check.expression})"),
-            highlight=False,
-            soft_wrap=True,
-        )
-    if failed:
-        raise typer.Exit(EXIT_GATE_FAILED)
+    _exit_on_failed_gate(report.gate)
 
 
-@app.command(epilog="Example:\n\n  robaudit report report.json")
+@app.command(epilog="Examples:\n\n  robaudit report report.json\n\n  robaudit report report.json --html report.html --markdown summary.md --junit gate.xml")
 def report(
     path: Annotated[Path, typer.Argument(help="A JSON report written by `robaudit scan --json`.", show_default=False)],
+    junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="Write its gate checks as JUnit XML.", show_default=False)] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="PATH", help="Write a Markdown summary.", show_default=False)] = None,
+    html_path: Annotated[Optional[Path], typer.Option("--html", metavar="PATH", help="Write one self-contained HTML page.", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Write the files only, no tables.")] = False,
 ) -> None:
-    """Show a saved JSON report in the terminal."""
+    """Show a saved JSON report in the terminal, or turn it into JUnit, Markdown or HTML."""
     from robaudit.report.schema import read_report
     from robaudit.report.terminal import render
 
-    render(read_report(path), stdout)
+    _guard_outputs([junit, markdown, html_path], [path])
+    _distinct_outputs({"--junit": junit, "--markdown": markdown, "--html": html_path})
+    saved = read_report(path)
+    _write_renderings(saved, junit=junit, markdown=markdown, html_path=html_path)
+    if not quiet:
+        render(saved, stdout)
+
+
+COMPARE_EPILOG = (
+    "Examples:\n\n"
+    "  robaudit compare base.json new.json\n\n"
+    "  robaudit compare base.json new.json --max-drop \"robust_accuracy\\[linf:8/255]=0.02\" --max-drop \"clean_accuracy=1%\"\n\n"
+    "  robaudit compare base.json new.json --config audit.toml --json diff.json --junit compare.xml\n\n"
+    "Exit codes: 0 no drop beyond the allowed one, 1 a metric dropped more than allowed, "
+    "2 bad usage or input (reports of different data or threats without --force), 3 internal error."
+)
+
+
+@app.command(epilog=COMPARE_EPILOG)
+def compare(
+    base: Annotated[Path, typer.Argument(help="The baseline JSON report (robaudit scan --json).", show_default=False)],
+    new: Annotated[Path, typer.Argument(help="The new JSON report.", show_default=False)],
+    max_drop: Annotated[Optional[list[str]], typer.Option("--max-drop", metavar="METRIC[THREAT]=DROP", help="Allowed drop, repeatable: absolute (0.02), relative to BASE (5%) or both (0.02,5%), e.g. \"robust_accuracy\\[linf:8/255]=0.02\"; robust_accuracy without a threat means every threat.", show_default=False)] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", metavar="AUDIT.toml", help="Take the allowed drops from the \\[gate.max_drop] table of an audit file.", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Compare even when the data (name, seed, samples) or the threat settings differ.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", metavar="PATH", help="Write the comparison as JSON: deltas, flipped samples, checks.", show_default=False)] = None,
+    junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="Write the drop checks as JUnit XML.", show_default=False)] = None,
+    markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="PATH", help="Write the comparison as Markdown (e.g. \"$GITHUB_STEP_SUMMARY\").", show_default=False)] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No tables; failed checks still go to stderr.")] = False,
+) -> None:
+    """Compare two reports: metric deltas, samples that flipped from robust to broken, and allowed drops.
+
+    Samples are matched by their index in the source data; reports of different data or threats are refused.
+    """
+    from robaudit.compare import compare as run_compare, render as render_comparison, write_outputs
+    from robaudit.gate import parse_max_drop, read_gate_config
+    from robaudit.report.schema import read_report
+
+    rules = [parse_max_drop(f) for f in (max_drop or [])]
+    if config_file is not None:
+        rules += read_gate_config(config_file).max_drops
+    _guard_outputs([json_path, junit, markdown], [base, new, *([config_file] if config_file else [])])
+    _distinct_outputs({"--json": json_path, "--junit": junit, "--markdown": markdown})
+    result = run_compare(
+        read_report(base), read_report(new), base_path=str(base), new_path=str(new), max_drops=rules, force=force
+    )
+    write_outputs(result, json_path=json_path, junit=junit, markdown=markdown)
+    if not quiet:
+        render_comparison(result, stdout)
+    _exit_on_failed_gate(result.checks)
+
+
+SURFACE_EPILOG = (
+    "Examples:\n\n"
+    "  robaudit surface robaudit/demo/digits_cnn.onnx --data digits --index 3\n\n"
+    "  robaudit surface natural.onnx robust.onnx --data ./test.npz --index 0 --threat l2:0.5 --png surface.png\n\n"
+    "Several models are drawn on the same grid and colour scale. Exit codes: 0 done, 2 bad usage or input."
+)
+
+
+@app.command(epilog=SURFACE_EPILOG)
+def surface(
+    models: Annotated[list[Path], typer.Argument(help="One or more model files (same formats as scan); compared on one grid and colour scale.", show_default=False)],
+    data: Annotated[str, typer.Option("--data", "-d", metavar="NAME|PATH", help="Built-in dataset or a data file/folder, as for scan.")] = "digits",
+    index: Annotated[int, typer.Option("--index", "-i", help="Which sample of the data (position in the file or split).")] = 0,
+    threat: Annotated[str, typer.Option("--threat", "-t", metavar="NORM:EPS", help="Norm of the attack direction and the default span (2x the ball's L2 radius).")] = "linf:8/255",
+    span: Annotated[Optional[float], typer.Option("--span", help="Half-width of the plane in pixel L2 units.", show_default=False)] = None,
+    grid: Annotated[int, typer.Option("--grid", help="Grid points per axis (odd, so the sample is on the grid).")] = 41,
+    png: Annotated[Optional[Path], typer.Option("--png", help="Also write the slices as a PNG (needs robaudit[plot]).", show_default=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Cache of built-in datasets.", show_default=False)] = None,
+    format: Annotated[Optional[str], typer.Option("--format", metavar="FORMAT", help="Override the detected model format.", show_default=False)] = None,
+    arch: Annotated[Optional[str], typer.Option("--arch", metavar="NAME|MODULE:FACTORY", help="Architecture for weights-only files.", show_default=False)] = None,
+    num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes, passed to --arch.", show_default=False)] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="Allow loading a whole pickled module (runs code from the file).")] = False,
+    mean: Annotated[Optional[str], typer.Option("--mean", metavar="M1,M2,...", help="Per-channel mean, applied inside the model.", show_default=False)] = None,
+    std: Annotated[Optional[str], typer.Option("--std", metavar="S1,S2,...", help="Per-channel std.", show_default=False)] = None,
+    input_range: Annotated[str, typer.Option("--input-range", metavar="LO,HI", help="Pixel range of the inputs.")] = "0,1",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random directions.")] = 0,
+) -> None:
+    """Draw the decision function g = z_y - max z_j on a random plane and on the attack plane through one sample.
+
+    The g = 0 boundary is marked; how far it lies from the sample along the attack direction is the story.
+    """
+    import torch
+
+    from robaudit.measures import render_terminal, save_png, shared_range
+    from robaudit.scan import ScanConfig, prepare, resolve_device
+    from robaudit.stages.measure import require_matplotlib, surface_pair
+    from robaudit.threats import parse_threat
+
+    lo_hi = _floats(input_range, "--input-range")
+    if lo_hi is None or len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
+        raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI with LO < HI")
+    if grid < 3 or grid > 201:
+        raise RobauditError("--grid must lie between 3 and 201")
+    if span is not None and not span > 0:
+        raise RobauditError("--span must be positive")
+    parsed = parse_threat(threat)
+    if parsed.is_spatial:
+        raise RobauditError("surface slices need an Lp threat (linf or l2) for the attack direction")
+    if png is not None:
+        require_matplotlib("--png")
+        _guard_outputs([png], [*models, Path(data)])
+    slices = []
+    for path in models:
+        config = ScanConfig(
+            model=path, data=data, format=format, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
+            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), input_range=(lo_hi[0], lo_hi[1]),
+            data_dir=data_dir, threats=[parsed],
+        )  # fmt: skip
+        _, dataset, model, _, _ = prepare(config, resolve_device("cpu"))
+        if not 0 <= index < len(dataset.y):
+            raise RobauditError(f"--index {index} is outside the data (0 to {len(dataset.y) - 1})")
+        x, label = dataset.x[index], int(dataset.y[index])
+        with torch.no_grad():
+            pred = int(model(x.unsqueeze(0)).argmax(1))
+        slices += surface_pair(
+            model, x, label, parsed, None, lower=lo_hi[0], upper=lo_hi[1], seed=seed, grid=grid, span=span,
+            name=f"{path.name} (label {label}, predicted {pred})",
+        )  # fmt: skip
+    vmin, vmax = shared_range(slices)
+    for item in slices:
+        render_terminal(item, stdout, vmin=vmin, vmax=vmax)
+    if png is not None:
+        save_png(slices, png, shared_scale=True)
+        stdout.print(f"wrote {escape(str(png))}")
 
 
 def _is_usage_error(exc: BaseException) -> bool:

@@ -7,6 +7,7 @@ layer over it.
 from __future__ import annotations
 
 import hashlib
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -30,12 +31,17 @@ from robaudit.attacks.runner import (
     verify_spatial,
 )
 from robaudit.attacks.spatial import describe
+from robaudit.stages.certify import CertifyResult, certify_stage
+from robaudit.stages.measure import IndicatorResult, check_plot_dir, indicator_stage, write_plots
+from robaudit.certify.budget import BUDGETS as CERTIFY_BUDGETS
 from robaudit.battery import DEFAULT_PRESET, Spec, build_battery, override, preset_specs
 from robaudit.data import check_compatible, load_data
 from robaudit.data.dataset import Dataset
 from robaudit.errors import RobauditError
-from robaudit.gate import Threshold, check_thresholds_cover, evaluate
+from robaudit.gate import Baseline, MaxDrop, Threshold, check_baseline, check_baseline_data, check_thresholds_cover, evaluate
 from robaudit.models import load_model, wrap_model
+from robaudit.models.detect import RawModel
+from robaudit.models.wrapper import AuditModel, WrapInfo
 from robaudit.report.schema import (
     SCHEMA_VERSION,
     AttackSummary,
@@ -82,6 +88,12 @@ class ScanConfig:
     batch_size: int | None = None
     device: str = "auto"
     thresholds: list[Threshold] = field(default_factory=list)
+    max_drops: list[MaxDrop] = field(default_factory=list)  # allowed drops against `baseline` (robaudit.gate)
+    baseline: Baseline | None = None
+    certify: str = "auto"  # "auto" (when cheap enough: robaudit.stages.certify), "on" or "off"
+    certify_budget: str = "default"
+    indicator: str = "auto"  # "auto" (when it costs less than the attacks: robaudit.stages.measure), "on" or "off"
+    plots: Path | None = None  # folder for decision-surface and curve PNGs
 
     def validate(self) -> None:
         """Reject impossible settings before any file is read."""
@@ -103,7 +115,16 @@ class ScanConfig:
         for threat in self.threats:
             if threat.norm == "l1":
                 raise RobauditError(f"threat {threat.spec}: L1 attacks are not available yet (use linf or l2)")
-        check_thresholds_cover(self.thresholds, self.threats)
+        for name in ("certify", "indicator"):
+            if getattr(self, name) not in ("auto", "on", "off"):
+                raise RobauditError(f"{name} must be auto, on or off, not '{getattr(self, name)}'")
+        if self.plots is not None:
+            check_plot_dir(self.plots)
+        if self.certify_budget not in CERTIFY_BUDGETS:
+            raise RobauditError(f"--certify-budget must be one of {', '.join(CERTIFY_BUDGETS)}, not '{self.certify_budget}'")
+        rules = [*self.thresholds, *self.max_drops]
+        check_thresholds_cover(rules, self.threats, certify=self.certify, indicator=self.indicator)
+        check_baseline(self.baseline, self.max_drops, self.threats)
 
     def battery_specs(self) -> list[Spec]:
         """The effective battery: the TOML file's attacks or the preset, then flag overrides."""
@@ -164,26 +185,11 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     device = resolve_device(config.device)
     lower, upper = config.input_range
 
-    # 1. model
-    raw = load_model(
-        config.model, fmt=config.format, arch=config.arch, num_classes=config.num_classes, trust_pickle=config.trust_pickle
-    )
-    channels = raw.input_shape[0] if raw.input_shape and len(raw.input_shape) == 3 else None
-
-    # 2. data
-    data = load_data(
-        config.data, n=config.n, seed=config.seed, data_dir=config.data_dir, input_range=config.input_range, channels=channels
-    )
-    reshape_note = check_compatible(data, raw.input_shape, raw.num_classes or np.iinfo(np.int64).max)
+    # 1-2. model and data
+    raw, data, model, info, reshape_note = prepare(config, device)
     sample_shape = tuple(data.x.shape[1:])
-    model, info = wrap_model(
-        raw, sample_shape=sample_shape, probe=data.x[:PROBE_SIZE], mean=config.mean, std=config.std, device=device
-    )
-    check_compatible(data, raw.input_shape, info.num_classes)
-    for threat in config.threats:
-        if threat.is_spatial and (data.x.dim() != 4 or min(data.x.shape[2:]) < 2):
-            shape = "x".join(map(str, sample_shape))
-            raise RobauditError(f"threat {threat.spec}: spatial threats need image data (C, H, W), not samples of shape {shape}")
+    if config.baseline is not None:  # before any attack: a baseline on other data cannot gate this scan
+        check_baseline_data(config.baseline, name=data.name, seed=config.seed, indices=list(data.indices), labels=data.y.tolist())
     loaded = time.perf_counter()
 
     # 3. clean pass
@@ -234,6 +240,29 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     for norm, found in minimal.items():
         idx = torch.nonzero(torch.isfinite(found.distance)).flatten()
         _reverify(model, found.x_adv, idx, x, y, Threat(norm=norm, eps=float("inf")), found.distance, **check)
+    attacked = time.perf_counter()
+
+    # 7. certified L2 radii, each held against every verified adversarial example above
+    certified = certify_stage(
+        model, x, y, clean_correct, outcomes, minimal, mode=config.certify, budget=config.certify_budget,
+        attack_seconds=attacked - loaded, l2_threats=[(t.canonical, t.eps) for t in config.threats if t.norm == "l2"],
+        lower=lower, upper=upper, batch_size=batch_size, device=device, seed=config.seed, progress=progress(),
+    )  # fmt: skip
+
+    # 8. the decision surface: indicator, and plots when asked for
+    battery_passes = sum(r.forwards + r.backwards for o in outcomes for r in o.records)
+    battery_passes += sum(r.forwards + r.backwards for m in minimal.values() for r in m.records)
+    indicator = indicator_stage(
+        model, x, y, config.threats, mode=config.indicator, battery_passes=battery_passes / max(1, len(y)),
+        lower=lower, upper=upper, batch_size=batch_size, seed=config.seed, progress=progress(),
+    )  # fmt: skip
+    summary = _summary(data.y, clean_correct, outcomes, minimal, certified, indicator)
+    plots = []
+    if config.plots is not None:
+        plots = write_plots(
+            config.plots, model, x, y, clean_correct, list(data.indices), outcomes, summary.curves,
+            lower=lower, upper=upper, seed=config.seed,
+        )  # fmt: skip
 
     report = Report(
         schema_version=SCHEMA_VERSION,
@@ -267,19 +296,45 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
             "torch": torch.__version__,
             "device": describe_device(device),
         },
-        summary=_summary(data.y, clean_correct, outcomes, minimal),
-        samples=_samples(data, clean_pred, outcomes, minimal),
+        summary=summary,
+        samples=_samples(data, clean_pred, outcomes, minimal, certified, indicator),
+        plots=plots,
         timing={
             "total_s": round(time.perf_counter() - started, 3),
             "load_s": round(loaded - started, 3),
+            "certify_s": round(certified.seconds, 3) if certified else None,
+            "indicator_s": round(indicator.seconds, 3) if indicator else None,
             "attacks_s": {
                 **{f"minimal:{m.norm}": {r.name: round(r.seconds, 3) for r in m.records} for m in minimal.values()},
                 **{o.threat.canonical: {r.name: round(r.seconds, 3) for r in o.records if not r.skipped} for o in outcomes},
             },
         },
     )
-    report.gate = evaluate(report, config.thresholds)
+    report.gate = evaluate(report, config.thresholds, config.max_drops, config.baseline)
     return ScanResult(report=report, data=data, outcomes=outcomes)
+
+
+def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset, AuditModel, WrapInfo, str | None]:
+    """Load the model and the data and wrap them into one classifier (shared by `scan` and `surface`)."""
+    raw = load_model(
+        config.model, fmt=config.format, arch=config.arch, num_classes=config.num_classes, trust_pickle=config.trust_pickle
+    )
+    channels = raw.input_shape[0] if raw.input_shape and len(raw.input_shape) == 3 else None
+
+    data = load_data(
+        config.data, n=config.n, seed=config.seed, data_dir=config.data_dir, input_range=config.input_range, channels=channels
+    )
+    reshape_note = check_compatible(data, raw.input_shape, raw.num_classes or np.iinfo(np.int64).max)
+    sample_shape = tuple(data.x.shape[1:])
+    model, info = wrap_model(
+        raw, sample_shape=sample_shape, probe=data.x[:PROBE_SIZE], mean=config.mean, std=config.std, device=device
+    )
+    check_compatible(data, raw.input_shape, info.num_classes)
+    for threat in config.threats:
+        if threat.is_spatial and (data.x.dim() != 4 or min(data.x.shape[2:]) < 2):
+            shape = "x".join(map(str, sample_shape))
+            raise RobauditError(f"threat {threat.spec}: spatial threats need image data (C, H, W), not samples of shape {shape}")
+    return raw, data, model, info, reshape_note
 
 
 def _reverify(
@@ -330,6 +385,12 @@ def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) 
         "std": config.std,
         "input_range": list(config.input_range),
         "fail_under": [t.expression for t in config.thresholds],
+        "max_drop": [d.expression for d in config.max_drops],
+        "baseline": config.baseline.path if config.baseline is not None else None,
+        "certify": config.certify,
+        "certify_budget": config.certify_budget,
+        "indicator": config.indicator,
+        "plots": str(config.plots) if config.plots is not None else None,
     }
 
 
@@ -380,7 +441,12 @@ def _curve(norm: str, clean_correct: torch.Tensor, found: MinimalOutcome, outcom
 
 
 def _summary(
-    y: torch.Tensor, clean_correct: torch.Tensor, outcomes: list[ThreatOutcome], minimal: dict[str, MinimalOutcome]
+    y: torch.Tensor,
+    clean_correct: torch.Tensor,
+    outcomes: list[ThreatOutcome],
+    minimal: dict[str, MinimalOutcome],
+    certified: CertifyResult | None,
+    indicator: IndicatorResult | None,
 ) -> Summary:
     n = len(clean_correct)
     threats = []
@@ -419,11 +485,18 @@ def _summary(
         curves=[_curve(m.norm, clean_correct, m, outcomes) for m in minimal.values()],
         forward_passes_per_sample=sum(t.forward_passes_per_sample for t in everything),
         backward_passes_per_sample=sum(t.backward_passes_per_sample for t in everything),
+        certificate=certified.summary if certified else None,
+        indicator=indicator.summary if indicator else None,
     )
 
 
 def _samples(
-    data: Dataset, clean_pred: torch.Tensor, outcomes: list[ThreatOutcome], minimal: dict[str, MinimalOutcome]
+    data: Dataset,
+    clean_pred: torch.Tensor,
+    outcomes: list[ThreatOutcome],
+    minimal: dict[str, MinimalOutcome],
+    certified: CertifyResult | None,
+    indicator: IndicatorResult | None,
 ) -> list[SampleRecord]:
     """Per-sample results; ``distance`` is the smallest verified perturbation found under that norm."""
     records = []
@@ -444,7 +517,16 @@ def _samples(
             else:
                 entry = SampleThreat(robust=True, broken_by=None, distance=smallest if smallest < float("inf") else None)
             threats[outcome.threat.canonical] = entry
-        records.append(SampleRecord(index=int(index), label=int(label), clean_pred=int(pred), threats=threats))
+        record = SampleRecord(index=int(index), label=int(label), clean_pred=int(pred), threats=threats)
+        if certified is not None:
+            found = float(certified.adversarial_l2[i])
+            record.adversarial_l2 = found if math.isfinite(found) else None
+            if certified.radius is not None:
+                record.certified_l2 = float(certified.radius[i])
+                record.certified_method = certified.method[i]
+        if indicator is not None:
+            record.indicator = indicator.samples[i]
+        records.append(record)
     return records
 
 

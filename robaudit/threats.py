@@ -13,10 +13,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-
-import torch
+from typing import TYPE_CHECKING
 
 from robaudit.errors import RobauditError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so that parsing threats (gate, compare) stays fast
+    import torch
 
 NORMS = ("linf", "l2", "l1")
 SPATIAL = "spatial"
@@ -108,6 +110,8 @@ def _parse_spatial(text: str, body: str) -> Threat:
 
 def perturbation_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
     """Per-sample norm of a batch of perturbations, computed in float64 for honest checks."""
+    import torch
+
     flat = delta.detach().flatten(1).to(torch.float64)
     if norm == "linf":
         return flat.abs().amax(dim=1)

@@ -151,3 +151,85 @@ def model_files(tmp_path_factory: pytest.TempPathFactory) -> ModelFiles:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(files.safetensors))
     np.savez(files.data_npz, x=x_u8, y=y_np)
     return files
+
+
+# --- CI outputs and `robaudit compare` (tests/test_ci_outputs.py, tests/test_compare.py) ---------------
+
+CI_ATTACKS = """threats = ["linf:0.1", "l2:0.5"]
+
+[[attacks]]
+attack = "fmn"
+steps = 10
+
+[[attacks]]
+attack = "apgd-ce"
+steps = 20
+"""
+
+
+@dataclass
+class CiScan:
+    """One real `robaudit scan` with every CI output, and how it exited."""
+
+    result: CliResult
+    json: Path
+    junit: Path
+    markdown: Path
+    html: Path
+
+
+def degrade_onnx(source: Path, target: Path, noise: float = 0.5, seed: int = 0) -> Path:
+    """A deliberately worse copy of an ONNX model: Gaussian noise on every weight tensor."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source))
+    rng = np.random.default_rng(seed)
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.ndim >= 2:
+            noisy = (w + rng.normal(0.0, noise * float(w.std()), w.shape)).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+    onnx.save(model, str(target))
+    return target
+
+
+def _ci_scan(model: Path, data: Path, root: Path, name: str, *args: str | Path) -> CiScan:
+    scan = CiScan(
+        result=None, json=root / f"{name}.json", junit=root / f"{name}.xml",  # type: ignore[arg-type]
+        markdown=root / f"{name}.md", html=root / f"{name}.html",
+    )  # fmt: skip
+    scan.result = run_cli(
+        "scan", model, "--data", data, "--n", "30", "--certify-budget", "fast", "--json", scan.json,
+        "--junit", scan.junit, "--markdown", scan.markdown, "--html", scan.html, "-q", *args,
+    )  # fmt: skip
+    return scan
+
+
+@pytest.fixture(scope="session")
+def ci_base(model_files: ModelFiles, tmp_path_factory: pytest.TempPathFactory) -> CiScan:
+    """The baseline: the trained CNN under a [gate] from TOML and a --fail-under flag, one minimum missed."""
+    root = tmp_path_factory.mktemp("ci_base")
+    config = root / "audit.toml"
+    config.write_text(
+        CI_ATTACKS
+        + "\n[gate.min]\nclean_accuracy = 0.5\n\"robust_accuracy[linf:0.1]\" = 0.99\n"
+        + "\"certified_accuracy[l2:0.5]\" = 0.0\nindicator_score = 0.0\n"
+    )
+    return _ci_scan(
+        model_files.onnx, model_files.data_npz, root, "base", "--config", config,
+        "--fail-under", "robust_accuracy[l2:0.5]=0.0", "--plots", root / "plots",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def ci_degraded(model_files: ModelFiles, ci_base: CiScan, tmp_path_factory: pytest.TempPathFactory) -> CiScan:
+    """A noisy copy of the same CNN on the same data and seed, gated by --max-drop 0 against the baseline."""
+    root = tmp_path_factory.mktemp("ci_degraded")
+    config = root / "attacks.toml"
+    config.write_text(CI_ATTACKS)
+    model = degrade_onnx(model_files.onnx, root / "degraded.onnx")
+    return _ci_scan(
+        model, model_files.data_npz, root, "degraded", "--config", config, "--certify", "--indicator",
+        "--baseline", ci_base.json, "--max-drop", "robust_accuracy[linf:0.1]=0",
+    )  # fmt: skip

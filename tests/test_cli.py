@@ -74,10 +74,10 @@ def test_json_follows_the_contract(model_files: ModelFiles, tmp_path) -> None:
             1 for s in r["samples"] if s["threats"][t["threat"]]["broken_by"]
         )
     for sample in r["samples"]:
-        assert set(sample) == {"index", "label", "clean_pred", "threats"}
+        assert set(sample) == {"index", "label", "clean_pred", "threats", "adversarial_l2", "certified_l2", "certified_method", "indicator"}
         for t in threats:
             entry = sample["threats"][t["threat"]]
-            assert set(entry) == {"robust", "broken_by", "distance"}
+            assert set(entry) == {"robust", "broken_by", "distance", "transform"}
             if entry["robust"]:
                 assert entry["broken_by"] is None and entry["distance"] is None
             elif sample["clean_pred"] == sample["label"]:
@@ -187,7 +187,8 @@ def test_standard_preset_reports_curve_per_class_and_distances(model_files: Mode
     assert result.code == 0, result.stderr
     r = load_json(out)
     assert r["config"]["preset"] == "standard"
-    assert [a["name"] for a in r["config"]["attacks"]] == ["fmn", "apgd-ce", "apgd-t", "square"]
+    assert [a["name"] for a in r["config"]["attacks"]] == ["fmn", "apgd-ce", "apgd-t", "square", "spatial-grid"]
+    assert "spatial-grid" not in r["summary"]["threats"][0]["attacks"]  # spatial attacks run only under spatial threats
     assert {m["norm"] for m in r["summary"]["minimal_norm"]} == {"linf", "l2"}
     for curve in r["summary"]["curves"]:
         assert curve["robust_accuracy"][0] == r["summary"]["clean_accuracy"]
@@ -221,7 +222,9 @@ def test_config_file_and_preset_flags(model_files: ModelFiles, tmp_path) -> None
     )  # fmt: skip
     assert flagged.code == 0, flagged.stderr
     r = load_json(out)
-    assert [a["name"] for a in r["config"]["attacks"]] == ["fgsm", "apgd-ce", "pgd[step=0.1eps]", "pgd[step=0.5eps]"]
+    assert [a["name"] for a in r["config"]["attacks"]] == [
+        "fgsm", "apgd-ce", "spatial-grid", "pgd[step=0.1eps]", "pgd[step=0.5eps]"
+    ]
     assert r["config"]["attacks"][1]["restarts"] == 2 and r["config"]["attacks"][1]["params"]["steps"] == 3
     assert_one_line_error(run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--preset", "fast"), "unknown preset")
     bad = tmp_path / "bad.toml"

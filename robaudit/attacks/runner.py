@@ -207,7 +207,7 @@ def run_minimal(
     hint = Threat(norm=norm, eps=hint_eps)
     unbounded = Threat(norm=norm, eps=float("inf"))
     runs = [r for r in battery if r.attack.supports(hint)]
-    stage.progress.start(f"minimal {norm}", max(1, sum(r.restarts for r in runs) * n))
+    stage.progress.start(f"attacking minimal {norm}", max(1, sum(r.restarts for r in runs) * n))
     records = []
     for run in runs:
         record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
@@ -284,7 +284,7 @@ def run_threat(
             )  # fmt: skip
 
     runs = [r for r in battery if r.attack.kind != "minimal"]
-    stage.progress.start(f"{threat.canonical}", max(1, sum(r.restarts for r in runs if r.attack.supports(threat)) * n))
+    stage.progress.start(f"attacking {threat.canonical}", max(1, sum(r.restarts for r in runs if r.attack.supports(threat)) * n))
     for run in runs:
         record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
         records.append(record)
@@ -368,7 +368,7 @@ def run_spatial(
     x_adv = x.detach().clone().cpu()
     records: list[AttackRecord] = []
     runs = [r for r in battery if r.attack.supports(threat)]
-    stage.progress.start(threat.canonical, max(1, sum(r.restarts for r in runs) * n))
+    stage.progress.start(f"attacking {threat.canonical}", max(1, sum(r.restarts for r in runs) * n))
     for run in runs:
         record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
         records.append(record)

@@ -15,7 +15,7 @@ from typing import Any
 
 from robaudit.errors import RobauditError
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 
 
 @dataclass
@@ -96,6 +96,21 @@ class Curve:
 
 
 @dataclass
+class CertificateSummary:
+    """Certified L2 radii (lower bounds that no attack can break), or why there are none."""
+
+    available: bool
+    reason: str | None = None  # "certificate unavailable: <layer>" or why it was skipped
+    budget: str = "default"
+    certified_accuracy: dict[str, float] = field(default_factory=dict)  # per L2 threat: radius >= eps
+    radius_quantiles: dict[str, float] = field(default_factory=dict)  # over correctly classified samples
+    median_ratio: float | None = None  # median certified / smallest adversarial L2 distance found
+    ratio_samples: int = 0
+    methods: dict[str, int] = field(default_factory=dict)  # which bound gave each sample's radius
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Summary:
     clean_accuracy: float
     threats: list[ThreatSummary]
@@ -103,6 +118,8 @@ class Summary:
     curves: list[Curve] = field(default_factory=list)
     forward_passes_per_sample: float = 0.0
     backward_passes_per_sample: float = 0.0
+    certificate: CertificateSummary | None = None
+    indicator: dict[str, Any] | None = None  # decision-surface indicator (docs/indicator.md): score, parts, formula
 
 
 @dataclass
@@ -119,15 +136,41 @@ class SampleRecord:
     label: int
     clean_pred: int
     threats: dict[str, SampleThreat]
+    adversarial_l2: float | None = None  # L2 size of the closest verified adversarial example of any threat
+    certified_l2: float | None = None
+    certified_method: str | None = None
+    indicator: dict[str, Any] | None = None  # this sample's decision surface: g, Jacobian, Hessian, predicted drops
 
 
 @dataclass
 class GateCheck:
+    """One gate check: ``value >= threshold`` passes.
+
+    ``kind`` is ``minimum`` (``--fail-under``, ``[gate.min]``), or ``max_drop_absolute`` /
+    ``max_drop_relative`` (``--max-drop``, ``[gate.max_drop]`` against a baseline report):
+    then ``threshold`` is the lowest value the drop allows, worked out from ``baseline``
+    and ``allowed_drop`` (an absolute amount, or a fraction of the baseline value).
+    ``value`` is ``None`` when the report has no such metric (the check fails).
+    """
+
     expression: str
     metric: str
     threshold: float
-    value: float
+    value: float | None
     passed: bool
+    kind: str = "minimum"
+    baseline: float | None = None
+    allowed_drop: float | None = None
+    message: str = ""
+
+    def describe(self) -> str:
+        """One sentence saying what was checked and how it came out."""
+        if self.message:
+            return self.message
+        if self.value is None:
+            return f"{self.metric} is not in the report ({self.expression})"
+        relation = ">=" if self.passed else "is below"
+        return f"{self.metric} = {self.value:.4f} {relation} {self.threshold:.4f} ({self.expression})"
 
 
 @dataclass
@@ -143,6 +186,7 @@ class Report:
     samples: list[SampleRecord]
     timing: dict[str, Any] = field(default_factory=dict)
     gate: list[GateCheck] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)  # image files written by --plots
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +216,7 @@ class Report:
                 label=s["label"],
                 clean_pred=s["clean_pred"],
                 threats={k: SampleThreat(**v) for k, v in s["threats"].items()},
+                **{k: s[k] for k in ("adversarial_l2", "certified_l2", "certified_method", "indicator") if k in s},
             )
             for s in raw["samples"]
         ]
@@ -195,10 +240,13 @@ class Report:
                 curves=[Curve(**c) for c in summary.get("curves", [])],
                 forward_passes_per_sample=summary.get("forward_passes_per_sample", 0.0),
                 backward_passes_per_sample=summary.get("backward_passes_per_sample", 0.0),
+                certificate=CertificateSummary(**summary["certificate"]) if summary.get("certificate") else None,
+                indicator=summary.get("indicator"),
             ),
             samples=samples,
             timing=raw.get("timing", {}),
             gate=[GateCheck(**g) for g in raw.get("gate", [])],
+            plots=raw.get("plots", []),
         )
 
 

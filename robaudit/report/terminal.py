@@ -106,6 +106,69 @@ def _curves(report: Report) -> Table | None:
     return table
 
 
+def _certificate(report: Report) -> Table | Text | None:
+    cert = report.summary.certificate
+    if cert is None:
+        return None
+    if not cert.available:
+        return Text(f"Certified L2 radii: {cert.reason}", style="yellow")
+    table = Table(
+        title=(
+            "Certified L2 radii (lower bounds: no perturbation this small changes the decision; "
+            f"budget {cert.budget}, {report.timing.get('certify_s') or 0:.1f}s)"
+        ),
+        title_justify="left",
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in cert.certified_accuracy.items():
+        table.add_row(f"certified accuracy {name}", _pct(value))
+    quantiles = "  ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items())
+    table.add_row("radius (correct samples)", quantiles or "-")
+    if cert.median_ratio is not None:
+        table.add_row(
+            "median certified / smallest adversarial L2",
+            f"{cert.median_ratio:.3f} [dim]({cert.ratio_samples} samples; 1 = pinned down exactly)[/dim]",
+        )
+    table.add_row("method that gave the radius", ", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")
+    return table
+
+
+def _indicator(report: Report) -> Table | None:
+    ind = report.summary.indicator
+    if not ind:
+        return None
+    parts = ind.get("parts", {})
+    table = Table(
+        title=(
+            "Decision-surface indicator (no attacks: how steep and curved the decision function is around each sample; "
+            "docs/indicator.md)"
+        ),
+        title_justify="left",
+    )
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("meaning")
+    table.add_row(
+        "score", f"{ind['score']:.3f}",
+        "median margin / predicted worst drop in the ball; higher = flatter, wider plateau = more robust; "
+        "above 1 the second-order bound predicts most decisions hold",
+    )  # fmt: skip
+    for key, meaning in (
+        ("median_jacobian_l2", "gradient size of the margin (small = robust)"),
+        ("median_curvature", "curvature (finite differences; ReLU nets have no Hessian)"),
+        ("median_hessian_max_abs", "largest Hessian eigenvalue (smooth nets)"),
+    ):
+        if key in parts:
+            table.add_row(key.removeprefix("median_"), f"{parts[key]:.4g}", meaning)
+    for key, value in parts.items():
+        if key.startswith("predicted_robust_accuracy["):
+            table.add_row(escape(key), _pct(value), "samples whose predicted drop stays below their margin (a prediction, not a bound)")
+    if ind.get("masking_suspected"):
+        table.add_row("[bold red]masking suspected[/bold red]", "yes", "random probes beat the predicted drop: the score is not meaningful")
+    return table
+
+
 def _per_class(report: Report) -> Table | None:
     threats = report.summary.threats
     if not threats or not threats[0].per_class or len(threats[0].per_class) > 20:
@@ -133,9 +196,8 @@ def _gate(report: Report) -> Text | None:
     lines = Text()
     for check in report.gate:
         mark, style = ("PASS", "green") if check.passed else ("FAIL", "bold red")
-        relation = ">=" if check.passed else "<"
         lines.append(f"{mark} ", style=style)
-        lines.append(f"{check.metric} = {check.value:.4f} {relation} {check.threshold:.4f}\n")
+        lines.append(f"{check.describe()}\n")
     return lines
 
 
@@ -148,7 +210,7 @@ def render(report: Report, console: Console) -> None:
     console.print(Panel(Group(*parts), title=f"robaudit {report.robaudit_version}", title_align="left"))
     console.print(_results(report))
     console.print(_attacks(report))
-    for extra in (_curves(report), _per_class(report)):
+    for extra in (_curves(report), _certificate(report), _indicator(report), _per_class(report)):
         if extra is not None:
             console.print(extra)
     gate = _gate(report)

@@ -1,0 +1,272 @@
+"""One self-contained HTML file: inline CSS, every plot embedded, no external resource.
+
+Figures: an inline SVG bar chart of the headline accuracies (always), the robust
+accuracy against radius curves as a PNG data URI drawn with matplotlib (an inline SVG
+line chart when matplotlib is missing), and every PNG listed in ``report.plots``
+(``--plots``) as a data URI. Reads the Report only; the file can be mailed, archived as a
+CI artifact or opened offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.util
+import tempfile
+from pathlib import Path
+
+from robaudit.errors import RobauditError
+from robaudit.report.files import write_text
+from robaudit.report.schema import Curve, Report
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:2rem auto;max-width:70rem;padding:0 1rem;color:#1f2328;background:#fff}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}th,td{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:left}
+th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
+.verdict{display:inline-block;padding:.3rem .8rem;border-radius:.4rem;font-weight:600}
+.pass{background:#dafbe1;color:#116329}.fail{background:#ffebe9;color:#a40e26}.none{background:#f6f8fa;color:#57606a}
+.meta{color:#57606a;font-size:.9rem}.note{color:#9a6700}code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em}
+figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #d0d7de}figcaption{color:#57606a;font-size:.85rem}
+svg text{font-family:system-ui,sans-serif;font-size:12px;fill:#1f2328}
+"""
+
+
+INDICATOR_PARTS = ("median_jacobian_l2", "median_curvature", "median_hessian_max_abs", "predicted_robust_accuracy[")
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _table(header: list[str], rows: list[list[str]], numeric: set[int] | None = None) -> str:
+    numeric = numeric or set()
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="num">{c}</td>' if i in numeric else f"<td>{c}</td>" for i, c in enumerate(row)) + "</tr>"
+        for row in rows
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _bars(report: Report) -> str:
+    """Horizontal bars of clean, robust and certified accuracy (inline SVG, no dependencies)."""
+    s = report.summary
+    items = [("clean accuracy", s.clean_accuracy, "#57606a")]
+    items += [(f"robust {t.threat}", t.robust_accuracy, "#0969da") for t in s.threats]
+    if s.certificate is not None and s.certificate.available:
+        items += [(f"certified {k}", v, "#1a7f37") for k, v in s.certificate.certified_accuracy.items()]
+    label_w, bar_w, row_h = 220, 420, 26
+    height = row_h * len(items) + 24
+    parts = [
+        f'<svg role="img" aria-label="accuracies" width="{label_w + bar_w + 70}" '
+        f'height="{height}" viewBox="0 0 {label_w + bar_w + 70} {height}">'
+    ]
+    for i, (label, value, colour) in enumerate(items):
+        y = 8 + i * row_h
+        width = max(0.0, min(1.0, value)) * bar_w
+        parts.append(f'<text x="{label_w - 8}" y="{y + 15}" text-anchor="end">{_e(label)}</text>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{bar_w}" height="{row_h - 8}" fill="#f6f8fa" stroke="#d0d7de"/>')
+        parts.append(f'<rect x="{label_w}" y="{y}" width="{width:.1f}" height="{row_h - 8}" fill="{colour}"/>')
+        parts.append(f'<text x="{label_w + bar_w + 6}" y="{y + 15}">{_pct(value)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _svg_curves(curves: list[Curve]) -> str:
+    """Robust accuracy against radius as an inline SVG line chart (the fallback without matplotlib)."""
+    colours = ["#0969da", "#cf222e", "#1a7f37", "#8250df"]
+    w, h, left, bottom, top, right = 520, 300, 50, 40, 20, 20
+    xmax = max((max(c.eps) for c in curves if c.eps), default=1.0) or 1.0
+    px = lambda e: left + (w - left - right) * e / xmax  # noqa: E731
+    py = lambda a: top + (h - top - bottom) * (1 - a)  # noqa: E731
+    parts = [f'<svg role="img" aria-label="robust accuracy against radius" width="{w}" height="{h}" viewBox="0 0 {w} {h}">']
+    parts.append(f'<line x1="{left}" y1="{py(0)}" x2="{w - right}" y2="{py(0)}" stroke="#57606a"/>')
+    parts.append(f'<line x1="{left}" y1="{py(0)}" x2="{left}" y2="{py(1)}" stroke="#57606a"/>')
+    for tick in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{left - 6}" y="{py(tick) + 4}" text-anchor="end">{tick:g}</text>')
+    parts.append(f'<text x="{left}" y="{h - 8}">0</text><text x="{w - right}" y="{h - 8}" text-anchor="end">{xmax:.3g}</text>')
+    parts.append(f'<text x="{(w + left) / 2}" y="{h - 8}" text-anchor="middle">eps</text>')
+    for i, c in enumerate(curves):
+        points = " ".join(f"{px(e):.1f},{py(a):.1f}" for e, a in zip(c.eps, c.robust_accuracy))
+        colour = colours[i % len(colours)]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>')
+        parts.append(f'<text x="{w - right - 4}" y="{top + 14 * (i + 1)}" text-anchor="end" fill="{colour}">{_e(c.norm)}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+CURVE_FILE = "accuracy_vs_eps.png"  # the curve that --plots writes (robaudit.stages.measure)
+
+
+def _scan_curve(report: Report) -> Path | None:
+    for name in report.plots:
+        if Path(name).name == CURVE_FILE and Path(name).is_file():
+            return Path(name)
+    return None
+
+
+def _curve_figure(report: Report) -> str:
+    curves = report.summary.curves
+    if not curves:
+        return ""
+    caption = "Robust accuracy against radius (verified minimal-norm and fixed-radius results)"
+    drawn = _scan_curve(report)
+    if drawn is not None:  # --plots drew it already
+        return f'<figure><img src="{png_data_uri(drawn.read_bytes())}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+    if importlib.util.find_spec("matplotlib") is not None:
+        from robaudit.measures.plots import save_curve_png
+
+        try:
+            with tempfile.TemporaryDirectory(prefix="robaudit-html-") as tmp:
+                path = save_curve_png(curves, Path(tmp) / "curve.png")
+                uri = png_data_uri(path.read_bytes())
+            return f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+        except (RobauditError, OSError):
+            pass
+    return f"<figure>{_svg_curves(curves)}<figcaption>{_e(caption)}</figcaption></figure>"
+
+
+def _plot_figures(report: Report) -> str:
+    figures, missing = [], []
+    for name in report.plots:
+        path = Path(name)
+        if report.summary.curves and path == _scan_curve(report):
+            continue  # shown as the curve figure
+        if path.suffix.lower() != ".png" or not path.is_file():
+            missing.append(name)
+            continue
+        uri = png_data_uri(path.read_bytes())
+        figures.append(f'<figure><img src="{uri}" alt="{_e(path.name)}"><figcaption>{_e(path.name)}</figcaption></figure>')
+    if missing:
+        figures.append(f'<p class="note">not embedded (file not found when the page was written): {_e(", ".join(missing))}</p>')
+    return "".join(figures)
+
+
+def _gate(report: Report) -> str:
+    if not report.gate:
+        return ""
+    rows = [
+        [
+            '<span class="verdict pass">PASS</span>' if c.passed else '<span class="verdict fail">FAIL</span>',
+            _e(c.describe()),
+            "n/a" if c.value is None else f"{c.value:.4f}",
+            f"{c.threshold:.4f}",
+            "" if c.baseline is None else f"{c.baseline:.4f}",
+            f"<code>{_e(c.expression)}</code>",
+        ]
+        for c in report.gate
+    ]
+    return "<h2>Gate</h2>" + _table(["result", "check", "value", "lowest passing", "baseline", "rule"], rows, {2, 3, 4})
+
+
+def _verdict(report: Report) -> str:
+    if not report.gate:
+        return '<span class="verdict none">no gate checks</span>'
+    missed = sum(not c.passed for c in report.gate)
+    if missed:
+        return f'<span class="verdict fail">gate failed: {missed} of {len(report.gate)} checks missed</span>'
+    return f'<span class="verdict pass">gate passed: {len(report.gate)} checks</span>'
+
+
+def _threats(report: Report) -> str:
+    times = report.timing.get("attacks_s", {})
+    rows = []
+    for t in report.summary.threats:
+        per = times.get(t.threat)
+        rows.append([
+            f"<code>{_e(t.threat)}</code>", _pct(t.robust_accuracy), f"{t.forward_passes_per_sample:.1f}",
+            f"{t.backward_passes_per_sample:.1f}", f"{sum(per.values()):.1f} s" if isinstance(per, dict) else "",
+        ])  # fmt: skip
+    html_ = "<h2>Threats</h2>" + _table(["threat", "robust accuracy", "fwd / sample", "bwd / sample", "time"], rows, {1, 2, 3, 4})
+    rows = []
+    for m in report.summary.minimal_norm:
+        for a in m.attack_details:
+            rows.append([f"minimal {_e(m.norm)}", _e(a.name), str(a.attempted), str(a.broke), "any radius", f"{a.forward_passes}/{a.backward_passes}"])
+    for t in report.summary.threats:
+        for a in t.attack_details:
+            name = a.name + (f" x{a.restarts}" if a.restarts > 1 else "")
+            cost = _e(a.skipped) if a.skipped else f"{a.forward_passes}/{a.backward_passes}"
+            rows.append([f"<code>{_e(t.threat)}</code>", _e(name), "" if a.skipped else str(a.attempted), str(a.broke), _pct(a.robust_accuracy_after), cost])
+    if rows:
+        html_ += "<h2>Attack breakdown</h2><p class=\"meta\">Each attack runs only on points still robust; 'broke' counts the points it broke first.</p>"
+        html_ += _table(["threat", "attack", "attempted", "broke", "robust after", "passes (f/b)"], rows, {2, 3, 4, 5})
+    return html_
+
+
+def _certificate(report: Report) -> str:
+    cert = report.summary.certificate
+    if cert is None:
+        return ""
+    if not cert.available:
+        return f'<h2>Certified L2 radii</h2><p class="note">{_e(cert.reason or "not available")}</p>'
+    rows = [[f"certified accuracy <code>{_e(k)}</code>", _pct(v)] for k, v in cert.certified_accuracy.items()]
+    if cert.radius_quantiles:
+        rows.append(["radius quantiles (correct samples)", _e(", ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items()))])
+    if cert.median_ratio is not None:
+        rows.append(["median certified / smallest adversarial L2", f"{cert.median_ratio:.3f} ({cert.ratio_samples} samples)"])
+    return f"<h2>Certified L2 radii (budget {_e(cert.budget)})</h2>" + _table(["metric", "value"], rows, {1})
+
+
+def _indicator(report: Report) -> str:
+    ind = report.summary.indicator
+    if not ind or "score" not in ind:
+        return ""
+    rows = [["score (higher = flatter decision surface = more robust)", f"{ind['score']:.3f}"]]
+    for key, value in (ind.get("parts") or {}).items():
+        if isinstance(value, (int, float)) and key.startswith(INDICATOR_PARTS):
+            rows.append([f"<code>{_e(key)}</code>", _pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"])
+    if ind.get("masking_suspected"):
+        rows.append(["<strong>masking suspected</strong>", "the score is not meaningful"])
+    return "<h2>Decision-surface indicator</h2>" + _table(["metric", "value"], rows, {1})
+
+
+def render_html(report: Report) -> str:
+    m, d, s = report.model, report.data, report.summary
+    title = f"robaudit: {Path(m.path).name} on {Path(d.name).name}"
+    headline = [["clean accuracy", _pct(s.clean_accuracy)]]
+    headline += [[f"robust accuracy <code>{_e(t.threat)}</code>", _pct(t.robust_accuracy)] for t in s.threats]
+    if s.certificate is not None and s.certificate.available:
+        headline += [[f"certified accuracy <code>{_e(k)}</code>", _pct(v)] for k, v in s.certificate.certified_accuracy.items()]
+    if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
+        headline.append(["indicator score", f"{s.indicator['score']:.3f}"])
+    notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in [*m.notes, *d.notes])
+    meta = (
+        f"model <code>{_e(m.path)}</code> ({_e(m.format)}, sha256 <code>{_e(m.sha256[:12])}</code>) · "
+        f"data <code>{_e(d.name)}</code>: {d.n} of {d.source_size} samples, seed {d.seed} · "
+        f"device {_e(report.environment.get('device', '?'))} · robaudit {_e(report.robaudit_version)} · {_e(report.created)}"
+    )
+    body = [
+        f"<h1>{_e(title)}</h1>",
+        f"<p>{_verdict(report)}</p>",
+        f'<p class="meta">{meta}</p>',
+        notes,
+        _table(["metric", "value"], headline, {1}),
+        f"<figure>{_bars(report)}<figcaption>Clean, robust and certified accuracy</figcaption></figure>",
+        _gate(report),
+        _threats(report),
+    ]
+    curve = _curve_figure(report)
+    if curve:
+        body += ["<h2>Robust accuracy against radius</h2>", curve]
+    body += [_certificate(report), _indicator(report)]
+    plots = _plot_figures(report)
+    if plots:
+        body += ["<h2>Plots</h2>", plots]
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>{_e(title)}</title>\n<style>{CSS}</style>\n</head>\n<body>\n" + "\n".join(b for b in body if b) + "\n</body>\n</html>\n"
+    )
+
+
+def write_html(report: Report, path: Path) -> None:
+    write_text(path, render_html(report), "HTML file")

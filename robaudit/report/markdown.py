@@ -1,0 +1,216 @@
+"""Markdown for a CI job summary (``--markdown "$GITHUB_STEP_SUMMARY"``) or a merge-request note.
+
+GitHub-flavoured Markdown: a headline with the gate's verdict, the key figures, the gate
+checks, the threats, the attack breakdown (folded in a ``<details>`` block), the curve,
+the certificate and the indicator when the report has them. Reads the Report only.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from robaudit.report.files import write_text
+from robaudit.report.schema import GateCheck, Report
+
+if TYPE_CHECKING:
+    from robaudit.compare import Comparison
+
+
+INDICATOR_PARTS = ("median_jacobian_l2", "median_curvature", "median_hessian_max_abs", "predicted_robust_accuracy[")
+
+
+def cell(text: object) -> str:
+    """Text safe inside a table cell: no pipes, no HTML, no line breaks."""
+    return html.escape(str(text), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def code(text: object) -> str:
+    value = str(text).replace("`", "'").replace("|", "\\|").replace("\n", " ")
+    return f"`{value}`"
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> list[str]:
+    """A Markdown table; ``align`` has one letter per column (l or r), left by default."""
+    marks = [("---:" if (align[i:i + 1] == "r") else "---") for i in range(len(header))]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def verdict(checks: Sequence[GateCheck]) -> str:
+    if not checks:
+        return "no gate checks"
+    missed = sum(not c.passed for c in checks)
+    if missed:
+        return f"❌ gate failed: {missed} of {len(checks)} check{'s' if len(checks) != 1 else ''} missed"
+    return f"✅ gate passed: {len(checks)} check{'s' if len(checks) != 1 else ''}"
+
+
+def gate_table(checks: Sequence[GateCheck]) -> list[str]:
+    rows = []
+    for c in checks:
+        rows.append((
+            "✅ pass" if c.passed else "❌ **FAIL**",
+            cell(c.describe()),
+            "n/a" if c.value is None else f"{c.value:.4f}",
+            f"{c.threshold:.4f}",
+            "" if c.baseline is None else f"{c.baseline:.4f}",
+            code(c.expression),
+        ))  # fmt: skip
+    return table(("result", "check", "value", "lowest passing", "baseline", "rule"), rows, "llrrrl")
+
+
+def _headline(report: Report) -> list[str]:
+    m, d, s = report.model, report.data, report.summary
+    meta = (
+        f"**model** {code(Path(m.path).name)} ({cell(m.format)}, sha256 {code(m.sha256[:12])}) · "
+        f"**data** {code(Path(d.name).name)}: {d.n} of {d.source_size} samples, seed {d.seed} · "
+        f"**device** {cell(report.environment.get('device', '?'))} · robaudit {cell(report.robaudit_version)}"
+    )
+    total = report.timing.get("total_s")
+    if isinstance(total, (int, float)):
+        meta += f" · {total:.1f} s"
+    rows = [("clean accuracy", pct(s.clean_accuracy))]
+    rows += [(f"robust accuracy {code(t.threat)}", pct(t.robust_accuracy)) for t in s.threats]
+    if s.certificate is not None and s.certificate.available:
+        rows += [(f"certified accuracy {code(k)}", pct(v)) for k, v in s.certificate.certified_accuracy.items()]
+    if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
+        rows.append(("indicator score", f"{s.indicator['score']:.3f}"))
+    return [f"## robaudit: {verdict(report.gate)}", "", meta, "", *table(("metric", "value"), rows, "lr")]
+
+
+def _threats(report: Report) -> list[str]:
+    times = report.timing.get("attacks_s", {})
+    rows = []
+    for t in report.summary.threats:
+        seconds = sum(times.get(t.threat, {}).values()) if isinstance(times.get(t.threat), dict) else None
+        rows.append((
+            code(t.threat) + (f" ({cell(t.spec)})" if t.spec and t.spec != t.threat else ""),
+            pct(t.robust_accuracy),
+            f"{t.forward_passes_per_sample:.1f}",
+            f"{t.backward_passes_per_sample:.1f}",
+            "" if seconds is None else f"{seconds:.1f} s",
+        ))  # fmt: skip
+    return ["### Threats", "", *table(("threat", "robust accuracy", "fwd / sample", "bwd / sample", "time"), rows, "lrrrr")]
+
+
+def _attacks(report: Report) -> list[str]:
+    rows = []
+    for m in report.summary.minimal_norm:
+        for a in m.attack_details:
+            rows.append((f"minimal {cell(m.norm)}", code(a.name), a.attempted, a.broke, "any radius", f"{a.forward_passes}/{a.backward_passes}"))
+    for t in report.summary.threats:
+        for a in t.attack_details:
+            if a.skipped:
+                rows.append((code(t.threat), code(a.name), "", a.broke, pct(a.robust_accuracy_after), cell(a.skipped)))
+                continue
+            name = a.name + (f" x{a.restarts}" if a.restarts > 1 else "")
+            rows.append((code(t.threat), code(name), a.attempted, a.broke, pct(a.robust_accuracy_after), f"{a.forward_passes}/{a.backward_passes}"))
+    if not rows:
+        return []
+    return [
+        "<details><summary>Attack breakdown (each attack runs only on points still robust; 'broke' counts points it broke first)</summary>",
+        "",
+        *table(("threat", "attack", "attempted", "broke", "robust after", "passes (f/b)"), rows, "llrrrr"),
+        "</details>",
+        "",
+    ]
+
+
+def _curves(report: Report) -> list[str]:
+    if not report.summary.curves:
+        return []
+    rows = []
+    for c in report.summary.curves:
+        step = max(1, (len(c.eps) - 1) // 6)
+        points = ", ".join(f"{c.eps[i]:.3g}: {pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
+        rows.append((cell(c.norm), "-" if c.median_distance is None else f"{c.median_distance:.4g}", points))
+    return ["### Robust accuracy against radius", "", *table(("norm", "median distance", "radius: robust accuracy"), rows, "lrl")]
+
+
+def _certificate(report: Report) -> list[str]:
+    cert = report.summary.certificate
+    if cert is None:
+        return []
+    if not cert.available:
+        return ["### Certified L2 radii", "", cell(cert.reason or "not available"), ""]
+    rows = [(f"certified accuracy {code(k)}", pct(v)) for k, v in cert.certified_accuracy.items()]
+    if cert.radius_quantiles:
+        rows.append(("radius quantiles (correct samples)", ", ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items())))
+    if cert.median_ratio is not None:
+        rows.append(("median certified / smallest adversarial L2", f"{cert.median_ratio:.3f} ({cert.ratio_samples} samples)"))
+    return [f"### Certified L2 radii (budget {cell(cert.budget)})", "", *table(("metric", "value"), rows, "lr")]
+
+
+def _indicator(report: Report) -> list[str]:
+    ind = report.summary.indicator
+    if not ind or "score" not in ind:
+        return []
+    rows = [("score (higher = flatter decision surface = more robust)", f"{ind['score']:.3f}")]
+    for key, value in (ind.get("parts") or {}).items():
+        if isinstance(value, (int, float)) and key.startswith(INDICATOR_PARTS):
+            shown = pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"
+            rows.append((code(key), shown))
+    if ind.get("masking_suspected"):
+        rows.append(("**masking suspected**", "the score is not meaningful"))
+    return ["### Decision-surface indicator", "", *table(("metric", "value"), rows, "lr")]
+
+
+def _notes(report: Report) -> list[str]:
+    notes = [*report.model.notes, *report.data.notes]
+    return ["### Notes", "", *[f"- {cell(n)}" for n in notes], ""] if notes else []
+
+
+def render_markdown(report: Report) -> str:
+    parts = _headline(report)
+    if report.gate:
+        parts += ["### Gate", "", *gate_table(report.gate)]
+    parts += _threats(report) + _attacks(report) + _curves(report) + _certificate(report) + _indicator(report) + _notes(report)
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def write_markdown(report: Report, path: Path) -> None:
+    write_text(path, render_markdown(report), "Markdown file")
+
+
+def render_comparison_markdown(comparison: Comparison) -> str:
+    """The deltas of `robaudit compare`, the flipped samples and the drop checks."""
+    c = comparison
+    lines = [
+        f"## robaudit compare: {verdict(c.checks)}",
+        "",
+        f"**base** {code(Path(c.base_path).name)} (model sha256 {code(c.base.model.sha256[:12])}) → "
+        f"**new** {code(Path(c.new_path).name)} (model sha256 {code(c.new.model.sha256[:12])}) · "
+        f"**data** {code(Path(c.new.data.name).name)}: {c.new.data.n} samples, seed {c.new.data.seed}",
+        "",
+    ]
+    if c.mismatch:
+        lines += [f"> **Warning**: compared with --force although {cell('; '.join(c.mismatch))}.", ""]
+    rows = []
+    for d in c.metrics:
+        fmt = (lambda v: pct(v)) if d.unit == "fraction" else (lambda v: "n/a" if v is None else f"{v:.4g}")
+        change = "n/a" if d.delta is None else (f"{100 * d.delta:+.1f} pp" if d.unit == "fraction" else f"{d.delta:+.4g}")
+        relative = "" if d.relative is None else f"{100 * d.relative:+.1f}%"
+        rows.append((cell(d.label), fmt(d.base), fmt(d.new), change, relative))
+    lines += ["### Metrics", "", *table(("metric", "base", "new", "change", "relative"), rows, "lrrrr")]
+    if c.checks:
+        lines += ["### Allowed drops", "", *gate_table(c.checks)]
+    rows = []
+    for threat, flips in c.flipped.items():
+        shown = ", ".join(f"{f.index} ({cell(f.broken_by or 'misclassified')})" for f in flips[:50])
+        more = f", ... {len(flips) - 50} more" if len(flips) > 50 else ""
+        rows.append((code(threat), len(flips), len(c.fixed.get(threat, [])), (shown + more) or "none"))
+    if rows:
+        lines += [
+            "### Samples that flipped from robust to broken",
+            "",
+            *table(("threat", "robust → broken", "broken → robust", "sample index (broken by)"), rows, "lrrl"),
+        ]
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,211 @@
+"""The scan's certificate stage: when to certify, and checking every radius before it is printed.
+
+`robaudit.certify` computes the radii; this module decides whether a scan can afford
+them (the stated budget), and then holds each radius against everything the scan
+found: no verified adversarial example of any threat may lie inside a certified
+ball, and a few points just inside each ball must keep the model's decision. A
+failure there is a robaudit bug and stops the scan instead of printing a radius.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from robaudit.attacks.runner import MinimalOutcome, ProgressSink, ThreatOutcome, predict
+from robaudit.report.schema import CertificateSummary
+from robaudit.threats import perturbation_norms
+
+PILOT = 8  # samples certified first to project the cost in "auto" mode
+MIN_BUDGET_S = 10.0  # auto mode may always spend this long
+INSIDE = 0.999  # test points at this fraction of the certified radius
+RANDOM_PROBES = 8  # random directions per certified sample in the self-check
+QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+
+
+@dataclass
+class CertifyResult:
+    summary: CertificateSummary
+    radius: torch.Tensor | None  # float64 (N,), None when unavailable or skipped
+    method: list[str] | None
+    adversarial_l2: torch.Tensor  # float64 (N,): smallest L2 size of any verified adversarial example, inf if none
+    seconds: float = 0.0  # wall time, reported under the report's timing only
+
+
+def smallest_adversarial_l2(
+    x: torch.Tensor, outcomes: list[ThreatOutcome], minimal: dict[str, MinimalOutcome]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, the L2 size of the closest verified adversarial example of any threat or stage, and that example."""
+    best = torch.full((len(x),), math.inf, dtype=torch.float64)
+    closest = x.detach().clone().cpu()
+    found = [(o.x_adv, o.broken) for o in outcomes] + [(m.x_adv, torch.isfinite(m.distance)) for m in minimal.values()]
+    for x_adv, mask in found:
+        idx = torch.nonzero(mask).flatten()
+        if len(idx) == 0:
+            continue
+        size = perturbation_norms(x_adv[idx] - x[idx], "l2")
+        better = size < best[idx]
+        best[idx[better]] = size[better]
+        closest[idx[better]] = x_adv[idx[better]]
+    return best, closest
+
+
+def _summary_of(
+    radius: torch.Tensor,
+    method: list[str],
+    clean_correct: torch.Tensor,
+    adversarial_l2: torch.Tensor,
+    l2_threats: list[tuple[str, float]],
+    budget: str,
+    notes: list[str],
+) -> CertificateSummary:
+    n = len(radius)
+    correct = radius[clean_correct]
+    quantiles = {f"p{round(q * 100)}": float(torch.quantile(correct, q)) for q in QUANTILES} if len(correct) else {}
+    if len(correct):
+        quantiles = {"min": float(correct.min()), **quantiles, "max": float(correct.max())}
+    both = clean_correct & torch.isfinite(adversarial_l2) & (adversarial_l2 > 0)
+    ratios = radius[both] / adversarial_l2[both]
+    methods: dict[str, int] = {}
+    for i in torch.nonzero(clean_correct).flatten().tolist():
+        methods[method[i]] = methods.get(method[i], 0) + 1
+    return CertificateSummary(
+        available=True,
+        reason=None,
+        budget=budget,
+        certified_accuracy={name: float((radius >= eps).sum()) / n for name, eps in l2_threats},
+        radius_quantiles=quantiles,
+        median_ratio=float(ratios.median()) if len(ratios) else None,
+        ratio_samples=int(both.sum()),
+        methods=methods,
+        notes=notes,
+    )
+
+
+def unavailable(reason: str, budget: str, adversarial_l2: torch.Tensor, seconds: float = 0.0) -> CertifyResult:
+    summary = CertificateSummary(available=False, reason=reason, budget=budget)
+    return CertifyResult(summary=summary, radius=None, method=None, adversarial_l2=adversarial_l2, seconds=seconds)
+
+
+def check_radii(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    radius: torch.Tensor,
+    adversarial_l2: torch.Tensor,
+    closest: torch.Tensor,
+    *,
+    lower: float,
+    upper: float,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+) -> None:
+    """Refuse to print a radius that the scan's own evidence contradicts.
+
+    1. No verified adversarial example (any threat, any stage) lies strictly inside a
+       certified ball.
+    2. Points at 0.999 of the radius, towards the closest adversarial example found and
+       along random directions (clipped to the box, which only moves them closer), keep
+       the model's decision.
+    """
+    inside = radius > adversarial_l2 * (1 + 1e-9)
+    if bool(inside.any()):
+        bad = torch.nonzero(inside).flatten().tolist()[:5]
+        raise RuntimeError(f"internal error: certified L2 radius exceeds a verified adversarial distance for samples {bad}")
+    idx = torch.nonzero(radius > 0).flatten()
+    if len(idx) == 0:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    xs, ys, rs = x[idx], y[idx], radius[idx]
+    directions = [closest[idx] - xs]
+    directions += [torch.randn(xs.shape, generator=generator) for _ in range(RANDOM_PROBES)]
+    for d in directions:
+        size = d.flatten(1).norm(dim=1).to(torch.float64)
+        usable = size > 0
+        scale = torch.where(usable, INSIDE * rs / size.clamp_min(1e-30), torch.zeros_like(rs))
+        probes = (xs + d * scale.to(xs.dtype).view(-1, *([1] * (xs.dim() - 1)))).clamp(lower, upper)
+        flipped = predict(model, probes, batch_size, device) != ys
+        if bool(flipped.any()):
+            bad = idx[flipped].tolist()[:5]
+            raise RuntimeError(f"internal error: a point inside the certified L2 ball changes the decision (samples {bad})")
+
+
+def certify_stage(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    clean_correct: torch.Tensor,
+    outcomes: list[ThreatOutcome],
+    minimal: dict[str, MinimalOutcome],
+    *,
+    mode: str,
+    budget: str,
+    attack_seconds: float,
+    l2_threats: list[tuple[str, float]],
+    lower: float,
+    upper: float,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    progress: ProgressSink,
+) -> CertifyResult | None:
+    """Certified L2 radii for the scan, or None when ``mode`` is "off".
+
+    ``mode`` "auto" runs only when the scan has an L2 threat (certified accuracy is an
+    L2 figure); it certifies a pilot of 8 samples first and goes on only if the whole
+    run is projected to take no longer than the attacks did (at least 10 s). "on"
+    always runs to the end.
+    """
+    from robaudit.certify import CertificateUnavailable, certify_l2
+
+    if mode == "off" or (mode == "auto" and not l2_threats):
+        return None
+    adversarial_l2, closest = smallest_adversarial_l2(x, outcomes, minimal)
+    cpu_model = model.to("cpu")
+    todo = torch.nonzero(clean_correct).flatten()
+    radius = torch.zeros(len(x), dtype=torch.float64)
+    method = ["none"] * len(x)
+    notes: list[str] = []
+    started = time.perf_counter()
+    try:
+        pilot = todo[:PILOT]
+        progress.start("certifying L2 radii", max(1, len(todo)))
+        first = certify_l2(cpu_model, x[pilot], y[pilot], budget=budget, progress=progress.advance)
+        rest = todo[PILOT:]
+        limit = max(MIN_BUDGET_S, attack_seconds)
+        projected = first.seconds / max(1, len(pilot)) * len(todo)
+        if mode == "auto" and projected > limit:
+            progress.finish()
+            reason = (
+                f"certificate skipped: projected {projected:.0f} s exceeds the automatic budget of {limit:.0f} s "
+                "(as long as the attacks took, at least 10 s); pass --certify to run it"
+            )
+            return unavailable(reason, budget, adversarial_l2, time.perf_counter() - started)
+        second = certify_l2(cpu_model, x[rest], y[rest], budget=budget, progress=progress.advance) if len(rest) else None
+        progress.finish()
+    except CertificateUnavailable as exc:
+        progress.finish()
+        return unavailable(str(exc), budget, adversarial_l2, time.perf_counter() - started)
+    finally:
+        model.to(device)
+    radius[pilot] = first.radius
+    for i, m in zip(pilot.tolist(), first.method):
+        method[i] = m
+    if second is not None:
+        radius[rest] = second.radius
+        for i, m in zip(rest.tolist(), second.method):
+            method[i] = m
+    notes = [n for n in first.notes if not n.startswith("largest radius from")]
+    check_radii(
+        model, x, y, radius, adversarial_l2, closest,
+        lower=lower, upper=upper, batch_size=batch_size, device=device, seed=seed,
+    )  # fmt: skip
+    summary = _summary_of(radius, method, clean_correct, adversarial_l2, l2_threats, budget, notes)
+    return CertifyResult(
+        summary=summary, radius=radius, method=method, adversarial_l2=adversarial_l2, seconds=time.perf_counter() - started
+    )

@@ -1,0 +1,104 @@
+"""The scan's certificate stage: radii in the report, checked against the scan's own evidence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import ModelFiles, load_json, run_cli
+from robaudit.stages.certify import check_radii
+
+CPU = torch.device("cpu")
+CHECK = dict(lower=-10.0, upper=10.0, batch_size=64, device=CPU, seed=0)
+
+
+def two_class_linear() -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (0, w.x): the exact L2 distance to the boundary is |w.x| / ||w||."""
+    w = torch.tensor([3.0, -4.0])
+    model = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.stack([torch.zeros(2), w]))
+    x = torch.tensor([[1.0, -1.0], [2.0, 0.5], [-1.0, 1.0]])
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    exact = (x @ w).abs().double() / 5.0
+    return model, x, y, exact
+
+
+def test_check_accepts_the_exact_radius() -> None:
+    model, x, y, exact = two_class_linear()
+    far = torch.full((len(x),), math.inf, dtype=torch.float64)
+    check_radii(model, x, y, exact * (1 - 1e-6), far, x.clone(), **CHECK)
+
+
+def test_check_refuses_a_radius_beyond_a_verified_adversarial_example() -> None:
+    model, x, y, exact = two_class_linear()
+    with pytest.raises(RuntimeError, match="exceeds a verified adversarial distance"):
+        check_radii(model, x, y, exact, exact * 0.9, x.clone(), **CHECK)
+
+
+def test_check_refuses_a_radius_that_a_probe_inside_the_ball_breaks() -> None:
+    model, x, y, exact = two_class_linear()
+    far = torch.full((len(x),), math.inf, dtype=torch.float64)
+    towards = x - (x @ torch.tensor([3.0, -4.0]))[:, None] * torch.tensor([3.0, -4.0]) / 25 * 2  # across the boundary
+    with pytest.raises(RuntimeError, match="changes the decision"):
+        check_radii(model, x, y, exact * 1.5, far, towards, **CHECK)
+
+
+def test_scan_reports_sound_radii_beside_attack_distances(model_files: ModelFiles, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", model_files.onnx, "--data", model_files.data_npz, "--n", "30", "-t", "l2:0.3", "-t", "linf:0.05",
+        "--preset", "quick", "--certify", "--certify-budget", "fast", "--json", out, "--quiet",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = load_json(out)
+    cert = report["summary"]["certificate"]
+    assert cert["available"], cert["reason"]
+    l2 = next(t for t in report["summary"]["threats"] if t["threat"] == "l2:0.3")
+    assert 0 <= cert["certified_accuracy"]["l2:0.3"] <= l2["robust_accuracy"]
+    assert list(cert["certified_accuracy"]) == ["l2:0.3"]  # only L2 threats get a certified accuracy
+    assert cert["median_ratio"] is None or 0 < cert["median_ratio"] <= 1
+    assert sum(cert["methods"].values()) == sum(s["clean_pred"] == s["label"] for s in report["samples"])
+    for s in report["samples"]:
+        if s["clean_pred"] != s["label"]:
+            assert s["certified_l2"] == 0 and s["certified_method"] == "none"
+            continue
+        assert s["certified_l2"] > 0 and s["certified_method"] in cert["methods"]
+        if s["adversarial_l2"] is not None:
+            assert s["certified_l2"] <= s["adversarial_l2"]
+        if not s["threats"]["l2:0.3"]["robust"]:
+            assert s["certified_l2"] < 0.3
+
+
+def test_no_certify_leaves_it_out(model_files: ModelFiles, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", model_files.onnx, "--data", model_files.data_npz, "--n", "10", "--preset", "quick", "--no-certify",
+        "--json", out, "--quiet",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = load_json(out)
+    assert report["summary"]["certificate"] is None
+    assert all(s["certified_l2"] is None for s in report["samples"])
+
+
+def test_unsupported_layer_reports_unavailable_not_a_number(model_files: ModelFiles, tmp_path) -> None:
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.GELU(), nn.Linear(32, 10)).eval()
+    path = tmp_path / "gelu.onnx"
+    torch.onnx.export(net, (torch.rand(2, 1, 8, 8),), str(path), input_names=["x"], dynamo=False, opset_version=17,
+                      dynamic_axes={"x": {0: "batch"}})
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", path, "--data", model_files.data_npz, "--n", "10", "-t", "l2:0.3", "--preset", "quick", "--certify",
+        "--json", out, "--quiet",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = load_json(out)
+    cert = report["summary"]["certificate"]
+    assert not cert["available"] and cert["reason"].startswith("certificate unavailable:")
+    assert any(name in cert["reason"].lower() for name in ("gelu", "erf")), cert["reason"]  # names the layer
+    assert all(s["certified_l2"] is None for s in report["samples"])

@@ -1,0 +1,120 @@
+"""`robaudit compare` on reports made by real scans: a trained CNN and a deliberately degraded copy."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import CiScan, ModelFiles, assert_one_line_error, load_json, run_cli
+from test_ci_outputs import validate_junit
+
+
+def robust(report: dict, threat: str) -> float:
+    return next(t["robust_accuracy"] for t in report["summary"]["threats"] if t["threat"] == threat)
+
+
+def flips(base: dict, new: dict, threat: str) -> tuple[list[int], list[int]]:
+    """Robust -> broken and broken -> robust, by sample index, computed straight from the two JSON files."""
+    before = {s["index"]: s["threats"][threat]["robust"] for s in base["samples"]}
+    lost = [s["index"] for s in new["samples"] if before[s["index"]] and not s["threats"][threat]["robust"]]
+    won = [s["index"] for s in new["samples"] if not before[s["index"]] and s["threats"][threat]["robust"]]
+    return lost, won
+
+
+def test_deltas_and_flipped_samples(ci_base: CiScan, ci_degraded: CiScan, tmp_path) -> None:
+    out, md = tmp_path / "diff.json", tmp_path / "diff.md"
+    result = run_cli("compare", ci_base.json, ci_degraded.json, "--json", out, "--markdown", md)
+    assert result.code == 0, result.stderr  # no allowed drop was given: a report, not a gate
+    base, new, diff = load_json(ci_base.json), load_json(ci_degraded.json), load_json(out)
+    metrics = {m["key"]: m for m in diff["metrics"]}
+    expected = {
+        "clean_accuracy": (base["summary"]["clean_accuracy"], new["summary"]["clean_accuracy"]),
+        "robust_accuracy[linf:0.1]": (robust(base, "linf:0.1"), robust(new, "linf:0.1")),
+        "robust_accuracy[l2:0.5]": (robust(base, "l2:0.5"), robust(new, "l2:0.5")),
+        "certified_accuracy[l2:0.5]": tuple(r["summary"]["certificate"]["certified_accuracy"]["l2:0.5"] for r in (base, new)),
+        "indicator_score": (base["summary"]["indicator"]["score"], new["summary"]["indicator"]["score"]),
+        "forward_passes_per_sample": (base["summary"]["forward_passes_per_sample"], new["summary"]["forward_passes_per_sample"]),
+    }
+    for key, (b, n) in expected.items():
+        assert (metrics[key]["base"], metrics[key]["new"]) == (b, n), key
+        assert metrics[key]["delta"] == pytest.approx(n - b, abs=1e-12), key
+    assert metrics["robust_accuracy[linf:0.1]"]["delta"] < 0
+    for threat in ("linf:0.1", "l2:0.5"):
+        lost, won = flips(base, new, threat)
+        assert [f["index"] for f in diff["flipped"][threat]] == lost
+        assert diff["fixed"][threat] == won
+        by_index = {s["index"]: s for s in new["samples"]}
+        for f in diff["flipped"][threat]:
+            assert f["broken_by"] == by_index[f["index"]]["threats"][threat]["broken_by"]
+    lost, _ = flips(base, new, "linf:0.1")
+    assert lost, "the degraded model should lose some robust samples"
+    # the table names the flipped samples by index; the Markdown lists them too
+    row = next(line for line in result.stdout.splitlines() if line.startswith("│ linf:0.1"))
+    assert f"{lost[0]} (" in row
+    text = md.read_text(encoding="utf-8")
+    assert "### Samples that flipped from robust to broken" in text and f"{lost[0]} (" in text
+    delta = metrics["robust_accuracy[linf:0.1]"]["delta"]
+    assert f"| robust accuracy linf:0.1 | {100 * robust(base, 'linf:0.1'):.1f}% | {100 * robust(new, 'linf:0.1'):.1f}% | {100 * delta:+.1f} pp |" in text
+    assert diff["notes"] == [] and diff["mismatch"] == [] and diff["passed"] is True
+
+
+def test_regression_beyond_the_allowed_drop_exits_1(ci_base: CiScan, ci_degraded: CiScan, tmp_path) -> None:
+    drop = robust(load_json(ci_base.json), "linf:0.1") - robust(load_json(ci_degraded.json), "linf:0.1")
+    assert drop > 0
+    pair = (ci_base.json, ci_degraded.json)
+    tight = run_cli("compare", *pair, "--max-drop", f"robust_accuracy[linf:0.1]={drop / 2}", "-q", "--junit", tmp_path / "c.xml")
+    assert tight.code == 1, tight.stderr
+    assert "gate failed: robust_accuracy[linf:0.1] dropped" in tight.stderr and "Traceback" not in tight.stderr
+    suite = validate_junit(tmp_path / "c.xml").find("testsuite")
+    assert (suite.get("tests"), suite.get("failures")) == ("1", "1")
+    loose = run_cli("compare", *pair, "--max-drop", f"robust_accuracy[linf:0.1]={drop + 0.01}", "-q")
+    assert loose.code == 0, loose.stderr
+    # relative limits from [gate.max_drop]: allowed a fraction of the base value
+    base_value = robust(load_json(ci_base.json), "linf:0.1")
+    config = tmp_path / "audit.toml"
+    config.write_text(f'[gate.max_drop]\n"robust_accuracy[linf:8/80]" = {{ relative = {0.5 * drop / base_value} }}\n')
+    assert run_cli("compare", *pair, "--config", config, "-q").code == 1
+    config.write_text(f'[gate.max_drop]\n"robust_accuracy[linf:8/80]" = {{ relative = {min(1.0, 1.5 * drop / base_value)} }}\n')
+    assert run_cli("compare", *pair, "--config", config, "-q").code == 0
+
+
+def test_same_report_compares_clean(ci_base: CiScan, tmp_path) -> None:
+    out = tmp_path / "same.json"
+    result = run_cli("compare", ci_base.json, ci_base.json, "--max-drop", "robust_accuracy=0", "--json", out, "-q")
+    assert result.code == 0, result.stderr
+    diff = load_json(out)
+    assert all(m["delta"] == 0 for m in diff["metrics"])
+    assert all(not v for v in diff["flipped"].values()) and len(diff["gate"]) == 2
+    assert "same model file" in diff["notes"][0]
+
+
+def test_different_data_or_threats_are_refused_without_force(ci_base: CiScan, model_files: ModelFiles, tmp_path) -> None:
+    other = tmp_path / "seed1.json"
+    scanned = run_cli(
+        "scan", model_files.onnx, "--data", model_files.data_npz, "--n", "30", "--seed", "1", "-t", "linf:0.1",
+        "--preset", "quick", "--steps", "3", "--no-certify", "--no-indicator", "--json", other, "-q",
+    )  # fmt: skip
+    assert scanned.code == 0, scanned.stderr
+    refused = run_cli("compare", ci_base.json, other)
+    assert_one_line_error(refused, "refusing to compare")
+    assert "seed 0 vs 1" in refused.stderr and "only in base: l2:0.5" in refused.stderr and "--force" in refused.stderr
+    out = tmp_path / "forced.json"
+    forced = run_cli("compare", ci_base.json, other, "--force", "--json", out)
+    assert forced.code == 0, forced.stderr
+    diff = load_json(out)
+    assert any("seed 0 vs 1" in m for m in diff["mismatch"]) and "compared with --force" in forced.stdout
+    assert list(diff["flipped"]) == ["linf:0.1"]
+    assert any("attack batteries differ" in n for n in diff["notes"])
+
+
+def test_bad_inputs_are_one_line_errors(ci_base: CiScan, tmp_path) -> None:
+    assert_one_line_error(run_cli("compare", ci_base.json, tmp_path / "missing.json"), "does not exist")
+    assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--max-drop", "robust_accuracy[l2:9]=0.1"), "has no threat l2:9")
+    assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--max-drop", "clean_accuracy>0.1"), "must look like")
+    assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--json", ci_base.json), "one of the command's inputs")
+    no_gate = tmp_path / "audit.toml"
+    no_gate.write_text('threats = ["linf:0.1"]\n')
+    assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--config", no_gate), "has no [gate] table")
+    assert json.loads(Path(ci_base.json).read_text())["schema_version"] == "1.3"
