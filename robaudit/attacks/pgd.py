@@ -91,7 +91,7 @@ class PGD(Attack):
                 grad, base = grad[keep], base[keep]
                 active = active[keep]
             if threat.norm == "linf":
-                stepped = grad.sign_().mul_(alpha).add_(base)
+                stepped = base.add(grad.sign_(), alpha=alpha)
                 stepped = stepped.clamp_(min=floor if full else floor[active], max=ceil if full else ceil[active])
             else:
                 stepped = project(base + alpha * normalized_step(grad, threat.norm), x[active], threat, ctx.lower, ctx.upper)
