@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import copy
 import inspect
-import tomllib
 from pathlib import Path
 from typing import Any
 
 from robaudit.attacks.base import Attack
 from robaudit.attacks.runner import AttackRun
+from robaudit.config_file import load_toml
 from robaudit.errors import RobauditError
 
 Spec = dict[str, Any]
@@ -156,14 +156,7 @@ def preset_specs(name: str) -> list[Spec]:
 
 def read_config(path: Path) -> dict[str, Any]:
     """Read an audit TOML file (docs/attacks.md; the [gate] table: docs/ci.md); unknown keys are errors, not silently ignored."""
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RobauditError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RobauditError(f"cannot read config file {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RobauditError(f"config file {path} is not valid TOML: {exc}") from None
+    raw = load_toml(path)
     known = {"preset", "attacks", "threats", "gate"}
     unknown = sorted(set(raw) - known)
     if unknown:

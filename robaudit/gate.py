@@ -238,16 +238,9 @@ def parse_gate_table(raw: Any, path: Path) -> GateSpec:
 
 def read_gate_config(path: Path) -> GateSpec:
     """The [gate] table of an audit file, for `robaudit compare` (the file's scan settings are not used there)."""
-    import tomllib
+    from robaudit.config_file import load_toml
 
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RobauditError(f"config file {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RobauditError(f"cannot read config file {path}: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise RobauditError(f"config file {path} is not valid TOML: {exc}") from None
+    raw = load_toml(path)
     if "gate" not in raw:
         raise RobauditError(f"config file {path} has no [gate] table")
     return parse_gate_table(raw["gate"], path)
