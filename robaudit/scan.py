@@ -1,4 +1,5 @@
-"""The scan pipeline, top to bottom: load model, load data, clean pass, attack, verify, report.
+"""The scan pipeline, top to bottom: load model, load data, clean pass, attack, verify, measure,
+certify, report, gate.
 
 This is also the Python API: build a `ScanConfig` and call `scan()`. The CLI is a thin
 layer over it.
@@ -242,20 +243,22 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
         _reverify(model, found.x_adv, idx, x, y, Threat(norm=norm, eps=float("inf")), found.distance, **check)
     attacked = time.perf_counter()
 
-    # 7. certified L2 radii, each held against every verified adversarial example above
-    certified = certify_stage(
-        model, x, y, clean_correct, outcomes, minimal, mode=config.certify, budget=config.certify_budget,
-        attack_seconds=attacked - loaded, l2_threats=[(t.canonical, t.eps) for t in config.threats if t.norm == "l2"],
-        lower=lower, upper=upper, batch_size=batch_size, device=device, seed=config.seed, progress=progress(),
-    )  # fmt: skip
-
-    # 8. the decision surface: indicator, and plots when asked for
+    # 7. measure: the decision-surface indicator
     battery_passes = sum(r.forwards + r.backwards for o in outcomes for r in o.records)
     battery_passes += sum(r.forwards + r.backwards for m in minimal.values() for r in m.records)
     indicator = indicator_stage(
         model, x, y, config.threats, mode=config.indicator, battery_passes=battery_passes / max(1, len(y)),
         lower=lower, upper=upper, batch_size=batch_size, seed=config.seed, progress=progress(),
     )  # fmt: skip
+
+    # 8. certify: L2 radii, each held against every verified adversarial example above
+    certified = certify_stage(
+        model, x, y, clean_correct, outcomes, minimal, mode=config.certify, budget=config.certify_budget,
+        attack_seconds=attacked - loaded, l2_threats=[(t.canonical, t.eps) for t in config.threats if t.norm == "l2"],
+        lower=lower, upper=upper, batch_size=batch_size, device=device, seed=config.seed, progress=progress(),
+    )  # fmt: skip
+
+    # 9. report (with plots when asked for) and gate
     summary = _summary(data.y, clean_correct, outcomes, minimal, certified, indicator)
     plots = []
     if config.plots is not None:
