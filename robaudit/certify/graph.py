@@ -158,6 +158,17 @@ def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict)
     return bound
 
 
+def _activation(b, name: str, var, kind: str, args, kwargs):
+    """An activation node, with its parameters as the functional or aten call passed them."""
+    if kind == "leaky_relu":
+        p = _bind(["input", "negative_slope"], {"negative_slope": 0.01}, args, kwargs)
+        return b.act(name, var, kind, slope=float(p["negative_slope"]))
+    if kind == "softplus":
+        p = _bind(["input", "beta", "threshold"], {"beta": 1.0, "threshold": 20.0}, args, kwargs)
+        return b.act(name, var, kind, beta=float(p["beta"]), threshold=float(p["threshold"]))
+    return b.act(name, var, kind)
+
+
 def _pair(v: Any) -> tuple[int, int]:
     if isinstance(v, (list, tuple)):
         return (int(v[0]), int(v[-1])) if len(v) in (1, 2) else (int(v[0]), int(v[1]))
@@ -424,14 +435,7 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
     if target in _RESHAPE_FUNCTIONS:
         return b.reshape(name, var, out_shape)
     if target in _ACT_FUNCTIONS:
-        kind = _ACT_FUNCTIONS[target]
-        if kind == "leaky_relu":
-            p = _bind(["input", "negative_slope"], {"negative_slope": 0.01}, args, kwargs)
-            return b.act(name, var, kind, slope=float(p["negative_slope"]))
-        if kind == "softplus":
-            p = _bind(["input", "beta", "threshold"], {"beta": 1.0, "threshold": 20.0}, args, kwargs)
-            return b.act(name, var, kind, beta=float(p["beta"]), threshold=float(p["threshold"]))
-        return b.act(name, var, kind)
+        return _activation(b, name, var, _ACT_FUNCTIONS[target], args, kwargs)
     if target is F.dropout:
         p = _bind(["input", "p", "training"], {"training": True}, args, kwargs)
         if not p["training"]:
@@ -493,14 +497,7 @@ def _aten_op(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_shap
     if op == "neg":
         return b.scale(name, var, -1.0, 0.0, out_shape)
     if op in _ATEN_ACTS:
-        kind = _ATEN_ACTS[op]
-        if kind == "leaky_relu":
-            p = _bind(["input", "negative_slope"], {"negative_slope": 0.01}, args, kwargs)
-            return b.act(name, var, kind, slope=float(p["negative_slope"]))
-        if kind == "softplus":
-            p = _bind(["input", "beta", "threshold"], {"beta": 1.0, "threshold": 20.0}, args, kwargs)
-            return b.act(name, var, kind, beta=float(p["beta"]), threshold=float(p["threshold"]))
-        return b.act(name, var, kind)
+        return _activation(b, name, var, _ATEN_ACTS[op], args, kwargs)
     if op == "linear":
         p = _bind(["input", "weight", "bias"], {"bias": None}, args, kwargs)
         return b.dense(name, var, p["weight"], p["bias"], out_shape)
