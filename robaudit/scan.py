@@ -56,10 +56,9 @@ from robaudit.report.schema import (
     Summary,
     ThreatSummary,
 )
-from robaudit.threats import Threat, parse_threat, perturbation_norms
+from robaudit.threats import SPATIAL, Threat, parse_threat, perturbation_norms
 
 DEFAULT_THREAT = "linf:8/255"
-_SPATIAL_PROBE = Threat(norm="spatial", eps=1.0, shift=1.0)
 CURVE_POINTS = 25
 PROBE_SIZE = 8
 
@@ -202,8 +201,8 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     # 4. minimal-norm attacks, once per norm: per-sample distances and the accuracy-versus-eps curve
     attack_kw = dict(lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size, device=device)
     minimal: dict[str, MinimalOutcome] = {}
-    lp_battery = [r for r in battery if not r.attack.supports(_SPATIAL_PROBE)]
-    spatial_battery = [r for r in battery if r.attack.supports(_SPATIAL_PROBE)]
+    spatial_battery = [r for r in battery if SPATIAL in r.attack.norms]
+    lp_battery = [r for r in battery if SPATIAL not in r.attack.norms]
     for norm in dict.fromkeys(t.norm for t in config.threats if not t.is_spatial):
         hint = max(t.eps for t in config.threats if t.norm == norm)
         runs = [r for r in battery if r.attack.kind == "minimal" and r.attack.supports(Threat(norm=norm, eps=hint))]

@@ -168,39 +168,34 @@ def certify_stage(
     adversarial_l2, closest = smallest_adversarial_l2(x, outcomes, minimal)
     cpu_model = model.to("cpu")
     todo = torch.nonzero(clean_correct).flatten()
-    radius = torch.zeros(len(x), dtype=torch.float64)
-    method = ["none"] * len(x)
-    notes: list[str] = []
+    pilot, rest = todo[:PILOT], todo[PILOT:]
+    parts = []  # (sample indices, their certificate)
     started = time.perf_counter()
+    progress.start("certifying L2 radii", max(1, len(todo)))
     try:
-        pilot = todo[:PILOT]
-        progress.start("certifying L2 radii", max(1, len(todo)))
-        first = certify_l2(cpu_model, x[pilot], y[pilot], budget=budget, progress=progress.advance)
-        rest = todo[PILOT:]
+        parts.append((pilot, certify_l2(cpu_model, x[pilot], y[pilot], budget=budget, progress=progress.advance)))
         limit = max(MIN_BUDGET_S, attack_seconds)
-        projected = first.seconds / max(1, len(pilot)) * len(todo)
+        projected = parts[0][1].seconds / max(1, len(pilot)) * len(todo)
         if mode == "auto" and projected > limit:
-            progress.finish()
             reason = (
                 f"certificate skipped: projected {projected:.0f} s exceeds the automatic budget of {limit:.0f} s "
                 "(as long as the attacks took, at least 10 s); pass --certify to run it"
             )
             return unavailable(reason, budget, adversarial_l2, time.perf_counter() - started)
-        second = certify_l2(cpu_model, x[rest], y[rest], budget=budget, progress=progress.advance) if len(rest) else None
-        progress.finish()
+        if len(rest):
+            parts.append((rest, certify_l2(cpu_model, x[rest], y[rest], budget=budget, progress=progress.advance)))
     except CertificateUnavailable as exc:
-        progress.finish()
         return unavailable(str(exc), budget, adversarial_l2, time.perf_counter() - started)
     finally:
+        progress.finish()
         model.to(device)
-    radius[pilot] = first.radius
-    for i, m in zip(pilot.tolist(), first.method):
-        method[i] = m
-    if second is not None:
-        radius[rest] = second.radius
-        for i, m in zip(rest.tolist(), second.method):
+    radius = torch.zeros(len(x), dtype=torch.float64)
+    method = ["none"] * len(x)
+    for idx, cert in parts:
+        radius[idx] = cert.radius
+        for i, m in zip(idx.tolist(), cert.method):
             method[i] = m
-    notes = [n for n in first.notes if not n.startswith("largest radius from")]
+    notes = [n for n in parts[0][1].notes if not n.startswith("largest radius from")]
     check_radii(
         model, x, y, radius, adversarial_l2, closest,
         lower=lower, upper=upper, batch_size=batch_size, device=device, seed=seed,
