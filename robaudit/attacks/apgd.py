@@ -239,7 +239,8 @@ class APGD(Attack):
             self._classes_seen = int(logits.shape[1])
             return base(logits, y[idx])
 
-        out, _, _ = apgd_run(model, x, y, threat, ctx, loss_fn, self.steps, self.rho)
+        out, found, _ = apgd_run(model, x, y, threat, ctx, loss_fn, self.steps, self.rho)
+        self.crossed = found  # the runner counts points seen broken whose candidate does not verify
         return out
 
 
@@ -322,4 +323,5 @@ class APGDTargeted(Attack):
             out[todo[keep]] = candidates[keep]
             best_loss[todo] = torch.maximum(best_loss[todo], loss)
             found[todo[hit]] = True
+        self.crossed = found
         return out

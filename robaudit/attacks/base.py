@@ -38,6 +38,10 @@ class Attack(ABC):
 
     name: ClassVar[str]
     kind: ClassVar[str] = "fixed"
+    # Set by `perturb` in attacks that watch their own iterates: True where some iterate was
+    # misclassified. The runner counts such points whose returned candidate does not verify
+    # (the "silent success" trust check: a bookkeeping bug, or a randomized model).
+    crossed: torch.Tensor | None = None
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     randomized: ClassVar[bool] = True
 

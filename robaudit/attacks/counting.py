@@ -22,7 +22,7 @@ class CountingModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
-        batch = int(x.shape[0])
+        batch = int(x.shape[0]) * getattr(self.model, "samples", 1)  # an EOT model draws `samples` times
         self.forwards += batch
         if out.requires_grad:
             out.register_hook(self._backward_hook(batch))

@@ -55,6 +55,7 @@ class PGD(Attack):
         current = random_start(x, threat, ctx) if self.random_init else x.clone()
         best = current.clone()
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
+        crossed = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         active = torch.arange(x.shape[0], device=x.device)
         full = True  # every point still active, in order: the loop then needs no gathers or scatters
         view = (-1, *([1] * (x.dim() - 1)))
@@ -70,6 +71,10 @@ class PGD(Attack):
                 logits = model(point)
                 losses = self.loss(logits, labels)
             broken = logits.argmax(dim=1) != labels
+            if full:
+                crossed |= broken
+            else:
+                crossed[active[broken]] = True
             seen = best_loss if full else best_loss[active]
             improved = broken | (losses.detach() > seen)
             if full:
@@ -99,4 +104,5 @@ class PGD(Attack):
                 current = stepped
             else:
                 current[active] = stepped
+        self.crossed = crossed  # the runner counts points seen broken whose candidate does not verify
         return best

@@ -17,6 +17,7 @@ from torch import nn
 
 from robaudit.attacks.base import Attack, AttackContext, project
 from robaudit.attacks.counting import CountingModel
+from robaudit.models.randomized import EOT
 from robaudit.threats import Threat, perturbation_norms, within_ball
 
 BOX_TOL = 1e-6
@@ -71,6 +72,7 @@ class AttackRecord:
     backwards: int = 0
     seconds: float = 0.0
     skipped: str | None = None
+    silent: int = 0  # points the attack itself saw misclassified whose returned candidate did not verify
 
 
 @dataclass
@@ -104,6 +106,14 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.de
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
+def judge(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+    """The labels a claim rests on: plain predictions, or for a randomized model (`EOT`) a
+    wrong class seen in any of its seeded repeated draws (the worst case over repeats)."""
+    if isinstance(model, EOT):
+        return model.worst_predictions(x.to(device), y.cpu())
+    return predict(model, x, batch_size, device)
+
+
 def verify_adversarial(
     model: nn.Module,
     x_adv: torch.Tensor,
@@ -121,7 +131,7 @@ def verify_adversarial(
     if len(x_adv) == 0:
         return torch.zeros(0, dtype=torch.bool)
     in_ball = within_ball(x_adv - x, threat)
-    wrong = predict(model, x_adv, batch_size, device) != y.cpu()
+    wrong = judge(model, x_adv, y, batch_size, device) != y.cpu()
     return wrong & in_ball & _in_box(x_adv, lower, upper)
 
 
@@ -157,6 +167,8 @@ def _run_attack(
 
     start_time = time.perf_counter()
     f0, b0 = stage.counted.snapshot()
+    own = getattr(run.attack, "passes", None)  # attacks querying a model of their own (a surrogate)
+    e0 = own() if own else (0, 0)
     n = len(stage.x)
     for _ in range(run.restarts):
         todo = todo_fn()
@@ -170,7 +182,8 @@ def _run_attack(
             record.broke += accept_fn(chunk, candidates, xb)
             stage.progress.advance(len(chunk))
     f1, b1 = stage.counted.snapshot()
-    record.forwards, record.backwards = f1 - f0, b1 - b0
+    e1 = own() if own else (0, 0)
+    record.forwards, record.backwards = f1 - f0 + e1[0] - e0[0], b1 - b0 + e1[1] - e0[1]
     record.seconds = time.perf_counter() - start_time
     record.params = run.attack.params()  # what actually ran (e.g. a loss fallback for few classes)
 
@@ -296,6 +309,9 @@ def run_threat(
         def accept(chunk: torch.Tensor, candidates: torch.Tensor, xb: torch.Tensor, run=run) -> int:
             candidates = project(candidates, xb, threat, lower, upper)
             ok = verify_adversarial(model, candidates, x[chunk], y[chunk], threat, lower, upper, batch_size, device)
+            crossed = getattr(run.attack, "crossed", None)
+            if crossed is not None and len(crossed) == len(ok):
+                record.silent += int((crossed.cpu() & ~ok).sum())
             hits = chunk[ok]
             broken[hits] = True
             x_adv[hits] = candidates[ok].cpu()
@@ -331,7 +347,7 @@ def verify_spatial(
     x_adv = x_adv.detach().to(torch.float32).cpu()
     rebuilt = transform_images(x.detach().cpu().to(torch.float32), params.nan_to_num(0.0), lower)
     same = ((rebuilt - x_adv).flatten(1).abs().amax(dim=1) <= BOX_TOL)
-    wrong = predict(model, x_adv, batch_size, device) != y.cpu()
+    wrong = judge(model, x_adv, y, batch_size, device) != y.cpu()
     return within_limits(params, threat) & same & wrong & _in_box(x_adv, lower, upper)
 
 
