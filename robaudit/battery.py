@@ -26,11 +26,14 @@ def _factories() -> dict[str, tuple[type[Attack], dict[str, Any]]]:
     from robaudit.attacks.deepfool import DeepFool
     from robaudit.attacks.fgsm import FGSM
     from robaudit.attacks.fmn import FMN
+    from robaudit.attacks.hopskipjump import HopSkipJump
     from robaudit.attacks.noise import Noise
     from robaudit.attacks.pgd import PGD
+    from robaudit.attacks.rays import RayS
     from robaudit.attacks.simba import SimBA
     from robaudit.attacks.spatial import SpatialGrid
     from robaudit.attacks.square import Square
+    from robaudit.attacks.transfer import Transfer
 
     return {
         "fgsm": (FGSM, {}),
@@ -45,10 +48,18 @@ def _factories() -> dict[str, tuple[type[Attack], dict[str, Any]]]:
         "simba": (SimBA, {}),
         "noise": (Noise, {}),
         "spatial-grid": (SpatialGrid, {}),
+        "hsj": (HopSkipJump, {}),
+        "rays": (RayS, {}),
+        "transfer": (Transfer, {}),
     }
 
 
-ATTACK_NAMES = ("fgsm", "pgd", "bim", "apgd-ce", "apgd-dlr", "apgd-t", "fmn", "deepfool", "square", "simba", "noise", "spatial-grid")
+ATTACK_NAMES = (
+    "fgsm", "pgd", "bim", "apgd-ce", "apgd-dlr", "apgd-t", "fmn", "deepfool", "square", "simba", "noise", "spatial-grid",
+    "hsj", "rays", "transfer",
+)  # fmt: skip
+# Attacks that never use the model's gradients: what they find, white-box attacks missed.
+GRADIENT_FREE = ("square", "simba", "noise", "spatial-grid", "hsj", "rays", "transfer")
 
 PRESETS: dict[str, list[Spec]] = {
     # A fast screen: one gradient step, then a short APGD on what survives.
@@ -88,6 +99,46 @@ PRESETS: dict[str, list[Spec]] = {
     ],
 }
 DEFAULT_PRESET = "standard"
+
+# Randomized models (robaudit.models.randomized): AutoAttack's "rand" version, APGD-CE and
+# APGD-DLR on EOT gradients, replaces a preset's Lp attacks; `eot` draws per gradient.
+RANDOMIZED: dict[str, dict[str, Any]] = {
+    "quick": {"eot": 5, "attacks": [{"attack": "apgd-ce", "steps": 50}, {"attack": "apgd-dlr", "steps": 50}]},
+    "standard": {"eot": 20, "attacks": [{"attack": "apgd-ce", "steps": 100}, {"attack": "apgd-dlr", "steps": 100}]},
+    "thorough": {
+        "eot": 20,
+        "attacks": [{"attack": "apgd-ce", "steps": 200, "restarts": 2}, {"attack": "apgd-dlr", "steps": 200, "restarts": 2}],
+    },
+}
+REPEATS = 10  # draws per prediction of a randomized model; the worst one counts
+
+# Gradient masking found (robaudit.stages.trust): attacks no masking of gradients or scores
+# can stop, run on every point still robust, in every preset: a scale-invariant white-box
+# loss, a transfer attack from the BPDA surrogate, Square (score-based) and a
+# decision-based attack (RayS for Linf, HopSkipJump for L2: labels only).
+ADAPTIVE: dict[str, list[Spec]] = {
+    "quick": [
+        {"attack": "apgd-dlr", "steps": 50},
+        {"attack": "transfer", "steps": 50},
+        {"attack": "square", "n_queries": 1000},
+        {"attack": "rays", "max_queries": 1000},
+        {"attack": "hsj", "max_queries": 1000},
+    ],
+    "standard": [
+        {"attack": "apgd-dlr", "steps": 100},
+        {"attack": "transfer", "steps": 100},
+        {"attack": "square", "n_queries": 5000},
+        {"attack": "rays", "max_queries": 5000},
+        {"attack": "hsj", "max_queries": 5000},
+    ],
+    "thorough": [
+        {"attack": "apgd-dlr", "steps": 200},
+        {"attack": "transfer", "steps": 200},
+        {"attack": "square", "n_queries": 10000},
+        {"attack": "rays", "max_queries": 10000},
+        {"attack": "hsj", "max_queries": 10000},
+    ],
+}
 
 
 def _accepts(cls: type[Attack], key: str) -> bool:

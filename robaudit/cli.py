@@ -154,7 +154,8 @@ SCAN_EPILOG = (
     "  robaudit scan model.onnx --data ./test.npz --fail-under \"robust_accuracy\\[linf:8/255]=0.40\"\n\n"
     "  robaudit scan model.onnx --data ./test.npz --config audit.toml --baseline base.json "
     "--max-drop \"robust_accuracy\\[linf:8/255]=0.02\" --junit gate.xml --markdown \"$GITHUB_STEP_SUMMARY\" --html report.html\n\n"
-    "Exit codes: 0 passed, 1 a gate check (--fail-under, --max-drop, \\[gate]) was missed, 2 bad usage or input, "
+    "  robaudit scan model.onnx --data ./test.npz --preset quick --strict\n\n"
+    "Exit codes: 0 passed, 1 a gate check (--fail-under, --max-drop, \\[gate], --strict) was missed, 2 bad usage or input, "
     "3 internal error. CI recipes: docs/ci.md."
 )
 
@@ -194,6 +195,8 @@ def scan(
     certify_budget: Annotated[str, typer.Option("--certify-budget", metavar="fast|default|tight", help="Work per certificate: more shells and bound evaluations give larger (still sound) radii.")] = "default",
     indicator: Annotated[Optional[bool], typer.Option("--indicator/--no-indicator", help="Decision-surface indicator (docs/indicator.md): gradient and curvature of the decision function per sample, and a model score. Default: on when the attacks spent at least its cost (about 60 passes per sample).", show_default=False)] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write decision-surface slices (random and attack planes) of the first samples and accuracy-versus-eps curves as PNG into DIR (needs robaudit[plot]).", show_default=False)] = None,
+    checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Trust checks (docs/trust.md): detect randomized models, probability outputs, masked or shattered gradients and attack failure; adapt (EOT, log-probabilities, surrogate transfer, score- and decision-based attacks) and report pass/warn/fail with evidence. --no-checks runs the battery alone.")] = True,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail the gate (exit 1) when any trust check fails: the evaluation itself is not trustworthy.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors and failed gates still go to stderr.")] = False,
 ) -> None:
     """Attack a model on a dataset and report clean and robust accuracy.
@@ -250,6 +253,8 @@ def scan(
         certify_budget=certify_budget,
         indicator="auto" if indicator is None else ("on" if indicator else "off"),
         plots=plots,
+        checks="on" if checks else "off",
+        strict=strict,
     )
     inputs = [model, Path(data), *([config_file] if config_file else []), *([baseline_path] if baseline_path else [])]
     _guard_outputs([json_path, save_adversarial, junit, markdown, html_path], inputs)

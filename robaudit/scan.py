@@ -26,7 +26,7 @@ from robaudit.attacks.runner import (
     MinimalOutcome,
     NoProgress,
     ProgressSink,
-    predict,
+    judge,
     run_minimal,
     run_spatial,
     verify_spatial,
@@ -34,14 +34,16 @@ from robaudit.attacks.runner import (
 from robaudit.attacks.spatial import describe
 from robaudit.stages.certify import CertifyResult, certify_stage
 from robaudit.stages.measure import IndicatorResult, check_plot_dir, indicator_stage, write_plots
+from robaudit.stages.trust import TrustStage
 from robaudit.certify.budget import BUDGETS as CERTIFY_BUDGETS
-from robaudit.battery import DEFAULT_PRESET, Spec, build_battery, override, preset_specs
+from robaudit.battery import DEFAULT_PRESET, RANDOMIZED, REPEATS, Spec, build_battery, override, preset_specs
 from robaudit.data import check_compatible, load_data
 from robaudit.data.dataset import Dataset
 from robaudit.errors import RobauditError
 from robaudit.gate import Baseline, MaxDrop, Threshold, check_baseline, check_baseline_data, check_thresholds_cover, evaluate
 from robaudit.models import load_model, wrap_model
 from robaudit.models.detect import RawModel
+from robaudit.models.randomized import EOT
 from robaudit.models.wrapper import AuditModel, WrapInfo
 from robaudit.report.schema import (
     SCHEMA_VERSION,
@@ -50,6 +52,7 @@ from robaudit.report.schema import (
     DataInfo,
     MinimalNormSummary,
     ModelInfo,
+    GateCheck,
     Report,
     SampleRecord,
     SampleThreat,
@@ -94,6 +97,8 @@ class ScanConfig:
     certify_budget: str = "default"
     indicator: str = "auto"  # "auto" (when it costs less than the attacks: robaudit.stages.measure), "on" or "off"
     plots: Path | None = None  # folder for decision-surface and curve PNGs
+    checks: str = "on"  # trust checks and adaptation (robaudit.stages.trust): "on" or "off"
+    strict: bool = False  # any failed trust check fails the gate
 
     def validate(self) -> None:
         """Reject impossible settings before any file is read."""
@@ -118,6 +123,10 @@ class ScanConfig:
         for name in ("certify", "indicator"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise RobauditError(f"{name} must be auto, on or off, not '{getattr(self, name)}'")
+        if self.checks not in ("on", "off"):
+            raise RobauditError(f"checks must be on or off, not '{self.checks}'")
+        if self.strict and self.checks == "off":
+            raise RobauditError("--strict needs the trust checks; drop --no-checks")
         if self.plots is not None:
             check_plot_dir(self.plots)
         if self.certify_budget not in CERTIFY_BUDGETS:
@@ -131,8 +140,14 @@ class ScanConfig:
         specs = self.attacks if self.attacks is not None else preset_specs(self.preset)
         return override(specs, steps=self.steps, restarts=self.restarts, step_sizes=self.step_sizes)
 
-    def battery(self) -> list[AttackRun]:
-        return build_battery(self.battery_specs())
+    def battery(self, randomized: bool = False) -> list[AttackRun]:
+        """The battery to run; for a randomized model (and no attacks given) AutoAttack's rand version."""
+        specs = self.battery_specs()
+        if randomized and self.attacks is None:
+            lp = RANDOMIZED.get(self.preset, RANDOMIZED[DEFAULT_PRESET])["attacks"]
+            spatial = [s for s in specs if s.get("attack") == "spatial-grid"]
+            specs = override([*lp, *spatial], steps=self.steps, restarts=self.restarts, step_sizes=self.step_sizes)
+        return build_battery(specs)
 
 
 @dataclass
@@ -181,7 +196,7 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     """Run a whole audit and return the verified report."""
     started = time.perf_counter()
     config.validate()
-    battery = config.battery()
+    battery = config.battery()  # builds every attack now, so a bad attack setting fails before any file is read
     device = resolve_device(config.device)
     lower, upper = config.input_range
 
@@ -191,14 +206,30 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
     if config.baseline is not None:  # before any attack: a baseline on other data cannot gate this scan
         check_baseline_data(config.baseline, name=data.name, seed=config.seed, indices=list(data.indices), labels=data.y.tolist())
     loaded = time.perf_counter()
-
-    # 3. clean pass
     batch_size = config.batch_size or default_batch_size(device)
     x, y = data.x, data.y
-    clean_pred = predict(model, x, batch_size, device)
-    clean_correct = clean_pred == y
 
-    # 4. minimal-norm attacks, once per norm: per-sample distances and the accuracy-versus-eps curve
+    # 3. trust checks, part 1: a randomized model is attacked through EOT and judged by its worst draw
+    # (even with --no-checks: claims on it could not be re-verified otherwise)
+    trust = TrustStage(
+        config.preset, seed=config.seed, lower=lower, upper=upper, num_classes=info.num_classes,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
+    model = trust.open(model, x)
+    if config.checks == "off":
+        trust = None
+    randomized = isinstance(model, EOT)
+    if randomized:
+        battery = config.battery(randomized=True)
+
+    # 4. clean pass, then the model checks (output kind, gradients, stability) on what it gets right
+    clean_pred = judge(model, x, y, batch_size, device)
+    clean_correct = clean_pred == y
+    if trust is not None:
+        plain = model.base if randomized else model
+        trust.before_attacks(model, plain, info.output_kind, x, y, clean_correct, config.threats)
+
+    # 5. minimal-norm attacks, once per norm: per-sample distances and the accuracy-versus-eps curve
     attack_kw = dict(lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size, device=device)
     minimal: dict[str, MinimalOutcome] = {}
     spatial_battery = [r for r in battery if SPATIAL in r.attack.norms]
@@ -211,7 +242,7 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
                 model, x, y, clean_correct, norm, hint, runs, seed=config.seed, progress=progress(), **attack_kw
             )
 
-    # 5. fixed-radius attacks, one threat at a time, each only on points still robust
+    # 6. fixed-radius attacks, one threat at a time, each only on points still robust
     outcomes = []
     for threat in config.threats:
         if threat.is_spatial:
@@ -225,7 +256,11 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
             )  # fmt: skip
         outcomes.append(outcome)
 
-    # 6. every claim re-checked once more before it is reported
+    # 7. trust checks, part 2: probes on what the battery left robust; adaptive attacks on signs of masking
+    if trust is not None:
+        trust.after_attacks(model, x, y, clean_correct, outcomes, progress)
+
+    # 8. every claim re-checked once more before it is reported
     check = dict(lower=lower, upper=upper, batch_size=batch_size, device=device)
     for outcome in outcomes:
         if bool((outcome.broken & ~clean_correct).any()):
@@ -242,26 +277,29 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
         _reverify(model, found.x_adv, idx, x, y, Threat(norm=norm, eps=float("inf")), found.distance, **check)
     attacked = time.perf_counter()
 
-    # 7. measure: the decision-surface indicator
+    # 9. measure: the decision-surface indicator (a randomized model has no single surface)
     battery_passes = sum(r.forwards + r.backwards for o in outcomes for r in o.records)
     battery_passes += sum(r.forwards + r.backwards for m in minimal.values() for r in m.records)
     indicator = indicator_stage(
-        model, x, y, config.threats, mode=config.indicator, battery_passes=battery_passes / max(1, len(y)),
+        model, x, y, config.threats, mode=_deterministic_only(config.indicator, randomized, "--indicator"), battery_passes=battery_passes / max(1, len(y)),
         lower=lower, upper=upper, batch_size=batch_size, seed=config.seed, progress=progress(),
     )  # fmt: skip
 
-    # 8. certify: L2 radii, each held against every verified adversarial example above
+    # 10. certify: L2 radii, each held against every verified adversarial example above
     certified = certify_stage(
-        model, x, y, clean_correct, outcomes, minimal, mode=config.certify, budget=config.certify_budget,
+        model, x, y, clean_correct, outcomes, minimal, mode=_deterministic_only(config.certify, randomized, "--certify"), budget=config.certify_budget,
         attack_seconds=attacked - loaded, l2_threats=[(t.canonical, t.eps) for t in config.threats if t.norm == "l2"],
         lower=lower, upper=upper, batch_size=batch_size, device=device, seed=config.seed, progress=progress(),
     )  # fmt: skip
 
-    # 9. report (with plots when asked for) and gate
+    # 11. report (with plots when asked for) and gate
     summary = _summary(data.y, clean_correct, outcomes, minimal, certified, indicator)
+    if trust is not None:
+        summary.diagnostics = trust.report.to_dict()
+        summary.diagnostics["passes_per_sample"] = [round(p / max(1, len(y)), 2) for p in trust.report.passes]
     plots = []
     if config.plots is not None:
-        plots = write_plots(
+        plots = write_plots(  # on the plain model: a randomized one is drawn through its EOT mean
             config.plots, model, x, y, clean_correct, list(data.indices), outcomes, summary.curves,
             lower=lower, upper=upper, seed=config.seed,
         )  # fmt: skip
@@ -281,7 +319,7 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
             mean=config.mean,
             std=config.std,
             input_range=[lower, upper],
-            notes=[*raw.notes, *info.notes, *([reshape_note] if reshape_note else [])],
+            notes=[*raw.notes, *info.notes, *([reshape_note] if reshape_note else []), *_randomized_notes(randomized)],
         ),
         data=DataInfo(
             name=data.name,
@@ -313,7 +351,38 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResu
         },
     )
     report.gate = evaluate(report, config.thresholds, config.max_drops, config.baseline)
+    if config.strict and trust is not None:
+        report.gate.append(strict_check(trust.report.checks))
     return ScanResult(report=report, data=data, outcomes=outcomes)
+
+
+def _deterministic_only(mode: str, randomized: bool, flag: str) -> str:
+    """Indicator and certificate describe one fixed function: off for a randomized model."""
+    if not randomized:
+        return mode
+    if mode == "on":
+        raise RobauditError(f"{flag}: the model is randomized (its outputs change between calls); this needs a deterministic model")
+    return "off"
+
+
+def _randomized_notes(randomized: bool) -> list[str]:
+    if not randomized:
+        return []
+    return [
+        f"randomized model: attacked through EOT; a prediction is the worst of {REPEATS} seeded draws; no certificate "
+        "or indicator (they describe one fixed function)"
+    ]
+
+
+def strict_check(checks: list) -> GateCheck:
+    """--strict: the evaluation itself must be trustworthy (no failed trust check)."""
+    failed = [c for c in checks if c.verdict == "fail"]
+    names = ", ".join(f"{c.name} [{c.threat}]" if c.threat else c.name for c in failed)
+    message = "--strict: every trust check passed or warned" if not failed else f"--strict: failed trust checks: {names}"
+    return GateCheck(
+        expression="--strict", metric="failed_trust_checks", threshold=0.0, value=float(len(failed)),
+        passed=not failed, kind="strict", message=message,
+    )  # fmt: skip
 
 
 def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset, AuditModel, WrapInfo, str | None]:
@@ -393,6 +462,8 @@ def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) 
         "certify_budget": config.certify_budget,
         "indicator": config.indicator,
         "plots": str(config.plots) if config.plots is not None else None,
+        "checks": config.checks,
+        "strict": config.strict,
     }
 
 

@@ -117,4 +117,4 @@ def test_bad_inputs_are_one_line_errors(ci_base: CiScan, tmp_path) -> None:
     no_gate = tmp_path / "audit.toml"
     no_gate.write_text('threats = ["linf:0.1"]\n')
     assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--config", no_gate), "has no [gate] table")
-    assert json.loads(Path(ci_base.json).read_text())["schema_version"] == "1.3"
+    assert json.loads(Path(ci_base.json).read_text())["schema_version"] == "1.4"

@@ -229,6 +229,18 @@ def _indicator(report: Report) -> str:
     return "<h2>Decision-surface indicator</h2>" + _table(["metric", "value"], rows, {1})
 
 
+def _diagnostics(report: Report) -> str:
+    diag = report.summary.diagnostics
+    if not diag:
+        return ""
+    rows = [[_e(c["name"]), f"<code>{_e(c['threat'])}</code>" if c["threat"] else "", _e(c["verdict"]), _e(c["summary"])] for c in diag["checks"]]
+    rows += [["<strong>adapted</strong>", "", "", _e(a)] for a in diag.get("adaptations", [])]
+    if diag.get("note"):
+        white = ", ".join(f"{_e(k)} {_pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
+        rows.append(["<strong>note</strong>", "", "", f"{_e(diag['note'])} (white-box only: {white})"])
+    return f"<h2>Trust checks: {_e(diag['verdict'])}</h2>" + _table(["check", "threat", "verdict", "evidence"], rows)
+
+
 def render_html(report: Report) -> str:
     m, d, s = report.model, report.data, report.summary
     title = f"robaudit: {Path(m.path).name} on {Path(d.name).name}"
@@ -253,6 +265,7 @@ def render_html(report: Report) -> str:
         f"<figure>{_bars(report)}<figcaption>Clean, robust and certified accuracy</figcaption></figure>",
         _gate(report),
         _threats(report),
+        _diagnostics(report),
     ]
     curve = _curve_figure(report)
     if curve:

@@ -25,6 +25,7 @@ _KIND_CLASS = {
     "minimum": "robaudit.gate.minimum",
     "max_drop_absolute": "robaudit.gate.max_drop",
     "max_drop_relative": "robaudit.gate.max_drop",
+    "strict": "robaudit.gate.strict",
 }
 # Characters that XML 1.0 cannot hold at all (ElementTree would write them and break the file).
 _INVALID_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -47,6 +48,8 @@ def case_name(check: GateCheck) -> str:
     """A stable name: the rule, never the measured value."""
     if check.kind == "minimum":
         return f"{check.metric} >= {check.threshold:g}"
+    if check.kind == "strict":
+        return "every trust check passes or warns (--strict)"
     if check.kind == "max_drop_relative" and check.allowed_drop is not None:
         return f"{check.metric} drops at most {100 * check.allowed_drop:g}% from the baseline"
     if check.allowed_drop is not None:
@@ -58,7 +61,8 @@ def _failure_text(check: GateCheck) -> str:
     lines = [check.describe(), f"rule: {check.expression} ({check.kind})"]
     if check.value is not None:
         lines.append(f"value: {check.value:.6f}")
-    lines.append(f"lowest passing value: {check.threshold:.6f}")
+    if check.kind != "strict":
+        lines.append(f"lowest passing value: {check.threshold:.6f}")
     if check.baseline is not None:
         lines.append(f"baseline: {check.baseline:.6f}")
     return "\n".join(lines)
@@ -130,6 +134,10 @@ def report_properties(report: Report) -> dict[str, str]:
             props[f"certified_accuracy[{key}]"] = f"{value:.6f}"
     if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
         props["indicator_score"] = f"{s.indicator['score']:.6f}"
+    if s.diagnostics:
+        props["trust_verdict"] = s.diagnostics["verdict"]
+        for c in s.diagnostics["checks"]:
+            props[f"trust[{c['name']}" + (f"@{c['threat']}]" if c["threat"] else "]")] = c["verdict"]
     return props
 
 
@@ -145,6 +153,12 @@ def _summary_text(report: Report) -> str:
             lines.append(f"certificate: {s.certificate.reason}")
     if s.indicator and "score" in s.indicator:
         lines.append(f"indicator score {s.indicator['score']:.3f}")
+    if s.diagnostics:
+        lines.append(f"trust checks: {s.diagnostics['verdict']}")
+        lines += [f"  {c['verdict'].upper()} {c['name']}" + (f" [{c['threat']}]" if c["threat"] else "") + f": {c['summary']}" for c in s.diagnostics["checks"]]
+        lines += [f"  adapted: {a}" for a in s.diagnostics["adaptations"]]
+        if s.diagnostics.get("note"):
+            lines.append(f"  note: {s.diagnostics['note']}")
     lines += [("PASS " if c.passed else "FAIL ") + c.describe() for c in report.gate]
     return "\n".join(lines)
 

@@ -163,6 +163,25 @@ def _indicator(report: Report) -> list[str]:
     return ["### Decision-surface indicator", "", *table(("metric", "value"), rows, "lr")]
 
 
+VERDICT_MARK = {"pass": "🟢 pass", "warn": "🟡 warn", "fail": "🔴 **fail**", "skipped": "⚪ skipped"}  # not the gate's marks
+
+
+def _diagnostics(report: Report) -> list[str]:
+    diag = report.summary.diagnostics
+    if not diag:
+        return []
+    rows = [
+        (cell(c["name"]), code(c["threat"]) if c["threat"] else "", VERDICT_MARK.get(c["verdict"], c["verdict"]), cell(c["summary"]))
+        for c in diag["checks"]
+    ]
+    lines = [f"### Trust checks: {VERDICT_MARK.get(diag['verdict'], diag['verdict'])}", "", *table(("check", "threat", "verdict", "evidence"), rows)]
+    lines += [f"- adapted: {cell(a)}" for a in diag.get("adaptations", [])]
+    if diag.get("note"):
+        white = ", ".join(f"{code(k)} {pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
+        lines.append(f"- **{cell(diag['note'])}** (white-box only: {white})")
+    return lines + [""]
+
+
 def _notes(report: Report) -> list[str]:
     notes = [*report.model.notes, *report.data.notes]
     return ["### Notes", "", *[f"- {cell(n)}" for n in notes], ""] if notes else []
@@ -172,7 +191,7 @@ def render_markdown(report: Report) -> str:
     parts = _headline(report)
     if report.gate:
         parts += ["### Gate", "", *gate_table(report.gate)]
-    parts += _threats(report) + _attacks(report) + _curves(report) + _certificate(report) + _indicator(report) + _notes(report)
+    parts += _threats(report) + _diagnostics(report) + _attacks(report) + _curves(report) + _certificate(report) + _indicator(report) + _notes(report)
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from robaudit.errors import RobauditError
 
-SCHEMA_VERSION = "1.3"
+SCHEMA_VERSION = "1.4"
 
 
 @dataclass
@@ -120,6 +120,7 @@ class Summary:
     backward_passes_per_sample: float = 0.0
     certificate: CertificateSummary | None = None
     indicator: dict[str, Any] | None = None  # decision-surface indicator (docs/indicator.md): score, parts, formula
+    diagnostics: dict[str, Any] | None = None  # trust checks (docs/trust.md): verdict, checks with evidence, adaptations
 
 
 @dataclass
@@ -149,7 +150,8 @@ class GateCheck:
     ``kind`` is ``minimum`` (``--fail-under``, ``[gate.min]``), or ``max_drop_absolute`` /
     ``max_drop_relative`` (``--max-drop``, ``[gate.max_drop]`` against a baseline report):
     then ``threshold`` is the lowest value the drop allows, worked out from ``baseline``
-    and ``allowed_drop`` (an absolute amount, or a fraction of the baseline value).
+    and ``allowed_drop`` (an absolute amount, or a fraction of the baseline value), or
+    ``strict`` (``--strict``): ``value`` is the number of failed trust checks, which must be 0.
     ``value`` is ``None`` when the report has no such metric (the check fails).
     """
 

@@ -169,6 +169,33 @@ def _indicator(report: Report) -> Table | None:
     return table
 
 
+VERDICT_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
+
+
+def _diagnostics(report: Report) -> Table | None:
+    """Trust checks: could the attacks have worked? One row per check, with its numbers."""
+    diag = report.summary.diagnostics
+    if not diag:
+        return None
+    verdict = diag["verdict"]
+    table = Table(
+        title=f"Trust checks: [{VERDICT_STYLE.get(verdict, '')}]{verdict.upper()}[/] (docs/trust.md)", title_justify="left"
+    )
+    table.add_column("check")
+    table.add_column("threat")
+    table.add_column("verdict")
+    table.add_column("evidence")
+    for check in diag["checks"]:
+        style = VERDICT_STYLE.get(check["verdict"], "")
+        table.add_row(check["name"], escape(check["threat"] or ""), f"[{style}]{check['verdict']}[/]", escape(check["summary"]))
+    for text in diag.get("adaptations", []):
+        table.add_row("[bold]adapted[/bold]", "", "", escape(text))
+    if diag.get("note"):
+        white = ", ".join(f"{k} {_pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
+        table.add_row("[bold red]note[/bold red]", "", "", escape(f"{diag['note']} (white-box only: {white})"))
+    return table
+
+
 def _per_class(report: Report) -> Table | None:
     threats = report.summary.threats
     if not threats or not threats[0].per_class or len(threats[0].per_class) > 20:
@@ -210,7 +237,7 @@ def render(report: Report, console: Console) -> None:
     console.print(Panel(Group(*parts), title=f"robaudit {report.robaudit_version}", title_align="left"))
     console.print(_results(report))
     console.print(_attacks(report))
-    for extra in (_curves(report), _certificate(report), _indicator(report), _per_class(report)):
+    for extra in (_diagnostics(report), _curves(report), _certificate(report), _indicator(report), _per_class(report)):
         if extra is not None:
             console.print(extra)
     gate = _gate(report)

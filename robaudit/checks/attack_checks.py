@@ -1,0 +1,82 @@
+"""Checks on what the attacks did: did another kind of attack find what the battery missed?
+
+The probe attacks themselves run in `robaudit.stages.trust` (through the shared runner,
+so everything they find is re-verified and counted in the robust accuracy); these
+functions turn their counts into verdicts.
+"""
+
+from __future__ import annotations
+
+from robaudit.checks.verdict import FAIL, PASS, SKIPPED, WARN, CheckResult, by_count
+
+BEATS_FAIL_SHARE = 0.05  # a probe breaking this share of the points the battery left robust: masking
+MORE_STEPS_FAIL_SHARE = 0.10
+
+
+def black_box(found: int, attacked: int, attacks: list[str], threat: str) -> CheckResult:
+    """Check 4: score- or decision-based attacks broke points the gradient attacks missed."""
+    names = ", ".join(attacks)
+    evidence = {"attacks": attacks, "attacked": attacked, "broken": found}
+    if attacked == 0:
+        return CheckResult("black_box", SKIPPED, "no point was left robust by the gradient attacks", evidence, threat)
+    verdict = by_count(found, attacked, BEATS_FAIL_SHARE)
+    text = f"{names} broke {found} of {attacked} points the gradient attacks left robust"
+    return CheckResult("black_box", verdict, text, evidence, threat)
+
+
+def single_step(found: int, attacked: int, threat: str) -> CheckResult:
+    """Check 7: one FGSM step broke points the multi-step attacks missed."""
+    evidence = {"attacked": attacked, "broken": found}
+    if attacked == 0:
+        return CheckResult("single_step", SKIPPED, "no robust point left to try", evidence, threat)
+    verdict = by_count(found, attacked, BEATS_FAIL_SHARE)
+    return CheckResult("single_step", verdict, f"FGSM broke {found} of {attacked} points the battery left robust", evidence, threat)
+
+
+def transfer(found: int, attacked: int, changes: list[str] | None, why_not: str | None, threat: str) -> CheckResult:
+    """Check 8: attacks on a smoothed surrogate (BPDA) broke points the direct attacks missed."""
+    if changes is None:
+        return CheckResult("transfer", SKIPPED, why_not or "no surrogate", {"surrogate": None}, threat)
+    evidence = {"surrogate_changes": changes, "attacked": attacked, "broken": found}
+    if attacked == 0:
+        return CheckResult("transfer", SKIPPED, "no robust point left to try", evidence, threat)
+    verdict = by_count(found, attacked, BEATS_FAIL_SHARE)
+    text = f"APGD on a surrogate ({'; '.join(changes)}) broke {found} of {attacked} points the battery left robust"
+    return CheckResult("transfer", verdict, text, evidence, threat)
+
+
+def optimization(found: int, attacked: int, attack: str, steps: int, threat: str) -> CheckResult:
+    """Check 5: a longer run from a fresh start keeps breaking points (the battery stopped too early)."""
+    evidence = {"attack": attack, "steps": steps, "attacked": attacked, "broken": found}
+    if attacked == 0:
+        return CheckResult("optimization", SKIPPED, "no robust point left to try", evidence, threat)
+    verdict = by_count(found, attacked, MORE_STEPS_FAIL_SHARE)
+    text = f"{attack} with {steps} steps from a fresh start broke {found} of {attacked} points the battery left robust"
+    return CheckResult("optimization", verdict, text, evidence, threat)
+
+
+def unbounded(broken: int, attacked: int, eps: float, norm: str, threat: str) -> CheckResult:
+    """Check 6: with the whole input box as budget, a gradient attack must break every point."""
+    evidence = {"norm": norm, "eps": eps, "attacked": attacked, "broken": broken}
+    if attacked == 0:
+        return CheckResult("unbounded", SKIPPED, "no correctly classified point to try", evidence, threat)
+    text = f"gradient attack at {norm} eps {eps:.3g} (the whole input box) broke {broken} of {attacked} points"
+    verdict = PASS if broken == attacked else FAIL
+    if verdict == FAIL:
+        text += ": it cannot change decisions even without a budget"
+    return CheckResult("unbounded", verdict, text, evidence, threat)
+
+
+def silent_success(silent: dict[str, int], attacked: int, stochastic: bool, threat: str) -> CheckResult:
+    """Check 9: an attack saw a point misclassified but the point it returned does not verify."""
+    total = sum(silent.values())
+    evidence = {"per_attack": silent, "attacked": attacked, "silent": total}
+    if not silent:
+        return CheckResult("silent_success", SKIPPED, "no attack in the battery reports its own successes", evidence, threat)
+    if total == 0:
+        return CheckResult("silent_success", PASS, "every point an attack saw misclassified re-verified", evidence, threat)
+    text = f"{total} point(s) seen misclassified during an attack did not re-verify ({', '.join(f'{k}: {v}' for k, v in silent.items() if v)})"
+    if stochastic:
+        return CheckResult("silent_success", WARN, text + ", as expected when outputs are random", evidence, threat)
+    verdict = FAIL if total >= 2 and total > 0.01 * max(1, attacked) else WARN
+    return CheckResult("silent_success", verdict, text, evidence, threat)

@@ -1,0 +1,312 @@
+"""Trust checks in the scan: find gradient masking and attack failure, adapt, and say so.
+
+The stage runs in three steps around the attacks (docs/trust.md):
+
+1. `TrustStage.open`, before the clean pass: repeated passes tell a randomized model,
+   which is then attacked through `EOT` and judged by its worst of several draws;
+2. `before_attacks`: output kind, gradient health and prediction stability on
+   correctly classified points;
+3. `after_attacks`: cheap probes on the points the battery left robust (FGSM, a
+   score-based attack, a BPDA-surrogate transfer attack, a longer run, an unbounded
+   run) and the silent-success count. Where any sign of masking shows, the adaptive
+   battery (`robaudit.battery.ADAPTIVE`: scale-invariant, transfer, score- and
+   decision-based attacks) runs on every point still robust.
+
+Every probe and adaptive attack goes through the shared runner, so what they find is
+re-verified and lowers the reported robust accuracy; the white-box-only figure is kept
+beside it, flagged as untrustworthy when masking showed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from robaudit.attacks.runner import AttackRun, ProgressSink, ThreatOutcome, judge, run_threat
+from robaudit.battery import ADAPTIVE, GRADIENT_FREE, RANDOMIZED, REPEATS, build_battery
+from robaudit.checks import FAIL, PASS, CheckResult, overall
+from robaudit.checks import attack_checks, model_checks
+from robaudit.errors import RobauditError
+from robaudit.models.randomized import EOT, detect_randomness
+from robaudit.threats import Threat
+
+PROBE_POINTS = 32  # robust points each sampled probe attacks, per threat
+UNBOUNDED_POINTS = 16
+GRADIENT_POINTS = 64
+PROBE_SQUARE_QUERIES = 300
+PROBE_TRANSFER_STEPS = 50
+STABILITY_NOISE = 1e-3  # of the input range, and at most a tenth of the smallest eps
+MASKING_CHECKS = ("gradients", "black_box", "single_step", "transfer", "unbounded")
+
+
+@dataclass
+class TrustReport:
+    """What the stage found and did (becomes `summary.diagnostics`)."""
+
+    checks: list[CheckResult] = field(default_factory=list)
+    adaptations: list[str] = field(default_factory=list)
+    white_box_robust_accuracy: dict[str, float] = field(default_factory=dict)
+    masking: bool = False
+    stochastic: bool = False
+    passes: tuple[int, int] = (0, 0)  # forward, backward passes spent on probes and adaptive attacks
+
+    @property
+    def verdict(self) -> str:
+        return overall(self.checks)
+
+    def to_dict(self) -> dict[str, Any]:
+        note = None
+        if self.masking:
+            note = (
+                "gradient masking signs: the white-box robust accuracy is not trustworthy; the reported robust "
+                "accuracy includes the adaptive attacks"
+            )
+        return {
+            "verdict": self.verdict,
+            "checks": [
+                {"name": c.name, "threat": c.threat, "verdict": c.verdict, "summary": c.summary, "evidence": c.evidence}
+                for c in self.checks
+            ],
+            "adaptations": self.adaptations,
+            "white_box_robust_accuracy": self.white_box_robust_accuracy,
+            "masking_suspected": self.masking,
+            "note": note,
+        }
+
+
+class TrustStage:
+    """Holds what the checks learn between the steps of the scan."""
+
+    def __init__(self, preset: str, *, seed: int, lower: float, upper: float, num_classes: int, batch_size: int, device: torch.device) -> None:
+        self.preset = preset if preset in ADAPTIVE else "standard"
+        self.seed = seed
+        self.kw = dict(lower=lower, upper=upper, num_classes=num_classes, batch_size=batch_size, device=device)
+        self.report = TrustReport()
+        self.surrogate = None
+        self.surrogate_note: str | None = None
+
+    # 1. randomness ---------------------------------------------------------------------
+    def open(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
+        """Return the model attacks and judgements use: `EOT` over the model when it is randomized."""
+        evidence = detect_randomness(model, x[:PROBE_POINTS].to(self.kw["device"]))
+        settings = RANDOMIZED[self.preset]
+        self.report.checks.append(model_checks.randomness(evidence, settings["eot"], REPEATS))
+        if not evidence.stochastic:
+            return model
+        if not evidence.seedable:
+            raise RobauditError(
+                "the model's outputs change from call to call and torch.manual_seed does not fix them, so no "
+                "adversarial example found on it could be re-verified"
+            )
+        self.report.stochastic = True
+        self.report.adaptations.append(
+            f"randomized model: attacks use EOT gradients over {settings['eot']} draws; a prediction is the worst of "
+            f"{REPEATS} draws; the Lp battery is AutoAttack's rand version (APGD-CE, APGD-DLR) unless attacks were given"
+        )
+        return EOT(model, settings["eot"], REPEATS, seed=self.seed)
+
+    # 2. model checks -------------------------------------------------------------------
+    def before_attacks(self, model: nn.Module, plain: nn.Module, output_kind: str, x: torch.Tensor, y: torch.Tensor,
+                       clean_correct: torch.Tensor, threats: list[Threat]) -> None:  # fmt: skip
+        """Output kind, gradients and stability on correctly classified points; build the surrogate."""
+        device, lower, upper = self.kw["device"], self.kw["lower"], self.kw["upper"]
+        idx = torch.nonzero(clean_correct).flatten()
+        pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.seed))[:GRADIENT_POINTS]]
+        xs, ys = x[pick].to(device), y[pick].to(device)
+        with torch.no_grad():
+            probs = plain(xs).exp() if output_kind == "probabilities" else None
+        one_hot = float((probs.amax(dim=1) == 1.0).float().mean()) if probs is not None and len(xs) else 0.0
+        self.report.checks.append(model_checks.output_kind(output_kind, one_hot))
+        if output_kind == "probabilities":
+            self.report.adaptations.append("probability outputs: attacks work on log-probabilities")
+        lp = [t for t in threats if not t.is_spatial]
+        norm = min(lp, key=lambda t: t.eps).norm if lp else "linf"
+        step = _gradient_step(lp, x, lower, upper)
+        self.report.checks.append(model_checks.gradients(model, xs, ys, step, norm, lower, upper))
+        size = min([STABILITY_NOISE * (upper - lower)] + [t.eps / 10 for t in lp if t.norm == "linf"])
+        judged = lambda xb, yb: judge(model, xb, yb, self.kw["batch_size"], device)  # noqa: E731
+        self.report.checks.append(
+            model_checks.stability(judged, x[idx], y[idx], size, lower, upper, self.seed, randomized=self.report.stochastic)
+        )
+        self.surrogate, self.surrogate_note = _surrogate(plain)
+
+    # 3. after the battery ----------------------------------------------------------------
+    def after_attacks(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor,
+                      outcomes: list[ThreatOutcome], progress) -> None:  # fmt: skip
+        """Probe each Lp threat's robust points; escalate to the adaptive battery on any sign of masking."""
+        lp = [o for o in outcomes if not o.threat.is_spatial]
+        for outcome in lp:
+            self._probe(model, x, y, clean_correct, outcome, progress)
+        fired = [c for c in self.report.checks if c.name in MASKING_CHECKS and c.fired]
+        self.report.masking = bool(fired)
+        if not fired or not lp:
+            return
+        names = ", ".join(sorted({c.name for c in fired}))
+        for outcome in lp:
+            battery = [r for r in build_battery(ADAPTIVE[self.preset]) if self._fits(r, outcome.threat)]
+            self.report.adaptations.append(
+                f"gradient masking signs ({names}): ran {', '.join(r.label for r in battery)} on every point still robust "
+                f"under {outcome.threat.canonical}"
+            )
+            self._run(model, x, y, clean_correct, outcome, battery, clean_correct & ~outcome.broken, "adapt", progress)
+
+    def _fits(self, run: AttackRun, threat: Threat) -> bool:
+        """Decision-based attacks by norm (RayS for Linf, HopSkipJump for L2); transfer only with a surrogate."""
+        if run.attack.name == "hsj":
+            return threat.norm == "l2"
+        if run.attack.name == "transfer" and self.surrogate is None:
+            return False
+        return run.attack.supports(threat)
+
+    def _probe(self, model, x, y, clean_correct, outcome: ThreatOutcome, progress) -> None:
+        threat, name = outcome.threat, outcome.threat.canonical
+        robust = clean_correct & ~outcome.broken
+        self.report.white_box_robust_accuracy[name] = _white_box_accuracy(outcome, clean_correct)
+        silent = {r.name: r.silent for r in outcome.records if _reports_crossing(r)}
+        self.report.checks.append(attack_checks.silent_success(silent, int(clean_correct.sum()), self.report.stochastic, name))
+
+        after_gradients = _gradient_free_tail(outcome)  # before the probes append their own records
+
+        # 7. single step, on every robust point (one pass each)
+        found, attacked = self._run(model, x, y, clean_correct, outcome, build_battery([{"attack": "fgsm"}]), robust, "probe", progress)
+        self.report.checks.append(attack_checks.single_step(found, attacked, name))
+
+        # 4. black box beats white box: the battery's own score-based attacks, or a short Square probe
+        if after_gradients:
+            found = sum(r.broke for r in after_gradients)
+            attacked = max(r.attempted for r in after_gradients)
+            self.report.checks.append(attack_checks.black_box(found, attacked, [r.name for r in after_gradients], name))
+        else:
+            sample = _sample(clean_correct & ~outcome.broken, PROBE_POINTS, self.seed)
+            square = build_battery([{"attack": "square", "n_queries": PROBE_SQUARE_QUERIES}])
+            found, attacked = self._run(model, x, y, clean_correct, outcome, square, sample, "probe", progress)
+            self.report.checks.append(attack_checks.black_box(found, attacked, [f"square ({PROBE_SQUARE_QUERIES} queries)"], name))
+
+        # 8. transfer from the BPDA surrogate
+        if self.surrogate is None:
+            self.report.checks.append(attack_checks.transfer(0, 0, None, self.surrogate_note, name))
+        else:
+            sample = _sample(clean_correct & ~outcome.broken, PROBE_POINTS, self.seed + 1)
+            runs = build_battery([{"attack": "transfer", "steps": PROBE_TRANSFER_STEPS}])
+            found, attacked = self._run(model, x, y, clean_correct, outcome, runs, sample, "probe", progress)
+            self.report.checks.append(attack_checks.transfer(found, attacked, self.surrogate.changes, None, name))
+
+        # 5. a longer run from a fresh start
+        steps = min(400, 2 * max([_steps(r) for r in outcome.records] + [50]))
+        sample = _sample(clean_correct & ~outcome.broken, PROBE_POINTS, self.seed + 2)
+        runs = build_battery([{"attack": "apgd-dlr", "steps": steps}])  # DLR falls back to margin below 3 classes
+        found, attacked = self._run(model, x, y, clean_correct, outcome, runs, sample, "probe", progress, seed_shift=7)
+        self.report.checks.append(attack_checks.optimization(found, attacked, runs[0].label, steps, name))
+
+        # 6. unbounded: the whole box as budget (a separate threat: nothing merges into this one)
+        self.report.checks.append(self._unbounded(model, x, y, clean_correct, threat, progress))
+
+    def _unbounded(self, model, x, y, clean_correct, threat: Threat, progress) -> CheckResult:
+        lower, upper = self.kw["lower"], self.kw["upper"]
+        width = upper - lower
+        eps = width if threat.norm == "linf" else width * math.sqrt(x[0].numel())
+        big = Threat(norm=threat.norm, eps=eps)
+        sample = _sample(clean_correct, UNBOUNDED_POINTS, self.seed + 3)
+        runs = build_battery([{"attack": "pgd", "steps": 50, "step_size": 0.05, "loss": "margin", "random_init": False}])
+        result = run_threat(model, x, y, sample, big, runs, seed=self.seed, progress=progress(), **self.kw)
+        self._count(result)
+        return attack_checks.unbounded(int(result.broken.sum()), int(sample.sum()), eps, threat.norm, threat.canonical)
+
+    def _run(self, model, x, y, clean_correct, outcome: ThreatOutcome, battery: list[AttackRun], eligible: torch.Tensor,
+             prefix: str, progress, seed_shift: int = 0) -> tuple[int, int]:  # fmt: skip
+        """Run `battery` on the `eligible` points under the outcome's threat and merge what it verifiably broke."""
+        for run in battery:
+            if run.attack.name == "transfer":
+                run.attack.surrogate = None if self.surrogate is None else self.surrogate.module
+        attacked = int(eligible.sum())
+        if attacked == 0 or not battery:
+            return 0, attacked
+        extra = run_threat(
+            model, x, y, eligible, outcome.threat, battery, seed=self.seed + seed_shift, progress=progress(), **self.kw
+        )  # fmt: skip
+        self._count(extra)
+        return merge(outcome, extra, clean_correct, eligible, prefix), attacked
+
+    def _count(self, result: ThreatOutcome) -> None:
+        f, b = self.report.passes
+        self.report.passes = (f + sum(r.forwards for r in result.records), b + sum(r.backwards for r in result.records))
+
+
+def merge(outcome: ThreatOutcome, extra: ThreatOutcome, clean_correct: torch.Tensor, eligible: torch.Tensor, prefix: str) -> int:
+    """Add the verified breaks of `extra` (run on `eligible`, all robust in `outcome`) to `outcome`."""
+    before = int((clean_correct & ~outcome.broken).sum())
+    hits = torch.nonzero(extra.broken & ~outcome.broken).flatten()
+    outcome.broken[hits] = True
+    outcome.x_adv[hits] = extra.x_adv[hits]
+    outcome.distance[hits] = extra.distance[hits]
+    for i in hits.tolist():
+        outcome.broken_by[i] = f"{prefix}:{extra.broken_by[i]}"
+    pool = int(eligible.sum())
+    for record in extra.records:
+        record.name = f"{prefix}:{record.name}"
+        record.robust_after = before - (pool - record.robust_after)
+        outcome.records.append(record)
+    return len(hits)
+
+
+def _sample(mask: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    idx = torch.nonzero(mask).flatten()
+    pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:size]]
+    out = torch.zeros_like(mask)
+    out[pick] = True
+    return out
+
+
+def _white_box_accuracy(outcome: ThreatOutcome, clean_correct: torch.Tensor) -> float:
+    """Robust accuracy counting only what gradient attacks broke."""
+    free = set(GRADIENT_FREE)
+    white = [b is not None and b.split("#")[0] not in free for b in outcome.broken_by]
+    broken = torch.tensor(white, dtype=torch.bool) & outcome.broken
+    return float((clean_correct & ~broken).sum()) / len(clean_correct)
+
+
+def _gradient_free_tail(outcome: ThreatOutcome) -> list:
+    """The battery's gradient-free attacks that ran after its last gradient attack."""
+    ran = [r for r in outcome.records if r.skipped is None]
+    tail = []
+    for record in reversed(ran):
+        if record.name.split("#")[0] not in GRADIENT_FREE:
+            break
+        tail.append(record)
+    return list(reversed(tail))
+
+
+def _reports_crossing(record) -> bool:
+    return record.skipped is None and record.name.split("#")[0].split("[")[0] in ("apgd-ce", "apgd-dlr", "apgd-t", "pgd")
+
+
+def _steps(record) -> int:
+    steps = record.params.get("steps")
+    return int(steps) if isinstance(steps, int) else 0
+
+
+def _gradient_step(lp: list[Threat], x: torch.Tensor, lower: float, upper: float) -> float:
+    """A small step for the gradient-ascent test: a quarter of the smallest eps (or 1% of the box)."""
+    if not lp:
+        return 0.01 * (upper - lower)
+    return min(t.eps for t in lp) / 4
+
+
+def _surrogate(plain: nn.Module):
+    """The BPDA surrogate of the model, or None and why."""
+    from robaudit.models.surrogate import build_surrogate
+
+    try:
+        surrogate = build_surrogate(plain)
+    except Exception as exc:  # noqa: BLE001 - a surrogate is optional: never fail the scan for it
+        return None, f"no surrogate: {type(exc).__name__}: {exc}".splitlines()[0]
+    if surrogate is None:
+        return None, "no surrogate: the graph has no rounding, clamping, saturating, random or squashing op to smooth (or cannot be traced)"
+    return surrogate, None
+
+
+__all__ = ["TrustReport", "TrustStage", "merge", "PASS", "FAIL"]
