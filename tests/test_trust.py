@@ -1,0 +1,177 @@
+"""Trust checks (docs/trust.md): they fire on deliberately masked models and adapt, so the
+reported robust accuracy is close to the unmasked model's; on healthy models they stay quiet.
+
+The masked models are real files built by tests/masked_models.py from the shipped demo CNN
+(ONNX graph edits; TorchScript for the randomized ones). "True" robustness is the unmasked
+source scanned with the same preset: a masked model's decisions equal the source's (or, for
+a randomized one, are the source's up to noise), so the two should agree within noise.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import masked_models as mm
+from conftest import assert_one_line_error, fixtures_dir, run_cli
+from robaudit.scan import ScanConfig, scan
+from robaudit.stages.trust import MASKING_CHECKS
+from robaudit.threats import parse_threat
+
+N = 60
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+THREAT = "linf:0.1"
+
+
+def _scan(path: Path, preset: str = "quick", checks: str = "on", n: int = N, threat: str = THREAT, **kw):
+    config = ScanConfig(model=path, data="digits", n=n, threats=[parse_threat(threat)], preset=preset, checks=checks,
+                        certify="off", indicator="off", **kw)  # fmt: skip
+    return scan(config).report
+
+
+def _checks(report) -> dict[str, str]:
+    return {c["name"]: c["verdict"] for c in report.summary.diagnostics["checks"]}
+
+
+def _robust(report) -> float:
+    return report.summary.threats[0].robust_accuracy
+
+
+@pytest.fixture(scope="module")
+def source_quick():
+    """The unmasked demo CNN under the same scan: the truth the masked copies are held to."""
+    torch.set_num_threads(1)
+    return _scan(mm.DEMO_ONNX)
+
+
+def test_healthy_natural_model_raises_no_alarm(source_quick):
+    report = source_quick
+    diag = report.summary.diagnostics
+    fired = {c["name"]: c["summary"] for c in diag["checks"] if c["name"] in MASKING_CHECKS and c["verdict"] in ("warn", "fail")}
+    assert not fired, fired
+    assert not diag["masking_suspected"] and diag["verdict"] != "fail"
+    assert all(c["verdict"] in ("pass", "skipped") for c in diag["checks"] if c["name"] in ("randomness", "output", "stability"))
+    assert diag["white_box_robust_accuracy"][THREAT] == pytest.approx(_robust(report), abs=0.02)
+    assert not any(a.startswith("gradient masking") for a in diag["adaptations"])
+
+
+@pytest.mark.parametrize(
+    "name, fires",
+    [
+        ("cnn_quantized", "gradients"),
+        ("cnn_softmax", "gradients"),
+        ("cnn_scaled", "gradients"),
+        ("cnn_clamped", "gradients"),
+        ("cnn_saturated", "gradients"),
+    ],
+)
+def test_masked_model_is_flagged_and_adapted(name, fires, tmp_path, source_quick, one_thread):
+    path = mm.REGISTRY[name].write(tmp_path)
+    plain = _scan(path, checks="off")
+    report = _scan(path)
+    diag = report.summary.diagnostics
+    assert diag["masking_suspected"], diag["checks"]
+    assert _checks(report)[fires] in ("warn", "fail")
+    truth = _robust(source_quick)
+    # the adapted figure is close to the unmasked model's (never far above it) ...
+    assert _robust(report) <= truth + 0.07, (name, _robust(report), truth, _robust(plain))
+    # ... where the battery alone is fooled (or at least no better)
+    assert _robust(plain) >= _robust(report)
+    assert diag["note"] and "not trustworthy" in diag["note"]
+
+
+def test_quantized_plain_evaluation_is_fooled(tmp_path, source_quick, one_thread):
+    """The mask works: without the checks the quantized model looks far more robust than it is."""
+    path = mm.REGISTRY["cnn_quantized"].write(tmp_path)
+    plain = _scan(path, checks="off")
+    assert _robust(plain) >= _robust(source_quick) + 0.2
+    assert plain.summary.diagnostics is None
+
+
+def test_randomized_model_gets_eot_and_worst_case(tmp_path, one_thread):
+    path = mm.REGISTRY["cnn_noise"].write(tmp_path)
+    report = _scan(path, n=40)
+    checks = _checks(report)
+    assert checks["randomness"] == "warn"
+    diag = report.summary.diagnostics
+    assert any("EOT" in a for a in diag["adaptations"])
+    attacks = [a["attack"] for a in report.config["attacks"]]
+    assert "apgd-ce" in attacks and "apgd-dlr" in attacks  # AutoAttack's rand version
+    assert any("randomized" in n for n in report.model.notes)
+    again = _scan(path, n=40)  # seeded draws: the same seed gives the same report
+    assert _robust(again) == _robust(report)
+    assert report.summary.clean_accuracy == again.summary.clean_accuracy
+
+
+def test_randomized_model_is_not_more_robust_than_its_source(tmp_path, one_thread):
+    path = mm.REGISTRY["cnn_noise"].write(tmp_path)
+    source = _scan(mm.DEMO_ONNX, n=40)
+    report = _scan(path, n=40)
+    assert _robust(report) <= _robust(source) + 0.08
+
+
+def test_strict_fails_the_gate_on_masking_and_passes_healthy(tmp_path):
+    masked = mm.REGISTRY["cnn_quantized"].write(tmp_path)
+    out = tmp_path / "masked.json"
+    junit = tmp_path / "gate.xml"
+    md = tmp_path / "summary.md"
+    result = run_cli("scan", masked, "--data", "digits", "--n", "40", "--preset", "quick", "-t", THREAT, "--strict",
+                     "--json", out, "--junit", junit, "--markdown", md, "--no-certify", "--no-indicator", env=ONE_THREAD)  # fmt: skip
+    assert result.code == 1, result.stderr
+    report = json.loads(out.read_text())
+    strict = [g for g in report["gate"] if g["kind"] == "strict"]
+    assert strict and not strict[0]["passed"] and "gradients" in strict[0]["message"]
+    assert report["summary"]["diagnostics"]["verdict"] == "fail"
+    assert "Trust checks" in result.stdout and "not trustworthy" in result.stdout
+    assert 'name="trust_verdict" value="fail"' in junit.read_text()
+    assert "Trust checks" in md.read_text()
+
+    healthy = run_cli("scan", mm.DEMO_ONNX, "--data", "digits", "--n", "40", "--preset", "quick", "-t", THREAT, "--strict",
+                      "--quiet", "--no-certify", "--no-indicator", env=ONE_THREAD)  # fmt: skip
+    assert healthy.code == 0, healthy.stderr
+
+
+def test_no_checks_and_strict_conflict():
+    result = run_cli("scan", mm.DEMO_ONNX, "--data", "digits", "--n", "4", "--no-checks", "--strict")
+    assert_one_line_error(result, "--strict")
+
+
+class _Detached(torch.nn.Module):
+    """Reads its input through numpy: no gradient reaches the input at all."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.from_numpy(x.detach().numpy().copy()))
+
+
+def test_model_without_input_gradient_is_audited_by_the_adaptive_attacks(tmp_path, source_quick, one_thread):
+    from robaudit.models import load_model
+
+    net = load_model(mm.DEMO_ONNX).net
+    path = tmp_path / "detached.pt"
+    torch.save(_Detached(net), path)
+    report = _scan(path, trust_pickle=True)
+    assert _checks(report)["gradients"] == "fail"
+    assert any("passes no gradient" in n for n in report.model.notes)
+    assert _robust(report) <= _robust(source_quick) + 0.07
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, mean, std, threat", [
+    ("colt_mnist_0.1", [0.1307], [0.3081], "linf:0.1"),
+    ("cifar10_resnet_2b", [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616], "linf:2/255"),
+])  # fmt: skip
+def test_healthy_adversarially_trained_fixtures_raise_no_alarm(name, mean, std, threat, one_thread):
+    root = fixtures_dir()
+    data = root / "data" / ("cifar10_test_first100.npz" if "cifar" in name else "mnist_test_first100.npz")
+    config = ScanConfig(model=root / "models" / f"{name}.onnx", data=str(data), n=40, threats=[parse_threat(threat)],
+                        preset="quick", mean=mean, std=std, certify="off", indicator="off")  # fmt: skip
+    diag = scan(config).report.summary.diagnostics
+    fired = {c["name"]: c["summary"] for c in diag["checks"] if c["name"] in MASKING_CHECKS and c["verdict"] in ("warn", "fail")}
+    assert not fired and not diag["masking_suspected"], fired
