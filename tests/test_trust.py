@@ -128,6 +128,10 @@ def test_strict_fails_the_gate_on_masking_and_passes_healthy(tmp_path):
     assert "Trust checks" in result.stdout and "not trustworthy" in result.stdout
     assert 'name="trust_verdict" value="fail"' in junit.read_text()
     assert "Trust checks" in md.read_text()
+    page = tmp_path / "again.html"
+    again = run_cli("report", out, "--quiet", "--html", page)  # a saved report keeps its diagnostics
+    assert again.code == 0, again.stderr
+    assert "Trust checks: fail" in page.read_text()
 
     healthy = run_cli("scan", mm.DEMO_ONNX, "--data", "digits", "--n", "40", "--preset", "quick", "-t", THREAT, "--strict",
                       "--quiet", "--no-certify", "--no-indicator", env=ONE_THREAD)  # fmt: skip

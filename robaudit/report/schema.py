@@ -244,6 +244,7 @@ class Report:
                 backward_passes_per_sample=summary.get("backward_passes_per_sample", 0.0),
                 certificate=CertificateSummary(**summary["certificate"]) if summary.get("certificate") else None,
                 indicator=summary.get("indicator"),
+                diagnostics=summary.get("diagnostics"),
             ),
             samples=samples,
             timing=raw.get("timing", {}),
