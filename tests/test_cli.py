@@ -68,7 +68,8 @@ def test_json_follows_the_contract(model_files: ModelFiles, tmp_path) -> None:
     for t in threats:
         assert set(t) >= {"threat", "norm", "eps", "robust_accuracy", "attacks"}
         assert 0 <= t["robust_accuracy"] <= r["summary"]["clean_accuracy"]
-        assert list(t["attacks"]) == ["fgsm", "apgd-ce"]
+        names = list(t["attacks"])  # the battery, then the trust checks' probes (and adaptive attacks, if any)
+        assert names[:2] == ["fgsm", "apgd-ce"] and all(a.startswith(("probe:", "adapt:")) for a in names[2:])
         assert list(t["attacks"].values())[-1] == pytest.approx(t["robust_accuracy"])
         assert sum(a["broke"] for a in t["attack_details"]) == sum(
             1 for s in r["samples"] if s["threats"][t["threat"]]["broken_by"]

@@ -141,7 +141,7 @@ class TrustStage:
         lp = [o for o in outcomes if not o.threat.is_spatial]
         for outcome in lp:
             self._probe(model, x, y, clean_correct, outcome, progress)
-        fired = [c for c in self.report.checks if c.name in MASKING_CHECKS and c.fired]
+        fired = [c for c in self.report.checks if _masking_sign(c)]
         self.report.masking = bool(fired)
         if not fired or not lp:
             return
@@ -251,6 +251,17 @@ def merge(outcome: ThreatOutcome, extra: ThreatOutcome, clean_correct: torch.Ten
         record.robust_after = before - (pool - record.robust_after)
         outcome.records.append(record)
     return len(hits)
+
+
+def _masking_sign(check: CheckResult) -> bool:
+    """Gradient trouble of any degree, or a probe beating the battery clearly (a `fail`).
+
+    A probe's `warn` (one point, or a small share) is what a short battery misses on a
+    healthy model too: counted in the robust accuracy, but no reason to call it masking.
+    """
+    if check.name == "gradients":
+        return check.fired
+    return check.name in MASKING_CHECKS and check.verdict == FAIL
 
 
 def _sample(mask: torch.Tensor, size: int, seed: int) -> torch.Tensor:
