@@ -65,3 +65,14 @@ def test_bad_configs_are_clear_errors(tmp_path: Path, text: str, fragment: str) 
     with pytest.raises(RobauditError, match=fragment) as info:
         build_battery(read_config(path).get("attacks", []))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["quick", "standard", "thorough"])
+def test_randomized_and_adaptive_batteries_build(name: str) -> None:
+    """The batteries the trust checks switch to exist for every preset and use only known attacks."""
+    from robaudit.battery import ADAPTIVE, RANDOMIZED
+
+    rand = build_battery(RANDOMIZED[name]["attacks"])
+    assert [r.attack.name for r in rand] == ["apgd-ce", "apgd-dlr"] and RANDOMIZED[name]["eot"] >= 5
+    adaptive = [r.attack.name for r in build_battery(ADAPTIVE[name])]
+    assert {"transfer", "square", "rays", "hsj"} <= set(adaptive)
