@@ -13,46 +13,40 @@ BEATS_FAIL_SHARE = 0.05  # a probe breaking this share of the points the battery
 MORE_STEPS_FAIL_SHARE = 0.10
 
 
+def _extra_breaks(name: str, found: int, attacked: int, fail_share: float, text: str, evidence: dict, threat: str,
+                  none_left: str = "no robust point left to try") -> CheckResult:  # fmt: skip
+    """The shared shape of checks 4, 5, 7 and 8: an extra attack on the points the battery left robust."""
+    evidence = {**evidence, "attacked": attacked, "broken": found}
+    if attacked == 0:
+        return CheckResult(name, SKIPPED, none_left, evidence, threat)
+    return CheckResult(name, by_count(found, attacked, fail_share), text, evidence, threat)
+
+
 def black_box(found: int, attacked: int, attacks: list[str], threat: str) -> CheckResult:
     """Check 4: score- or decision-based attacks broke points the gradient attacks missed."""
-    names = ", ".join(attacks)
-    evidence = {"attacks": attacks, "attacked": attacked, "broken": found}
-    if attacked == 0:
-        return CheckResult("black_box", SKIPPED, "no point was left robust by the gradient attacks", evidence, threat)
-    verdict = by_count(found, attacked, BEATS_FAIL_SHARE)
-    text = f"{names} broke {found} of {attacked} points the gradient attacks left robust"
-    return CheckResult("black_box", verdict, text, evidence, threat)
+    text = f"{', '.join(attacks)} broke {found} of {attacked} points the gradient attacks left robust"
+    return _extra_breaks("black_box", found, attacked, BEATS_FAIL_SHARE, text, {"attacks": attacks}, threat,
+                         none_left="no point was left robust by the gradient attacks")  # fmt: skip
 
 
 def single_step(found: int, attacked: int, threat: str) -> CheckResult:
     """Check 7: one FGSM step broke points the multi-step attacks missed."""
-    evidence = {"attacked": attacked, "broken": found}
-    if attacked == 0:
-        return CheckResult("single_step", SKIPPED, "no robust point left to try", evidence, threat)
-    verdict = by_count(found, attacked, BEATS_FAIL_SHARE)
-    return CheckResult("single_step", verdict, f"FGSM broke {found} of {attacked} points the battery left robust", evidence, threat)
+    text = f"FGSM broke {found} of {attacked} points the battery left robust"
+    return _extra_breaks("single_step", found, attacked, BEATS_FAIL_SHARE, text, {}, threat)
 
 
 def transfer(found: int, attacked: int, changes: list[str] | None, why_not: str | None, threat: str) -> CheckResult:
     """Check 8: attacks on a smoothed surrogate (BPDA) broke points the direct attacks missed."""
     if changes is None:
         return CheckResult("transfer", SKIPPED, why_not or "no surrogate", {"surrogate": None}, threat)
-    evidence = {"surrogate_changes": changes, "attacked": attacked, "broken": found}
-    if attacked == 0:
-        return CheckResult("transfer", SKIPPED, "no robust point left to try", evidence, threat)
-    verdict = by_count(found, attacked, BEATS_FAIL_SHARE)
     text = f"APGD on a surrogate ({'; '.join(changes)}) broke {found} of {attacked} points the battery left robust"
-    return CheckResult("transfer", verdict, text, evidence, threat)
+    return _extra_breaks("transfer", found, attacked, BEATS_FAIL_SHARE, text, {"surrogate_changes": changes}, threat)
 
 
 def optimization(found: int, attacked: int, attack: str, steps: int, threat: str) -> CheckResult:
     """Check 5: a longer run from a fresh start keeps breaking points (the battery stopped too early)."""
-    evidence = {"attack": attack, "steps": steps, "attacked": attacked, "broken": found}
-    if attacked == 0:
-        return CheckResult("optimization", SKIPPED, "no robust point left to try", evidence, threat)
-    verdict = by_count(found, attacked, MORE_STEPS_FAIL_SHARE)
     text = f"{attack} with {steps} steps from a fresh start broke {found} of {attacked} points the battery left robust"
-    return CheckResult("optimization", verdict, text, evidence, threat)
+    return _extra_breaks("optimization", found, attacked, MORE_STEPS_FAIL_SHARE, text, {"attack": attack, "steps": steps}, threat)
 
 
 def unbounded(broken: int, attacked: int, eps: float, norm: str, threat: str) -> CheckResult:

@@ -28,7 +28,7 @@ from torch import nn
 
 from robaudit.attacks.runner import AttackRun, ProgressSink, ThreatOutcome, judge, run_threat
 from robaudit.battery import ADAPTIVE, GRADIENT_FREE, RANDOMIZED, REPEATS, build_battery
-from robaudit.checks import FAIL, PASS, CheckResult, overall
+from robaudit.checks import FAIL, CheckResult, overall
 from robaudit.checks import attack_checks, model_checks
 from robaudit.errors import RobauditError
 from robaudit.models.randomized import EOT, detect_randomness
@@ -115,7 +115,7 @@ class TrustStage:
         """Output kind, gradients and stability on correctly classified points; build the surrogate."""
         device, lower, upper = self.kw["device"], self.kw["lower"], self.kw["upper"]
         idx = torch.nonzero(clean_correct).flatten()
-        pick = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(self.seed))[:GRADIENT_POINTS]]
+        pick = _sample(clean_correct, GRADIENT_POINTS, self.seed)
         xs, ys = x[pick].to(device), y[pick].to(device)
         with torch.no_grad():
             probs = plain(xs).exp() if output_kind == "probabilities" else None
@@ -125,7 +125,7 @@ class TrustStage:
             self.report.adaptations.append("probability outputs: attacks work on log-probabilities")
         lp = [t for t in threats if not t.is_spatial]
         norm = min(lp, key=lambda t: t.eps).norm if lp else "linf"
-        step = _gradient_step(lp, x, lower, upper)
+        step = _gradient_step(lp, lower, upper)
         self.report.checks.append(model_checks.gradients(model, xs, ys, step, norm, lower, upper))
         size = min([STABILITY_NOISE * (upper - lower)] + [t.eps / 10 for t in lp if t.norm == "linf"])
         judged = lambda xb, yb: judge(model, xb, yb, self.kw["batch_size"], device)  # noqa: E731
@@ -300,7 +300,7 @@ def _steps(record) -> int:
     return int(steps) if isinstance(steps, int) else 0
 
 
-def _gradient_step(lp: list[Threat], x: torch.Tensor, lower: float, upper: float) -> float:
+def _gradient_step(lp: list[Threat], lower: float, upper: float) -> float:
     """A small step for the gradient-ascent test: a quarter of the smallest eps (or 1% of the box)."""
     if not lp:
         return 0.01 * (upper - lower)
@@ -319,5 +319,3 @@ def _surrogate(plain: nn.Module):
         return None, "no surrogate: the graph has no rounding, clamping, saturating, random or squashing op to smooth (or cannot be traced)"
     return surrogate, None
 
-
-__all__ = ["TrustReport", "TrustStage", "merge", "PASS", "FAIL"]
