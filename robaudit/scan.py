@@ -193,7 +193,19 @@ def describe_device(device: torch.device) -> str:
 
 
 def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResult:
-    """Run a whole audit and return the verified report."""
+    """Run a whole audit and return the verified report.
+
+    The global torch generator is seeded from ``config.seed`` for the scan (and restored
+    after it): a randomized model draws its noise from it, so the same seed gives the
+    same report for such models too.
+    """
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        return _scan(config, progress)
+
+
+def _scan(config: ScanConfig, progress: ProgressFactory) -> ScanResult:
     started = time.perf_counter()
     config.validate()
     battery = config.battery()  # builds every attack now, so a bad attack setting fails before any file is read
