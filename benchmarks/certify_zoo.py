@@ -23,6 +23,13 @@ All trained with AdamW (weight decay 0.01), 30 epochs, seeded and single-threade
 Usage (from the repository root, about 10 minutes on one CPU thread):
     python benchmarks/certify_zoo.py                        # writes benchmarks/results/certify_zoo.json
     python benchmarks/certify_zoo.py --only tanh_mlp relu_mlp --budgets default tight
+
+Before / after a change to robaudit.certify: run this script (of this checkout) against
+another checkout of robaudit with ``--robaudit PATH`` (its root; imported instead of this
+checkout's robaudit, attacks included), e.g. a worktree of the commit before the change:
+    git worktree add /tmp/robaudit_before <commit>
+    python benchmarks/certify_zoo.py --robaudit /tmp/robaudit_before --out benchmarks/results/certify_zoo_before.json
+    python benchmarks/certify_zoo.py --out benchmarks/results/certify_zoo_after.json
 """
 
 from __future__ import annotations
@@ -44,15 +51,50 @@ ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "benchmarks"):
     if str(path) not in sys.path:  # benchmark the robaudit of this checkout, installed or not
         sys.path.insert(0, str(path))
-
-from robaudit.attacks.base import AttackContext  # noqa: E402
-from robaudit.attacks.deepfool import DeepFool  # noqa: E402
-from robaudit.attacks.fmn import FMN  # noqa: E402
-from robaudit.certify import certify_l2  # noqa: E402
-from robaudit.threats import Threat  # noqa: E402
-from zoo import ZooCNN, ZooResNet, load_split  # noqa: E402
+# robaudit (and zoo.py, which imports robaudit.demo) are imported only after `use_robaudit`
+# has chosen the checkout to benchmark (--robaudit), so a "before" run needs no copy of this script.
 
 RESULTS = ROOT / "benchmarks" / "results" / "certify_zoo.json"
+
+
+def use_robaudit(path: Path | None) -> dict:
+    """Import robaudit from `path` (another checkout) or from this one; return where it came from.
+
+    Must run before anything imports robaudit: once imported, every ``robaudit.*`` import
+    resolves inside that package, whatever sys.path says later (zoo.py adds this checkout).
+    """
+    root = Path(path).resolve() if path is not None else ROOT
+    if not (root / "robaudit" / "__init__.py").is_file():
+        sys.exit(f"--robaudit {path}: no robaudit/__init__.py there (give the checkout's root)")
+    if "robaudit" in sys.modules:
+        sys.exit("robaudit was imported before --robaudit was applied; import it lazily")
+    while str(root) in sys.path:
+        sys.path.remove(str(root))
+    sys.path.insert(0, str(root))
+    import robaudit
+
+    where = Path(robaudit.__file__).resolve().parent
+    if where != root / "robaudit":
+        sys.exit(f"imported robaudit from {where}, not from {root}")
+    return {"path": str(root), **_git_state(root)}
+
+
+def _git_state(root: Path) -> dict:
+    """Commit and uncommitted robaudit/ changes of the benchmarked checkout, so a result names its code."""
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    changed = git("status", "--porcelain", "--", "robaudit")
+    return {"commit": git("rev-parse", "HEAD") or None, "uncommitted_robaudit_files": len(changed.splitlines())}
+
+
+def _zoo_model(name: str) -> nn.Module:
+    import zoo  # lazily: see use_robaudit
+
+    return getattr(zoo, name)()
 
 
 def tanh_mlp() -> nn.Module:
@@ -68,9 +110,9 @@ def relu_mlp() -> nn.Module:
 ZOO = {
     "tanh_mlp": (tanh_mlp, None),
     "relu_mlp": (relu_mlp, None),
-    "cnn": (ZooCNN, None),
-    "resnet": (ZooResNet, None),
-    "cnn_l2_at": (ZooCNN, 0.5),
+    "cnn": (lambda: _zoo_model("ZooCNN"), None),
+    "resnet": (lambda: _zoo_model("ZooResNet"), None),
+    "cnn_l2_at": (lambda: _zoo_model("ZooCNN"), 0.5),
 }
 
 
@@ -118,6 +160,11 @@ def train(name: str, data, epochs: int = 30, seed: int = 0) -> tuple[nn.Module, 
 
 def attack_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, box: tuple[float, float], fmn_steps: int):
     """Per-sample smallest verified adversarial L2 distance over FMN and DeepFool (inf if none)."""
+    from robaudit.attacks.base import AttackContext
+    from robaudit.attacks.deepfool import DeepFool
+    from robaudit.attacks.fmn import FMN
+    from robaudit.threats import Threat
+
     ctx = AttackContext(lower=box[0], upper=box[1], num_classes=10, generator=torch.Generator().manual_seed(0))
     best = torch.full((len(x),), math.inf, dtype=torch.float64)
     for attack in (FMN(steps=fmn_steps), DeepFool(steps=100, n_candidates=10)):
@@ -131,8 +178,12 @@ def attack_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, box: tup
 
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[str], fmn_steps: int) -> list[dict]:
     """One row per budget: certified radii against the attacks' smallest distances."""
+    from robaudit.certify import certify_l2
+
     boxed = attack_distance(model, x, y, (0.0, 1.0), fmn_steps)
     free = torch.minimum(attack_distance(model, x, y, (-math.inf, math.inf), fmn_steps), boxed)
+    with torch.no_grad():
+        classified = int((model(x).argmax(1) == y).sum())
     rows = []
     for budget in budgets:
         cert = certify_l2(model, x, y, budget=budget)
@@ -143,6 +194,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[s
         rows.append({
             "budget": budget,
             "samples": len(x),
+            "correct": classified,  # a correct sample with radius 0 is not in the ratios: compare with certified
             "certified": int(correct.sum()),
             "median_ratio": round(ratio.median().item(), 4),
             "mean_ratio": round(ratio.mean().item(), 4),
@@ -156,6 +208,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[s
     return rows
 
 
+def methods_text(methods: dict) -> str:
+    """Method counts as one table cell, largest first ("interval 196, none 4")."""
+    return ", ".join(f"{name} {count}" for name, count in sorted(methods.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(ZOO), help="models to run (default: all)")
@@ -163,17 +220,39 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="test digits to certify (default 200 of 360)")
     parser.add_argument("--fmn-steps", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--robaudit", type=Path, metavar="PATH", help="root of another robaudit checkout (default: this one)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
+    source = use_robaudit(args.robaudit)
+    from zoo import load_split  # after use_robaudit: zoo.py imports robaudit.demo
+
     data = load_split()
     x, y = data[2][: args.n], data[3][: args.n]
     rows = []
+    result = {
+        "description": "certified L2 radius (robaudit.certify.certify_l2) / smallest adversarial L2 distance "
+        "(min over FMN and DeepFool, run without a box and in the [0, 1] box) on the first n digits test samples; "
+        "median_ratio_box01 uses only the box-confined attacks",
+        "command": "python benchmarks/certify_zoo.py " + " ".join(sys.argv[1:]),
+        "robaudit": source,
+        "config": {
+            "n": args.n, "fmn_steps": args.fmn_steps, "deepfool": {"steps": 100, "n_candidates": 10}, "threads": 1,
+            "training": "AdamW lr 3e-3 (one-cycle), weight decay 0.01, 30 epochs, batch 64, seed 0",
+        },  # fmt: skip
+        "torch": torch.__version__,
+        "machine": platform.machine(),
+        "rows": rows,
+    }
     header = (
         "| model | test acc. | budget | certified | median ratio | mean ratio | ratio ([0,1] box) "
-        "| median radius | median attack dist. | violations | s / sample |"
+        "| median radius | median attack dist. | violations | s / sample | methods |"
     )
+    print(f"robaudit: {source['path']} ({source['commit']}, {source['uncommitted_robaudit_files']} uncommitted files)")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only or list(ZOO):
         model, accuracy, seconds = train(name, data)
         for row in evaluate(model, x, y, args.budgets, args.fmn_steps):
@@ -183,23 +262,10 @@ def main() -> None:
                 name, f"{accuracy:.3f}", row["budget"], f"{row['certified']}/{row['samples']}",
                 f"{row['median_ratio']:.3f}", f"{row['mean_ratio']:.3f}", f"{row['median_ratio_box01']:.3f}",
                 f"{row['median_radius']:.4f}", f"{row['median_attack_distance']:.4f}", str(row["violations"]),
-                f"{row['seconds_per_sample']:.3f}",
+                f"{row['seconds_per_sample']:.3f}", methods_text(row["methods"]),
             ]  # fmt: skip
             print("| " + " | ".join(cells) + " |", flush=True)
-    result = {
-        "description": "certified L2 radius (robaudit.certify.certify_l2) / smallest adversarial L2 distance "
-        "(min over FMN and DeepFool, run without a box and in the [0, 1] box) on the first n digits test samples; "
-        "median_ratio_box01 uses only the box-confined attacks",
-        "command": "python benchmarks/certify_zoo.py " + " ".join(sys.argv[1:]),
-        "config": {
-            "n": args.n, "fmn_steps": args.fmn_steps, "deepfool": {"steps": 100, "n_candidates": 10}, "threads": 1,
-            "training": "AdamW lr 3e-3 (one-cycle), weight decay 0.01, 30 epochs, batch 64, seed 0",
-        },  # fmt: skip
-        "torch": torch.__version__,
-        "machine": platform.machine(),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every model: long runs keep partial results
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
 
