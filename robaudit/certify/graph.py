@@ -128,7 +128,9 @@ class _Recorder(fx.Interpreter):
 
 
 _SHAPE_METHODS = {"size", "dim", "numel"}
-_IDENTITY_METHODS = {"contiguous", "clone", "detach", "float", "double"}
+_IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+_CAST_METHODS = {"to", "type", "type_as", "float", "double", "half", "bfloat16"}  # checked by `_cast`
+_EXACT_DTYPES = (torch.float32, torch.float64)  # casts the bound may treat as identity (the values are float32)
 _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"}
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _ACT_FUNCTIONS = {
@@ -147,7 +149,7 @@ _ONNX_RESHAPES = {
     "OnnxReshape", "OnnxFlatten", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxUnsqueezeStaticAxes",
     "OnnxUnsqueezeDynamicAxes",
 }  # fmt: skip
-_ONNX_IDENTITY = {"OnnxCopyIdentity", "OnnxCast"}
+_ONNX_IDENTITY = {"OnnxCopyIdentity"}  # OnnxCast goes through `_cast`
 
 
 def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -158,15 +160,57 @@ def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict)
     return bound
 
 
+SOFTPLUS_MIN_THRESHOLD = 10.0  # torch's softplus returns x above it: off the smooth curve by < 5e-5 / beta
+
+
 def _activation(b, name: str, var, kind: str, args, kwargs):
-    """An activation node, with its parameters as the functional or aten call passed them."""
+    """An activation node, with its parameters as the module, functional or aten call passed them.
+
+    The bounds assume a monotone nondecreasing activation (interval ends map to interval
+    ends, relaxation slopes are nonnegative), so any other parameter choice is refused.
+    """
     if kind == "leaky_relu":
         p = _bind(["input", "negative_slope"], {"negative_slope": 0.01}, args, kwargs)
-        return b.act(name, var, kind, slope=float(p["negative_slope"]))
+        slope = float(p["negative_slope"])
+        if not (math.isfinite(slope) and slope >= 0):
+            raise CertificateUnavailable(f"{name}: LeakyReLU with negative slope {slope} (non-monotone)")
+        return b.act(name, var, kind, slope=slope)
     if kind == "softplus":
         p = _bind(["input", "beta", "threshold"], {"beta": 1.0, "threshold": 20.0}, args, kwargs)
-        return b.act(name, var, kind, beta=float(p["beta"]), threshold=float(p["threshold"]))
+        beta, threshold = float(p["beta"]), float(p["threshold"])
+        if not (math.isfinite(beta) and beta > 0):
+            raise CertificateUnavailable(f"{name}: Softplus with beta {beta} (only beta > 0 is convex and monotone)")
+        if not threshold >= SOFTPLUS_MIN_THRESHOLD:
+            raise CertificateUnavailable(
+                f"{name}: Softplus with threshold {threshold} (switches to x far from the smooth curve)"
+            )
+        return b.act(name, var, kind, beta=beta, threshold=threshold)
     return b.act(name, var, kind)
+
+
+def _cast_dtype(method: str, args: list, kwargs: dict) -> torch.dtype | None:
+    """The dtype a Tensor cast method converts to (None: no dtype change, e.g. `.to(device)`)."""
+    fixed = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+    if method in fixed:
+        return fixed[method]
+    for a in [*args, kwargs.get("dtype"), kwargs.get("other")]:
+        if isinstance(a, torch.dtype):
+            return a
+        if torch.is_tensor(a):
+            return a.dtype
+        if isinstance(a, str) and method == "type":  # legacy names: "torch.FloatTensor", "torch.cuda.HalfTensor"
+            kind = a.rsplit(".", 1)[-1]
+            legacy = {"FloatTensor": torch.float32, "DoubleTensor": torch.float64, "HalfTensor": torch.float16}
+            return legacy.get(kind, torch.bfloat16 if kind == "BFloat16Tensor" else torch.int64)
+    return None
+
+
+def _cast(name: str, var, dtype: torch.dtype | None) -> int:
+    """A cast is the identity only to float32 or float64; any other rounds or truncates the values."""
+    if dtype is None or dtype in _EXACT_DTYPES:
+        return var.index
+    what = str(dtype).removeprefix("torch.")
+    raise CertificateUnavailable(f"{name}: cast to {what} rounds the values (the bound covers float32/float64 only)")
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -295,7 +339,10 @@ class _Builder:
         scale = gamma * inv
         shift = beta - mean.detach().to(F64) * scale
         view = (1, -1) + (1,) * (len(var.shape) - 2)
-        return self.scale(name, var, scale.reshape(view), shift.reshape(view), out_shape)
+        index = self.scale(name, var, scale.reshape(view), shift.reshape(view), out_shape)
+        # float32 batch norm forms the shift from beta and mean * scale: its rounding scales with both
+        self.nodes[index].op.spread = (beta.abs() + (mean.detach().to(F64) * scale).abs()).reshape(view)
+        return index
 
     def act(self, name: str, var: _Var, kind: str, **params: float) -> int:
         return self.add(name, ActOp(name, var.shape, kind, **params), [var.index], var.shape)
@@ -359,9 +406,9 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
     if isinstance(m, nn.ReLU):
         return b.act(name, var, "relu")
     if isinstance(m, nn.LeakyReLU):
-        return b.act(name, var, "leaky_relu", slope=float(m.negative_slope))
+        return _activation(b, name, var, "leaky_relu", [var, m.negative_slope], {})
     if isinstance(m, nn.Softplus):
-        return b.act(name, var, "softplus", beta=float(m.beta), threshold=float(m.threshold))
+        return _activation(b, name, var, "softplus", [var, m.beta, m.threshold], {})
     if isinstance(m, nn.Tanh):
         return b.act(name, var, "tanh")
     if isinstance(m, nn.Sigmoid):
@@ -379,6 +426,8 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return b.reshape(name, var, out_shape)
     if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)) or kind in _ONNX_IDENTITY:
         return var.index
+    if kind == "OnnxCast":
+        return _cast(name, var, getattr(m, "torch_dtype", None) or torch.float16)
     if kind == "OnnxBinaryMathOperation" and getattr(m, "axis", None) is None:
         fn = getattr(m.math_op_function, "__name__", "")
         if fn in _ONNX_BINARY:
@@ -411,8 +460,9 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
             return b.binary(name, _BINARY_METHODS[target], args[0], args[1], out_shape)
         if var is None or any(isinstance(a, _Var) for a in args[1:]):
             raise CertificateUnavailable(name)
-        to_float = target == "to" and not any(isinstance(a, torch.dtype) and not a.is_floating_point for a in args[1:])
-        if target in _IDENTITY_METHODS or to_float:
+        if target in _CAST_METHODS:
+            return _cast(name, var, _cast_dtype(target, list(args[1:]), kwargs))
+        if target in _IDENTITY_METHODS:
             return var.index
         if target in _RESHAPE_METHODS:
             return b.reshape(name, var, out_shape)

@@ -53,11 +53,20 @@ class AffineOp:
         return vjp(g)[0]
 
     def abs(self) -> AffineOp:
-        """The op with entrywise absolute weights (interval radii go through |A|)."""
-        return self
+        """The op with entrywise absolute weights (interval radii go through |A|).
+
+        Only an op declared nonnegative is its own |A|; a signed op must override this,
+        so a new op cannot silently propagate radii through signed weights.
+        """
+        return self._nonneg_self("abs")
 
     def pos(self) -> AffineOp:
         """The op with the positive part of the weights (symbolic bounds split A = A+ + A-)."""
+        return self._nonneg_self("pos")
+
+    def _nonneg_self(self, what: str) -> AffineOp:
+        if not self.nonneg:
+            raise NotImplementedError(f"{type(self).__name__}.{what}(): signed op without an override")
         return self
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,6 +138,7 @@ class ScaleOp(AffineOp):
     """Elementwise ``x * w + b`` (batch norm in eval mode, normalization, constant add/sub/mul/div)."""
 
     weight: torch.Tensor = field(default=None)  # broadcastable to in_shape (same number of dims)
+    spread: torch.Tensor | None = None  # size of the constants the deployed model forms the bias from (rounding.py)
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.weight
@@ -216,6 +226,13 @@ class ActOp:
     slope: float = 0.0  # leaky_relu negative slope
     beta: float = 1.0  # softplus
     threshold: float = 20.0  # softplus: linear above beta * x > threshold (torch's definition)
+
+    def __post_init__(self) -> None:
+        """Every bound here assumes a monotone nondecreasing activation: refuse any other."""
+        if self.kind == "leaky_relu" and not (math.isfinite(self.slope) and self.slope >= 0):
+            raise ValueError(f"leaky_relu with negative slope {self.slope} is not monotone")
+        if self.kind == "softplus" and not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"softplus with beta {self.beta}: its derivative is not increasing")
 
     @property
     def out_shape(self) -> Shape:
