@@ -181,7 +181,9 @@ def test_linear_model_radius_is_the_exact_boundary_distance() -> None:
     exact = (margin / norms).masked_fill(F.one_hot(y, 10).bool(), math.inf).amin(1)
     right = pred == y
     assert right.sum() > 40
-    torch.testing.assert_close(cert.radius[right], exact[right], rtol=1e-6, atol=0)
+    # exact up to the float32 rounding allowance (rounding.py): never above, at most ~1e-4 below
+    assert (cert.radius[right] <= exact[right] * (1 + 1e-9)).all()
+    torch.testing.assert_close(cert.radius[right], exact[right], rtol=1e-6, atol=3e-4)
     assert all(m == "linear" for m, r in zip(cert.method, right.tolist()) if r)
     assert (cert.radius[~right] == 0).all() and all(m == "none" for m, r in zip(cert.method, right.tolist()) if not r)
 
@@ -383,4 +385,9 @@ def test_every_fixture_model_certifies_or_names_its_layer() -> None:
             continue
         assert torch.isfinite(cert.radius).all() and (cert.radius >= 0).all(), name
         correct = model(x).argmax(1) == y
-        assert (cert.radius[correct] > 0).all(), name
+        zero = correct & (cert.radius == 0)
+        if zero.any():  # allowed only where the worst-case float32 allowance exceeds the margin at x itself
+            graph = build_graph(model, x[:1])
+            batch = _batch(graph, x[zero].double(), y[zero])
+            at_x = batch.margins - batch.error(torch.arange(int(zero.sum())), torch.zeros(int(zero.sum())).double())
+            assert (at_x.amin(dim=1) <= 0).all(), name

@@ -11,8 +11,9 @@ radius wins (ties go to the earlier method in `METHODS`):
 A misclassified sample gets radius 0 and method ``none``.
 
 The radius is in pixel space (the model's own input units, before any normalization)
-and certifies the float64 evaluation of the network: the rounding of the deployed
-float32 model is not covered (it is usually ~1e-7 of the logits).
+and certifies the deployed float32 evaluation of the network at every float32 input in
+the ball: each method keeps a radius only where the margin's lower bound over the ball
+exceeds a rigorous bound on the float32 rounding of the two logits there (`rounding.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from robaudit.certify.closed_form import ClosedFormBound, hidden_layer
 from robaudit.certify.global_lipschitz import GlobalLipschitz
 from robaudit.certify.graph import Graph, build_graph, check_graph
 from robaudit.certify.interval import Batch, IntervalBound
-from robaudit.certify.radius import search_radius
+from robaudit.certify.radius import ErrorFn, ratio_radius, search_radius
+from robaudit.certify.rounding import BallError
 
 METHODS = ("linear", "closed-form", "interval", "global-lipschitz")
 MARGIN_RTOL = 1e-10  # margins are deflated by this fraction of |f_c| + |f_j| for rounding
@@ -58,10 +60,11 @@ class LinearExact:
         weight = prefix.jacobian[len(graph.nodes) - 1][0].T  # (K, d)
         self.pair = (weight[:, None, :] - weight[None, :, :]).norm(dim=2) * (1 + LINEAR_RTOL)
 
-    def radius(self, margins: torch.Tensor, labels: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-        norms = self.pair[labels[:, None], others]
-        ratio = torch.where(norms > 0, margins / torch.where(norms > 0, norms, 1.0), torch.inf)
-        return ratio.amin(dim=1)
+    def radius(
+        self, margins: torch.Tensor, labels: torch.Tensor, others: torch.Tensor, error: ErrorFn | None = None
+    ) -> torch.Tensor:
+        """min_j (margin_j - E_j) / ||w_c - w_j||, E the float32 error over the ball (`ratio_radius`)."""
+        return ratio_radius(margins, self.pair[labels[:, None], others], error)
 
 
 def default_methods(graph: Graph, budget: Budget) -> list:
@@ -90,7 +93,8 @@ def _batch(graph: Graph, x: torch.Tensor, labels: torch.Tensor) -> Batch:
     f_c = logits.gather(1, labels[:, None])
     f_j = logits.gather(1, others)
     margins = (f_c - f_j) - MARGIN_RTOL * (f_c.abs() + f_j.abs())
-    return Batch(values, labels, others, rows, margins, exact_magnitudes(graph, x))
+    mags = exact_magnitudes(graph, x)
+    return Batch(values, labels, others, rows, margins, mags, BallError(graph, x, values, mags, labels, others))
 
 
 def certify_l2(
@@ -169,7 +173,8 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certifi
         f"budget {plan.name}: at most {plan.max_evals} bound evaluations per batch of {batch_size} samples",
         "methods tried: " + ", ".join(m.name for m in methods),
         "largest radius from: " + ", ".join(f"{name} {count}" for name, count in wins.items()),
-        "radii certify the float64 network in pixel space; float32 rounding of the deployed model is not covered",
+        "radii certify the float32 model in pixel space: every margin must exceed a rigorous bound on its "
+        "float32 rounding error over the ball (Winograd/FFT convolutions and TF32 are outside that bound)",
     ]
     return Certificate(radius, method, time.perf_counter() - start, notes)
 
@@ -205,9 +210,10 @@ def _certify_batch(
     best = torch.zeros(len(idx), dtype=torch.float64)
     for m in methods:
         if isinstance(m, (LinearExact, GlobalLipschitz)):
-            r = m.radius(batch.margins, batch.labels, batch.others)
+            r = m.radius(batch.margins, batch.labels, batch.others, batch.error)
         else:
-            r = search_radius(lambda i, a, m=m: m.lipschitz(batch, i, a), batch.margins, plan)
+            error = (lambda i, a, m=m: m.ball_error(batch, i, a)) if hasattr(m, "ball_error") else batch.error
+            r = search_radius(lambda i, a, m=m: m.lipschitz(batch, i, a), batch.margins, plan, error)
         r = r.clamp_min(0)
         for t in torch.nonzero(r > best).flatten().tolist():
             chosen[int(idx[t])] = m.name

@@ -25,6 +25,7 @@ import torch
 
 from robaudit.certify.graph import Graph
 from robaudit.certify.ops import ActOp, AddOp, AffineOp, ConvOp, DenseOp, MaxPoolOp, PadOp, ReshapeOp, ScaleOp
+from robaudit.certify.radius import ErrorFn, ratio_radius
 
 LIP_RTOL = 1e-6  # relative inflation of every Lipschitz bound, for rounding
 DENSE_LIMIT = 1 << 22  # write a linear map as a matrix while in x out <= this (32 MB in float64)
@@ -170,7 +171,11 @@ class GlobalLipschitz:
         self._lip[i] = value
         return value
 
-    def radius(self, margins: torch.Tensor, labels: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
-        """min_j margin_j / L_cj for margins (B, P) against classes `others` (B, P)."""
-        lips = self.pair[labels[:, None], others]
-        return (margins / lips).amin(dim=1)
+    def radius(
+        self, margins: torch.Tensor, labels: torch.Tensor, others: torch.Tensor, error: ErrorFn | None = None
+    ) -> torch.Tensor:
+        """min_j (margin_j - E_j) / L_cj for margins (B, P) against classes `others` (B, P).
+
+        `error` bounds the float32 rounding of each margin over a ball (`radius.ratio_radius`).
+        """
+        return ratio_radius(margins, self.pair[labels[:, None], others], error)

@@ -22,6 +22,7 @@ All in float64; every bound is rounded outward and the result inflated by `LIP_R
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,7 @@ from robaudit.certify.budget import Budget
 from robaudit.certify.global_lipschitz import LIP_RTOL, GlobalLipschitz, gram_bound
 from robaudit.certify.graph import Graph
 from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp
+from robaudit.certify.rounding import float32_error, interval_magnitudes, pair_error
 
 SYM_CHUNK_ELEMS = 1 << 23  # samples per symbolic pass: at most this many bound coefficients per node
 SYM_RTOL = 1e-10  # outward rounding of concretized symbolic bounds
@@ -46,6 +48,7 @@ class Batch:
     rows: torch.Tensor  # (B, P, K): e_c - e_j
     margins: torch.Tensor  # (B, P): f_c - f_j, deflated for rounding
     magnitudes: dict[int, torch.Tensor]  # |A| |x| + |b| of the exact nodes
+    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # float32 margin error over balls (rounding.py)
 
 
 @dataclass
@@ -139,7 +142,7 @@ class IntervalBound:
 
     def lipschitz(self, batch: Batch, idx: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """(len(idx), P) upper bounds of the gradient-difference norm over B_2(x, alpha)."""
-        parts = []
+        parts, errors = [], []
         for s in range(0, len(idx), self.chunk):
             sub, a = idx[s : s + self.chunk], alpha[s : s + self.chunk]
             lo, hi, deriv, sigma = self._forward(batch, sub, a)
@@ -147,7 +150,19 @@ class IntervalBound:
             if sigma:  # terminations are chosen greedily: keep the plain pass when it was better
                 bound = torch.minimum(bound, self._backward(batch, sub, lo, hi, deriv, sigma))
             parts.append(bound)
+            # the forward pass already bounds every node over this ball: the float32 error comes cheap
+            err = float32_error(self.graph, interval_magnitudes(lo, hi), (lo, hi))
+            errors.append(pair_error(err, batch.labels[sub], batch.others[sub]))
+        self._last_error = (idx, alpha, torch.cat(errors))
         return torch.cat(parts) * (1 + LIP_RTOL)
+
+    def ball_error(self, batch: Batch, idx: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """(len(idx), P) float32 margin error over B_2(x, alpha): reused from the last `lipschitz` call on that ball."""
+        last = getattr(self, "_last_error", None)
+        if last is not None and last[0] is idx and last[1] is alpha:
+            return last[2]
+        lo, hi = self._forward(batch, idx, alpha)[:2]
+        return pair_error(float32_error(self.graph, interval_magnitudes(lo, hi), (lo, hi)), batch.labels[idx], batch.others[idx])
 
     # ------------------------------------------------------------------ forward
 

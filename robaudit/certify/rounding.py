@@ -1,0 +1,249 @@
+"""A rigorous bound on the float32 rounding error of the deployed model's logits.
+
+The bounds elsewhere certify the *exact* network (computed in float64, which is itself
+deflated for its own rounding). The model that users run computes in float32, and near
+the decision boundary its rounding can decide the label. A radius R is therefore
+certified only if, for every class pair, the exact margin's lower bound over the ball
+exceeds ``E_c + E_j``, where E bounds |float32 logit - exact logit| over a ball that
+contains the certified one.
+
+Model of error (forward error analysis; Higham, *Accuracy and Stability of Numerical
+Algorithms*, ch. 3), with u = 2^-24 and gamma_k = k u / (1 - k u):
+
+- the input is a float32 point (the data and every attack's candidate are float32); the
+  weights are the model's own float32 values, copied exactly into float64;
+- every node carries an elementwise error bound e and a magnitude bound m of its exact
+  value over the ball (`ball_magnitudes`); the float32 value is at most m + e;
+- affine op with fan-in n (a sum of n products plus a bias, in any order):
+  ``e_out <= |W| e_in + 2 gamma_{n+1} (|W| (m_in + e_in) + |b|)``;
+  average pooling and means are affine ops with nonnegative weights (fan-in: the window,
+  plus one for the division);
+- elementwise scale ops (batch norm, input normalization, constant arithmetic) are
+  computed by the deployed model in several float32 steps (subtract the mean, divide,
+  scale, shift): ``2 gamma_8 (|w| (m_in + e_in) + |b| + s)`` with s the size of the
+  constants the shift is formed from (batch norm: |beta| + |mean * scale|);
+- ReLU and max pooling are exact: the error passes through (max pooling takes the window
+  maximum of the errors); LeakyReLU multiplies by its slope: ``slope * e_in + 4 u slope m``;
+- a residual sum: ``e_a + e_b + 2 u (m_a + e_a + m_b + e_b)``;
+- tanh, sigmoid, softplus: ``max slope * e_in + 16 u (|out| + 1)`` (a few ulps of the
+  library function), softplus also the gap between torch's switch to x above its
+  threshold and the smooth function the bounds use, ``log1p(exp(-threshold)) / beta``.
+The factor 2 on every gamma term covers backends that sum in any order, blocked, with
+fused multiply-adds or with float32 constants rounded from the float64 ones here; it does
+not cover Winograd or FFT convolution algorithms, whose error constants can be larger,
+nor TF32 or other reduced-precision math (robaudit disables those while it checks).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+
+import torch
+
+from robaudit.certify.affine import ROUND_RTOL, AffinePrefix, exact_magnitudes
+from robaudit.certify.graph import Graph
+from robaudit.certify.ops import (
+    ActOp,
+    AddOp,
+    AffineOp,
+    AvgPoolOp,
+    ConvOp,
+    DenseOp,
+    MaxPoolOp,
+    MeanOp,
+    PadOp,
+    ReshapeOp,
+    ScaleOp,
+)
+
+U = 2.0**-24  # unit roundoff of float32
+SAFETY = 2.0  # on every gamma term: summation order, blocking, FMA
+SCALE_STEPS = 8  # float32 operations an elementwise scale op may take in the deployed model
+ACT_ULPS = 16.0  # ulps of |out| + 1 allowed for tanh, sigmoid and softplus
+OUT_RTOL = 1e-9  # inflation of the final bound for the float64 arithmetic that computes it
+
+_PREFIXES: weakref.WeakKeyDictionary[Graph, AffinePrefix] = weakref.WeakKeyDictionary()
+
+
+def gamma(k: int) -> float:
+    """gamma_k = k u / (1 - k u): the relative error bound of k float32 roundings."""
+    if k * U >= 0.5:
+        return math.inf
+    return k * U / (1 - k * U)
+
+
+def prefix_for(graph: Graph) -> AffinePrefix:
+    """Row norms of the exact nodes, computed once per graph."""
+    if graph not in _PREFIXES:
+        _PREFIXES[graph] = AffinePrefix(graph, 0, None)
+    return _PREFIXES[graph]
+
+
+# --------------------------------------------------------------------------- magnitudes over a ball
+
+
+def ball_magnitudes(graph: Graph, x: torch.Tensor, radius: torch.Tensor, **known) -> list[torch.Tensor]:
+    """Elementwise upper bounds of |value| of every node over B_2(x, radius), x (B, *sample_shape)."""
+    return interval_magnitudes(*ball_bounds(graph, x, radius, **known))
+
+
+def ball_bounds(
+    graph: Graph,
+    x: torch.Tensor,
+    radius: torch.Tensor,
+    *,
+    values: list[torch.Tensor] | None = None,
+    exact_mags: dict[int, torch.Tensor] | None = None,
+    prefix: AffinePrefix | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Elementwise lower and upper bounds of every node over B_2(x, radius), x (B, *sample_shape) float64.
+
+    `values`, `exact_mags` (`exact_magnitudes`) and `prefix` are recomputed when not
+    given. Exact (affine-in-input) nodes: |z(x)| + r ||A_i||; later nodes by plain interval
+    arithmetic (monotone activations and max pooling map interval ends to ends). Each
+    bound is rounded outward for the float64 arithmetic, like `interval.py`.
+    """
+    x = x.to(torch.float64)
+    prefix = prefix or prefix_for(graph)
+    values = values if values is not None else graph.forward(x)
+    exact_mags = exact_mags if exact_mags is not None else exact_magnitudes(graph, x)
+    n = len(graph.nodes)
+    lo: list[torch.Tensor | None] = [None] * n
+    hi: list[torch.Tensor | None] = [None] * n
+    for i, node in enumerate(graph.nodes):
+        op = node.op
+        if graph.exact[i]:
+            r = radius.to(torch.float64).view(-1, *([1] * len(node.shape)))
+            rad = r * prefix.rownorm[i] + ROUND_RTOL * exact_mags[i]
+            lo[i], hi[i] = values[i] - rad, values[i] + rad
+        elif isinstance(op, AffineOp):
+            j = node.inputs[0]
+            m, r = (lo[j] + hi[j]) / 2, (hi[j] - lo[j]) / 2
+            rad = op.abs().linear(r + ROUND_RTOL * m.abs())
+            if op.bias is not None:
+                rad = rad + ROUND_RTOL * op.bias.abs()
+            c = op.apply(m)
+            lo[i], hi[i] = c - rad, c + rad
+        elif isinstance(op, (ActOp, MaxPoolOp)):
+            j = node.inputs[0]
+            s_lo, s_hi = op.value(lo[j]), op.value(hi[j])
+            tol = ROUND_RTOL * (s_lo.abs() + s_hi.abs())
+            lo[i], hi[i] = s_lo - tol, s_hi + tol
+        else:
+            assert isinstance(op, AddOp)
+            j, k = node.inputs
+            a_lo, a_hi = (lo[k], hi[k]) if op.sign > 0 else (-hi[k], -lo[k])
+            tol = ROUND_RTOL * (lo[j].abs() + hi[j].abs() + lo[k].abs() + hi[k].abs())
+            lo[i], hi[i] = lo[j] + a_lo - tol, hi[j] + a_hi + tol
+    return lo, hi
+
+
+def interval_magnitudes(lo: list[torch.Tensor], hi: list[torch.Tensor]) -> list[torch.Tensor]:
+    """max(|lo|, |hi|) per node: what `float32_error` needs from any sound forward bound pass."""
+    return [torch.maximum(a.abs(), b.abs()) for a, b in zip(lo, hi)]
+
+
+# --------------------------------------------------------------------------- the error bound
+
+
+def _fan_in(op: AffineOp) -> int:
+    """Most products summed into one output of the op (an upper bound is enough)."""
+    if isinstance(op, DenseOp):
+        return int(op.weight.shape[1])
+    if isinstance(op, ConvOp):
+        return math.prod(op.weight.shape[1:])
+    if isinstance(op, AvgPoolOp):
+        return math.prod(op.kernel) + 1  # and the division
+    if isinstance(op, MeanOp):
+        return math.prod(op.in_shape[d] for d in op.dims) + 1
+    return op.in_numel
+
+
+def _affine_error(op: AffineOp, e_in: torch.Tensor, m_in: torch.Tensor) -> torch.Tensor:
+    if isinstance(op, (ReshapeOp, PadOp)):  # moves values; a constant pad value is rounded once
+        out = op.linear(e_in)
+        return out if op.bias is None else out + U * op.bias.abs()
+    if isinstance(op, ScaleOp):
+        g = SAFETY * gamma(SCALE_STEPS)
+        w = op.weight.abs()
+        out = w * e_in + g * w * m_in
+        extra = [t for t in (op.bias, getattr(op, "spread", None)) if t is not None]
+        return out + g * sum(t.abs() for t in extra) if extra else out
+    g = SAFETY * gamma(_fan_in(op) + 1)
+    out = op.abs().linear(e_in + g * m_in)
+    return out if op.bias is None else out + g * op.bias.abs()
+
+
+def _act_error(op: ActOp, e_in: torch.Tensor, m_in: torch.Tensor, m_out: torch.Tensor, bounds=None) -> torch.Tensor:
+    """Mean value theorem on [lo - e, hi + e] (the exact and the float32 input both lie there), plus rounding."""
+    slope: torch.Tensor | float = op.max_slope
+    if bounds is not None:
+        slope = op.derivative_bounds(bounds[0] - e_in, bounds[1] + e_in)[1].clamp_min(0)
+    if op.kind == "relu":
+        return slope * e_in
+    if op.kind == "leaky_relu":
+        return slope * e_in + 4 * U * op.slope * m_in
+    out = slope * e_in + ACT_ULPS * U * (m_out + slope * e_in + 1)
+    if op.kind == "softplus":
+        out = out + math.log1p(math.exp(-op.threshold)) / op.beta
+    return out
+
+
+def float32_error(
+    graph: Graph,
+    magnitudes: list[torch.Tensor],
+    bounds: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None,
+) -> torch.Tensor:
+    """(B, K) upper bounds of |float32 logit - exact logit| given per-node magnitude bounds (B, *shape).
+
+    `magnitudes[i]` must bound |value of node i| over the region the bound is for (a
+    ball: `ball_magnitudes`, or the lo/hi of any sound forward bound pass); the result
+    then holds at every float32 input in that region. The optional `bounds` (those lo/hi
+    themselves) let activations use their local slope instead of the global one: an
+    inactive ReLU passes no error on. See the module docstring.
+    """
+    errs: list[torch.Tensor] = []
+    for i, node in enumerate(graph.nodes):
+        op = node.op
+        if op is None:
+            errs.append(torch.zeros_like(magnitudes[0]))
+            continue
+        j = node.inputs[0]
+        e_in = errs[j]
+        m_in = magnitudes[j] + e_in  # the float32 value's size
+        if isinstance(op, AffineOp):
+            errs.append(_affine_error(op, e_in, m_in))
+        elif isinstance(op, ActOp):
+            local = None if bounds is None else (bounds[0][j], bounds[1][j])
+            errs.append(_act_error(op, e_in, m_in, magnitudes[i], local))
+        elif isinstance(op, MaxPoolOp):
+            errs.append(op.value(e_in))
+        elif isinstance(op, AddOp):
+            k = node.inputs[1]
+            e_k = errs[k]
+            errs.append(e_in + e_k + SAFETY * U * (m_in + magnitudes[k] + e_k))
+        else:  # pragma: no cover - graph.py emits only the ops above
+            raise TypeError(f"no float32 error model for {type(op).__name__}")
+    out = errs[-1]
+    return out.reshape(out.shape[0], -1) * (1 + OUT_RTOL)
+
+
+def pair_error(err: torch.Tensor, labels: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
+    """E_c + E_j (B, P): the most float32 rounding can shrink each margin f_c - f_j."""
+    return err.gather(1, labels[:, None]) + err.gather(1, others)
+
+
+class BallError:
+    """For one batch: ``(sample indices, radii) -> (n, P)`` float32 margin error over B_2(x_i, r_i)."""
+
+    def __init__(self, graph: Graph, x: torch.Tensor, values, exact_mags, labels, others) -> None:
+        self.graph, self.x, self.values, self.exact_mags = graph, x, values, exact_mags
+        self.labels, self.others = labels, others
+
+    def __call__(self, idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        values = [v[idx] for v in self.values]
+        exact = {i: m[idx] for i, m in self.exact_mags.items()}
+        lo, hi = ball_bounds(self.graph, self.x[idx], radius, values=values, exact_mags=exact)
+        err = float32_error(self.graph, interval_magnitudes(lo, hi), (lo, hi))
+        return pair_error(err, self.labels[idx], self.others[idx])
