@@ -45,6 +45,7 @@ from robaudit.models import load_model, wrap_model
 from robaudit.models.detect import RawModel
 from robaudit.models.randomized import EOT
 from robaudit.models.wrapper import AuditModel, WrapInfo
+from robaudit.precision import NOTE as PRECISION_NOTE
 from robaudit.report.schema import (
     SCHEMA_VERSION,
     AttackSummary,
@@ -331,7 +332,10 @@ def _scan(config: ScanConfig, progress: ProgressFactory) -> ScanResult:
             mean=config.mean,
             std=config.std,
             input_range=[lower, upper],
-            notes=[*raw.notes, *info.notes, *([reshape_note] if reshape_note else []), *_randomized_notes(randomized)],
+            notes=[
+                *raw.notes, *info.notes, *([reshape_note] if reshape_note else []), *_randomized_notes(randomized),
+                PRECISION_NOTE,
+            ],  # fmt: skip
         ),
         data=DataInfo(
             name=data.name,

@@ -3,7 +3,8 @@
 It batches, runs each attack (and each restart) only on points that are still robust,
 counts model passes per attack, projects candidates into the threat ball and the
 input box, and accepts a candidate only after an independent re-verification: a
-fresh float32 forward pass of the uncounted model, the norm checked in float64.
+fresh float32 forward pass of the uncounted model (in full precision: no TF32), the
+norm checked in float64.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 from robaudit.attacks.base import Attack, AttackContext, project
 from robaudit.attacks.counting import CountingModel
 from robaudit.models.randomized import EOT
+from robaudit.precision import full_precision
 from robaudit.threats import Threat, perturbation_norms, within_ball
 
 BOX_TOL = 1e-6
@@ -131,7 +133,8 @@ def verify_adversarial(
     if len(x_adv) == 0:
         return torch.zeros(0, dtype=torch.bool)
     in_ball = within_ball(x_adv - x, threat)
-    wrong = judge(model, x_adv, y, batch_size, device) != y.cpu()
+    with full_precision():  # the verdict must not depend on the GPU's TF32 defaults
+        wrong = judge(model, x_adv, y, batch_size, device) != y.cpu()
     return wrong & in_ball & _in_box(x_adv, lower, upper)
 
 
@@ -347,7 +350,8 @@ def verify_spatial(
     x_adv = x_adv.detach().to(torch.float32).cpu()
     rebuilt = transform_images(x.detach().cpu().to(torch.float32), params.nan_to_num(0.0), lower)
     same = ((rebuilt - x_adv).flatten(1).abs().amax(dim=1) <= BOX_TOL)
-    wrong = judge(model, x_adv, y, batch_size, device) != y.cpu()
+    with full_precision():
+        wrong = judge(model, x_adv, y, batch_size, device) != y.cpu()
     return within_limits(params, threat) & same & wrong & _in_box(x_adv, lower, upper)
 
 

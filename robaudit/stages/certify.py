@@ -5,6 +5,7 @@ them (the stated budget), and then holds each radius against everything the scan
 found: no verified adversarial example of any threat may lie inside a certified
 ball, and a few points just inside each ball must keep the model's decision. A
 failure there is a robaudit bug and stops the scan instead of printing a radius.
+Both the certification and those checks run in full float32 precision (`precision.py`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from robaudit.attacks.runner import MinimalOutcome, ProgressSink, ThreatOutcome, predict
+from robaudit.precision import NOTE as PRECISION_NOTE
+from robaudit.precision import full_precision
 from robaudit.report.schema import CertificateSummary
 from robaudit.threats import perturbation_norms
 
@@ -129,7 +132,8 @@ def check_radii(
         usable = size > 0
         scale = torch.where(usable, INSIDE * rs / size.clamp_min(1e-30), torch.zeros_like(rs))
         probes = (xs + d * scale.to(xs.dtype).view(-1, *([1] * (xs.dim() - 1)))).clamp(lower, upper)
-        flipped = predict(model, probes, batch_size, device) != ys
+        with full_precision():
+            flipped = predict(model, probes, batch_size, device) != ys
         if bool(flipped.any()):
             bad = idx[flipped].tolist()[:5]
             raise RuntimeError(f"internal error: a point inside the certified L2 ball changes the decision (samples {bad})")
@@ -172,30 +176,31 @@ def certify_stage(
     parts = []  # (sample indices, their certificate)
     started = time.perf_counter()
     progress.start("certifying L2 radii", max(1, len(todo)))
-    try:
-        parts.append((pilot, certify_l2(cpu_model, x[pilot], y[pilot], budget=budget, progress=progress.advance)))
-        limit = max(MIN_BUDGET_S, attack_seconds)
-        projected = parts[0][1].seconds / max(1, len(pilot)) * len(todo)
-        if mode == "auto" and projected > limit:
-            reason = (
-                f"certificate skipped: projected {projected:.0f} s exceeds the automatic budget of {limit:.0f} s "
-                "(as long as the attacks took, at least 10 s); pass --certify to run it"
-            )
-            return unavailable(reason, budget, adversarial_l2, time.perf_counter() - started)
-        if len(rest):
-            parts.append((rest, certify_l2(cpu_model, x[rest], y[rest], budget=budget, progress=progress.advance)))
-    except CertificateUnavailable as exc:
-        return unavailable(str(exc), budget, adversarial_l2, time.perf_counter() - started)
-    finally:
-        progress.finish()
-        model.to(device)
+    with full_precision():  # the certificate's own prediction checks: no TF32 (restored after)
+        try:
+            parts.append((pilot, certify_l2(cpu_model, x[pilot], y[pilot], budget=budget, progress=progress.advance)))
+            limit = max(MIN_BUDGET_S, attack_seconds)
+            projected = parts[0][1].seconds / max(1, len(pilot)) * len(todo)
+            if mode == "auto" and projected > limit:
+                reason = (
+                    f"certificate skipped: projected {projected:.0f} s exceeds the automatic budget of {limit:.0f} s "
+                    "(as long as the attacks took, at least 10 s); pass --certify to run it"
+                )
+                return unavailable(reason, budget, adversarial_l2, time.perf_counter() - started)
+            if len(rest):
+                parts.append((rest, certify_l2(cpu_model, x[rest], y[rest], budget=budget, progress=progress.advance)))
+        except CertificateUnavailable as exc:
+            return unavailable(str(exc), budget, adversarial_l2, time.perf_counter() - started)
+        finally:
+            progress.finish()
+            model.to(device)
     radius = torch.zeros(len(x), dtype=torch.float64)
     method = ["none"] * len(x)
     for idx, cert in parts:
         radius[idx] = cert.radius
         for i, m in zip(idx.tolist(), cert.method):
             method[i] = m
-    notes = [n for n in parts[0][1].notes if not n.startswith("largest radius from")]
+    notes = [n for n in parts[0][1].notes if not n.startswith("largest radius from")] + [PRECISION_NOTE]
     check_radii(
         model, x, y, radius, adversarial_l2, closest,
         lower=lower, upper=upper, batch_size=batch_size, device=device, seed=seed,
