@@ -213,7 +213,8 @@ def _certificate(report: Report) -> str:
         rows.append(["radius quantiles (correct samples)", _e(", ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items()))])
     if cert.median_ratio is not None:
         rows.append(["median certified / smallest adversarial L2", f"{cert.median_ratio:.3f} ({cert.ratio_samples} samples)"])
-    return f"<h2>Certified L2 radii (budget {_e(cert.budget)})</h2>" + _table(["metric", "value"], rows, {1})
+    notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in cert.notes)
+    return f"<h2>Certified L2 radii (budget {_e(cert.budget)})</h2>" + _table(["metric", "value"], rows, {1}) + notes
 
 
 def _indicator(report: Report) -> str:

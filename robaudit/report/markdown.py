@@ -146,7 +146,8 @@ def _certificate(report: Report) -> list[str]:
         rows.append(("radius quantiles (correct samples)", ", ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items())))
     if cert.median_ratio is not None:
         rows.append(("median certified / smallest adversarial L2", f"{cert.median_ratio:.3f} ({cert.ratio_samples} samples)"))
-    return [f"### Certified L2 radii (budget {cell(cert.budget)})", "", *table(("metric", "value"), rows, "lr")]
+    notes = [f"- note: {cell(n)}" for n in cert.notes]
+    return [f"### Certified L2 radii (budget {cell(cert.budget)})", "", *table(("metric", "value"), rows, "lr"), *notes, *([""] if notes else [])]
 
 
 def _indicator(report: Report) -> list[str]:

@@ -106,7 +106,7 @@ def _curves(report: Report) -> Table | None:
     return table
 
 
-def _certificate(report: Report) -> Table | Text | None:
+def _certificate(report: Report) -> Group | Text | None:
     cert = report.summary.certificate
     if cert is None:
         return None
@@ -131,7 +131,10 @@ def _certificate(report: Report) -> Table | Text | None:
             f"{cert.median_ratio:.3f} [dim]({cert.ratio_samples} samples; 1 = pinned down exactly)[/dim]",
         )
     table.add_row("method that gave the radius", ", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")
-    return table
+    if not cert.notes:
+        return Group(table)
+    # what the radius covers (float32 rounding, precision) is part of the claim: show it with the table
+    return Group(table, Text("\n".join(f"note: {n}" for n in cert.notes), style="dim"))
 
 
 def _indicator(report: Report) -> Table | None:
