@@ -1,0 +1,266 @@
+"""Soundness of the certificate beyond the exact float64 network: activations the bound cannot
+handle and casts that round are refused, and the deployed model's float32 rounding is bounded
+rigorously (the bound is checked against real float32 evaluations, in the ball too)."""
+
+from __future__ import annotations
+
+import html
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import CiScan, load_json, run_cli
+from robaudit.certify import CertificateUnavailable, certify_l2
+from robaudit.certify.graph import build_graph
+from robaudit.certify.interval import IntervalBound
+from robaudit.certify.ops import AffineOp
+from robaudit.certify.rounding import BallError, ball_bounds, float32_error, interval_magnitudes
+from robaudit.models import load_model, wrap_model
+from robaudit.precision import NOTE as PRECISION_NOTE
+from robaudit.precision import full_precision
+from test_certify import Residual, check_sound, cnn, digits, double, fit, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Lambda(nn.Module):
+    """A net whose forward applies `fn` between two linear layers."""
+
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.fn(self.fc1(x.flatten(1))))
+
+
+def _refused(net: nn.Module) -> str:
+    x, y = digits()
+    with pytest.raises(CertificateUnavailable) as info:
+        certify_l2(net.eval(), x[:4], y[:4])
+    return str(info.value)
+
+
+# --------------------------------------------------------------------------- activations
+
+
+@pytest.mark.parametrize(
+    "net, fragment",
+    [
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.LeakyReLU(-2.0), nn.Linear(16, 10)), "negative slope -2.0"),
+        (Lambda(lambda h: F.leaky_relu(h, -0.5)), "negative slope -0.5"),
+        (Lambda(lambda h: F.leaky_relu(h, negative_slope=-0.1)), "negative slope -0.1"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Softplus(beta=-1.0), nn.Linear(16, 10)), "beta -1.0"),
+        (Lambda(lambda h: F.softplus(h, beta=-2.0)), "beta -2.0"),
+        (Lambda(lambda h: F.softplus(h, 1.0, 1.0)), "threshold 1.0"),
+    ],
+)
+def test_activations_the_bound_cannot_handle_are_refused(net: nn.Module, fragment: str) -> None:
+    message = _refused(net)
+    assert fragment in message
+    if "slope" in fragment:
+        assert "non-monotone" in message
+
+
+@pytest.mark.parametrize("slope", [0.2, 3.0])
+def test_leaky_relu_radii_stay_below_attack_distances(slope: float) -> None:
+    x, y = digits()
+    net = fit(mlp(nn.LeakyReLU(slope), 32, 2), 150, lr=5e-3 if slope > 1 else 1e-2)
+    x, y = x[:24], y[:24]
+    cert = certify_l2(net, x, y)
+    correct = net(x).argmax(1) == y
+    assert correct.sum() >= 16 and (cert.radius[correct] > 0).all()
+    check_sound(net, x, y, cert)
+
+
+# --------------------------------------------------------------------------- casts
+
+
+@pytest.mark.parametrize(
+    "fn, dtype",
+    [
+        (lambda h: h.half().float(), "float16"),
+        (lambda h: h.bfloat16().float(), "bfloat16"),
+        (lambda h: h.to(torch.bfloat16).float(), "bfloat16"),
+        (lambda h: h.to(dtype=torch.float16).float(), "float16"),
+        (lambda h: h.type(torch.float16).float(), "float16"),
+        (lambda h: h.type("torch.HalfTensor").float(), "float16"),
+    ],
+)
+def test_casts_that_round_are_refused(fn, dtype: str) -> None:
+    message = _refused(Lambda(fn))
+    assert f"cast to {dtype}" in message and "Tensor." in message  # names the op
+
+
+def test_casts_to_float32_and_float64_are_kept() -> None:
+    x, y = digits()
+    net = fit(Lambda(lambda h: torch.relu(h.double().float().to(torch.float32).contiguous())), 60)
+    assert certify_l2(net, x[:4], y[:4], budget="fast").radius.shape == (4,)
+
+
+class HalfRoundTrip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1)).half().float()))
+
+
+def test_onnx_cast_to_float16_is_refused(tmp_path) -> None:
+    import onnx
+
+    x, y = digits()
+    path = tmp_path / "half.onnx"
+    torch.onnx.export(
+        HalfRoundTrip().eval(), (torch.rand(2, 1, 8, 8),), str(path), input_names=["x"], dynamo=False,
+        opset_version=17, dynamic_axes={"x": {0: "batch"}},
+    )  # fmt: skip
+    casts = [n for n in onnx.load(str(path)).graph.node if n.op_type == "Cast"]
+    assert any(a.i == onnx.TensorProto.FLOAT16 for n in casts for a in n.attribute if a.name == "to")
+    model, _ = wrap_model(load_model(path), sample_shape=(1, 8, 8), probe=x[:4])
+    with pytest.raises(CertificateUnavailable, match=r"OnnxCast: cast to float16"):
+        certify_l2(model, x[:4], y[:4])
+
+
+# --------------------------------------------------------------------------- float32 rounding
+
+
+def _nets() -> dict[str, nn.Module]:
+    return {"mlp": fit(mlp(nn.ReLU(), 48, 2), 100), "cnn": fit(cnn(), 80), "residual-bn": fit(Residual(), 100)}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "residual-bn"])
+def test_float32_error_bound_covers_real_float32_evaluations(name: str) -> None:
+    x, _ = digits()
+    net = _nets()[name]
+    ref = double(net)
+    graph = build_graph(net, x[:1])
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.cat([x[:8], torch.rand((8, 1, 8, 8), generator=gen)])  # data and random inputs
+    for radius in (0.0, 0.3, 1.0):
+        r = torch.full((len(centres),), radius, dtype=torch.float64)
+        lo, hi = ball_bounds(graph, centres.double(), r)
+        mags = interval_magnitudes(lo, hi)
+        for bound in (float32_error(graph, mags), float32_error(graph, mags, (lo, hi))):
+            worst = torch.zeros_like(bound)
+            for _ in range(16 if radius else 1):  # float32 points inside the ball
+                d = torch.randn(centres.shape, generator=gen, dtype=torch.float64)
+                scale = radius * 0.999 * torch.rand(len(centres), generator=gen, dtype=torch.float64)
+                d = d * (scale / d.flatten(1).norm(dim=1)).view(-1, 1, 1, 1)
+                points = (centres.double() + d).float()
+                with torch.no_grad():
+                    seen = (net(points).double() - ref(points.double())).abs()
+                worst = torch.maximum(worst, seen)
+                assert (seen <= bound).all(), (name, radius, (seen / bound).max())
+            assert worst.max() > 0  # the check is not vacuous: float32 does round here
+        if radius == 0.0:  # small next to the logits: the radii barely move
+            scale = mags[-1].reshape(len(centres), -1).abs().amax(dim=1, keepdim=True)
+            limit = 1e-2 if name == "residual-bn" else 1e-3  # worst case grows with depth and with BN's constants
+            assert (bound / scale).max() < limit, (name, (bound / scale).max())
+
+
+def test_radii_barely_change_for_the_float32_allowance(monkeypatch) -> None:
+    x, y = digits()
+    net = fit(mlp(nn.ReLU(), 48, 2), 100)
+    with_error = certify_l2(net, x[:16], y[:16], budget="fast").radius
+
+    def nothing(self, batch, idx, alpha):
+        return torch.zeros(len(idx), batch.others.shape[1], dtype=torch.float64)
+
+    monkeypatch.setattr(BallError, "__call__", lambda self, idx, r: torch.zeros(len(idx), self.others.shape[1], dtype=torch.float64))
+    monkeypatch.setattr(IntervalBound, "ball_error", nothing)
+    without = certify_l2(net, x[:16], y[:16], budget="fast").radius
+    ok = without > 0
+    assert (with_error <= without).all()
+    assert (with_error[ok] >= without[ok] * (1 - 1e-2)).all()
+
+
+def _tie(net: nn.Module, last: nn.Linear) -> nn.Module:
+    """Logits 1e4 + h_0 and 1e4 - 2^-9 + h_0: margin 2^-9 at every input, below float32's resolution there."""
+    with torch.no_grad():
+        last.weight.zero_()
+        last.weight[:, 0] = 1.0
+        last.bias.copy_(torch.tensor([1e4, 1e4 - 2.0**-9]))
+    return net.eval()
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_margin_below_the_float32_error_certifies_nothing(hidden: bool) -> None:
+    last = nn.Linear(2, 2)
+    net = nn.Sequential(last)
+    if hidden:  # a ReLU layer in front: the interval, closed-form and global methods instead of the linear one
+        first = nn.Linear(2, 2)
+        with torch.no_grad():
+            first.weight.copy_(torch.eye(2))
+            first.bias.zero_()
+        net = nn.Sequential(first, nn.ReLU(), last)
+    _tie(net, last)
+    x = torch.tensor([[0.5, 0.25], [1.0, 2.0]])
+    y = torch.zeros(2, dtype=torch.long)
+    assert (net(x).argmax(1) == y).all() and (double(net)(x.double()).diff(dim=1) < 0).all()
+    cert = certify_l2(net, x, y)
+    assert (cert.radius == 0).all(), cert.radius
+
+
+# --------------------------------------------------------------------------- small guards
+
+
+def test_affine_op_without_abs_refuses_unless_declared_nonnegative() -> None:
+    class Signed(AffineOp):
+        def linear(self, x: torch.Tensor) -> torch.Tensor:
+            return -x
+
+    op = Signed("signed", (1, 3), (1, 3))
+    for method in (op.abs, op.pos):
+        with pytest.raises(NotImplementedError, match="Signed"):
+            method()
+    nonneg = Signed("copy", (1, 3), (1, 3), nonneg=True)
+    assert nonneg.abs() is nonneg and nonneg.pos() is nonneg
+
+
+def test_full_precision_disables_tf32_and_restores_the_flags() -> None:
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = (matmul.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision(),
+              matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)  # fmt: skip
+    try:
+        torch.set_float32_matmul_precision("high")
+        cudnn.allow_tf32 = True
+        matmul.allow_fp16_reduced_precision_reduction = True
+        matmul.allow_bf16_reduced_precision_reduction = True
+        set_ = (matmul.allow_tf32, cudnn.allow_tf32, "high", True, True)
+        with pytest.raises(ValueError), full_precision():
+            assert not matmul.allow_tf32 and not cudnn.allow_tf32
+            assert torch.get_float32_matmul_precision() == "highest"
+            assert not matmul.allow_fp16_reduced_precision_reduction and not matmul.allow_bf16_reduced_precision_reduction
+            raise ValueError("restored even on error")
+        now = (matmul.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision(),
+               matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction)  # fmt: skip
+        assert now == set_
+    finally:
+        torch.set_float32_matmul_precision(before[2])
+        matmul.allow_tf32, cudnn.allow_tf32 = before[0], before[1]
+        matmul.allow_fp16_reduced_precision_reduction, matmul.allow_bf16_reduced_precision_reduction = before[3:]
+
+
+# --------------------------------------------------------------------------- the report shows the notes
+
+
+def test_every_renderer_shows_the_certificate_notes(ci_base: CiScan) -> None:
+    report = load_json(ci_base.json)
+    notes = report["summary"]["certificate"]["notes"]
+    assert PRECISION_NOTE in notes and PRECISION_NOTE in report["model"]["notes"]
+    assert any("float32 rounding error" in n for n in notes)
+    markdown, page = ci_base.markdown.read_text(), ci_base.html.read_text()
+    terminal = run_cli("report", ci_base.json)
+    assert terminal.code == 0, terminal.stderr
+    flat = " ".join(terminal.stdout.split())
+    for note in notes:
+        assert f"- note: {html.escape(note, quote=False)}" in markdown
+        assert f"note: {html.escape(note, quote=True)}" in page
+        assert " ".join(f"note: {note}".split()) in flat, note
+    assert math.isfinite(report["summary"]["certificate"]["radius_quantiles"]["max"])
