@@ -1,8 +1,9 @@
 """Reduce a classifier to a DAG of primitive float64 ops (see `ops.py`) that the bounds walk.
 
-The network is traced with torch.fx (onnx2torch already returns an fx GraphModule; any
-other module goes through `torch.fx.symbolic_trace`) and run once at batch size 1 on a
-real sample. That run gives every node's per-sample shape and folds everything that does
+The network is traced with torch.fx (onnx2torch already returns an fx GraphModule; a
+TorchScript file goes through torch's TorchScript-to-aten converter, any other module
+through `torch.fx.symbolic_trace`: see `robaudit.models.fx_graph`) and run once at batch
+size 1 on a real sample. That run gives every node's per-sample shape and folds everything that does
 not depend on the input into constants: ONNX's Shape/Gather/Unsqueeze/Concat chains that
 compute a flatten target, constant tensors, `x.size(0)`. Tracing at batch size 1 is the
 per-sample function the certificate is about (the wrapper checked that batching does
@@ -27,6 +28,7 @@ from torch import nn
 from torch.fx.node import _get_qualified_name
 
 from robaudit.certify.errors import CertificateUnavailable
+from robaudit.models.fx_graph import NotTraceable, to_fx
 from robaudit.certify.ops import (
     ActOp,
     AddOp,
@@ -515,13 +517,27 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
 
 
 _ATEN_TUPLE = {"_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit"}
-_ATEN_RESHAPES = {"view", "reshape", "_unsafe_view", "flatten", "squeeze", "unsqueeze"}
-_ATEN_IDENTITY = {"clone", "contiguous", "alias", "detach", "_to_copy", "lift_fresh_copy"}
+_ATEN_RESHAPES = {"view", "reshape", "_unsafe_view", "_reshape_alias", "flatten", "unflatten", "squeeze", "unsqueeze"}
+_ATEN_PERMUTES = {"t", "transpose", "permute", "swapaxes", "swapdims"}  # only when they keep the values' order
+_ATEN_IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy"}
+_ATEN_CASTS = {"_to_copy", "to", "type_as", "_cast_Float", "_cast_Double"}  # identity only when exact: `_aten_cast`
 _ATEN_ACTS = {
-    "relu": "relu", "relu_": "relu", "tanh": "tanh", "sigmoid": "sigmoid", "leaky_relu": "leaky_relu",
-    "softplus": "softplus",
+    "relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
+    "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu", "softplus": "softplus",
 }  # fmt: skip
-_ATEN_BINARY = {k: k.rstrip("_") for k in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")}
+_ATEN_BINARY = {k: k.rstrip("_") for k in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub")}
+_ATEN_DROPOUTS = {
+    "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
+    "feature_alpha_dropout", "feature_alpha_dropout_",
+}  # fmt: skip
+_ATEN_CONVS = {"conv2d", "convolution", "_convolution"}
+_ATEN_SHAPE = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "size", "dim", "numel", "stride"}
+# Checks torch.export and the TorchScript converter insert: they return nothing and compute nothing.
+_ATEN_CHECKS = {
+    "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
+    "_functional_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size",
+}  # fmt: skip
+_FLOATS = (torch.float32, torch.float64)  # the arithmetic the bound reproduces (float64 covers float32)
 
 
 def _aten_name(target: Any) -> str | None:
@@ -531,18 +547,108 @@ def _aten_name(target: Any) -> str | None:
     return None
 
 
-def _aten_op(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_shape: Shape) -> int:
-    """Emit the op of an aten call (graphs saved with torch.export)."""
-    if op in _ATEN_BINARY and kwargs.get("alpha", 1) == 1 and not kwargs.get("rounding_mode"):
-        return b.binary(name, _ATEN_BINARY[op], args[0], args[1], out_shape)
+def _aten_cast(name: str, var: _Var, dtypes: tuple[torch.dtype | None, torch.dtype] | None) -> int:
+    """A cast is the identity for the bound only to float32 or float64 (the bound works in float64
+    and treats float32 rounding as every float32 layer's); float16, bfloat16 and integer casts
+    round or truncate the values, so they are refused.
+
+    Decided on the dtypes the traced run saw (input, output), which covers every spelling
+    (`.to(dtype)`, `.to(device, dtype)`, `.type_as(t)`, `_to_copy(dtype=)`, `.half()`).
+    """
+    source, target = dtypes or (None, None)
+    if target in _FLOATS:
+        return var.index
+    what = "an unknown dtype" if target is None else str(target).removeprefix("torch.")
+    if source is not None and source != target:
+        what += f" from {str(source).removeprefix('torch.')}"
+    raise CertificateUnavailable(f"{name}: cast to {what} rounds the values (the bound is exact for float32/float64)")
+
+
+def _aten_binary(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_shape: Shape) -> int:
+    """add/sub with their `alpha` (``a + alpha * b``), rsub (``b - alpha * a``), mul and div (no rounding)."""
+    kind = _ATEN_BINARY[op]
+    p = _bind(["input", "other", "alpha"], {"alpha": 1}, args, kwargs)
+    a, c, alpha = p["input"], p["other"], p["alpha"]
+    if kind in ("mul", "div"):
+        if p.get("rounding_mode") is not None:
+            raise CertificateUnavailable(f"{name}: division with rounding_mode={p['rounding_mode']!r}")
+        return b.binary(name, kind, a, c, out_shape)
+    if isinstance(alpha, _Var) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise CertificateUnavailable(f"{name}: {kind} with alpha {alpha!r}")
+    if kind == "rsub":  # other - alpha * input
+        a, c, kind = c, a, "sub"
+    sign = -1.0 if kind == "sub" else 1.0
+    if isinstance(a, _Var) and isinstance(c, _Var):
+        if alpha not in (1, -1):  # scale the second term first: a + (sign * alpha) * c
+            c = _Var(b.scale(f"{name} (alpha)", c, sign * float(alpha), 0.0, c.shape), c.shape)
+            alpha, sign = 1, 1.0
+        return b.binary(name, "add" if sign * alpha > 0 else "sub", a, c, out_shape)
+    if isinstance(a, _Var):
+        return b.binary(name, "add", a, torch.as_tensor(c).detach().to(F64) * (sign * alpha), out_shape)
+    if isinstance(c, _Var):  # constant + sign * alpha * var
+        return b.scale(name, c, sign * float(alpha), torch.as_tensor(a).detach().to(F64), out_shape)
+    raise CertificateUnavailable(name)
+
+
+def _order_kept(shape: Shape, op: str, args: list) -> bool:
+    """Whether a transpose/permute only moves dimensions of size 1 (then it is a reshape)."""
+    rank = len(shape)
+    if op == "t":
+        perm = list(range(rank))[::-1] if rank == 2 else list(range(rank))
+    elif op == "permute":
+        perm = [int(d) % rank for d in (args[1] if len(args) == 2 else args[1:])]
+    else:
+        i, j = int(args[1]) % rank, int(args[2]) % rank
+        perm = list(range(rank))
+        perm[i], perm[j] = perm[j], perm[i]
+    moved = [d for d in perm if shape[d] != 1]
+    return moved == sorted(moved)
+
+
+def _aten_op(
+    b: _Builder,
+    name: str,
+    op: str,
+    args: list,
+    kwargs: dict,
+    out_shape: Shape,
+    dtypes: tuple[torch.dtype | None, torch.dtype] | None = None,
+) -> int:
+    """Emit the op of an aten call (graphs saved with torch.export, or converted from TorchScript).
+
+    `dtypes` is (input, output) dtype of the traced run. Every op not listed here, and
+    every argument choice the bound does not reproduce exactly, raises CertificateUnavailable
+    naming the op: nothing is approximated.
+    """
+    if op in _ATEN_CASTS and args and isinstance(args[0], _Var):
+        return _aten_cast(name, args[0], dtypes)
+    if dtypes is not None and dtypes[1] not in _FLOATS:
+        raise CertificateUnavailable(f"{name}: computes in {str(dtypes[1]).removeprefix('torch.')}")
+    if op in _ATEN_BINARY:
+        return _aten_binary(b, name, op, args, kwargs, out_shape)
+    if op == "addmm" and len(args) >= 3 and isinstance(args[1], _Var):  # beta * input + alpha * mat1 @ mat2
+        p = _bind(["input", "mat1", "mat2"], {"beta": 1, "alpha": 1}, args, kwargs)
+        if isinstance(p["input"], _Var) or isinstance(p["mat2"], _Var) or not torch.is_tensor(p["mat2"]):
+            raise CertificateUnavailable(f"{name}: matrix product of two input-dependent tensors")
+        weight = p["mat2"].detach().to(F64).T * float(p["alpha"])
+        bias = None if p["beta"] == 0 else torch.as_tensor(p["input"]).detach().to(F64) * float(p["beta"])
+        if bias is not None and torch.broadcast_shapes(bias.shape, out_shape) != tuple(out_shape):
+            raise CertificateUnavailable(f"{name}: a bias that broadcasts the sample to a larger shape")
+        return b.dense(name, args[1], weight, bias, out_shape)
     var = args[0] if args and isinstance(args[0], _Var) else None
     if var is None or any(isinstance(a, _Var) for a in list(args[1:]) + list(kwargs.values())):
         raise CertificateUnavailable(name)
     if op in _ATEN_RESHAPES:
         return b.reshape(name, var, out_shape)
-    if op in _ATEN_IDENTITY and (kwargs.get("dtype") or torch.float32).is_floating_point:
+    if op in _ATEN_PERMUTES:
+        if not _order_kept(var.shape, op, args):
+            raise CertificateUnavailable(f"{name}: a transpose that reorders the values")
+        return b.reshape(name, var, out_shape)
+    if op in _ATEN_IDENTITY:
         return var.index
-    if op in ("dropout", "native_dropout") and not _bind(["input", "p", "train"], {}, args, kwargs).get("train"):
+    if op in _ATEN_DROPOUTS:
+        if _bind(["input", "p", "train"], {"train": True}, args, kwargs)["train"]:
+            raise CertificateUnavailable(f"{name}: dropout in training mode (random)")
         return var.index
     if op == "neg":
         return b.scale(name, var, -1.0, 0.0, out_shape)
@@ -551,10 +657,19 @@ def _aten_op(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_shap
     if op == "linear":
         p = _bind(["input", "weight", "bias"], {"bias": None}, args, kwargs)
         return b.dense(name, var, p["weight"], p["bias"], out_shape)
-    if op == "conv2d":
-        names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
-        defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-        return b.conv(name, var, _bind(names, defaults, args, kwargs), out_shape)
+    if op in ("mm", "matmul") and len(args) == 2 and torch.is_tensor(args[1]) and args[1].dim() == 2:
+        return b.dense(name, var, args[1].T, None, out_shape)
+    if op in _ATEN_CONVS:
+        names = ["input", "weight", "bias", "stride", "padding", "dilation"]
+        names += ["groups"] if op == "conv2d" else ["transposed", "output_padding", "groups"]
+        defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "transposed": False}
+        p = _bind(names, {**defaults, "output_padding": 0}, args, kwargs)
+        if not torch.is_tensor(p["weight"]) or p["weight"].dim() != 4:
+            raise CertificateUnavailable(f"{name}: a convolution that is not 2-D")
+        extra = p["output_padding"]
+        if p["transposed"] or any(int(v) for v in (extra if isinstance(extra, (list, tuple)) else [extra])):
+            raise CertificateUnavailable(f"{name}: transposed convolution (or output_padding)")
+        return b.conv(name, var, p, out_shape)
     if op == "max_pool2d":
         names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"]
         return b.maxpool(name, var, _bind(names, {}, args, kwargs), out_shape)
@@ -563,17 +678,19 @@ def _aten_op(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_shap
         return b.avgpool(name, var, _bind(names, {}, args, kwargs), out_shape)
     if op in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d"):
         return b.adaptive_avg(name, var, out_shape)
-    if op == "mean" and len(args) > 1:
-        return b.mean(name, var, args[1], out_shape)
+    if op == "mean":
+        dims = _bind(["input", "dim", "keepdim"], {"dim": None}, args, kwargs)["dim"]
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+            raise CertificateUnavailable(f"{name}: mean over every dimension (batch included)")
+        return b.mean(name, var, dims, out_shape)
     if op in ("batch_norm", *_ATEN_TUPLE):
         names = ["input", "weight", "bias", "running_mean", "running_var"]
-        p = _bind(names, {}, args, kwargs)
-        eps = args[-1] if op == "_native_batch_norm_legit_no_training" else args[7]
-        training = False if op == "_native_batch_norm_legit_no_training" else args[5]
-        if training or p["running_mean"] is None:
-            raise CertificateUnavailable(f"{name} (batch norm in training mode)")
-        stats = (p["weight"], p["bias"], p["running_mean"], p["running_var"])
-        return b.batchnorm_tensors(name, var, *stats, float(eps), out_shape)
+        names += ["momentum", "eps"] if op == "_native_batch_norm_legit_no_training" else ["training", "momentum", "eps"]
+        p = _bind(names, {"training": False}, args, kwargs)
+        stats = (p["running_mean"], p["running_var"])
+        if p["training"] is not False or not all(torch.is_tensor(s) for s in stats):
+            raise CertificateUnavailable(f"{name} (batch norm in training mode, or without running statistics)")
+        return b.batchnorm_tensors(name, var, p["weight"], p["bias"], *stats, float(p["eps"]), out_shape)
     raise CertificateUnavailable(name)
 
 
@@ -618,14 +735,14 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         args, kwargs = resolve(n.args), resolve(n.kwargs)
         shape_only = (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
             n.op == "call_function" and n.target is getattr and args[1] in ("shape", "ndim", "dtype", "device")
-        )
+        ) or (n.op == "call_function" and _aten_name(n.target) in _ATEN_SHAPE)
         if shape_only or (n.op == "call_module" and type(gm.get_submodule(n.target)).__name__ == "OnnxShape"):
             env[n] = values[n]  # depends on the input's shape only, fixed at batch 1
             continue
         name = b.where(n, gm)
         value = values[n]
-        if value is None and n.op == "call_module" and not n.users:
-            env[n] = None  # torch.export's input guards: checks only, no value
+        if value is None and not n.users and (n.op == "call_module" or _aten_name(n.target) in _ATEN_CHECKS):
+            env[n] = None  # torch.export's input guards and metadata asserts: checks only, no value
             continue
         if n.op == "call_function" and n.target is operator.getitem and isinstance(args[0], (tuple, list)):
             item = args[0][args[1]]  # one output of a multi-output op (aten batch norm)
@@ -633,8 +750,12 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
                 raise CertificateUnavailable(f"{name}: an output the bound does not track")
             env[n] = item
             continue
+        source = values.get(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        first = value[0] if isinstance(value, tuple) and value else value
+        dtypes = (getattr(source, "dtype", None), first.dtype) if torch.is_tensor(first) else None
         if isinstance(value, tuple) and n.op == "call_function" and _aten_name(n.target) in _ATEN_TUPLE:
-            index = _aten_op(b, name, _aten_name(n.target), list(args), dict(kwargs), tuple(value[0].shape))
+            op = _aten_name(n.target)
+            index = _aten_op(b, name, op, list(args), dict(kwargs), tuple(value[0].shape), dtypes)
             env[n] = (_Var(index, tuple(value[0].shape)),) + (None,) * (len(value) - 1)
             continue
         if not torch.is_tensor(value) or not value.is_floating_point():
@@ -643,7 +764,7 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         if n.op == "call_module":
             index = _module_op(b, name, gm.get_submodule(n.target), list(args), dict(kwargs), out_shape)
         elif n.op == "call_function" and _aten_name(n.target):
-            index = _aten_op(b, name, _aten_name(n.target), list(args), dict(kwargs), out_shape)
+            index = _aten_op(b, name, _aten_name(n.target), list(args), dict(kwargs), out_shape, dtypes)
         elif n.op in ("call_function", "call_method"):
             index = _function_op(b, name, n, list(args), dict(kwargs), out_shape)
         else:
@@ -657,14 +778,12 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
     return output
 
 
-def _trace(net: nn.Module) -> fx.GraphModule:
-    if isinstance(net, fx.GraphModule):
-        return net
+def _trace(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """The fx graph of `net` run on `example` (the net's own input), or why there is none."""
     try:
-        return fx.symbolic_trace(net)
-    except Exception as exc:  # noqa: BLE001 - data-dependent control flow and friends
-        why = f"the network cannot be traced by torch.fx ({exc})"
-        raise CertificateUnavailable(f"{type(net).__name__}: {why}") from None
+        return to_fx(net, example)
+    except NotTraceable as exc:
+        raise CertificateUnavailable(f"{type(net).__name__}: {exc}") from None
 
 
 def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
@@ -697,13 +816,13 @@ def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
         b.prefix, net = "net.", model.net
     else:
         index = b.reshape("batch dimension", _Var(index, sample_shape), (1, *sample_shape))
-    gm = _trace(net)
     dtype = next((p.dtype for p in net.parameters() if p.is_floating_point()), torch.float32)
     example = sample.detach().to("cpu", dtype)
     if b.prefix:  # AuditModel preprocessing, in the model's own arithmetic
         if model.mean is not None:
             example = (example - model.mean.to(dtype)) / model.std.to(dtype)
         example = example.reshape(1, *(model.model_shape or sample_shape))
+    gm = _trace(net, example)  # TorchScript is converted on this very input (batch 1)
     out = _walk(b, gm, example, index)
     out_shape = b.nodes[out].shape
     k = math.prod(out_shape)

@@ -4,7 +4,7 @@ Gradient masking makes white-box attacks fail on models that are not robust: inp
 quantization (round, sign) has a zero gradient, hard clipping and saturated sigmoids
 kill it, inference-time noise makes it random, and a sharp final softmax underflows it.
 Following Athalye et al. (2018), `build_surrogate` rewrites the torch.fx graph of the
-net so that each such op computes exactly the same value but backpropagates through a
+net (TorchScript files are first converted to aten ops: `robaudit.models.fx_graph`) so that each such op computes exactly the same value but backpropagates through a
 stand-in (identity, or a fixed slope); noise and training-mode dropout are replaced by
 their mean, and a final squash or clamp (softmax, log-softmax, sigmoid, tanh, clamp,
 max/min with a constant) is dropped so attacks see its input as logits. Attacks run on the surrogate only propose candidates; the
@@ -28,6 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from robaudit.models.fx_graph import is_torchscript, to_fx
 from robaudit.models.wrapper import AuditModel
 
 # --------------------------------------------------------------------------- runtime stand-ins
@@ -435,22 +436,29 @@ def _rewrite(graph: fx.Graph, root: nn.Module, changes: _Changes) -> None:
             changes.add(_label(key, node, root), where, f"gradient of its slope at 0 ({slope:g})")
 
 
-def _graph_module(net: nn.Module) -> fx.GraphModule | None:
-    """The net as an fx graph, or None where torch.fx cannot trace it (TorchScript, dynamic code)."""
-    if isinstance(net, torch.jit.ScriptModule):
-        return None
-    if isinstance(net, fx.GraphModule):
-        return net
+def _graph_module(model: AuditModel) -> fx.GraphModule | None:
+    """The net as an fx graph (TorchScript converted to aten ops), or None where there is none
+    (dynamic code, TorchScript the converter cannot read)."""
+    shape = model.model_shape or model.sample_shape
+    # Two samples leave the converted graph's batch size free; a net fixed to its chunk gets that.
+    batch = 2 if model.chunk is None else model.chunk
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
+    example = torch.zeros((batch, *shape), dtype=model.dtype, device=device)
     try:
-        return fx.symbolic_trace(net)
+        traced = to_fx(model.net, example)
+        if is_torchscript(model.net):  # the converted graph must run at the batch sizes attacks use
+            with torch.no_grad():
+                for size in {1, batch, 3} if model.chunk is None else {batch}:
+                    traced(torch.zeros((size, *shape), dtype=model.dtype, device=device))
     except Exception:  # noqa: BLE001 - any tracing failure means: no surrogate for this net
         return None
+    return traced
 
 
 def build_surrogate(model: AuditModel) -> Surrogate | None:
     """A BPDA surrogate of `model` (same forward, usable backward), or None when there is
     nothing to change or the net cannot be traced."""
-    traced = _graph_module(model.net)
+    traced = _graph_module(model)
     if traced is None:
         return None
     graph = copy.deepcopy(traced.graph)

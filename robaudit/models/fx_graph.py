@@ -1,0 +1,98 @@
+"""One torch.fx graph for any loaded net: what the certificate and the BPDA surrogate both walk.
+
+onnx2torch already returns an fx GraphModule and a plain nn.Module goes through
+`torch.fx.symbolic_trace`, but fx cannot read TorchScript (scripted or traced): its code
+lives in the TorchScript IR. torch's own converter (`TS2EPConverter`) translates that IR
+into a torch.export program of aten ops, so TorchScript files get the same graph tools
+as every other format instead of being turned away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+# Loggers the converter and the export retrace write to (shape specialization notes, at WARNING).
+_NOISY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo")
+
+
+class NotTraceable(Exception):
+    """The net has no fx graph; the message says why (callers prefix the net's type name)."""
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the converter's deprecation warnings and log lines: they are not the user's business."""
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def is_torchscript(net: nn.Module) -> bool:
+    return isinstance(net, torch.jit.ScriptModule)  # scripted and traced (RecursiveScriptModule)
+
+
+def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """An fx graph computing `net` (an fx GraphModule, a plain module or TorchScript).
+
+    `example` is one input batch exactly as `net` receives it: the TorchScript converter
+    runs the net on it and fixes every size of 1 in it (a batch of 1 gives a graph for
+    batch 1 only, with a guard; a batch of 2 keeps the batch size free). Raises
+    NotTraceable when no graph can be had.
+    """
+    if isinstance(net, fx.GraphModule):
+        return net
+    if is_torchscript(net):
+        return _convert_torchscript(net, example)
+    try:
+        return fx.symbolic_trace(net)
+    except Exception as exc:  # noqa: BLE001 - data-dependent control flow and friends
+        raise NotTraceable(f"the network cannot be traced by torch.fx ({_one_line(exc)})") from None
+
+
+def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    from torch._export.converter import TS2EPConverter  # private but torch's own; imported late (slow)
+
+    try:
+        with _quiet():
+            module = TS2EPConverter(_private_copy(net), (example,)).convert().module()
+    except Exception as exc:  # noqa: BLE001 - unsupported TorchScript IR, data-dependent control flow, ...
+        why = f"torch's TorchScript converter cannot translate the network to aten ops ({_one_line(exc)})"
+        raise NotTraceable(why) from None
+    if not isinstance(module, fx.GraphModule):
+        raise NotTraceable(f"torch's TorchScript converter returned a {type(module).__name__}, not an fx graph")
+    for node in module.graph.nodes:  # a module stack naming only export's internal wrapper would name every op
+        stack = node.meta.get("nn_module_stack") or {}
+        if all(path == "" for path, _ in stack.values()):
+            node.meta.pop("nn_module_stack", None)
+    return module
+
+
+def _private_copy(net: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """A copy with its own compiled code: the converter inlines the module's graphs in place,
+    and a deepcopy would share them (the user's model must stay as loaded)."""
+    buffer = io.BytesIO()
+    torch.jit.save(net, buffer)
+    buffer.seek(0)
+    device = next((t.device for t in [*net.parameters(), *net.buffers()]), torch.device("cpu"))
+    return torch.jit.load(buffer, map_location=device)
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

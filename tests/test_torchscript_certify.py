@@ -1,0 +1,390 @@
+"""Certificates and BPDA surrogates on TorchScript files (torch.jit.trace and torch.jit.script).
+
+torch.fx cannot read TorchScript, so these go through torch's TorchScript-to-aten converter
+(`robaudit.models.fx_graph`). Every model is trained here on the bundled digits (about a
+second), saved to a file and loaded the way a user's file is (`load_model` + `wrap_model`).
+The reference is the same network saved as ONNX, whose certificate path is tested
+elsewhere: both must give the same radii.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import bundled_digits, demo_classifier, load_json, run_cli
+from robaudit.attacks import AttackRun, run_threat
+from robaudit.attacks.apgd import APGD
+from robaudit.attacks.transfer import Transfer
+from robaudit.certify import CertificateUnavailable, certify_l2
+from robaudit.models import AuditModel, load_model, wrap_model
+from robaudit.models.detect import RawModel, freeze
+from robaudit.models.surrogate import build_surrogate
+from robaudit.threats import Threat
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+CPU = torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    x_u8, y = bundled_digits()
+    return torch.from_numpy(x_u8).float() / 255, torch.from_numpy(y).long()
+
+
+def fit(model: nn.Module, steps: int, lr: float = 1e-2, seed: int = 0) -> nn.Module:
+    """Full-batch Adam on the bundled digits: a real, imperfect model in about a second."""
+    x, y = digits()
+    torch.manual_seed(seed)
+    for p in model.parameters():  # deterministic start whatever ran before
+        if p.dim() > 1:
+            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        model.train()
+        optimizer.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    return model.eval().requires_grad_(False)
+
+
+def save(net: nn.Module, path: Path, kind: str) -> Path:
+    """Write `net` as a user would: ONNX (TorchScript exporter), traced or scripted TorchScript."""
+    example = torch.zeros(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit and the TorchScript-based ONNX exporter are deprecated
+        if kind == "onnx":  # no constant folding: it would fold BatchNorm into the convolutions (other floats)
+            torch.onnx.export(
+                net, (example,), str(path), input_names=["input"], output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False, do_constant_folding=False,
+            )  # fmt: skip
+        elif kind == "trace":
+            torch.jit.trace(net, example).save(str(path))
+        else:
+            torch.jit.script(net).save(str(path))
+    return path
+
+
+def loaded(path: Path, x: torch.Tensor) -> AuditModel:
+    return wrap_model(load_model(path), sample_shape=(1, 8, 8), probe=x[:8])[0]
+
+
+def assert_ball_keeps_decision(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor) -> None:
+    """Random points at 0.999 of the certified radius keep the label (a sanity check of soundness)."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _ in range(32):
+            d = torch.randn(x.shape, generator=gen)
+            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+            assert (model(x + 0.999 * radius.float().view(-1, 1, 1, 1) * d).argmax(1) == y).all()
+
+
+# --------------------------------------------------------------------------- models (scriptable)
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+
+
+def cnn_maxpool() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(128, 10),
+    )  # fmt: skip
+
+
+class Block(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResNet(nn.Module):
+    """Stem with BatchNorm, one residual block, global average pooling, a linear head."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU())
+        self.block = Block(channels)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.block(self.stem(x))).flatten(1))
+
+
+class FunctionalMLP(nn.Module):
+    """Hand-written layers: view by size(0), addmm, matmul with a parameter, rsub, add with alpha, casts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.zeros(32, 64))
+        self.b1 = nn.Parameter(torch.zeros(32))
+        self.w2 = nn.Parameter(torch.zeros(32, 10))
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.view(x.size(0), -1).float()
+        h = torch.addmm(self.b1, 1.0 - h, self.w1.t())
+        h = torch.add(h.double().float(), torch.tanh(h), alpha=0.5)
+        h = F.leaky_relu(self.drop(h), 0.1)
+        return torch.matmul(h, self.w2)
+
+
+class PoolCNN(nn.Module):
+    """Strided, grouped and dilated convolutions, average pooling, a mean over space, BatchNorm1d."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=2)
+        self.bn = nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.avg_pool2d(torch.sigmoid(self.conv1((x - 0.5) / 0.25)), 2)
+        h = F.softplus(self.conv2(h)).mean(dim=(2, 3))
+        return self.fc(self.bn(h))
+
+
+# --------------------------------------------------------------------------- (a) same radii as ONNX
+
+
+@pytest.mark.parametrize(("name", "make", "steps"), [("mlp", mlp, 60), ("cnn", cnn_maxpool, 40), ("resnet", ResNet, 80)])
+def test_torchscript_certifies_like_the_same_network_in_onnx(tmp_path, name, make, steps) -> None:
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    net = fit(make(), steps)
+    reference = certify_l2(loaded(save(net, tmp_path / f"{name}.onnx", "onnx"), x), x, y, budget="fast")
+    assert (reference.radius > 0).sum() >= 12  # a trained model: most samples certify
+    for kind in ("trace", "script"):
+        model = loaded(save(net, tmp_path / f"{name}_{kind}.pt", kind), x)
+        assert load_model(tmp_path / f"{name}_{kind}.pt").format == "torchscript"
+        cert = certify_l2(model, x, y, budget="fast")
+        torch.testing.assert_close(cert.radius, reference.radius, rtol=1e-6, atol=1e-12)
+        assert cert.method == reference.method
+
+
+# --------------------------------------------------------------------------- (b) many classifiers
+
+
+@pytest.mark.parametrize("kind", ["trace", "script"])
+@pytest.mark.parametrize(
+    ("name", "make", "steps"),
+    [("mlp", mlp, 60), ("cnn", cnn_maxpool, 40), ("resnet", ResNet, 80), ("functional", FunctionalMLP, 60),
+     ("poolcnn", PoolCNN, 120)],
+)  # fmt: skip
+def test_torchscript_classifiers_certify_their_correct_samples(tmp_path, name, make, steps, kind) -> None:
+    x, y = digits()
+    x, y = x[:16], y[:16]
+    net = fit(make(), steps)
+    model = loaded(save(net, tmp_path / f"{name}.pt", kind), x)
+    with torch.no_grad():
+        right = model(x).argmax(1) == y
+    assert right.sum() >= 10
+    cert = certify_l2(model, x, y, budget="fast")
+    assert (cert.radius[right] > 0).all(), cert.radius
+    assert (cert.radius[~right] == 0).all()
+    assert_ball_keeps_decision(model, x[right], y[right], cert.radius[right])
+    if name != "functional":  # the unsaved module through torch.fx (which has no addmm or alpha) agrees
+        torch.testing.assert_close(cert.radius, certify_l2(net, x, y, budget="fast").radius, rtol=1e-6, atol=1e-12)
+
+
+# --------------------------------------------------------------------------- (c) refused, naming the op
+
+
+class Cast(nn.Module):
+    """A linear model whose input goes through a lossy cast (or a lossless one)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.fc, self.dtype = nn.Linear(64, 10), dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1).to(self.dtype).float())
+
+
+class Gelu(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x.flatten(1))))
+
+
+class Quantized(nn.Module):
+    """Input quantization to 5 levels in front of a network (Round's gradient is 0)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.round(x * 4) / 4)
+
+
+class SharpSoftmax(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.net(x) * 100, dim=1)
+
+
+@pytest.mark.parametrize("kind", ["trace", "script"])
+@pytest.mark.parametrize(
+    ("make", "fragment"),
+    [(lambda: Cast(torch.float16), "cast to float16"), (lambda: Cast(torch.bfloat16), "cast to bfloat16"),
+     (lambda: Cast(torch.uint8), "aten.to"), (Gelu, "aten.gelu"), (lambda: Quantized(mlp()), "aten.round")],
+)  # fmt: skip
+def test_ops_the_bound_does_not_reproduce_are_refused_by_name(tmp_path, make, fragment, kind) -> None:
+    x, y = digits()
+    model = loaded(save(make().eval(), tmp_path / "m.pt", kind), x)
+    with pytest.raises(CertificateUnavailable) as info:
+        certify_l2(model, x[:4], y[:4])
+    assert str(info.value).startswith("certificate unavailable: net.")
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lossless_casts_are_not_refused(tmp_path, dtype) -> None:
+    x, y = digits()
+    net = fit(Cast(dtype), 40)
+    model = loaded(save(net, tmp_path / "m.pt", "script"), x)
+    torch.testing.assert_close(certify_l2(model, x[:8], y[:8]).radius, certify_l2(net, x[:8], y[:8]).radius)
+
+
+class DataDependentLoop(nn.Module):
+    """A loop whose trip count is computed from the output: torch's converter has no aten form for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x.flatten(1))
+        for _ in range(int(z.abs().sum().item()) % 3):
+            z = z * 2
+        return z
+
+
+def test_unconvertible_torchscript_is_unavailable_not_an_error(tmp_path) -> None:
+    x, y = digits()
+    model = loaded(save(DataDependentLoop().eval(), tmp_path / "m.pt", "script"), x)
+    with pytest.raises(CertificateUnavailable) as info:
+        certify_l2(model, x[:4], y[:4])
+    assert str(info.value).startswith("certificate unavailable: RecursiveScriptModule: torch's TorchScript converter")
+    assert "prim::Loop" in str(info.value)
+    assert build_surrogate(model) is None
+
+
+# --------------------------------------------------------------------------- (d) the BPDA surrogate
+
+
+def attack(model: nn.Module, run, x, y, eps: float):
+    with torch.no_grad():
+        correct = model(x).argmax(1) == y
+    return run_threat(
+        model, x, y, correct, Threat(norm="linf", eps=eps), [AttackRun(run)],
+        lower=0.0, upper=1.0, num_classes=10, batch_size=256, device=CPU, seed=0,
+    )  # fmt: skip
+
+
+def fx_model(module: nn.Module, x: torch.Tensor) -> AuditModel:
+    """The same module unsaved: its surrogate comes from torch.fx.symbolic_trace."""
+    raw = RawModel(net=freeze(module), format="pickle", input_shape=None, num_classes=None, name="module")
+    return wrap_model(raw, sample_shape=(1, 8, 8), probe=x[:8])[0]
+
+
+def input_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        top = model(xg).topk(2, dim=1).values
+        (top[:, 0] - top[:, 1]).sum().backward()
+    return xg.grad
+
+
+@pytest.mark.parametrize("kind", ["trace", "script"])
+def test_surrogate_of_a_quantized_torchscript_model_matches_the_fx_one(tmp_path, kind) -> None:
+    x, y = digits()
+    x, y = x[:80], y[:80]
+    module = Quantized(demo_classifier()).eval()
+    model = loaded(save(module, tmp_path / "quantized.pt", kind), x)
+    code = model.net.code
+    assert float(input_grad(model, x).abs().max()) == 0.0  # masked
+
+    surrogate = build_surrogate(model)
+    reference = build_surrogate(fx_model(Quantized(demo_classifier()).eval(), x))
+    assert surrogate is not None and reference is not None
+    assert surrogate.changes == reference.changes == ["Round at round_1: straight-through gradient"]
+    with torch.no_grad():
+        assert torch.equal(surrogate.module(x), model(x))  # the forward is exactly the model's
+        assert torch.equal(surrogate.module(x[:1]), model(x[:1]))  # at any batch size
+    grad = input_grad(surrogate.module, x)
+    torch.testing.assert_close(grad, input_grad(reference.module, x), rtol=1e-5, atol=1e-6)
+    assert (grad.flatten(1).abs().amax(dim=1) > 0).all()
+
+    n = int((model(x).argmax(1) == y).sum())
+    on_model = int(attack(model, APGD(loss="dlr"), x, y, 0.2).broken.sum())
+    transferred = int(attack(model, Transfer(surrogate=surrogate.module), x, y, 0.2).broken.sum())
+    via_fx = int(attack(model, Transfer(surrogate=reference.module), x, y, 0.2).broken.sum())
+    assert on_model <= 0.1 * n  # the mask works on the file
+    assert transferred >= 0.9 * n and abs(transferred - via_fx) <= 1
+    assert model.net.code == code  # the user's TorchScript module is not modified
+
+
+def test_surrogate_drops_a_final_softmax_of_a_torchscript_model(tmp_path) -> None:
+    x, _ = digits()
+    x = x[:40]
+    model = loaded(save(SharpSoftmax(demo_classifier()).eval(), tmp_path / "softmax.pt", "script"), x)
+    assert model.output_kind == "probabilities"
+    surrogate = build_surrogate(model)
+    assert surrogate is not None
+    assert surrogate.changes == ["final Softmax removed (attacks see its input as logits)"]
+    assert surrogate.module.output_kind == "logits"
+    with torch.no_grad():
+        torch.testing.assert_close(surrogate.module(x), 100 * demo_classifier()(x), rtol=1e-5, atol=1e-3)
+
+
+def test_healthy_torchscript_model_needs_no_surrogate(tmp_path) -> None:
+    x, _ = digits()
+    assert build_surrogate(loaded(save(demo_classifier().eval(), tmp_path / "cnn.pt", "trace"), x)) is None
+
+
+# --------------------------------------------------------------------------- (e) the CLI
+
+
+def test_scan_of_a_torchscript_file_reports_a_certificate(model_files, tmp_path) -> None:
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", model_files.torchscript, "--data", model_files.data_npz, "--n", "20", "-t", "l2:0.3",
+        "--preset", "quick", "--certify", "--certify-budget", "fast", "--no-indicator", "--json", out, "--quiet",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = load_json(out)
+    assert report["model"]["format"] == "torchscript"
+    cert = report["summary"]["certificate"]
+    assert cert["available"], cert["reason"]
+    assert sum(cert["methods"].values()) == sum(s["clean_pred"] == s["label"] for s in report["samples"])
+    for s in report["samples"]:
+        if s["clean_pred"] == s["label"]:
+            assert s["certified_l2"] > 0
+            if s["adversarial_l2"] is not None:
+                assert s["certified_l2"] <= s["adversarial_l2"]
