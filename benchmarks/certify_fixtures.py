@@ -186,6 +186,8 @@ def run_model(root: Path, name: str, entry: dict, n: int, budget: str, fmn_steps
             radius = dict(zip(info["instances"], samples["radius"]))
             beaten = [i for i, d in zip(index.tolist(), dist.tolist()) if radius[i] > d]
             row["counterexample_violations"] = len(beaten)
+            ratio = torch.tensor(samples["radius"]) / smallest  # against the tools' counterexamples alone
+            row["median_ratio_counterexamples"] = _median(ratio[torch.tensor(samples["correct"])])
         row["counterexamples"] = len(index)
         row["counterexamples_misclassified"] = int(wrong.sum())
         out.append(({"model": name, "set": f"vnncomp counterexamples ({len(xv)} images)", **row}, {**info, **samples}))
