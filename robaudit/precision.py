@@ -15,7 +15,10 @@ from contextlib import contextmanager
 
 import torch
 
-NOTE = "re-verification and certificate checks ran in full float32 precision (TF32 and reduced-precision reductions disabled)"
+NOTE = (
+    "re-verification and certificate checks ran in full float32 precision "
+    "(TF32 and reduced-precision reductions disabled)"
+)
 
 _MATMUL_FLAGS = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
 

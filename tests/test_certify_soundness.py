@@ -172,7 +172,10 @@ def test_radii_barely_change_for_the_float32_allowance(monkeypatch) -> None:
     def nothing(self, batch, idx, alpha):
         return torch.zeros(len(idx), batch.others.shape[1], dtype=torch.float64)
 
-    monkeypatch.setattr(BallError, "__call__", lambda self, idx, r: torch.zeros(len(idx), self.others.shape[1], dtype=torch.float64))
+    def no_ball_error(self, idx, radius):
+        return torch.zeros(len(idx), self.others.shape[1], dtype=torch.float64)
+
+    monkeypatch.setattr(BallError, "__call__", no_ball_error)
     monkeypatch.setattr(IntervalBound, "ball_error", nothing)
     without = certify_l2(net, x[:16], y[:16], budget="fast").radius
     ok = without > 0

@@ -48,7 +48,7 @@ class Batch:
     rows: torch.Tensor  # (B, P, K): e_c - e_j
     margins: torch.Tensor  # (B, P): f_c - f_j, deflated for rounding
     magnitudes: dict[int, torch.Tensor]  # |A| |x| + |b| of the exact nodes
-    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # float32 margin error over balls (rounding.py)
+    error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # float32 margin error (rounding.py)
 
 
 @dataclass
@@ -162,7 +162,8 @@ class IntervalBound:
         if last is not None and last[0] is idx and last[1] is alpha:
             return last[2]
         lo, hi = self._forward(batch, idx, alpha)[:2]
-        return pair_error(float32_error(self.graph, interval_magnitudes(lo, hi), (lo, hi)), batch.labels[idx], batch.others[idx])
+        err = float32_error(self.graph, interval_magnitudes(lo, hi), (lo, hi))
+        return pair_error(err, batch.labels[idx], batch.others[idx])
 
     # ------------------------------------------------------------------ forward
 
