@@ -32,10 +32,11 @@ from robaudit.certify.closed_form import ClosedFormBound, hidden_layer
 from robaudit.certify.global_lipschitz import GlobalLipschitz
 from robaudit.certify.graph import Graph, build_graph, check_graph
 from robaudit.certify.interval import Batch, IntervalBound
+from robaudit.certify.crown import CrownBound, first_order_radius
 from robaudit.certify.radius import ErrorFn, ratio_radius, search_radius
 from robaudit.certify.rounding import BallError
 
-METHODS = ("linear", "closed-form", "interval", "global-lipschitz")
+METHODS = ("linear", "closed-form", "interval", "global-lipschitz", "crown")
 MARGIN_RTOL = 1e-10  # margins are deflated by this fraction of |f_c| + |f_j| for rounding
 LINEAR_RTOL = 1e-9  # the exact linear distance is computed in float64 up to ~1e-14
 
@@ -78,6 +79,8 @@ def default_methods(graph: Graph, budget: Budget) -> list:
     glob = GlobalLipschitz(graph)
     methods.append(IntervalBound(graph, budget, lipschitz=glob))
     methods.append(glob)
+    if budget.crown_evals:
+        methods.append(CrownBound(graph, budget))
     return methods
 
 
@@ -211,6 +214,8 @@ def _certify_batch(
     for m in methods:
         if isinstance(m, (LinearExact, GlobalLipschitz)):
             r = m.radius(batch.margins, batch.labels, batch.others, batch.error)
+        elif isinstance(m, CrownBound):  # bisects above what the others proved, from the first-order radius
+            r = m.radius(batch, torch.arange(len(idx)), best, first_order_radius(graph, batch))
         else:
             error = (lambda i, a, m=m: m.ball_error(batch, i, a)) if hasattr(m, "ball_error") else batch.error
             r = search_radius(lambda i, a, m=m: m.lipschitz(batch, i, a), batch.margins, plan, error)

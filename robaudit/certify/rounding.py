@@ -190,6 +190,29 @@ def _act_error(op: ActOp, e_in: torch.Tensor, m_in: torch.Tensor, m_out: torch.T
     return out
 
 
+def local_rounding(graph: Graph, i: int, magnitudes: list[torch.Tensor | None]) -> torch.Tensor | float:
+    """Bound on the rounding the float32 model adds at node i alone, given |value| bounds of its inputs.
+
+    The deployed node computes op(inputs) + rho with |rho| at most this (elementwise);
+    `float32_error` propagates these through |W|, CROWN (`crown.py`) treats each rho as a
+    bounded extra input and charges it exactly through the margin's backward pass.
+    `magnitudes` must bound the float32 values of the inputs (and, for activations, of the output).
+    """
+    node = graph.nodes[i]
+    op = node.op
+    if op is None:
+        return 0.0
+    m_in = magnitudes[node.inputs[0]]
+    if isinstance(op, AffineOp):
+        return _affine_error(op, torch.zeros_like(m_in), m_in)
+    if isinstance(op, ActOp):
+        return _act_error(op, torch.zeros_like(m_in), m_in, magnitudes[i])
+    if isinstance(op, MaxPoolOp):
+        return 0.0
+    assert isinstance(op, AddOp)
+    return SAFETY * U * (m_in + magnitudes[node.inputs[1]])
+
+
 def float32_error(
     graph: Graph,
     magnitudes: list[torch.Tensor],

@@ -1,0 +1,503 @@
+"""CROWN: backward linear bound propagation of the margin itself over an L2 ball.
+
+The cross-Lipschitz methods bound the *gradient* over the ball and integrate it; CROWN
+(Zhang et al., NeurIPS 2018) bounds the *margin* f_c - f_j directly, which stays tight on
+deep ReLU, residual and batch-norm networks where gradient intervals blow up.
+
+For a ball B_2(x, eps) and a set of linear objectives Lambda . z_t on a node t:
+
+1. every activation s gets linear bounds a_l z + b_l <= s(z) <= a_u z + b_u on the
+   interval of its input (`ActOp.relaxation`: the ReLU chord and CROWN's adaptive lower
+   slope; chord / tangent / mean-value lines for smooth activations); max pooling is
+   bounded below by the window entry with the largest lower bound and above by the
+   window's largest upper bound (exact where one entry surely is the maximum);
+2. Lambda is pushed from t to the pixels: through W^T (adjoints of every affine op),
+   split into its positive and negative parts at each relaxation (positive part takes the
+   lower line, negative part the upper one for a lower bound), summed over residual
+   branches; the intercepts collect into a constant;
+3. at the pixels the bound is linear, A delta + b, and its minimum over ||delta|| <= eps
+   is exactly A x + b - eps ||A||_2.
+
+The intervals the relaxations need (inputs of activations and pools) come from the same
+backward pass run on those nodes, for the units that matter only: a ReLU unit that an
+interval pass already proves stable keeps its exact linear piece whatever its bounds, so
+only unstable ReLUs (and every unit of a smooth activation or undecided pool window) are
+refined. Nodes that are affine in the pixels have exact ranges z(x) +- eps ||A_i||.
+
+`CrownBound.radius` bisects on eps per sample: a radius is accepted only when the lower
+bound of every margin over its ball exceeds the float32 evaluation error over that ball
+(`rounding.py`), so the deployed float32 model keeps its decision too. Every bound is
+computed in float64 and deflated by a relative tolerance for float64 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from robaudit.certify.affine import ROUND_RTOL, AffinePrefix
+from robaudit.certify.budget import Budget
+from robaudit.certify.graph import Graph
+from robaudit.certify.interval import Batch
+from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp, PadOp, ReshapeOp
+from robaudit.certify.rounding import local_rounding
+
+CROWN_RTOL = 1e-9  # outward rounding of every bound, relative to the sum of |terms| that formed it
+NOSYM_REFINE = 64  # units per node and sample refined backwards where no forward symbolic bounds exist
+RELAX_ATOL = 1e-12  # slack on every relaxation line's intercept, relative to the line's size
+
+
+def first_order_radius(graph: Graph, batch: Batch) -> torch.Tensor:
+    """min_j margin_j / ||grad (f_c - f_j)(x)||: where the linearized margin reaches zero (a search start, no bound)."""
+    x = batch.values[0].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        logits = graph.logits(x)
+        grads = [torch.autograd.grad(logits[:, k].sum(), x, retain_graph=True)[0] for k in range(graph.num_classes)]
+    jac = torch.stack(grads, 1).flatten(2)  # (B, K, d)
+    rows = torch.arange(len(x))
+    diff = (jac[rows, batch.labels][:, None] - jac[rows[:, None], batch.others]).norm(dim=2)
+    ratio = torch.where(diff > 0, batch.margins / diff.clamp_min(1e-300), torch.full_like(diff, math.inf))
+    return ratio.amin(dim=1).detach()
+
+
+@dataclass
+class _Sym:
+    """Bounds mid(delta) -+ dev(delta), linear in the pixel perturbation: coefficients (b, d, *shape), b = 1 or n."""
+
+    a_mid: torch.Tensor
+    c_mid: torch.Tensor
+    a_dev: torch.Tensor | None = None  # None: exact (lower = upper)
+    c_dev: torch.Tensor | None = None
+
+
+def _plus(u: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor | None:
+    return v if u is None else (u if v is None else u + v)
+
+
+def _rows(fn, coef: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Apply a linear map to symbolic coefficients (b, d, *shape)."""
+    b, d = coef.shape[:2]
+    return fn(coef.reshape(b * d, *coef.shape[2:])).reshape(b, d, *out_shape)
+
+
+def _concretize(sym: _Sym, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Intersect [lo, hi] with the symbolic bounds' range over the ball: c -+ eps ||coefficient row||."""
+    if sym.a_dev is None:
+        n_lo = n_hi = a * sym.a_mid.norm(dim=1)
+    else:
+        n_lo, n_hi = a * (sym.a_mid - sym.a_dev).norm(dim=1), a * (sym.a_mid + sym.a_dev).norm(dim=1)
+    dev = 0 if sym.c_dev is None else sym.c_dev
+    c_lo, c_hi = sym.c_mid - dev, sym.c_mid + dev
+    s_lo = c_lo - n_lo - CROWN_RTOL * (1 + c_lo.abs() + n_lo)
+    s_hi = c_hi + n_hi + CROWN_RTOL * (1 + c_hi.abs() + n_hi)
+    new_lo, new_hi = torch.maximum(lo, s_lo), torch.minimum(hi, s_hi)
+    crossed = new_lo > new_hi  # only rounding can cross them: keep the interval
+    return torch.where(crossed, lo, new_lo), torch.where(crossed, hi, new_hi)
+
+
+@dataclass
+class _Context:
+    """What the backward passes need for one ball: relaxations and the float32 rounding per node."""
+
+    relaxed: dict[int, _Relaxed]
+    noise: dict[int, torch.Tensor]  # (n, *shape) bound on the rounding the float32 model adds at the node
+
+    def select(self, rows: torch.Tensor) -> _Context:
+        """The same for a subset of the samples."""
+        relaxed = {i: _Relaxed(r.kind, r.floor, **{k: v[rows] for k, v in r.parts.items()}) for i, r in self.relaxed.items()}
+        return _Context(relaxed, {i: v[rows] for i, v in self.noise.items()})
+
+
+class _Relaxed:
+    """Linear bounds of one nonlinear node for the current ball, ready for the backward pass."""
+
+    def __init__(self, kind: str, floor: float = 0.0, **parts: torch.Tensor) -> None:
+        self.kind = kind
+        self.floor = floor  # smallest sound lower slope of a free unit (alpha-CROWN)
+        self.parts = parts
+
+
+class CrownBound:
+    """Lower bounds of every class margin over B_2(x, eps), and the radius search on them."""
+
+    name = "crown"
+
+    def __init__(self, graph: Graph, budget: Budget) -> None:
+        self.graph = graph
+        self.budget = budget
+        self.prefix = AffinePrefix(graph, budget.symbolic_cap)
+        d = graph.input_dim
+        self.sym_ok = [d * math.prod(node.shape) <= budget.symbolic_cap for node in graph.nodes]
+        self.abs_ops = {i: n.op.abs() for i, n in enumerate(graph.nodes) if isinstance(n.op, AffineOp)}
+        # nodes whose interval a relaxation needs: inputs of activations and max pools
+        self.needs = sorted(
+            {n.inputs[0] for n in graph.nodes if isinstance(n.op, (ActOp, MaxPoolOp))} - {0}
+        )
+        self.elems = budget.crown_elems
+        self.depth: list[int] = []  # most relaxed (nonlinear) nodes on a path from the pixels, node included
+        for node in graph.nodes:
+            before = max((self.depth[j] for j in node.inputs), default=0)
+            self.depth.append(before + isinstance(node.op, (ActOp, MaxPoolOp)))
+
+    # ------------------------------------------------------------------ bounds of the margins
+
+    def margin_bounds(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(n, P) lower bounds of the float32 model's margins f_c - f_j over B_2(x, eps).
+
+        With `Budget.alpha_steps`, the lower slopes of unstable ReLUs are then optimized
+        per sample and pair (alpha-CROWN, projected Adam) for the samples not yet
+        certified; every iterate is a sound bound, and the best one per pair is kept.
+        """
+        ctx = self._intermediate(batch, idx, eps)
+        rows = batch.rows[idx]
+        lower = self._backward(batch, idx, eps, len(self.graph.nodes) - 1, rows, ctx)
+        free = [i for i, r in ctx.relaxed.items() if "free" in r.parts and bool(r.parts["free"].any())]
+        todo = torch.nonzero(lower.amin(dim=1) <= 0).flatten()
+        if self.budget.alpha_steps and free and len(todo):
+            lower[todo] = self._optimize(batch, idx, eps, todo, rows, ctx, free, lower[todo])
+        return lower
+
+    def _optimize(self, batch, idx, eps, todo, rows, ctx: _Context, free, start) -> torch.Tensor:
+        """alpha-CROWN on the final margins of samples `todo` (positions in idx)."""
+        sub = ctx.select(todo)
+        p = rows.shape[1]
+        alpha = {}
+        for i in free:
+            a_l = sub.relaxed[i].parts["a_l"]
+            alpha[i] = a_l[:, None].expand(-1, p, *a_l.shape[1:]).clone().requires_grad_(True)
+        best = start.clone()
+        opt = torch.optim.Adam(list(alpha.values()), lr=self.budget.alpha_lr)
+        sidx, seps, srows = idx[todo], eps[todo], rows[todo]
+        with torch.enable_grad():
+            for _ in range(self.budget.alpha_steps):
+                bound = self._backward(batch, sidx, seps, len(self.graph.nodes) - 1, srows, sub, alpha)
+                best = torch.maximum(best, bound.detach())
+                if bool((best.amin(dim=1) > 0).all()):
+                    break
+                opt.zero_grad()
+                (-(bound * (best <= 0)).sum()).backward()  # push up the pairs not yet positive
+                opt.step()
+                with torch.no_grad():  # project back onto the sound slopes (clamp's gradient dies at the ends)
+                    for i, a in alpha.items():
+                        a.clamp_(sub.relaxed[i].floor, 1.0)
+        return best
+
+    def _intermediate(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor):
+        """Interval of every node over the ball (CROWN-refined where a relaxation needs it)."""
+        g = self.graph
+        n_nodes = len(g.nodes)
+        lo: list[torch.Tensor | None] = [None] * n_nodes
+        hi: list[torch.Tensor | None] = [None] * n_nodes
+        ctx = _Context({}, {})
+        relaxed = ctx.relaxed
+        needs = set(self.needs)
+        sym: list[_Sym | None] = [None] * n_nodes
+        pending = [len(c) for c in g.consumers]
+        drift: list[torch.Tensor | float] = [0.0] * n_nodes  # accumulated float32 rounding of exact nodes
+        for i, node in enumerate(g.nodes):
+            op = node.op
+            a = eps.view(-1, *([1] * len(node.shape)))
+            if g.exact[i]:
+                v = batch.values[i][idx]
+                rad = a * self.prefix.rownorm[i] + ROUND_RTOL * batch.magnitudes[i][idx]
+                lo[i], hi[i] = v - rad, v + rad
+                if i:  # the float32 prefix adds its rounding: |A| (drift of the inputs) + its own
+                    rho = self._noise(i, lo, hi)
+                    if isinstance(op, AffineOp):
+                        before = drift[node.inputs[0]]
+                        carried = self.abs_ops[i].linear(before) if torch.is_tensor(before) else 0.0
+                    else:
+                        carried = drift[node.inputs[0]] + drift[node.inputs[1]]
+                    drift[i] = carried + rho
+                    lo[i], hi[i] = lo[i] - drift[i], hi[i] + drift[i]
+                    if torch.is_tensor(rho):
+                        ctx.noise[i] = rho
+            elif isinstance(op, AffineOp):
+                j = node.inputs[0]
+                m, r = (lo[j] + hi[j]) / 2, (hi[j] - lo[j]) / 2
+                c = op.apply(m)
+                rad = self.abs_ops[i].linear(r + ROUND_RTOL * m.abs())
+                if op.bias is not None:
+                    rad = rad + ROUND_RTOL * op.bias.abs()
+                lo[i], hi[i] = c - rad, c + rad
+            elif isinstance(op, ActOp):
+                j = node.inputs[0]
+                s_lo, s_hi = op.value(lo[j]), op.value(hi[j])
+                tol = ROUND_RTOL * (s_lo.abs() + s_hi.abs())
+                lo[i], hi[i] = s_lo - tol, s_hi + tol
+            elif isinstance(op, MaxPoolOp):
+                j = node.inputs[0]
+                lo[i], hi[i] = op.value(lo[j]), op.value(hi[j])
+            else:
+                assert isinstance(op, AddOp)
+                j, k = node.inputs
+                if op.sign > 0:
+                    lo[i], hi[i] = lo[j] + lo[k], hi[j] + hi[k]
+                else:
+                    lo[i], hi[i] = lo[j] - hi[k], hi[j] - lo[k]
+                tol = ROUND_RTOL * (lo[i].abs() + hi[i].abs())
+                lo[i], hi[i] = lo[i] - tol, hi[i] + tol
+            if not g.exact[i]:  # the float32 model adds its rounding here: a bounded extra input
+                rho = self._noise(i, lo, hi)
+                if torch.is_tensor(rho):
+                    ctx.noise[i] = rho
+                    lo[i], hi[i] = lo[i] - rho, hi[i] + rho
+            sym[i] = self._forward_sym(i, sym, ctx, idx, batch, drift)
+            if sym[i] is not None and not g.exact[i]:
+                lo[i], hi[i] = _concretize(sym[i], a, lo[i], hi[i])
+            if i in needs and not g.exact[i] and not (sym[i] is not None and self.depth[i] <= 1):
+                # (behind one layer of relaxations the forward bounds equal the backward ones; a node
+                # without forward bounds has only its interval, so a few units are always refined)
+                cap = self.budget.crown_refine if sym[i] is not None else max(self.budget.crown_refine, NOSYM_REFINE)
+                lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
+            for c in g.consumers[i]:
+                cop = g.nodes[c].op
+                if isinstance(cop, (ActOp, MaxPoolOp)):
+                    relaxed[c] = self._relax(cop, lo[i], hi[i])
+            for j in node.inputs:
+                pending[j] -= 1
+                if pending[j] == 0:
+                    sym[j] = None
+        return ctx
+
+    def _noise(self, i: int, lo: list, hi: list) -> torch.Tensor | float:
+        """The rounding the float32 model adds at node i, from the magnitudes of its float32 inputs."""
+        op = self.graph.nodes[i].op
+        if isinstance(op, (ReshapeOp, MaxPoolOp)) or (isinstance(op, PadOp) and op.bias is None):
+            return 0.0
+        if isinstance(op, ActOp) and op.kind == "relu":
+            return 0.0
+        mags: list[torch.Tensor | None] = [None] * len(self.graph.nodes)
+        for j in [*self.graph.nodes[i].inputs, i]:
+            if lo[j] is not None:
+                mags[j] = torch.maximum(lo[j].abs(), hi[j].abs())
+        return local_rounding(self.graph, i, mags)
+
+    def _forward_sym(self, i: int, sym: list, ctx: _Context, idx: torch.Tensor, batch: Batch, drift) -> _Sym | None:
+        """Linear lower/upper bounds of node i in the pixel perturbation, as centre -+ deviation.
+
+        Carrying d (pixel count) rows forward costs about d network passes once per ball,
+        against two per refined unit backwards; on small inputs it gives every node's
+        bounds with the relaxations of all layers before it (as tight as the backward
+        pass through one layer of relaxations, looser behind several).
+        """
+        g = self.graph
+        node, op = g.nodes[i], g.nodes[i].op
+        if not self.sym_ok[i]:
+            return None
+        if g.exact[i]:
+            jac = self.prefix.jacobian.get(i)
+            if jac is None:
+                return None
+            return _Sym(jac, batch.values[i][idx], None, drift[i] if torch.is_tensor(drift[i]) else None)
+        src = [sym[j] for j in node.inputs]
+        if any(t is None for t in src):
+            return None
+        out = self._compose(i, src, ctx)
+        if out is not None and i in ctx.noise:
+            out.c_dev = ctx.noise[i] if out.c_dev is None else out.c_dev + ctx.noise[i]
+        return out
+
+    def _compose(self, i: int, src: list[_Sym], ctx: _Context) -> _Sym | None:
+        """Node i's symbolic bounds from its inputs' (before its own rounding)."""
+        node, op = self.graph.nodes[i], self.graph.nodes[i].op
+        if isinstance(op, AffineOp):
+            t = src[0]
+            absop = self.abs_ops[i]
+            return _Sym(
+                _rows(op.linear, t.a_mid, node.shape), op.apply(t.c_mid),
+                None if t.a_dev is None else _rows(absop.linear, t.a_dev, node.shape),
+                None if t.c_dev is None else absop.linear(t.c_dev),
+            )  # fmt: skip
+        if isinstance(op, AddOp):
+            x, y = src
+            return _Sym(
+                x.a_mid + op.sign * y.a_mid, x.c_mid + op.sign * y.c_mid,
+                _plus(x.a_dev, y.a_dev), _plus(x.c_dev, y.c_dev),
+            )  # fmt: skip
+        if isinstance(op, ActOp):
+            r = ctx.relaxed[i].parts
+            t = src[0]
+            a_lo, a_hi = t.a_mid, t.a_mid
+            c_lo, c_hi = t.c_mid, t.c_mid
+            if t.a_dev is not None:
+                a_lo, a_hi = t.a_mid - t.a_dev, t.a_mid + t.a_dev
+            if t.c_dev is not None:
+                c_lo, c_hi = t.c_mid - t.c_dev, t.c_mid + t.c_dev
+            # slopes are >= 0: the lower line of s composed with z's lower bound, the upper with its upper
+            low_a, high_a = r["a_l"][:, None] * a_lo, r["a_u"][:, None] * a_hi
+            low_c, high_c = r["a_l"] * c_lo + r["b_l"], r["a_u"] * c_hi + r["b_u"]
+            return _Sym((low_a + high_a) / 2, (low_c + high_c) / 2, (high_a - low_a) / 2, (high_c - low_c) / 2)
+        return None  # max pooling: its interval (and backward refinement) carry on
+
+    def _refine(self, batch, idx, eps, i, lo, hi, ctx: _Context, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tighten node i's interval with a backward pass on the units whose bounds matter."""
+        g = self.graph
+        users = [g.nodes[c].op for c in g.consumers[i]]
+        if all(isinstance(u, ActOp) and u.kind in ("relu", "leaky_relu") for u in users):
+            pick = (lo < 0) & (hi > 0)  # a stable unit's relaxation is exact already
+        else:
+            pick = torch.ones_like(lo, dtype=torch.bool)
+        n = len(idx)
+        flat = pick.reshape(n, -1)
+        counts = flat.sum(1).clamp_max(cap)
+        s = int(counts.max()) if n else 0
+        if s == 0:
+            return lo, hi
+        numel = flat.shape[1]
+        # per sample its picked units, widest first (the cap keeps the loosest), padded with unpicked ones
+        width = torch.where(flat, (hi - lo).reshape(n, -1), -torch.inf)
+        order = torch.argsort(width, dim=1, descending=True, stable=True)[:, :s]
+        valid = torch.arange(s)[None, :] < counts[:, None]
+        lo_flat, hi_flat = lo.reshape(n, -1).clone(), hi.reshape(n, -1).clone()
+        widest = max(math.prod(nd.shape) for nd in g.nodes[: i + 1])
+        step = min(s, max(1, self.elems // (2 * n * widest)))
+        for start in range(0, s, step):
+            cols = order[:, start : start + step]  # (n, c)
+            c = cols.shape[1]
+            spec = torch.zeros(n, c, numel, dtype=torch.float64)
+            spec.scatter_(2, cols[:, :, None], 1.0)
+            spec = torch.cat([spec, -spec], dim=1).reshape(n, 2 * c, *g.nodes[i].shape)
+            bound = self._backward(batch, idx, eps, i, spec, ctx)
+            low, neg_up = bound[:, :c], bound[:, c:]
+            ok = valid[:, start : start + step]
+            cur_lo, cur_hi = lo_flat.gather(1, cols), hi_flat.gather(1, cols)
+            new_lo = torch.where(ok, torch.maximum(cur_lo, low), cur_lo)
+            new_hi = torch.where(ok, torch.minimum(cur_hi, -neg_up), cur_hi)
+            crossed = new_lo > new_hi  # only rounding can cross them: keep the interval pass
+            lo_flat.scatter_(1, cols, torch.where(crossed, cur_lo, new_lo))
+            hi_flat.scatter_(1, cols, torch.where(crossed, cur_hi, new_hi))
+        return lo_flat.reshape(lo.shape), hi_flat.reshape(hi.shape)
+
+    @staticmethod
+    def _relax(op: ActOp | MaxPoolOp, lo: torch.Tensor, hi: torch.Tensor) -> _Relaxed:
+        if isinstance(op, ActOp):
+            d_lo, d_hi = op.derivative_bounds(lo, hi)
+            a_l, b_l, a_u, b_u = op.relaxation(lo, hi, d_lo, d_hi)
+            size = lo.abs().maximum(hi.abs())
+            b_l = b_l - RELAX_ATOL * (1 + b_l.abs() + a_l * size)
+            b_u = b_u + RELAX_ATOL * (1 + b_u.abs() + a_u * size)
+            parts = dict(a_l=a_l, b_l=b_l, a_u=a_u, b_u=b_u)
+            if op.kind in ("relu", "leaky_relu") and op.convexity == "convex":
+                # any lower slope in [neg, 1] through the origin is sound on an unstable unit (alpha-CROWN)
+                parts["free"] = (lo < 0) & (hi > 0)
+            return _Relaxed("act", op.slope if op.kind == "leaky_relu" else 0.0, **parts)
+        w_lo = op.windows(lo, -math.inf)  # (n, C, k, L)
+        w_hi = op.windows(hi, -math.inf)
+        best = w_lo.argmax(dim=2, keepdim=True)  # the entry with the largest lower bound
+        onehot = torch.zeros_like(w_lo).scatter_(2, best, 1.0)
+        others_hi = torch.where(onehot.bool(), -math.inf, w_hi).amax(dim=2)
+        sure = w_lo.gather(2, best)[:, :, 0] >= others_hi  # that entry is the maximum on the whole ball
+        top = w_hi.amax(dim=2)  # (n, C, L): the maximum is at most this
+        return _Relaxed("maxpool", onehot=onehot, sure=sure, top=top)
+
+    # ------------------------------------------------------------------ backward pass
+
+    def _backward(
+        self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor, start: int, spec: torch.Tensor, ctx: _Context,
+        alpha: dict[int, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(n, S) lower bounds of spec . z_start over the ball, spec (n, S, *shape of start).
+
+        `alpha` optionally gives, per ReLU node, lower slopes (n, S, *shape) for its
+        unstable units (clamped to their sound range; stable units keep their exact slope).
+        """
+        g = self.graph
+        n, s = spec.shape[:2]
+        state: dict[int, torch.Tensor] = {start: spec}
+        const = torch.zeros(n, s, dtype=torch.float64)
+        scale = torch.zeros(n, s, dtype=torch.float64)  # sum of |terms|, for outward rounding
+
+        def push(j: int, lam: torch.Tensor) -> None:
+            state[j] = lam if j not in state else state[j] + lam
+
+        def total(t: torch.Tensor) -> torch.Tensor:
+            return t.reshape(n, s, -1).sum(2)
+
+        for i in range(start, -1, -1):
+            if i not in state:
+                continue
+            lam = state.pop(i)
+            node = g.nodes[i]
+            op = node.op
+            if i in ctx.noise:  # the float32 rounding rho at this node: lambda . rho >= -|lambda| . rho
+                term = total(lam.abs() * ctx.noise[i][:, None])
+                const = const - term
+                scale = scale + term
+            if op is None:
+                x = batch.values[0][idx].reshape(n, 1, -1)
+                lam = lam.reshape(n, s, -1)
+                dot = (lam * x).sum(2)
+                size = eps[:, None] * lam.norm(dim=2)
+                scale = scale + (lam.abs() * x.abs()).sum(2) + size
+                return const + dot - size - CROWN_RTOL * scale
+            if isinstance(op, AffineOp):
+                if op.bias is not None:
+                    term = lam.reshape(n * s, *node.shape) * op.bias
+                    const = const + total(term)
+                    scale = scale + total(term.abs())
+                j = node.inputs[0]
+                push(j, op.adjoint(lam.reshape(n * s, *node.shape)).reshape(n, s, *g.nodes[j].shape))
+            elif isinstance(op, ActOp):
+                rel = ctx.relaxed[i]
+                r = rel.parts
+                pos, neg = lam.clamp_min(0), lam.clamp_max(0)
+                term = pos * r["b_l"][:, None] + neg * r["b_u"][:, None]
+                const = const + total(term)
+                scale = scale + total(term.abs())
+                a_l = r["a_l"][:, None]
+                if alpha is not None and i in alpha:
+                    a_l = torch.where(r["free"][:, None], alpha[i], a_l)  # kept in [floor, 1] by the optimizer
+                push(node.inputs[0], pos * a_l + neg * r["a_u"][:, None])
+            elif isinstance(op, MaxPoolOp):
+                r = ctx.relaxed[i].parts
+                channels, length = r["top"].shape[1:]
+                lam = lam.reshape(n, s, channels, length)
+                sure = r["sure"][:, None]
+                coef = torch.where(sure, lam, lam.clamp_min(0))
+                term = torch.where(sure, 0.0, lam.clamp_max(0)) * r["top"][:, None]
+                const = const + total(term)
+                scale = scale + total(term.abs())
+                cols = coef[:, :, :, None, :] * r["onehot"][:, None]  # (n, S, C, k, L)
+                k = cols.shape[3]
+                j = node.inputs[0]
+                back = op.fold(cols.reshape(n * s, channels, k, length), n * s)
+                push(j, back.reshape(n, s, *g.nodes[j].shape))
+            else:
+                assert isinstance(op, AddOp)
+                push(node.inputs[0], lam)
+                push(node.inputs[1], op.sign * lam)
+        raise AssertionError("the backward pass never reached the input")  # pragma: no cover
+
+    # ------------------------------------------------------------------ radius search
+
+    def radius(self, batch: Batch, idx: torch.Tensor, known: torch.Tensor, first_order: torch.Tensor) -> torch.Tensor:
+        """Largest eps per sample whose every margin bound stays positive, by bisection.
+
+        `known` is a radius already certified (by another method, or 0): the search only
+        looks above it. The upper end starts at twice the first-order radius and doubles
+        while it certifies. Only radii whose bound was evaluated and found positive are
+        returned, so the result is sound wherever the search stops.
+        """
+        n = len(idx)
+        best = torch.zeros(n, dtype=torch.float64)
+        low = known.clone().to(torch.float64)
+        high = torch.maximum(2 * first_order, 2 * low).clamp_min(1e-12)
+        high = torch.where(torch.isfinite(high), high, torch.full_like(high, 1e3))
+        done = torch.zeros(n, dtype=torch.bool)
+        bracketed = torch.zeros(n, dtype=torch.bool)
+        for _ in range(self.budget.crown_evals):
+            live = torch.nonzero(~done).flatten()
+            if len(live) == 0:
+                break
+            trial = torch.where(bracketed[live], (low[live] + high[live]) / 2, high[live])
+            ok = self.margin_bounds(batch, idx[live], trial).amin(dim=1) > 0
+            best[live] = torch.where(ok, torch.maximum(best[live], trial), best[live])
+            low[live] = torch.where(ok, trial, low[live])
+            grow = ok & ~bracketed[live]
+            high[live] = torch.where(grow, 2 * trial, torch.where(ok, high[live], trial))
+            bracketed[live] = bracketed[live] | ~ok
+            done[live] = bracketed[live] & (high[live] - low[live] <= self.budget.tol * high[live])
+        return best
