@@ -1,0 +1,541 @@
+"""Property-based soundness of certified L2 radii on hundreds of random small networks.
+
+A certified radius that an attack can break is the worst bug robaudit can have, and a
+handful of hand-made models cannot reach the corners where a bound goes wrong (a batch
+norm with a negative scale before a max pool, a LeakyReLU steeper than 1, a residual
+difference, padding in an average pool...). So every seed builds a random network from
+every supported op (`random_nets.py`), certifies a few inputs with `certify_l2` and with
+each method of `default_methods` alone, and tries to break every radius R:
+
+- minimal-norm attacks without a box (FMN, DeepFool) in float64: no adversarial example
+  may be closer than R;
+- L2 PGD on the margin inside the ball of radius 0.999 R from several random starts;
+- thousands of random points in the ball and on its sphere at 0.999 R (and along the
+  axes, towards the closest adversarial example and the PGD points), evaluated in
+  float64 and in the deployed float32 (the certificate covers float32 rounding: one
+  input per net sits close to a boundary, with a margin down to rounding level);
+- on 2-D inputs, a dense grid of the disk and of its circle.
+
+Any point of the ball with another argmax is a violation, reported with the seed, the
+architecture and the numbers (the seed alone rebuilds the network and the inputs).
+Every unsupported op must instead make the certificate unavailable, naming the op.
+
+The default run covers 200 seeds (about a minute on one core);
+`ROBAUDIT_PROPERTY_SEEDS=2000 pytest -m slow tests/test_certify_property.py` runs the
+heavier variant on that many other seeds (it is skipped without the variable).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from random_nets import RandomNet, random_net
+from robaudit.attacks.base import AttackContext
+from robaudit.attacks.deepfool import DeepFool
+from robaudit.attacks.fmn import FMN
+from robaudit.certify import CertificateUnavailable, certify_l2
+from robaudit.certify.budget import get_budget
+from robaudit.certify.certificate import certify_with, default_methods
+from robaudit.certify.graph import build_graph
+from robaudit.models import wrap_model
+from robaudit.models.detect import RawModel
+from robaudit.threats import Threat
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+F64 = torch.float64
+SHRINK = 0.999  # probes and PGD stay inside the ball of radius SHRINK * R
+MIN_REL_MARGIN = 0.02  # inputs closer to a tie are left out: at 0.999 R their margin would be float32 noise
+DEFAULT_SEEDS, CHUNKS = 200, 10
+
+
+@dataclass
+class Effort:
+    """How hard each seed is certified, attacked and probed."""
+
+    inputs: int = 2
+    every_method_alone: bool = False  # False: one method alone per seed, in turn, on the fast budget
+    fmn_steps: int = 25
+    deepfool_steps: int = 12
+    pgd_starts: int = 3
+    pgd_steps: int = 15
+    ball: int = 300
+    sphere: int = 700
+    grid: int = 81  # per axis, 2-D inputs only
+    circle: int = 720
+
+
+@dataclass
+class Outcome:
+    """What one seed found: violations (messages) and statistics that show the test is not vacuous."""
+
+    violations: list[str] = field(default_factory=list)
+    samples: int = 0
+    positive: int = 0
+    ratios: list[float] = field(default_factory=list)  # certified / attack distance
+    methods: set[str] = field(default_factory=set)
+
+
+# --------------------------------------------------------------------------- inputs and evaluation
+
+
+def margins(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """f_y - max_{j != y} f_j per row (negative: another class wins)."""
+    other = logits.scatter(1, y[:, None], -math.inf).amax(1)
+    return logits.gather(1, y[:, None]).squeeze(1) - other
+
+
+def pick_inputs(rn: RandomNet, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random inputs that float64 and float32 classify alike, with a margin well above float noise."""
+    scale = float(torch.tensor([0.5, 1.0, 2.0])[torch.randint(0, 3, (1,), generator=gen)])
+    x = (0.3 + scale * torch.randn((24, *rn.sample_shape), generator=gen)).float()
+    with torch.no_grad():
+        l64, l32 = rn.logits64(x), rn.logits32(x)
+    y = l64.argmax(1)
+    rel = margins(l64, y) / l64.abs().amax(1).clamp_min(1.0)
+    keep = (l32.argmax(1) == y) & (rel >= MIN_REL_MARGIN) & torch.isfinite(l64).all(1)
+    idx = torch.nonzero(keep).flatten()[:count]
+    return x[idx], y[idx]
+
+
+def near_tie(rn: RandomNet, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """One input close to a decision boundary (bisection stopped at a random depth), or None.
+
+    Its margin ranges from ~1e-3 down to float32 rounding level: the radius must then be
+    0 or hold for the float32 model too, which the probes check.
+    """
+    x = (0.3 + torch.randn((24, *rn.sample_shape), generator=gen)).float()
+    with torch.no_grad():
+        label = rn.logits64(x).argmax(1)
+    other = torch.nonzero(label != label[0]).flatten()
+    if len(other) == 0:
+        return None
+    a, b = x[0].to(F64), x[int(other[0])].to(F64)
+    lo, hi = 0.0, 1.0
+    for _ in range(int(torch.randint(8, 30, (1,), generator=gen))):
+        mid = (lo + hi) / 2
+        point = (a + mid * (b - a)).float()[None]
+        if int(rn.logits64(point).argmax()) == int(label[0]):
+            lo = mid
+        else:
+            hi = mid
+    point = (a + lo * (b - a)).float()[None]
+    with torch.no_grad():
+        y64, y32 = rn.logits64(point).argmax(1), rn.logits32(point).argmax(1)
+    return (point, y64) if bool(y64 == y32) else None
+
+
+class Float64(nn.Module):
+    """The random net in float64 as a module, for the attacks."""
+
+    def __init__(self, rn: RandomNet) -> None:
+        super().__init__()
+        self.rn = rn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rn.logits64(x)
+
+
+def flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(len(x), -1)
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+def method_names(model: nn.Module, x: torch.Tensor, budget: str, notes: list[str]) -> list[str]:
+    """Names of the methods `default_methods` returns for this model (whatever set it holds today)."""
+    for note in notes:
+        if note.startswith("methods tried: "):
+            return [n.strip() for n in note.removeprefix("methods tried: ").split(",") if n.strip()]
+    return [m.name for m in default_methods(build_graph(model, x[:1]), get_budget(budget))]
+
+
+def certificates(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    budget: str,
+    alone: Callable[[list[str]], list[str]],
+    alone_budget: str,
+) -> dict[str, torch.Tensor]:
+    """Radii of `certify_l2` and of the default methods that `alone` picks, each on its own.
+
+    `certify_l2` takes the largest radius of all methods, so probing its ball tests every
+    method; the runs alone pin a violation on a method and catch one that behaves
+    differently alone.
+    """
+    cert = certify_l2(model, x, y, budget=budget)
+    radii = {"certify_l2": cert.radius}
+    names = method_names(model, x, budget, cert.notes)
+    for name in alone(names) if len(names) > 1 else []:
+        only = lambda g, b, name=name: [m for m in default_methods(g, b) if m.name == name]  # noqa: E731
+        radii[f"{name} ({alone_budget})"] = certify_with(model, x, y, only, budget=alone_budget).radius
+    return radii
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+def attack_points(rn: RandomNet, x: torch.Tensor, y: torch.Tensor, effort: Effort) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closest adversarial example per sample over FMN and DeepFool without a box, verified in float64.
+
+    Returns (distance, point); distance inf (point = x) where no attack succeeded.
+    """
+    model = Float64(rn)
+    x64 = x.to(F64)
+    gen = torch.Generator().manual_seed(0)
+    ctx = AttackContext(lower=-math.inf, upper=math.inf, num_classes=rn.num_classes, generator=gen)
+    best = torch.full((len(x),), math.inf, dtype=F64)
+    point = x64.clone()
+    attacks = (FMN(steps=effort.fmn_steps), DeepFool(steps=effort.deepfool_steps, n_candidates=rn.num_classes))
+    for attack in attacks:
+        adv = attack.perturb(model, x64, y, Threat("l2", 1.0), ctx).detach().to(F64)
+        with torch.no_grad():
+            wrong = rn.logits64(adv).argmax(1) != y
+        dist = flat(adv - x64).norm(dim=1)
+        better = wrong & (dist < best)
+        best = torch.where(better, dist, best)
+        point[better] = adv[better]
+    return best, point
+
+
+def pgd_inside(
+    rn: RandomNet, x: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, effort: Effort, gen: torch.Generator
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """L2 PGD on the float64 margin inside B(x, eps) from several starts; every iterate is checked.
+
+    Returns the points (n, starts, ...) of the lowest margin reached, and per sample the
+    first float64 iterate with another argmax (None where none).
+    """
+    n, s = len(x), effort.pgd_starts
+    d = flat(x).shape[1]
+    x64 = flat(x).to(F64).repeat_interleave(s, 0)
+    r = eps.repeat_interleave(s)
+    yy = y.repeat_interleave(s)
+    delta = torch.randn((n * s, d), generator=gen, dtype=F64)
+    delta = delta / delta.norm(dim=1, keepdim=True) * (r * torch.rand(n * s, generator=gen, dtype=F64))[:, None]
+    delta[::s] = 0  # one start at the centre
+    best_m = torch.full((n * s,), math.inf, dtype=F64)
+    best_p = x64.clone()
+    flipped: list[torch.Tensor | None] = [None] * n
+
+    def project(v: torch.Tensor) -> torch.Tensor:
+        return v * (r / v.norm(dim=1).clamp_min(1e-300)).clamp(max=1)[:, None]
+
+    for step in range(effort.pgd_steps + 1):
+        delta.requires_grad_(True)
+        logits = rn.logits64((x64 + delta).reshape(n * s, *rn.sample_shape))
+        m = margins(logits, yy)
+        with torch.no_grad():
+            wrong = logits.argmax(1) != yy
+            for k in torch.nonzero(wrong).flatten().tolist():
+                if flipped[k // s] is None:
+                    flipped[k // s] = (x64[k] + delta[k]).detach().clone()
+            lower = m < best_m
+            best_m = torch.where(lower, m, best_m)
+            best_p[lower] = (x64 + delta)[lower]
+        if step == effort.pgd_steps:
+            break
+        (grad,) = torch.autograd.grad(m.sum(), delta)
+        with torch.no_grad():
+            size = r * (0.4 * (1 - step / effort.pgd_steps) + 0.02)
+            unit = grad / grad.norm(dim=1, keepdim=True).clamp_min(1e-300)
+            delta = project(delta.detach() - size[:, None] * unit)
+    return best_p.reshape(n, s, *rn.sample_shape), flipped
+
+
+def ball_points(
+    centre: torch.Tensor, radius: float, effort: Effort, gen: torch.Generator, towards: list[torch.Tensor]
+) -> torch.Tensor:
+    """Probes of B(centre, radius): uniform in the ball, uniform on its sphere, along the axes and `towards`."""
+    c = centre.reshape(-1).to(F64)
+    d = c.numel()
+    g = torch.randn((effort.ball + effort.sphere, d), generator=gen, dtype=F64)
+    g = g / g.norm(dim=1, keepdim=True)
+    scale = torch.ones(len(g), dtype=F64)
+    scale[: effort.ball] = torch.rand(effort.ball, generator=gen, dtype=F64) ** (1.0 / d)
+    axes = torch.cat([torch.eye(d, dtype=F64), -torch.eye(d, dtype=F64)])
+    extra = [(t.reshape(-1).to(F64) - c) for t in towards]
+    extra = [e / e.norm() for e in extra if e.norm() > 0]
+    dirs = torch.cat([g * scale[:, None], axes, *[e[None] for e in extra]])
+    if d == 2:
+        side = torch.linspace(-1, 1, effort.grid, dtype=F64)
+        grid = torch.stack(torch.meshgrid(side, side, indexing="ij"), -1).reshape(-1, 2)
+        angle = torch.linspace(0, 2 * math.pi, effort.circle + 1, dtype=F64)[:-1]
+        dirs = torch.cat([dirs, grid[grid.norm(dim=1) <= 1], torch.stack([angle.cos(), angle.sin()], 1)])
+    return c + radius * dirs
+
+
+# --------------------------------------------------------------------------- one seed
+
+
+def check_net(rn: RandomNet, effort: Effort, gen: torch.Generator, budget: str) -> Outcome:
+    """Certify a few inputs of `rn` with every method and try to break every radius."""
+    turn = rn.seed if rn.seed >= 0 else 0
+    alone = (lambda names: names) if effort.every_method_alone else (lambda names: [names[turn % len(names)]])
+    out = Outcome()
+    x, y = pick_inputs(rn, effort.inputs, gen)
+    regular = len(x)
+    tie = near_tie(rn, gen)
+    if tie is not None:
+        x, y = torch.cat([x, tie[0]]), torch.cat([y, tie[1]])
+    if len(x) == 0:
+        return out
+    where = f"seed {rn.seed}, budget {budget}, {rn.arch}"
+    try:
+        radii = certificates(rn.model, x, y, budget, alone, budget if effort.every_method_alone else "fast")
+    except CertificateUnavailable as exc:
+        out.violations.append(f"{where}: a net of supported ops was refused: {exc}")
+        return out
+    out.methods.update(name.split(" (")[0] for name in radii)
+    out.samples += regular
+    bad = {name: r for name, r in radii.items() if not (torch.isfinite(r) | (r == math.inf)).all() or (r < 0).any()}
+    for name, r in bad.items():
+        out.violations.append(f"{where}: {name} returned invalid radii {r.tolist()}")
+    radius = torch.stack(list(radii.values())).nan_to_num(0.0).clamp_min(0).amax(0)  # (n,)
+    out.positive += int((radius[:regular] > 0).sum())
+
+    def report(i: int, what: str, point: torch.Tensor) -> None:
+        p = point.reshape(1, *rn.sample_shape)
+        with torch.no_grad():
+            l64, l32 = rn.logits64(p)[0], rn.logits32(p.float())[0]
+        dist = float((p.to(F64) - x[i].to(F64)).norm())
+        over = {name: float(r[i]) for name, r in radii.items() if float(r[i]) >= dist}
+        clean = rn.logits64(x[i : i + 1])[0]
+        out.violations.append(
+            f"{where}\n  sample {i} (label {int(y[i])}, clean logits64 {clean.tolist()}): {what} "
+            f"at distance {dist:.9g} "
+            f"has argmax64 {int(l64.argmax())} (logits64 {l64.tolist()}), argmax32 {int(l32.argmax())}; "
+            f"radii that cover it: {over}; all radii: { {k: float(v[i]) for k, v in radii.items()} }"
+        )
+
+    # (a) minimal-norm attacks without a box
+    dist, adv = attack_points(rn, x, y, effort)
+    for i in range(len(x)):
+        if math.isfinite(dist[i]) and radius[i] > 0:
+            out.ratios.append(float(radius[i] / dist[i]))
+        if radius[i] >= dist[i]:
+            report(i, "adversarial example of FMN/DeepFool", adv[i])
+
+    # (a') PGD on the margin inside the ball
+    live = torch.nonzero(radius > 0).flatten()
+    if len(live) == 0:
+        return out
+    eps = (SHRINK * radius[live]).clamp(max=1e6)
+    lowest, flipped = pgd_inside(rn, x[live], y[live], eps, effort, gen)
+    for k, i in enumerate(live.tolist()):
+        if flipped[k] is not None:
+            report(i, "a PGD iterate inside the ball (float64)", flipped[k])
+
+    # (b) dense probes: ball, sphere, axes, towards the attack and PGD points; float64 and float32
+    for k, i in enumerate(live.tolist()):
+        towards = [adv[i], *lowest[k]] if math.isfinite(dist[i]) else list(lowest[k])
+        pts = ball_points(x[i], float(eps[k]), effort, gen, towards)
+        label = torch.full((len(pts),), int(y[i]))
+        with torch.no_grad():
+            wrong64 = rn.logits64(pts.reshape(-1, *rn.sample_shape)).argmax(1) != label
+            p32 = pts.float()
+            inside = flat(p32.to(F64) - x[i].reshape(1, -1).to(F64)).norm(dim=1) <= radius[i]  # after rounding
+            wrong32 = (rn.logits32(p32.reshape(-1, *rn.sample_shape)).argmax(1) != label) & inside
+        for mask, kind in ((wrong64, "float64"), (wrong32, "float32")):
+            hits = torch.nonzero(mask).flatten()
+            if len(hits):
+                report(i, f"a probe inside the ball ({kind}; {len(hits)} of {len(pts)} probes flip)", pts[hits[0]])
+    return out
+
+
+def check_seed(seed: int, effort: Effort) -> Outcome:
+    rn = random_net(seed)
+    r = random.Random(seed)
+    budget = r.choices(["fast", "default", "tight"], weights=[15, 4, 1])[0]
+    return check_net(rn, effort, torch.Generator().manual_seed(10_000 + seed), budget)
+
+
+def run_seeds(seeds: range, effort: Effort) -> None:
+    total = Outcome()
+    for seed in seeds:
+        got = check_seed(seed, effort)
+        total.violations += got.violations
+        total.samples += got.samples
+        total.positive += got.positive
+        total.ratios += got.ratios
+        total.methods |= got.methods
+    assert not total.violations, f"{len(total.violations)} soundness violation(s):\n" + "\n".join(total.violations)
+    # not vacuous: most seeds contribute inputs and nearly every radius is positive
+    assert total.samples >= len(seeds), (total.samples, len(seeds))
+    assert total.positive >= 0.9 * total.samples, (total.positive, total.samples)
+    assert {"certify_l2", "interval", "global-lipschitz"} <= total.methods, total.methods
+
+
+@pytest.mark.parametrize("chunk", range(CHUNKS))
+def test_random_nets_radii_survive_attacks_and_probes(chunk: int) -> None:
+    per = DEFAULT_SEEDS // CHUNKS
+    run_seeds(range(chunk * per, (chunk + 1) * per), Effort())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("ROBAUDIT_PROPERTY_SEEDS" not in os.environ, reason="set ROBAUDIT_PROPERTY_SEEDS (e.g. 2000)")
+def test_random_nets_radii_survive_attacks_and_probes_many_seeds() -> None:
+    """Every method alone at the seed's budget, harder attacks and denser probes (about 1 s per seed)."""
+    count = int(os.environ["ROBAUDIT_PROPERTY_SEEDS"])
+    run_seeds(range(100_000, 100_000 + count), Effort(
+        inputs=3, every_method_alone=True, fmn_steps=150, deepfool_steps=50, pgd_starts=8, pgd_steps=40, ball=2000,
+        sphere=4000, grid=201, circle=4096,
+    ))
+
+
+def test_random_nets_cover_every_supported_op() -> None:
+    """The generator really draws every op the certificate supports (else the property test proves less)."""
+    text = " ".join(random_net(seed).arch for seed in range(DEFAULT_SEEDS))
+    wanted = [
+        "Linear", "Conv2d", "groups=", "dilation=(2, 2)", "stride=(2, 2)", "padding=same", "relu", "leaky_relu",
+        "slope=3.0", "slope=1.5", "tanh", "sigmoid", "softplus", "beta=20.0", "threshold=10.0", "BatchNorm1d",
+        "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "GlobalMean", "Residual( add", "Residual( sub",
+        "Flatten", "Reshape(view", "Reshape(reshape", "Affine(mul-add)", "Affine(sub-div)", "Affine(neg)", "mean=",
+        "model_shape=", "module", "functional", "method",
+    ]  # fmt: skip
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+
+
+# --------------------------------------------------------------------------- unsupported ops are refused
+
+
+class Fn(nn.Module):
+    """One op as a module, so that torch.fx records exactly that op."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], label: str) -> None:
+        super().__init__()
+        self.fn, self.label = fn, label
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+    def extra_repr(self) -> str:
+        return self.label
+
+
+def _sandwich(op: nn.Module, image: bool) -> nn.Sequential:
+    """conv (or linear) -> op -> flatten -> linear, with real weights, on 1x4x4 inputs."""
+    torch.manual_seed(0)
+    head: list[nn.Module] = [nn.Conv2d(1, 2, 3, padding=1)] if image else [nn.Flatten(), nn.Linear(16, 8)]
+    with torch.no_grad():
+        shape = op(nn.Sequential(*head)(torch.zeros(1, 1, 4, 4)).float()).shape
+    return nn.Sequential(*head, op, nn.Flatten(), nn.Linear(math.prod(shape[1:]), 3)).eval()
+
+
+REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
+    # (id, op, on the conv output?, fragments of which the message must name one)
+    ("GELU", nn.GELU(), False, ("GELU",)),
+    ("gelu-fn", Fn(F.gelu, "F.gelu"), False, ("gelu",)),
+    ("ELU", nn.ELU(), False, ("ELU",)),
+    ("SiLU", nn.SiLU(), False, ("SiLU",)),
+    ("silu-fn", Fn(F.silu, "F.silu"), False, ("silu",)),
+    ("Hardswish", nn.Hardswish(), False, ("Hardswish",)),
+    ("Mish", nn.Mish(), False, ("Mish",)),
+    ("abs", Fn(torch.abs, "torch.abs"), False, ("abs",)),
+    ("abs-method", Fn(lambda x: x.abs(), "x.abs()"), True, ("abs",)),
+    ("sin", Fn(torch.sin, "torch.sin"), False, ("sin",)),
+    ("exp", Fn(torch.exp, "torch.exp"), False, ("exp",)),
+    ("x*x", Fn(lambda x: x * x, "x * x"), False, ("mul",)),
+    ("x*sigmoid(x)", Fn(lambda x: x * torch.sigmoid(x), "x * sigmoid(x)"), True, ("mul",)),
+    ("max-dim", Fn(lambda x: x.max(dim=1).values, "x.max(dim=1).values"), True, ("max",)),
+    ("amax", Fn(lambda x: torch.amax(x, dim=1), "torch.amax(x, 1)"), True, ("amax",)),
+    ("min-dim", Fn(lambda x: torch.min(x, 1)[0], "torch.min(x, 1)[0]"), True, ("min",)),
+    ("amin-method", Fn(lambda x: x.amin(1), "x.amin(1)"), True, ("amin",)),
+    ("leaky-relu-slope-minus-2", nn.LeakyReLU(-2.0), False, ("LeakyReLU", "leaky_relu")),
+    ("leaky-relu-slope-minus-half", nn.LeakyReLU(-0.5), True, ("LeakyReLU", "leaky_relu")),
+    ("leaky-relu-fn-minus-half", Fn(lambda x: F.leaky_relu(x, -0.5), "F.leaky_relu(x, -0.5)"), False, ("leaky_relu",)),
+    ("half", Fn(lambda x: x.half().float(), "x.half().float()"), False, ("half", "float16")),
+    ("to-float16", Fn(lambda x: x.to(torch.float16).float(), "x.to(torch.float16)"), False, ("float16",)),
+    ("to-dtype-float16", Fn(lambda x: x.to(dtype=torch.float16).float(), "x.to(dtype=float16)"), True, ("float16",)),
+    ("to-bfloat16", Fn(lambda x: x.to(torch.bfloat16).float(), "x.to(torch.bfloat16)"), False, ("bfloat16",)),
+    ("to-int32", Fn(lambda x: x.to(torch.int32).float(), "x.to(torch.int32)"), False, ("int32", "Tensor.to")),
+    ("round", Fn(torch.round, "torch.round"), False, ("round",)),
+    ("round-method", Fn(lambda x: x.round(), "x.round()"), True, ("round",)),
+    ("cat", Fn(lambda x: torch.cat([x, x], 1), "torch.cat([x, x], 1)"), True, ("cat",)),
+    ("slice", Fn(lambda x: x[:, :, 1:3], "x[:, :, 1:3]"), True, ("getitem", "slice")),
+    ("transpose", Fn(lambda x: x.transpose(2, 3), "x.transpose(2, 3)"), True, ("transpose",)),
+    ("permute", Fn(lambda x: x.permute(0, 1, 3, 2), "x.permute(0, 1, 3, 2)"), True, ("permute",)),
+    ("softmax-output", Fn(lambda x: x, "identity"), False, ("Softmax",)),  # softmax appended below
+    ("log-softmax-output", Fn(lambda x: x, "identity"), False, ("log_softmax",)),
+]
+
+EXACT_OR_REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
+    # piecewise-linear clips: refused, or (if supported) exactly as sound as everything else
+    ("clamp", Fn(lambda x: torch.clamp(x, -0.5, 0.5), "torch.clamp(x, -0.5, 0.5)"), False, ("clamp",)),
+    ("clamp-min-method", Fn(lambda x: x.clamp(min=-0.2), "x.clamp(min=-0.2)"), True, ("clamp",)),
+    ("Hardtanh", nn.Hardtanh(), False, ("Hardtanh",)),
+    ("hardtanh-fn", Fn(F.hardtanh, "F.hardtanh"), True, ("hardtanh",)),
+    ("ReLU6", nn.ReLU6(), False, ("ReLU6", "hardtanh")),
+]
+
+
+def _refusal_model(case: str, op: nn.Module, image: bool) -> nn.Module:
+    net = _sandwich(op, image)
+    if case == "softmax-output":
+        net.append(nn.Softmax(dim=1))
+    if case == "log-softmax-output":
+        net.append(Fn(lambda x: F.log_softmax(x, dim=1), "F.log_softmax(x, 1)"))
+    return net
+
+
+def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand((6, 1, 4, 4), generator=gen), torch.zeros(6, dtype=torch.long)
+
+
+def _assert_refused(net: nn.Module, x: torch.Tensor, fragments: tuple[str, ...]) -> None:
+    y = net(x).argmax(1)
+    with pytest.raises(CertificateUnavailable) as info:
+        certify_l2(net, x, y, budget="fast")
+    message = str(info.value)
+    assert message.startswith("certificate unavailable: "), message
+    assert any(f.lower() in message.lower() for f in fragments), f"{message!r} names none of {fragments}"
+
+
+@pytest.mark.parametrize("case, op, image, fragments", REFUSED, ids=[c[0] for c in REFUSED])
+def test_unsupported_op_is_refused_naming_it(case: str, op: nn.Module, image: bool, fragments: tuple[str, ...]) -> None:
+    x, _ = _inputs()
+    _assert_refused(_refusal_model(case, op, image), x, fragments)
+
+
+def test_probability_outputs_detected_by_the_wrapper_are_refused() -> None:
+    x, _ = _inputs()
+    net = _refusal_model("softmax-output", Fn(lambda x: x, "identity"), False)
+    raw = RawModel(net, format="torch", input_shape=None, num_classes=None)
+    model, info = wrap_model(raw, sample_shape=(1, 4, 4), probe=x)
+    assert info.output_kind == "probabilities"
+    _assert_refused(model, x, ("probabilities",))
+
+
+@pytest.mark.parametrize("case, op, image, fragments", EXACT_OR_REFUSED, ids=[c[0] for c in EXACT_OR_REFUSED])
+def test_clipping_op_is_refused_or_certified_soundly(
+    case: str, op: nn.Module, image: bool, fragments: tuple[str, ...]
+) -> None:
+    x, _ = _inputs()
+    net = _refusal_model(case, op, image).requires_grad_(False)
+    try:
+        certify_l2(net, x, net(x).argmax(1), budget="fast")
+    except CertificateUnavailable as exc:
+        message = str(exc)
+        assert message.startswith("certificate unavailable: "), message
+        assert any(f.lower() in message.lower() for f in fragments), f"{message!r} names none of {fragments}"
+        return
+    rn = RandomNet(-1, net, (1, 4, 4), 3, f"{case}: {' '.join(repr(net).split())}", copy.deepcopy(net).double())
+    outcome = Outcome()
+    for budget in ("fast", "default"):
+        got = check_net(rn, Effort(inputs=4, every_method_alone=True), torch.Generator().manual_seed(2), budget)
+        outcome.violations += got.violations
+    assert not outcome.violations, "\n".join(outcome.violations)
