@@ -35,7 +35,7 @@ BUDGETS: dict[str, Budget] = {
     ),
     "default": Budget(
         "default", shells=8, max_evals=30, tol=1 / 512, symbolic_cap=1 << 20, gram_cap=2048, corner_cap=1024,
-        crown_evals=12, crown_refine=0,
+        crown_evals=10, crown_refine=0,
     ),
     "tight": Budget(
         "tight", shells=32, max_evals=90, tol=1 / 8192, symbolic_cap=1 << 23, gram_cap=4096, corner_cap=4096,

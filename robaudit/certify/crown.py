@@ -131,6 +131,11 @@ class CrownBound:
         d = graph.input_dim
         self.sym_ok = [d * math.prod(node.shape) <= budget.symbolic_cap for node in graph.nodes]
         self.abs_ops = {i: n.op.abs() for i, n in enumerate(graph.nodes) if isinstance(n.op, AffineOp)}
+        self.bias_norm = {  # ||bias broadcast over the node||, for the rounding allowance
+            i: float((torch.zeros((1, *n.shape), dtype=torch.float64) + n.op.bias).norm())
+            for i, n in enumerate(graph.nodes)
+            if isinstance(n.op, AffineOp) and n.op.bias is not None
+        }
         # nodes whose interval a relaxation needs: inputs of activations and max pools
         self.needs = sorted(
             {n.inputs[0] for n in graph.nodes if isinstance(n.op, (ActOp, MaxPoolOp))} - {0}
@@ -373,17 +378,26 @@ class CrownBound:
 
     @staticmethod
     def _relax(op: ActOp | MaxPoolOp, lo: torch.Tensor, hi: torch.Tensor) -> _Relaxed:
+        if isinstance(op, ActOp) and op.kind in ("relu", "leaky_relu") and op.convexity == "convex":
+            # stable units: their exact linear piece; unstable ones: the chord above and CROWN's
+            # adaptive slope below (any lower slope in [slope, 1] through 0 is sound: alpha-CROWN)
+            neg = op.slope if op.kind == "leaky_relu" else 0.0
+            free = (lo < 0) & (hi > 0)
+            piece = torch.where(hi <= 0, neg, 1.0).to(lo.dtype)
+            width = torch.where(free, hi - lo, torch.ones_like(lo))
+            chord = (op.value(hi) - op.value(lo)) / width
+            a_u = torch.where(free, chord, piece)
+            b_u = torch.where(free, op.value(lo) - chord * lo, torch.zeros_like(lo))
+            b_u = torch.where(free, b_u + RELAX_ATOL * (1 + b_u.abs() + a_u * hi.abs().maximum(lo.abs())), b_u)
+            a_l = torch.where(free, torch.where(hi >= -lo, 1.0, neg).to(lo.dtype), piece)
+            return _Relaxed("relu", neg, a_l=a_l, b_l=torch.zeros_like(lo), a_u=a_u, b_u=b_u, free=free)
         if isinstance(op, ActOp):
             d_lo, d_hi = op.derivative_bounds(lo, hi)
             a_l, b_l, a_u, b_u = op.relaxation(lo, hi, d_lo, d_hi)
             size = lo.abs().maximum(hi.abs())
             b_l = b_l - RELAX_ATOL * (1 + b_l.abs() + a_l * size)
             b_u = b_u + RELAX_ATOL * (1 + b_u.abs() + a_u * size)
-            parts = dict(a_l=a_l, b_l=b_l, a_u=a_u, b_u=b_u)
-            if op.kind in ("relu", "leaky_relu") and op.convexity == "convex":
-                # any lower slope in [neg, 1] through the origin is sound on an unstable unit (alpha-CROWN)
-                parts["free"] = (lo < 0) & (hi > 0)
-            return _Relaxed("act", op.slope if op.kind == "leaky_relu" else 0.0, **parts)
+            return _Relaxed("act", 0.0, a_l=a_l, b_l=b_l, a_u=a_u, b_u=b_u)
         w_lo = op.windows(lo, -math.inf)  # (n, C, k, L)
         w_hi = op.windows(hi, -math.inf)
         best = w_lo.argmax(dim=2, keepdim=True)  # the entry with the largest lower bound
@@ -430,27 +444,33 @@ class CrownBound:
                 x = batch.values[0][idx].reshape(n, 1, -1)
                 lam = lam.reshape(n, s, -1)
                 dot = (lam * x).sum(2)
-                size = eps[:, None] * lam.norm(dim=2)
-                scale = scale + (lam.abs() * x.abs()).sum(2) + size
-                return const + dot - size - CROWN_RTOL * scale
+                norm = lam.norm(dim=2)
+                # sum |lam x| <= ||lam|| ||x|| (Cauchy-Schwarz): enough for the rounding allowance
+                scale = scale + norm * x.norm(dim=2) + eps[:, None] * norm
+                return const + dot - eps[:, None] * norm - CROWN_RTOL * scale
             if isinstance(op, AffineOp):
                 if op.bias is not None:
-                    term = lam.reshape(n * s, *node.shape) * op.bias
-                    const = const + total(term)
-                    scale = scale + total(term.abs())
+                    flat = lam.reshape(n * s, *node.shape)
+                    const = const + total(flat * op.bias)
+                    scale = scale + lam.reshape(n, s, -1).norm(dim=2) * self.bias_norm[i]
                 j = node.inputs[0]
                 push(j, op.adjoint(lam.reshape(n * s, *node.shape)).reshape(n, s, *g.nodes[j].shape))
             elif isinstance(op, ActOp):
                 rel = ctx.relaxed[i]
                 r = rel.parts
-                pos, neg = lam.clamp_min(0), lam.clamp_max(0)
-                term = pos * r["b_l"][:, None] + neg * r["b_u"][:, None]
-                const = const + total(term)
-                scale = scale + total(term.abs())
+                neg = lam.clamp_max(0)
                 a_l = r["a_l"][:, None]
                 if alpha is not None and i in alpha:
                     a_l = torch.where(r["free"][:, None], alpha[i], a_l)  # kept in [floor, 1] by the optimizer
-                push(node.inputs[0], pos * a_l + neg * r["a_u"][:, None])
+                # pos * a_l + neg * a_u with pos = lam - neg; the lower lines of ReLUs pass through 0
+                push(node.inputs[0], lam * a_l + neg * (r["a_u"][:, None] - a_l))
+                term = total(neg * r["b_u"][:, None])  # b_u >= 0 for ReLUs, so term <= 0
+                if rel.kind == "relu":
+                    const, scale = const + term, scale - term
+                else:
+                    low = total((lam - neg) * r["b_l"][:, None])
+                    const = const + term + low
+                    scale = scale + total((neg * r["b_u"][:, None]).abs()) + total(((lam - neg) * r["b_l"][:, None]).abs())
             elif isinstance(op, MaxPoolOp):
                 r = ctx.relaxed[i].parts
                 channels, length = r["top"].shape[1:]
@@ -477,14 +497,17 @@ class CrownBound:
         """Largest eps per sample whose every margin bound stays positive, by bisection.
 
         `known` is a radius already certified (by another method, or 0): the search only
-        looks above it. The upper end starts at twice the first-order radius and doubles
-        while it certifies. Only radii whose bound was evaluated and found positive are
-        returned, so the result is sound wherever the search stops.
+        looks above it. The upper end starts at 1.25 times the first-order radius and doubles
+        while it certifies; while the bracket spans more than a factor 4 the trial is its
+        geometric mean (a quarter of the top while nothing is certified), so deep nets whose
+        radius is a small fraction of the first-order one are reached in a few steps. Only
+        radii whose bound was evaluated and found positive are returned, so the result is
+        sound wherever the search stops.
         """
         n = len(idx)
         best = torch.zeros(n, dtype=torch.float64)
         low = known.clone().to(torch.float64)
-        high = torch.maximum(2 * first_order, 2 * low).clamp_min(1e-12)
+        high = torch.maximum(1.25 * first_order, 2 * low).clamp_min(1e-12)
         high = torch.where(torch.isfinite(high), high, torch.full_like(high, 1e3))
         done = torch.zeros(n, dtype=torch.bool)
         bracketed = torch.zeros(n, dtype=torch.bool)
@@ -492,12 +515,15 @@ class CrownBound:
             live = torch.nonzero(~done).flatten()
             if len(live) == 0:
                 break
-            trial = torch.where(bracketed[live], (low[live] + high[live]) / 2, high[live])
+            lo_, hi_ = low[live], high[live]
+            wide = hi_ > 4 * lo_
+            split = torch.where(wide, torch.where(lo_ > 0, (lo_ * hi_).sqrt(), hi_ / 4), (lo_ + hi_) / 2)
+            trial = torch.where(bracketed[live], split, hi_)
             ok = self.margin_bounds(batch, idx[live], trial).amin(dim=1) > 0
             best[live] = torch.where(ok, torch.maximum(best[live], trial), best[live])
-            low[live] = torch.where(ok, trial, low[live])
+            low[live] = torch.where(ok, trial, lo_)
             grow = ok & ~bracketed[live]
-            high[live] = torch.where(grow, 2 * trial, torch.where(ok, high[live], trial))
+            high[live] = torch.where(grow, 2 * trial, torch.where(ok, hi_, trial))
             bracketed[live] = bracketed[live] | ~ok
             done[live] = bracketed[live] & (high[live] - low[live] <= self.budget.tol * high[live])
         return best

@@ -207,6 +207,12 @@ class MeanOp(AffineOp):
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=[d + 1 for d in self.dims]).reshape(x.shape[0], *self.out_shape)
 
+    def adjoint(self, g: torch.Tensor) -> torch.Tensor:
+        """Spread each output's coefficient evenly over the values it averaged (no autograd: hot path)."""
+        kept = [1 if d in self.dims else s for d, s in enumerate(self.in_shape)]
+        count = math.prod(self.in_shape[d] for d in self.dims)
+        return (g.reshape(g.shape[0], *kept) / count).expand(g.shape[0], *self.in_shape)
+
 
 # --------------------------------------------------------------------------- activations
 
