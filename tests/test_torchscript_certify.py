@@ -9,7 +9,6 @@ elsewhere: both must give the same radii.
 
 from __future__ import annotations
 
-import math
 import warnings
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import bundled_digits, demo_classifier, load_json, run_cli
+from conftest import demo_classifier, load_json, run_cli
 from robaudit.attacks import AttackRun, run_threat
 from robaudit.attacks.apgd import APGD
 from robaudit.attacks.transfer import Transfer
@@ -27,6 +26,8 @@ from robaudit.models import AuditModel, load_model, wrap_model
 from robaudit.models.detect import RawModel, freeze
 from robaudit.models.surrogate import build_surrogate
 from robaudit.threats import Threat
+from test_certify import digits, fit  # the same tiny trained digits models
+from test_surrogate import Quantized, SharpSoftmax
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,27 +35,6 @@ CPU = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    x_u8, y = bundled_digits()
-    return torch.from_numpy(x_u8).float() / 255, torch.from_numpy(y).long()
-
-
-def fit(model: nn.Module, steps: int, lr: float = 1e-2, seed: int = 0) -> nn.Module:
-    """Full-batch Adam on the bundled digits: a real, imperfect model in about a second."""
-    x, y = digits()
-    torch.manual_seed(seed)
-    for p in model.parameters():  # deterministic start whatever ran before
-        if p.dim() > 1:
-            nn.init.kaiming_uniform_(p, a=math.sqrt(5))
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
-    for _ in range(steps):
-        model.train()
-        optimizer.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    return model.eval().requires_grad_(False)
 
 
 def save(net: nn.Module, path: Path, kind: str) -> Path:
@@ -226,26 +206,6 @@ class Gelu(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x.flatten(1))))
-
-
-class Quantized(nn.Module):
-    """Input quantization to 5 levels in front of a network (Round's gradient is 0)."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.round(x * 4) / 4)
-
-
-class SharpSoftmax(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x) * 100, dim=1)
 
 
 @pytest.mark.parametrize("kind", ["trace", "script"])

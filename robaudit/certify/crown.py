@@ -37,7 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-from robaudit.certify.affine import ROUND_RTOL, AffinePrefix
+from robaudit.certify.affine import AffinePrefix
+from robaudit.certify.box import exact_box, node_box
 from robaudit.certify.budget import Budget
 from robaudit.certify.graph import Graph
 from robaudit.certify.interval import Batch
@@ -205,9 +206,7 @@ class CrownBound:
             op = node.op
             a = eps.view(-1, *([1] * len(node.shape)))
             if g.exact[i]:
-                v = batch.values[i][idx]
-                rad = a * self.prefix.rownorm[i] + ROUND_RTOL * batch.magnitudes[i][idx]
-                lo[i], hi[i] = v - rad, v + rad
+                lo[i], hi[i] = exact_box(batch.values[i][idx], self.prefix.rownorm[i], eps, batch.magnitudes[i][idx])
                 if i:  # the float32 prefix adds its rounding: |A| (drift of the inputs) + its own
                     rho = self._noise(i, lo, hi)
                     if isinstance(op, AffineOp):
@@ -219,31 +218,9 @@ class CrownBound:
                     lo[i], hi[i] = lo[i] - drift[i], hi[i] + drift[i]
                     if torch.is_tensor(rho):
                         ctx.noise[i] = rho
-            elif isinstance(op, AffineOp):
-                j = node.inputs[0]
-                m, r = (lo[j] + hi[j]) / 2, (hi[j] - lo[j]) / 2
-                c = op.apply(m)
-                rad = self.abs_ops[i].linear(r + ROUND_RTOL * m.abs())
-                if op.bias is not None:
-                    rad = rad + ROUND_RTOL * op.bias.abs()
-                lo[i], hi[i] = c - rad, c + rad
-            elif isinstance(op, ActOp):
-                j = node.inputs[0]
-                s_lo, s_hi = op.value(lo[j]), op.value(hi[j])
-                tol = ROUND_RTOL * (s_lo.abs() + s_hi.abs())
-                lo[i], hi[i] = s_lo - tol, s_hi + tol
-            elif isinstance(op, MaxPoolOp):
-                j = node.inputs[0]
-                lo[i], hi[i] = op.value(lo[j]), op.value(hi[j])
             else:
-                assert isinstance(op, AddOp)
-                j, k = node.inputs
-                if op.sign > 0:
-                    lo[i], hi[i] = lo[j] + lo[k], hi[j] + hi[k]
-                else:
-                    lo[i], hi[i] = lo[j] - hi[k], hi[j] - lo[k]
-                tol = ROUND_RTOL * (lo[i].abs() + hi[i].abs())
-                lo[i], hi[i] = lo[i] - tol, hi[i] + tol
+                ins = node.inputs
+                lo[i], hi[i] = node_box(op, [lo[j] for j in ins], [hi[j] for j in ins], self.abs_ops.get(i))
             if not g.exact[i]:  # the float32 model adds its rounding here: a bounded extra input
                 rho = self._noise(i, lo, hi)
                 if torch.is_tensor(rho):
@@ -289,7 +266,7 @@ class CrownBound:
         pass through one layer of relaxations, looser behind several).
         """
         g = self.graph
-        node, op = g.nodes[i], g.nodes[i].op
+        node = g.nodes[i]
         if not self.sym_ok[i]:
             return None
         if g.exact[i]:

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from robaudit.certify.affine import ROUND_RTOL, AffinePrefix, quadratic_bound
+from robaudit.certify.affine import AffinePrefix, quadratic_bound
+from robaudit.certify.box import exact_box, node_box
 from robaudit.certify.budget import Budget
 from robaudit.certify.global_lipschitz import LIP_RTOL, GlobalLipschitz, gram_bound
 from robaudit.certify.graph import Graph
@@ -243,19 +244,13 @@ class IntervalBound:
             op = node.op
             if g.exact[i]:
                 v = batch.values[i][idx]
-                rad = a * self.prefix.rownorm[i] + ROUND_RTOL * batch.magnitudes[i][idx]
-                lo[i], hi[i] = v - rad, v + rad
+                lo[i], hi[i] = exact_box(v, self.prefix.rownorm[i], alpha, batch.magnitudes[i][idx])
                 if i in self.prefix.jacobian:
                     sym[i] = Sym(self.prefix.jacobian[i], v)
                     jac[i] = (self.prefix.jacobian[i], None)
             elif isinstance(op, AffineOp):
                 j = node.inputs[0]
-                m, r = (lo[j] + hi[j]) / 2, (hi[j] - lo[j]) / 2
-                c = op.apply(m)
-                rad = self.abs_ops[i].linear(r + ROUND_RTOL * m.abs())
-                if op.bias is not None:
-                    rad = rad + ROUND_RTOL * op.bias.abs()
-                lo[i], hi[i] = c - rad, c + rad
+                lo[i], hi[i] = node_box(op, [lo[j]], [hi[j]], self.abs_ops[i])
                 if sym[j] is not None and self.sym_ok[i]:
                     sym[i] = self._affine_sym(i, sym[j])
                 if jac[j] is not None and self.sym_ok[i]:
@@ -269,9 +264,7 @@ class IntervalBound:
                 lj, hj = lo[j], hi[j]
                 d_lo, d_hi = op.derivative_bounds(lj, hj)
                 deriv[i] = (d_lo, d_hi)
-                s_lo, s_hi = op.value(lj), op.value(hj)
-                tol = ROUND_RTOL * (s_lo.abs() + s_hi.abs())
-                lo[i], hi[i] = s_lo - tol, s_hi + tol
+                lo[i], hi[i] = node_box(op, [lj], [hj])
                 if sym[j] is not None and self.sym_ok[i]:
                     sym[i] = self._act_sym(sym[j], *op.relaxation(lj, hj, d_lo, d_hi))
                 if jac[j] is not None and self.sym_ok[i]:
@@ -280,16 +273,11 @@ class IntervalBound:
                     jac[i] = ((low + high) / 2, (high - low) / 2)
             elif isinstance(op, MaxPoolOp):
                 j = node.inputs[0]
-                lo[i], hi[i] = op.value(lo[j]), op.value(hi[j])
+                lo[i], hi[i] = node_box(op, [lo[j]], [hi[j]])
             else:
                 assert isinstance(op, AddOp)
                 j, k = node.inputs
-                if op.sign > 0:
-                    lo[i], hi[i] = lo[j] + lo[k], hi[j] + hi[k]
-                else:
-                    lo[i], hi[i] = lo[j] - hi[k], hi[j] - lo[k]
-                tol = ROUND_RTOL * (lo[i].abs() + hi[i].abs())
-                lo[i], hi[i] = lo[i] - tol, hi[i] + tol
+                lo[i], hi[i] = node_box(op, [lo[j], lo[k]], [hi[j], hi[k]])
                 if sym[j] is not None and sym[k] is not None and self.sym_ok[i]:
                     sym[i] = self._add_sym(sym[j], sym[k], op.sign)
                 if jac[j] is not None and jac[k] is not None and self.sym_ok[i]:

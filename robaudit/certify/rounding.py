@@ -41,7 +41,8 @@ import weakref
 
 import torch
 
-from robaudit.certify.affine import ROUND_RTOL, AffinePrefix, exact_magnitudes
+from robaudit.certify.affine import AffinePrefix, exact_magnitudes
+from robaudit.certify.box import exact_box, node_box
 from robaudit.certify.graph import Graph
 from robaudit.certify.ops import (
     ActOp,
@@ -112,30 +113,10 @@ def ball_bounds(
     lo: list[torch.Tensor | None] = [None] * n
     hi: list[torch.Tensor | None] = [None] * n
     for i, node in enumerate(graph.nodes):
-        op = node.op
         if graph.exact[i]:
-            r = radius.to(torch.float64).view(-1, *([1] * len(node.shape)))
-            rad = r * prefix.rownorm[i] + ROUND_RTOL * exact_mags[i]
-            lo[i], hi[i] = values[i] - rad, values[i] + rad
-        elif isinstance(op, AffineOp):
-            j = node.inputs[0]
-            m, r = (lo[j] + hi[j]) / 2, (hi[j] - lo[j]) / 2
-            rad = op.abs().linear(r + ROUND_RTOL * m.abs())
-            if op.bias is not None:
-                rad = rad + ROUND_RTOL * op.bias.abs()
-            c = op.apply(m)
-            lo[i], hi[i] = c - rad, c + rad
-        elif isinstance(op, (ActOp, MaxPoolOp)):
-            j = node.inputs[0]
-            s_lo, s_hi = op.value(lo[j]), op.value(hi[j])
-            tol = ROUND_RTOL * (s_lo.abs() + s_hi.abs())
-            lo[i], hi[i] = s_lo - tol, s_hi + tol
+            lo[i], hi[i] = exact_box(values[i], prefix.rownorm[i], radius.to(torch.float64), exact_mags[i])
         else:
-            assert isinstance(op, AddOp)
-            j, k = node.inputs
-            a_lo, a_hi = (lo[k], hi[k]) if op.sign > 0 else (-hi[k], -lo[k])
-            tol = ROUND_RTOL * (lo[j].abs() + hi[j].abs() + lo[k].abs() + hi[k].abs())
-            lo[i], hi[i] = lo[j] + a_lo - tol, hi[j] + a_hi + tol
+            lo[i], hi[i] = node_box(node.op, [lo[j] for j in node.inputs], [hi[j] for j in node.inputs])
     return lo, hi
 
 
