@@ -24,6 +24,7 @@ class Budget:
     crown_evals: int = 12  # CROWN bound evaluations per batch in its radius bisection (0: no CROWN)
     crown_elems: int = 1 << 24  # CROWN backward passes carry at most this many coefficients at once
     crown_refine: int = 256  # CROWN refines at most this many units per node and sample by backward passes
+    crown_refine_unbounded: int = 64  # ... and this many where the node has no forward symbolic bounds
     alpha_steps: int = 0  # alpha-CROWN: Adam steps on the unstable ReLUs' lower slopes per radius tried
     alpha_lr: float = 0.1
 
@@ -31,7 +32,7 @@ class Budget:
 BUDGETS: dict[str, Budget] = {
     "fast": Budget(
         "fast", shells=2, max_evals=10, tol=1 / 32, symbolic_cap=0, gram_cap=512, corner_cap=256,
-        crown_evals=8, crown_refine=0,
+        crown_evals=8, crown_refine=0, crown_refine_unbounded=0,
     ),
     "default": Budget(
         "default", shells=8, max_evals=30, tol=1 / 512, symbolic_cap=1 << 20, gram_cap=2048, corner_cap=1024,

@@ -46,7 +46,6 @@ from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp, PadOp, Resha
 from robaudit.certify.rounding import local_rounding
 
 CROWN_RTOL = 1e-9  # outward rounding of every bound, relative to the sum of |terms| that formed it
-NOSYM_REFINE = 64  # units per node and sample refined backwards where no forward symbolic bounds exist
 RELAX_ATOL = 1e-12  # slack on every relaxation line's intercept, relative to the line's size
 
 
@@ -231,8 +230,10 @@ class CrownBound:
                 lo[i], hi[i] = _concretize(sym[i], a, lo[i], hi[i])
             if i in needs and not g.exact[i] and not (sym[i] is not None and self.depth[i] <= 1):
                 # (behind one layer of relaxations the forward bounds equal the backward ones; a node
-                # without forward bounds has only its interval, so a few units are always refined)
-                cap = self.budget.crown_refine if sym[i] is not None else max(self.budget.crown_refine, NOSYM_REFINE)
+                # without forward bounds has only its interval, so more of its units may be refined)
+                cap = self.budget.crown_refine
+                if sym[i] is None:
+                    cap = max(cap, self.budget.crown_refine_unbounded)
                 lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
             for c in g.consumers[i]:
                 cop = g.nodes[c].op
