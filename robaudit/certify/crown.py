@@ -41,7 +41,7 @@ from robaudit.certify.affine import AffinePrefix
 from robaudit.certify.box import exact_box, node_box
 from robaudit.certify.budget import Budget
 from robaudit.certify.graph import Graph
-from robaudit.certify.interval import Batch
+from robaudit.certify.interval import SYM_CHUNK_ELEMS, Batch
 from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp, PadOp, ReshapeOp
 from robaudit.certify.rounding import local_rounding
 
@@ -130,6 +130,8 @@ class CrownBound:
         self.prefix = AffinePrefix(graph, budget.symbolic_cap)
         d = graph.input_dim
         self.sym_ok = [d * math.prod(node.shape) <= budget.symbolic_cap for node in graph.nodes]
+        widest = max([d * math.prod(nd.shape) for i, nd in enumerate(graph.nodes) if self.sym_ok[i]], default=1)
+        self.chunk = max(1, SYM_CHUNK_ELEMS // widest)
         self.abs_ops = {i: n.op.abs() for i, n in enumerate(graph.nodes) if isinstance(n.op, AffineOp)}
         self.bias_norm = {  # ||bias broadcast over the node||, for the rounding allowance
             i: float((torch.zeros((1, *n.shape), dtype=torch.float64) + n.op.bias).norm())
@@ -154,7 +156,15 @@ class CrownBound:
         With `Budget.alpha_steps`, the lower slopes of unstable ReLUs are then optimized
         per sample and pair (alpha-CROWN, projected Adam) for the samples not yet
         certified; every iterate is a sound bound, and the best one per pair is kept.
+        Samples go in chunks so the forward symbolic bounds stay within `SYM_CHUNK_ELEMS`.
         """
+        parts = [
+            self._margin_chunk(batch, idx[s : s + self.chunk], eps[s : s + self.chunk])
+            for s in range(0, len(idx), self.chunk)
+        ]
+        return torch.cat(parts) if parts else batch.margins.new_zeros(0, batch.margins.shape[1])
+
+    def _margin_chunk(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         ctx = self._intermediate(batch, idx, eps)
         rows = batch.rows[idx]
         lower = self._backward(batch, idx, eps, len(self.graph.nodes) - 1, rows, ctx)
