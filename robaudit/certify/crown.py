@@ -41,7 +41,7 @@ from robaudit.certify.affine import AffinePrefix
 from robaudit.certify.box import exact_box, node_box
 from robaudit.certify.budget import Budget
 from robaudit.certify.graph import Graph
-from robaudit.certify.interval import SYM_CHUNK_ELEMS, Batch
+from robaudit.certify.interval import SYM_CHUNK_ELEMS, Batch, Sym, act_sym, add_sym, affine_sym, intersect
 from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp, PadOp, ReshapeOp
 from robaudit.certify.rounding import local_rounding
 
@@ -60,41 +60,6 @@ def first_order_radius(graph: Graph, batch: Batch) -> torch.Tensor:
     diff = (jac[rows, batch.labels][:, None] - jac[rows[:, None], batch.others]).norm(dim=2)
     ratio = torch.where(diff > 0, batch.margins / diff.clamp_min(1e-300), torch.full_like(diff, math.inf))
     return ratio.amin(dim=1).detach()
-
-
-@dataclass
-class _Sym:
-    """Bounds mid(delta) -+ dev(delta), linear in the pixel perturbation: coefficients (b, d, *shape), b = 1 or n."""
-
-    a_mid: torch.Tensor
-    c_mid: torch.Tensor
-    a_dev: torch.Tensor | None = None  # None: exact (lower = upper)
-    c_dev: torch.Tensor | None = None
-
-
-def _plus(u: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor | None:
-    return v if u is None else (u if v is None else u + v)
-
-
-def _rows(fn, coef: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
-    """Apply a linear map to symbolic coefficients (b, d, *shape)."""
-    b, d = coef.shape[:2]
-    return fn(coef.reshape(b * d, *coef.shape[2:])).reshape(b, d, *out_shape)
-
-
-def _concretize(sym: _Sym, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Intersect [lo, hi] with the symbolic bounds' range over the ball: c -+ eps ||coefficient row||."""
-    if sym.a_dev is None:
-        n_lo = n_hi = a * sym.a_mid.norm(dim=1)
-    else:
-        n_lo, n_hi = a * (sym.a_mid - sym.a_dev).norm(dim=1), a * (sym.a_mid + sym.a_dev).norm(dim=1)
-    dev = 0 if sym.c_dev is None else sym.c_dev
-    c_lo, c_hi = sym.c_mid - dev, sym.c_mid + dev
-    s_lo = c_lo - n_lo - CROWN_RTOL * (1 + c_lo.abs() + n_lo)
-    s_hi = c_hi + n_hi + CROWN_RTOL * (1 + c_hi.abs() + n_hi)
-    new_lo, new_hi = torch.maximum(lo, s_lo), torch.minimum(hi, s_hi)
-    crossed = new_lo > new_hi  # only rounding can cross them: keep the interval
-    return torch.where(crossed, lo, new_lo), torch.where(crossed, hi, new_hi)
 
 
 @dataclass
@@ -208,7 +173,7 @@ class CrownBound:
         ctx = _Context({}, {})
         relaxed = ctx.relaxed
         needs = set(self.needs)
-        sym: list[_Sym | None] = [None] * n_nodes
+        sym: list[Sym | None] = [None] * n_nodes
         pending = [len(c) for c in g.consumers]
         drift: list[torch.Tensor | float] = [0.0] * n_nodes  # accumulated float32 rounding of exact nodes
         for i, node in enumerate(g.nodes):
@@ -237,7 +202,7 @@ class CrownBound:
                     lo[i], hi[i] = lo[i] - rho, hi[i] + rho
             sym[i] = self._forward_sym(i, sym, ctx, idx, batch, drift)
             if sym[i] is not None and not g.exact[i]:
-                lo[i], hi[i] = _concretize(sym[i], a, lo[i], hi[i])
+                lo[i], hi[i] = intersect(sym[i], a, lo[i], hi[i], CROWN_RTOL)
             if i in needs and not g.exact[i] and not (sym[i] is not None and self.depth[i] <= 1):
                 # (behind one layer of relaxations the forward bounds equal the backward ones; a node
                 # without forward bounds has only its interval, so more of its units may be refined)
@@ -268,7 +233,7 @@ class CrownBound:
                 mags[j] = torch.maximum(lo[j].abs(), hi[j].abs())
         return local_rounding(self.graph, i, mags)
 
-    def _forward_sym(self, i: int, sym: list, ctx: _Context, idx: torch.Tensor, batch: Batch, drift) -> _Sym | None:
+    def _forward_sym(self, i: int, sym: list, ctx: _Context, idx: torch.Tensor, batch: Batch, drift) -> Sym | None:
         """Linear lower/upper bounds of node i in the pixel perturbation, as centre -+ deviation.
 
         Carrying d (pixel count) rows forward costs about d network passes once per ball,
@@ -284,7 +249,7 @@ class CrownBound:
             jac = self.prefix.jacobian.get(i)
             if jac is None:
                 return None
-            return _Sym(jac, batch.values[i][idx], None, drift[i] if torch.is_tensor(drift[i]) else None)
+            return Sym(jac, batch.values[i][idx], None, drift[i] if torch.is_tensor(drift[i]) else None)
         src = [sym[j] for j in node.inputs]
         if any(t is None for t in src):
             return None
@@ -293,36 +258,16 @@ class CrownBound:
             out.c_dev = ctx.noise[i] if out.c_dev is None else out.c_dev + ctx.noise[i]
         return out
 
-    def _compose(self, i: int, src: list[_Sym], ctx: _Context) -> _Sym | None:
+    def _compose(self, i: int, src: list[Sym], ctx: _Context) -> Sym | None:
         """Node i's symbolic bounds from its inputs' (before its own rounding)."""
-        node, op = self.graph.nodes[i], self.graph.nodes[i].op
+        op = self.graph.nodes[i].op
         if isinstance(op, AffineOp):
-            t = src[0]
-            absop = self.abs_ops[i]
-            return _Sym(
-                _rows(op.linear, t.a_mid, node.shape), op.apply(t.c_mid),
-                None if t.a_dev is None else _rows(absop.linear, t.a_dev, node.shape),
-                None if t.c_dev is None else absop.linear(t.c_dev),
-            )  # fmt: skip
+            return affine_sym(op, self.abs_ops[i], src[0])
         if isinstance(op, AddOp):
-            x, y = src
-            return _Sym(
-                x.a_mid + op.sign * y.a_mid, x.c_mid + op.sign * y.c_mid,
-                _plus(x.a_dev, y.a_dev), _plus(x.c_dev, y.c_dev),
-            )  # fmt: skip
+            return add_sym(src[0], src[1], op.sign)
         if isinstance(op, ActOp):
             r = ctx.relaxed[i].parts
-            t = src[0]
-            a_lo, a_hi = t.a_mid, t.a_mid
-            c_lo, c_hi = t.c_mid, t.c_mid
-            if t.a_dev is not None:
-                a_lo, a_hi = t.a_mid - t.a_dev, t.a_mid + t.a_dev
-            if t.c_dev is not None:
-                c_lo, c_hi = t.c_mid - t.c_dev, t.c_mid + t.c_dev
-            # slopes are >= 0: the lower line of s composed with z's lower bound, the upper with its upper
-            low_a, high_a = r["a_l"][:, None] * a_lo, r["a_u"][:, None] * a_hi
-            low_c, high_c = r["a_l"] * c_lo + r["b_l"], r["a_u"] * c_hi + r["b_u"]
-            return _Sym((low_a + high_a) / 2, (low_c + high_c) / 2, (high_a - low_a) / 2, (high_c - low_c) / 2)
+            return act_sym(src[0], r["a_l"], r["b_l"], r["a_u"], r["b_u"])
         return None  # max pooling: its interval (and backward refinement) carry on
 
     def _refine(self, batch, idx, eps, i, lo, hi, ctx: _Context, cap: int) -> tuple[torch.Tensor, torch.Tensor]:

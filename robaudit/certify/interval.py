@@ -68,6 +68,73 @@ class Sym:
     c_dev: torch.Tensor | None = None
 
 
+def apply_rows(fn, coef: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """Apply a linear map to symbolic coefficients (b, d, *shape)."""
+    b, d = coef.shape[:2]
+    return fn(coef.reshape(b * d, *coef.shape[2:])).reshape(b, d, *out_shape)
+
+
+def _plus(u: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor | None:
+    return v if u is None else (u if v is None else u + v)
+
+
+def affine_sym(op: AffineOp, absop: AffineOp, sym: Sym) -> Sym:
+    """Symbolic bounds through an affine op: W on the centre, |W| on the deviation."""
+    shape = op.out_shape
+    return Sym(
+        apply_rows(op.linear, sym.a_mid, shape),
+        op.apply(sym.c_mid),
+        None if sym.a_dev is None else apply_rows(absop.linear, sym.a_dev, shape),
+        None if sym.c_dev is None else absop.linear(sym.c_dev),
+    )
+
+
+def act_sym(sym: Sym, a_l, b_l, a_u, b_u) -> Sym:
+    """Compose the relaxation a_l z + b_l <= s(z) <= a_u z + b_u (slopes >= 0) with z's bounds.
+
+    With z between mid -+ dev and s_mid, s_dev the mean and half-difference of the
+    slopes: mid' = s_mid mid + s_dev dev + (b_l + b_u) / 2 and
+    dev' = s_dev mid + s_mid dev + (b_u - b_l) / 2; terms that are zero (equal slopes,
+    a constant-only deviation) are skipped.
+    """
+    s_mid, s_dev = (a_l + a_u) / 2, (a_u - a_l) / 2
+    equal = bool((s_dev == 0).all())  # e.g. no unstable ReLU: the deviation does not grow
+    a_mid = s_mid[:, None] * sym.a_mid
+    c_mid = s_mid * sym.c_mid + (b_l + b_u) / 2
+    a_dev = None if sym.a_dev is None else s_mid[:, None] * sym.a_dev
+    c_dev = (b_u - b_l) / 2 + (0 if sym.c_dev is None else s_mid * sym.c_dev)
+    if not equal:
+        if sym.a_dev is not None:
+            a_mid = a_mid + s_dev[:, None] * sym.a_dev
+        if sym.c_dev is not None:
+            c_mid = c_mid + s_dev * sym.c_dev
+        extra = s_dev[:, None] * sym.a_mid
+        a_dev = extra if a_dev is None else a_dev + extra
+        c_dev = c_dev + s_dev * sym.c_mid
+    return Sym(a_mid, c_mid, a_dev, c_dev)
+
+
+def add_sym(x: Sym, y: Sym, sign: float) -> Sym:
+    return Sym(x.a_mid + sign * y.a_mid, x.c_mid + sign * y.c_mid, _plus(x.a_dev, y.a_dev), _plus(x.c_dev, y.c_dev))
+
+
+def intersect(
+    sym: Sym, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, rtol: float = SYM_RTOL
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concretize symbolic bounds over the ball (c -+ alpha ||row||) and keep the tighter side."""
+    if sym.a_dev is None:
+        n_lo = n_hi = a * sym.a_mid.norm(dim=1)
+    else:
+        n_lo, n_hi = a * (sym.a_mid - sym.a_dev).norm(dim=1), a * (sym.a_mid + sym.a_dev).norm(dim=1)
+    dev = 0 if sym.c_dev is None else sym.c_dev
+    c_lo, c_hi = sym.c_mid - dev, sym.c_mid + dev
+    s_lo = c_lo - n_lo - rtol * (1 + c_lo.abs() + n_lo)
+    s_hi = c_hi + n_hi + rtol * (1 + c_hi.abs() + n_hi)
+    new_lo, new_hi = torch.maximum(lo, s_lo), torch.minimum(hi, s_hi)
+    crossed = new_lo > new_hi  # only rounding can cross them: fall back to the box
+    return torch.where(crossed, lo, new_lo), torch.where(crossed, hi, new_hi)
+
+
 def frontier(graph: Graph) -> list[int]:
     """Exact (affine-in-input) nodes that feed a nonlinear part of the graph."""
     return [i for i, e in enumerate(graph.exact) if e and any(not graph.exact[c] for c in graph.consumers[i])]
@@ -169,55 +236,6 @@ class IntervalBound:
     # ------------------------------------------------------------------ forward
 
     @staticmethod
-    def _rows(fn, coef: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
-        """Apply a linear map to symbolic coefficients (b, d, *shape)."""
-        b, d = coef.shape[:2]
-        return fn(coef.reshape(b * d, *coef.shape[2:])).reshape(b, d, *out_shape)
-
-    def _affine_sym(self, i: int, sym: Sym) -> Sym:
-        op: AffineOp = self.graph.nodes[i].op
-        shape = op.out_shape
-        absop = self.abs_ops[i]
-        return Sym(
-            self._rows(op.linear, sym.a_mid, shape),
-            op.apply(sym.c_mid),
-            None if sym.a_dev is None else self._rows(absop.linear, sym.a_dev, shape),
-            None if sym.c_dev is None else absop.linear(sym.c_dev),
-        )
-
-    @staticmethod
-    def _act_sym(sym: Sym, a_l, b_l, a_u, b_u) -> Sym:
-        """Compose the relaxation a_l z + b_l <= s(z) <= a_u z + b_u (slopes >= 0) with z's bounds.
-
-        With z between mid -+ dev and s_mid, s_dev the mean and half-difference of the
-        slopes: mid' = s_mid mid + s_dev dev + (b_l + b_u) / 2 and
-        dev' = s_dev mid + s_mid dev + (b_u - b_l) / 2; terms that are zero (equal slopes,
-        a constant-only deviation) are skipped.
-        """
-        s_mid, s_dev = (a_l + a_u) / 2, (a_u - a_l) / 2
-        equal = bool((s_dev == 0).all())  # e.g. no unstable ReLU: the deviation does not grow
-        a_mid = s_mid[:, None] * sym.a_mid
-        c_mid = s_mid * sym.c_mid + (b_l + b_u) / 2
-        a_dev = None if sym.a_dev is None else s_mid[:, None] * sym.a_dev
-        c_dev = (b_u - b_l) / 2 + (0 if sym.c_dev is None else s_mid * sym.c_dev)
-        if not equal:
-            if sym.a_dev is not None:
-                a_mid = a_mid + s_dev[:, None] * sym.a_dev
-            if sym.c_dev is not None:
-                c_mid = c_mid + s_dev * sym.c_dev
-            extra = s_dev[:, None] * sym.a_mid
-            a_dev = extra if a_dev is None else a_dev + extra
-            c_dev = c_dev + s_dev * sym.c_mid
-        return Sym(a_mid, c_mid, a_dev, c_dev)
-
-    @staticmethod
-    def _add_sym(x: Sym, y: Sym, sign: float) -> Sym:
-        def plus(u: torch.Tensor | None, v: torch.Tensor | None) -> torch.Tensor | None:
-            return v if u is None else (u if v is None else u + v)
-
-        return Sym(x.a_mid + sign * y.a_mid, x.c_mid + sign * y.c_mid, plus(x.a_dev, y.a_dev), plus(x.c_dev, y.c_dev))
-
-    @staticmethod
     def _spectral(jac: Jac) -> torch.Tensor:
         """Per sample: sigma(J_mid) + sigma(J_rad) >= ||J^T|| for every J in the Jacobian interval."""
         out = 0.0
@@ -252,12 +270,12 @@ class IntervalBound:
                 j = node.inputs[0]
                 lo[i], hi[i] = node_box(op, [lo[j]], [hi[j]], self.abs_ops[i])
                 if sym[j] is not None and self.sym_ok[i]:
-                    sym[i] = self._affine_sym(i, sym[j])
+                    sym[i] = affine_sym(op, self.abs_ops[i], sym[j])
                 if jac[j] is not None and self.sym_ok[i]:
                     jm, jr = jac[j]
                     jac[i] = (
-                        self._rows(op.linear, jm, node.shape),
-                        None if jr is None else self._rows(self.abs_ops[i].linear, jr, node.shape),
+                        apply_rows(op.linear, jm, node.shape),
+                        None if jr is None else apply_rows(self.abs_ops[i].linear, jr, node.shape),
                     )
             elif isinstance(op, ActOp):
                 j = node.inputs[0]
@@ -266,7 +284,7 @@ class IntervalBound:
                 deriv[i] = (d_lo, d_hi)
                 lo[i], hi[i] = node_box(op, [lj], [hj])
                 if sym[j] is not None and self.sym_ok[i]:
-                    sym[i] = self._act_sym(sym[j], *op.relaxation(lj, hj, d_lo, d_hi))
+                    sym[i] = act_sym(sym[j], *op.relaxation(lj, hj, d_lo, d_hi))
                 if jac[j] is not None and self.sym_ok[i]:
                     jm, jr = jac[j]
                     low, high = _interval_product(jm, jr, d_lo[:, None], d_hi[:, None])
@@ -279,13 +297,13 @@ class IntervalBound:
                 j, k = node.inputs
                 lo[i], hi[i] = node_box(op, [lo[j], lo[k]], [hi[j], hi[k]])
                 if sym[j] is not None and sym[k] is not None and self.sym_ok[i]:
-                    sym[i] = self._add_sym(sym[j], sym[k], op.sign)
+                    sym[i] = add_sym(sym[j], sym[k], op.sign)
                 if jac[j] is not None and jac[k] is not None and self.sym_ok[i]:
                     (mj, rj), (mk, rk) = jac[j], jac[k]
                     rads = [t for t in (rj, rk) if t is not None]
                     jac[i] = (mj + op.sign * mk, sum(rads) if rads else None)
             if sym[i] is not None and not g.exact[i]:
-                lo[i], hi[i] = self._intersect(sym[i], a, lo[i], hi[i])
+                lo[i], hi[i] = intersect(sym[i], a, lo[i], hi[i])
             if i in self.terminals:
                 bound = torch.full((len(idx),), self.global_lip[i], dtype=torch.float64)
                 if self.jacobian and jac[i] is not None and not g.exact[i]:
@@ -297,21 +315,6 @@ class IntervalBound:
                     sym[j] = None
                     jac[j] = None
         return lo, hi, deriv, sigma
-
-    @staticmethod
-    def _intersect(sym: Sym, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concretize symbolic bounds over the ball (c -+ alpha ||row||) and keep the tighter side."""
-        if sym.a_dev is None:
-            n_lo = n_hi = a * sym.a_mid.norm(dim=1)
-        else:
-            n_lo, n_hi = a * (sym.a_mid - sym.a_dev).norm(dim=1), a * (sym.a_mid + sym.a_dev).norm(dim=1)
-        dev = 0 if sym.c_dev is None else sym.c_dev
-        c_lo, c_hi = sym.c_mid - dev, sym.c_mid + dev
-        s_lo = c_lo - n_lo - SYM_RTOL * (1 + c_lo.abs() + n_lo)
-        s_hi = c_hi + n_hi + SYM_RTOL * (1 + c_hi.abs() + n_hi)
-        new_lo, new_hi = torch.maximum(lo, s_lo), torch.minimum(hi, s_hi)
-        crossed = new_lo > new_hi  # only rounding can cross them: fall back to the box
-        return torch.where(crossed, lo, new_lo), torch.where(crossed, hi, new_hi)
 
     # ------------------------------------------------------------------ backward
 
