@@ -23,11 +23,10 @@ from robaudit.attacks.apgd import APGD
 from robaudit.attacks.transfer import Transfer
 from robaudit.certify import CertificateUnavailable, certify_l2
 from robaudit.models import AuditModel, load_model, wrap_model
-from robaudit.models.detect import RawModel, freeze
 from robaudit.models.surrogate import build_surrogate
 from robaudit.threats import Threat
 from test_certify import digits, fit  # the same tiny trained digits models
-from test_surrogate import Quantized, SharpSoftmax
+from test_surrogate import Quantized, SharpSoftmax, input_grad, torch_model  # the unsaved module's fx surrogate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -267,20 +266,6 @@ def attack(model: nn.Module, run, x, y, eps: float):
     )  # fmt: skip
 
 
-def fx_model(module: nn.Module, x: torch.Tensor) -> AuditModel:
-    """The same module unsaved: its surrogate comes from torch.fx.symbolic_trace."""
-    raw = RawModel(net=freeze(module), format="pickle", input_shape=None, num_classes=None, name="module")
-    return wrap_model(raw, sample_shape=(1, 8, 8), probe=x[:8])[0]
-
-
-def input_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    xg = x.clone().requires_grad_(True)
-    with torch.enable_grad():
-        top = model(xg).topk(2, dim=1).values
-        (top[:, 0] - top[:, 1]).sum().backward()
-    return xg.grad
-
-
 @pytest.mark.parametrize("kind", ["trace", "script"])
 def test_surrogate_of_a_quantized_torchscript_model_matches_the_fx_one(tmp_path, kind) -> None:
     x, y = digits()
@@ -291,7 +276,7 @@ def test_surrogate_of_a_quantized_torchscript_model_matches_the_fx_one(tmp_path,
     assert float(input_grad(model, x).abs().max()) == 0.0  # masked
 
     surrogate = build_surrogate(model)
-    reference = build_surrogate(fx_model(Quantized(demo_classifier()).eval(), x))
+    reference = build_surrogate(torch_model(Quantized(demo_classifier()).eval(), x))
     assert surrogate is not None and reference is not None
     assert surrogate.changes == reference.changes == ["Round at round_1: straight-through gradient"]
     with torch.no_grad():
