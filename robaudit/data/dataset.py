@@ -31,6 +31,18 @@ class Dataset:
     def __len__(self) -> int:
         return int(self.x.shape[0])
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, e.g. (C, H, W)."""
+        return tuple(self.x.shape[1:])
+
+    def take(self, start: int, stop: int) -> torch.Tensor:
+        """Pixels of the samples at positions start..stop (in the order of `indices`).
+
+        The scan reads its data through this, a chunk at a time.
+        """
+        return self.x[start:stop]
+
 
 @dataclass
 class RawData:
