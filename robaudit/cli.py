@@ -165,7 +165,7 @@ def scan(
     model: Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript .pt, torch.export .pt2, .safetensors or a state dict (.pt/.pth, with --arch).", show_default=False)],
     data: Annotated[str, typer.Option("--data", "-d", metavar="NAME|PATH", help="Built-in dataset (digits, mnist, fashion-mnist, cifar10, cifar100, svhn; test split) or a path: .npz with x and y, .safetensors/.pt tensors, or a folder of images in class sub-folders.")] = "digits",
     threat: Annotated[Optional[list[str]], typer.Option("--threat", "-t", metavar="NORM:EPS", help="Threat NORM:EPS in pixel space, repeatable; fractions allowed. \\[default: linf:8/255]", show_default=False)] = None,
-    n: Annotated[Optional[int], typer.Option("--n", help="Stratified sample of N inputs. Default: every sample of a file, 1000 of a built-in dataset.", show_default=False)] = None,
+    n: Annotated[Optional[int], typer.Option("--n", "--samples", help="Stratified sample of N inputs (--samples under torchrun, whose own options take --n). Default: every sample of a file, 1000 of a built-in dataset.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and random starts; the same seed gives the same report.")] = 0,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where built-in datasets are cached. \\[default: $ROBAUDIT_CACHE or ~/.cache/robaudit]", show_default=False)] = None,
     format: Annotated[Optional[str], typer.Option("--format", metavar="FORMAT", help="Override the model format detected from the file: onnx, torchscript, torch-export, safetensors, state-dict, pickle.", show_default=False)] = None,
@@ -197,6 +197,8 @@ def scan(
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write decision-surface slices (random and attack planes) of the first samples and accuracy-versus-eps curves as PNG into DIR (needs robaudit[plot]).", show_default=False)] = None,
     checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Trust checks (docs/trust.md): detect randomized models, probability outputs, masked or shattered gradients and attack failure; adapt (EOT, log-probabilities, surrogate transfer, score- and decision-based attacks) and report pass/warn/fail with evidence. --no-checks runs the battery alone.")] = True,
     strict: Annotated[bool, typer.Option("--strict", help="Fail the gate (exit 1) when any trust check fails: the evaluation itself is not trustworthy.")] = False,
+    chunk_size: Annotated[int, typer.Option("--chunk-size", metavar="N", help="Samples audited together with one seed. Results depend on it, never on how many processes share the scan (torchrun, docs/scale.md).")] = 256,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", metavar="DIR", help="Keep every finished chunk in DIR; the same command run again resumes where a killed scan stopped.", show_default=False)] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or tables; errors and failed gates still go to stderr.")] = False,
 ) -> None:
     """Attack a model on a dataset and report clean and robust accuracy.
@@ -255,17 +257,28 @@ def scan(
         plots=plots,
         checks="on" if checks else "off",
         strict=strict,
+        chunk_size=chunk_size,
+        checkpoint=checkpoint,
+        keep_adversarial=save_adversarial is not None,
     )
     inputs = [model, Path(data), *([config_file] if config_file else []), *([baseline_path] if baseline_path else [])]
     _guard_outputs([json_path, save_adversarial, junit, markdown, html_path], inputs)
     _distinct_outputs({"--json": json_path, "--save-adversarial": save_adversarial, "--junit": junit, "--markdown": markdown, "--html": html_path})
 
-    if quiet:
-        result = run_scan(config)
-    else:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-        with Progress(*columns, console=stderr, transient=True) as progress:
-            result = run_scan(config, progress=lambda: RichProgress(progress))
+    from robaudit.distributed import join
+
+    cluster = join(device)
+    try:
+        if quiet or not cluster.is_main:  # one progress display: rank 0's
+            result = run_scan(config, cluster=cluster)
+        else:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+            with Progress(*columns, console=stderr, transient=True) as progress:
+                result = run_scan(config, progress=lambda: RichProgress(progress), cluster=cluster)
+    finally:
+        cluster.close()
+    if result is None:  # another rank writes the report
+        return
 
     report = result.report
     if json_path is not None:
@@ -430,7 +443,9 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except RobauditError as exc:
-        raise SystemExit(_exit_with(fail(str(exc)))) from None
+        rank = os.environ.get("RANK", "0") if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else "0"
+        message = str(exc) if rank == "0" or str(exc).startswith("rank ") else f"rank {rank}: {exc}"
+        raise SystemExit(_exit_with(fail(message, getattr(exc, "exit_code", EXIT_USAGE)))) from None
     except KeyboardInterrupt:
         stderr.print("interrupted")
         raise SystemExit(130) from None

@@ -11,7 +11,7 @@ import hashlib
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -20,21 +20,16 @@ import numpy as np
 import torch
 
 from robaudit import __version__
-from robaudit.attacks import AttackRun, ThreatOutcome, run_threat, verify_adversarial
-from robaudit.attacks.runner import (
-    AttackRecord,
-    MinimalOutcome,
-    NoProgress,
-    ProgressSink,
-    judge,
-    run_minimal,
-    run_spatial,
-    verify_spatial,
-)
+from robaudit.attacks import AttackRun, ThreatOutcome
+from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, ProgressSink
 from robaudit.attacks.spatial import describe
-from robaudit.stages.certify import CertifyResult, certify_stage
-from robaudit.stages.measure import IndicatorResult, check_plot_dir, indicator_stage, write_plots
-from robaudit.stages.trust import TrustStage
+from robaudit.checkpoint import ChunkStore, attacks_from_plain, attacks_to_plain, final_from_plain, final_to_plain, open_checkpoint, plan_chunks
+from robaudit.distributed import Cluster
+from robaudit.stages.certify import CertifyResult, certify_skip_reason
+from robaudit.stages.chunk import ChunkSetup, attack_chunk, finish_chunk
+from robaudit.stages.measure import INDICATOR_PASSES, PLOT_SAMPLES, IndicatorResult, check_plot_dir, write_plots
+from robaudit.stages.merge import merge_certified, merge_indicator, merge_minimal, merge_outcomes, merge_trust
+from robaudit.stages.trust import PROBE_POINTS, TrustStage
 from robaudit.certify.budget import BUDGETS as CERTIFY_BUDGETS
 from robaudit.battery import DEFAULT_PRESET, RANDOMIZED, REPEATS, Spec, build_battery, override, preset_specs
 from robaudit.data import check_compatible, load_data
@@ -60,7 +55,7 @@ from robaudit.report.schema import (
     Summary,
     ThreatSummary,
 )
-from robaudit.threats import SPATIAL, Threat, parse_threat, perturbation_norms
+from robaudit.threats import Threat, parse_threat
 
 DEFAULT_THREAT = "linf:8/255"
 CURVE_POINTS = 25
@@ -100,6 +95,9 @@ class ScanConfig:
     plots: Path | None = None  # folder for decision-surface and curve PNGs
     checks: str = "on"  # trust checks and adaptation (robaudit.stages.trust): "on" or "off"
     strict: bool = False  # any failed trust check fails the gate
+    chunk_size: int = 256  # samples audited together with one seed (robaudit.stages.chunk); part of the results
+    checkpoint: Path | None = None  # folder keeping finished chunks, so a killed scan resumes (robaudit.checkpoint)
+    keep_adversarial: bool = False  # keep every adversarial input in ScanResult.outcomes (memory grows with n)
 
     def validate(self) -> None:
         """Reject impossible settings before any file is read."""
@@ -118,6 +116,8 @@ class ScanConfig:
             raise RobauditError("--batch-size must be at least 1")
         if self.n is not None and self.n < 1:
             raise RobauditError("--n must be at least 1")
+        if self.chunk_size < 1:
+            raise RobauditError("--chunk-size must be at least 1")
         for threat in self.threats:
             if threat.norm == "l1":
                 raise RobauditError(f"threat {threat.spec}: L1 attacks are not available yet (use linf or l2)")
@@ -193,34 +193,34 @@ def describe_device(device: torch.device) -> str:
     return "cpu"
 
 
-def scan(config: ScanConfig, progress: ProgressFactory = NoProgress) -> ScanResult:
-    """Run a whole audit and return the verified report.
+def scan(config: ScanConfig, progress: ProgressFactory = NoProgress, cluster: Cluster | None = None) -> ScanResult | None:
+    """Run a whole audit and return the verified report (on rank 0; None on the other torchrun ranks).
 
-    The global torch generator is seeded from ``config.seed`` for the scan (and restored
-    after it): a randomized model draws its noise from it, so the same seed gives the
-    same report for such models too.
+    The samples are audited in chunks of ``config.chunk_size``, each with a seed of its
+    own (`robaudit.stages.chunk`), so the report does not depend on how many processes
+    shared the work. The global torch generator is restored after the scan.
     """
+    cluster = cluster or Cluster()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(config.seed)
-        return _scan(config, progress)
+        return _scan(config, progress, cluster)
 
 
-def _scan(config: ScanConfig, progress: ProgressFactory) -> ScanResult:
+def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> ScanResult | None:
     started = time.perf_counter()
     config.validate()
     battery = config.battery()  # builds every attack now, so a bad attack setting fails before any file is read
     device = resolve_device(config.device)
     lower, upper = config.input_range
 
-    # 1-2. model and data
+    # 1-2. model and data (the data's labels and index list; pixels are read a chunk at a time)
     raw, data, model, info, reshape_note = prepare(config, device)
-    sample_shape = tuple(data.x.shape[1:])
     if config.baseline is not None:  # before any attack: a baseline on other data cannot gate this scan
         check_baseline_data(config.baseline, name=data.name, seed=config.seed, indices=list(data.indices), labels=data.y.tolist())
     loaded = time.perf_counter()
     batch_size = config.batch_size or default_batch_size(device)
-    x, y = data.x, data.y
+    y = data.y
 
     # 3. trust checks, part 1: a randomized model is attacked through EOT and judged by its worst draw
     # (even with --no-checks: claims on it could not be re-verified otherwise)
@@ -228,95 +228,82 @@ def _scan(config: ScanConfig, progress: ProgressFactory) -> ScanResult:
         config.preset, seed=config.seed, lower=lower, upper=upper, num_classes=info.num_classes,
         batch_size=batch_size, device=device,
     )  # fmt: skip
-    model = trust.open(model, x)
-    if config.checks == "off":
-        trust = None
+    model = trust.open(model, data.take(0, PROBE_POINTS))
+    opened = trust.report
     randomized = isinstance(model, EOT)
     if randomized:
         battery = config.battery(randomized=True)
+    for run in battery:  # the report shows each attack's settings for this model whether or not it ran (resumed scans)
+        if getattr(run.attack, "num_classes", 0) is None:
+            run.attack.num_classes = info.num_classes
+    _deterministic_only(config.indicator, randomized, "--indicator")  # a usage error: before any attack
+    _deterministic_only(config.certify, randomized, "--certify")
+    setup = ChunkSetup(
+        threats=config.threats, battery=battery, trust=trust if config.checks == "on" else None, output_kind=info.output_kind,
+        lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size, device=device, seed=config.seed,
+        preset=config.preset,
+    )  # fmt: skip
 
-    # 4. clean pass, then the model checks (output kind, gradients, stability) on what it gets right
-    clean_pred = judge(model, x, y, batch_size, device)
+    # 4-8. every chunk of this rank: clean pass, attacks, trust checks, re-verification; then indicator, certificate
+    chunks = plan_chunks(len(y), config.chunk_size)
+    store = _open_store(config, cluster, _fingerprint(config, data, battery, batch_size, device))
+    try:
+        mine = cluster.shard(len(chunks))
+        costs = [0.0, 0.0, 0.0, 0.0]  # battery passes, samples, attack seconds, correctly classified samples
+        for k in mine:
+            start, stop = chunks[k]
+            if not store.has(k, "attacks"):
+                part = attack_chunk(setup, model, k, start, data.take(start, stop), y[start:stop], progress)
+                store.save(k, "attacks", attacks_to_plain(part))
+            part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape, dense=False)
+            costs = [a + b for a, b in zip(costs, [part.battery_passes, part.n, part.seconds, float((part.clean_pred == y[start:stop]).sum())])]
+        attacked = time.perf_counter()
+        decisions = _decide(config, store, cluster, costs, attacked - loaded, model, data, chunks, randomized)
+
+        for k in mine:
+            start, stop = chunks[k]
+            if not store.has(k, "final"):
+                part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape)
+                final = finish_chunk(
+                    setup, model, part, data.take(start, stop), y[start:stop], indicator=decisions["indicator"],
+                    certify=decisions["certify"], certify_budget=config.certify_budget,
+                    certify_skipped=decisions["certify_reason"], progress=progress,
+                )  # fmt: skip
+                store.save(k, "final", final_to_plain(final))
+        dense = config.keep_adversarial or config.plots is not None
+        results = [
+            (attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape, dense=dense),
+             final_from_plain(store.load(k, "final")))
+            for k in mine
+        ]  # fmt: skip
+        gathered = cluster.gather(results)
+    finally:
+        store.close()
+    if gathered is None:
+        return None
+    ordered = sorted((r for rank in gathered for r in rank), key=lambda r: r[0].k)
+    parts, finals = [a for a, _ in ordered], [f for _, f in ordered]
+    if [p.k for p in parts] != list(range(len(chunks))):
+        raise RuntimeError("internal error: chunks are missing from the merged results")
+
+    # 9. merge the chunks
+    clean_pred = _cat_long([p.clean_pred for p in parts])
     clean_correct = clean_pred == y
-    if trust is not None:
-        plain = model.base if randomized else model
-        trust.before_attacks(model, plain, info.output_kind, x, y, clean_correct, config.threats)
+    outcomes = merge_outcomes(parts, y)
+    minimal = merge_minimal(parts, y)
+    trust_report = merge_trust(opened, parts) if config.checks == "on" else None
+    l2_threats = [(t.canonical, t.eps) for t in config.threats if t.norm == "l2"]
+    certified = merge_certified(finals, clean_correct, l2_threats, config.certify_budget)
+    indicator = merge_indicator(finals, [p.n for p in parts], config.threats)
 
-    # 5. minimal-norm attacks, once per norm: per-sample distances and the accuracy-versus-eps curve
-    attack_kw = dict(lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size, device=device)
-    minimal: dict[str, MinimalOutcome] = {}
-    spatial_battery = [r for r in battery if SPATIAL in r.attack.norms]
-    lp_battery = [r for r in battery if SPATIAL not in r.attack.norms]
-    for norm in dict.fromkeys(t.norm for t in config.threats if not t.is_spatial):
-        hint = max(t.eps for t in config.threats if t.norm == norm)
-        runs = [r for r in battery if r.attack.kind == "minimal" and r.attack.supports(Threat(norm=norm, eps=hint))]
-        if runs:
-            minimal[norm] = run_minimal(
-                model, x, y, clean_correct, norm, hint, runs, seed=config.seed, progress=progress(), **attack_kw
-            )
-
-    # 6. fixed-radius attacks, one threat at a time, each only on points still robust
-    outcomes = []
-    for threat in config.threats:
-        if threat.is_spatial:
-            outcome = run_spatial(
-                model, x, y, clean_correct, threat, spatial_battery, seed=config.seed, progress=progress(), **attack_kw
-            )
-        else:
-            outcome = run_threat(
-                model, x, y, clean_correct, threat, lp_battery, seed=config.seed, progress=progress(),
-                minimal=minimal.get(threat.norm), **attack_kw,
-            )  # fmt: skip
-        outcomes.append(outcome)
-
-    # 7. trust checks, part 2: probes on what the battery left robust; adaptive attacks on signs of masking
-    if trust is not None:
-        trust.after_attacks(model, x, y, clean_correct, outcomes, progress)
-
-    # 8. every claim re-checked once more before it is reported
-    check = dict(lower=lower, upper=upper, batch_size=batch_size, device=device)
-    for outcome in outcomes:
-        if bool((outcome.broken & ~clean_correct).any()):
-            raise RuntimeError("internal error: a misclassified sample was reported as broken by an attack")
-        idx = torch.nonzero(outcome.broken).flatten()
-        if outcome.transform is not None:
-            ok = verify_spatial(model, outcome.x_adv[idx], x[idx], y[idx], outcome.transform[idx], outcome.threat, **check)
-            if not bool(ok.all()):
-                raise RuntimeError(f"internal error: spatial examples for samples {idx[~ok].tolist()[:5]} did not re-verify")
-        else:
-            _reverify(model, outcome.x_adv, idx, x, y, outcome.threat, outcome.distance, **check)
-    for norm, found in minimal.items():
-        idx = torch.nonzero(torch.isfinite(found.distance)).flatten()
-        _reverify(model, found.x_adv, idx, x, y, Threat(norm=norm, eps=float("inf")), found.distance, **check)
-    attacked = time.perf_counter()
-
-    # 9. measure: the decision-surface indicator (a randomized model has no single surface)
-    battery_passes = sum(r.forwards + r.backwards for o in outcomes for r in o.records)
-    battery_passes += sum(r.forwards + r.backwards for m in minimal.values() for r in m.records)
-    indicator = indicator_stage(
-        model, x, y, config.threats, mode=_deterministic_only(config.indicator, randomized, "--indicator"), battery_passes=battery_passes / max(1, len(y)),
-        lower=lower, upper=upper, batch_size=batch_size, seed=config.seed, progress=progress(),
-    )  # fmt: skip
-
-    # 10. certify: L2 radii, each held against every verified adversarial example above
-    certified = certify_stage(
-        model, x, y, clean_correct, outcomes, minimal, mode=_deterministic_only(config.certify, randomized, "--certify"), budget=config.certify_budget,
-        attack_seconds=attacked - loaded, l2_threats=[(t.canonical, t.eps) for t in config.threats if t.norm == "l2"],
-        lower=lower, upper=upper, batch_size=batch_size, device=device, seed=config.seed, progress=progress(),
-    )  # fmt: skip
-
-    # 11. report (with plots when asked for) and gate
+    # 10. report (with plots when asked for) and gate
     summary = _summary(data.y, clean_correct, outcomes, minimal, certified, indicator)
-    if trust is not None:
-        summary.diagnostics = trust.report.to_dict()
-        summary.diagnostics["passes_per_sample"] = [round(p / max(1, len(y)), 2) for p in trust.report.passes]
+    if trust_report is not None:
+        summary.diagnostics = trust_report.to_dict()
+        summary.diagnostics["passes_per_sample"] = [round(p / max(1, len(y)), 2) for p in trust_report.passes]
     plots = []
     if config.plots is not None:
-        plots = write_plots(  # on the plain model: a randomized one is drawn through its EOT mean
-            config.plots, model, x, y, clean_correct, list(data.indices), outcomes, summary.curves,
-            lower=lower, upper=upper, seed=config.seed,
-        )  # fmt: skip
-
+        plots = _write_plots(config, model, data, clean_correct, outcomes, summary.curves, lower, upper)
     report = Report(
         schema_version=SCHEMA_VERSION,
         robaudit_version=__version__,
@@ -343,7 +330,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory) -> ScanResult:
             seed=config.seed,
             indices=list(data.indices),
             source_size=data.source_size,
-            sample_shape=list(sample_shape),
+            sample_shape=list(data.sample_shape),
             notes=list(data.notes),
         ),
         config=_config_dict(config, battery, batch_size),
@@ -358,6 +345,8 @@ def _scan(config: ScanConfig, progress: ProgressFactory) -> ScanResult:
         timing={
             "total_s": round(time.perf_counter() - started, 3),
             "load_s": round(loaded - started, 3),
+            "ranks": cluster.world,
+            "chunks": len(chunks),
             "certify_s": round(certified.seconds, 3) if certified else None,
             "indicator_s": round(indicator.seconds, 3) if indicator else None,
             "attacks_s": {
@@ -367,9 +356,91 @@ def _scan(config: ScanConfig, progress: ProgressFactory) -> ScanResult:
         },
     )
     report.gate = evaluate(report, config.thresholds, config.max_drops, config.baseline)
-    if config.strict and trust is not None:
-        report.gate.append(strict_check(trust.report.checks))
+    if config.strict and trust_report is not None:
+        report.gate.append(strict_check(trust_report.checks))
     return ScanResult(report=report, data=data, outcomes=outcomes)
+
+
+def _cat_long(parts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+
+def _open_store(config: ScanConfig, cluster: Cluster, fingerprint: dict) -> ChunkStore:
+    """The user's checkpoint folder (rank 0 creates it, the others then check it), or a private spool."""
+    if config.checkpoint is None:
+        return ChunkStore.spool()
+    if cluster.is_main:
+        store = open_checkpoint(config.checkpoint, fingerprint, is_main=True)
+    cluster.barrier("opening the checkpoint")
+    if not cluster.is_main:
+        store = open_checkpoint(config.checkpoint, fingerprint, is_main=False)
+    return store
+
+
+def _fingerprint(config: ScanConfig, data: Dataset, battery: list[AttackRun], batch_size: int, device: torch.device) -> dict:
+    """Everything a chunk's results depend on: a checkpoint written for other values is refused."""
+    settings = _config_dict(config, battery, batch_size)
+    for key in ("fail_under", "max_drop", "baseline", "strict", "plots", "n"):
+        settings.pop(key, None)
+    return {
+        "robaudit": __version__,
+        "model_sha256": sha256_of(config.model),
+        "data": data.name,
+        "data_source_size": data.source_size,
+        "data_indices": hashlib.sha256(np.asarray(data.indices, dtype=np.int64).tobytes()).hexdigest(),
+        "data_labels": hashlib.sha256(data.y.numpy().astype(np.int64).tobytes()).hexdigest(),
+        "device": device.type,
+        **settings,
+    }
+
+
+def _decide(
+    config: ScanConfig, store: ChunkStore, cluster: Cluster, costs: list[float], attack_seconds: float,
+    model: torch.nn.Module, data: Dataset, chunks: list[tuple[int, int]], randomized: bool,
+) -> dict:  # fmt: skip
+    """Whether the indicator and the certificate run: one decision for the whole scan, from every rank's costs.
+
+    A checkpoint keeps the decision, so a resumed scan makes the same one.
+    """
+    kept = store.decisions() if store.keep else None
+    if kept is not None:
+        return kept
+    passes, n, _, correct = cluster.all_sum(costs)
+    (wall,) = cluster.all_max([attack_seconds])
+    indicator_mode = _deterministic_only(config.indicator, randomized, "--indicator")
+    indicator = indicator_mode == "on" or (indicator_mode == "auto" and passes / max(1.0, n) >= INDICATOR_PASSES)
+    certify_mode = _deterministic_only(config.certify, randomized, "--certify")
+    l2 = any(t.norm == "l2" for t in config.threats)
+    decision = {"indicator": indicator, "certify": certify_mode == "on" or (certify_mode == "auto" and l2), "certify_reason": None}
+    if certify_mode == "auto" and l2:
+        reason = None
+        if cluster.is_main:  # a pilot on the first chunk's samples projects the cost over every rank
+            start, stop = chunks[0]
+            pilot = store.load(0, "attacks")["clean_pred"] == data.y[start:stop]
+            reason = certify_skip_reason(
+                model, data.take(start, stop)[pilot], data.y[start:stop][pilot], budget=config.certify_budget,
+                correct=int(correct), ranks=cluster.world, attack_seconds=wall, device=config_device(model),
+            )  # fmt: skip
+        decision["certify_reason"] = cluster.broadcast(reason)
+    if store.keep and cluster.is_main:
+        store.save_decisions(decision)
+    return decision
+
+
+def config_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights are (CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def _write_plots(config: ScanConfig, model, data: Dataset, clean_correct, outcomes, curves, lower: float, upper: float) -> list[str]:
+    """Decision-surface slices of the first correctly classified samples (only those are read) and the curves."""
+    picked = torch.nonzero(clean_correct).flatten()[:PLOT_SAMPLES].tolist()
+    x = torch.cat([data.take(i, i + 1) for i in picked]) if picked else data.take(0, 0)
+    subset = [replace(o, broken=o.broken[picked], x_adv=o.x_adv[picked], broken_by=[o.broken_by[i] for i in picked]) for o in outcomes]
+    return write_plots(  # on the plain model: a randomized one is drawn through its EOT mean
+        config.plots, model, x, data.y[picked], clean_correct[picked], [data.indices[i] for i in picked], subset, curves,
+        lower=lower, upper=upper, seed=config.seed,
+    )  # fmt: skip
 
 
 def _deterministic_only(mode: str, randomized: bool, flag: str) -> str:
@@ -412,42 +483,16 @@ def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset
         config.data, n=config.n, seed=config.seed, data_dir=config.data_dir, input_range=config.input_range, channels=channels
     )
     reshape_note = check_compatible(data, raw.input_shape, raw.num_classes or np.iinfo(np.int64).max)
-    sample_shape = tuple(data.x.shape[1:])
+    sample_shape = data.sample_shape
     model, info = wrap_model(
-        raw, sample_shape=sample_shape, probe=data.x[:PROBE_SIZE], mean=config.mean, std=config.std, device=device
+        raw, sample_shape=sample_shape, probe=data.take(0, PROBE_SIZE), mean=config.mean, std=config.std, device=device
     )
     check_compatible(data, raw.input_shape, info.num_classes)
     for threat in config.threats:
-        if threat.is_spatial and (data.x.dim() != 4 or min(data.x.shape[2:]) < 2):
+        if threat.is_spatial and (len(sample_shape) != 3 or min(sample_shape[1:]) < 2):
             shape = "x".join(map(str, sample_shape))
             raise RobauditError(f"threat {threat.spec}: spatial threats need image data (C, H, W), not samples of shape {shape}")
     return raw, data, model, info, reshape_note
-
-
-def _reverify(
-    model: torch.nn.Module,
-    x_adv: torch.Tensor,
-    idx: torch.Tensor,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    threat: Threat,
-    distance: torch.Tensor,
-    lower: float,
-    upper: float,
-    batch_size: int,
-    device: torch.device,
-) -> None:
-    """A final independent check of stored adversarial examples and their printed distances.
-
-    A failure here is a robaudit bug, so it stops the scan rather than print a number.
-    """
-    if len(idx) == 0:
-        return
-    ok = verify_adversarial(model, x_adv[idx], x[idx], y[idx], threat, lower, upper, batch_size, device)
-    sizes = perturbation_norms(x_adv[idx] - x[idx], threat.norm)
-    if not bool(ok.all()) or not torch.allclose(sizes, distance[idx]):
-        bad = idx[~ok].tolist()
-        raise RuntimeError(f"internal error: adversarial examples for samples {bad[:5]} ({threat}) did not re-verify")
 
 
 def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) -> dict:

@@ -139,6 +139,36 @@ def check_radii(
             raise RuntimeError(f"internal error: a point inside the certified L2 ball changes the decision (samples {bad})")
 
 
+def certify_skip_reason(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, budget: str, correct: int, ranks: int, attack_seconds: float,
+    device: torch.device,
+) -> str | None:
+    """"auto" mode: certify a pilot of PILOT samples and say why the whole run would take too long (None: run it).
+
+    The projection spreads the `correct` samples over the `ranks`; the budget is as long
+    as the attacks took (wall time, at least MIN_BUDGET_S).
+    """
+    from robaudit.certify import CertificateUnavailable, certify_l2
+
+    if len(x) == 0:
+        return None
+    with full_precision():
+        try:
+            pilot = certify_l2(model.to("cpu"), x[:PILOT], y[:PILOT], budget=budget)
+        except CertificateUnavailable:
+            return None  # every chunk will say why, at no cost
+        finally:
+            model.to(device)
+    limit = max(MIN_BUDGET_S, attack_seconds)
+    projected = pilot.seconds / min(PILOT, len(x)) * correct / max(1, ranks)
+    if projected <= limit:
+        return None
+    return (
+        f"certificate skipped: projected {projected:.0f} s exceeds the automatic budget of {limit:.0f} s "
+        "(as long as the attacks took, at least 10 s); pass --certify to run it"
+    )
+
+
 def certify_stage(
     model: nn.Module,
     x: torch.Tensor,
@@ -149,7 +179,6 @@ def certify_stage(
     *,
     mode: str,
     budget: str,
-    attack_seconds: float,
     l2_threats: list[tuple[str, float]],
     lower: float,
     upper: float,
@@ -158,37 +187,22 @@ def certify_stage(
     seed: int,
     progress: ProgressSink,
 ) -> CertifyResult | None:
-    """Certified L2 radii for the scan, or None when ``mode`` is "off".
+    """Certified L2 radii of the correctly classified samples, or None when ``mode`` is "off".
 
-    ``mode`` "auto" runs only when the scan has an L2 threat (certified accuracy is an
-    L2 figure); it certifies a pilot of 8 samples first and goes on only if the whole
-    run is projected to take no longer than the attacks did (at least 10 s). "on"
-    always runs to the end.
+    Whether "auto" runs is decided once for the whole scan (`certify_skip_reason`).
     """
     from robaudit.certify import CertificateUnavailable, certify_l2
 
-    if mode == "off" or (mode == "auto" and not l2_threats):
+    if mode == "off":
         return None
     adversarial_l2, closest = smallest_adversarial_l2(x, outcomes, minimal)
     cpu_model = model.to("cpu")
     todo = torch.nonzero(clean_correct).flatten()
-    pilot, rest = todo[:PILOT], todo[PILOT:]
-    parts = []  # (sample indices, their certificate)
     started = time.perf_counter()
     progress.start("certifying L2 radii", max(1, len(todo)))
     with full_precision():  # the certificate's own prediction checks: no TF32 (restored after)
         try:
-            parts.append((pilot, certify_l2(cpu_model, x[pilot], y[pilot], budget=budget, progress=progress.advance)))
-            limit = max(MIN_BUDGET_S, attack_seconds)
-            projected = parts[0][1].seconds / max(1, len(pilot)) * len(todo)
-            if mode == "auto" and projected > limit:
-                reason = (
-                    f"certificate skipped: projected {projected:.0f} s exceeds the automatic budget of {limit:.0f} s "
-                    "(as long as the attacks took, at least 10 s); pass --certify to run it"
-                )
-                return unavailable(reason, budget, adversarial_l2, time.perf_counter() - started)
-            if len(rest):
-                parts.append((rest, certify_l2(cpu_model, x[rest], y[rest], budget=budget, progress=progress.advance)))
+            parts = [(todo, certify_l2(cpu_model, x[todo], y[todo], budget=budget, progress=progress.advance))]
         except CertificateUnavailable as exc:
             return unavailable(str(exc), budget, adversarial_l2, time.perf_counter() - started)
         finally:

@@ -88,6 +88,20 @@ class TrustStage:
         self.report = TrustReport()
         self.surrogate = None
         self.surrogate_note: str | None = None
+        self._surrogate_built = False
+
+    def for_chunk(self, seed: int) -> TrustStage:
+        """A stage for one chunk of the scan: its own seed and findings, the model-level state shared.
+
+        What `open` learned (randomness) and the BPDA surrogate carry over; the chunk's
+        checks start empty and are merged with the other chunks' afterwards.
+        """
+        stage = TrustStage.__new__(TrustStage)
+        stage.__dict__.update(self.__dict__)
+        stage.seed = seed
+        stage.report = TrustReport(stochastic=self.report.stochastic)
+        stage._parent = self
+        return stage
 
     # 1. randomness ---------------------------------------------------------------------
     def open(self, model: nn.Module, x: torch.Tensor) -> nn.Module:
@@ -132,7 +146,11 @@ class TrustStage:
         self.report.checks.append(
             model_checks.stability(judged, x[idx], y[idx], size, lower, upper, self.seed, randomized=self.report.stochastic)
         )
-        self.surrogate, self.surrogate_note = _surrogate(plain)
+        parent = getattr(self, "_parent", self)
+        if not parent._surrogate_built:  # once per scan: every chunk attacks the same model
+            parent.surrogate, parent.surrogate_note = _surrogate(plain)
+            parent._surrogate_built = True
+        self.surrogate, self.surrogate_note = parent.surrogate, parent.surrogate_note
 
     # 3. after the battery ----------------------------------------------------------------
     def after_attacks(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor,

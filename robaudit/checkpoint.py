@@ -1,0 +1,241 @@
+"""Chunk results on disk: the resumable checkpoint folder, and the spool a scan always uses.
+
+Every finished chunk pass is written as one file, atomically (a temporary file in the
+same folder, then `os.replace`), so a scan killed at any moment leaves only whole
+files. With ``--checkpoint DIR`` the folder is the user's and outlives the scan: the
+same command run again loads what is there and audits only the rest. A manifest holds
+the scan's fingerprint (model file hash, data and its sample, seed, threats, battery,
+chunk size, ...) and a checkpoint written for anything else is refused.
+
+Files hold plain tensors, lists and JSON text only, read back with
+``torch.load(weights_only=True)``: loading a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robaudit.attacks.runner import AttackRecord, MinimalOutcome, ThreatOutcome
+from robaudit.checks.verdict import CheckResult
+from robaudit.errors import RobauditError
+from robaudit.report.schema import CertificateSummary
+from robaudit.stages.certify import CertifyResult
+from robaudit.stages.chunk import ChunkAttacks, ChunkFinal
+from robaudit.stages.measure import IndicatorResult
+from robaudit.stages.trust import TrustReport
+from robaudit.threats import Threat
+
+MANIFEST = "manifest.json"
+DECISIONS = "decisions.json"
+FORMAT = 1
+
+
+class ChunkStore:
+    """Where a scan keeps its finished chunk passes: a checkpoint folder or a private spool."""
+
+    def __init__(self, root: Path, keep: bool) -> None:
+        self.root = root
+        self.keep = keep  # a user's checkpoint folder stays; a spool is removed by `close`
+
+    @classmethod
+    def spool(cls) -> ChunkStore:
+        return cls(Path(tempfile.mkdtemp(prefix="robaudit-spool-")), keep=False)
+
+    def close(self) -> None:
+        if not self.keep:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    # ------------------------------------------------------------------ files
+    def _path(self, k: int, stage: str) -> Path:
+        return self.root / f"chunk-{k:06d}.{stage}.pt"
+
+    def has(self, k: int, stage: str) -> bool:
+        return self._path(k, stage).exists()
+
+    def save(self, k: int, stage: str, payload: dict[str, Any]) -> None:
+        write_atomic(self._path(k, stage), lambda handle: torch.save(payload, handle))
+
+    def load(self, k: int, stage: str) -> dict[str, Any]:
+        path = self._path(k, stage)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
+            raise RobauditError(f"checkpoint file {path} cannot be read ({type(exc).__name__}); delete it to redo that chunk") from exc
+
+    def decisions(self) -> dict[str, Any] | None:
+        path = self.root / DECISIONS
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def save_decisions(self, decisions: dict[str, Any]) -> None:
+        write_atomic(self.root / DECISIONS, lambda handle: handle.write(json.dumps(decisions, indent=1).encode()))
+
+
+def write_atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename it over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> ChunkStore:
+    """Create the checkpoint folder (rank 0) or check that it belongs to this very scan."""
+    manifest = root / MANIFEST
+    if root.exists() and not root.is_dir():
+        raise RobauditError(f"--checkpoint {root} exists and is not a folder")
+    if manifest.exists():
+        try:
+            found = json.loads(manifest.read_text())
+        except (OSError, ValueError) as exc:
+            raise RobauditError(f"--checkpoint {root}: {MANIFEST} cannot be read ({exc}); use an empty folder") from exc
+        differs = [key for key in sorted(set(found) | set(fingerprint)) if found.get(key) != fingerprint.get(key)]
+        if differs:
+            raise RobauditError(
+                f"--checkpoint {root} was written by another scan (it differs in: {', '.join(differs)}); "
+                "use a new folder, or delete this one to start over"
+            )
+    elif is_main:
+        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+            raise RobauditError(f"--checkpoint {root} is not empty and holds no robaudit checkpoint; use a new folder")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            write_atomic(manifest, lambda handle: handle.write(json.dumps(fingerprint, indent=1).encode()))
+        except OSError as exc:
+            raise RobauditError(f"--checkpoint {root} cannot be written: {exc.strerror or exc}") from exc
+    return ChunkStore(root, keep=True)
+
+
+# ---------------------------------------------------------------------- chunk <-> plain data
+def _json(value: Any) -> str:
+    return json.dumps(value, default=_plain, allow_nan=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
+
+
+def _sparse(x_adv: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Only the rows that hold an adversarial example (the rest is never read)."""
+    if x_adv.dim() == 0 or len(x_adv) == 0:
+        return {"idx": torch.empty(0, dtype=torch.int64), "rows": torch.empty(0)}
+    idx = torch.nonzero(mask).flatten()
+    return {"idx": idx, "rows": x_adv[idx].to(torch.float32).contiguous()}
+
+
+def _dense(stored: dict[str, torch.Tensor], n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    out = torch.zeros((n, *shape), dtype=torch.float32)
+    if len(stored["idx"]):
+        out[stored["idx"]] = stored["rows"]
+    return out
+
+
+def _records(records: list[AttackRecord]) -> str:
+    return _json([asdict(r) for r in records])
+
+
+def _unrecords(text: str) -> list[AttackRecord]:
+    return [AttackRecord(**r) for r in json.loads(text)]
+
+
+def attacks_to_plain(part: ChunkAttacks) -> dict[str, Any]:
+    trust = None
+    if part.trust is not None:
+        trust = _json({**asdict(part.trust), "checks": [asdict(c) for c in part.trust.checks]})
+    return {
+        "format": FORMAT, "k": part.k, "start": part.start, "stop": part.stop, "seconds": part.seconds,
+        "battery_passes": part.battery_passes, "clean_pred": part.clean_pred.cpu(),
+        "minimal": {
+            norm: {"distance": m.distance, "found_by": _json(m.found_by), "x_adv": _sparse(m.x_adv, torch.isfinite(m.distance)),
+                   "records": _records(m.records)}
+            for norm, m in part.minimal.items()
+        },
+        "outcomes": [
+            {"threat": o.threat.canonical, "broken": o.broken, "broken_by": _json(o.broken_by), "distance": o.distance,
+             "x_adv": _sparse(o.x_adv, o.broken), "records": _records(o.records), "transform": o.transform}
+            for o in part.outcomes
+        ],
+        "trust": trust,
+    }  # fmt: skip
+
+
+def attacks_from_plain(data: dict[str, Any], threats: list[Threat], sample_shape: tuple[int, ...], dense: bool = True) -> ChunkAttacks:
+    """A chunk's pass-1 results; ``dense=False`` leaves the adversarial inputs out (they are only needed on disk)."""
+    n = data["stop"] - data["start"]
+    by_name = {t.canonical: t for t in threats}
+
+    def adv(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+        return _dense(stored, n, sample_shape) if dense else torch.empty(0)
+
+    trust = None
+    if data["trust"] is not None:
+        fields = json.loads(data["trust"])
+        fields["checks"] = [CheckResult(**c) for c in fields["checks"]]
+        fields["passes"] = tuple(fields["passes"])
+        trust = TrustReport(**fields)
+    return ChunkAttacks(
+        k=data["k"], start=data["start"], stop=data["stop"], clean_pred=data["clean_pred"],
+        minimal={
+            norm: MinimalOutcome(norm=norm, distance=m["distance"], found_by=json.loads(m["found_by"]), x_adv=adv(m["x_adv"]),
+                                 records=_unrecords(m["records"]))
+            for norm, m in data["minimal"].items()
+        },
+        outcomes=[
+            ThreatOutcome(threat=by_name[o["threat"]], broken=o["broken"], broken_by=json.loads(o["broken_by"]),
+                          distance=o["distance"], x_adv=adv(o["x_adv"]), records=_unrecords(o["records"]),
+                          transform=o["transform"])
+            for o in data["outcomes"]
+        ],
+        trust=trust, seconds=data["seconds"], battery_passes=data["battery_passes"],
+    )  # fmt: skip
+
+
+def final_to_plain(final: ChunkFinal) -> dict[str, Any]:
+    indicator = None
+    if final.indicator is not None:
+        indicator = {"summary": _json(final.indicator.summary), "samples": _json(final.indicator.samples),
+                     "seconds": final.indicator.seconds}  # fmt: skip
+    certified = None
+    if final.certified is not None:
+        c = final.certified
+        certified = {"summary": _json(asdict(c.summary)), "radius": c.radius, "method": c.method,
+                     "adversarial_l2": c.adversarial_l2, "seconds": c.seconds}  # fmt: skip
+    return {"format": FORMAT, "k": final.k, "indicator": indicator, "certified": certified}
+
+
+def final_from_plain(data: dict[str, Any]) -> ChunkFinal:
+    indicator = None
+    if data["indicator"] is not None:
+        d = data["indicator"]
+        indicator = IndicatorResult(summary=json.loads(d["summary"]), samples=json.loads(d["samples"]), seconds=d["seconds"])
+    certified = None
+    if data["certified"] is not None:
+        d = data["certified"]
+        certified = CertifyResult(summary=CertificateSummary(**json.loads(d["summary"])), radius=d["radius"],
+                                  method=d["method"], adversarial_l2=d["adversarial_l2"], seconds=d["seconds"])  # fmt: skip
+    return ChunkFinal(k=data["k"], indicator=indicator, certified=certified)
+
+
+def plan_chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """(start, stop) of every chunk, in sample order."""
+    return [(start, min(n, start + size)) for start in range(0, n, size)]
+

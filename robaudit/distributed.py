@@ -1,0 +1,121 @@
+"""Sharing one scan among the processes `torchrun` starts (torch.distributed).
+
+`torchrun --nproc-per-node N -m robaudit scan ...` (or ``--nnodes`` for several machines)
+starts N copies of the same command with RANK / WORLD_SIZE / LOCAL_RANK in their
+environment. Each copy loads the model and the data's index list, audits the chunks
+k with k % WORLD_SIZE == RANK, and sends its results to rank 0, which merges them, writes
+the report and decides the exit code. Results do not depend on the number of ranks:
+every chunk is audited alone with its own seed (`robaudit.stages.chunk`).
+
+The process group uses gloo for the few small messages (per-chunk results, cost sums)
+and NCCL beside it when the ranks use GPUs. A rank that stops (crash, kill, lost
+machine) makes the others fail at the next exchange; `RankFailure` turns that into one
+line and a non-zero exit, and nothing is written as a final report.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from robaudit.errors import RobauditError
+
+EXCHANGE_TIMEOUT = timedelta(hours=24)  # a rank may audit its shard for hours before the next exchange
+
+
+class RankFailure(RobauditError):
+    """Another rank of a torchrun scan stopped: this one cannot finish the scan either."""
+
+    exit_code = 3
+
+
+@dataclass
+class Cluster:
+    """This process's place among the scan's processes (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    def shard(self, chunks: int) -> list[int]:
+        """The chunks this rank audits: every world-th one, starting at its rank."""
+        return list(range(self.rank, chunks, self.world))
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        if not self.distributed:
+            return [obj]
+        out: list[Any] | None = [None] * self.world if self.is_main else None
+        self._exchange(lambda: torch.distributed.gather_object(obj, out, dst=0), "sending results to rank 0")
+        return out
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        """Element-wise sums over the ranks, known to every rank."""
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        self._exchange(lambda: torch.distributed.all_reduce(tensor), "summing the ranks' costs")
+        return tensor.tolist()
+
+    def all_max(self, values: list[float]) -> list[float]:
+        if not self.distributed:
+            return list(values)
+        tensor = torch.tensor(values, dtype=torch.float64)
+        self._exchange(lambda: torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX), "comparing the ranks")
+        return tensor.tolist()
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj` on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        self._exchange(lambda: torch.distributed.broadcast_object_list(box, src=0), "receiving rank 0's decision")
+        return box[0]
+
+    def barrier(self, what: str) -> None:
+        """Wait for every rank; name the ones that stopped (gloo's monitored barrier does)."""
+        if self.distributed:
+            self._exchange(lambda: torch.distributed.monitored_barrier(timeout=EXCHANGE_TIMEOUT), what)
+
+    def _exchange(self, action, what: str) -> None:
+        try:
+            action()
+        except RuntimeError as exc:  # gloo/NCCL errors: a peer closed its connection or timed out
+            reason = " ".join(str(exc).split())[:300]
+            raise RankFailure(f"rank {self.rank} of {self.world}: another rank stopped while {what} ({reason}); no report written") from exc
+
+    def close(self) -> None:
+        if self.distributed and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def join(device: str) -> Cluster:
+    """The cluster this process belongs to: torchrun's environment, or a cluster of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world <= 1:
+        return Cluster()
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    if not torch.distributed.is_initialized():
+        try:
+            torch.distributed.init_process_group(backend=backend, timeout=EXCHANGE_TIMEOUT)
+        except (RuntimeError, ValueError) as exc:
+            reason = " ".join(str(exc).split())[:300]
+            raise RankFailure(f"rank {rank} of {world}: cannot join the other ranks ({reason})") from exc
+    return Cluster(rank=rank, world=world, local_rank=local_rank)
