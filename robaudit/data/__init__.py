@@ -1,7 +1,8 @@
 """Evaluation data for an audit: built-in datasets, user files and image folders.
 
 `load_data` is the one entry point the scan uses: it reads a source, validates it,
-draws a reproducible stratified sample and returns float pixels in the model's range.
+draws a reproducible stratified sample and returns a Dataset whose `take` yields float
+pixels in the model's range, a chunk at a time (image folders decode per chunk).
 """
 
 from __future__ import annotations
@@ -11,7 +12,14 @@ from pathlib import Path
 
 from robaudit.data.builtin import BUILTIN_NAMES, default_cache_dir, load_builtin
 from robaudit.data.checks import check_compatible
-from robaudit.data.dataset import Dataset, RawData, check_range, to_pixels, validate
+from robaudit.data.dataset import (
+    Dataset,
+    PixelReader,
+    RawData,
+    check_range,
+    pixel_note,
+    validate,
+)
 from robaudit.data.digits import load_digits
 from robaudit.data.files import load_path
 from robaudit.data.sampling import stratified_indices
@@ -53,23 +61,26 @@ def load_data(
     want = default_n if n is None else n
     if want is None or want >= total:
         indices = list(range(total))
-        x = raw.x
         if n is not None and n > total:
             notes.append(f"requested {n} samples but {name} has only {total}; using all of them")
     else:
         indices = stratified_indices(labels.numpy(), want, seed)
-        x = raw.x[indices]
         if n is None:
             notes.append(f"using a stratified sample of {want} of the {total} test samples "
                          f"(seed {seed}); pass --n to change it")
+    note = pixel_note(raw.x.dtype, lo, hi)
+    if note:
+        notes.append(note)
+    # Pixels stay in the source's own form (uint8, or an image folder's file list)
+    # until the scan takes them a chunk at a time.
     return Dataset(
-        x=to_pixels(x, lo, hi, notes),
         y=labels[indices],
         name=name,
         indices=indices,
         source_size=total,
         notes=notes,
         class_names=raw.class_names,
+        reader=PixelReader(raw.x, indices, lo, hi),
     )
 
 

@@ -43,7 +43,7 @@ def check_compatible(
 def _check_shape(data: Dataset, input_shape: tuple[int, ...] | None) -> str | None:
     if input_shape is None:
         return None
-    sample = tuple(int(d) for d in data.x.shape[1:])
+    sample = tuple(int(d) for d in data.sample_shape)
     model = tuple(input_shape)
     if len(sample) == len(model) and all(
         not _known(m) or m == s for m, s in zip(model, sample, strict=True)

@@ -3,11 +3,18 @@
 Every reader (files, folders, torchvision, digits) returns a `RawData`; the checks here
 run once on it so that all sources reject bad input the same way and with the same
 one-sentence messages.
+
+Pixels are produced lazily: a `Dataset` keeps the source as read (uint8 arrays, float
+arrays, or an image folder's file list) and converts, or decodes, one chunk at a time
+in `take`, so a large `--n` never needs all float32 pixels in memory at once.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -16,39 +23,119 @@ from robaudit.errors import RobauditError
 RANGE_TOLERANCE = 1e-6
 
 
-@dataclass
-class Dataset:
-    """Samples in pixel space plus the provenance the report needs to be reproducible."""
+@runtime_checkable
+class LazyRows(Protocol):
+    """A source whose samples are read on demand (an image folder).
 
-    x: torch.Tensor  # float32, (N, *sample_shape); images are NCHW
-    y: torch.Tensor  # int64, (N,)
-    name: str  # built-in name, or the path exactly as the user gave it
-    indices: list[int]  # position of each sample in the full source, in the order of x
-    source_size: int  # samples in the full source before sampling
-    notes: list[str]  # conversions and choices worth telling the user about
-    class_names: list[str] | None = None
+    Shape and dtype are known up front (from file headers) so that validation needs
+    no decoding; `rows` reads only the samples asked for.
+    """
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def rows(self, positions: Sequence[int]) -> torch.Tensor:
+        """The samples at `positions` of the source, stacked (dtype `self.dtype`)."""
+        ...
+
+
+Source = torch.Tensor | LazyRows
+
+
+def read_rows(source: Source, positions: Sequence[int]) -> torch.Tensor:
+    """Samples at `positions` of a tensor or lazy source, in that order."""
+    if isinstance(source, torch.Tensor):
+        return source[torch.as_tensor(list(positions), dtype=torch.int64)]
+    return source.rows(positions)
+
+
+@dataclass(frozen=True)
+class PixelReader:
+    """Reads sampled positions of a source and scales them into [lo, hi]."""
+
+    source: Source
+    indices: list[int]
+    lo: float
+    hi: float
+
+    def take(self, start: int, stop: int) -> torch.Tensor:
+        return scale_pixels(read_rows(self.source, self.indices[start:stop]), self.lo, self.hi)
+
+
+class Dataset:
+    """Samples in pixel space plus the provenance the report needs to be reproducible.
+
+    Built either from all pixels at once (`x=`, for small callers and tests) or from a
+    `PixelReader` (what `load_data` does), which keeps the source and scales a chunk
+    per `take` call.
+    """
+
+    def __init__(
+        self,
+        x: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        name: str = "",
+        indices: list[int] | None = None,
+        source_size: int = 0,
+        notes: list[str] | None = None,
+        class_names: list[str] | None = None,
+        *,
+        reader: PixelReader | None = None,
+    ) -> None:
+        if (x is None) == (reader is None) or y is None:
+            raise ValueError("a Dataset needs y and exactly one of x or reader")
+        self._x = x  # float32, (N, *sample_shape); images are NCHW
+        self._reader = reader
+        self.y = y  # int64, (N,)
+        self.name = name  # built-in name, or the path exactly as the user gave it
+        # Position of each sample in the full source, in the order of x.
+        self.indices = list(range(int(y.shape[0]))) if indices is None else indices
+        self.source_size = source_size  # samples in the full source before sampling
+        self.notes = [] if notes is None else notes  # conversions and choices to report
+        self.class_names = class_names
 
     def __len__(self) -> int:
-        return int(self.x.shape[0])
+        if self._x is not None:
+            return int(self._x.shape[0])
+        return len(self.indices)
+
+    def __repr__(self) -> str:
+        return (f"Dataset(name={self.name!r}, n={len(self)}, "
+                f"sample_shape={self.sample_shape}, source_size={self.source_size})")
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one sample, e.g. (C, H, W)."""
-        return tuple(self.x.shape[1:])
+        """Shape of one sample, e.g. (C, H, W); known without reading any pixels."""
+        if self._x is not None:
+            return tuple(self._x.shape[1:])
+        return tuple(int(d) for d in self._reader.source.shape[1:])
+
+    @property
+    def x(self) -> torch.Tensor:
+        """All pixels at once (read on first use, then kept): for small callers only.
+
+        The scan reads its data with `take` instead, so memory does not grow with N.
+        """
+        if self._x is None:
+            self._x = self._reader.take(0, len(self))
+        return self._x
 
     def take(self, start: int, stop: int) -> torch.Tensor:
         """Pixels of the samples at positions start..stop (in the order of `indices`).
 
-        The scan reads its data through this, a chunk at a time.
+        The scan reads its data through this, a chunk at a time; only that chunk is
+        decoded and scaled to float32.
         """
-        return self.x[start:stop]
+        if self._x is not None:
+            return self._x[start:stop]
+        return self._reader.take(start, stop)
 
 
 @dataclass
 class RawData:
     """A whole source as read from disk, before validation, sampling and scaling."""
 
-    x: torch.Tensor  # any real dtype; uint8 means 0-255 pixels
+    x: Source  # any real dtype; uint8 means 0-255 pixels
     y: torch.Tensor
     notes: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
@@ -58,29 +145,30 @@ def validate(raw: RawData, name: str) -> torch.Tensor:
     """Reject malformed data up front and return the labels as int64.
 
     The whole source is checked (not just the sample) so that the outcome never
-    depends on the seed.
+    depends on the seed. Lazy sources are checked from their shape and dtype (their
+    readers already checked every file header).
     """
     x, y = raw.x, raw.y
-    if x.dim() > 0 and x.numel() == 0:
+    shape = tuple(int(d) for d in x.shape)
+    if len(shape) > 0 and math.prod(shape) == 0:
         raise RobauditError(f"data {name} is empty: it contains no samples.")
-    if x.dim() < 2:
+    if len(shape) < 2:
         raise RobauditError(
-            f"data {name} has x of shape {tuple(x.shape)}, but x needs a sample "
+            f"data {name} has x of shape {shape}, but x needs a sample "
             "dimension followed by the sample shape, e.g. (N, C, H, W) or (N, D)."
         )
-    if x.is_complex():
+    if x.dtype.is_complex:
         raise RobauditError(f"data {name} has x of unsupported dtype {x.dtype}.")
-    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise RobauditError(f"data {name} has {bad} NaN or infinite values in x.")
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        _check_finite(x, name)
     if y.dim() != 1:
         raise RobauditError(
             f"data {name} has labels y of shape {tuple(y.shape)}, but y must be 1-D "
             "with one integer class index per sample."
         )
-    if y.shape[0] != x.shape[0]:
+    if y.shape[0] != shape[0]:
         raise RobauditError(
-            f"data {name} has {x.shape[0]} samples in x but {y.shape[0]} labels in y."
+            f"data {name} has {shape[0]} samples in x but {y.shape[0]} labels in y."
         )
     if y.is_complex():
         raise RobauditError(f"data {name} has labels y of unsupported dtype {y.dtype}.")
@@ -99,10 +187,18 @@ def validate(raw: RawData, name: str) -> torch.Tensor:
     return labels
 
 
-def check_range(x: torch.Tensor, name: str, lo: float, hi: float) -> None:
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise RobauditError(f"data {name} has {bad} NaN or infinite values in x.")
+
+
+def check_range(x: Source, name: str, lo: float, hi: float) -> None:
     """Refuse non-uint8 data outside the model's input range: attacks clamp to it."""
     if x.dtype == torch.uint8:
         return
+    if not isinstance(x, torch.Tensor):  # lazy sources are uint8 images
+        raise TypeError(f"lazy source of dtype {x.dtype} cannot be range-checked")
     xmin, xmax = float(x.min()), float(x.max())
     if xmin < lo - RANGE_TOLERANCE or xmax > hi + RANGE_TOLERANCE:
         hint = " (for 0-255 pixels, store x as uint8)" if xmax > 1.5 and hi <= 1.0 else ""
@@ -113,12 +209,24 @@ def check_range(x: torch.Tensor, name: str, lo: float, hi: float) -> None:
         )
 
 
-def to_pixels(x: torch.Tensor, lo: float, hi: float, notes: list[str]) -> torch.Tensor:
+def pixel_note(dtype: torch.dtype, lo: float, hi: float) -> str | None:
+    """The report note for the scaling `scale_pixels` applies to data of `dtype`."""
+    return f"scaled uint8 0-255 to [{lo:g}, {hi:g}]" if dtype == torch.uint8 else None
+
+
+def scale_pixels(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Turn (already range-checked) data into contiguous float32 in [lo, hi]."""
     if x.dtype == torch.uint8:
-        notes.append(f"scaled uint8 0-255 to [{lo:g}, {hi:g}]")
         out = x.to(torch.float32) * ((hi - lo) / 255.0) + lo
     else:
         out = x.to(torch.float32)
     # Values within the tolerance may sit a hair outside; attacks assume exact bounds.
     return out.clamp(lo, hi).contiguous()
+
+
+def to_pixels(x: torch.Tensor, lo: float, hi: float, notes: list[str]) -> torch.Tensor:
+    """All of `x` as float32 pixels at once, noting the scaling (eager callers)."""
+    note = pixel_note(x.dtype, lo, hi)
+    if note:
+        notes.append(note)
+    return scale_pixels(x, lo, hi)

@@ -10,6 +10,7 @@ import os
 import pickle
 import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -184,9 +185,12 @@ def _image_files(root: Path, classes: list[str], numeric: bool) -> list[tuple[Pa
 
 
 def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
-    """Read an ImageFolder-style tree (class sub-folders) into uint8 NCHW."""
-    from PIL import Image
+    """An ImageFolder-style tree (class sub-folders) as a lazy uint8 NCHW source.
 
+    Every file's header is read now (size and mode, no decoding), so a bad file or a
+    size mismatch anywhere in the folder fails before sampling, whatever the seed;
+    pixels are decoded only when the scan takes a chunk.
+    """
     try:
         classes = sorted(d.name for d in root.iterdir()
                          if d.is_dir() and not d.name.startswith("."))
@@ -205,34 +209,80 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
             f"image folder {spec} contains no images ({', '.join(IMAGE_EXTENSIONS)}) "
             "in its class sub-folders."
         )
+    shown = [Path(spec) / file.relative_to(root) for file, _ in files]
+    size, all_gray = _check_headers([file for file, _ in files], shown)
     mode = {1: "L", 3: "RGB"}.get(channels or 0)
-    arrays: list[np.ndarray] = []
+    # Grayscale converted to RGB repeats the channel: keep one copy.
+    one_channel = mode == "L" or (mode is None and all_gray)
+    images = FolderImages([file for file, _ in files], shown, size, mode or "RGB", one_channel)
+    kind = "grayscale (1 channel)" if one_channel else "RGB (3 channels)"
+    notes = [f"read {len(files)} images from {len(classes)} class folders as {kind}"]
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return RawData(x=images, y=labels, notes=notes, class_names=None if numeric else classes)
+
+
+def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int], bool]:
+    """The common (width, height) and whether every image is grayscale, from headers only.
+
+    PIL's `Image.open` parses the header and defers decoding, so this stays cheap for
+    thousands of files; errors come in file order, as a full read would give them.
+    """
+    from PIL import Image
+
     all_gray = True
     first: tuple[Path, tuple[int, int]] | None = None
-    for file, _ in files:
-        shown = Path(spec) / file.relative_to(root)
+    for file, name in zip(files, shown, strict=True):
         try:
             with Image.open(file) as img:
                 all_gray = all_gray and img.mode in GRAY_MODES
-                arr = np.asarray(img.convert(mode or "RGB"), dtype=np.uint8)
                 size = img.size
         except Exception as exc:
-            raise RobauditError(f"cannot read image {shown}: {short_reason(exc)}.") from exc
+            raise RobauditError(f"cannot read image {name}: {short_reason(exc)}.") from exc
         if first is None:
-            first = (shown, size)
+            first = (name, size)
         elif size != first[1]:
             raise RobauditError(
-                f"image {shown} is {size[0]}x{size[1]} pixels but {first[0]} is "
+                f"image {name} is {size[0]}x{size[1]} pixels but {first[0]} is "
                 f"{first[1][0]}x{first[1][1]}; all images in a folder must have the same size."
             )
-        arrays.append(arr)
-    x = np.stack(arrays)
-    x = x[:, None] if x.ndim == 3 else x.transpose(0, 3, 1, 2)
-    if mode is None and all_gray:
-        x = x[:, :1]  # grayscale converted to RGB repeats the channel: keep one copy
-    x = np.ascontiguousarray(x)
-    kind = "grayscale (1 channel)" if x.shape[1] == 1 else "RGB (3 channels)"
-    notes = [f"read {len(files)} images from {len(classes)} class folders as {kind}"]
-    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
-    return RawData(x=torch.from_numpy(x), y=labels, notes=notes,
-                   class_names=None if numeric else classes)
+    assert first is not None  # the caller checked that there are files
+    return first[1], all_gray
+
+
+class FolderImages:
+    """The images of a folder as a lazy uint8 (N, C, H, W) source: decoded per request."""
+
+    dtype = torch.uint8
+
+    def __init__(self, files: list[Path], shown: list[Path], size: tuple[int, int],
+                 mode: str, one_channel: bool) -> None:
+        self.files, self.shown, self.mode, self.one_channel = files, shown, mode, one_channel
+        width, height = size
+        self.shape = (len(files), 1 if one_channel else 3, height, width)
+
+    def rows(self, positions: Sequence[int]) -> torch.Tensor:
+        """Decode the images at `positions` (only those) into uint8 NCHW."""
+        out = np.empty((len(positions), *self.shape[1:]), dtype=np.uint8)
+        for row, position in enumerate(positions):
+            out[row] = self._decode(int(position))
+        return torch.from_numpy(out)
+
+    def _decode(self, position: int) -> np.ndarray:
+        """One image as CHW uint8, in the mode and channel count fixed at load time."""
+        from PIL import Image
+
+        name = self.shown[position]
+        try:
+            with Image.open(self.files[position]) as img:
+                arr = np.asarray(img.convert(self.mode), dtype=np.uint8)
+        except Exception as exc:
+            raise RobauditError(f"cannot read image {name}: {short_reason(exc)}.") from exc
+        arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        if self.one_channel:
+            arr = arr[:1]
+        if arr.shape != self.shape[1:]:  # the file changed since its header was read
+            raise RobauditError(
+                f"cannot read image {name}: it decodes to shape {arr.shape}, "
+                f"not {self.shape[1:]} as its header said."
+            )
+        return arr
