@@ -16,7 +16,9 @@ line and a non-zero exit, and nothing is written as a final report.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import signal
+import socket
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -40,6 +42,7 @@ class Cluster:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) of every rank, to name one that died
 
     @property
     def is_main(self) -> bool:
@@ -93,8 +96,34 @@ class Cluster:
         try:
             action()
         except RuntimeError as exc:  # gloo/NCCL errors: a peer closed its connection or timed out
-            reason = " ".join(str(exc).split())[:300]
-            raise RankFailure(f"rank {self.rank} of {self.world}: another rank stopped while {what} ({reason}); no report written") from exc
+            raise RankFailure(f"{self.stopped()} while {what}; no report written") from exc
+
+    def dead_ranks(self) -> list[int]:
+        """Ranks on this machine whose process is gone (other machines' ranks cannot be checked from here)."""
+        host = socket.gethostname()
+        dead = []
+        for rank, (peer_host, pid) in enumerate(self.peers):
+            if rank == self.rank or peer_host != host:
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                dead.append(rank)
+            except PermissionError:
+                pass
+        return dead
+
+    def stopped(self) -> str:
+        """Why this rank cannot go on, naming the rank that died where it can."""
+        dead = self.dead_ranks()
+        if dead:
+            named = ", ".join(f"rank {r} (pid {self.peers[r][1]})" for r in dead)
+            return f"{named} of {self.world} died, so rank {self.rank} stopped too"
+        return f"another rank of {self.world} stopped, so rank {self.rank} stopped too"
+
+    def on_terminate(self, signum: int, frame) -> None:
+        """torchrun ends the other ranks with SIGTERM when one fails: one line, no report, non-zero exit."""
+        raise RankFailure(f"{self.stopped()} (the launcher sent SIGTERM); no report written")
 
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():
@@ -118,4 +147,9 @@ def join(device: str) -> Cluster:
         except (RuntimeError, ValueError) as exc:
             reason = " ".join(str(exc).split())[:300]
             raise RankFailure(f"rank {rank} of {world}: cannot join the other ranks ({reason})") from exc
-    return Cluster(rank=rank, world=world, local_rank=local_rank)
+    cluster = Cluster(rank=rank, world=world, local_rank=local_rank)
+    peers: list = [None] * world
+    cluster._exchange(lambda: torch.distributed.all_gather_object(peers, (socket.gethostname(), os.getpid())), "starting")
+    cluster.peers = peers
+    signal.signal(signal.SIGTERM, cluster.on_terminate)
+    return cluster

@@ -1,0 +1,146 @@
+"""Scans shared among torchrun ranks, and checkpoints that survive a SIGKILL: real processes only.
+
+The per-sample results must not depend on how many processes ran the scan, and a scan
+killed mid-way and run again must give the report an uninterrupted run gives.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, assert_one_line_error, run_cli
+
+DEMO = REPO / "robaudit" / "demo" / "digits_cnn.onnx"
+# 24 samples in 3 chunks of 8: uneven shards on 2 ranks (chunks 0 and 2, and 1); an L2 threat so the
+# certificate and the indicator are merged too
+SCAN = [
+    "scan", DEMO, "--data", "digits", "--samples", "24", "--chunk-size", "8", "--threat", "l2:0.5",
+    "--preset", "quick", "--certify", "--certify-budget", "fast", "--indicator", "-q",
+]  # fmt: skip
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+
+
+def comparable(path: Path) -> dict:
+    """The report without what may differ between equal scans: wall times, the creation time."""
+    report = json.loads(path.read_text())
+    report.pop("timing")
+    report.pop("created")
+    report["config"].pop("checkpoint", None)
+    return report
+
+
+def torchrun(*args: str | Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+               "-m", "robaudit", *map(str, args)]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The reference: one process, no checkpoint."""
+    out = tmp_path_factory.mktemp("single") / "report.json"
+    result = run_cli(*SCAN, "--json", out, env={"OMP_NUM_THREADS": "1"})
+    assert result.code == 0, result.stderr
+    report = comparable(out)
+    assert report["summary"]["certificate"]["available"] and report["summary"]["indicator"] is not None
+    assert json.loads(out.read_text())["timing"]["chunks"] == 3
+    return report
+
+
+def test_two_gloo_ranks_give_the_single_process_report(single: dict, tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    result = torchrun(*SCAN, "--json", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(out.read_text())["timing"]["ranks"] == 2
+    assert comparable(out) == single
+
+
+def test_sigkill_then_resume_gives_the_uninterrupted_report(single: dict, tmp_path: Path) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "report.json"
+    proc = subprocess.Popen([sys.executable, "-m", "robaudit", *map(str, SCAN), "--checkpoint", str(ckpt), "--json", str(out)],
+                            env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not (ckpt / "chunk-000000.attacks.pt").exists():  # the first chunk is done: kill mid-scan
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted(p.name for p in ckpt.glob("chunk-*.pt"))
+    assert "chunk-000002.final.pt" not in done and not out.exists()
+
+    # resumed on two ranks: chunk files from one process are picked up by whichever rank owns them
+    result = torchrun(*SCAN, "--checkpoint", ckpt, "--json", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert comparable(out) == single
+    # and once more: everything is in the checkpoint, nothing is attacked again, same report
+    again = run_cli(*SCAN, "--checkpoint", ckpt, "--json", tmp_path / "again.json", env={"OMP_NUM_THREADS": "1"})
+    assert again.code == 0, again.stderr
+    assert comparable(tmp_path / "again.json") == single
+
+
+def test_a_checkpoint_of_another_scan_is_refused(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    first = run_cli(*SCAN[:5], "8", "--chunk-size", "8", "--preset", "quick", "--no-checks", "-q", "--checkpoint", ckpt)
+    assert first.code == 0, first.stderr
+    for change in (["--seed", "1"], ["--threat", "linf:2/255"], ["--preset", "standard"]):
+        result = run_cli(*SCAN[:5], "8", "--chunk-size", "8", "--preset", "quick", "--no-checks", "-q", "--checkpoint", ckpt,
+                         *change)  # fmt: skip
+        assert_one_line_error(result, "was written by another scan")
+    other = tmp_path / "other.onnx"
+    other.write_bytes(DEMO.read_bytes())  # the same model under another path: its checkpoint is this one
+    same = run_cli("scan", other, *SCAN[2:5], "8", "--chunk-size", "8", "--preset", "quick", "--no-checks", "-q",
+                   "--checkpoint", ckpt)  # fmt: skip
+    assert same.code == 0, same.stderr
+
+
+def test_a_non_checkpoint_folder_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    result = run_cli(*SCAN[:5], "8", "--preset", "quick", "--no-checks", "-q", "--checkpoint", folder)
+    assert_one_line_error(result, "not empty")
+    assert (folder / "notes.txt").read_text() == "mine" and len(list(folder.iterdir())) == 1
+
+
+def test_a_rank_that_dies_fails_the_run_without_a_report(tmp_path: Path) -> None:
+    ckpt, out = tmp_path / "ckpt", tmp_path / "report.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "robaudit",
+               *map(str, SCAN), "--checkpoint", str(ckpt), "--json", str(out)]  # fmt: skip
+    proc = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (ckpt / "manifest.json").exists():  # both ranks are past loading: kill rank 1
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    rank1 = _rank_pid(proc.pid, 1)
+    os.kill(rank1, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=240)
+    assert proc.returncode != 0
+    assert not out.exists()
+    ours = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1 and "rank 1 (pid" in ours[0] and "died" in ours[0] and "no report written" in ours[0], stderr[-3000:]
+
+
+def _rank_pid(parent: int, rank: int) -> int:
+    """The worker process torchrun started with RANK=rank."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for child in Path("/proc").glob("[0-9]*"):
+            try:
+                if int((child / "stat").read_text().split(")")[-1].split()[1]) != parent:
+                    continue
+                environ = (child / "environ").read_bytes().split(b"\0")
+            except (OSError, ValueError, IndexError):
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(child.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker with RANK={rank} under {parent}")
