@@ -18,6 +18,7 @@ from torch import nn
 
 from robaudit.attacks.base import Attack, AttackContext, project
 from robaudit.attacks.counting import CountingModel
+from robaudit.batching import AdaptiveBatch, Restore, as_batch, rng_checkpoint
 from robaudit.models.randomized import EOT
 from robaudit.precision import full_precision
 from robaudit.threats import Threat, perturbation_norms, within_ball
@@ -102,13 +103,21 @@ class MinimalOutcome:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Class predictions in batches (eval mode, no gradients), returned on the CPU."""
-    preds = [model(x[i : i + batch_size].to(device)).argmax(dim=1).cpu() for i in range(0, len(x), batch_size)]
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int | AdaptiveBatch, device: torch.device) -> torch.Tensor:
+    """Class predictions in batches (eval mode, no gradients), returned on the CPU.
+
+    `batch_size` may be the scan's `AdaptiveBatch`, which halves on CUDA out-of-memory;
+    the global generator is put back before a chunk is retried (a randomized model draws from it).
+    """
+    preds = as_batch(batch_size).run(
+        len(x), lambda start, stop: model(x[start:stop].to(device)).argmax(dim=1).cpu(), checkpoint=rng_checkpoint
+    )
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
 
 
-def judge(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> torch.Tensor:
+def judge(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | AdaptiveBatch, device: torch.device
+) -> torch.Tensor:
     """The labels a claim rests on: plain predictions, or for a randomized model (`EOT`) a
     wrong class seen in any of its seeded repeated draws (the worst case over repeats)."""
     if isinstance(model, EOT):
@@ -124,7 +133,7 @@ def verify_adversarial(
     threat: Threat,
     lower: float,
     upper: float,
-    batch_size: int,
+    batch_size: int | AdaptiveBatch,
     device: torch.device,
 ) -> torch.Tensor:
     """Independent check of candidate adversarial examples: misclassified, in the ball, in the box."""
@@ -152,9 +161,20 @@ class _Stage:
     x: torch.Tensor
     y: torch.Tensor
     ctx: AttackContext
-    batch_size: int
+    batch: AdaptiveBatch  # shared by every chunk loop of the stage (and the scan, when it passes one in)
     device: torch.device
     progress: ProgressSink
+
+    def checkpoint(self) -> Restore:
+        """The state a chunk starts from: the attack generator, torch's global ones, the pass counts."""
+        rng = rng_checkpoint(self.ctx.generator)
+        counts = self.counted.snapshot()
+
+        def restore() -> None:
+            rng()
+            self.counted.forwards, self.counted.backwards = counts
+
+        return restore
 
 
 def _run_attack(
@@ -179,11 +199,7 @@ def _run_attack(
         stage.progress.advance(n - len(todo))
         if len(todo) == 0:
             continue
-        for chunk in torch.split(todo, stage.batch_size):
-            xb, yb = stage.x[chunk].to(stage.device), stage.y[chunk].to(stage.device)
-            candidates = propose(xb, yb)
-            record.broke += accept_fn(chunk, candidates, xb)
-            stage.progress.advance(len(chunk))
+        stage.batch.run(len(todo), _chunk_step(stage, todo, propose, accept_fn, record), checkpoint=stage.checkpoint)
     f1, b1 = stage.counted.snapshot()
     e1 = own() if own else (0, 0)
     record.forwards, record.backwards = f1 - f0 + e1[0] - e0[0], b1 - b0 + e1[1] - e0[1]
@@ -191,10 +207,24 @@ def _run_attack(
     record.params = run.attack.params()  # what actually ran (e.g. a loss fallback for few classes)
 
 
+def _chunk_step(stage: _Stage, todo: torch.Tensor, propose, accept_fn, record: AttackRecord):
+    """One chunk of `todo`: propose, then accept. Nothing is kept until accept's last model call
+    has passed, so a chunk that runs out of GPU memory can be run again from its start."""
+
+    def step(start: int, stop: int) -> None:
+        chunk = todo[start:stop]
+        xb, yb = stage.x[chunk].to(stage.device), stage.y[chunk].to(stage.device)
+        candidates = propose(xb, yb)
+        record.broke += accept_fn(chunk, candidates, xb)
+        stage.progress.advance(len(chunk))
+
+    return step
+
+
 def _stage(model, x, y, lower, upper, num_classes, batch_size, device, seed, progress) -> _Stage:
     generator = torch.Generator().manual_seed(seed)
     ctx = AttackContext(lower=lower, upper=upper, num_classes=num_classes, generator=generator)
-    return _Stage(model, CountingModel(model), x, y, ctx, batch_size, device, progress or NoProgress())
+    return _Stage(model, CountingModel(model), x, y, ctx, as_batch(batch_size), device, progress or NoProgress())
 
 
 def run_minimal(
@@ -209,7 +239,7 @@ def run_minimal(
     lower: float,
     upper: float,
     num_classes: int,
-    batch_size: int,
+    batch_size: int | AdaptiveBatch,
     device: torch.device,
     seed: int,
     progress: ProgressSink | None = None,
@@ -231,7 +261,7 @@ def run_minimal(
 
         def accept(chunk: torch.Tensor, candidates: torch.Tensor, xb: torch.Tensor, run=run) -> int:
             candidates = candidates.clamp(lower, upper)
-            ok = verify_adversarial(model, candidates, x[chunk], y[chunk], unbounded, lower, upper, batch_size, device)
+            ok = verify_adversarial(model, candidates, x[chunk], y[chunk], unbounded, lower, upper, stage.batch, device)
             sizes = perturbation_norms(candidates.cpu() - x[chunk], norm)
             better = ok & (sizes < distance[chunk])
             hits = chunk[better]
@@ -259,7 +289,7 @@ def run_threat(
     lower: float,
     upper: float,
     num_classes: int,
-    batch_size: int,
+    batch_size: int | AdaptiveBatch,
     device: torch.device,
     seed: int,
     progress: ProgressSink | None = None,
@@ -284,7 +314,7 @@ def run_threat(
             label = record.name
             pick = torch.nonzero(clean_correct & (minimal.distance <= threat.eps * (1 + 1e-9))).flatten()
             pick = pick[[minimal.found_by[i] == label for i in pick.tolist()]] if len(pick) else pick
-            ok = verify_adversarial(model, minimal.x_adv[pick], x[pick], y[pick], threat, lower, upper, batch_size, device)
+            ok = verify_adversarial(model, minimal.x_adv[pick], x[pick], y[pick], threat, lower, upper, stage.batch, device)
             hits = pick[ok]
             broken[hits] = True
             x_adv[hits] = minimal.x_adv[hits]
@@ -311,7 +341,7 @@ def run_threat(
 
         def accept(chunk: torch.Tensor, candidates: torch.Tensor, xb: torch.Tensor, run=run) -> int:
             candidates = project(candidates, xb, threat, lower, upper)
-            ok = verify_adversarial(model, candidates, x[chunk], y[chunk], threat, lower, upper, batch_size, device)
+            ok = verify_adversarial(model, candidates, x[chunk], y[chunk], threat, lower, upper, stage.batch, device)
             crossed = getattr(run.attack, "crossed", None)
             if crossed is not None and len(crossed) == len(ok):
                 record.silent += int((crossed.cpu() & ~ok).sum())
@@ -338,7 +368,7 @@ def verify_spatial(
     threat: Threat,
     lower: float,
     upper: float,
-    batch_size: int,
+    batch_size: int | AdaptiveBatch,
     device: torch.device,
 ) -> torch.Tensor:
     """Independent check of spatial examples: parameters within the limits, the image rebuilt
@@ -366,7 +396,7 @@ def run_spatial(
     lower: float,
     upper: float,
     num_classes: int,
-    batch_size: int,
+    batch_size: int | AdaptiveBatch,
     device: torch.device,
     seed: int,
     progress: ProgressSink | None = None,
@@ -394,11 +424,11 @@ def run_spatial(
         records.append(record)
 
         def propose(xb: torch.Tensor, yb: torch.Tensor, run=run) -> torch.Tensor:
-            return run.attack.search(stage.counted, xb, yb, threat, lower, batch_size)
+            return run.attack.search(stage.counted, xb, yb, threat, lower, stage.batch.size)
 
         def accept(chunk: torch.Tensor, params: torch.Tensor, xb: torch.Tensor, run=run) -> int:
             candidates = transform_images(x[chunk].to(torch.float32), params.nan_to_num(0.0), lower)
-            ok = verify_spatial(model, candidates, x[chunk], y[chunk], params, threat, lower, upper, batch_size, device)
+            ok = verify_spatial(model, candidates, x[chunk], y[chunk], params, threat, lower, upper, stage.batch, device)
             hits = chunk[ok]
             broken[hits] = True
             x_adv[hits] = candidates[ok]
