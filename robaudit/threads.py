@@ -1,0 +1,68 @@
+"""How many CPU threads torch may use for a scan (``--threads``).
+
+The default is the cores this process may run on (its affinity mask, which container
+CPU limits, ``taskset`` and batch schedulers set), not the machine's core count:
+more intra-op threads than usable cores make torch's OpenMP workers wait on each
+other, which on a busy machine turned seconds into minutes (docs/benchmarks.md,
+"Threads and CPU contention").
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from robaudit.errors import RobauditError
+
+# Set before torch is first imported (robaudit/__main__.py): OpenMP workers that wait
+# for work sleep instead of spinning, so on a loaded machine they do not steal the
+# cores the working threads need. The user's own setting always wins.
+PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def default_threads() -> int:
+    """The cores this process may use: its affinity mask where the OS has one, else the core count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+def idle_cores() -> int | None:
+    """Cores not busy with other work, from the 1-minute load average; None where the OS has none."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+    return max(1, round((os.cpu_count() or 1) - load))
+
+
+def auto_threads() -> int:
+    """The affinity cores, but no more than are idle: on a loaded machine extra threads only
+    wait for each other (each parallel region ends when its slowest thread gets a core)."""
+    idle = idle_cores()
+    return default_threads() if idle is None else max(1, min(default_threads(), idle))
+
+
+def apply_threads(requested: int | None) -> int:
+    """Set torch's intra-op (and, while still allowed, inter-op) thread count; return the count used.
+
+    ``None`` means `default_threads()`. A count below 1 is a user error.
+    """
+    if requested is not None and requested < 1:
+        raise RobauditError(f"--threads must be at least 1, not {requested}")
+    count = default_threads() if requested is None else int(requested)
+    torch.set_num_threads(count)
+    _set_interop(count)
+    return count
+
+
+def _set_interop(count: int) -> None:
+    """Inter-op threads can only be set before torch's first parallel work; later it raises
+    RuntimeError, which is harmless (the scan runs no inter-op parallel work)."""
+    if torch.get_num_interop_threads() == count:
+        return
+    try:
+        torch.set_num_interop_threads(count)
+    except RuntimeError:
+        pass

@@ -1,0 +1,57 @@
+"""--threads: the default follows the affinity mask, the count reaches torch, bad values are user errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from robaudit.errors import RobauditError
+from robaudit.threads import apply_threads, auto_threads, default_threads, idle_cores
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_apply_threads_sets_torch_threads(restore_threads) -> None:
+    assert apply_threads(1) == 1 and torch.get_num_threads() == 1
+    count = default_threads()
+    assert apply_threads(None) == count and torch.get_num_threads() == count
+
+
+@pytest.mark.parametrize("bad", [0, -3])
+def test_threads_below_one_are_a_one_line_user_error(bad: int, restore_threads) -> None:
+    with pytest.raises(RobauditError, match="--threads must be at least 1") as caught:
+        apply_threads(bad)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no affinity masks on this OS")
+def test_default_threads_follows_a_restricted_affinity_mask() -> None:
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from robaudit.threads import apply_threads, default_threads; import torch; "
+        "print(default_threads(), apply_threads(None), torch.get_num_threads())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["1", "1", "1"]
+
+
+def test_auto_threads_never_exceeds_the_affinity_cores() -> None:
+    assert 1 <= auto_threads() <= default_threads()
+    idle = idle_cores()
+    assert idle is None or idle >= 1
+
+
+def test_auto_threads_drops_to_one_on_a_busy_machine(monkeypatch) -> None:
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count() or 1) + 2.0, 0.0, 0.0))
+    assert idle_cores() == 1 and auto_threads() == 1
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert auto_threads() == default_threads()
