@@ -10,15 +10,25 @@ other, which on a busy machine turned seconds into minutes (docs/benchmarks.md,
 from __future__ import annotations
 
 import os
-
-import torch
+import sys
 
 from robaudit.errors import RobauditError
 
-# Set before torch is first imported (robaudit/__main__.py): OpenMP workers that wait
-# for work sleep instead of spinning, so on a loaded machine they do not steal the
-# cores the working threads need. The user's own setting always wins.
-PASSIVE_WAIT = {"OMP_WAIT_POLICY": "PASSIVE"}
+# torch is imported inside the functions: `quiet_openmp` must run before torch loads.
+
+
+def quiet_openmp() -> bool:
+    """Make idle OpenMP threads sleep instead of spin (``OMP_WAIT_POLICY=PASSIVE``); True if in time.
+
+    OpenMP reads the setting once, when torch loads it, so this must run before the first
+    ``import torch`` (the CLI's entry point calls it first). Spinning threads steal the
+    cores that the working threads and other processes need on a busy machine. A value
+    the user set is kept.
+    """
+    if "torch" in sys.modules:
+        return False
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return True
 
 
 def default_threads() -> int:
@@ -49,6 +59,8 @@ def apply_threads(requested: int | None) -> int:
 
     ``None`` means `default_threads()`. A count below 1 is a user error.
     """
+    import torch
+
     if requested is not None and requested < 1:
         raise RobauditError(f"--threads must be at least 1, not {requested}")
     count = default_threads() if requested is None else int(requested)
@@ -60,6 +72,8 @@ def apply_threads(requested: int | None) -> int:
 def _set_interop(count: int) -> None:
     """Inter-op threads can only be set before torch's first parallel work; later it raises
     RuntimeError, which is harmless (the scan runs no inter-op parallel work)."""
+    import torch
+
     if torch.get_num_interop_threads() == count:
         return
     try:

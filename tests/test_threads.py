@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from robaudit.errors import RobauditError
-from robaudit.threads import apply_threads, auto_threads, default_threads, idle_cores
+from robaudit.threads import apply_threads, auto_threads, default_threads, idle_cores, quiet_openmp
 
 
 @pytest.fixture
@@ -55,3 +55,22 @@ def test_auto_threads_drops_to_one_on_a_busy_machine(monkeypatch) -> None:
     assert idle_cores() == 1 and auto_threads() == 1
     monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     assert auto_threads() == default_threads()
+
+
+def test_quiet_openmp_sets_passive_waiting_before_torch_loads_and_keeps_a_user_setting() -> None:
+    code = (
+        "import os, sys; from robaudit.threads import quiet_openmp; loaded = 'torch' in sys.modules; "
+        "print(loaded, quiet_openmp(), os.environ['OMP_WAIT_POLICY'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env)
+    assert done.stdout.split() == ["False", "True", "PASSIVE"]  # importing robaudit.threads does not load torch
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True, env={**env, "OMP_WAIT_POLICY": "ACTIVE"}
+    )
+    assert done.stdout.split() == ["False", "True", "ACTIVE"]
+
+
+def test_quiet_openmp_is_a_no_op_once_torch_is_loaded(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert quiet_openmp() is False and "OMP_WAIT_POLICY" not in os.environ
