@@ -18,8 +18,10 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -105,17 +107,18 @@ class Cluster:
         for rank, (peer_host, pid) in enumerate(self.peers):
             if rank == self.rank or peer_host != host:
                 continue
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
+            if not _alive(pid):
                 dead.append(rank)
-            except PermissionError:
-                pass
         return dead
 
     def stopped(self) -> str:
         """Why this rank cannot go on, naming the rank that died where it can."""
         dead = self.dead_ranks()
+        for _ in range(10):  # a killed peer's sockets close a moment before the OS marks it dead
+            if dead:
+                break
+            time.sleep(0.1)
+            dead = self.dead_ranks()
         if dead:
             named = ", ".join(f"rank {r} (pid {self.peers[r][1]})" for r in dead)
             return f"{named} of {self.world} died, so rank {self.rank} stopped too"
@@ -128,6 +131,21 @@ class Cluster:
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process runs: gone, or a zombie its launcher has not reaped yet, counts as dead."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
 
 
 def join(device: str) -> Cluster:
