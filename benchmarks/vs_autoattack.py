@@ -134,7 +134,7 @@ def count_all_passes():
 
 def run_robaudit(model, weights: Path, arch: str, threat: Threat, x, y, n: int | None, seed: int) -> dict:
     config = ScanConfig(model=weights, arch=arch, data="digits", n=n, seed=seed, threats=[threat],
-                        preset="standard", device="cpu")  # fmt: skip
+                        preset="standard", device="cpu", keep_adversarial=True)  # fmt: skip
     with count_all_passes() as tally:
         start = time.perf_counter()
         result = scan(config)
