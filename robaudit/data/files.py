@@ -209,12 +209,13 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
             f"image folder {spec} contains no images ({', '.join(IMAGE_EXTENSIONS)}) "
             "in its class sub-folders."
         )
-    shown = [Path(spec) / file.relative_to(root) for file, _ in files]
-    size, all_gray = _check_headers([file for file, _ in files], shown)
+    paths = [file for file, _ in files]
+    shown = [Path(spec) / file.relative_to(root) for file in paths]
+    size, all_gray = _check_headers(paths, shown)
     mode = {1: "L", 3: "RGB"}.get(channels or 0)
     # Grayscale converted to RGB repeats the channel: keep one copy.
     one_channel = mode == "L" or (mode is None and all_gray)
-    images = FolderImages([file for file, _ in files], shown, size, mode or "RGB", one_channel)
+    images = FolderImages(paths, shown, size, mode or "RGB", one_channel)
     kind = "grayscale (1 channel)" if one_channel else "RGB (3 channels)"
     notes = [f"read {len(files)} images from {len(classes)} class folders as {kind}"]
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
