@@ -38,22 +38,6 @@ def default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
-def idle_cores() -> int | None:
-    """Cores not busy with other work, from the 1-minute load average; None where the OS has none."""
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        return None
-    return max(1, round((os.cpu_count() or 1) - load))
-
-
-def auto_threads() -> int:
-    """The affinity cores, but no more than are idle: on a loaded machine extra threads only
-    wait for each other (each parallel region ends when its slowest thread gets a core)."""
-    idle = idle_cores()
-    return default_threads() if idle is None else max(1, min(default_threads(), idle))
-
-
 def apply_threads(requested: int | None) -> int:
     """Set torch's intra-op (and, while still allowed, inter-op) thread count; return the count used.
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from robaudit.errors import RobauditError
-from robaudit.threads import apply_threads, auto_threads, default_threads, idle_cores, quiet_openmp
+from robaudit.threads import apply_threads, default_threads, quiet_openmp
 
 
 @pytest.fixture
@@ -42,19 +42,6 @@ def test_default_threads_follows_a_restricted_affinity_mask() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.split() == ["1", "1", "1"]
-
-
-def test_auto_threads_never_exceeds_the_affinity_cores() -> None:
-    assert 1 <= auto_threads() <= default_threads()
-    idle = idle_cores()
-    assert idle is None or idle >= 1
-
-
-def test_auto_threads_drops_to_one_on_a_busy_machine(monkeypatch) -> None:
-    monkeypatch.setattr(os, "getloadavg", lambda: (float(os.cpu_count() or 1) + 2.0, 0.0, 0.0))
-    assert idle_cores() == 1 and auto_threads() == 1
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-    assert auto_threads() == default_threads()
 
 
 def test_quiet_openmp_sets_passive_waiting_before_torch_loads_and_keeps_a_user_setting() -> None:
