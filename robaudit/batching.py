@@ -43,14 +43,16 @@ class AdaptiveBatch:
         return f"batch size reduced from {self.initial} to {self.size} after CUDA out-of-memory"
 
     def shrink(self, failed: int, reason: str) -> None:
-        """Halve below the size of the chunk that failed; at 1 there is nothing left to try."""
+        """Halve until below the size of the chunk that failed (a short last chunk can fail
+        too); at 1 there is nothing left to try."""
         _free_cuda_cache()
         if failed <= 1:
             raise RobauditError(
                 "out of GPU memory even at batch size 1: the model does not fit on this GPU "
                 f"(use --device cpu or a GPU with more memory; CUDA said: {reason})"
             )
-        self.size = max(1, min(self.size, failed) // 2)
+        while self.size >= failed:
+            self.size //= 2
 
     def run(self, total: int, fn: Callable[[int, int], T], checkpoint: Callable[[], Restore] | None = None) -> list[T]:
         """``fn(start, stop)`` over ``range(total)`` in chunks of the current size; the results in order.

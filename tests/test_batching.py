@@ -143,9 +143,9 @@ def test_chunks_after_a_failure_cover_every_index_once_in_order() -> None:
         return stop - start
 
     batch = AdaptiveBatch(12)
-    assert sum(batch.run(11, fn)) == 11  # the first chunk (11) fails, then 5, then 2 fits
-    assert seen == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10), (10, 11)]
-    assert batch.note == "batch size reduced from 12 to 2 after CUDA out-of-memory"
+    assert sum(batch.run(11, fn)) == 11  # the first chunk (11) fails, then 6, then 3 fits
+    assert seen == [(0, 3), (3, 6), (6, 9), (9, 11)]
+    assert batch.note == "batch size reduced from 12 to 3 after CUDA out-of-memory"
 
 
 def test_restore_runs_before_the_retry_and_other_errors_pass_through() -> None:
