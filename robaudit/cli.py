@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from robaudit import __version__
 from robaudit.errors import RobauditError
+from robaudit.threads import quiet_openmp
 
 EXIT_GATE_FAILED = 1
 EXIT_USAGE = 2
@@ -182,6 +183,7 @@ def scan(
     step_sizes: Annotated[Optional[str], typer.Option("--step-sizes", metavar="S1,S2,...", help="Add a PGD run per step size (multiples of eps), e.g. 0.01,0.025,0.1; a point counts as broken if any run breaks it.", show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Inputs per batch. \\[default: 256 on CPU, 1024 on CUDA]", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto, cpu or cuda.")] = "auto",
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads for torch. \\[default: the cores this process may use (its CPU affinity mask)]", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (schema: docs/report-schema.md).", show_default=False)] = None,
     save_adversarial: Annotated[Optional[Path], typer.Option("--save-adversarial", help="Write the verified adversarial examples to an .npz: <threat>__x and <threat>__index per threat.", show_default=False)] = None,
     fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", metavar="METRIC[THREAT]=MIN", help="Gate, repeatable: exit 1 when a metric is below its minimum, e.g. \"robust_accuracy\\[linf:8/255]=0.40\", \"clean_accuracy=0.9\", \"certified_accuracy\\[l2:0.5]=0.2\" or \"indicator_score=0.5\" (docs/ci.md).", show_default=False)] = None,
@@ -208,8 +210,10 @@ def scan(
     from robaudit.gate import Baseline, parse_max_drop, parse_threshold
     from robaudit.report.schema import read_report
     from robaudit.scan import DEFAULT_THREAT, ScanConfig, save_adversarial as write_adversarial, scan as run_scan
+    from robaudit.threads import apply_threads
     from robaudit.threats import parse_threat
 
+    apply_threads(threads)
     lo_hi = _floats(input_range, "--input-range")
     if lo_hi is None or len(lo_hi) != 2:
         raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI, e.g. 0,1 or 0,255")
@@ -440,6 +444,7 @@ def _is_usage_error(exc: BaseException) -> bool:
 
 def main() -> None:
     """Console-script entry point: turns every error into one line and an exit code."""
+    quiet_openmp()  # before anything imports torch (docs/benchmarks.md, "Threads and CPU contention")
     try:
         code = app(standalone_mode=False)
     except RobauditError as exc:

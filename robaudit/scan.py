@@ -34,6 +34,7 @@ from robaudit.certify.budget import BUDGETS as CERTIFY_BUDGETS
 from robaudit.battery import DEFAULT_PRESET, RANDOMIZED, REPEATS, Spec, build_battery, override, preset_specs
 from robaudit.data import check_compatible, load_data
 from robaudit.data.dataset import Dataset
+from robaudit.batching import AdaptiveBatch
 from robaudit.errors import RobauditError
 from robaudit.gate import Baseline, MaxDrop, Threshold, check_baseline, check_baseline_data, check_thresholds_cover, evaluate
 from robaudit.models import load_model, wrap_model
@@ -220,6 +221,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
         check_baseline_data(config.baseline, name=data.name, seed=config.seed, indices=list(data.indices), labels=data.y.tolist())
     loaded = time.perf_counter()
     batch_size = config.batch_size or default_batch_size(device)
+    batch = AdaptiveBatch(batch_size)  # halves on CUDA out-of-memory, for the rest of the scan
     y = data.y
 
     # 3. trust checks, part 1: a randomized model is attacked through EOT and judged by its worst draw
@@ -240,7 +242,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     _deterministic_only(config.certify, randomized, "--certify")
     setup = ChunkSetup(
         threats=config.threats, battery=battery, trust=trust if config.checks == "on" else None, output_kind=info.output_kind,
-        lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch_size, device=device, seed=config.seed,
+        lower=lower, upper=upper, num_classes=info.num_classes, batch_size=batch, device=device, seed=config.seed,
         preset=config.preset,
     )  # fmt: skip
 
@@ -276,12 +278,13 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
              final_from_plain(store.load(k, "final")))
             for k in mine
         ]  # fmt: skip
-        gathered = cluster.gather(results)
+        gathered = cluster.gather((results, batch.note))
     finally:
         store.close()
     if gathered is None:
         return None
-    ordered = sorted((r for rank in gathered for r in rank), key=lambda r: r[0].k)
+    ordered = sorted((r for rank, _ in gathered for r in rank), key=lambda r: r[0].k)
+    batch_notes = list(dict.fromkeys(note for _, note in gathered if note))  # each rank backs off on its own
     parts, finals = [a for a, _ in ordered], [f for _, f in ordered]
     if [p.k for p in parts] != list(range(len(chunks))):
         raise RuntimeError("internal error: chunks are missing from the merged results")
@@ -321,6 +324,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
             input_range=[lower, upper],
             notes=[
                 *raw.notes, *info.notes, *([reshape_note] if reshape_note else []), *_randomized_notes(randomized),
+                *batch_notes,
                 PRECISION_NOTE,
             ],  # fmt: skip
         ),

@@ -25,6 +25,7 @@ from torch import nn
 
 from robaudit.attacks import AttackRun, ThreatOutcome, run_threat, verify_adversarial
 from robaudit.attacks.runner import MinimalOutcome, judge, run_minimal, run_spatial, verify_spatial
+from robaudit.batching import AdaptiveBatch
 from robaudit.models.randomized import EOT
 from robaudit.stages.certify import CertifyResult, certify_stage, smallest_adversarial_l2, unavailable
 from robaudit.stages.measure import IndicatorResult, indicator_stage
@@ -79,7 +80,7 @@ class ChunkSetup:
     lower: float
     upper: float
     num_classes: int
-    batch_size: int
+    batch_size: AdaptiveBatch  # the scan's: runner loops back off on CUDA out-of-memory; other stages read .size
     device: torch.device
     seed: int
     preset: str
@@ -154,7 +155,7 @@ def finish_chunk(
     clean_correct = part.clean_pred == y
     measured = indicator_stage(
         model, x, y, setup.threats, mode="on" if indicator else "off", battery_passes=0.0,
-        lower=setup.lower, upper=setup.upper, batch_size=setup.batch_size, seed=seed, progress=progress(),
+        lower=setup.lower, upper=setup.upper, batch_size=setup.batch_size.size, seed=seed, progress=progress(),
     )  # fmt: skip
     if certify_skipped is not None:  # the scan decided it would take too long: still report the attack distances
         certified = unavailable(certify_skipped, certify_budget, smallest_adversarial_l2(x, part.outcomes, part.minimal)[0])
@@ -162,7 +163,7 @@ def finish_chunk(
     certified = certify_stage(
         model, x, y, clean_correct, part.outcomes, part.minimal, mode="on" if certify else "off", budget=certify_budget,
         l2_threats=[(t.canonical, t.eps) for t in setup.threats if t.norm == "l2"],
-        lower=setup.lower, upper=setup.upper, batch_size=setup.batch_size, device=setup.device, seed=seed,
+        lower=setup.lower, upper=setup.upper, batch_size=setup.batch_size.size, device=setup.device, seed=seed,
         progress=progress(),
     )  # fmt: skip
     return ChunkFinal(k=part.k, indicator=measured, certified=certified)
