@@ -27,6 +27,13 @@ class Budget:
     crown_refine_unbounded: int = 64  # ... and this many where the node has no forward symbolic bounds
     alpha_steps: int = 0  # alpha-CROWN: Adam steps on the unstable ReLUs' lower slopes per radius tried
     alpha_lr: float = 0.1
+    bab_evals: int = 0  # branch and bound (bab.py): trials of its bisection above CROWN's radius (0: none)
+    bab_domains: int = 0  # ... domains (leaves and inner nodes) evaluated per trial, margin and sample
+    bab_batch: int = 64  # ... domains split at once
+    bab_steps: int = 8  # ... projected Adam steps on alpha and beta per batch of domains
+    bab_beta_lr: float = 0.05
+    bab_units: int = 1 << 30  # ... only on networks with at most this many ReLU units in all
+    bab_work: int = 1 << 40  # ... and at most this many / (multiply-adds of one network pass) domains per trial
 
 
 BUDGETS: dict[str, Budget] = {
@@ -37,10 +44,12 @@ BUDGETS: dict[str, Budget] = {
     "default": Budget(
         "default", shells=8, max_evals=30, tol=1 / 512, symbolic_cap=1 << 20, gram_cap=2048, corner_cap=1024,
         crown_evals=10, crown_refine=0,
+        bab_evals=4, bab_domains=1024, bab_batch=128, bab_steps=2, bab_units=512, bab_work=1 << 25,
     ),
     "tight": Budget(
         "tight", shells=32, max_evals=90, tol=1 / 8192, symbolic_cap=1 << 23, gram_cap=4096, corner_cap=4096,
         crown_evals=20, crown_refine=4096, alpha_steps=20,
+        bab_evals=5, bab_domains=2048, bab_batch=256, bab_steps=4, bab_units=512, bab_work=1 << 27,
     ),
 }
 

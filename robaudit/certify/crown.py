@@ -27,17 +27,21 @@ refined. Nodes that are affine in the pixels have exact ranges z(x) +- eps ||A_i
 `CrownBound.radius` bisects on eps per sample: a radius is accepted only when the lower
 bound of every margin over its ball exceeds the float32 evaluation error over that ball
 (`rounding.py`), so the deployed float32 model keeps its decision too. Every bound is
-computed in float64 and deflated by a relative tolerance for float64 rounding.
+computed in float64 and deflated by a relative tolerance for float64 rounding. On small
+ReLU nets (`Budget.bab_units`) a second bisection then proves larger radii by branch and
+bound on unstable ReLUs (`bab.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
 from robaudit.certify.affine import AffinePrefix
+from robaudit.certify.bab import BranchAndBound
 from robaudit.certify.box import exact_box, node_box
 from robaudit.certify.budget import Budget
 from robaudit.certify.graph import Graph
@@ -108,6 +112,15 @@ class CrownBound:
             {n.inputs[0] for n in graph.nodes if isinstance(n.op, (ActOp, MaxPoolOp))} - {0}
         )
         self.elems = budget.crown_elems
+        self.pass_cost = 0  # multiply-adds of one pass through the network (a backward pass costs about as much)
+        for n in graph.nodes:
+            w = getattr(n.op, "weight", None)
+            out = math.prod(n.shape)
+            self.pass_cost += w.numel() * out // w.shape[0] if torch.is_tensor(w) and w.dim() >= 2 else out
+        self.relu_units = sum(  # units branch and bound may split (`bab.py`)
+            math.prod(n.shape) for n in graph.nodes
+            if isinstance(n.op, ActOp) and n.op.kind in ("relu", "leaky_relu") and n.op.convexity == "convex"
+        )
         self.depth: list[int] = []  # most relaxed (nonlinear) nodes on a path from the pixels, node included
         for node in graph.nodes:
             before = max((self.depth[j] for j in node.inputs), default=0)
@@ -344,12 +357,16 @@ class CrownBound:
 
     def _backward(
         self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor, start: int, spec: torch.Tensor, ctx: _Context,
-        alpha: dict[int, torch.Tensor] | None = None,
+        alpha: dict[int, torch.Tensor] | None = None, extra: dict[int, torch.Tensor] | None = None,
+        trace: dict[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(n, S) lower bounds of spec . z_start over the ball, spec (n, S, *shape of start).
 
         `alpha` optionally gives, per ReLU node, lower slopes (n, S, *shape) for its
         unstable units (clamped to their sound range; stable units keep their exact slope).
+        `extra` optionally adds coefficients (n, S, *shape) on nodes below `start` (the split
+        constraints of branch and bound, `bab.py`); `trace`, when given, receives the
+        coefficients reaching each activation node (before its relaxation).
         """
         g = self.graph
         n, s = spec.shape[:2]
@@ -364,6 +381,8 @@ class CrownBound:
             return t.reshape(n, s, -1).sum(2)
 
         for i in range(start, -1, -1):
+            if extra is not None and i in extra:
+                push(i, extra[i])
             if i not in state:
                 continue
             lam = state.pop(i)
@@ -389,6 +408,8 @@ class CrownBound:
                 j = node.inputs[0]
                 push(j, op.adjoint(lam.reshape(n * s, *node.shape)).reshape(n, s, *g.nodes[j].shape))
             elif isinstance(op, ActOp):
+                if trace is not None:
+                    trace[i] = lam
                 rel = ctx.relaxed[i]
                 r = rel.parts
                 neg = lam.clamp_max(0)
@@ -459,4 +480,34 @@ class CrownBound:
             high[live] = torch.where(grow, 2 * trial, torch.where(ok, hi_, trial))
             bracketed[live] = bracketed[live] | ~ok
             done[live] = bracketed[live] & (high[live] - low[live] <= self.budget.tol * high[live])
+        if self.budget.bab_evals and self.budget.bab_domains and self.relu_units <= self.budget.bab_units:
+            best = self._branch(batch, idx, torch.maximum(best, known.to(torch.float64)), first_order, best)
+        return best
+
+    def _branch(self, batch: Batch, idx: torch.Tensor, start: torch.Tensor, first_order: torch.Tensor, best):
+        """Push each radius up by a bisection whose trials branch and bound proves (`bab.py`).
+
+        The bracket is [start, min(max(first-order radius, 1.05 start), 2 start)]: a trial
+        above the true radius spends the whole branch-and-bound budget, so the search stays
+        close to what the bounds already proved. Only proved trials are kept. Domains per
+        trial: `bab_domains`, fewer on wide nets (`bab_work` / multiply-adds of one pass).
+        """
+        domains = min(self.budget.bab_domains, self.budget.bab_work // max(1, self.pass_cost))
+        if domains < 1:
+            return best
+        bab = BranchAndBound(self, dataclasses.replace(self.budget, bab_domains=domains))
+        best = best.clone()
+        for t in range(len(idx)):
+            lo = float(start[t])
+            if not lo > 0:
+                continue
+            fo = float(first_order[t]) if math.isfinite(float(first_order[t])) else 2 * lo
+            hi = min(max(fo, 1.05 * lo), 2 * lo)
+            for _ in range(self.budget.bab_evals):
+                trial = (lo + hi) / 2
+                if bab.verify(batch, int(idx[t]), trial):
+                    lo = trial
+                    best[t] = max(float(best[t]), trial)
+                else:
+                    hi = trial
         return best
