@@ -55,11 +55,12 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return report
 
 
-def test_two_gloo_ranks_give_the_single_process_report(single: dict, tmp_path: Path) -> None:
+@pytest.mark.parametrize("ranks", [2, 4])  # 4 ranks for 3 chunks: one rank has nothing to do
+def test_gloo_ranks_give_the_single_process_report(single: dict, tmp_path: Path, ranks: int) -> None:
     out = tmp_path / "report.json"
-    result = torchrun(*SCAN, "--json", out)
+    result = torchrun(*SCAN, "--json", out, nproc=ranks)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(out.read_text())["timing"]["ranks"] == 2
+    assert json.loads(out.read_text())["timing"]["ranks"] == ranks
     assert comparable(out) == single
 
 
