@@ -82,6 +82,17 @@ PRESETS: dict[str, list[Spec]] = {
         # Only spatial threats (spatial:DEG,PX) run it; Engstrom et al.'s 31 x 5 x 5 grid.
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
     ],
+    # AutoAttack "standard" as published (Croce & Hein 2020), budgets included: APGD-CE
+    # (100 steps, one start), APGD-T (100 steps, 9 targets), FAB-T's slot filled by FMN
+    # (100 steps; robaudit has no FAB) and Square with its full 5000 queries on every point
+    # still robust. For figures comparable with AutoAttack / RobustBench (with --first N).
+    "autoattack": [
+        {"attack": "apgd-ce", "steps": 100},
+        {"attack": "apgd-t", "steps": 100, "n_targets": 9},
+        {"attack": "fmn", "steps": 100},
+        {"attack": "square", "n_queries": 5000},
+        {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
+    ],
     # Many restarts, a PGD step-size grid, both DLR forms, more queries, two minimal-norm attacks.
     "thorough": [
         {"attack": "fmn", "steps": 300},

@@ -14,7 +14,6 @@ Files hold plain tensors, lists and JSON text only, read back with
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -23,6 +22,7 @@ from typing import Any
 
 import torch
 
+from robaudit.atomic import write_atomic
 from robaudit.attacks.runner import AttackRecord, MinimalOutcome, ThreatOutcome
 from robaudit.checks.verdict import CheckResult
 from robaudit.errors import RobauditError
@@ -76,20 +76,6 @@ class ChunkStore:
 
     def save_decisions(self, decisions: dict[str, Any]) -> None:
         write_atomic(self.root / DECISIONS, lambda handle: handle.write(json.dumps(decisions, indent=1).encode()))
-
-
-def write_atomic(path: Path, write) -> None:
-    """Write through a temporary file in the same folder and rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> ChunkStore:

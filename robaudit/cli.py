@@ -8,6 +8,7 @@ error.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -27,10 +28,10 @@ EXIT_INTERNAL = 3
 app = typer.Typer(
     name="robaudit",
     help="Audit how robust a saved image classifier is against adversarial perturbation.\n\n"
-    "Example: [bold]robaudit scan model.onnx --data cifar10 --threat linf:8/255 --json report.json[/bold]",
+    "Example: robaudit scan model.onnx --data cifar10 --threat linf:8/255 --json report.json",
     no_args_is_help=True,
     add_completion=False,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -107,6 +108,22 @@ def _guard_outputs(outputs: list[Path | None], inputs: list[Path]) -> None:
             raise RobauditError(f"cannot write {out}: folder {out.parent} does not exist")
         if out.is_dir():
             raise RobauditError(f"cannot write {out}: it is a folder")
+        _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """Find an unwritable output before the scan, not after hours of attacks: create and remove a file beside it."""
+    import tempfile
+
+    try:
+        if out.exists() and out.is_file():
+            with out.open("ab"):  # opened for appending, nothing written: the file is unchanged
+                pass
+        if not out.exists() or out.is_file():  # reports are written beside the file, then renamed over it
+            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".check"):
+                pass
+    except OSError as exc:
+        raise RobauditError(f"cannot write {out}: {exc.strerror or exc}") from exc
 
 
 def _distinct_outputs(outputs: dict[str, Path | None]) -> None:
@@ -152,11 +169,11 @@ SCAN_EPILOG = (
     "  robaudit scan model.onnx --data cifar10 --n 500 --threat linf:8/255 --threat l2:0.5 --json report.json\n\n"
     "  robaudit scan resnet.safetensors --arch resnet18 --num-classes 10 --data ./images "
     "--mean 0.4914,0.4822,0.4465 --std 0.2471,0.2435,0.2616\n\n"
-    "  robaudit scan model.onnx --data ./test.npz --fail-under \"robust_accuracy\\[linf:8/255]=0.40\"\n\n"
+    "  robaudit scan model.onnx --data ./test.npz --fail-under \"robust_accuracy[linf:8/255]=0.40\"\n\n"
     "  robaudit scan model.onnx --data ./test.npz --config audit.toml --baseline base.json "
-    "--max-drop \"robust_accuracy\\[linf:8/255]=0.02\" --junit gate.xml --markdown \"$GITHUB_STEP_SUMMARY\" --html report.html\n\n"
+    "--max-drop \"robust_accuracy[linf:8/255]=0.02\" --junit gate.xml --markdown \"$GITHUB_STEP_SUMMARY\" --html report.html\n\n"
     "  robaudit scan model.onnx --data ./test.npz --preset quick --strict\n\n"
-    "Exit codes: 0 passed, 1 a gate check (--fail-under, --max-drop, \\[gate], --strict) was missed, 2 bad usage or input, "
+    "Exit codes: 0 passed, 1 a gate check (--fail-under, --max-drop, [gate], --strict) was missed, 2 bad usage or input, "
     "3 internal error. CI recipes: docs/ci.md."
 )
 
@@ -165,10 +182,11 @@ SCAN_EPILOG = (
 def scan(
     model: Annotated[Path, typer.Argument(help="Model file: .onnx, TorchScript .pt, torch.export .pt2, .safetensors or a state dict (.pt/.pth, with --arch).", show_default=False)],
     data: Annotated[str, typer.Option("--data", "-d", metavar="NAME|PATH", help="Built-in dataset (digits, mnist, fashion-mnist, cifar10, cifar100, svhn; test split) or a path: .npz with x and y, .safetensors/.pt tensors, or a folder of images in class sub-folders.")] = "digits",
-    threat: Annotated[Optional[list[str]], typer.Option("--threat", "-t", metavar="NORM:EPS", help="Threat NORM:EPS in pixel space, repeatable; fractions allowed. \\[default: linf:8/255]", show_default=False)] = None,
+    threat: Annotated[Optional[list[str]], typer.Option("--threat", "-t", metavar="NORM:EPS", help="Threat NORM:EPS in pixel space, repeatable; fractions allowed. [default: linf:8/255]", show_default=False)] = None,
     n: Annotated[Optional[int], typer.Option("--n", "--samples", help="Stratified sample of N inputs (--samples under torchrun, whose own options take --n). Default: every sample of a file, 1000 of a built-in dataset.", show_default=False)] = None,
+    first: Annotated[Optional[int], typer.Option("--first", metavar="N", help="The first N samples in the data's own order instead of a stratified sample (the RobustBench / AutoAttack convention).", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and random starts; the same seed gives the same report.")] = 0,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where built-in datasets are cached. \\[default: $ROBAUDIT_CACHE or ~/.cache/robaudit]", show_default=False)] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where built-in datasets are cached. [default: $ROBAUDIT_CACHE or ~/.cache/robaudit]", show_default=False)] = None,
     format: Annotated[Optional[str], typer.Option("--format", metavar="FORMAT", help="Override the model format detected from the file: onnx, torchscript, torch-export, safetensors, state-dict, pickle.", show_default=False)] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", metavar="NAME|MODULE:FACTORY", help="Architecture for weights-only files: a torchvision model name (e.g. resnet18) or package.module:factory.", show_default=False)] = None,
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes, passed to --arch.", show_default=False)] = None,
@@ -176,19 +194,19 @@ def scan(
     mean: Annotated[Optional[str], typer.Option("--mean", metavar="M1,M2,...", help="Per-channel mean the model expects, applied inside the model so attacks work in pixel space, e.g. 0.4914,0.4822,0.4465.", show_default=False)] = None,
     std: Annotated[Optional[str], typer.Option("--std", metavar="S1,S2,...", help="Per-channel std the model expects, e.g. 0.2471,0.2435,0.2616.", show_default=False)] = None,
     input_range: Annotated[str, typer.Option("--input-range", metavar="LO,HI", help="Pixel range LO,HI of the inputs; attacks stay inside it.")] = "0,1",
-    preset: Annotated[Optional[str], typer.Option("--preset", metavar="quick|standard|thorough", help="Attack battery: quick (FGSM + short APGD), standard (AutoAttack strength: FMN, APGD-CE, APGD-T, Square) or thorough (restarts, step-size grid, more queries). \\[default: standard]", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", metavar="quick|standard|thorough|autoattack", help="Attack battery: quick (FGSM + short APGD), standard (AutoAttack strength: FMN, APGD-CE, APGD-T, Square), thorough (restarts, step-size grid, more queries) or autoattack (AutoAttack standard's attacks and budgets, FMN in FAB-T's place). [default: standard]", show_default=False)] = None,
     config_file: Annotated[Optional[Path], typer.Option("--config", metavar="AUDIT.toml", help="TOML file choosing the preset, attacks and their parameters, and threats (docs/attacks.md); flags override it.", show_default=False)] = None,
     steps: Annotated[Optional[int], typer.Option("--steps", help="Override the iterations of every iterative attack.", show_default=False)] = None,
     restarts: Annotated[Optional[int], typer.Option("--restarts", help="Override the random restarts of every randomized attack; each restart runs only on points still robust.", show_default=False)] = None,
     step_sizes: Annotated[Optional[str], typer.Option("--step-sizes", metavar="S1,S2,...", help="Add a PGD run per step size (multiples of eps), e.g. 0.01,0.025,0.1; a point counts as broken if any run breaks it.", show_default=False)] = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Inputs per batch. \\[default: 256 on CPU, 1024 on CUDA]", show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Inputs per batch. [default: 256 on CPU, 1024 on CUDA]", show_default=False)] = None,
     device: Annotated[str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads for torch. \\[default: the cores this process may use (its CPU affinity mask)]", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", metavar="N", help="CPU threads for torch. [default: the cores this process may use (its CPU affinity mask)]", show_default=False)] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (schema: docs/report-schema.md).", show_default=False)] = None,
     save_adversarial: Annotated[Optional[Path], typer.Option("--save-adversarial", help="Write the verified adversarial examples to an .npz: <threat>__x and <threat>__index per threat.", show_default=False)] = None,
-    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", metavar="METRIC[THREAT]=MIN", help="Gate, repeatable: exit 1 when a metric is below its minimum, e.g. \"robust_accuracy\\[linf:8/255]=0.40\", \"clean_accuracy=0.9\", \"certified_accuracy\\[l2:0.5]=0.2\" or \"indicator_score=0.5\" (docs/ci.md).", show_default=False)] = None,
-    max_drop: Annotated[Optional[list[str]], typer.Option("--max-drop", metavar="METRIC[THREAT]=DROP", help="Gate against --baseline, repeatable: exit 1 when a metric fell by more than DROP, absolute (0.02), relative to the baseline (5%) or both (0.02,5%), e.g. \"robust_accuracy\\[linf:8/255]=0.02\"; robust_accuracy without a threat means every threat.", show_default=False)] = None,
-    baseline: Annotated[Optional[Path], typer.Option("--baseline", metavar="BASE.json", help="JSON report of an earlier scan that --max-drop and \\[gate.max_drop] compare with (overrides baseline in \\[gate]).", show_default=False)] = None,
+    fail_under: Annotated[Optional[list[str]], typer.Option("--fail-under", metavar="METRIC[THREAT]=MIN", help="Gate, repeatable: exit 1 when a metric is below its minimum, e.g. \"robust_accuracy[linf:8/255]=0.40\", \"clean_accuracy=0.9\", \"certified_accuracy[l2:0.5]=0.2\" or \"indicator_score=0.5\" (docs/ci.md).", show_default=False)] = None,
+    max_drop: Annotated[Optional[list[str]], typer.Option("--max-drop", metavar="METRIC[THREAT]=DROP", help="Gate against --baseline, repeatable: exit 1 when a metric fell by more than DROP, absolute (0.02), relative to the baseline (5%) or both (0.02,5%), e.g. \"robust_accuracy[linf:8/255]=0.02\"; robust_accuracy without a threat means every threat.", show_default=False)] = None,
+    baseline: Annotated[Optional[Path], typer.Option("--baseline", metavar="BASE.json", help="JSON report of an earlier scan that --max-drop and [gate.max_drop] compare with (overrides baseline in [gate]).", show_default=False)] = None,
     force_baseline: Annotated[bool, typer.Option("--force-baseline", help="Gate against a baseline scanned on other data (name, seed or samples differ) anyway.")] = False,
     junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="Write the gate as JUnit XML, one test case per check (GitLab, Jenkins).", show_default=False)] = None,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="PATH", help="Write a Markdown summary, e.g. --markdown \"$GITHUB_STEP_SUMMARY\" for a GitHub job summary.", show_default=False)] = None,
@@ -207,70 +225,31 @@ def scan(
 
     Every adversarial example is re-verified by an independent forward pass before it counts.
     """
-    from robaudit.gate import Baseline, parse_max_drop, parse_threshold
-    from robaudit.report.schema import read_report
-    from robaudit.scan import DEFAULT_THREAT, ScanConfig, save_adversarial as write_adversarial, scan as run_scan
+    from robaudit.api import build_config
+    from robaudit.scan import save_adversarial as write_adversarial, scan as run_scan
     from robaudit.threads import apply_threads
-    from robaudit.threats import parse_threat
 
     apply_threads(threads)
     lo_hi = _floats(input_range, "--input-range")
     if lo_hi is None or len(lo_hi) != 2:
         raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI, e.g. 0,1 or 0,255")
-    from robaudit.battery import DEFAULT_PRESET, read_config
-
-    file_config = read_config(config_file) if config_file is not None else {}
-    threat_specs = threat or file_config.get("threats") or [DEFAULT_THREAT]
-    attack_specs = None if preset is not None else file_config.get("attacks")
-    gate_spec = file_config.get("gate")
-    thresholds = [parse_threshold(f) for f in (fail_under or [])] + (gate_spec.minimums if gate_spec else [])
-    max_drops = [parse_max_drop(f) for f in (max_drop or [])] + (gate_spec.max_drops if gate_spec else [])
-    baseline_path = baseline or (gate_spec.baseline if gate_spec else None)
-    # a gate on the certificate or the indicator turns the stage on (unless it was switched off: a usage error)
-    if certify is None and any(r.metric == "certified_accuracy" for r in [*thresholds, *max_drops]):
-        certify = True
-    if indicator is None and any(r.metric == "indicator_score" for r in [*thresholds, *max_drops]):
-        indicator = True
-    config = ScanConfig(
-        model=model,
-        data=data,
-        format=format,
-        arch=arch,
-        num_classes=num_classes,
-        trust_pickle=trust_pickle,
-        mean=_floats(mean, "--mean"),
-        std=_floats(std, "--std"),
-        input_range=(lo_hi[0], lo_hi[1]),
-        n=n,
-        seed=seed,
-        data_dir=data_dir,
-        threats=[parse_threat(t) for t in threat_specs],
-        preset=preset or file_config.get("preset", DEFAULT_PRESET),
-        attacks=attack_specs,
-        steps=steps,
-        restarts=restarts,
-        step_sizes=_floats(step_sizes, "--step-sizes"),
-        batch_size=batch_size,
-        device=device,
-        thresholds=thresholds,
-        max_drops=max_drops,
-        baseline=Baseline(read_report(baseline_path), str(baseline_path), force=force_baseline) if baseline_path else None,
-        certify="auto" if certify is None else ("on" if certify else "off"),
-        certify_budget=certify_budget,
-        indicator="auto" if indicator is None else ("on" if indicator else "off"),
-        plots=plots,
-        checks="on" if checks else "off",
-        strict=strict,
-        chunk_size=chunk_size,
-        checkpoint=checkpoint,
-        keep_adversarial=save_adversarial is not None,
-    )
-    inputs = [model, Path(data), *([config_file] if config_file else []), *([baseline_path] if baseline_path else [])]
+    config = build_config(  # every scan policy (audit file, defaults, gates turning stages on) lives in the API
+        model, data, threats=threat, preset=preset, config_file=config_file, fail_under=fail_under or (),
+        max_drop=max_drop or (), baseline=baseline, force_baseline=force_baseline, certify=certify, indicator=indicator,
+        checks=checks, format=format, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
+        mean=_floats(mean, "--mean"), std=_floats(std, "--std"), input_range=(lo_hi[0], lo_hi[1]), n=n, first=first, seed=seed,
+        data_dir=data_dir, steps=steps, restarts=restarts, step_sizes=_floats(step_sizes, "--step-sizes"),
+        batch_size=batch_size, device=device, certify_budget=certify_budget, plots=plots, strict=strict,
+        chunk_size=chunk_size, checkpoint=checkpoint, keep_adversarial=save_adversarial is not None,
+    )  # fmt: skip
+    baseline_path = config.baseline.path if config.baseline is not None else None
+    inputs = [model, Path(data), *([config_file] if config_file else []), *([Path(baseline_path)] if baseline_path else [])]
     _guard_outputs([json_path, save_adversarial, junit, markdown, html_path], inputs)
     _distinct_outputs({"--json": json_path, "--save-adversarial": save_adversarial, "--junit": junit, "--markdown": markdown, "--html": html_path})
 
     from robaudit.distributed import join
 
+    _RUNNING.update(started=time.monotonic(), checkpoint=checkpoint)
     cluster = join(device)
     try:
         if quiet or not cluster.is_main:  # one progress display: rank 0's
@@ -285,19 +264,19 @@ def scan(
         return
 
     report = result.report
+    if not quiet:  # the tables first: a file that cannot be written after all loses nothing on screen
+        from robaudit.report.terminal import render
+
+        render(report, stdout)
     if json_path is not None:
         report.write_json(json_path)
     if save_adversarial is not None:
         write_adversarial(save_adversarial, result)
     _write_renderings(report, junit=junit, markdown=markdown, html_path=html_path)
-    if not quiet:
-        from robaudit.report.terminal import render
-
-        render(report, stdout)
     _exit_on_failed_gate(report.gate)
 
 
-@app.command(epilog="Examples:\n\n  robaudit report report.json\n\n  robaudit report report.json --html report.html --markdown summary.md --junit gate.xml")
+@app.command(short_help="Show a saved JSON report, or write it as JUnit, Markdown or HTML.", epilog="Examples:\n\n  robaudit report report.json\n\n  robaudit report report.json --html report.html --markdown summary.md --junit gate.xml")
 def report(
     path: Annotated[Path, typer.Argument(help="A JSON report written by `robaudit scan --json`.", show_default=False)],
     junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="Write its gate checks as JUnit XML.", show_default=False)] = None,
@@ -320,19 +299,19 @@ def report(
 COMPARE_EPILOG = (
     "Examples:\n\n"
     "  robaudit compare base.json new.json\n\n"
-    "  robaudit compare base.json new.json --max-drop \"robust_accuracy\\[linf:8/255]=0.02\" --max-drop \"clean_accuracy=1%\"\n\n"
+    "  robaudit compare base.json new.json --max-drop \"robust_accuracy[linf:8/255]=0.02\" --max-drop \"clean_accuracy=1%\"\n\n"
     "  robaudit compare base.json new.json --config audit.toml --json diff.json --junit compare.xml\n\n"
     "Exit codes: 0 no drop beyond the allowed one, 1 a metric dropped more than allowed, "
     "2 bad usage or input (reports of different data or threats without --force), 3 internal error."
 )
 
 
-@app.command(epilog=COMPARE_EPILOG)
+@app.command(short_help="Compare two reports: deltas, flipped samples, allowed drops.", epilog=COMPARE_EPILOG)
 def compare(
     base: Annotated[Path, typer.Argument(help="The baseline JSON report (robaudit scan --json).", show_default=False)],
     new: Annotated[Path, typer.Argument(help="The new JSON report.", show_default=False)],
-    max_drop: Annotated[Optional[list[str]], typer.Option("--max-drop", metavar="METRIC[THREAT]=DROP", help="Allowed drop, repeatable: absolute (0.02), relative to BASE (5%) or both (0.02,5%), e.g. \"robust_accuracy\\[linf:8/255]=0.02\"; robust_accuracy without a threat means every threat.", show_default=False)] = None,
-    config_file: Annotated[Optional[Path], typer.Option("--config", metavar="AUDIT.toml", help="Take the allowed drops from the \\[gate.max_drop] table of an audit file.", show_default=False)] = None,
+    max_drop: Annotated[Optional[list[str]], typer.Option("--max-drop", metavar="METRIC[THREAT]=DROP", help="Allowed drop, repeatable: absolute (0.02), relative to BASE (5%) or both (0.02,5%), e.g. \"robust_accuracy[linf:8/255]=0.02\"; robust_accuracy without a threat means every threat.", show_default=False)] = None,
+    config_file: Annotated[Optional[Path], typer.Option("--config", metavar="AUDIT.toml", help="Take the allowed drops from the [gate.max_drop] table of an audit file.", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Compare even when the data (name, seed, samples) or the threat settings differ.")] = False,
     json_path: Annotated[Optional[Path], typer.Option("--json", metavar="PATH", help="Write the comparison as JSON: deltas, flipped samples, checks.", show_default=False)] = None,
     junit: Annotated[Optional[Path], typer.Option("--junit", metavar="PATH", help="Write the drop checks as JUnit XML.", show_default=False)] = None,
@@ -369,7 +348,7 @@ SURFACE_EPILOG = (
 )
 
 
-@app.command(epilog=SURFACE_EPILOG)
+@app.command(short_help="Draw the decision function on two planes through one sample.", epilog=SURFACE_EPILOG)
 def surface(
     models: Annotated[list[Path], typer.Argument(help="One or more model files (same formats as scan); compared on one grid and colour scale.", show_default=False)],
     data: Annotated[str, typer.Option("--data", "-d", metavar="NAME|PATH", help="Built-in dataset or a data file/folder, as for scan.")] = "digits",
@@ -437,6 +416,20 @@ def surface(
         stdout.print(f"wrote {escape(str(png))}")
 
 
+_RUNNING: dict = {}  # set when a scan starts: what Ctrl-C would lose
+
+
+def _interrupted() -> str:
+    """One line on what Ctrl-C cost: the whole scan, or nothing that a rerun with the checkpoint cannot resume."""
+    if "started" not in _RUNNING:
+        return "interrupted"
+    minutes, seconds = divmod(int(time.monotonic() - _RUNNING["started"]), 60)
+    after = f"interrupted after {minutes} min {seconds:02d} s: no report written"
+    if _RUNNING.get("checkpoint") is not None:
+        return f"{after}; finished chunks are kept in {_RUNNING['checkpoint']}: run the same command to resume"
+    return f"{after} and the attack results so far are lost (--checkpoint DIR keeps finished chunks for a rerun)"
+
+
 def _is_usage_error(exc: BaseException) -> bool:
     """Click's usage errors (typer vendors click in recent releases, so match by shape, not class)."""
     return hasattr(exc, "format_message") and isinstance(getattr(exc, "exit_code", None), int)
@@ -452,7 +445,7 @@ def main() -> None:
         message = str(exc) if rank == "0" or str(exc).startswith("rank ") else f"rank {rank}: {exc}"
         raise SystemExit(_exit_with(fail(message, getattr(exc, "exit_code", EXIT_USAGE)))) from None
     except KeyboardInterrupt:
-        stderr.print("interrupted")
+        stderr.print(_interrupted(), highlight=False, soft_wrap=True)
         raise SystemExit(130) from None
     except SystemExit:
         raise
@@ -471,6 +464,8 @@ def main() -> None:
             raise
         message = f"internal error: {exc.__class__.__name__}: {exc} (set ROBAUDIT_DEBUG=1 for the traceback)"
         raise SystemExit(_exit_with(fail(message, EXIT_INTERNAL))) from None
+    if code == 130:  # typer turns Ctrl-C into exit code 130 without a word
+        stderr.print(_interrupted(), highlight=False, soft_wrap=True)
     raise SystemExit(code if isinstance(code, int) else 0)
 
 

@@ -37,7 +37,7 @@ from robaudit.data.dataset import Dataset
 from robaudit.batching import AdaptiveBatch
 from robaudit.errors import RobauditError
 from robaudit.gate import Baseline, MaxDrop, Threshold, check_baseline, check_baseline_data, check_thresholds_cover, evaluate
-from robaudit.models import load_model, wrap_model
+from robaudit.models import load_model, module_model, wrap_model
 from robaudit.models.detect import RawModel
 from robaudit.models.randomized import EOT
 from robaudit.models.wrapper import AuditModel, WrapInfo
@@ -67,8 +67,8 @@ PROBE_SIZE = 8
 class ScanConfig:
     """Everything a scan needs; the CLI fills it from flags."""
 
-    model: Path
-    data: str = "digits"
+    model: Path | torch.nn.Module  # a model file, or an in-memory module (copied, never changed)
+    data: str | tuple = "digits"  # a built-in name, a path, or (x, y) arrays
     format: str | None = None
     arch: str | None = None
     num_classes: int | None = None
@@ -77,6 +77,7 @@ class ScanConfig:
     std: list[float] | None = None
     input_range: tuple[float, float] = (0.0, 1.0)
     n: int | None = None
+    first: int | None = None  # the first N samples in the source's order instead of a stratified sample
     seed: int = 0
     data_dir: Path | None = None
     threats: list[Threat] = field(default_factory=lambda: [parse_threat(DEFAULT_THREAT)])
@@ -117,6 +118,10 @@ class ScanConfig:
             raise RobauditError("--batch-size must be at least 1")
         if self.n is not None and self.n < 1:
             raise RobauditError("--n must be at least 1")
+        if self.first is not None and self.n is not None:
+            raise RobauditError("--first and --n both choose the samples: pass one of them")
+        if self.first is not None and self.first < 1:
+            raise RobauditError("--first must be at least 1")
         if self.chunk_size < 1:
             raise RobauditError("--chunk-size must be at least 1")
         for threat in self.threats:
@@ -178,6 +183,22 @@ def resolve_device(name: str) -> torch.device:
 def default_batch_size(device: torch.device) -> int:
     """Large enough to amortize per-call overhead, small enough for a laptop or one GPU."""
     return 1024 if device.type == "cuda" else 256
+
+
+def model_digest(model: Path | torch.nn.Module) -> str:
+    """SHA-256 of the model file, or of an in-memory module's class name and state dict."""
+    if not isinstance(model, torch.nn.Module):
+        return sha256_of(model)
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_label(model: Path | torch.nn.Module) -> str:
+    """What the report calls the model: its path, or the module's class."""
+    return f"<torch.nn.Module {type(model).__qualname__}>" if isinstance(model, torch.nn.Module) else str(model)
 
 
 def sha256_of(path: Path) -> str:
@@ -312,9 +333,9 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
         robaudit_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         model=ModelInfo(
-            path=str(config.model),
+            path=model_label(config.model),
             format=raw.format,
-            sha256=sha256_of(config.model),
+            sha256=model_digest(config.model),
             input_shape=list(raw.input_shape) if raw.input_shape else None,
             num_classes=info.num_classes,
             output_kind=info.output_kind,
@@ -388,7 +409,7 @@ def _fingerprint(config: ScanConfig, data: Dataset, battery: list[AttackRun], ba
         settings.pop(key, None)
     return {
         "robaudit": __version__,
-        "model_sha256": sha256_of(config.model),
+        "model_sha256": model_digest(config.model),
         "data": data.name,
         "data_source_size": data.source_size,
         "data_indices": hashlib.sha256(np.asarray(data.indices, dtype=np.int64).tobytes()).hexdigest(),
@@ -478,13 +499,17 @@ def strict_check(checks: list) -> GateCheck:
 
 def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset, AuditModel, WrapInfo, str | None]:
     """Load the model and the data and wrap them into one classifier (shared by `scan` and `surface`)."""
-    raw = load_model(
-        config.model, fmt=config.format, arch=config.arch, num_classes=config.num_classes, trust_pickle=config.trust_pickle
-    )
+    if isinstance(config.model, torch.nn.Module):
+        raw = module_model(config.model)
+    else:
+        raw = load_model(
+            config.model, fmt=config.format, arch=config.arch, num_classes=config.num_classes, trust_pickle=config.trust_pickle
+        )
     channels = raw.input_shape[0] if raw.input_shape and len(raw.input_shape) == 3 else None
 
     data = load_data(
-        config.data, n=config.n, seed=config.seed, data_dir=config.data_dir, input_range=config.input_range, channels=channels
+        config.data, n=config.n, seed=config.seed, data_dir=config.data_dir, input_range=config.input_range, channels=channels,
+        first=config.first,
     )
     reshape_note = check_compatible(data, raw.input_shape, raw.num_classes or np.iinfo(np.int64).max)
     sample_shape = data.sample_shape
@@ -511,6 +536,7 @@ def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) 
         "restarts": config.restarts,
         "step_sizes": config.step_sizes,
         "n": config.n,
+        "first": config.first,
         "seed": config.seed,
         "batch_size": batch_size,
         "device": config.device,

@@ -37,13 +37,14 @@ __all__ = [
 
 
 def load_data(
-    spec: str,
+    spec: str | tuple,
     *,
     n: int | None,
     seed: int,
     data_dir: Path | None = None,
     input_range: tuple[float, float] = (0.0, 1.0),
     channels: int | None = None,
+    first: int | None = None,
 ) -> Dataset:
     """Load `spec` (a built-in name or a path) as a validated, sampled Dataset.
 
@@ -59,7 +60,12 @@ def load_data(
     total = int(raw.x.shape[0])
     notes = list(raw.notes)
     want = default_n if n is None else n
-    if want is None or want >= total:
+    if first is not None:  # the first N of the source, in its own order (RobustBench / AutoAttack evaluations)
+        if first <= 0:
+            raise RobauditError(f"--first must be positive, got {first}.")
+        indices = list(range(min(first, total)))
+        notes.append(f"the first {len(indices)} of the {total} samples, in the source's order")
+    elif want is None or want >= total:
         indices = list(range(total))
         if n is not None and n > total:
             notes.append(f"requested {n} samples but {name} has only {total}; using all of them")
@@ -84,6 +90,20 @@ def load_data(
     )
 
 
+def _in_memory(pair: tuple | list) -> RawData:
+    """(x, y) arrays or tensors handed to the Python API; copied, so the caller's stay as they are."""
+    import numpy as np
+    import torch
+
+    if len(pair) != 2:
+        raise RobauditError(f"in-memory data must be a pair (x, y), not {len(pair)} items.")
+    try:
+        x, y = (torch.as_tensor(np.asarray(v) if not isinstance(v, torch.Tensor) else v).detach().cpu().clone() for v in pair)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise RobauditError(f"in-memory data (x, y) cannot be read as arrays: {exc}.") from exc
+    return RawData(x=x, y=y, notes=["in-memory tensors"])
+
+
 def _check_input_range(input_range: tuple[float, float]) -> tuple[float, float]:
     try:
         lo, hi = (float(v) for v in input_range)
@@ -96,8 +116,10 @@ def _check_input_range(input_range: tuple[float, float]) -> tuple[float, float]:
     return lo, hi
 
 
-def _read(spec: str, data_dir: Path | None, channels: int | None) -> tuple[RawData, str, int | None]:
+def _read(spec: str | tuple, data_dir: Path | None, channels: int | None) -> tuple[RawData, str, int | None]:
     """The raw source, its display name, and its default sample size (None = all)."""
+    if isinstance(spec, (tuple, list)):
+        return _in_memory(spec), "tensors", None
     key = spec.strip().lower()
     if key == "digits":
         return load_digits(), "digits", None

@@ -14,7 +14,26 @@ from robaudit.errors import RobauditError
 from robaudit.models.detect import FORMATS, RawModel, check_format, detect_format
 from robaudit.models.wrapper import AuditModel, WrapInfo, wrap_model
 
-__all__ = ["FORMATS", "AuditModel", "RawModel", "WrapInfo", "detect_format", "load_model", "wrap_model"]
+__all__ = ["FORMATS", "AuditModel", "RawModel", "WrapInfo", "detect_format", "load_model", "module_model", "wrap_model"]
+
+
+def module_model(module) -> RawModel:
+    """An in-memory ``torch.nn.Module`` (the Python API) as a loaded model: a frozen CPU copy, so the caller's is untouched."""
+    import copy
+
+    import torch
+
+    from robaudit.models.detect import freeze
+
+    if not isinstance(module, torch.nn.Module):
+        raise RobauditError(f"model must be a path or a torch.nn.Module, not {type(module).__name__}")
+    try:
+        net = copy.deepcopy(module).cpu()
+    except Exception as exc:  # noqa: BLE001 - any failure to copy is the same user-facing problem
+        raise RobauditError(f"cannot copy the model {type(module).__name__} ({type(exc).__name__}: {exc})") from exc
+    name = type(module).__qualname__
+    return RawModel(net=freeze(net), format="module", input_shape=None, num_classes=None,
+                    notes=[f"in-memory torch.nn.Module {name} (a copy was audited)"], name=name)  # fmt: skip
 
 
 def load_model(

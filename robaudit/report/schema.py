@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from robaudit.atomic import write_atomic
 from robaudit.errors import RobauditError
 
 SCHEMA_VERSION = "1.4"
@@ -196,7 +197,11 @@ class Report:
     def write_json(self, path: Path) -> None:
         """Write the report; the parent folder must exist (we never create the user's folders silently)."""
         try:
-            path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+            text = (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
+            if path.exists() and not path.is_file():  # a FIFO or device (e.g. /dev/stdout): write through it
+                path.write_bytes(text)
+            else:
+                write_atomic(path, lambda handle: handle.write(text))
         except OSError as exc:
             raise RobauditError(f"cannot write report {path}: {exc.strerror or exc}") from exc
 
