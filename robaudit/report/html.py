@@ -16,6 +16,10 @@ import tempfile
 from pathlib import Path
 
 from robaudit.errors import RobauditError
+from robaudit.report.common import (
+    canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, unproven_fractions, verdict,
+    with_threat_names,
+)  # fmt: skip
 from robaudit.report.files import write_text
 from robaudit.report.schema import Curve, Report
 
@@ -25,8 +29,11 @@ h1{font-size:1.6rem;margin-bottom:.2rem}h2{font-size:1.2rem;margin-top:2rem;bord
 table{border-collapse:collapse;margin:.5rem 0 1rem;font-size:.9rem}th,td{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:left}
 th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .verdict{display:inline-block;padding:.3rem .8rem;border-radius:.4rem;font-weight:600}
-.pass{background:#dafbe1;color:#116329}.fail{background:#ffebe9;color:#a40e26}.none{background:#f6f8fa;color:#57606a}
-.meta{color:#57606a;font-size:.9rem}.note{color:#9a6700}code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em}
+.pass{background:#dafbe1;color:#116329}.fail{background:#ffebe9;color:#a40e26}.none,.skipped{background:#f6f8fa;color:#57606a}
+.warn{background:#fff8c5;color:#7a4a00}
+.tag{display:inline-block;padding:.05rem .45rem;border-radius:.3rem;font-weight:600;font-size:.85em;white-space:nowrap}
+.banner{padding:.5rem .8rem;border-radius:.4rem;border-left:.3rem solid currentColor}
+.meta{color:#57606a;font-size:.9rem}.note{color:#7a4a00}code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em}
 figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #d0d7de}figcaption{color:#57606a;font-size:.85rem}
 svg text{font-family:system-ui,sans-serif;font-size:12px;fill:#1f2328}
 """
@@ -61,9 +68,9 @@ def _bars(report: Report) -> str:
     """Horizontal bars of clean, robust and certified accuracy (inline SVG, no dependencies)."""
     s = report.summary
     items = [("clean accuracy", s.clean_accuracy, "#57606a")]
-    items += [(f"robust {t.threat}", t.robust_accuracy, "#0969da") for t in s.threats]
+    items += [(f"robust {threat_name(report, t.threat)}", t.robust_accuracy, "#0969da") for t in s.threats]
     if s.certificate is not None and s.certificate.available:
-        items += [(f"certified {k}", v, "#1a7f37") for k, v in s.certificate.certified_accuracy.items()]
+        items += [(f"certified {threat_name(report, k)}", v, "#1a7f37") for k, v in s.certificate.certified_accuracy.items()]
     label_w, bar_w, row_h = 220, 420, 26
     height = row_h * len(items) + 24
     parts = [
@@ -81,7 +88,7 @@ def _bars(report: Report) -> str:
     return "".join(parts)
 
 
-def _svg_curves(curves: list[Curve]) -> str:
+def _svg_curves(curves: list[Curve], floors: dict[str, float] | None = None) -> str:
     """Robust accuracy against radius as an inline SVG line chart (the fallback without matplotlib)."""
     colours = ["#0969da", "#cf222e", "#1a7f37", "#8250df"]
     w, h, left, bottom, top, right = 520, 300, 50, 40, 20, 20
@@ -98,6 +105,13 @@ def _svg_curves(curves: list[Curve]) -> str:
     for i, c in enumerate(curves):
         points = " ".join(f"{px(e):.1f},{py(a):.1f}" for e, a in zip(c.eps, c.robust_accuracy))
         colour = colours[i % len(colours)]
+        floor = (floors or {}).get(c.norm, 0.0)
+        if floor > 0:  # never broken: counted as robust at every radius, not proven robust
+            parts.append(
+                f'<rect x="{left}" y="{py(floor):.1f}" width="{w - left - right}" height="{py(0) - py(floor):.1f}" '
+                f'fill="{colour}" fill-opacity="0.12"><title>{_e(c.norm)}: {100 * floor:.1f}% never broken '
+                "(minimal-norm attack found nothing; not proven robust)</title></rect>"
+            )
         parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{points}"/>')
         parts.append(f'<text x="{w - right - 4}" y="{top + 14 * (i + 1)}" text-anchor="end" fill="{colour}">{_e(c.norm)}</text>')
     parts.append("</svg>")
@@ -119,20 +133,27 @@ def _curve_figure(report: Report) -> str:
     if not curves:
         return ""
     caption = "Robust accuracy against radius (verified minimal-norm and fixed-radius results)"
+    caveats = "".join(
+        f'<p class="banner warn"><strong>Upper bound.</strong> {_e(u.sentence())}</p>'
+        for u in (unproven(report, c) for c in curves)
+        if u.count
+    )
     drawn = _scan_curve(report)
     if drawn is not None:  # --plots drew it already
-        return f'<figure><img src="{png_data_uri(drawn.read_bytes())}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+        uri = png_data_uri(drawn.read_bytes())
+        return f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>{caveats}'
+    floors = unproven_fractions(report)
     if importlib.util.find_spec("matplotlib") is not None:
         from robaudit.measures.plots import save_curve_png
 
         try:
             with tempfile.TemporaryDirectory(prefix="robaudit-html-") as tmp:
-                path = save_curve_png(curves, Path(tmp) / "curve.png")
+                path = save_curve_png(curves, Path(tmp) / "curve.png", unproven=floors)
                 uri = png_data_uri(path.read_bytes())
-            return f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
+            return f'<figure><img src="{uri}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>{caveats}'
         except (RobauditError, OSError):
             pass
-    return f"<figure>{_svg_curves(curves)}<figcaption>{_e(caption)}</figcaption></figure>"
+    return f"<figure>{_svg_curves(curves, floors)}<figcaption>{_e(caption)}</figcaption></figure>{caveats}"
 
 
 def _plot_figures(report: Report) -> str:
@@ -156,7 +177,7 @@ def _gate(report: Report) -> str:
         return ""
     rows = [
         [
-            '<span class="verdict pass">PASS</span>' if c.passed else '<span class="verdict fail">FAIL</span>',
+            _tag("pass" if c.passed else "fail"),
             _e(c.describe()),
             "n/a" if c.value is None else f"{c.value:.4f}",
             f"{c.threshold:.4f}",
@@ -170,11 +191,23 @@ def _gate(report: Report) -> str:
 
 def _verdict(report: Report) -> str:
     if not report.gate:
-        return '<span class="verdict none">no gate checks</span>'
-    missed = sum(not c.passed for c in report.gate)
-    if missed:
-        return f'<span class="verdict fail">gate failed: {missed} of {len(report.gate)} checks missed</span>'
-    return f'<span class="verdict pass">gate passed: {len(report.gate)} checks</span>'
+        gate = '<span class="verdict none">no gate checks</span>'
+    elif missed := sum(not c.passed for c in report.gate):
+        gate = f'<span class="verdict fail">✖ gate failed: {missed} of {len(report.gate)} checks missed</span>'
+    else:
+        gate = f'<span class="verdict pass">✔ gate passed: {len(report.gate)} check{"s" if len(report.gate) != 1 else ""}</span>'
+    v = verdict(report)
+    if v.level != "warn":
+        return f"<p>{gate}</p>"
+    return f'<p>{gate}</p><p class="banner warn">⚠ <strong>{_e(v.headline)}</strong>: {_e(v.advice)}.</p>'
+
+
+TAG = {"pass": "✔ PASS", "warn": "⚠ WARN", "fail": "✖ FAIL", "skipped": "– skipped"}
+
+
+def _tag(level: str) -> str:
+    """A verdict as a coloured tag with its word and a symbol (colour is never the only cue)."""
+    return f'<span class="tag {_e(level)}">{_e(TAG.get(level, level))}</span>'
 
 
 def _threats(report: Report) -> str:
@@ -183,23 +216,48 @@ def _threats(report: Report) -> str:
     for t in report.summary.threats:
         per = times.get(t.threat)
         rows.append([
-            f"<code>{_e(t.threat)}</code>", _pct(t.robust_accuracy), f"{t.forward_passes_per_sample:.1f}",
-            f"{t.backward_passes_per_sample:.1f}", f"{sum(per.values()):.1f} s" if isinstance(per, dict) else "",
+            _threat(report, t.threat), _pct(t.robust_accuracy), per_sample(t.forward_passes_per_sample),
+            per_sample(t.backward_passes_per_sample), f"{sum(per.values()):.1f} s" if isinstance(per, dict) else "",
         ])  # fmt: skip
     html_ = "<h2>Threats</h2>" + _table(["threat", "robust accuracy", "fwd / sample", "bwd / sample", "time"], rows, {1, 2, 3, 4})
     rows = []
     for m in report.summary.minimal_norm:
         for a in m.attack_details:
-            rows.append([f"minimal {_e(m.norm)}", _e(a.name), str(a.attempted), str(a.broke), "any radius", f"{a.forward_passes}/{a.backward_passes}"])
+            rows.append([
+                f"minimal {_e(m.norm)}", _e(a.name), count(a.attempted), count(a.broke), "any radius",
+                f"{count(a.forward_passes)}/{count(a.backward_passes)}",
+            ])  # fmt: skip
     for t in report.summary.threats:
+        threat = f"<code>{_e(threat_name(report, t.threat))}</code>"
         for a in t.attack_details:
             name = a.name + (f" x{a.restarts}" if a.restarts > 1 else "")
-            cost = _e(a.skipped) if a.skipped else f"{a.forward_passes}/{a.backward_passes}"
-            rows.append([f"<code>{_e(t.threat)}</code>", _e(name), "" if a.skipped else str(a.attempted), str(a.broke), _pct(a.robust_accuracy_after), cost])
+            cost = _e(a.skipped) if a.skipped else f"{count(a.forward_passes)}/{count(a.backward_passes)}"
+            rows.append([threat, _e(name), "" if a.skipped else count(a.attempted), count(a.broke), _pct(a.robust_accuracy_after), cost])
     if rows:
         html_ += "<h2>Attack breakdown</h2><p class=\"meta\">Each attack runs only on points still robust; 'broke' counts the points it broke first.</p>"
         html_ += _table(["threat", "attack", "attempted", "broke", "robust after", "passes (f/b)"], rows, {2, 3, 4, 5})
     return html_
+
+
+def _threat(report: Report, canonical: str) -> str:
+    """The threat as the user wrote it (``linf:8/255``), the canonical name beside it when it differs."""
+    aside = canonical_aside(report, canonical)
+    shown = f"<code>{_e(threat_name(report, canonical))}</code>"
+    return shown + (f' <span class="meta">(<code>{_e(aside)}</code>)</span>' if aside else "")
+
+
+def _per_class(report: Report) -> str:
+    """Robust accuracy of each class under each threat: one row per class, one column per threat."""
+    threats = [t for t in report.summary.threats if t.per_class]
+    if not threats:
+        return ""
+    classes = list(dict.fromkeys(c for t in threats for c in t.per_class))
+    rows = [[_e(c), *[_pct(t.per_class[c]) if c in t.per_class else "n/a" for t in threats]] for c in classes]
+    header = ["class", *[f"robust {threat_name(report, t.threat)}" for t in threats]]
+    table = _table(header, rows, set(range(1, len(header))))
+    if len(classes) > 20:  # a long table stays folded
+        table = f"<details><summary>{len(classes)} classes</summary>{table}</details>"
+    return "<h2>Robust accuracy per class</h2>" + table
 
 
 def _certificate(report: Report) -> str:
@@ -208,7 +266,7 @@ def _certificate(report: Report) -> str:
         return ""
     if not cert.available:
         return f'<h2>Certified L2 radii</h2><p class="note">{_e(cert.reason or "not available")}</p>'
-    rows = [[f"certified accuracy <code>{_e(k)}</code>", _pct(v)] for k, v in cert.certified_accuracy.items()]
+    rows = [[f"certified accuracy {_threat(report, k)}", _pct(v)] for k, v in cert.certified_accuracy.items()]
     if cert.radius_quantiles:
         rows.append(["radius quantiles (correct samples)", _e(", ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items()))])
     if cert.median_ratio is not None:
@@ -224,7 +282,7 @@ def _indicator(report: Report) -> str:
     rows = [["score (higher = flatter decision surface = more robust)", f"{ind['score']:.3f}"]]
     for key, value in (ind.get("parts") or {}).items():
         if isinstance(value, (int, float)) and key.startswith(INDICATOR_PARTS):
-            rows.append([f"<code>{_e(key)}</code>", _pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"])
+            rows.append([f"<code>{_e(with_threat_names(report, key))}</code>", _pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"])
     if ind.get("masking_suspected"):
         rows.append(["<strong>masking suspected</strong>", "the score is not meaningful"])
     return "<h2>Decision-surface indicator</h2>" + _table(["metric", "value"], rows, {1})
@@ -234,21 +292,24 @@ def _diagnostics(report: Report) -> str:
     diag = report.summary.diagnostics
     if not diag:
         return ""
-    rows = [[_e(c["name"]), f"<code>{_e(c['threat'])}</code>" if c["threat"] else "", _e(c["verdict"]), _e(c["summary"])] for c in diag["checks"]]
+    rows = [
+        [_e(c["name"]), f"<code>{_e(threat_name(report, c['threat']))}</code>" if c["threat"] else "", _tag(c["verdict"]), _e(c["summary"])]
+        for c in diag["checks"]
+    ]
     rows += [["<strong>adapted</strong>", "", "", _e(a)] for a in diag.get("adaptations", [])]
     if diag.get("note"):
-        white = ", ".join(f"{_e(k)} {_pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
+        white = ", ".join(f"{_e(threat_name(report, k))} {_pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
         rows.append(["<strong>note</strong>", "", "", f"{_e(diag['note'])} (white-box only: {white})"])
-    return f"<h2>Trust checks: {_e(diag['verdict'])}</h2>" + _table(["check", "threat", "verdict", "evidence"], rows)
+    return f"<h2>Trust checks: {_tag(diag['verdict'])}</h2>" + _table(["check", "threat", "verdict", "evidence"], rows)
 
 
 def render_html(report: Report) -> str:
     m, d, s = report.model, report.data, report.summary
     title = f"robaudit: {Path(m.path).name} on {Path(d.name).name}"
     headline = [["clean accuracy", _pct(s.clean_accuracy)]]
-    headline += [[f"robust accuracy <code>{_e(t.threat)}</code>", _pct(t.robust_accuracy)] for t in s.threats]
+    headline += [[f"robust accuracy {_threat(report, t.threat)}", _pct(t.robust_accuracy)] for t in s.threats]
     if s.certificate is not None and s.certificate.available:
-        headline += [[f"certified accuracy <code>{_e(k)}</code>", _pct(v)] for k, v in s.certificate.certified_accuracy.items()]
+        headline += [[f"certified accuracy {_threat(report, k)}", _pct(v)] for k, v in s.certificate.certified_accuracy.items()]
     if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
         headline.append(["indicator score", f"{s.indicator['score']:.3f}"])
     notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in [*m.notes, *d.notes])
@@ -257,9 +318,12 @@ def render_html(report: Report) -> str:
         f"data <code>{_e(d.name)}</code>: {d.n} of {d.source_size} samples, seed {d.seed} · "
         f"device {_e(report.environment.get('device', '?'))} · robaudit {_e(report.robaudit_version)} · {_e(report.created)}"
     )
+    total = total_seconds(report)
+    if total is not None:
+        meta += f" · total {_e(duration(total))}"
     body = [
         f"<h1>{_e(title)}</h1>",
-        f"<p>{_verdict(report)}</p>",
+        _verdict(report),
         f'<p class="meta">{meta}</p>',
         notes,
         _table(["metric", "value"], headline, {1}),
@@ -271,7 +335,7 @@ def render_html(report: Report) -> str:
     curve = _curve_figure(report)
     if curve:
         body += ["<h2>Robust accuracy against radius</h2>", curve]
-    body += [_certificate(report), _indicator(report)]
+    body += [_per_class(report), _certificate(report), _indicator(report)]
     plots = _plot_figures(report)
     if plots:
         body += ["<h2>Plots</h2>", plots]

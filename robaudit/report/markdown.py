@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from robaudit.report.common import canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, with_threat_names
+from robaudit.report.common import verdict as scan_verdict
 from robaudit.report.files import write_text
 from robaudit.report.schema import GateCheck, Report
 
@@ -74,16 +76,26 @@ def _headline(report: Report) -> list[str]:
         f"**data** {code(Path(d.name).name)}: {d.n} of {d.source_size} samples, seed {d.seed} · "
         f"**device** {cell(report.environment.get('device', '?'))} · robaudit {cell(report.robaudit_version)}"
     )
-    total = report.timing.get("total_s")
-    if isinstance(total, (int, float)):
-        meta += f" · {total:.1f} s"
+    total = total_seconds(report)
+    if total is not None:
+        meta += f" · total {duration(total)}"
     rows = [("clean accuracy", pct(s.clean_accuracy))]
-    rows += [(f"robust accuracy {code(t.threat)}", pct(t.robust_accuracy)) for t in s.threats]
+    rows += [(f"robust accuracy {_threat(report, t.threat)}", pct(t.robust_accuracy)) for t in s.threats]
     if s.certificate is not None and s.certificate.available:
-        rows += [(f"certified accuracy {code(k)}", pct(v)) for k, v in s.certificate.certified_accuracy.items()]
+        rows += [(f"certified accuracy {_threat(report, k)}", pct(v)) for k, v in s.certificate.certified_accuracy.items()]
     if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
         rows.append(("indicator score", f"{s.indicator['score']:.3f}"))
-    return [f"## robaudit: {verdict(report.gate)}", "", meta, "", *table(("metric", "value"), rows, "lr")]
+    lines = [f"## robaudit: {verdict(report.gate)}", ""]
+    warning = scan_verdict(report)
+    if warning.level == "warn":  # the gate passed (or there is none) but the trust checks say the figures may be too high
+        lines += [f"> **Warning**: {cell(warning.headline.removeprefix('WARN: '))}: {cell(warning.advice)}.", ""]
+    return [*lines, meta, "", *table(("metric", "value"), rows, "lr")]
+
+
+def _threat(report: Report, canonical: str) -> str:
+    """The threat as the user wrote it (``linf:8/255``), the canonical name beside it when it differs."""
+    aside = canonical_aside(report, canonical)
+    return code(threat_name(report, canonical)) + (f" ({code(aside)})" if aside else "")
 
 
 def _threats(report: Report) -> list[str]:
@@ -92,10 +104,10 @@ def _threats(report: Report) -> list[str]:
     for t in report.summary.threats:
         seconds = sum(times.get(t.threat, {}).values()) if isinstance(times.get(t.threat), dict) else None
         rows.append((
-            code(t.threat) + (f" ({cell(t.spec)})" if t.spec and t.spec != t.threat else ""),
+            _threat(report, t.threat),
             pct(t.robust_accuracy),
-            f"{t.forward_passes_per_sample:.1f}",
-            f"{t.backward_passes_per_sample:.1f}",
+            per_sample(t.forward_passes_per_sample),
+            per_sample(t.backward_passes_per_sample),
             "" if seconds is None else f"{seconds:.1f} s",
         ))  # fmt: skip
     return ["### Threats", "", *table(("threat", "robust accuracy", "fwd / sample", "bwd / sample", "time"), rows, "lrrrr")]
@@ -105,14 +117,21 @@ def _attacks(report: Report) -> list[str]:
     rows = []
     for m in report.summary.minimal_norm:
         for a in m.attack_details:
-            rows.append((f"minimal {cell(m.norm)}", code(a.name), a.attempted, a.broke, "any radius", f"{a.forward_passes}/{a.backward_passes}"))
+            rows.append((
+                f"minimal {cell(m.norm)}", code(a.name), count(a.attempted), count(a.broke), "any radius",
+                f"{count(a.forward_passes)}/{count(a.backward_passes)}",
+            ))  # fmt: skip
     for t in report.summary.threats:
+        threat = code(threat_name(report, t.threat))
         for a in t.attack_details:
             if a.skipped:
-                rows.append((code(t.threat), code(a.name), "", a.broke, pct(a.robust_accuracy_after), cell(a.skipped)))
+                rows.append((threat, code(a.name), "", count(a.broke), pct(a.robust_accuracy_after), cell(a.skipped)))
                 continue
             name = a.name + (f" x{a.restarts}" if a.restarts > 1 else "")
-            rows.append((code(t.threat), code(name), a.attempted, a.broke, pct(a.robust_accuracy_after), f"{a.forward_passes}/{a.backward_passes}"))
+            rows.append((
+                threat, code(name), count(a.attempted), count(a.broke), pct(a.robust_accuracy_after),
+                f"{count(a.forward_passes)}/{count(a.backward_passes)}",
+            ))  # fmt: skip
     if not rows:
         return []
     return [
@@ -132,7 +151,9 @@ def _curves(report: Report) -> list[str]:
         step = max(1, (len(c.eps) - 1) // 6)
         points = ", ".join(f"{c.eps[i]:.3g}: {pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
         rows.append((cell(c.norm), "-" if c.median_distance is None else f"{c.median_distance:.4g}", points))
-    return ["### Robust accuracy against radius", "", *table(("norm", "median distance", "radius: robust accuracy"), rows, "lrl")]
+    caveats = [u for u in (unproven(report, c) for c in report.summary.curves) if u.count]
+    notes = [line for u in caveats for line in (f"> **Upper bound**: {cell(u.sentence())}", "")]
+    return ["### Robust accuracy against radius", "", *table(("norm", "median distance", "radius: robust accuracy"), rows, "lrl"), *notes]
 
 
 def _certificate(report: Report) -> list[str]:
@@ -141,7 +162,7 @@ def _certificate(report: Report) -> list[str]:
         return []
     if not cert.available:
         return ["### Certified L2 radii", "", cell(cert.reason or "not available"), ""]
-    rows = [(f"certified accuracy {code(k)}", pct(v)) for k, v in cert.certified_accuracy.items()]
+    rows = [(f"certified accuracy {code(threat_name(report, k))}", pct(v)) for k, v in cert.certified_accuracy.items()]
     if cert.radius_quantiles:
         rows.append(("radius quantiles (correct samples)", ", ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items())))
     if cert.median_ratio is not None:
@@ -158,7 +179,7 @@ def _indicator(report: Report) -> list[str]:
     for key, value in (ind.get("parts") or {}).items():
         if isinstance(value, (int, float)) and key.startswith(INDICATOR_PARTS):
             shown = pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"
-            rows.append((code(key), shown))
+            rows.append((code(with_threat_names(report, key)), shown))
     if ind.get("masking_suspected"):
         rows.append(("**masking suspected**", "the score is not meaningful"))
     return ["### Decision-surface indicator", "", *table(("metric", "value"), rows, "lr")]
@@ -172,13 +193,13 @@ def _diagnostics(report: Report) -> list[str]:
     if not diag:
         return []
     rows = [
-        (cell(c["name"]), code(c["threat"]) if c["threat"] else "", VERDICT_MARK.get(c["verdict"], c["verdict"]), cell(c["summary"]))
+        (cell(c["name"]), code(threat_name(report, c["threat"])) if c["threat"] else "", VERDICT_MARK.get(c["verdict"], c["verdict"]), cell(c["summary"]))
         for c in diag["checks"]
     ]
     lines = [f"### Trust checks: {VERDICT_MARK.get(diag['verdict'], diag['verdict'])}", "", *table(("check", "threat", "verdict", "evidence"), rows)]
     lines += [f"- adapted: {cell(a)}" for a in diag.get("adaptations", [])]
     if diag.get("note"):
-        white = ", ".join(f"{code(k)} {pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
+        white = ", ".join(f"{code(threat_name(report, k))} {pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
         lines.append(f"- **{cell(diag['note'])}** (white-box only: {white})")
     return lines + [""]
 

@@ -8,6 +8,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from robaudit.report.common import (
+    canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, verdict, with_threat_names,
+)  # fmt: skip
 from robaudit.report.schema import Report
 
 
@@ -43,17 +46,18 @@ def _results(report: Report) -> Table:
         for m in report.summary.minimal_norm:
             seconds = sum(minimal_times.get(f"minimal:{m.norm}", {}).values())
             table.add_row(
-                f"minimal-norm search {m.norm}", "", f"{m.forward_passes_per_sample:.1f}",
-                f"{m.backward_passes_per_sample:.1f}", f"{seconds:.1f}s" if minimal_times else "",
+                f"minimal-norm search {m.norm}", "", per_sample(m.forward_passes_per_sample),
+                per_sample(m.backward_passes_per_sample), f"{seconds:.1f}s" if minimal_times else "",
             )  # fmt: skip
     attack_times = report.timing.get("attacks_s", {})
     for t in report.summary.threats:
         seconds = sum(attack_times.get(t.threat, {}).values())
         table.add_row(
-            f"robust accuracy [bold]{t.threat}[/bold]" + (f" [dim]({escape(t.spec)})[/dim]" if t.spec and t.spec != t.threat else ""),
+            f"robust accuracy [bold]{escape(threat_name(report, t.threat))}[/bold]"
+            + (f" [dim]({escape(t.threat)})[/dim]" if canonical_aside(report, t.threat) else ""),
             _pct(t.robust_accuracy),
-            f"{t.forward_passes_per_sample:.1f}",
-            f"{t.backward_passes_per_sample:.1f}",
+            per_sample(t.forward_passes_per_sample),
+            per_sample(t.backward_passes_per_sample),
             f"{seconds:.1f}s" if attack_times else "",
         )
     return table
@@ -61,35 +65,45 @@ def _results(report: Report) -> Table:
 
 def _attacks(report: Report) -> Table:
     table = Table(title="Attacks (each runs only on points still robust; 'broke' counts points it broke first)", title_justify="left")
-    for column in ("threat", "attack", "attempted", "broke", "robust after", "passes (f/b)"):
-        table.add_column(column, justify="left" if column in ("threat", "attack") else "right")
+    for column in ("threat", "attack", "attempted", "broke", "robust after"):
+        table.add_column(column, justify="left" if column in ("threat", "attack") else "right", overflow="fold")
+    # never truncated: the widest count pair ("33,670/33,300") keeps its width, the other columns fold
+    widest = max([len(f"{count(a.forward_passes)}/{count(a.backward_passes)}") for a in _all_attacks(report)] + [6])
+    table.add_column("passes (f/b)", justify="right", min_width=widest, no_wrap=True)
     for m in report.summary.minimal_norm:
         for a in m.attack_details:
             table.add_row(
-                f"minimal {m.norm}", a.name, str(a.attempted), str(a.broke), "[dim]any radius[/dim]",
-                f"{a.forward_passes}/{a.backward_passes}",
+                f"minimal {m.norm}", a.name, count(a.attempted), count(a.broke), "[dim]any radius[/dim]",
+                f"{count(a.forward_passes)}/{count(a.backward_passes)}",
             )  # fmt: skip
     for t in report.summary.threats:
+        name = escape(threat_name(report, t.threat))
         for a in t.attack_details:
             if a.skipped and a.skipped.startswith("minimal-norm stage"):
-                table.add_row(t.threat, a.name, "", str(a.broke), _pct(a.robust_accuracy_after), "[dim]shared[/dim]")
+                table.add_row(name, a.name, "", count(a.broke), _pct(a.robust_accuracy_after), "[dim]shared[/dim]")
                 continue
             if a.skipped:
-                table.add_row(t.threat, a.name, "-", "-", _pct(a.robust_accuracy_after), f"[dim]{escape(a.skipped)}[/dim]")
+                table.add_row(name, a.name, "-", "-", _pct(a.robust_accuracy_after), f"[dim]{escape(a.skipped)}[/dim]")
                 continue
             restarts = f" x{a.restarts}" if a.restarts > 1 else ""
             table.add_row(
-                t.threat,
+                name,
                 f"{a.name}{restarts}",
-                str(a.attempted),
-                str(a.broke),
+                count(a.attempted),
+                count(a.broke),
                 _pct(a.robust_accuracy_after),
-                f"{a.forward_passes}/{a.backward_passes}",
+                f"{count(a.forward_passes)}/{count(a.backward_passes)}",
             )
     return table
 
 
-def _curves(report: Report) -> Table | None:
+def _all_attacks(report: Report) -> list:
+    return [a for m in report.summary.minimal_norm for a in m.attack_details] + [
+        a for t in report.summary.threats for a in t.attack_details if not a.skipped
+    ]
+
+
+def _curves(report: Report) -> Group | Table | None:
     if not report.summary.curves:
         return None
     table = Table(
@@ -103,7 +117,12 @@ def _curves(report: Report) -> Table | None:
         points = "  ".join(f"{c.eps[i]:.3g}: {_pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
         median = f"{c.median_distance:.4g}" if c.median_distance is not None else "-"
         table.add_row(c.norm, median, points)
-    return table
+    caveats = [unproven(report, c) for c in report.summary.curves]
+    caveats = [u for u in caveats if u.count]
+    if not caveats:
+        return table
+    # samples no attack broke are not proven robust: the curve's floor is an artefact of the attack's failure
+    return Group(table, Text("\n".join(f"upper bound: {u.sentence()}" for u in caveats), style="yellow"))
 
 
 def _certificate(report: Report) -> Group | Text | None:
@@ -122,7 +141,7 @@ def _certificate(report: Report) -> Group | Text | None:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in cert.certified_accuracy.items():
-        table.add_row(f"certified accuracy {name}", _pct(value))
+        table.add_row(f"certified accuracy {escape(threat_name(report, name))}", _pct(value))
     quantiles = "  ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items())
     table.add_row("radius (correct samples)", quantiles or "-")
     if cert.median_ratio is not None:
@@ -149,7 +168,7 @@ def _indicator(report: Report) -> Table | None:
         ),
         title_justify="left",
     )
-    table.add_column("metric")
+    table.add_column("metric", overflow="fold")
     table.add_column("value", justify="right")
     table.add_column("meaning")
     table.add_row(
@@ -166,7 +185,7 @@ def _indicator(report: Report) -> Table | None:
             table.add_row(key.removeprefix("median_"), f"{parts[key]:.4g}", meaning)
     for key, value in parts.items():
         if key.startswith("predicted_robust_accuracy["):
-            table.add_row(escape(key), _pct(value), "samples whose predicted drop stays below their margin (a prediction, not a bound)")
+            table.add_row(escape(with_threat_names(report, key)), _pct(value), "samples whose predicted drop stays below their margin (a prediction, not a bound)")
     if ind.get("masking_suspected"):
         table.add_row("[bold red]masking suspected[/bold red]", "yes", "random probes beat the predicted drop: the score is not meaningful")
     return table
@@ -190,11 +209,11 @@ def _diagnostics(report: Report) -> Table | None:
     table.add_column("evidence")
     for check in diag["checks"]:
         style = VERDICT_STYLE.get(check["verdict"], "")
-        table.add_row(check["name"], escape(check["threat"] or ""), f"[{style}]{check['verdict']}[/]", escape(check["summary"]))
+        table.add_row(check["name"], escape(threat_name(report, check["threat"])), f"[{style}]{check['verdict']}[/]", escape(check["summary"]))
     for text in diag.get("adaptations", []):
         table.add_row("[bold]adapted[/bold]", "", "", escape(text))
     if diag.get("note"):
-        white = ", ".join(f"{k} {_pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
+        white = ", ".join(f"{threat_name(report, k)} {_pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
         table.add_row("[bold red]note[/bold red]", "", "", escape(f"{diag['note']} (white-box only: {white})"))
     return table
 
@@ -209,7 +228,7 @@ def _per_class(report: Report) -> Table | None:
     for c in classes:
         table.add_column(c, justify="right")
     for t in threats:
-        table.add_row(t.threat, *[f"{100 * t.per_class.get(c, 0.0):.0f}" for c in classes])
+        table.add_row(escape(threat_name(report, t.threat)), *[f"{100 * t.per_class.get(c, 0.0):.0f}" for c in classes])
     return table
 
 
@@ -228,7 +247,23 @@ def _gate(report: Report) -> Text | None:
         mark, style = ("PASS", "green") if check.passed else ("FAIL", "bold red")
         lines.append(f"{mark} ", style=style)
         lines.append(f"{check.describe()}\n")
+    lines.rstrip()
     return lines
+
+
+VERDICT_LINE_STYLE = {"pass": "bold green", "warn": "bold yellow", "fail": "bold red", "none": "bold"}
+
+
+def _verdict(report: Report) -> Text:
+    """The last line of a scan: PASS / WARN / FAIL / DONE, the total time, and what to do about a warning."""
+    v = verdict(report)
+    line = Text(v.headline, style=VERDICT_LINE_STYLE[v.level])
+    total = total_seconds(report)
+    if total is not None:
+        line.append(f"  (total {duration(total)})", style="dim")
+    if v.advice:
+        line.append(f"\n{v.advice}", style="dim" if v.level in ("pass", "none") else "")
+    return line
 
 
 def render(report: Report, console: Console) -> None:
@@ -246,3 +281,4 @@ def render(report: Report, console: Console) -> None:
     gate = _gate(report)
     if gate:
         console.print(Panel(gate, title="gate", title_align="left"))
+    console.print(_verdict(report))
