@@ -19,6 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from robaudit import __version__
 from robaudit.errors import RobauditError
+from robaudit.progress import LineProgress, RichProgress
 from robaudit.threads import quiet_openmp
 
 EXIT_GATE_FAILED = 1
@@ -74,26 +75,6 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
     if not values:
         raise RobauditError(f"{flag} '{text}' needs comma-separated numbers, e.g. 0.5,0.5,0.5")
     return values
-
-
-class RichProgress:
-    """A progress sink that draws one bar per threat."""
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-        self.task = None
-
-    def start(self, description: str, total: int) -> None:
-        self.task = self.progress.add_task(description, total=total)
-
-    def advance(self, amount: int) -> None:
-        if self.task is not None:
-            self.progress.advance(self.task, amount)
-
-    def finish(self) -> None:
-        if self.task is not None:
-            task = self.progress.tasks[self.task]
-            self.progress.update(self.task, completed=task.total)
 
 
 def _guard_outputs(outputs: list[Path | None], inputs: list[Path]) -> None:
@@ -254,6 +235,9 @@ def scan(
     try:
         if quiet or not cluster.is_main:  # one progress display: rank 0's
             result = run_scan(config, cluster=cluster)
+        elif not stderr.is_terminal:  # a CI log: one line per finished stage
+            started = time.monotonic()
+            result = run_scan(config, progress=lambda: LineProgress(started=started), cluster=cluster)
         else:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
             with Progress(*columns, console=stderr, transient=True) as progress:

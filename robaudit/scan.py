@@ -25,6 +25,7 @@ from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, Pr
 from robaudit.attacks.spatial import describe
 from robaudit.checkpoint import ChunkStore, attacks_from_plain, attacks_to_plain, final_from_plain, final_to_plain, open_checkpoint, plan_chunks
 from robaudit.distributed import Cluster
+from robaudit.progress import Prefixed
 from robaudit.stages.certify import CertifyResult, certify_skip_reason
 from robaudit.stages.chunk import ChunkSetup, attack_chunk, finish_chunk
 from robaudit.stages.measure import INDICATOR_PASSES, PLOT_SAMPLES, IndicatorResult, check_plot_dir, write_plots
@@ -276,7 +277,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
         for k in mine:
             start, stop = chunks[k]
             if not store.has(k, "attacks"):
-                part = attack_chunk(setup, model, k, start, data.take(start, stop), y[start:stop], progress)
+                part = attack_chunk(setup, model, k, start, data.take(start, stop), y[start:stop], _in_chunk(progress, k, chunks))
                 store.save(k, "attacks", attacks_to_plain(part))
             part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape, dense=False)
             costs = [a + b for a, b in zip(costs, [part.battery_passes, part.n, part.seconds, float((part.clean_pred == y[start:stop]).sum())])]
@@ -290,7 +291,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
                 final = finish_chunk(
                     setup, model, part, data.take(start, stop), y[start:stop], indicator=decisions["indicator"],
                     certify=decisions["certify"], certify_budget=config.certify_budget,
-                    certify_skipped=decisions["certify_reason"], progress=progress,
+                    certify_skipped=decisions["certify_reason"], progress=_in_chunk(progress, k, chunks),
                 )  # fmt: skip
                 store.save(k, "final", final_to_plain(final))
         dense = config.keep_adversarial or config.plots is not None
@@ -384,6 +385,13 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     if config.strict and trust_report is not None:
         report.gate.append(strict_check(trust_report.checks))
     return ScanResult(report=report, data=data, outcomes=outcomes)
+
+
+def _in_chunk(progress: ProgressFactory, k: int, chunks: list) -> ProgressFactory:
+    """Progress labels that say which chunk (when there is more than one)."""
+    if len(chunks) <= 1:
+        return progress
+    return lambda: Prefixed(progress(), f"chunk {k + 1}/{len(chunks)}")
 
 
 def _cat_long(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -84,3 +84,12 @@ def test_ctrl_c_says_in_one_line_what_was_lost(tmp_path: Path, checkpoint: bool)
     assert proc.returncode == 130 and len(lines) == 1, stderr
     assert lines[0].startswith("interrupted after") and "no report written" in lines[0]
     assert ("run the same command to resume" in lines[0]) == checkpoint
+
+
+def test_a_log_without_a_terminal_gets_one_line_per_finished_stage(tmp_path: Path) -> None:
+    result = run_cli("scan", DEMO, "--n", "16", "--chunk-size", "8", "--threat", "l2:0.5", "--preset", "quick")
+    assert result.code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(re.match(r"^\[\d+:\d\d\] .+: done in \d+\.\d s$", line) for line in lines), lines
+    assert any(line.startswith(("[", )) and "chunk 2/2 · attacking l2:0.5 (fgsm, apgd-ce)" in line for line in lines)
+    assert any("trust checks · attacking l2:0.5" in line for line in lines)

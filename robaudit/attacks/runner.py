@@ -188,6 +188,9 @@ def _run_attack(
         def propose(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
             return run.attack.perturb(stage.counted, xb, yb, threat, stage.ctx).detach()
 
+    step = getattr(stage.progress, "step", None)  # name the attack now running (robaudit.progress)
+    if step is not None:
+        step(run.label)
     start_time = time.perf_counter()
     f0, b0 = stage.counted.snapshot()
     own = getattr(run.attack, "passes", None)  # attacks querying a model of their own (a surrogate)

@@ -156,6 +156,10 @@ class TrustStage:
     def after_attacks(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor,
                       outcomes: list[ThreatOutcome], progress) -> None:  # fmt: skip
         """Probe each Lp threat's robust points; escalate to the adaptive battery on any sign of masking."""
+        from robaudit.progress import Prefixed
+
+        outer = progress
+        progress = lambda: Prefixed(outer(), "trust checks")  # noqa: E731 - labels say these are the checks' attacks
         lp = [o for o in outcomes if not o.threat.is_spatial]
         for outcome in lp:
             self._probe(model, x, y, clean_correct, outcome, progress)
