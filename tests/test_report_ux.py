@@ -138,7 +138,9 @@ def test_html_colours_every_verdict_and_says_it_in_words(ci_base: CiScan) -> Non
     gate = page.split("<h2>Gate</h2>")[1].split("</table>")[0]
     assert gate.count('<span class="tag fail">✖ FAIL</span>') == 1 and gate.count('<span class="tag pass">✔ PASS</span>') == 4
     assert '<span class="verdict fail">✖ gate failed: 1 of 5 checks missed</span>' in page
-    trust = page.split("<h2>Trust checks:")[1].split("</table>")[0]
+    verdict = report["summary"]["diagnostics"]["verdict"]
+    trust = page.split(f"<h2>Trust checks: {verdict}</h2>")[1].split("</table>")[0]
+    assert trust.startswith(f'<p><span class="tag {verdict}">')
     for check in report["summary"]["diagnostics"]["checks"]:
         assert f'<span class="tag {check["verdict"]}">' in trust
 
@@ -171,9 +173,9 @@ def test_trust_warnings_give_a_warn_verdict_everywhere(weak_scan: WeakScan, tmp_
     assert first.startswith("WARN: trust checks warned (see Trust checks above)  (total "), first
     assert "docs/trust.md" in second
     assert re.search(r"│ gradients\s+│ linf:8/255\s+│ warn", shown.stdout), shown.stdout
-    assert "> **Warning**: trust checks warned (see Trust checks above): the attacks may not have worked" in md.read_text()
+    assert "> **Warning**: trust checks warned (see Trust checks below): the attacks may not have worked" in md.read_text()
     page = html.read_text()
-    assert '<p class="banner warn">⚠ <strong>WARN: trust checks warned' in page
+    assert '<p class="banner warn">⚠ <strong>WARN: trust checks warned (see Trust checks below)' in page
     assert '<span class="tag warn">⚠ WARN</span>' in page
 
 

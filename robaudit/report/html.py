@@ -199,10 +199,18 @@ def _verdict(report: Report) -> str:
     v = verdict(report)
     if v.level != "warn":
         return f"<p>{gate}</p>"
-    return f'<p>{gate}</p><p class="banner warn">⚠ <strong>{_e(v.headline)}</strong>: {_e(v.advice)}.</p>'
+    headline = v.headline.replace("see Trust checks above", "see Trust checks below")
+    return f'<p>{gate}</p><p class="banner warn">⚠ <strong>{_e(headline)}</strong>: {_e(v.advice)}.</p>'
 
 
 TAG = {"pass": "✔ PASS", "warn": "⚠ WARN", "fail": "✖ FAIL", "skipped": "– skipped"}
+
+
+TRUST_MEANING = {
+    "pass": "the attacks could work on this model: no sign of gradient masking or randomness they missed",
+    "warn": "signs that the attacks may not have worked fully: robust accuracy may be too high (docs/trust.md)",
+    "fail": "the attacks did not work on this model: robust accuracy is not trustworthy (docs/trust.md)",
+}
 
 
 def _tag(level: str) -> str:
@@ -300,7 +308,9 @@ def _diagnostics(report: Report) -> str:
     if diag.get("note"):
         white = ", ".join(f"{_e(threat_name(report, k))} {_pct(v)}" for k, v in diag.get("white_box_robust_accuracy", {}).items())
         rows.append(["<strong>note</strong>", "", "", f"{_e(diag['note'])} (white-box only: {white})"])
-    return f"<h2>Trust checks: {_tag(diag['verdict'])}</h2>" + _table(["check", "threat", "verdict", "evidence"], rows)
+    level = diag["verdict"]
+    meaning = f'<p>{_tag(level)} {_e(TRUST_MEANING.get(level, ""))}</p>'
+    return f"<h2>Trust checks: {_e(level)}</h2>{meaning}" + _table(["check", "threat", "verdict", "evidence"], rows)
 
 
 def render_html(report: Report) -> str:

@@ -88,7 +88,8 @@ def _headline(report: Report) -> list[str]:
     lines = [f"## robaudit: {verdict(report.gate)}", ""]
     warning = scan_verdict(report)
     if warning.level == "warn":  # the gate passed (or there is none) but the trust checks say the figures may be too high
-        lines += [f"> **Warning**: {cell(warning.headline.removeprefix('WARN: '))}: {cell(warning.advice)}.", ""]
+        headline = warning.headline.removeprefix("WARN: ").replace("see Trust checks above", "see Trust checks below")
+        lines += [f"> **Warning**: {cell(headline)}: {cell(warning.advice)}.", ""]
     return [*lines, meta, "", *table(("metric", "value"), rows, "lr")]
 
 
