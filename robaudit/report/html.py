@@ -34,7 +34,7 @@ th{background:#f6f8fa}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .tag{display:inline-block;padding:.05rem .45rem;border-radius:.3rem;font-weight:600;font-size:.85em;white-space:nowrap}
 .banner{padding:.5rem .8rem;border-radius:.4rem;border-left:.3rem solid currentColor}
 .meta{color:#57606a;font-size:.9rem}.note{color:#7a4a00}code{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:.85em}
-figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #d0d7de}figcaption{color:#57606a;font-size:.85rem}
+figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #d0d7de;padding:.3rem;background:#fff;box-sizing:border-box}figcaption{color:#57606a;font-size:.85rem}
 svg text{font-family:system-ui,sans-serif;font-size:12px;fill:#1f2328}
 """
 
