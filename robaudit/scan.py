@@ -125,9 +125,6 @@ class ScanConfig:
             raise RobauditError("--first must be at least 1")
         if self.chunk_size < 1:
             raise RobauditError("--chunk-size must be at least 1")
-        for threat in self.threats:
-            if threat.norm == "l1":
-                raise RobauditError(f"threat {threat.spec}: L1 attacks are not available yet (use linf or l2)")
         for name in ("certify", "indicator"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise RobauditError(f"{name} must be auto, on or off, not '{getattr(self, name)}'")

@@ -85,6 +85,9 @@ def apgd_start(x: torch.Tensor, threat: Threat, ctx: AttackContext) -> torch.Ten
     elif threat.norm == "l2":
         t = torch.randn(x.shape, generator=ctx.generator, device="cpu")
         size = t.flatten(1).norm(dim=1)
+    elif threat.norm == "l1":
+        t = torch.randn(x.shape, generator=ctx.generator, device="cpu")
+        size = t.flatten(1).abs().sum(dim=1)
     else:
         raise NotImplementedError(f"APGD does not support {threat.norm}")
     delta = threat.eps * t / (size.view(view) + 1e-12)
@@ -194,7 +197,7 @@ class APGD(Attack):
 
     name: ClassVar[str] = "apgd-ce"
     kind: ClassVar[str] = "fixed"
-    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
     randomized: ClassVar[bool] = True
 
     def __init__(self, loss: str = "ce", steps: int = 100, rho: float = 0.75, num_classes: int | None = None) -> None:
@@ -257,7 +260,7 @@ class APGDTargeted(Attack):
 
     name: ClassVar[str] = "apgd-t"
     kind: ClassVar[str] = "fixed"
-    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
     randomized: ClassVar[bool] = True
 
     def __init__(self, steps: int = 100, n_targets: int = 9, rho: float = 0.75, num_classes: int | None = None) -> None:

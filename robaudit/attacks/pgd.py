@@ -27,7 +27,7 @@ class PGD(Attack):
 
     name: ClassVar[str] = "pgd"
     kind: ClassVar[str] = "fixed"
-    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
 
     def __init__(
         self, steps: int = 50, step_size: float | None = None, loss: str = "ce", random_init: bool = True

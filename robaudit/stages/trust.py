@@ -230,13 +230,14 @@ class TrustStage:
     def _unbounded(self, model, x, y, clean_correct, threat: Threat, progress) -> CheckResult:
         lower, upper = self.kw["lower"], self.kw["upper"]
         width = upper - lower
-        eps = width if threat.norm == "linf" else width * math.sqrt(x[0].numel())
-        big = Threat(norm=threat.norm, eps=eps)
+        norm = "linf" if threat.norm == "l1" else threat.norm  # the box is the same set; sparse L1 steps crawl across it
+        eps = width if norm == "linf" else width * math.sqrt(x[0].numel())
+        big = Threat(norm=norm, eps=eps)
         sample = _sample(clean_correct, UNBOUNDED_POINTS, self.seed + 3)
         runs = build_battery([{"attack": "pgd", "steps": 50, "step_size": 0.05, "loss": "margin", "random_init": False}])
         result = run_threat(model, x, y, sample, big, runs, seed=self.seed, progress=progress(), **self.kw)
         self._count(result)
-        return attack_checks.unbounded(int(result.broken.sum()), int(sample.sum()), eps, threat.norm, threat.canonical)
+        return attack_checks.unbounded(int(result.broken.sum()), int(sample.sum()), eps, norm, threat.canonical)
 
     def _run(self, model, x, y, clean_correct, outcome: ThreatOutcome, battery: list[AttackRun], eligible: torch.Tensor,
              prefix: str, progress, seed_shift: int = 0) -> tuple[int, int]:  # fmt: skip
