@@ -35,7 +35,7 @@ def test_help_fits_80_columns_and_names_every_option_in_full(command: str) -> No
             if name.startswith("-"):
                 assert re.search(rf"(^|[\s,/]){re.escape(name)}\b", result.stdout), name
     if command == "scan":
-        assert "robaudit[plot]" in result.stdout  # the markup no longer swallows [plot]
+        assert "'.[plot]'" in result.stdout  # the markup no longer swallows [plot]
 
 
 def test_bare_robaudit_prints_the_help_once() -> None:

@@ -68,7 +68,7 @@ def require_matplotlib(flag: str) -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        raise RobauditError(f"{flag} needs matplotlib: pip install 'robaudit[plot]'") from None
+        raise RobauditError(f"{flag} needs matplotlib: pip install 'matplotlib>=3.7' (or pip install '.[plot]' in a robaudit checkout)") from None
 
 
 def check_plot_dir(path: Path) -> None:
@@ -151,6 +151,6 @@ def surface_pair(
         surface_slice(model, point, label, seed=seed, grid=grid, span=span, title=f"{prefix}random plane"),
         surface_slice(
             model, point, label, direction=direction.unsqueeze(0), seed=seed, grid=grid, span=span,
-            title=f"{prefix}attack plane ({source}, {threat.canonical})",
+            title=f"{prefix}attack plane ({source}, {threat.spec})",
         ),
     ]  # fmt: skip
