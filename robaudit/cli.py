@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robaudit import __version__
 from robaudit.errors import RobauditError
@@ -239,7 +239,8 @@ def scan(
             started = time.monotonic()
             result = run_scan(config, progress=lambda: LineProgress(started=started), cluster=cluster)
         else:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+            # no time-remaining column: later attacks run only on the points still robust, so a linear ETA jumps
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=stderr, transient=True) as progress:
                 result = run_scan(config, progress=lambda: RichProgress(progress), cluster=cluster)
     finally:
