@@ -27,7 +27,7 @@ from robaudit.checkpoint import ChunkStore, attacks_from_plain, attacks_to_plain
 from robaudit.distributed import Cluster
 from robaudit.progress import Prefixed
 from robaudit.stages.certify import CertifyResult, certify_skip_reason
-from robaudit.stages.chunk import ChunkSetup, attack_chunk, finish_chunk
+from robaudit.stages.chunk import ChunkSetup, adapt_chunk, attack_chunk, finish_chunk
 from robaudit.stages.measure import INDICATOR_PASSES, PLOT_SAMPLES, IndicatorResult, check_plot_dir, write_plots
 from robaudit.stages.merge import merge_certified, merge_indicator, merge_minimal, merge_outcomes, merge_trust
 from robaudit.stages.trust import PROBE_POINTS, TrustStage
@@ -270,14 +270,15 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     store = _open_store(config, cluster, _fingerprint(config, data, battery, batch_size, device))
     try:
         mine = cluster.shard(len(chunks))
-        costs = [0.0, 0.0, 0.0, 0.0]  # battery passes, samples, attack seconds, correctly classified samples
+        costs = [0.0] * 5  # battery passes, samples, attack seconds, correctly classified samples, chunks with masking
         for k in mine:
             start, stop = chunks[k]
             if not store.has(k, "attacks"):
                 part = attack_chunk(setup, model, k, start, data.take(start, stop), y[start:stop], _in_chunk(progress, k, chunks))
                 store.save(k, "attacks", attacks_to_plain(part))
             part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape, dense=False)
-            costs = [a + b for a, b in zip(costs, [part.battery_passes, part.n, part.seconds, float((part.clean_pred == y[start:stop]).sum())])]
+            masked = float(part.trust is not None and part.trust.masking)
+            costs = [a + b for a, b in zip(costs, [part.battery_passes, part.n, part.seconds, float((part.clean_pred == y[start:stop]).sum()), masked])]
         attacked = time.perf_counter()
         decisions = _decide(config, store, cluster, costs, attacked - loaded, model, data, chunks, randomized)
 
@@ -285,8 +286,12 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
             start, stop = chunks[k]
             if not store.has(k, "final"):
                 part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape)
+                x = data.take(start, stop)
+                if decisions.get("masking") and part.trust is not None and not part.trust.masking:
+                    adapt_chunk(setup, model, part, x, y[start:stop], _in_chunk(progress, k, chunks))
+                    store.save(k, "attacks", attacks_to_plain(part))  # before pass 2: a resume must not adapt twice
                 final = finish_chunk(
-                    setup, model, part, data.take(start, stop), y[start:stop], indicator=decisions["indicator"],
+                    setup, model, part, x, y[start:stop], indicator=decisions["indicator"],
                     certify=decisions["certify"], certify_budget=config.certify_budget,
                     certify_skipped=decisions["certify_reason"], progress=_in_chunk(progress, k, chunks),
                 )  # fmt: skip
@@ -435,13 +440,16 @@ def _decide(
     kept = store.decisions() if store.keep else None
     if kept is not None:
         return kept
-    passes, n, _, correct = cluster.all_sum(costs)
+    passes, n, _, correct, masked = cluster.all_sum(costs)
     (wall,) = cluster.all_max([attack_seconds])
     indicator_mode = _deterministic_only(config.indicator, randomized, "--indicator")
     indicator = indicator_mode == "on" or (indicator_mode == "auto" and passes / max(1.0, n) >= INDICATOR_PASSES)
     certify_mode = _deterministic_only(config.certify, randomized, "--certify")
     l2 = any(t.norm == "l2" for t in config.threats)
-    decision = {"indicator": indicator, "certify": certify_mode == "on" or (certify_mode == "auto" and l2), "certify_reason": None}
+    decision = {
+        "indicator": indicator, "certify": certify_mode == "on" or (certify_mode == "auto" and l2), "certify_reason": None,
+        "masking": masked > 0,  # masking seen in any chunk: every chunk gets the adaptive battery
+    }  # fmt: skip
     if certify_mode == "auto" and l2:
         reason = None
         if cluster.is_main:  # a pilot on the first chunk's samples projects the cost over every rank

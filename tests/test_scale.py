@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, assert_one_line_error, run_cli
 
@@ -145,3 +146,35 @@ def _rank_pid(parent: int, rank: int) -> int:
                 return int(child.name)
         time.sleep(0.1)
     raise AssertionError(f"no worker with RANK={rank} under {parent}")
+
+
+class _MaskedWhenBright(torch.nn.Module):
+    """The demo CNN, but bright inputs pass through round(): zero gradients there, masking signs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from tests.conftest import demo_classifier
+
+        self.net = demo_classifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bright = (x.flatten(1).mean(dim=1) > 0.5).view(-1, *([1] * (x.dim() - 1)))
+        return self.net(torch.where(bright, torch.round(x * 4) / 4, x))
+
+
+def test_masking_seen_in_one_chunk_brings_the_adaptive_battery_to_every_chunk() -> None:
+    import numpy as np
+
+    import robaudit
+    from tests.conftest import bundled_digits
+
+    x, y = bundled_digits()
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    dark, bright = x[:8] * 0.5, np.clip(x[8:16] * 0.5 + 0.5, 0, 1)  # chunk 0 plain, chunk 1 masked
+    data = (np.concatenate([dark, bright]), np.concatenate([y[:8], y[8:16]]))
+    report = robaudit.audit(_MaskedWhenBright(), data, threats=["linf:8/255"], preset="quick", chunk_size=8,
+                            certify=False, indicator=False)  # fmt: skip
+    adaptations = report.summary.diagnostics["adaptations"]
+    assert any(a.startswith("gradient masking signs (") for a in adaptations), adaptations  # chunk 1 saw it
+    assert any("in another chunk" in a for a in adaptations), adaptations  # chunk 0 was adapted too
+    assert report.summary.diagnostics["masking_suspected"]

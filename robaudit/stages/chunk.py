@@ -136,6 +136,27 @@ def attack_chunk(
     )  # fmt: skip
 
 
+def adapt_chunk(setup: ChunkSetup, model: nn.Module, part: ChunkAttacks, x: torch.Tensor, y: torch.Tensor, progress) -> None:
+    """Masking showed in another chunk: run the adaptive battery here too, then re-verify.
+
+    A masked model shows its signs on some chunks' probes and not on others'; its robust
+    accuracy must not depend on which. Marks the chunk as adapted (``trust.masking``).
+    """
+    from robaudit.progress import Prefixed
+
+    seed = chunk_seed(setup.seed, part.k)
+    torch.manual_seed(seed + 2)
+    trust = setup.trust.for_chunk(seed)  # type: ignore[union-attr]
+    trust.report = part.trust  # type: ignore[assignment]
+    trust.ensure_surrogate(model.base if isinstance(model, EOT) else model)
+    clean_correct = part.clean_pred == y
+    labelled = lambda: Prefixed(progress(), "trust checks")  # noqa: E731
+    trust.adapt(model, x, y, clean_correct, part.outcomes, labelled, "gradient masking signs in another chunk of the scan")
+    part.trust.masking = True  # type: ignore[union-attr]
+    reverify(model, x, y, clean_correct, part.outcomes, part.minimal, lower=setup.lower, upper=setup.upper,
+             batch_size=setup.batch_size, device=setup.device)  # fmt: skip
+
+
 def finish_chunk(
     setup: ChunkSetup,
     model: nn.Module,

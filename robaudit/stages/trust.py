@@ -146,8 +146,12 @@ class TrustStage:
         self.report.checks.append(
             model_checks.stability(judged, x[idx], y[idx], size, lower, upper, self.seed, randomized=self.report.stochastic)
         )
+        self.ensure_surrogate(plain)
+
+    def ensure_surrogate(self, plain: nn.Module) -> None:
+        """Build the BPDA surrogate once per scan: every chunk attacks the same model."""
         parent = getattr(self, "_parent", self)
-        if not parent._surrogate_built:  # once per scan: every chunk attacks the same model
+        if not parent._surrogate_built:
             parent.surrogate, parent.surrogate_note = _surrogate(plain)
             parent._surrogate_built = True
         self.surrogate, self.surrogate_note = parent.surrogate, parent.surrogate_note
@@ -168,10 +172,15 @@ class TrustStage:
         if not fired or not lp:
             return
         names = ", ".join(sorted({c.name for c in fired}))
-        for outcome in lp:
+        self.adapt(model, x, y, clean_correct, outcomes, progress, f"gradient masking signs ({names})")
+
+    def adapt(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor,
+              outcomes: list[ThreatOutcome], progress, reason: str) -> None:  # fmt: skip
+        """The adaptive battery on every point still robust under each Lp threat (``progress``: a factory)."""
+        for outcome in [o for o in outcomes if not o.threat.is_spatial]:
             battery = [r for r in build_battery(ADAPTIVE[self.preset]) if self._fits(r, outcome.threat)]
             self.report.adaptations.append(
-                f"gradient masking signs ({names}): ran {', '.join(r.label for r in battery)} on every point still robust "
+                f"{reason}: ran {', '.join(r.label for r in battery)} on every point still robust "
                 f"under {outcome.threat.canonical}"
             )
             self._run(model, x, y, clean_correct, outcome, battery, clean_correct & ~outcome.broken, "adapt", progress)
