@@ -68,17 +68,26 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "apgd-ce", "steps": 50},
         {"attack": "spatial-grid", "rotations": 11, "shifts": 3},
     ],
-    # AutoAttack "standard" strength: APGD-CE, APGD-T (9 targets), a minimal-norm attack
-    # (FMN in place of FAB-T; it also gives the accuracy-versus-eps curve) and Square.
-    # APGD-CE gets a second random start on survivors: with one, a single seed-dependent
-    # sample made robaudit weaker than AutoAttack on one benchmark row (docs/benchmarks.md).
-    # Square probes with its first 1000 queries and runs the full 5000 only where the probe
-    # breaks a point that the white-box attacks missed (evidence of gradient masking).
+    # AutoAttack "standard" strength at a fraction of its model passes (docs/attacks.md,
+    # docs/benchmarks.md). The minimal-norm stage (FMN, which also gives the
+    # accuracy-versus-eps curve) says how far each point lies from the boundary. Every
+    # robust point gets APGD-CE, a short APGD-T sweep over all 9 targets (ranked by a
+    # linear estimate of the distance to each class, as MALT does) and a 100-query Square
+    # probe; points FMN found within 1.5 eps (or not at all) also get APGD-CE started at
+    # FMN's point and 100 APGD-T steps on the 3 nearest targets; points within 1.25 eps
+    # one more APGD-CE start, and within 1.2 eps AutoAttack's own APGD-T (9 targets by
+    # logit): at the boundary the random start decides, so extra starts buy strength
+    # there cheaply. Square runs its other 4900 queries only where the probe broke a point
+    # the white-box attacks missed (evidence of gradient masking).
     "standard": [
-        {"attack": "fmn", "steps": 100},
-        {"attack": "apgd-ce", "steps": 100, "restarts": 2},
-        {"attack": "apgd-t", "steps": 100, "n_targets": 9},
-        {"attack": "square", "n_queries": 5000, "probe_queries": 1000},
+        {"attack": "fmn", "steps": 50},
+        {"attack": "apgd-ce", "steps": 100},
+        {"attack": "apgd-ce", "steps": 100, "start": "warm", "near": 1.5},
+        {"attack": "apgd-t", "steps": 20, "n_targets": 9, "ranking": "linear"},
+        {"attack": "apgd-t", "steps": 100, "n_targets": 3, "ranking": "linear", "near": 1.5},
+        {"attack": "apgd-ce", "steps": 100, "near": 1.25},
+        {"attack": "apgd-t", "steps": 100, "n_targets": 9, "near": 1.2},
+        {"attack": "square", "n_queries": 5000, "probe_queries": 100},
         # Only spatial threats (spatial:DEG,PX) run it; Engstrom et al.'s 31 x 5 x 5 grid.
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
     ],
@@ -93,17 +102,26 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "square", "n_queries": 5000},
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
     ],
-    # Many restarts, a PGD step-size grid, both DLR forms, more queries, two minimal-norm attacks.
+    # The strongest setting: `standard`'s attacks first, then AutoAttack's own (APGD-CE,
+    # APGD-T on all 9 targets by logit, full Square) with many restarts on every robust
+    # point, a PGD step-size grid, both DLR forms, more queries, two minimal-norm attacks.
     "thorough": [
         {"attack": "fmn", "steps": 300},
         {"attack": "deepfool"},
         {"attack": "fgsm"},
+        {"attack": "apgd-ce", "steps": 100},
+        {"attack": "apgd-ce", "steps": 100, "start": "warm", "near": 1.5},
+        {"attack": "apgd-t", "steps": 20, "n_targets": 9, "ranking": "linear"},
+        {"attack": "apgd-t", "steps": 100, "n_targets": 3, "ranking": "linear", "near": 1.5},
+        {"attack": "apgd-ce", "steps": 100, "near": 1.25},
+        {"attack": "apgd-t", "steps": 100, "n_targets": 9, "near": 1.2},
         {"attack": "apgd-ce", "steps": 200, "restarts": 5},
         {"attack": "apgd-dlr", "steps": 200, "restarts": 5},
         {"attack": "pgd", "steps": 200, "step_size": 0.01, "restarts": 3},
         {"attack": "pgd", "steps": 200, "step_size": 0.025, "restarts": 3},
         {"attack": "pgd", "steps": 200, "step_size": 0.1, "restarts": 3},
         {"attack": "apgd-t", "steps": 200, "n_targets": 9, "restarts": 2},
+        {"attack": "apgd-t", "steps": 200, "n_targets": 9, "ranking": "linear"},
         {"attack": "square", "n_queries": 10000, "restarts": 2},
         {"attack": "simba"},
         {"attack": "spatial-grid", "rotations": 61, "shifts": 9},
@@ -191,7 +209,7 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
     for spec in specs:
         if not isinstance(spec, dict) or "attack" not in spec:
             raise RobauditError(f"attack entry {spec!r} needs an 'attack' name (one of {', '.join(ATTACK_NAMES)})")
-        params = {k: v for k, v in spec.items() if k not in ("attack", "restarts")}
+        params = {k: v for k, v in spec.items() if k not in ("attack", "restarts", "near")}
         name = spec["attack"]
         if name not in factories:
             raise RobauditError(f"unknown attack '{name}' (known: {', '.join(ATTACK_NAMES)})")
@@ -203,7 +221,10 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
             attack = cls(**fixed, **params)
         except (TypeError, ValueError) as exc:
             raise RobauditError(f"attack '{name}': {exc}") from None
-        runs.append(AttackRun(attack, restarts=restarts, label=_label(spec, seen)))
+        near = spec.get("near")
+        if near is not None and (isinstance(near, bool) or not isinstance(near, (int, float)) or near < 1):
+            raise RobauditError(f"attack '{name}': near must be a number of at least 1 (a multiple of eps), not {near!r}")
+        runs.append(AttackRun(attack, restarts=restarts, label=_label(spec, seen), near=None if near is None else float(near)))
     if not runs:
         raise RobauditError("the battery is empty: name at least one attack")
     return runs

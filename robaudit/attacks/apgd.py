@@ -46,6 +46,7 @@ from robaudit.threats import Threat
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, active indices) -> per-sample loss
 
+STARTS = ("random", "warm")  # "warm": the first run starts at AttackContext.start where there is one
 MOMENTUM = 0.75  # weight of the new gradient step; 1 - MOMENTUM goes to x_k - x_{k-1}
 INITIAL_STEP = 2.0  # initial step size, in units of eps (Linf and L2)
 
@@ -94,6 +95,20 @@ def apgd_start(x: torch.Tensor, threat: Threat, ctx: AttackContext) -> torch.Ten
     return (x + delta.to(device=x.device, dtype=x.dtype)).clamp(ctx.lower, ctx.upper)
 
 
+def first_point(x: torch.Tensor, threat: Threat, ctx: AttackContext, warm: bool) -> torch.Tensor:
+    """APGD's first iterate: a random start, or with ``warm`` the context's start projected into the ball.
+
+    The random start is always drawn, so the generator advances the same way whether
+    or not a point has a warm start; only the first run (``ctx.restart == 0``) is warm.
+    """
+    out = apgd_start(x, threat, ctx)
+    if warm and ctx.start is not None and ctx.restart == 0:
+        have = torch.isfinite(ctx.start.flatten(1)).all(dim=1)
+        if bool(have.any()):
+            out[have] = project(ctx.start[have].to(x.dtype), x[have], threat, ctx.lower, ctx.upper)
+    return out
+
+
 def _evaluate(
     model: nn.Module, point: torch.Tensor, loss_fn: LossFn, idx: torch.Tensor, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -115,14 +130,15 @@ def apgd_run(
     loss_fn: LossFn,
     steps: int,
     rho: float,
+    x_init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One APGD run from a random start: (candidates, found adversarial (bool), best loss)."""
+    """One APGD run from `x_init` (default a random start): (candidates, found adversarial (bool), best loss)."""
     n = x.shape[0]
     view = (-1, *([1] * (x.dim() - 1)))
     eps = threat.eps
     first_gap, min_gap, gap_decrease = schedule_parameters(steps)
 
-    x_adv = apgd_start(x, threat, ctx)
+    x_adv = apgd_start(x, threat, ctx) if x_init is None else x_init.clone()
     x_prev = x_adv.clone()
     everyone = torch.arange(n, device=x.device)
     logits, loss, grad = _evaluate(model, x_adv, loss_fn, everyone, need_grad=True)
@@ -200,9 +216,13 @@ class APGD(Attack):
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
     randomized: ClassVar[bool] = True
 
-    def __init__(self, loss: str = "ce", steps: int = 100, rho: float = 0.75, num_classes: int | None = None) -> None:
+    def __init__(
+        self, loss: str = "ce", steps: int = 100, rho: float = 0.75, num_classes: int | None = None, start: str = "random"
+    ) -> None:
         if loss not in ("ce", "dlr", "margin"):
             raise ValueError(f"APGD supports the losses ce, dlr and margin, not '{loss}'")
+        if start not in STARTS:
+            raise ValueError(f"start must be one of {', '.join(STARTS)}, not {start!r}")
         if steps < 1:
             raise ValueError("APGD needs at least one step")
         if not 0 < rho <= 1:
@@ -212,6 +232,7 @@ class APGD(Attack):
         self.steps = steps
         self.rho = rho
         self.num_classes = num_classes
+        self.start = start
         self._classes_seen: int | None = None
 
     def effective_loss(self, num_classes: int | None) -> str:
@@ -228,6 +249,7 @@ class APGD(Attack):
             "steps": self.steps,
             "rho": self.rho,
             "loss": self.effective_loss(classes),
+            "start": self.start,
             "initial_step": f"{INITIAL_STEP:g}*eps",
             "momentum": MOMENTUM,
             "checkpoints": checkpoint_schedule(self.steps),
@@ -242,9 +264,45 @@ class APGD(Attack):
             self._classes_seen = int(logits.shape[1])
             return base(logits, y[idx])
 
-        out, found, _ = apgd_run(model, x, y, threat, ctx, loss_fn, self.steps, self.rho)
+        init = first_point(x, threat, ctx, self.start == "warm")
+        out, found, _ = apgd_run(model, x, y, threat, ctx, loss_fn, self.steps, self.rho, init)
         self.crossed = found  # the runner counts points seen broken whose candidate does not verify
         return out
+
+
+RANKINGS = ("logits", "linear")
+DUAL = {"linf": 1.0, "l2": 2.0, "l1": float("inf")}  # the norm that measures gradients against each threat
+
+
+def linear_ranking(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, candidates: int
+) -> tuple[torch.Tensor, int]:
+    """Classes ordered by the linearized distance to their boundary, nearest first (MALT's target choice).
+
+    Melamed et al. (NeurIPS 2024) rank targets by ``(z_y - z_t) / ||grad (z_y - z_t)||_*``
+    (the dual norm of the threat's), the distance at which the linearized margin
+    reaches zero, instead of by the logit z_t alone: the class with the second-largest
+    logit is often not the nearest one. Only the ``candidates`` classes with the largest
+    logits after the label are ranked (one backward pass each, through one forward);
+    the others follow in logit order. Returns (B, K) with the label in column 0, and K.
+    """
+    point = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(point)
+        classes = int(logits.shape[1])
+        by_logit = logits.detach().argsort(dim=1, descending=True)
+        others = by_logit[by_logit != y[:, None]].view(len(y), classes - 1)
+        m = min(candidates, classes - 1)
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        distance = torch.empty(len(y), m, device=x.device, dtype=logits.dtype)
+        for k in range(m):
+            margin = true - logits.gather(1, others[:, k : k + 1]).squeeze(1)
+            (grad,) = torch.autograd.grad(margin.sum(), point, retain_graph=k < m - 1)
+            size = grad.flatten(1).norm(p=DUAL[threat.norm], dim=1)
+            distance[:, k] = margin.detach() / size.clamp_min(1e-12)
+    order = distance.argsort(dim=1, stable=True)
+    ranked = torch.cat([others[:, :m].gather(1, order), others[:, m:]], dim=1)
+    return torch.cat([y[:, None], ranked], dim=1), classes
 
 
 class APGDTargeted(Attack):
@@ -263,9 +321,21 @@ class APGDTargeted(Attack):
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2", "l1")
     randomized: ClassVar[bool] = True
 
-    def __init__(self, steps: int = 100, n_targets: int = 9, rho: float = 0.75, num_classes: int | None = None) -> None:
+    def __init__(
+        self,
+        steps: int = 100,
+        n_targets: int = 9,
+        rho: float = 0.75,
+        num_classes: int | None = None,
+        ranking: str = "logits",
+        candidates: int = 9,
+    ) -> None:
         if steps < 1:
             raise ValueError("APGD-T needs at least one step")
+        if ranking not in RANKINGS:
+            raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, not {ranking!r}")
+        if candidates < 1:
+            raise ValueError("candidates must be at least 1")
         if n_targets < 1:
             raise ValueError("APGD-T needs at least one target")
         if not 0 < rho <= 1:
@@ -274,6 +344,8 @@ class APGDTargeted(Attack):
         self.n_targets = n_targets
         self.rho = rho
         self.num_classes = num_classes
+        self.ranking = ranking
+        self.candidates = candidates
         self._classes_seen: int | None = None
 
     def targets_for(self, num_classes: int | None) -> int:
@@ -293,6 +365,8 @@ class APGDTargeted(Attack):
             "rho": self.rho,
             "loss": loss,
             "n_targets": self.targets_for(classes),
+            "ranking": self.ranking,
+            **({"candidates": self.candidates} if self.ranking == "linear" else {}),
             "initial_step": f"{INITIAL_STEP:g}*eps",
             "momentum": MOMENTUM,
             "checkpoints": checkpoint_schedule(self.steps),
@@ -301,11 +375,14 @@ class APGDTargeted(Attack):
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, ctx: AttackContext
     ) -> torch.Tensor:
-        with torch.no_grad():
-            clean_logits = model(x)
-        classes = int(clean_logits.shape[1])
+        if self.ranking == "linear":
+            ranking, classes = linear_ranking(model, x, y, threat, self.candidates)
+        else:
+            with torch.no_grad():
+                clean_logits = model(x)
+            classes = int(clean_logits.shape[1])
+            ranking = clean_logits.argsort(dim=1, descending=True)
         self._classes_seen = classes
-        ranking = clean_logits.argsort(dim=1, descending=True)
 
         out = x.clone()
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

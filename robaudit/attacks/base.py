@@ -20,12 +20,20 @@ from robaudit.threats import Threat
 
 @dataclass(frozen=True)
 class AttackContext:
-    """What an attack may know besides the batch: box bounds, RNG and class count."""
+    """What an attack may know besides the batch: box bounds, RNG, class count, a warm start.
+
+    ``start`` (per point of the batch, NaN rows where there is none) is a point worth
+    starting from: the minimal-norm stage's nearest adversarial input. Attacks that can
+    use it (APGD with ``start="warm"``) begin their first run there, projected into the
+    threat ball. ``restart`` counts the runs of the same attack on the batch.
+    """
 
     lower: float
     upper: float
     num_classes: int
     generator: torch.Generator
+    start: torch.Tensor | None = None
+    restart: int = 0
 
 
 class Attack(ABC):

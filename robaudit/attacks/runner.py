@@ -9,6 +9,7 @@ norm checked in float64.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -56,6 +57,9 @@ class AttackRun:
     attack: Attack
     restarts: int = 1
     label: str = ""
+    # Only on points the minimal-norm stage of the same norm found within near * eps (or not at all):
+    # the points near the boundary, where a stronger attack can still matter.
+    near: float | None = None
 
     def __post_init__(self) -> None:
         self.label = self.label or self.attack.name
@@ -164,6 +168,12 @@ class _Stage:
     batch: AdaptiveBatch  # shared by every chunk loop of the stage (and the scan, when it passes one in)
     device: torch.device
     progress: ProgressSink
+    starts: torch.Tensor | None = None  # per point: a warm start for the attacks (AttackContext.start)
+
+    def context(self, chunk: torch.Tensor, restart: int) -> AttackContext:
+        """The attack context for one chunk of points and one restart."""
+        start = None if self.starts is None else self.starts[chunk].to(self.device)
+        return dataclasses.replace(self.ctx, start=start, restart=restart)
 
     def checkpoint(self) -> Restore:
         """The state a chunk starts from: the attack generator, torch's global ones, the pass counts."""
@@ -182,11 +192,11 @@ def _run_attack(
 ) -> None:
     """Run one battery entry (with restarts) on the points `todo_fn` names; `accept_fn` keeps results.
 
-    ``propose(xb, yb)`` makes the candidates; by default the attack's ``perturb``.
+    ``propose(xb, yb, ctx)`` makes the candidates; by default the attack's ``perturb``.
     """
     if propose is None:
-        def propose(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-            return run.attack.perturb(stage.counted, xb, yb, threat, stage.ctx).detach()
+        def propose(xb: torch.Tensor, yb: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
+            return run.attack.perturb(stage.counted, xb, yb, threat, ctx).detach()
 
     step = getattr(stage.progress, "step", None)  # name the attack now running (robaudit.progress)
     if step is not None:
@@ -196,13 +206,14 @@ def _run_attack(
     own = getattr(run.attack, "passes", None)  # attacks querying a model of their own (a surrogate)
     e0 = own() if own else (0, 0)
     n = len(stage.x)
-    for _ in range(run.restarts):
+    for restart in range(run.restarts):
         todo = todo_fn()
         record.attempted = max(record.attempted, len(todo))
         stage.progress.advance(n - len(todo))
         if len(todo) == 0:
             continue
-        stage.batch.run(len(todo), _chunk_step(stage, todo, propose, accept_fn, record), checkpoint=stage.checkpoint)
+        step = _chunk_step(stage, todo, propose, accept_fn, record, restart)
+        stage.batch.run(len(todo), step, checkpoint=stage.checkpoint)
     f1, b1 = stage.counted.snapshot()
     e1 = own() if own else (0, 0)
     record.forwards, record.backwards = f1 - f0 + e1[0] - e0[0], b1 - b0 + e1[1] - e0[1]
@@ -210,14 +221,14 @@ def _run_attack(
     record.params = run.attack.params()  # what actually ran (e.g. a loss fallback for few classes)
 
 
-def _chunk_step(stage: _Stage, todo: torch.Tensor, propose, accept_fn, record: AttackRecord):
+def _chunk_step(stage: _Stage, todo: torch.Tensor, propose, accept_fn, record: AttackRecord, restart: int = 0):
     """One chunk of `todo`: propose, then accept. Nothing is kept until accept's last model call
     has passed, so a chunk that runs out of GPU memory can be run again from its start."""
 
     def step(start: int, stop: int) -> None:
         chunk = todo[start:stop]
         xb, yb = stage.x[chunk].to(stage.device), stage.y[chunk].to(stage.device)
-        candidates = propose(xb, yb)
+        candidates = propose(xb, yb, stage.context(chunk, restart))
         record.broke += accept_fn(chunk, candidates, xb)
         stage.progress.advance(len(chunk))
 
@@ -281,6 +292,28 @@ def run_minimal(
     return MinimalOutcome(norm=norm, distance=distance, found_by=found_by, x_adv=x_adv, records=records)
 
 
+def near_points(minimal: MinimalOutcome | None, threat: Threat, near: float | None, n: int) -> torch.Tensor:
+    """Points an attack with ``near`` runs on: minimal-norm distance within near * eps, or none found.
+
+    Without a minimal-norm stage of the threat's norm every point qualifies (nothing
+    says which points are near), so the attack runs everywhere.
+    """
+    if near is None or minimal is None or minimal.norm != threat.norm:
+        return torch.ones(n, dtype=torch.bool)
+    d = minimal.distance
+    return ~torch.isfinite(d) | (d <= near * threat.eps)
+
+
+def warm_starts(minimal: MinimalOutcome, x: torch.Tensor) -> torch.Tensor:
+    """Per point the minimal-norm stage's nearest adversarial input (NaN where it found none).
+
+    A point found just beyond eps lies next to the boundary: APGD started there
+    (projected into the ball) crosses it far more often than from a random start.
+    """
+    found = torch.isfinite(minimal.distance).view(-1, *([1] * (x.dim() - 1)))
+    return torch.where(found, minimal.x_adv.to(x.dtype), torch.full_like(x, float("nan")))
+
+
 def run_threat(
     model: nn.Module,
     x: torch.Tensor,
@@ -332,6 +365,8 @@ def run_threat(
                 )
             )  # fmt: skip
 
+    if minimal is not None and minimal.norm == threat.norm:
+        stage.starts = warm_starts(minimal, x)
     runs = [r for r in battery if r.attack.kind != "minimal"]
     stage.progress.start(f"attacking {threat.canonical}", max(1, sum(r.restarts for r in runs if r.attack.supports(threat)) * n))
     for run in runs:
@@ -356,7 +391,10 @@ def run_threat(
                 broken_by[i] = run.label
             return len(hits)
 
-        _run_attack(stage, run, threat, lambda: torch.nonzero(clean_correct & ~broken).flatten(), accept, record)
+        focus = near_points(minimal, threat, run.near, n)
+        _run_attack(stage, run, threat, lambda: torch.nonzero(clean_correct & ~broken & focus).flatten(), accept, record)
+        if run.near is not None:
+            record.params["near"] = run.near  # after _run_attack, which sets the attack's own params
         record.robust_after = int((clean_correct & ~broken).sum())
     stage.progress.finish()
     return ThreatOutcome(threat=threat, broken=broken, broken_by=broken_by, distance=distance, x_adv=x_adv, records=records)
@@ -426,7 +464,7 @@ def run_spatial(
         record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
         records.append(record)
 
-        def propose(xb: torch.Tensor, yb: torch.Tensor, run=run) -> torch.Tensor:
+        def propose(xb: torch.Tensor, yb: torch.Tensor, ctx: AttackContext, run=run) -> torch.Tensor:
             return run.attack.search(stage.counted, xb, yb, threat, lower, stage.batch.size)
 
         def accept(chunk: torch.Tensor, params: torch.Tensor, xb: torch.Tensor, run=run) -> int:

@@ -1,0 +1,174 @@
+"""The cheaper `standard` battery's parts: MALT-style target ranking and attacks kept to points near the boundary."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from robaudit.attacks import AttackRun, run_threat
+from robaudit.attacks.apgd import APGD, APGDTargeted, linear_ranking
+from robaudit.attacks.counting import CountingModel
+from robaudit.attacks.runner import MinimalOutcome, near_points
+from robaudit.battery import build_battery, preset_specs
+from robaudit.errors import RobauditError
+from robaudit.threats import Threat
+from test_attacks import linear_problem
+
+CPU = torch.device("cpu")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize(("norm", "dual"), [("linf", 1.0), ("l2", 2.0), ("l1", math.inf)])
+def test_linear_ranking_orders_targets_by_exact_distance_on_a_linear_model(norm: str, dual: float) -> None:
+    model, x, y, _ = linear_problem(seed=3, n=64, d=12, k=6)
+    ranking, classes = linear_ranking(model, x, y, Threat(norm, 0.1), candidates=5)
+    assert classes == 6 and torch.equal(ranking[:, 0], y)
+    w, logits = model.weight, model(x)
+    for i in range(len(y)):
+        others = ranking[i, 1:]
+        dist = [(logits[i, y[i]] - logits[i, t]) / (w[y[i]] - w[t]).norm(p=dual) for t in others.tolist()]
+        assert all(a <= b + 1e-5 for a, b in zip(dist, dist[1:])), "nearest class first"
+        assert sorted(others.tolist() + [int(y[i])]) == list(range(6)), "every class exactly once"
+
+
+def test_linear_ranking_differs_from_logit_order_where_the_nearest_class_has_a_low_logit() -> None:
+    # Class 1 has the second-largest logit but a tiny weight difference; class 2 a lower logit
+    # and a huge one (far): logit order says 1 then 2; the distance order says the same. Make
+    # the second class far instead, so distance puts class 2 first.
+    model = nn.Linear(2, 3, bias=True)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 1.0]]))
+        model.bias.copy_(torch.tensor([5.0, 0.0, 3.0]))
+    x = torch.tensor([[0.45, 0.0]])  # logits 5, 4.5, 3: margin to 1 is 0.5 over |w| 10 (0.05), to 2 is 2 over 1
+    y = torch.tensor([0])
+    ranking, _ = linear_ranking(model, x, y, Threat("l2", 1.0), candidates=2)
+    assert ranking[0].tolist() == [0, 1, 2]
+    x = torch.tensor([[0.0, 0.0]])  # logits 5, 0, 3: to 1 margin 5 over 10 (0.5), to 2 margin 2 over 1 (2)
+    ranking, _ = linear_ranking(model, x, y, Threat("l2", 1.0), candidates=2)
+    assert ranking[0].tolist() == [0, 1, 2], "class 1 is nearer although class 2 has the larger logit"
+
+
+def test_ranking_costs_one_forward_and_a_backward_per_candidate() -> None:
+    model, x, y, _ = linear_problem(seed=1, n=10, d=8, k=10)
+    counted = CountingModel(model)
+    linear_ranking(counted, x, y, Threat("linf", 0.1), candidates=9)
+    assert (counted.forwards, counted.backwards) == (10, 90)
+    counted = CountingModel(model)
+    linear_ranking(counted, x, y, Threat("linf", 0.1), candidates=3)
+    assert (counted.forwards, counted.backwards) == (10, 30)
+
+
+def test_linear_ranked_apgd_t_breaks_a_point_whose_nearest_class_has_a_low_logit() -> None:
+    # The logit-ranked single target (class 1) is far; the nearest class (2) has the lowest logit.
+    d = 100
+    model = nn.Linear(d, 3)
+    with torch.no_grad():
+        weight = torch.zeros(3, d)
+        weight[1, 0] = 0.1  # class 1: logit 0.5, needs a step of 5 along e0
+        weight[2, 1] = 20.0  # class 2: logit -1, needs a step of 0.1 along e1
+        model.weight.copy_(weight)
+        model.bias.copy_(torch.tensor([1.0, 0.5, -1.0]))
+    model.eval().requires_grad_(False)
+    x, y = torch.zeros(1, d), torch.tensor([0])
+    threat = Threat("l2", 0.15)  # a random L2 start puts about 0.015 on e1: nowhere near class 2
+
+    def attack(ranking: str) -> bool:
+        runs = [AttackRun(APGDTargeted(steps=20, n_targets=1, ranking=ranking))]
+        out = run_threat(model, x, y, torch.ones(1, dtype=torch.bool), threat, runs, lower=-10.0, upper=10.0,
+                         num_classes=3, batch_size=8, device=CPU, seed=0)  # fmt: skip
+        return bool(out.broken[0])
+
+    assert not attack("logits")
+    assert attack("linear")
+
+
+def _minimal(distance: list[float], norm: str = "l2") -> MinimalOutcome:
+    d = torch.tensor(distance, dtype=torch.float64)
+    return MinimalOutcome(norm=norm, distance=d, found_by=[None] * len(d), x_adv=torch.zeros(len(d), 4))
+
+
+def test_near_points_follow_the_minimal_norm_distances() -> None:
+    minimal = _minimal([0.5, 1.2, 1.6, math.inf])
+    threat = Threat("l2", 1.0)
+    assert near_points(minimal, threat, 1.5, 4).tolist() == [True, True, False, True], "not found counts as near"
+    assert near_points(minimal, threat, None, 4).all()
+    assert near_points(minimal, Threat("linf", 1.0), 1.5, 4).all(), "another norm's distances say nothing"
+    assert near_points(None, threat, 1.5, 4).all()
+
+
+def test_a_near_attack_runs_only_on_points_near_the_boundary() -> None:
+    model, x, y, dist = linear_problem(seed=2, n=60, d=10, k=4)
+    threat = Threat("l2", float(dist["l2"].median()) * 0.5)
+    # A "minimal-norm stage" that knows the exact distances of the linear model.
+    minimal = MinimalOutcome("l2", dist["l2"].double(), [None] * 60, x.clone())
+    near = dist["l2"] <= 1.5 * threat.eps
+    runs = [AttackRun(APGD(steps=10), near=1.5)]
+    out = run_threat(model, x, y, torch.ones(60, dtype=torch.bool), threat, runs, lower=-100.0, upper=100.0,
+                     num_classes=4, batch_size=16, device=CPU, seed=0, minimal=minimal)  # fmt: skip
+    record = out.records[-1]
+    assert record.attempted == int(near.sum())  # (this stage has no records, so it breaks nothing itself)
+    assert record.params["near"] == 1.5
+    assert not (out.broken & ~near).any()
+    assert out.broken[dist["l2"] < threat.eps * 0.99].all()
+
+
+def test_near_is_validated_and_standard_uses_it() -> None:
+    for bad in ("far", 0.5, True):
+        with pytest.raises(RobauditError, match="near"):
+            build_battery([{"attack": "apgd-ce", "near": bad}])
+    runs = build_battery(preset_specs("standard"))
+    assert {r.near for r in runs} >= {None, 1.25, 1.5}
+    assert runs[0].attack.kind == "minimal", "the near filter needs the minimal-norm stage first"
+    thorough = {(r.attack.name, r.near) for r in build_battery(preset_specs("thorough"))}
+    assert {(r.attack.name, r.near) for r in runs} <= thorough, "thorough runs everything standard runs"
+
+
+def test_warm_start_begins_at_the_projected_minimal_norm_point_on_the_first_run_only() -> None:
+    from robaudit.attacks.apgd import apgd_start, first_point
+    from robaudit.attacks.base import AttackContext, project
+
+    x = torch.rand(4, 1, 3, 3)
+    start = x + 0.5  # far outside the ball: projected onto it
+    start[2] = float("nan")  # no minimal-norm point for this one: a random start
+    threat = Threat("l2", 0.1)
+
+    def ctx(restart: int) -> AttackContext:
+        return AttackContext(0.0, 1.0, 10, torch.Generator().manual_seed(0), start=start, restart=restart)
+
+    first = first_point(x, threat, ctx(0), warm=True)
+    random = apgd_start(x, threat, AttackContext(0.0, 1.0, 10, torch.Generator().manual_seed(0)))
+    keep = torch.tensor([True, True, False, True])
+    assert torch.allclose(first[keep], project(start[keep], x[keep], threat, 0.0, 1.0))
+    assert torch.equal(first[2], random[2]), "the random draw is the same with or without warm starts"
+    assert torch.equal(first_point(x, threat, ctx(1), warm=True), random), "later restarts start at random"
+    assert torch.equal(first_point(x, threat, ctx(0), warm=False), random)
+
+
+def test_warm_started_apgd_breaks_what_the_minimal_norm_stage_found_just_outside_the_ball() -> None:
+    # FMN's point just beyond eps: APGD started there (projected into the ball) crosses the boundary.
+    model, x, y, dist = linear_problem(seed=5, n=40, d=10, k=4)
+    threat = Threat("l2", float(dist["l2"].median()))
+    w, logits = model.weight, model(x)
+    # exact nearest boundary point, pushed 2% further: what a good minimal-norm attack returns
+    diff = w[y][:, None, :] - w[None, :, :]
+    margin = logits.gather(1, y[:, None]) - logits
+    size = diff.norm(dim=2).clamp_min(1e-12)
+    nearest = (margin / size).masked_fill(torch.nn.functional.one_hot(y, 4).bool(), math.inf).argmin(1)
+    rows = torch.arange(40)
+    direction = -diff[rows, nearest] / size[rows, nearest][:, None]
+    points = x + 1.02 * dist["l2"][:, None] * direction
+    minimal = MinimalOutcome("l2", 1.02 * dist["l2"].double(), [None] * 40, points)
+
+    def attack(start: str):
+        runs = [AttackRun(APGD(steps=1, start=start))]
+        return run_threat(model, x, y, torch.ones(40, dtype=torch.bool), threat, runs, lower=-100.0, upper=100.0,
+                          num_classes=4, batch_size=16, device=CPU, seed=0, minimal=minimal).broken  # fmt: skip
+
+    inside = dist["l2"] < 0.98 * threat.eps
+    warm, cold = attack("warm"), attack("random")
+    assert warm[inside].all(), "one step from the projected boundary point crosses it"
+    assert int(cold[inside].sum()) < int(inside.sum()), "one step from a random start does not (the test's point)"
+    assert not warm[dist["l2"] > threat.eps * 1.0001].any()
