@@ -61,6 +61,15 @@ ATTACK_NAMES = (
 # Attacks that never use the model's gradients: what they find, white-box attacks missed.
 GRADIENT_FREE = ("square", "simba", "noise", "spatial-grid", "hsj", "rays", "transfer")
 
+# The white-box core of `standard` (and the start of `thorough`): explained at "standard" below.
+NEAR_BOUNDARY: list[Spec] = [
+    {"attack": "apgd-ce", "steps": 100},
+    {"attack": "apgd-ce", "steps": 100, "start": "warm", "near": 1.5},
+    {"attack": "apgd-t", "steps": 100, "n_targets": 9, "ranking": "linear"},
+    {"attack": "apgd-ce", "steps": 100, "near": 1.25},
+    {"attack": "apgd-t", "steps": 100, "n_targets": 3, "ranking": "linear", "near": 1.2},
+]
+
 PRESETS: dict[str, list[Spec]] = {
     # A fast screen: one gradient step, then a short APGD on what survives.
     "quick": [
@@ -69,24 +78,18 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "spatial-grid", "rotations": 11, "shifts": 3},
     ],
     # AutoAttack "standard" strength at a fraction of its model passes (docs/attacks.md,
-    # docs/benchmarks.md). The minimal-norm stage (FMN, which also gives the
-    # accuracy-versus-eps curve) says how far each point lies from the boundary. Every
-    # robust point gets APGD-CE, a short APGD-T sweep over all 9 targets (ranked by a
-    # linear estimate of the distance to each class, as MALT does) and a 100-query Square
-    # probe; points FMN found within 1.5 eps (or not at all) also get APGD-CE started at
-    # FMN's point and 100 APGD-T steps on the 3 nearest targets; points within 1.25 eps
-    # one more APGD-CE start, and within 1.2 eps AutoAttack's own APGD-T (9 targets by
-    # logit): at the boundary the random start decides, so extra starts buy strength
-    # there cheaply. Square runs its other 4900 queries only where the probe broke a point
-    # the white-box attacks missed (evidence of gradient masking).
+    # docs/benchmarks.md). Every robust point gets AutoAttack's white-box attacks (APGD-CE,
+    # APGD-T on 9 targets, ranked by a linear estimate of the distance to each class as
+    # MALT does, so the likeliest target runs first) and a 100-query Square probe. The
+    # minimal-norm stage (FMN, which also gives the accuracy-versus-eps curve) says which
+    # points lie near the boundary, where the random start decides: those within 1.5 eps
+    # (or not broken by FMN) also get APGD-CE started at FMN's point, within 1.25 eps another
+    # APGD-CE start, within 1.2 eps another APGD-T run on the 3 nearest targets. Square runs
+    # its other 4900 queries only where the probe broke a point the white-box attacks
+    # missed (evidence of gradient masking).
     "standard": [
-        {"attack": "fmn", "steps": 50},
-        {"attack": "apgd-ce", "steps": 100},
-        {"attack": "apgd-ce", "steps": 100, "start": "warm", "near": 1.5},
-        {"attack": "apgd-t", "steps": 20, "n_targets": 9, "ranking": "linear"},
-        {"attack": "apgd-t", "steps": 100, "n_targets": 3, "ranking": "linear", "near": 1.5},
-        {"attack": "apgd-ce", "steps": 100, "near": 1.25},
-        {"attack": "apgd-t", "steps": 100, "n_targets": 9, "near": 1.2},
+        {"attack": "fmn", "steps": 100},
+        *NEAR_BOUNDARY,
         {"attack": "square", "n_queries": 5000, "probe_queries": 100},
         # Only spatial threats (spatial:DEG,PX) run it; Engstrom et al.'s 31 x 5 x 5 grid.
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
@@ -109,12 +112,7 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "fmn", "steps": 300},
         {"attack": "deepfool"},
         {"attack": "fgsm"},
-        {"attack": "apgd-ce", "steps": 100},
-        {"attack": "apgd-ce", "steps": 100, "start": "warm", "near": 1.5},
-        {"attack": "apgd-t", "steps": 20, "n_targets": 9, "ranking": "linear"},
-        {"attack": "apgd-t", "steps": 100, "n_targets": 3, "ranking": "linear", "near": 1.5},
-        {"attack": "apgd-ce", "steps": 100, "near": 1.25},
-        {"attack": "apgd-t", "steps": 100, "n_targets": 9, "near": 1.2},
+        *NEAR_BOUNDARY,
         {"attack": "apgd-ce", "steps": 200, "restarts": 5},
         {"attack": "apgd-dlr", "steps": 200, "restarts": 5},
         {"attack": "pgd", "steps": 200, "step_size": 0.01, "restarts": 3},
