@@ -542,7 +542,8 @@ def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) 
         "threats": [t.canonical for t in config.threats],
         "preset": config.preset if config.attacks is None else None,
         "attacks": [
-            {"name": r.label, "attack": r.attack.name, "kind": r.attack.kind, "restarts": r.restarts, "params": r.attack.params()}
+            {"name": r.label, "attack": r.attack.name, "kind": r.attack.kind, "restarts": r.restarts,
+             "near": r.near, "params": r.attack.params()}
             for r in battery
         ],
         "steps": config.steps,

@@ -190,7 +190,9 @@ def test_standard_preset_reports_curve_per_class_and_distances(model_files: Mode
     assert result.code == 0, result.stderr
     r = load_json(out)
     assert r["config"]["preset"] == "standard"
-    assert [a["name"] for a in r["config"]["attacks"]] == ["fmn", "apgd-ce", "apgd-t", "square", "spatial-grid"]
+    names = ["fmn", "apgd-ce", "apgd-ce#2", "apgd-t", "apgd-ce#3", "apgd-t#2", "square", "spatial-grid"]
+    assert [a["name"] for a in r["config"]["attacks"]] == names
+    assert [a["near"] for a in r["config"]["attacks"]] == [None, None, 1.5, None, 1.25, 1.2, None, None]
     assert "spatial-grid" not in r["summary"]["threats"][0]["attacks"]  # spatial attacks run only under spatial threats
     assert {m["norm"] for m in r["summary"]["minimal_norm"]} == {"linf", "l2"}
     for curve in r["summary"]["curves"]:
