@@ -62,7 +62,7 @@ ATTACK_NAMES = (
 GRADIENT_FREE = ("square", "simba", "noise", "spatial-grid", "hsj", "rays", "transfer")
 
 # The white-box core of `standard` (and the start of `thorough`): explained at "standard" below.
-NEAR_BOUNDARY: list[Spec] = [
+STANDARD_WHITE_BOX: list[Spec] = [
     {"attack": "apgd-ce", "steps": 100},
     {"attack": "apgd-ce", "steps": 100, "start": "warm", "near": 1.5},
     {"attack": "apgd-t", "steps": 100, "n_targets": 9, "ranking": "linear"},
@@ -89,7 +89,7 @@ PRESETS: dict[str, list[Spec]] = {
     # missed (evidence of gradient masking).
     "standard": [
         {"attack": "fmn", "steps": 100},
-        *NEAR_BOUNDARY,
+        *STANDARD_WHITE_BOX,
         {"attack": "square", "n_queries": 5000, "probe_queries": 100},
         # Only spatial threats (spatial:DEG,PX) run it; Engstrom et al.'s 31 x 5 x 5 grid.
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
@@ -112,7 +112,7 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "fmn", "steps": 300},
         {"attack": "deepfool"},
         {"attack": "fgsm"},
-        *NEAR_BOUNDARY,
+        *STANDARD_WHITE_BOX,
         {"attack": "apgd-ce", "steps": 200, "restarts": 5},
         {"attack": "apgd-dlr", "steps": 200, "restarts": 5},
         {"attack": "pgd", "steps": 200, "step_size": 0.01, "restarts": 3},

@@ -37,6 +37,11 @@ class Prefixed:
         self.inner.finish()
 
 
+def prefixed(factory, prefix: str):
+    """A progress factory whose sinks label every stage with `prefix` (a chunk, the trust checks)."""
+    return lambda: Prefixed(factory(), prefix)
+
+
 class RichProgress:
     """One rich bar per stage; its label shows the attack now running."""
 

@@ -25,7 +25,7 @@ from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, Pr
 from robaudit.attacks.spatial import describe
 from robaudit.checkpoint import ChunkStore, attacks_from_plain, attacks_to_plain, final_from_plain, final_to_plain, open_checkpoint, plan_chunks
 from robaudit.distributed import Cluster
-from robaudit.progress import Prefixed
+from robaudit.progress import prefixed
 from robaudit.stages.certify import CertifyResult, certify_skip_reason
 from robaudit.stages.chunk import ChunkSetup, adapt_chunk, attack_chunk, finish_chunk
 from robaudit.stages.measure import INDICATOR_PASSES, PLOT_SAMPLES, IndicatorResult, check_plot_dir, write_plots
@@ -393,7 +393,7 @@ def _in_chunk(progress: ProgressFactory, k: int, chunks: list) -> ProgressFactor
     """Progress labels that say which chunk (when there is more than one)."""
     if len(chunks) <= 1:
         return progress
-    return lambda: Prefixed(progress(), f"chunk {k + 1}/{len(chunks)}")
+    return prefixed(progress, f"chunk {k + 1}/{len(chunks)}")
 
 
 def _cat_long(parts: list[torch.Tensor]) -> torch.Tensor:

@@ -198,9 +198,9 @@ def _run_attack(
         def propose(xb: torch.Tensor, yb: torch.Tensor, ctx: AttackContext) -> torch.Tensor:
             return run.attack.perturb(stage.counted, xb, yb, threat, ctx).detach()
 
-    step = getattr(stage.progress, "step", None)  # name the attack now running (robaudit.progress)
-    if step is not None:
-        step(run.label)
+    name_attack = getattr(stage.progress, "step", None)  # name the attack now running (robaudit.progress)
+    if name_attack is not None:
+        name_attack(run.label)
     start_time = time.perf_counter()
     f0, b0 = stage.counted.snapshot()
     own = getattr(run.attack, "passes", None)  # attacks querying a model of their own (a surrogate)

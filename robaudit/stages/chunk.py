@@ -27,9 +27,10 @@ from robaudit.attacks import AttackRun, ThreatOutcome, run_threat, verify_advers
 from robaudit.attacks.runner import MinimalOutcome, judge, run_minimal, run_spatial, verify_spatial
 from robaudit.batching import AdaptiveBatch
 from robaudit.models.randomized import EOT
+from robaudit.progress import prefixed
 from robaudit.stages.certify import CertifyResult, certify_stage, smallest_adversarial_l2, unavailable
 from robaudit.stages.measure import IndicatorResult, indicator_stage
-from robaudit.stages.trust import TrustReport, TrustStage
+from robaudit.stages.trust import TRUST_LABEL, TrustReport, TrustStage
 from robaudit.threats import SPATIAL, Threat, perturbation_norms
 
 SEED_STRIDE = 1000  # chunk k attacks with seed + k * SEED_STRIDE (chunk 0 keeps the scan's seed)
@@ -142,15 +143,13 @@ def adapt_chunk(setup: ChunkSetup, model: nn.Module, part: ChunkAttacks, x: torc
     A masked model shows its signs on some chunks' probes and not on others'; its robust
     accuracy must not depend on which. Marks the chunk as adapted (``trust.masking``).
     """
-    from robaudit.progress import Prefixed
-
     seed = chunk_seed(setup.seed, part.k)
     torch.manual_seed(seed + 2)
     trust = setup.trust.for_chunk(seed)  # type: ignore[union-attr]
     trust.report = part.trust  # type: ignore[assignment]
     trust.ensure_surrogate(model.base if isinstance(model, EOT) else model)
     clean_correct = part.clean_pred == y
-    labelled = lambda: Prefixed(progress(), "trust checks")  # noqa: E731
+    labelled = prefixed(progress, TRUST_LABEL)
     trust.adapt(model, x, y, clean_correct, part.outcomes, labelled, "gradient masking signs in another chunk of the scan")
     part.trust.masking = True  # type: ignore[union-attr]
     reverify(model, x, y, clean_correct, part.outcomes, part.minimal, lower=setup.lower, upper=setup.upper,

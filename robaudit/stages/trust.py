@@ -32,8 +32,10 @@ from robaudit.checks import FAIL, CheckResult, overall
 from robaudit.checks import attack_checks, model_checks
 from robaudit.errors import RobauditError
 from robaudit.models.randomized import EOT, detect_randomness
+from robaudit.progress import prefixed
 from robaudit.threats import Threat
 
+TRUST_LABEL = "trust checks"  # progress label of every probe and adaptive attack
 PROBE_POINTS = 32  # robust points each sampled probe attacks, per threat
 UNBOUNDED_POINTS = 16
 GRADIENT_POINTS = 64
@@ -160,10 +162,7 @@ class TrustStage:
     def after_attacks(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor,
                       outcomes: list[ThreatOutcome], progress) -> None:  # fmt: skip
         """Probe each Lp threat's robust points; escalate to the adaptive battery on any sign of masking."""
-        from robaudit.progress import Prefixed
-
-        outer = progress
-        progress = lambda: Prefixed(outer(), "trust checks")  # noqa: E731 - labels say these are the checks' attacks
+        progress = prefixed(progress, TRUST_LABEL)  # labels say these are the checks' attacks
         lp = [o for o in outcomes if not o.threat.is_spatial]
         for outcome in lp:
             self._probe(model, x, y, clean_correct, outcome, progress)
