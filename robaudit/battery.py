@@ -61,13 +61,19 @@ ATTACK_NAMES = (
 # Attacks that never use the model's gradients: what they find, white-box attacks missed.
 GRADIENT_FREE = ("square", "simba", "noise", "spatial-grid", "hsj", "rays", "transfer")
 
+# Margin shares (best candidate's margin / clean margin) below which `standard` spends more:
+# AutoAttack's other 6 targets, then fresh random starts (docs/attacks.md, docs/benchmarks.md).
+CLOSE_TARGETS = 0.3
+CLOSE_RESTARTS = 0.1
+
 # The white-box core of `standard` (and the start of `thorough`): explained at "standard" below.
 STANDARD_WHITE_BOX: list[Spec] = [
     {"attack": "apgd-ce", "steps": 100},
+    {"attack": "apgd-t", "steps": 100, "n_targets": 3, "ranking": "linear"},
     {"attack": "apgd-ce", "steps": 100, "start": "warm", "near": 1.5},
-    {"attack": "apgd-t", "steps": 100, "n_targets": 9, "ranking": "linear"},
-    {"attack": "apgd-ce", "steps": 100, "near": 1.25},
-    {"attack": "apgd-t", "steps": 100, "n_targets": 3, "ranking": "linear", "near": 1.2},
+    {"attack": "apgd-t", "steps": 100, "n_targets": 6, "skip_targets": 3, "ranking": "linear", "close": CLOSE_TARGETS},
+    {"attack": "apgd-ce", "steps": 100, "restarts": 2, "close": CLOSE_RESTARTS},
+    {"attack": "apgd-t", "steps": 100, "n_targets": 9, "ranking": "linear", "close": CLOSE_RESTARTS},
 ]
 
 PRESETS: dict[str, list[Spec]] = {
@@ -78,15 +84,15 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "spatial-grid", "rotations": 11, "shifts": 3},
     ],
     # AutoAttack "standard" strength at a fraction of its model passes (docs/attacks.md,
-    # docs/benchmarks.md). Every robust point gets AutoAttack's white-box attacks (APGD-CE,
-    # APGD-T on 9 targets, ranked by a linear estimate of the distance to each class as
-    # MALT does, so the likeliest target runs first) and a 100-query Square probe. The
-    # minimal-norm stage (FMN, which also gives the accuracy-versus-eps curve) says which
-    # points lie near the boundary, where the random start decides: those within 1.5 eps
-    # (or not broken by FMN) also get APGD-CE started at FMN's point, within 1.25 eps another
-    # APGD-CE start, within 1.2 eps another APGD-T run on the 3 nearest targets. Square runs
-    # its other 4900 queries only where the probe broke a point the white-box attacks
-    # missed (evidence of gradient masking).
+    # docs/benchmarks.md). Every robust point gets APGD-CE, APGD-T on the 3 targets nearest
+    # by a linear estimate of the distance to each class (MALT) and a 100-query Square
+    # probe. Where those attacks came close (their best point kept at most 30% of the clean
+    # margin z_y - max z_j), APGD-T runs on AutoAttack's other 6 targets; right at the
+    # boundary (10%), where the random start decides, APGD-CE gets 2 and APGD-T 1 fresh
+    # start(s). Points the minimal-norm stage (FMN, which also gives the accuracy-versus-eps
+    # curve) found within 1.5 eps get APGD-CE started at FMN's point. Square runs its other
+    # 4900 queries only where the probe broke a point the white-box attacks missed
+    # (evidence of gradient masking).
     "standard": [
         {"attack": "fmn", "steps": 100},
         *STANDARD_WHITE_BOX,
@@ -207,7 +213,7 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
     for spec in specs:
         if not isinstance(spec, dict) or "attack" not in spec:
             raise RobauditError(f"attack entry {spec!r} needs an 'attack' name (one of {', '.join(ATTACK_NAMES)})")
-        params = {k: v for k, v in spec.items() if k not in ("attack", "restarts", "near")}
+        params = {k: v for k, v in spec.items() if k not in ("attack", "restarts", "near", "close")}
         name = spec["attack"]
         if name not in factories:
             raise RobauditError(f"unknown attack '{name}' (known: {', '.join(ATTACK_NAMES)})")
@@ -222,7 +228,15 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
         near = spec.get("near")
         if near is not None and (isinstance(near, bool) or not isinstance(near, (int, float)) or near < 1):
             raise RobauditError(f"attack '{name}': near must be a number of at least 1 (a multiple of eps), not {near!r}")
-        runs.append(AttackRun(attack, restarts=restarts, label=_label(spec, seen), near=None if near is None else float(near)))
+        close = spec.get("close")
+        if close is not None and (isinstance(close, bool) or not isinstance(close, (int, float)) or not 0 < close <= 1):
+            raise RobauditError(f"attack '{name}': close must be a number in (0, 1] (a share of the clean margin), not {close!r}")
+        runs.append(
+            AttackRun(
+                attack, restarts=restarts, label=_label(spec, seen),
+                near=None if near is None else float(near), close=None if close is None else float(close),
+            )
+        )  # fmt: skip
     if not runs:
         raise RobauditError("the battery is empty: name at least one attack")
     return runs

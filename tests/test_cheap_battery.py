@@ -10,6 +10,7 @@ from torch import nn
 
 from robaudit.attacks import AttackRun, run_threat
 from robaudit.attacks.apgd import APGD, APGDTargeted, linear_ranking
+from robaudit.attacks.base import AttackContext
 from robaudit.attacks.counting import CountingModel
 from robaudit.attacks.runner import MinimalOutcome, near_points
 from robaudit.battery import build_battery, preset_specs
@@ -120,7 +121,8 @@ def test_near_is_validated_and_standard_uses_it() -> None:
         with pytest.raises(RobauditError, match="near"):
             build_battery([{"attack": "apgd-ce", "near": bad}])
     runs = build_battery(preset_specs("standard"))
-    assert {r.near for r in runs} >= {None, 1.25, 1.5}
+    assert {r.near for r in runs} >= {None, 1.5}
+    assert {r.close for r in runs} >= {None, 0.3, 0.1}
     assert runs[0].attack.kind == "minimal", "the near filter needs the minimal-norm stage first"
     thorough = {(r.attack.name, r.near) for r in build_battery(preset_specs("thorough"))}
     assert {(r.attack.name, r.near) for r in runs} <= thorough, "thorough runs everything standard runs"
@@ -172,3 +174,82 @@ def test_warm_started_apgd_breaks_what_the_minimal_norm_stage_found_just_outside
     assert warm[inside].all(), "one step from the projected boundary point crosses it"
     assert int(cold[inside].sum()) < int(inside.sum()), "one step from a random start does not (the test's point)"
     assert not warm[dist["l2"] > threat.eps * 1.0001].any()
+
+
+def test_class_margins_are_the_label_logit_minus_the_largest_other() -> None:
+    from robaudit.attacks.runner import class_margins
+
+    z = torch.tensor([[3.0, 1.0, 2.5], [0.0, 4.0, 1.0], [2.0, 2.0, -1.0]])
+    assert class_margins(z, torch.tensor([0, 0, 1])).tolist() == [0.5, -4.0, 0.0]
+
+
+def test_close_points_select_by_margin_share_and_keep_unknown_points() -> None:
+    from robaudit.attacks.runner import close_points
+
+    closest = torch.tensor([0.05, 0.3, 0.9, float("nan"), 0.97, 1.2], dtype=torch.float64)
+    assert close_points(closest, 0.3).tolist() == [True, True, False, True, True, True], (
+        "no margin known, or a margin the attacks could not move, counts as close"
+    )
+    assert close_points(closest, None).all()
+
+
+def test_a_close_attack_runs_only_where_earlier_candidates_came_near_the_boundary() -> None:
+    from robaudit.attacks.runner import class_margins
+
+    model, x, y, dist = linear_problem(seed=5, n=80, d=10, k=4)
+    threat = Threat("l2", float(dist["l2"].median()) * 0.8)
+    first, second = APGD(steps=20), APGD(steps=5)
+    runs = [AttackRun(first), AttackRun(second, close=0.4, label="apgd-ce#2")]
+    out = run_threat(model, x, y, torch.ones(80, dtype=torch.bool), threat, runs, lower=-100.0, upper=100.0,
+                     num_classes=4, batch_size=16, device=CPU, seed=0)  # fmt: skip
+    # On a linear model the best point in the L2 ball has margin m - eps * ||w_y - w_j||: the share
+    # left after the first attack is known in closed form (APGD reaches it to within a few percent).
+    w, clean = model.weight, model(x)
+    margin0 = class_margins(clean, y)
+    best = torch.stack([
+        clean[:, y].diagonal() - clean[:, j] - threat.eps * (w[y] - w[j]).norm(dim=1) for j in range(4)
+    ], dim=1).masked_fill(torch.nn.functional.one_hot(y, 4).bool(), float("inf")).amin(1)  # fmt: skip
+    share = (best / margin0).double()
+    record = out.records[-1]
+    assert record.params["close"] == 0.4
+    robust_after_first = ~out.broken | (torch.tensor([b == "apgd-ce#2" for b in out.broken_by]))
+    clearly_far = robust_after_first & (share > 0.5) & (share < 0.9)
+    clearly_near = robust_after_first & (share > 0) & (share < 0.3)
+    assert clearly_far.any() and clearly_near.any(), "the problem has points on both sides"
+    assert record.attempted >= int(clearly_near.sum())
+    assert record.attempted <= int((robust_after_first & ((share <= 0.5) | (share >= 0.9))).sum())
+
+
+def test_close_is_validated() -> None:
+    for bad in ("near", 0.0, 1.5, True):
+        with pytest.raises(RobauditError, match="close"):
+            build_battery([{"attack": "apgd-ce", "close": bad}])
+    (run,) = build_battery([{"attack": "apgd-t", "close": 0.25}])
+    assert run.close == 0.25
+
+
+def test_skip_targets_runs_the_rest_of_the_ranked_list() -> None:
+    model, x, y, _ = linear_problem(seed=1, n=12, d=8, k=10)
+    ranking, _ = linear_ranking(model, x, y, Threat("l2", 0.1), candidates=9)
+    tail = APGDTargeted(steps=2, n_targets=9, skip_targets=3, ranking="linear")
+    assert tail.targets_for(10) == 6 and tail.params()["skip_targets"] == 3
+    seen = []
+
+    import robaudit.attacks.apgd as apgd_module
+
+    real = apgd_module.dlr_targeted
+
+    def spy(logits, y_, t):
+        seen.append(t.clone())
+        return real(logits, y_, t)
+
+    apgd_module.dlr_targeted, saved = spy, apgd_module.dlr_targeted
+    try:
+        ctx = AttackContext(lower=-100.0, upper=100.0, num_classes=10, generator=torch.Generator().manual_seed(0))
+        tail.perturb(CountingModel(model), x, y, Threat("l2", 1e-4), ctx)
+    finally:
+        apgd_module.dlr_targeted = saved
+    targets = {tuple(t.tolist()) for t in seen}
+    assert targets == {tuple(ranking[:, r].tolist()) for r in range(4, 10)}, "ranks 4..9 of the same list, not the top 3"
+    with pytest.raises(ValueError, match="skip_targets"):
+        APGDTargeted(skip_targets=-1)

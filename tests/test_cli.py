@@ -190,9 +190,11 @@ def test_standard_preset_reports_curve_per_class_and_distances(model_files: Mode
     assert result.code == 0, result.stderr
     r = load_json(out)
     assert r["config"]["preset"] == "standard"
-    names = ["fmn", "apgd-ce", "apgd-ce#2", "apgd-t", "apgd-ce#3", "apgd-t#2", "square", "spatial-grid"]
+    names = ["fmn", "apgd-ce", "apgd-t", "apgd-ce#2", "apgd-t#2", "apgd-ce#3", "apgd-t#3", "square", "spatial-grid"]
     assert [a["name"] for a in r["config"]["attacks"]] == names
-    assert [a["near"] for a in r["config"]["attacks"]] == [None, None, 1.5, None, 1.25, 1.2, None, None]
+    assert [a["near"] for a in r["config"]["attacks"]] == [None, None, None, 1.5, None, None, None, None, None]
+    assert [a["close"] for a in r["config"]["attacks"]] == [None, None, None, None, 0.3, 0.1, 0.1, None, None]
+    assert r["config"]["attacks"][4]["params"]["skip_targets"] == 3
     assert "spatial-grid" not in r["summary"]["threats"][0]["attacks"]  # spatial attacks run only under spatial threats
     assert {m["norm"] for m in r["summary"]["minimal_norm"]} == {"linf", "l2"}
     for curve in r["summary"]["curves"]:

@@ -309,8 +309,9 @@ class APGDTargeted(Attack):
     """APGD-T: APGD on the targeted DLR loss, one run per target class.
 
     The targets are the classes ranked 2, 3, ..., n_targets + 1 by the clean logits
-    (capped at the number of classes minus one); each run only attacks the points no
-    earlier target has broken. Targeted DLR needs at least 4 classes; with fewer the
+    (capped at the number of classes minus one), or with ``skip_targets = s`` the ones
+    ranked s + 2, ..., s + n_targets + 1 (the rest of a list whose head an earlier entry
+    ran); each run only attacks the points no earlier target has broken. Targeted DLR needs at least 4 classes; with fewer the
     targeted margin ``z_t - z_y`` runs instead. Cost with nothing broken:
     ``forwards = n * (1 + T * (steps + 1))`` (one clean forward ranks the targets),
     ``backwards = n * T * steps``, with T the number of targets actually run.
@@ -329,9 +330,12 @@ class APGDTargeted(Attack):
         num_classes: int | None = None,
         ranking: str = "logits",
         candidates: int = 9,
+        skip_targets: int = 0,
     ) -> None:
         if steps < 1:
             raise ValueError("APGD-T needs at least one step")
+        if skip_targets < 0:
+            raise ValueError("skip_targets must be at least 0")
         if ranking not in RANKINGS:
             raise ValueError(f"ranking must be one of {', '.join(RANKINGS)}, not {ranking!r}")
         if candidates < 1:
@@ -346,13 +350,14 @@ class APGDTargeted(Attack):
         self.num_classes = num_classes
         self.ranking = ranking
         self.candidates = candidates
+        self.skip_targets = skip_targets
         self._classes_seen: int | None = None
 
     def targets_for(self, num_classes: int | None) -> int:
         """How many targets run for a model with ``num_classes`` outputs."""
         if num_classes is None:
             return self.n_targets
-        return max(0, min(self.n_targets, num_classes - 1))
+        return max(0, min(self.n_targets, num_classes - 1 - self.skip_targets))
 
     def params(self) -> dict[str, Any]:
         classes = self._classes_seen if self._classes_seen is not None else self.num_classes
@@ -366,6 +371,7 @@ class APGDTargeted(Attack):
             "loss": loss,
             "n_targets": self.targets_for(classes),
             "ranking": self.ranking,
+            **({"skip_targets": self.skip_targets} if self.skip_targets else {}),
             **({"candidates": self.candidates} if self.ranking == "linear" else {}),
             "initial_step": f"{INITIAL_STEP:g}*eps",
             "momentum": MOMENTUM,
@@ -387,7 +393,8 @@ class APGDTargeted(Attack):
         out = x.clone()
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         best_loss = torch.full((x.shape[0],), float("-inf"), device=x.device)
-        for rank in range(2, self.targets_for(classes) + 2):
+        first = 2 + self.skip_targets
+        for rank in range(first, first + self.targets_for(classes)):
             todo = torch.nonzero(~found).flatten()
             if todo.numel() == 0:
                 break

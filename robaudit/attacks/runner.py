@@ -60,6 +60,10 @@ class AttackRun:
     # Only on points the minimal-norm stage of the same norm found within near * eps (or not at all):
     # the points near the boundary, where a stronger attack can still matter.
     near: float | None = None
+    # Only on points an earlier attack of the same threat brought within close * (clean margin)
+    # of the boundary: its best candidate's margin z_y - max_j z_j at most close times the clean one.
+    # With `near` too, a point either selects runs.
+    close: float | None = None
 
     def __post_init__(self) -> None:
         self.label = self.label or self.attack.name
@@ -141,14 +145,54 @@ def verify_adversarial(
     device: torch.device,
 ) -> torch.Tensor:
     """Independent check of candidate adversarial examples: misclassified, in the ball, in the box."""
+    return verify_with_margins(model, x_adv, x, y, threat, lower, upper, batch_size, device)[0]
+
+
+def verify_with_margins(
+    model: nn.Module,
+    x_adv: torch.Tensor,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    threat: Threat,
+    lower: float,
+    upper: float,
+    batch_size: int | AdaptiveBatch,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`verify_adversarial`, plus each candidate's margin z_y - max_{j != y} z_j from the same pass.
+
+    The margin (float64; NaN for a randomized model, whose verdict comes from repeated
+    draws) says how close a failed candidate came: the runner's ``close`` filter reads it.
+    """
     x_adv = x_adv.detach().to(torch.float32).cpu()
     x = x.detach().cpu()
     if len(x_adv) == 0:
-        return torch.zeros(0, dtype=torch.bool)
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
     in_ball = within_ball(x_adv - x, threat)
     with full_precision():  # the verdict must not depend on the GPU's TF32 defaults
-        wrong = judge(model, x_adv, y, batch_size, device) != y.cpu()
-    return wrong & in_ball & _in_box(x_adv, lower, upper)
+        if isinstance(model, EOT):
+            wrong = model.worst_predictions(x_adv.to(device), y.cpu()) != y.cpu()
+            margin = torch.full((len(y),), float("nan"), dtype=torch.float64)
+        else:
+            z = logits(model, x_adv, batch_size, device)
+            wrong = z.argmax(dim=1) != y.cpu()
+            margin = class_margins(z, y.cpu())
+    return wrong & in_ball & _in_box(x_adv, lower, upper), margin
+
+
+@torch.no_grad()
+def logits(model: nn.Module, x: torch.Tensor, batch_size: int | AdaptiveBatch, device: torch.device) -> torch.Tensor:
+    """The model's outputs in batches (no gradients), returned on the CPU."""
+    out = as_batch(batch_size).run(len(x), lambda start, stop: model(x[start:stop].to(device)).cpu(), checkpoint=rng_checkpoint)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def class_margins(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{j != y} z_j per row, in float64 (negative: misclassified)."""
+    z = z.to(torch.float64)
+    own = z.gather(1, y[:, None])[:, 0]
+    others = z.scatter(1, y[:, None], float("-inf"))
+    return own - others.max(dim=1).values
 
 
 def _in_box(x_adv: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
@@ -304,6 +348,39 @@ def near_points(minimal: MinimalOutcome | None, threat: Threat, near: float | No
     return ~torch.isfinite(d) | (d <= near * threat.eps)
 
 
+# A point whose best candidate still keeps this share of its clean margin gave the attacks no
+# grip: the margin says nothing about how far its boundary is (on a VNN-COMP MNIST MLP with
+# near one-hot outputs, a violated instance kept 98.5% after APGD-CE and APGD-T on 3 targets,
+# and broke only on its 5th-ranked target), so a ``close`` filter keeps it too.
+STALLED = 0.95
+
+
+def close_points(closest: torch.Tensor, close: float | None) -> torch.Tensor:
+    """Points an attack with ``close`` runs on: an earlier candidate's margin within close x the
+    clean margin; or the attacks barely moved it (at least `STALLED` of it left); or no margin
+    is known (no candidate yet, a randomized model, a clean margin <= 0)."""
+    if close is None:
+        return torch.ones(len(closest), dtype=torch.bool)
+    return torch.isnan(closest) | (closest <= close) | (closest >= STALLED)
+
+
+def focus_points(minimal: MinimalOutcome | None, threat: Threat, run: AttackRun, closest: torch.Tensor, n: int) -> torch.Tensor:
+    """The points one battery entry runs on: its ``near`` and ``close`` filters (either one selects)."""
+    if run.near is not None and run.close is not None:
+        return near_points(minimal, threat, run.near, n) | close_points(closest, run.close)
+    if run.close is not None:
+        return close_points(closest, run.close)
+    return near_points(minimal, threat, run.near, n)
+
+
+def _clean_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch, device: torch.device) -> torch.Tensor:
+    """Each point's clean margin (NaN where it is not positive, or for a randomized model)."""
+    if isinstance(model, EOT):
+        return torch.full((len(x),), float("nan"), dtype=torch.float64)
+    m = class_margins(logits(model, x, batch, device), y.cpu())
+    return torch.where(m > 0, m, float("nan"))
+
+
 def warm_starts(minimal: MinimalOutcome, x: torch.Tensor) -> torch.Tensor:
     """Per point the minimal-norm stage's nearest adversarial input (NaN where it found none).
 
@@ -368,6 +445,12 @@ def run_threat(
     if minimal is not None and minimal.norm == threat.norm:
         stage.starts = warm_starts(minimal, x)
     runs = [r for r in battery if r.attack.kind != "minimal"]
+    # Per point the smallest margin share any candidate reached (NaN: none yet, or unknown).
+    closest = torch.full((n,), float("nan"), dtype=torch.float64)
+    clean_margin = None
+    if any(r.close is not None for r in runs):
+        with full_precision():
+            clean_margin = _clean_margins(model, x, y, stage.batch, device)
     stage.progress.start(f"attacking {threat.canonical}", max(1, sum(r.restarts for r in runs if r.attack.supports(threat)) * n))
     for run in runs:
         record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
@@ -379,7 +462,9 @@ def run_threat(
 
         def accept(chunk: torch.Tensor, candidates: torch.Tensor, xb: torch.Tensor, run=run) -> int:
             candidates = project(candidates, xb, threat, lower, upper)
-            ok = verify_adversarial(model, candidates, x[chunk], y[chunk], threat, lower, upper, stage.batch, device)
+            ok, margin = verify_with_margins(model, candidates, x[chunk], y[chunk], threat, lower, upper, stage.batch, device)
+            if clean_margin is not None:
+                closest[chunk] = torch.fmin(closest[chunk], margin / clean_margin[chunk])
             crossed = getattr(run.attack, "crossed", None)
             if crossed is not None and len(crossed) == len(ok):
                 record.silent += int((crossed.cpu() & ~ok).sum())
@@ -391,10 +476,11 @@ def run_threat(
                 broken_by[i] = run.label
             return len(hits)
 
-        focus = near_points(minimal, threat, run.near, n)
+        focus = focus_points(minimal, threat, run, closest, n)
         _run_attack(stage, run, threat, lambda: torch.nonzero(clean_correct & ~broken & focus).flatten(), accept, record)
-        if run.near is not None:
-            record.params["near"] = run.near  # after _run_attack, which sets the attack's own params
+        for key in ("near", "close"):  # after _run_attack, which sets the attack's own params
+            if getattr(run, key) is not None:
+                record.params[key] = getattr(run, key)
         record.robust_after = int((clean_correct & ~broken).sum())
     stage.progress.finish()
     return ThreatOutcome(threat=threat, broken=broken, broken_by=broken_by, distance=distance, x_adv=x_adv, records=records)
