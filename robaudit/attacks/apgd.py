@@ -311,10 +311,11 @@ class APGDTargeted(Attack):
     The targets are the classes ranked 2, 3, ..., n_targets + 1 by the clean logits
     (capped at the number of classes minus one), or with ``skip_targets = s`` the ones
     ranked s + 2, ..., s + n_targets + 1 (the rest of a list whose head an earlier entry
-    ran); each run only attacks the points no earlier target has broken. Targeted DLR needs at least 4 classes; with fewer the
-    targeted margin ``z_t - z_y`` runs instead. Cost with nothing broken:
-    ``forwards = n * (1 + T * (steps + 1))`` (one clean forward ranks the targets),
-    ``backwards = n * T * steps``, with T the number of targets actually run.
+    ran); each run only attacks the points no earlier target has broken. Targeted DLR
+    needs at least 4 classes; with fewer the targeted margin ``z_t - z_y`` runs instead.
+    Cost with nothing broken: ``forwards = n * (1 + T * (steps + 1))`` (one clean forward
+    ranks the targets), ``backwards = n * T * steps``, with T the number of targets
+    actually run; ``ranking="linear"`` adds ``n * min(candidates, classes - 1)`` backwards.
     """
 
     name: ClassVar[str] = "apgd-t"

@@ -170,14 +170,18 @@ def verify_with_margins(
         return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
     in_ball = within_ball(x_adv - x, threat)
     with full_precision():  # the verdict must not depend on the GPU's TF32 defaults
-        if isinstance(model, EOT):
-            wrong = model.worst_predictions(x_adv.to(device), y.cpu()) != y.cpu()
-            margin = torch.full((len(y),), float("nan"), dtype=torch.float64)
-        else:
-            z = logits(model, x_adv, batch_size, device)
-            wrong = z.argmax(dim=1) != y.cpu()
-            margin = class_margins(z, y.cpu())
-    return wrong & in_ball & _in_box(x_adv, lower, upper), margin
+        pred, margin = _judge_with_margins(model, x_adv, y, batch_size, device)
+    return (pred != y.cpu()) & in_ball & _in_box(x_adv, lower, upper), margin
+
+
+def _judge_with_margins(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | AdaptiveBatch, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`judge`'s labels and, from the same pass, the margins (NaN for a randomized model)."""
+    if isinstance(model, EOT):
+        return judge(model, x, y, batch_size, device), torch.full((len(x),), float("nan"), dtype=torch.float64)
+    z = logits(model, x, batch_size, device)
+    return z.argmax(dim=1), class_margins(z, y.cpu())
 
 
 @torch.no_grad()
@@ -375,9 +379,7 @@ def focus_points(minimal: MinimalOutcome | None, threat: Threat, run: AttackRun,
 
 def _clean_margins(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch, device: torch.device) -> torch.Tensor:
     """Each point's clean margin (NaN where it is not positive, or for a randomized model)."""
-    if isinstance(model, EOT):
-        return torch.full((len(x),), float("nan"), dtype=torch.float64)
-    m = class_margins(logits(model, x, batch, device), y.cpu())
+    m = _judge_with_margins(model, x, y, batch, device)[1]
     return torch.where(m > 0, m, float("nan"))
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robaudit.attacks.runner import AttackRun, ProgressSink, ThreatOutcome, judge, run_threat
+from robaudit.attacks.runner import AttackRun, ThreatOutcome, judge, run_threat
 from robaudit.battery import ADAPTIVE, GRADIENT_FREE, RANDOMIZED, REPEATS, build_battery
 from robaudit.checks import FAIL, CheckResult, overall
 from robaudit.checks import attack_checks, model_checks
