@@ -23,6 +23,7 @@ All trained with AdamW (weight decay 0.01), 30 epochs, seeded and single-threade
 Usage (from the repository root, about 10 minutes on one CPU thread):
     python benchmarks/certify_zoo.py                        # writes benchmarks/results/certify_zoo.json
     python benchmarks/certify_zoo.py --only tanh_mlp relu_mlp --budgets default tight
+    python benchmarks/certify_zoo.py --only cnn --n 40 --unstable   # where the bounds lose: unstable ReLUs
 
 Before / after a change to robaudit.certify: run this script (of this checkout) against
 another checkout of robaudit with ``--robaudit PATH`` (its root; imported instead of this
@@ -176,7 +177,38 @@ def attack_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, box: tup
     return best
 
 
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[str], fmn_steps: int) -> list[dict]:
+def unstable_relus(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor, distance: torch.Tensor) -> dict:
+    """Median count of ReLU units whose input can change sign on the ball, per ReLU layer.
+
+    Counted with the `default` budget's CROWN intervals (the ones its relaxations use), on
+    the certified samples, at eps = the certified radius and at eps = the attack distance:
+    every such unit gets a single-neuron relaxation, which is where a bound loses tightness.
+    """
+    from robaudit.certify.certificate import _batch
+    from robaudit.certify.crown import CrownBound
+    from robaudit.certify.budget import get_budget
+    from robaudit.certify.graph import build_graph
+
+    keep = (radius > 0) & torch.isfinite(distance)
+    if not bool(keep.any()):
+        return {}
+    graph = build_graph(model, x[:1])
+    batch = _batch(graph, x[keep].double(), y[keep])
+    crown = CrownBound(graph, get_budget("default"))
+    out = {}
+    everyone = torch.arange(int(keep.sum()))
+    for where, eps in (("at_radius", radius[keep]), ("at_attack_distance", distance[keep])):
+        ctx = crown._intermediate(batch, everyone, eps.double())
+        out[where] = {
+            f"node {i} ({math.prod(graph.nodes[i].shape)} units)": float(r.parts["free"].flatten(1).sum(1).double().median())
+            for i, r in sorted(ctx.relaxed.items()) if "free" in r.parts
+        }  # fmt: skip
+    return out
+
+
+def evaluate(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[str], fmn_steps: int, unstable: bool = False
+) -> list[dict]:
     """One row per budget: certified radii against the attacks' smallest distances."""
     from robaudit.certify import certify_l2
 
@@ -205,6 +237,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[s
             "seconds_per_sample": round(cert.seconds / len(x), 4),
             "methods": dict(Counter(cert.method)),
         })  # fmt: skip
+        if unstable:
+            rows[-1]["unstable_relus"] = unstable_relus(model, x, y, cert.radius, free)
     return rows
 
 
@@ -220,6 +254,10 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="test digits to certify (default 200 of 360)")
     parser.add_argument("--fmn-steps", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--unstable", action="store_true",
+        help="also count the ReLU units that can change sign on the ball (at the certified radius and the attack distance)",
+    )
     parser.add_argument(
         "--robaudit", type=Path, metavar="PATH", help="root of another robaudit checkout (default: this one)"
     )
@@ -255,7 +293,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only or list(ZOO):
         model, accuracy, seconds = train(name, data)
-        for row in evaluate(model, x, y, args.budgets, args.fmn_steps):
+        for row in evaluate(model, x, y, args.budgets, args.fmn_steps, args.unstable):
             row = {"model": name, "test_accuracy": round(accuracy, 4), "train_seconds": round(seconds, 1), **row}
             rows.append(row)
             cells = [
@@ -265,6 +303,8 @@ def main() -> None:
                 f"{row['seconds_per_sample']:.3f}", methods_text(row["methods"]),
             ]  # fmt: skip
             print("| " + " | ".join(cells) + " |", flush=True)
+            if "unstable_relus" in row:
+                print(f"    unstable ReLU units (median): {row['unstable_relus']}", flush=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every model: long runs keep partial results
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")
