@@ -391,3 +391,54 @@ def test_every_fixture_model_certifies_or_names_its_layer() -> None:
             batch = _batch(graph, x[zero].double(), y[zero])
             at_x = batch.margins - batch.error(torch.arange(int(zero.sum())), torch.zeros(int(zero.sum())).double())
             assert (at_x.amin(dim=1) <= 0).all(), name
+
+
+# ---------------------------------------------------------------- skipping an outclassed method
+
+
+def _deep_narrow_mlp() -> nn.Module:
+    """Eight ReLU layers of 24 units: CROWN's radius beats the interval method's everywhere."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = 16
+    for _ in range(8):
+        layers += [nn.Linear(width, 24), nn.ReLU()]
+        width = 24
+    return nn.Sequential(*layers, nn.Linear(24, 4)).eval()
+
+
+def test_interval_skipped_after_first_batch_where_crown_outclasses_it():
+    import dataclasses
+
+    from robaudit.certify.budget import get_budget
+    from robaudit.certify.certificate import default_methods
+
+    net = _deep_narrow_mlp()
+    x = torch.rand(40, 16, generator=torch.Generator().manual_seed(1))
+    y = net(x).argmax(1)
+    plan = dataclasses.replace(get_budget("fast"), crown_evals=10)
+    split = certify_with(net, x, y, default_methods, batch_size=20, budget=plan)
+    whole = certify_with(net, x, y, default_methods, batch_size=40, budget=plan)
+    assert any(note.startswith("interval skipped after the first batch") for note in split.notes)
+    assert not any("skipped" in note for note in whole.notes)  # one batch: nothing to skip on
+    assert set(split.method) == {"crown"}
+    assert torch.equal(split.radius[:20], whole.radius[:20])  # the first batch ran every method
+    # later batches: crown alone, its bisection started lower; within its tolerance of the full run
+    assert bool((split.radius[20:] >= 0.95 * whole.radius[20:]).all())
+    assert bool((split.radius > 0).all())
+
+
+def test_outclassed_rule():
+    from robaudit.certify.certificate import OUTCLASSED, OUTCLASSED_MIN, outclassed
+
+    crown = torch.full((OUTCLASSED_MIN,), 1.0, dtype=torch.float64)
+    weak = crown / (OUTCLASSED * 1.01)
+    assert outclassed({"interval": weak, "global-lipschitz": weak, "crown": crown}) == ["interval"]
+    assert outclassed({"interval": weak}) == []  # no crown
+    assert outclassed({"interval": weak[:-1], "crown": crown[:-1]}) == []  # too few samples
+    close = weak.clone()
+    close[3] = crown[3] / (OUTCLASSED * 0.99)  # one sample where the interval bound is not far behind
+    assert outclassed({"interval": close, "crown": crown}) == []
+    lost = crown.clone()
+    lost[0] = 0.0  # crown certified nothing there
+    assert outclassed({"interval": torch.zeros_like(crown), "crown": lost}) == []
