@@ -140,13 +140,15 @@ def test_warm_start_begins_at_the_projected_minimal_norm_point_on_the_first_run_
     def ctx(restart: int) -> AttackContext:
         return AttackContext(0.0, 1.0, 10, torch.Generator().manual_seed(0), start=start, restart=restart)
 
-    first = first_point(x, threat, ctx(0), warm=True)
+    first = first_point(x, threat, ctx(0), "warm")
     random = apgd_start(x, threat, AttackContext(0.0, 1.0, 10, torch.Generator().manual_seed(0)))
     keep = torch.tensor([True, True, False, True])
     assert torch.allclose(first[keep], project(start[keep], x[keep], threat, 0.0, 1.0))
     assert torch.equal(first[2], random[2]), "the random draw is the same with or without warm starts"
-    assert torch.equal(first_point(x, threat, ctx(1), warm=True), random), "later restarts start at random"
-    assert torch.equal(first_point(x, threat, ctx(0), warm=False), random)
+    assert torch.equal(first_point(x, threat, ctx(1), "warm"), random), "later restarts start at random"
+    assert torch.equal(first_point(x, threat, ctx(0), "random"), random)
+    assert torch.equal(first_point(x, threat, ctx(0), "clean"), x), "clean: the first run starts at x itself"
+    assert torch.equal(first_point(x, threat, ctx(1), "clean"), random)
 
 
 def test_warm_started_apgd_breaks_what_the_minimal_norm_stage_found_just_outside_the_ball() -> None:

@@ -46,7 +46,8 @@ from robaudit.threats import Threat
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, active indices) -> per-sample loss
 
-STARTS = ("random", "warm")  # "warm": the first run starts at AttackContext.start where there is one
+STARTS = ("random", "warm", "clean")  # "warm": the first run starts at AttackContext.start where there is one;
+# "clean": the first run starts at x itself (no randomness in the start: the trust checks' unbounded run)
 MOMENTUM = 0.75  # weight of the new gradient step; 1 - MOMENTUM goes to x_k - x_{k-1}
 INITIAL_STEP = 2.0  # initial step size, in units of eps (Linf and L2)
 
@@ -95,14 +96,16 @@ def apgd_start(x: torch.Tensor, threat: Threat, ctx: AttackContext) -> torch.Ten
     return (x + delta.to(device=x.device, dtype=x.dtype)).clamp(ctx.lower, ctx.upper)
 
 
-def first_point(x: torch.Tensor, threat: Threat, ctx: AttackContext, warm: bool) -> torch.Tensor:
-    """APGD's first iterate: a random start, or with ``warm`` the context's start projected into the ball.
+def first_point(x: torch.Tensor, threat: Threat, ctx: AttackContext, start: str) -> torch.Tensor:
+    """APGD's first iterate: a random start, the context's start projected into the ball (``warm``), or x (``clean``).
 
-    The random start is always drawn, so the generator advances the same way whether
-    or not a point has a warm start; only the first run (``ctx.restart == 0``) is warm.
+    The random start is always drawn, so the generator advances the same way whatever
+    the start; only the first run (``ctx.restart == 0``) is warm or clean.
     """
     out = apgd_start(x, threat, ctx)
-    if warm and ctx.start is not None and ctx.restart == 0:
+    if start == "clean" and ctx.restart == 0:
+        return x.clone()
+    if start == "warm" and ctx.start is not None and ctx.restart == 0:
         have = torch.isfinite(ctx.start.flatten(1)).all(dim=1)
         if bool(have.any()):
             out[have] = project(ctx.start[have].to(x.dtype), x[have], threat, ctx.lower, ctx.upper)
@@ -264,7 +267,7 @@ class APGD(Attack):
             self._classes_seen = int(logits.shape[1])
             return base(logits, y[idx])
 
-        init = first_point(x, threat, ctx, self.start == "warm")
+        init = first_point(x, threat, ctx, self.start)
         out, found, _ = apgd_run(model, x, y, threat, ctx, loss_fn, self.steps, self.rho, init)
         self.crossed = found  # the runner counts points seen broken whose candidate does not verify
         return out
