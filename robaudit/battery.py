@@ -62,19 +62,29 @@ ATTACK_NAMES = (
 GRADIENT_FREE = ("square", "simba", "noise", "spatial-grid", "hsj", "rays", "transfer")
 
 # Margin shares (best candidate's margin / clean margin) below which `standard` spends more:
-# AutoAttack's other 6 targets, then fresh random starts (docs/attacks.md, docs/benchmarks.md).
+# AutoAttack's other 6 targets, then fresh random starts, then more of them right at the
+# boundary (docs/attacks.md, docs/benchmarks.md).
 CLOSE_TARGETS = 0.3
 CLOSE_RESTARTS = 0.1
+CLOSE_EDGE = 0.03
 
-# The white-box core of `standard` (and the start of `thorough`): explained at "standard" below.
-STANDARD_WHITE_BOX: list[Spec] = [
-    {"attack": "apgd-ce", "steps": 100},
-    {"attack": "apgd-t", "steps": 100, "n_targets": 3, "ranking": "linear"},
-    {"attack": "apgd-ce", "steps": 100, "start": "warm", "near": 1.5},
-    {"attack": "apgd-t", "steps": 100, "n_targets": 6, "skip_targets": 3, "ranking": "linear", "close": CLOSE_TARGETS},
-    {"attack": "apgd-ce", "steps": 100, "restarts": 2, "close": CLOSE_RESTARTS},
-    {"attack": "apgd-t", "steps": 100, "n_targets": 9, "ranking": "linear", "close": CLOSE_RESTARTS},
-]
+
+def white_box(steps: int) -> list[Spec]:
+    """The white-box core of `standard` (50 steps) and of `thorough` (50, then 100): see "standard" below."""
+    return [
+        {"attack": "apgd-ce", "steps": steps},
+        {"attack": "apgd-t", "steps": steps, "n_targets": 3, "ranking": "linear"},
+        {"attack": "apgd-ce", "steps": steps, "start": "warm", "near": 1.5},
+        {"attack": "apgd-t", "steps": steps, "n_targets": 6, "skip_targets": 3, "ranking": "linear", "close": CLOSE_TARGETS},
+        {"attack": "apgd-ce", "steps": steps, "restarts": 2, "close": CLOSE_RESTARTS},
+        {"attack": "apgd-t", "steps": steps, "n_targets": 9, "ranking": "linear", "close": CLOSE_RESTARTS},
+        {"attack": "apgd-ce", "steps": steps, "restarts": 4, "close": CLOSE_EDGE},
+        {"attack": "apgd-dlr", "steps": steps, "restarts": 2, "close": CLOSE_EDGE},
+    ]
+
+
+STANDARD_STEPS = 50  # APGD steps per run in `standard`: half of AutoAttack's 100 (docs/benchmarks.md)
+STANDARD_WHITE_BOX: list[Spec] = white_box(STANDARD_STEPS)
 
 PRESETS: dict[str, list[Spec]] = {
     # A fast screen: one gradient step, then a short APGD on what survives.
@@ -83,16 +93,17 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "apgd-ce", "steps": 50},
         {"attack": "spatial-grid", "rotations": 11, "shifts": 3},
     ],
-    # AutoAttack "standard" strength at a fraction of its model passes (docs/attacks.md,
+    # AutoAttack "standard" strength at a sixth of its model passes (docs/attacks.md,
     # docs/benchmarks.md). Every robust point gets APGD-CE, APGD-T on the 3 targets nearest
-    # by a linear estimate of the distance to each class (MALT) and a 100-query Square
-    # probe. Where those attacks came close (their best point kept at most 30% of the clean
-    # margin z_y - max z_j), APGD-T runs on AutoAttack's other 6 targets; right at the
-    # boundary (10%), where the random start decides, APGD-CE gets 2 and APGD-T 1 fresh
-    # start(s). Points the minimal-norm stage (FMN, which also gives the accuracy-versus-eps
-    # curve) found within 1.5 eps get APGD-CE started at FMN's point. Square runs its other
-    # 4900 queries only where the probe broke a point the white-box attacks missed
-    # (evidence of gradient masking).
+    # by a linear estimate of the distance to each class (MALT), both 50 steps, and a
+    # 100-query Square probe. Where those attacks came close (their best point kept at most
+    # 30% of the clean margin z_y - max z_j) or barely moved the margin (75% or more left),
+    # APGD-T runs on AutoAttack's other 6 targets; near the boundary (10%), where the random
+    # start decides, APGD-CE gets 2 and APGD-T 1 fresh start(s), and right at it (3%)
+    # APGD-CE 4 and APGD-DLR 2 more. Points the minimal-norm stage (FMN, which also gives
+    # the accuracy-versus-eps curve) found within 1.5 eps get APGD-CE started at FMN's
+    # point. Square runs its other 4900 queries only where the probe broke a point the
+    # white-box attacks missed (evidence of gradient masking).
     "standard": [
         {"attack": "fmn", "steps": 100},
         *STANDARD_WHITE_BOX,
@@ -111,14 +122,16 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "square", "n_queries": 5000},
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
     ],
-    # The strongest setting: `standard`'s attacks first, then AutoAttack's own (APGD-CE,
-    # APGD-T on all 9 targets by logit, full Square) with many restarts on every robust
-    # point, a PGD step-size grid, both DLR forms, more queries, two minimal-norm attacks.
+    # The strongest setting: `standard`'s attacks first, the same core again at 100 steps,
+    # then AutoAttack's own (APGD-CE, APGD-T on all 9 targets by logit, full Square) with
+    # many restarts on every robust point, a PGD step-size grid, both DLR forms, more
+    # queries, two minimal-norm attacks.
     "thorough": [
         {"attack": "fmn", "steps": 300},
         {"attack": "deepfool"},
         {"attack": "fgsm"},
         *STANDARD_WHITE_BOX,
+        *white_box(100),
         {"attack": "apgd-ce", "steps": 200, "restarts": 5},
         {"attack": "apgd-dlr", "steps": 200, "restarts": 5},
         {"attack": "pgd", "steps": 200, "step_size": 0.01, "restarts": 3},

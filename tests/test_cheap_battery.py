@@ -188,7 +188,7 @@ def test_class_margins_are_the_label_logit_minus_the_largest_other() -> None:
 def test_close_points_select_by_margin_share_and_keep_unknown_points() -> None:
     from robaudit.attacks.runner import close_points
 
-    closest = torch.tensor([0.05, 0.3, 0.9, float("nan"), 0.97, 1.2], dtype=torch.float64)
+    closest = torch.tensor([0.05, 0.3, 0.5, float("nan"), 0.8, 1.2], dtype=torch.float64)
     assert close_points(closest, 0.3).tolist() == [True, True, False, True, True, True], (
         "no margin known, or a margin the attacks could not move, counts as close"
     )
@@ -215,11 +215,12 @@ def test_a_close_attack_runs_only_where_earlier_candidates_came_near_the_boundar
     record = out.records[-1]
     assert record.params["close"] == 0.4
     robust_after_first = ~out.broken | (torch.tensor([b == "apgd-ce#2" for b in out.broken_by]))
-    clearly_far = robust_after_first & (share > 0.5) & (share < 0.9)
+    # far: above close (0.4, with APGD's slack) and below the stalled share (0.75, with its slack)
+    clearly_far = robust_after_first & (share > 0.5) & (share < 0.65)
     clearly_near = robust_after_first & (share > 0) & (share < 0.3)
     assert clearly_far.any() and clearly_near.any(), "the problem has points on both sides"
     assert record.attempted >= int(clearly_near.sum())
-    assert record.attempted <= int((robust_after_first & ((share <= 0.5) | (share >= 0.9))).sum())
+    assert record.attempted <= int((robust_after_first & ((share <= 0.5) | (share >= 0.65))).sum())
 
 
 def test_close_is_validated() -> None:
