@@ -421,6 +421,7 @@ def test_interval_skipped_after_first_batch_where_crown_outclasses_it():
     whole = certify_with(net, x, y, default_methods, batch_size=40, budget=plan)
     assert any(note.startswith("interval skipped after the first batch") for note in split.notes)
     assert not any("skipped" in note for note in whole.notes)  # one batch: nothing to skip on
+    assert "methods tried: interval, global-lipschitz, crown" in split.notes  # the skipped one still listed
     assert set(split.method) == {"crown"}
     assert torch.equal(split.radius[:20], whole.radius[:20])  # the first batch ran every method
     # later batches: crown alone, its bisection started lower; within its tolerance of the full run

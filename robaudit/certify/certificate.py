@@ -162,7 +162,8 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certifi
         if k < 2 or bool(((y < 0) | (y >= k)).any()):
             raise ValueError(f"labels must be class indices in [0, {k})")
         methods = make_methods(graph, plan)
-        wins = {m.name: 0 for m in methods}
+        tried = [m.name for m in methods]  # every method, including one later skipped
+        wins = {name: 0 for name in tried}
         dropped: list[str] = []
         for s in range(0, n, batch_size):
             xb, yb = x[s : s + batch_size], y[s : s + batch_size]
@@ -182,7 +183,7 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certifi
 
     notes = [
         f"budget {plan.name}: at most {plan.max_evals} bound evaluations per batch of {batch_size} samples",
-        "methods tried: " + ", ".join(m.name for m in methods),
+        "methods tried: " + ", ".join(tried),
         "largest radius from: " + ", ".join(f"{name} {count}" for name, count in wins.items()),
         *[
             f"{name} skipped after the first batch: crown's radius was at least {OUTCLASSED:g}x its own on every "
