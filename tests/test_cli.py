@@ -190,7 +190,7 @@ def test_standard_preset_reports_curve_per_class_and_distances(model_files: Mode
     assert result.code == 0, result.stderr
     r = load_json(out)
     assert r["config"]["preset"] == "standard"
-    names = ["fmn", "apgd-ce", "apgd-t", "apgd-ce#2", "apgd-t#2", "apgd-ce#3", "apgd-t#3", "square", "spatial-grid"]
+    names = ["fmn", "apgd-ce", "apgd-t", "apgd-ce#2", "apgd-t#2", "apgd-ce#3", "apgd-t#3", "apgd-ce#4", "apgd-dlr", "square", "spatial-grid"]
     assert [a["name"] for a in r["config"]["attacks"]] == names
     assert [a["near"] for a in r["config"]["attacks"]] == [None, None, None, 1.5, None, None, None, None, None]
     assert [a["close"] for a in r["config"]["attacks"]] == [None, None, None, None, 0.3, 0.1, 0.1, None, None]
