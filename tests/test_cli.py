@@ -192,8 +192,8 @@ def test_standard_preset_reports_curve_per_class_and_distances(model_files: Mode
     assert r["config"]["preset"] == "standard"
     names = ["fmn", "apgd-ce", "apgd-t", "apgd-ce#2", "apgd-t#2", "apgd-ce#3", "apgd-t#3", "apgd-ce#4", "apgd-dlr", "square", "spatial-grid"]
     assert [a["name"] for a in r["config"]["attacks"]] == names
-    assert [a["near"] for a in r["config"]["attacks"]] == [None, None, None, 1.5, None, None, None, None, None]
-    assert [a["close"] for a in r["config"]["attacks"]] == [None, None, None, None, 0.3, 0.1, 0.1, None, None]
+    assert [a["near"] for a in r["config"]["attacks"]] == [None, None, None, 1.5, None, None, None, None, None, None, None]
+    assert [a["close"] for a in r["config"]["attacks"]] == [None, None, None, None, 0.3, 0.1, 0.1, 0.03, 0.03, None, None]
     assert r["config"]["attacks"][4]["params"]["skip_targets"] == 3
     assert "spatial-grid" not in r["summary"]["threats"][0]["attacks"]  # spatial attacks run only under spatial threats
     assert {m["norm"] for m in r["summary"]["minimal_norm"]} == {"linf", "l2"}
