@@ -212,12 +212,10 @@ def outclassed(per_method: dict[str, torch.Tensor]) -> list[str]:
     method can only lower a radius, never make one unsound.
     """
     crown = per_method.get("crown")
-    if crown is None or int((crown > 0).sum()) < OUTCLASSED_MIN:
+    if crown is None or len(crown) < OUTCLASSED_MIN or not bool((crown > 0).all()):
         return []
-    return [
-        name for name, r in per_method.items()
-        if name in ("interval", "closed-form") and bool((crown > 0).all()) and bool((OUTCLASSED * r <= crown).all())
-    ]  # fmt: skip
+    lipschitz = ("interval", "closed-form")
+    return [name for name, r in per_method.items() if name in lipschitz and bool((OUTCLASSED * r <= crown).all())]
 
 
 def _certify_batch(
