@@ -180,3 +180,11 @@ def test_healthy_adversarially_trained_fixtures_raise_no_alarm(name, mean, std, 
     diag = scan(config).report.summary.diagnostics
     fired = {c["name"]: c["summary"] for c in diag["checks"] if c["name"] in MASKING_CHECKS and c["verdict"] == "fail"}
     assert not fired and not diag["masking_suspected"], fired
+
+
+def test_the_longer_run_doubles_the_batterys_fixed_radius_steps_not_the_minimal_norm_stages(one_thread):
+    """FMN's steps are not a PGD's: a 150-step FMN beside an 80-step APGD asks for a 160-step run (not 300)."""
+    attacks = [{"attack": "fmn", "steps": 150}, {"attack": "apgd-ce", "steps": 80}]
+    report = _scan(mm.DEMO_ONNX, preset=None, n=20, attacks=attacks)
+    (check,) = [c for c in report.summary.diagnostics["checks"] if c["name"] == "optimization"]
+    assert check["evidence"]["steps"] == 160, check

@@ -84,6 +84,7 @@ class AttackRecord:
     seconds: float = 0.0
     skipped: str | None = None
     silent: int = 0  # points the attack itself saw misclassified whose returned candidate did not verify
+    minimal: bool = False  # a minimal-norm attack's result, merged into a threat (its steps are not the battery's)
 
 
 @dataclass
@@ -440,7 +441,7 @@ def run_threat(
                 AttackRecord(
                     name=label, params=record.params, restarts=record.restarts, attempted=record.attempted,
                     broke=len(hits), robust_after=int((clean_correct & ~broken).sum()),
-                    skipped="minimal-norm stage, shared by every threat of this norm (cost counted there)",
+                    skipped="minimal-norm stage, shared by every threat of this norm (cost counted there)", minimal=True,
                 )
             )  # fmt: skip
 

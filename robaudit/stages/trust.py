@@ -225,8 +225,9 @@ class TrustStage:
             found, attacked = self._run(model, x, y, clean_correct, outcome, runs, sample, "probe", progress)
             self.report.checks.append(attack_checks.transfer(found, attacked, self.surrogate.changes, None, name))
 
-        # 5. a longer run from a fresh start
-        steps = min(400, 2 * max([_steps(r) for r in outcome.records] + [50]))
+        # 5. a longer run from a fresh start: twice the battery's longest fixed-radius attack (a
+        # minimal-norm attack's steps are on another scale: FMN's 100 are not a 100-step APGD)
+        steps = min(400, 2 * max([_steps(r) for r in outcome.records if not r.minimal] + [50]))
         sample = _sample(clean_correct & ~outcome.broken, PROBE_POINTS, self.seed + 2)
         runs = build_battery([{"attack": "apgd-dlr", "steps": steps}])  # DLR falls back to margin below 3 classes
         found, attacked = self._run(model, x, y, clean_correct, outcome, runs, sample, "probe", progress, seed_shift=7)
