@@ -76,10 +76,11 @@ def white_box(steps: int) -> list[Spec]:
         {"attack": "apgd-t", "steps": steps, "n_targets": 3, "ranking": "linear"},
         {"attack": "apgd-ce", "steps": steps, "start": "warm", "near": 1.5},
         {"attack": "apgd-t", "steps": steps, "n_targets": 6, "skip_targets": 3, "ranking": "linear", "close": CLOSE_TARGETS},
-        {"attack": "apgd-ce", "steps": steps, "restarts": 2, "close": CLOSE_RESTARTS},
-        {"attack": "apgd-t", "steps": steps, "n_targets": 9, "ranking": "linear", "close": CLOSE_RESTARTS},
-        {"attack": "apgd-ce", "steps": steps, "restarts": 4, "close": CLOSE_EDGE},
-        {"attack": "apgd-dlr", "steps": steps, "restarts": 2, "close": CLOSE_EDGE},
+        {"attack": "apgd-ce", "steps": steps, "restarts": 2, "close": CLOSE_RESTARTS, "stalled": False},
+        {"attack": "apgd-t", "steps": steps, "n_targets": 9, "ranking": "linear", "close": CLOSE_RESTARTS, "stalled": False},
+        {"attack": "apgd-ce", "steps": steps, "restarts": 4, "close": CLOSE_EDGE, "stalled": False},
+        {"attack": "apgd-t", "steps": steps, "n_targets": 3, "ranking": "linear", "restarts": 2, "close": CLOSE_EDGE, "stalled": False},
+        {"attack": "apgd-dlr", "steps": steps, "restarts": 2, "close": CLOSE_EDGE, "stalled": False},
     ]
 
 
@@ -100,7 +101,8 @@ PRESETS: dict[str, list[Spec]] = {
     # 30% of the clean margin z_y - max z_j) or barely moved the margin (75% or more left),
     # APGD-T runs on AutoAttack's other 6 targets; near the boundary (10%), where the random
     # start decides, APGD-CE gets 2 and APGD-T 1 fresh start(s), and right at it (3%)
-    # APGD-CE 4 and APGD-DLR 2 more. Points the minimal-norm stage (FMN, which also gives
+    # APGD-CE 4, APGD-T on the 3 nearest targets 2 and APGD-DLR 2 more; those starts skip
+    # the barely-moved points (`stalled = false`). Points the minimal-norm stage (FMN, which also gives
     # the accuracy-versus-eps curve) found within 1.5 eps get APGD-CE started at FMN's
     # point. Square runs its other 4900 queries only where the probe broke a point the
     # white-box attacks missed (evidence of gradient masking).
@@ -226,7 +228,7 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
     for spec in specs:
         if not isinstance(spec, dict) or "attack" not in spec:
             raise RobauditError(f"attack entry {spec!r} needs an 'attack' name (one of {', '.join(ATTACK_NAMES)})")
-        params = {k: v for k, v in spec.items() if k not in ("attack", "restarts", "near", "close")}
+        params = {k: v for k, v in spec.items() if k not in ("attack", "restarts", "near", "close", "stalled")}
         name = spec["attack"]
         if name not in factories:
             raise RobauditError(f"unknown attack '{name}' (known: {', '.join(ATTACK_NAMES)})")
@@ -244,10 +246,15 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
         close = spec.get("close")
         if close is not None and (isinstance(close, bool) or not isinstance(close, (int, float)) or not 0 < close <= 1):
             raise RobauditError(f"attack '{name}': close must be a number in (0, 1] (a share of the clean margin), not {close!r}")
+        stalled = spec.get("stalled", True)
+        if not isinstance(stalled, bool):
+            raise RobauditError(f"attack '{name}': stalled must be true or false, not {stalled!r}")
+        if "stalled" in spec and close is None:
+            raise RobauditError(f"attack '{name}': stalled only applies with close (it widens the close filter)")
         runs.append(
             AttackRun(
                 attack, restarts=restarts, label=_label(spec, seen),
-                near=None if near is None else float(near), close=None if close is None else float(close),
+                near=None if near is None else float(near), close=None if close is None else float(close), stalled=stalled,
             )
         )  # fmt: skip
     if not runs:

@@ -193,6 +193,9 @@ def test_close_points_select_by_margin_share_and_keep_unknown_points() -> None:
         "no margin known, or a margin the attacks could not move, counts as close"
     )
     assert close_points(closest, None).all()
+    assert close_points(closest, 0.3, stalled=False).tolist() == [True, True, False, True, False, False], (
+        "without stalled, only the share (or an unknown one) selects"
+    )
 
 
 def test_a_close_attack_runs_only_where_earlier_candidates_came_near_the_boundary() -> None:
@@ -228,7 +231,23 @@ def test_close_is_validated() -> None:
         with pytest.raises(RobauditError, match="close"):
             build_battery([{"attack": "apgd-ce", "close": bad}])
     (run,) = build_battery([{"attack": "apgd-t", "close": 0.25}])
-    assert run.close == 0.25
+    assert run.close == 0.25 and run.stalled
+    (run,) = build_battery([{"attack": "apgd-t", "close": 0.25, "stalled": False}])
+    assert not run.stalled
+    for bad in ("no", 0, None):
+        with pytest.raises(RobauditError, match="stalled must be true or false"):
+            build_battery([{"attack": "apgd-ce", "close": 0.1, "stalled": bad}])
+    with pytest.raises(RobauditError, match="stalled only applies with close"):
+        build_battery([{"attack": "apgd-ce", "stalled": False}])
+
+
+def test_stalled_points_get_the_later_targets_but_not_the_restarts_in_standard() -> None:
+    """Points the attacks barely moved get AutoAttack's other targets (where the VNN-COMP violations
+    broke), not every later random start: on a certified-trained model that was most of the cost."""
+    runs = {r.label: r for r in build_battery(preset_specs("standard"))}
+    assert runs["apgd-t#2"].close == 0.3 and runs["apgd-t#2"].stalled
+    later = [r for r in runs.values() if r.close is not None and r.close < 0.3]
+    assert len(later) == 5 and not any(r.stalled for r in later)
 
 
 def test_skip_targets_runs_the_rest_of_the_ranked_list() -> None:

@@ -64,6 +64,8 @@ class AttackRun:
     # of the boundary: its best candidate's margin z_y - max_j z_j at most close times the clean one.
     # With `near` too, a point either selects runs.
     close: float | None = None
+    # With `close`: also run on stalled points (at least `STALLED` of the clean margin left).
+    stalled: bool = True
 
     def __post_init__(self) -> None:
         self.label = self.label or self.attack.name
@@ -356,25 +358,27 @@ def near_points(minimal: MinimalOutcome | None, threat: Threat, near: float | No
 # A point whose best candidate still keeps this share of its clean margin gave the attacks little
 # grip: the margin says nothing about how far its boundary is (on a VNN-COMP MNIST MLP with
 # near one-hot outputs, violated instances kept 98.5% and 78.6% after APGD-CE and APGD-T on 3
-# targets, and broke only on later targets), so a ``close`` filter keeps it too.
+# targets, and broke only on later targets), so a ``close`` filter keeps it too, unless the
+# battery entry says ``stalled = false``.
 STALLED = 0.75
 
 
-def close_points(closest: torch.Tensor, close: float | None) -> torch.Tensor:
+def close_points(closest: torch.Tensor, close: float | None, stalled: bool = True) -> torch.Tensor:
     """Points an attack with ``close`` runs on: an earlier candidate's margin within close x the
-    clean margin; or the attacks barely moved it (at least `STALLED` of it left); or no margin
-    is known (no candidate yet, a randomized model, a clean margin <= 0)."""
+    clean margin; or (with ``stalled``) the attacks barely moved it (at least `STALLED` of it
+    left); or no margin is known (no candidate yet, a randomized model, a clean margin <= 0)."""
     if close is None:
         return torch.ones(len(closest), dtype=torch.bool)
-    return torch.isnan(closest) | (closest <= close) | (closest >= STALLED)
+    chosen = torch.isnan(closest) | (closest <= close)
+    return chosen | (closest >= STALLED) if stalled else chosen
 
 
 def focus_points(minimal: MinimalOutcome | None, threat: Threat, run: AttackRun, closest: torch.Tensor, n: int) -> torch.Tensor:
     """The points one battery entry runs on: its ``near`` and ``close`` filters (either one selects)."""
     if run.near is not None and run.close is not None:
-        return near_points(minimal, threat, run.near, n) | close_points(closest, run.close)
+        return near_points(minimal, threat, run.near, n) | close_points(closest, run.close, run.stalled)
     if run.close is not None:
-        return close_points(closest, run.close)
+        return close_points(closest, run.close, run.stalled)
     return near_points(minimal, threat, run.near, n)
 
 
@@ -484,6 +488,8 @@ def run_threat(
         for key in ("near", "close"):  # after _run_attack, which sets the attack's own params
             if getattr(run, key) is not None:
                 record.params[key] = getattr(run, key)
+        if run.close is not None and not run.stalled:
+            record.params["stalled"] = False
         record.robust_after = int((clean_correct & ~broken).sum())
     stage.progress.finish()
     return ThreatOutcome(threat=threat, broken=broken, broken_by=broken_by, distance=distance, x_adv=x_adv, records=records)
