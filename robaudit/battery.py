@@ -162,12 +162,14 @@ REPEATS = 10  # draws per prediction of a randomized model; the worst one counts
 
 # Gradient masking found (robaudit.stages.trust): attacks no masking of gradients or scores
 # can stop, run on every point still robust, in every preset: a scale-invariant white-box
-# loss, a transfer attack from the BPDA surrogate, Square (score-based) and a
-# decision-based attack (RayS for Linf, HopSkipJump for L2: labels only).
+# loss, transfer attacks from the BPDA surrogate (untargeted, then APGD-T on its nearest
+# classes), Square (score-based) and a decision-based attack (RayS for Linf, HopSkipJump
+# for L2: labels only).
 ADAPTIVE: dict[str, list[Spec]] = {
     "quick": [
         {"attack": "apgd-dlr", "steps": 50},
         {"attack": "transfer", "steps": 50},
+        {"attack": "transfer", "steps": 50, "targets": 3},
         {"attack": "square", "n_queries": 1000},
         {"attack": "rays", "max_queries": 1000},
         {"attack": "hsj", "max_queries": 1000},
@@ -175,6 +177,7 @@ ADAPTIVE: dict[str, list[Spec]] = {
     "standard": [
         {"attack": "apgd-dlr", "steps": 100},
         {"attack": "transfer", "steps": 100},
+        {"attack": "transfer", "steps": 100, "targets": 9},
         {"attack": "square", "n_queries": 5000},
         {"attack": "rays", "max_queries": 5000},
         {"attack": "hsj", "max_queries": 5000},
@@ -182,6 +185,7 @@ ADAPTIVE: dict[str, list[Spec]] = {
     "thorough": [
         {"attack": "apgd-dlr", "steps": 200},
         {"attack": "transfer", "steps": 200},
+        {"attack": "transfer", "steps": 200, "targets": 9},
         {"attack": "square", "n_queries": 10000},
         {"attack": "rays", "max_queries": 10000},
         {"attack": "hsj", "max_queries": 10000},

@@ -26,7 +26,7 @@ from torch import nn
 
 from conftest import bundled_digits, demo_classifier
 from robaudit.attacks import AttackContext, AttackRun, run_threat
-from robaudit.attacks.apgd import APGD
+from robaudit.attacks.apgd import APGD, APGDTargeted
 from robaudit.attacks.transfer import Transfer
 from robaudit.models import AuditModel, load_model, wrap_model
 from robaudit.models.detect import RawModel, freeze
@@ -242,6 +242,11 @@ def test_sharp_softmax_is_removed_and_transfer_matches_apgd_on_the_plain_cnn(dig
     on_plain = int(attack(plain_onnx, APGD(loss="dlr"), x, y, 0.1).broken.sum())
     assert on_model <= 5  # observed 0 of 77: the log-probabilities are flat
     assert on_plain >= 30 and abs(transferred - on_plain) <= 2  # observed 42 and 42
+
+    # The targeted form runs AutoAttack's APGD-T on the surrogate: what it reaches on the plain CNN.
+    targeted = int(attack(model, Transfer(steps=50, targets=9, surrogate=surrogate.module), x, y, 0.1).broken.sum())
+    on_plain_t = int(attack(plain_onnx, APGDTargeted(steps=50, n_targets=9, ranking="linear"), x, y, 0.1).broken.sum())
+    assert on_plain_t >= on_plain and abs(targeted - on_plain_t) <= 2, (targeted, on_plain_t, on_plain)  # observed 45, 45 (42 untargeted)
 
 
 class Squashed(nn.Module):
@@ -466,3 +471,9 @@ def test_transfer_attacks_the_surrogate_only_and_counts_its_passes(digits, tmp_p
     assert (record.forwards, record.backwards) == (after[0] - before[0], after[1] - before[1]) != (0, 0)
     with pytest.raises(ValueError, match="dlr and ce"):
         Transfer(loss="margin")
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="targets must be a whole number"):
+            Transfer(targets=bad)
+    assert Transfer(steps=7, targets=3).params() == {
+        "steps": 7, "loss": "dlr-targeted (targeted margin below 4 classes)", "surrogate": False, "targets": 3, "ranking": "linear",
+    }  # fmt: skip

@@ -16,14 +16,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.apgd import APGD
+from robaudit.attacks.apgd import APGD, APGDTargeted
 from robaudit.attacks.base import Attack, AttackContext
 from robaudit.attacks.counting import CountingModel
 from robaudit.threats import Threat
 
 
 class Transfer(Attack):
-    """APGD (``loss`` "dlr" or "ce", ``steps`` iterations) on ``self.surrogate``.
+    """APGD (``loss`` "dlr" or "ce", ``steps`` iterations) on ``self.surrogate``; with
+    ``targets = k``, APGD-T on the surrogate's k nearest classes by the linear estimate
+    instead (the surrogate's logits are the model's before a removed squash, so AutoAttack's
+    targeted runs reach on it what they reach on an unmasked model).
 
     Without a surrogate it proposes the clean points (nothing to search on). ``crossed``
     stays None: a point the surrogate misclassifies is no claim about the model (a removed
@@ -35,10 +38,15 @@ class Transfer(Attack):
     norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
     randomized: ClassVar[bool] = True
 
-    def __init__(self, steps: int = 100, loss: str = "dlr", surrogate: nn.Module | None = None) -> None:
+    def __init__(self, steps: int = 100, loss: str = "dlr", targets: int = 0, surrogate: nn.Module | None = None) -> None:
         if loss not in ("dlr", "ce"):
             raise ValueError(f"the transfer attack supports the losses dlr and ce, not '{loss}'")
-        self._apgd = APGD(loss=loss, steps=steps)
+        if isinstance(targets, bool) or not isinstance(targets, int) or targets < 0:
+            raise ValueError(f"targets must be a whole number of at least 0, not {targets!r}")
+        self.targets = targets
+        self._apgd: APGD | APGDTargeted = (
+            APGDTargeted(steps=steps, n_targets=targets, ranking="linear") if targets else APGD(loss=loss, steps=steps)
+        )
         self._spent = (0, 0)  # passes of surrogates set before the current one
         self._counted: CountingModel | None = None
         self.surrogate = surrogate
@@ -49,7 +57,7 @@ class Transfer(Attack):
 
     @property
     def loss(self) -> str:
-        return self._apgd.loss_name
+        return "dlr-targeted" if self.targets else self._apgd.loss_name
 
     @property
     def surrogate(self) -> nn.Module | None:
@@ -69,7 +77,8 @@ class Transfer(Attack):
         return forwards, backwards
 
     def params(self) -> dict[str, Any]:
-        return {"steps": self.steps, "loss": self._apgd.params()["loss"], "surrogate": self._counted is not None}
+        params = {"steps": self.steps, "loss": self._apgd.params()["loss"], "surrogate": self._counted is not None}
+        return {**params, "targets": self.targets, "ranking": "linear"} if self.targets else params
 
     def perturb(
         self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, threat: Threat, ctx: AttackContext
