@@ -52,6 +52,7 @@ batch size: a rerun that changes only robaudit does not rerun AutoAttack.
     python benchmarks/vs_autoattack.py --tools autoattack --n 200 --fixtures --seeds 0 1 2   # fill the cache
     python benchmarks/vs_autoattack.py --n 200 --fixtures --seeds 0 1 2 --presets standard thorough
     python benchmarks/vs_autoattack.py --fixtures-only --fixture-n 20 --seeds 0
+    python benchmarks/vs_autoattack.py --fixtures-only --fixture-rows eran_mnist_relu_9_200=linf:0.015 --seeds 0 1 2
 
 Exit status 1 when robaudit ``standard``'s robust accuracy is higher than AutoAttack's
 on any row for any seed (robaudit found fewer adversarial examples: the acceptance
@@ -194,14 +195,15 @@ def load_fixture(path: Path, probe: torch.Tensor, mean: list[float] | None, std:
     return model.eval()
 
 
-def fixture_targets(root: Path, n: int) -> list[Target]:
-    """The four third-party rows, or none (with a message) when the fixtures folder is absent."""
+def fixture_targets(root: Path, n: int, rows: tuple[tuple[str, str], ...] = FIXTURE_ROWS) -> list[Target]:
+    """The third-party rows (default the four of the acceptance question), or none (with a
+    message) when the fixtures folder is absent."""
     if not (root / "manifest.json").is_file():
         print(f"fixtures folder {root} is missing (or has no manifest.json): skipping the fixture rows", file=sys.stderr)
         return []
     manifest = json.loads((root / "manifest.json").read_text())["models"]
     targets = []
-    for name, spec in FIXTURE_ROWS:
+    for name, spec in rows:
         entry = manifest[name]
         path = root / entry["file"]
         data_file = root / FIXTURE_DATA[entry["dataset"]]
@@ -695,6 +697,9 @@ def main() -> int:
     parser.add_argument("--fixtures-only", action="store_true", help="only the fixture rows (no zoo)")
     parser.add_argument("--fixtures-dir", type=Path, default=DEFAULT_FIXTURES, help="default ../shared/fixtures")
     parser.add_argument("--fixture-n", type=int, default=100, help="first N images of each fixture data file (default 100)")
+    parser.add_argument("--fixture-rows", nargs="+", metavar="MODEL=THREAT",
+                        help="other fixture rows instead of the four default ones (e.g. held-out models: "
+                             "eran_mnist_relu_9_200=linf:0.015)")  # fmt: skip
     parser.add_argument("--bs", type=int, default=250, help="batch size for AutoAttack/torchattacks (AutoAttack's default, 250)")
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=["robaudit", "autoattack"])
     parser.add_argument("--aa-cache", type=Path, default=DEFAULT_CACHE, help="AutoAttack result cache (default %(default)s)")
@@ -719,7 +724,12 @@ def main() -> int:
         sys.exit(f"unknown zoo model(s) {', '.join(unknown)} (known: {', '.join(zoo.RECIPES)}, or none)")
     targets = zoo_targets(zoo, zoo_dir, names, [parse_threat(t) for t in args.threats], args.n, args.seed)
     if args.fixtures or args.fixtures_only:
-        targets += fixture_targets(args.fixtures_dir, args.fixture_n)
+        rows = FIXTURE_ROWS
+        if args.fixture_rows:
+            if any("=" not in r for r in args.fixture_rows):
+                sys.exit("--fixture-rows takes MODEL=THREAT entries, e.g. eran_mnist_relu_9_200=linf:0.015")
+            rows = tuple(tuple(r.split("=", 1)) for r in args.fixture_rows)
+        targets += fixture_targets(args.fixtures_dir, args.fixture_n, rows)
     if not targets:
         sys.exit("nothing to run: no zoo models and no fixture rows")
     print(f"{len(targets)} models; tools: {', '.join(columns)}; attack seeds {seeds}; torch threads {args.threads}; "
