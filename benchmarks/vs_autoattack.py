@@ -729,6 +729,11 @@ def main() -> int:
             if any("=" not in r for r in args.fixture_rows):
                 sys.exit("--fixture-rows takes MODEL=THREAT entries, e.g. eran_mnist_relu_9_200=linf:0.015")
             rows = tuple(tuple(r.split("=", 1)) for r in args.fixture_rows)
+            manifest = args.fixtures_dir / "manifest.json"
+            known = json.loads(manifest.read_text())["models"] if manifest.is_file() else {}
+            unknown = sorted({name for name, _ in rows} - set(known)) if known else []
+            if unknown:
+                sys.exit(f"--fixture-rows: unknown fixture model(s) {', '.join(unknown)} (known: {', '.join(known)})")
         targets += fixture_targets(args.fixtures_dir, args.fixture_n, rows)
     if not targets:
         sys.exit("nothing to run: no zoo models and no fixture rows")

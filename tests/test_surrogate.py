@@ -474,6 +474,8 @@ def test_transfer_attacks_the_surrogate_only_and_counts_its_passes(digits, tmp_p
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="targets must be a whole number"):
             Transfer(targets=bad)
+    with pytest.raises(ValueError, match="needs targets = 0"):
+        Transfer(loss="ce", targets=3)  # a loss the targeted run would silently ignore
     assert Transfer(steps=7, targets=3).params() == {
         "steps": 7, "loss": "dlr-targeted (targeted margin below 4 classes)", "surrogate": False, "targets": 3, "ranking": "linear",
     }  # fmt: skip

@@ -43,6 +43,8 @@ class Transfer(Attack):
             raise ValueError(f"the transfer attack supports the losses dlr and ce, not '{loss}'")
         if isinstance(targets, bool) or not isinstance(targets, int) or targets < 0:
             raise ValueError(f"targets must be a whole number of at least 0, not {targets!r}")
+        if targets and loss != "dlr":
+            raise ValueError(f"with targets the transfer attack runs APGD-T's targeted DLR loss; loss '{loss}' needs targets = 0")
         self.targets = targets
         self._apgd: APGD | APGDTargeted = (
             APGDTargeted(steps=steps, n_targets=targets, ranking="linear") if targets else APGD(loss=loss, steps=steps)
