@@ -27,6 +27,10 @@ class Budget:
     crown_refine_unbounded: int = 64  # ... and this many where the node has no forward symbolic bounds
     alpha_steps: int = 0  # alpha-CROWN: Adam steps on the unstable ReLUs' lower slopes per radius tried
     alpha_lr: float = 0.1
+    zonotope_elems: int = 0  # zonotope gradient bound (zonotope.py) while every node has at most this many
+    # generator entries (symbols x units) per sample and pair; 0: none
+    zonotope_pairs: int = 3  # ... on the pairs of each sample with the smallest margin / interval bound
+    zonotope_sdp_steps: int = 0  # ... and this many descent steps on its final norm bound (SDP relaxation)
     bab_evals: int = 0  # branch and bound (bab.py): trials of its bisection above CROWN's radius (0: none)
     bab_domains: int = 0  # ... domains (leaves and inner nodes) evaluated per trial, margin and sample
     bab_batch: int = 64  # ... domains split at once
@@ -42,13 +46,14 @@ BUDGETS: dict[str, Budget] = {
         crown_evals=8, crown_refine=0, crown_refine_unbounded=0,
     ),
     "default": Budget(
-        "default", shells=8, max_evals=30, tol=1 / 512, symbolic_cap=1 << 20, gram_cap=2048, corner_cap=1024,
-        crown_evals=10, crown_refine=0,
+        "default", shells=16, max_evals=45, tol=1 / 512, symbolic_cap=1 << 20, gram_cap=2048, corner_cap=1024,
+        crown_evals=10, crown_refine=0, zonotope_elems=1 << 18, zonotope_sdp_steps=10,
         bab_evals=4, bab_domains=1024, bab_batch=128, bab_steps=2, bab_units=512, bab_work=1 << 25,
     ),
     "tight": Budget(
         "tight", shells=32, max_evals=90, tol=1 / 8192, symbolic_cap=1 << 23, gram_cap=4096, corner_cap=4096,
         crown_evals=20, crown_refine=4096, alpha_steps=20,
+        zonotope_elems=1 << 19, zonotope_pairs=9, zonotope_sdp_steps=20,
         bab_evals=5, bab_domains=2048, bab_batch=256, bab_steps=4, bab_units=512, bab_work=1 << 27,
     ),
 }

@@ -34,8 +34,11 @@ from robaudit.certify.global_lipschitz import LIP_RTOL, GlobalLipschitz, gram_bo
 from robaudit.certify.graph import Graph
 from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp
 from robaudit.certify.rounding import float32_error, interval_magnitudes, pair_error
+from robaudit.certify.zonotope import supported as zono_supported
+from robaudit.certify.zonotope import zonotope_lipschitz
 
 SYM_CHUNK_ELEMS = 1 << 23  # samples per symbolic pass: at most this many bound coefficients per node
+ZONO_CHUNK_ELEMS = 1 << 23  # samples per zonotope pass: at most this many generator entries on any node
 SYM_RTOL = 1e-10  # outward rounding of concretized symbolic bounds
 
 
@@ -186,6 +189,7 @@ class IntervalBound:
         symbolic: bool = True,
         jacobian: bool = True,
         lipschitz: GlobalLipschitz | None = None,
+        zonotope: bool = True,
     ) -> None:
         self.graph = graph
         d = graph.input_dim
@@ -205,6 +209,9 @@ class IntervalBound:
         self.global_lip = {i: glob.lip(i) * (1 + 1e-9) for i in self.terminals}
         widest = max([d * math.prod(n.shape) for i, n in enumerate(graph.nodes) if self.sym_ok[i]], default=1)
         self.chunk = max(1, SYM_CHUNK_ELEMS // widest) if cap else 1 << 30
+        self.zonotope = budget.zonotope_elems if zonotope and zono_supported(graph) else 0
+        self.sdp_steps = budget.zonotope_sdp_steps
+        self.pairs = budget.zonotope_pairs
 
     # ------------------------------------------------------------------ public
 
@@ -217,12 +224,36 @@ class IntervalBound:
             bound = self._backward(batch, sub, lo, hi, deriv, {})
             if sigma:  # terminations are chosen greedily: keep the plain pass when it was better
                 bound = torch.minimum(bound, self._backward(batch, sub, lo, hi, deriv, sigma))
+            if self.zonotope:
+                bound = torch.minimum(bound, self._zonotope(batch, sub, deriv, bound))
             parts.append(bound)
             # the forward pass already bounds every node over this ball: the float32 error comes cheap
             err = float32_error(self.graph, interval_magnitudes(lo, hi), (lo, hi))
             errors.append(pair_error(err, batch.labels[sub], batch.others[sub]))
         self._last_error = (idx, alpha, torch.cat(errors))
         return torch.cat(parts) * (1 + LIP_RTOL)
+
+    def _zonotope(self, batch: Batch, idx: torch.Tensor, deriv, bound: torch.Tensor) -> torch.Tensor:
+        """The zonotope bound (`zonotope.py`) on each sample's `Budget.zonotope_pairs` closest pairs.
+
+        The pairs are those with the smallest margin / interval bound (`bound`, (b, P)): the
+        ones that decide the radius. Every other pair keeps +inf (its interval bound
+        stands), as does every chunk whose zonotope outgrows `Budget.zonotope_elems`.
+        """
+        pairs = min(self.pairs, bound.shape[1])
+        close = (batch.margins[idx] / bound).topk(pairs, dim=1, largest=False).indices  # (b, q)
+        rows = batch.rows[idx].gather(1, close[..., None].expand(-1, -1, batch.rows.shape[2]))
+        picked = torch.full(rows.shape[:2], torch.inf, dtype=rows.dtype)
+        step = max(1, ZONO_CHUNK_ELEMS // (pairs * self.zonotope))
+        for s in range(0, len(idx), step):
+            part = {i: (lo[s : s + step], hi[s : s + step]) for i, (lo, hi) in deriv.items()}
+            z = zonotope_lipschitz(
+                self.graph, rows[s : s + step], part, self.zonotope, self.sdp_steps, self.prefix.jacobian
+            )
+            if z is not None:
+                picked[s : s + step] = z
+        out = torch.full_like(bound, torch.inf)
+        return out.scatter(1, close, picked)
 
     def ball_error(self, batch: Batch, idx: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         """(len(idx), P) float32 margin error over B_2(x, alpha): reused from the last `lipschitz` call on that ball."""
