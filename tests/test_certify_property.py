@@ -453,7 +453,8 @@ def test_zonotope_radii_survive_attacks_and_probes(monkeypatch: pytest.MonkeyPat
     budget = dataclasses.replace(get_budget("default"), zonotope_elems=1 << 22, zonotope_sdp_steps=20)
     total = Outcome()
     for seed in ZONOTOPE_SEEDS:
-        got = check_net(random_net(seed), Effort(every_method_alone=True), torch.Generator().manual_seed(30_000 + seed), budget)
+        gen = torch.Generator().manual_seed(30_000 + seed)
+        got = check_net(random_net(seed), Effort(every_method_alone=True), gen, budget)
         total.violations += got.violations
         total.samples += got.samples
     assert not total.violations, f"{len(total.violations)} soundness violation(s):\n" + "\n".join(total.violations)
