@@ -132,9 +132,16 @@ def test_zonotope_tightens_the_interval_bound_on_a_cnn() -> None:
     batch = _batch(graph, x, labels)
     radii = torch.full((6,), 0.5, dtype=F64)
     plain = IntervalBound(graph, BUDGETS["default"], zonotope=False).lipschitz(batch, torch.arange(6), radii)
-    tight = IntervalBound(graph, BUDGETS["default"]).lipschitz(batch, torch.arange(6), radii)
+    every = dataclasses.replace(BUDGETS["default"], zonotope_pairs=9)
+    tight = IntervalBound(graph, every).lipschitz(batch, torch.arange(6), radii)
     assert (tight <= plain).all()
     assert (tight / plain).median() < 0.95, tight / plain
+    # by default only the 3 pairs with the smallest margin / bound of each sample get it
+    closest = IntervalBound(graph, BUDGETS["default"]).lipschitz(batch, torch.arange(6), radii)
+    changed = closest < plain
+    assert (changed.sum(dim=1) <= 3).all() and changed.any(), changed
+    picked = (batch.margins / plain).topk(3, dim=1, largest=False).indices
+    assert torch.allclose(closest.gather(1, picked), tight.gather(1, picked), rtol=1e-9)
 
 
 def test_zonotope_gives_up_past_its_size_cap_and_skips_max_pooling() -> None:

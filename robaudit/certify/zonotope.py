@@ -32,7 +32,7 @@ import torch
 from robaudit.certify.graph import Graph
 from robaudit.certify.ops import ActOp, AddOp, AffineOp
 
-SDP_STEP = 0.002  # first multiplicative step on the weights, times the number of symbols
+SDP_STEP = 0.002  # first multiplicative step on the weights, times the number of (nonzero) symbols
 SDP_TEMP = 0.02  # softness of lambda_max in the descent direction (relative to it)
 SDP_FLOOR = 1e-12  # smallest weight, relative to the largest
 SDP_RTOL = 1e-9  # outward rounding of the squared bound: float64 errors are below k d eps of it (k symbols, d dims)
@@ -76,36 +76,46 @@ def norm_bound(c: torch.Tensor, m: torch.Tensor, steps: int = 0) -> torch.Tensor
     positive weights w, H <= lambda diag(w) with lambda = lambda_max(S^T diag(1/w) S) (a
     d x d matrix), so ||.||^2 <= lambda sum_k w_k. The weights start at the row sums of
     |H| (where lambda <= 1: the diagonal-dominance bound) and then take `steps` steps of
-    multiplicative descent on lambda sum_k w_k (the SDP relaxation of this maximum, in
-    its d-dimensional form). Every step's value is a bound; the smallest is returned,
-    rounded outward by `SDP_RTOL` (the float64 error of a sum of k^2 Gram entries or of an
-    eigenvalue of a d x d matrix is below k d eps of it).
+    multiplicative descent on lambda sum_k w_k (the SDP relaxation of this maximum),
+    with lambda from the smaller of the d x d matrix and the k x k one
+    diag(w)^-1/2 H diag(w)^-1/2 (same nonzero eigenvalues). Every step's value is a
+    bound; the smallest is returned, rounded outward by `SDP_RTOL` (the float64 error of a
+    sum of k^2 Gram entries or of an eigenvalue of such a matrix is below k d eps of it).
     """
     s = torch.cat([c[:, :, None], m], dim=2)  # (b, p, k, d)
     finite = torch.isfinite(s).all(dim=3).all(dim=2)
     s = torch.where(finite[..., None, None], s, 0.0)  # an infinite enclosure gets an infinite bound below
     k = s.shape[2]
+    small_side = k <= s.shape[3]
+    tiny = torch.finfo(s.dtype).tiny
     gram = s @ s.mT
     w = gram.abs().sum(dim=3)
     best = w.sum(dim=2)
-    base, base_grad = w.clamp_min(torch.finfo(w.dtype).tiny).log(), torch.zeros_like(w)
-    step = torch.full(best.shape, SDP_STEP * k, dtype=s.dtype)
+    base, base_grad = w.clamp_min(tiny).log(), torch.zeros_like(w)
+    used = (s != 0).any(dim=3).sum(dim=2).clamp_min(1)  # symbols that are not padding
+    step = SDP_STEP * used.to(s.dtype)
     last = torch.full_like(best, torch.inf)
     for _ in range(steps + 1):
         log_w = base - step[..., None] * base_grad
         log_w = log_w - log_w.amax(dim=2, keepdim=True)  # the bound does not change with the scale of w
         w = log_w.exp().clamp_min(SDP_FLOOR)
-        ev, vec = torch.linalg.eigh((s / w[..., None]).mT @ s)
+        if small_side:  # k x k: W^-1/2 H W^-1/2 has the same nonzero eigenvalues
+            root = w.rsqrt()
+            ev, vec = torch.linalg.eigh(gram * root[..., :, None] * root[..., None, :])
+            gv = gram @ (root[..., None] * vec)  # (b, p, k, j); (S_k . v_j)^2 = gv_kj^2 / ev_j
+            proj = torch.where(ev[..., None, :] > 0, gv**2 / ev[..., None, :].clamp_min(tiny), 0.0)
+        else:  # d x d: S^T W^-1 S
+            ev, vec = torch.linalg.eigh((s / w[..., None]).mT @ s)
+            proj = (s @ vec) ** 2  # (b, p, k, d): (S_k . v_j)^2
         value = (ev[..., -1] * w.sum(dim=2)).nan_to_num(torch.inf)
         best = torch.minimum(best, value)
         better = value < last
         step = torch.where(better, step * 1.2, step / 2)
         last = torch.where(better, value, last)
         # gradient of log(lambda sum w) in log w, lambda smoothed over the top eigenvalues
-        top = ev[..., -1:].clamp_min(torch.finfo(w.dtype).tiny)
+        top = ev[..., -1:].clamp_min(tiny)
         soft = torch.softmax((ev - top) / (SDP_TEMP * top), dim=-1)
-        proj = (s @ vec) ** 2  # (b, p, k, d): (S_k . v_j)^2
-        lam = (soft * ev).sum(dim=-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        lam = (soft * ev).sum(dim=-1, keepdim=True).clamp_min(tiny)
         grad = w / w.sum(dim=2, keepdim=True) - (proj * soft[:, :, None]).sum(dim=3) / (w * lam)
         base = torch.where(better[..., None], log_w, base)
         base_grad = torch.where(better[..., None], grad, base_grad)
