@@ -35,6 +35,7 @@ from robaudit.certify.ops import ActOp, AddOp, AffineOp
 SDP_STEP = 0.002  # first multiplicative step on the weights, times the number of (nonzero) symbols
 SDP_TEMP = 0.02  # softness of lambda_max in the descent direction (relative to it)
 SDP_FLOOR = 1e-12  # smallest weight, relative to the largest
+SDP_SIDE = 256  # no SDP steps (diagonal dominance alone) where both sides of the matrix are larger
 SDP_RTOL = 1e-9  # outward rounding of the squared bound: float64 errors are below k d eps of it (k symbols, d dims)
 
 
@@ -78,7 +79,8 @@ def norm_bound(c: torch.Tensor, m: torch.Tensor, steps: int = 0) -> torch.Tensor
     |H| (where lambda <= 1: the diagonal-dominance bound) and then take `steps` steps of
     multiplicative descent on lambda sum_k w_k (the SDP relaxation of this maximum),
     with lambda from the smaller of the d x d matrix and the k x k one
-    diag(w)^-1/2 H diag(w)^-1/2 (same nonzero eigenvalues). Every step's value is a
+    diag(w)^-1/2 H diag(w)^-1/2 (same nonzero eigenvalues), while that side is at most
+    `SDP_SIDE` (the diagonal-dominance bound alone above it). Every step's value is a
     bound; the smallest is returned, rounded outward by `SDP_RTOL` (the float64 error of a
     sum of k^2 Gram entries or of an eigenvalue of such a matrix is below k d eps of it).
     """
@@ -95,7 +97,8 @@ def norm_bound(c: torch.Tensor, m: torch.Tensor, steps: int = 0) -> torch.Tensor
     used = (s != 0).any(dim=3).sum(dim=2).clamp_min(1)  # symbols that are not padding
     step = SDP_STEP * used.to(s.dtype)
     last = torch.full_like(best, torch.inf)
-    for _ in range(steps + 1):
+    sweeps = steps + 1 if min(k, s.shape[3]) <= SDP_SIDE else 0  # eigh costs side^3 per pair and step
+    for _ in range(sweeps):
         log_w = base - step[..., None] * base_grad
         log_w = log_w - log_w.amax(dim=2, keepdim=True)  # the bound does not change with the scale of w
         w = log_w.exp().clamp_min(SDP_FLOOR)
