@@ -193,22 +193,25 @@ def zonotope_lipschitz(
             d_lo, d_hi = deriv[i]
             mid, half = ((d_lo + d_hi) / 2)[:, None], ((d_hi - d_lo) / 2)[:, None]
             free = d_hi > d_lo
-            reach = c.abs() + m.abs().sum(dim=2)  # |z| over the zonotope, per unit
+            count = int(free.reshape(b, -1).sum(dim=1).max()) if b else 0
             width = max(width, m.shape[2])
             j = node.inputs[0]
-            if j in jacobian and len(g.consumers[j]) == 1:  # straight to the input: z_j = J x + const
+            direct = j in jacobian and len(g.consumers[j]) == 1  # straight to the input: z_j = J x + const
+            lands = g.nodes[0].shape if direct else shape  # where the new symbols' generators live
+            if (width + count) * math.prod(lands) > max_elems:  # before allocating any of them
+                return None
+            reach = c.abs() + m.abs().sum(dim=2)  # |z| over the zonotope, per unit
+            if direct:
                 jac_t = jacobian[j].reshape(jacobian[j].shape[1], -1).T  # (n, d)
                 fresh = _fresh_at_input(half * reach, free, jac_t)
                 n = jac_t.shape[0]
                 c, m = (mid * c).reshape(b, p, n) @ jac_t, (mid[:, :, None] * m).reshape(b, p, m.shape[2], n) @ jac_t
-                j, shape_in = 0, g.nodes[0].shape
-                c, m = c.reshape(b, p, *shape_in), m.reshape(b, p, m.shape[2], *shape_in)
-                fresh = fresh.reshape(b, p, fresh.shape[2], *shape_in)
+                j = 0
+                c, m = c.reshape(b, p, *lands), m.reshape(b, p, m.shape[2], *lands)
+                fresh = fresh.reshape(b, p, fresh.shape[2], *lands)
             else:
                 fresh = _new_symbols(half * reach, free)
                 c, m = mid * c, mid[:, :, None] * m
-            if (width + fresh.shape[2]) * math.prod(m.shape[3:]) > max_elems:
-                return None
             m = torch.cat([_pad(m, width), fresh], dim=2)
             width += fresh.shape[2]
             push(j, c, m)
