@@ -15,7 +15,8 @@ from robaudit.errors import RobauditError
 from tests.conftest import bundled_digits, demo_classifier, run_cli
 
 N = 16
-SETTINGS = dict(threats=["linf:8/255", "l2:0.5"], preset="quick", n=N, checks=False, certify=True, indicator=False)
+SETTINGS = dict(threats=["linf:8/255", "l2:0.5"], preset="quick", n=N, checks=False, certify=True, indicator=False,
+                certify_budget="fast")
 
 
 def _data() -> tuple[np.ndarray, np.ndarray]:
@@ -55,7 +56,8 @@ def test_audit_and_the_cli_give_the_same_report(tmp_path: Path) -> None:
     from_api = robaudit.audit(scripted, data, **SETTINGS).to_dict()
     out = tmp_path / "cli.json"
     result = run_cli("scan", scripted, "--data", data, "--threat", "linf:8/255", "--threat", "l2:0.5", "--preset", "quick",
-                     "--n", str(N), "--no-checks", "--certify", "--no-indicator", "-q", "--json", out)  # fmt: skip
+                     "--n", str(N), "--no-checks", "--certify", "--certify-budget", "fast", "--no-indicator", "-q",
+                     "--json", out)  # fmt: skip
     assert result.code == 0, result.stderr
     _same_results(from_api, json.loads(out.read_text()))
     # and an in-memory module gives the results its saved file gives
@@ -65,7 +67,7 @@ def test_audit_and_the_cli_give_the_same_report(tmp_path: Path) -> None:
 def test_a_gate_on_the_certificate_turns_it_on_in_the_api_too() -> None:
     x, y = _data()
     report = robaudit.audit(demo_classifier(), (x, y), threats=["l2:0.5"], preset="quick", n=8, checks=False,
-                            fail_under=["certified_accuracy[l2:0.5]=0.0"])  # fmt: skip
+                            certify_budget="fast", fail_under=["certified_accuracy[l2:0.5]=0.0"])  # fmt: skip
     assert report.summary.certificate is not None and report.summary.certificate.available
     assert [c.passed for c in report.gate] == [True]
 
