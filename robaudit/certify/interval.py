@@ -14,7 +14,10 @@ an upper bound of max_{y in ball} ||grad f_c(y) - grad f_j(y)||_2:
    with the derivative intervals, W^T for centres and |W|^T for radii, max pooling by
    its adjoint with a [0, 1] indicator where the window's maximum is not decided;
 4. at the input: sqrt(sum max(|lo|, |hi|)^2); where the first hidden layer is small, also
-   the Gram quadratic-form bound of `affine.py` on the gradient there; the smaller wins.
+   the Gram quadratic-form bound of `affine.py` on the gradient there; the smaller wins;
+5. where the budget has `zonotope_elems`, the zonotope backward pass of `zonotope.py`
+   (which keeps the correlations step 3 drops) on the pairs that decide the radius;
+   again the smaller wins.
 
 All in float64; every bound is rounded outward and the result inflated by `LIP_RTOL`.
 """
