@@ -22,9 +22,15 @@ class Budget:
     gram_cap: int  # Gram-matrix bound at the first layer while it has at most this many units
     corner_cap: int  # closed form's pairwise corner bound while the hidden layer has at most this many units
     crown_evals: int = 12  # CROWN bound evaluations per batch in its radius bisection (0: no CROWN)
-    crown_elems: int = 1 << 24  # CROWN backward passes carry at most this many coefficients at once
+    crown_elems: int = 1 << 18  # CROWN refinement passes carry at most this many coefficients at once
+    # (small enough to stay in the CPU cache: 2.8x faster than 1 << 24 on the digits residual net)
     crown_refine: int = 256  # CROWN refines at most this many units per node and sample by backward passes
     crown_refine_unbounded: int = 64  # ... and this many where the node has no forward symbolic bounds
+    crown_polish_evals: int = 0  # then this many CROWN evaluations with `crown_polish_refine` units refined,
+    # above the bisection's radius, on nets with a relaxation behind two or more others (deep nets)
+    crown_polish_refine: int = 4096
+    crown_polish_work: int = 1 << 35  # ... while refining every unit of those nets costs at most this many
+    # multiply-adds per sample and evaluation (`CrownBound.refine_cost`)
     alpha_steps: int = 0  # alpha-CROWN: Adam steps on the unstable ReLUs' lower slopes per radius tried
     alpha_lr: float = 0.1
     zonotope_elems: int = 0  # zonotope gradient bound (zonotope.py) while every node has at most this many
@@ -47,7 +53,7 @@ BUDGETS: dict[str, Budget] = {
     ),
     "default": Budget(
         "default", shells=16, max_evals=45, tol=1 / 512, symbolic_cap=1 << 20, gram_cap=2048, corner_cap=1024,
-        crown_evals=10, crown_refine=0, zonotope_elems=1 << 18, zonotope_sdp_steps=10,
+        crown_evals=10, crown_refine=0, crown_polish_evals=1, zonotope_elems=1 << 18, zonotope_sdp_steps=10,
         bab_evals=4, bab_domains=1024, bab_batch=128, bab_steps=2, bab_units=512, bab_work=1 << 25,
     ),
     "tight": Budget(

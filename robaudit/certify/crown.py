@@ -51,6 +51,8 @@ from robaudit.certify.rounding import local_rounding
 
 CROWN_RTOL = 1e-9  # outward rounding of every bound, relative to the sum of |terms| that formed it
 RELAX_ATOL = 1e-12  # slack on every relaxation line's intercept, relative to the line's size
+POLISH_FIRST = 2.5  # the refined evaluations first try this multiple of the bisection's radius
+POLISH_GROW = 1.3  # ... and then this multiple of the best radius while every trial certifies
 
 
 def first_order_radius(graph: Graph, batch: Batch) -> torch.Tensor:
@@ -113,10 +115,12 @@ class CrownBound:
         )
         self.elems = budget.crown_elems
         self.pass_cost = 0  # multiply-adds of one pass through the network (a backward pass costs about as much)
+        prefix = []  # ... of the part up to each node
         for n in graph.nodes:
             w = getattr(n.op, "weight", None)
             out = math.prod(n.shape)
             self.pass_cost += w.numel() * out // w.shape[0] if torch.is_tensor(w) and w.dim() >= 2 else out
+            prefix.append(self.pass_cost)
         self.relu_units = sum(  # units branch and bound may split (`bab.py`)
             math.prod(n.shape) for n in graph.nodes
             if isinstance(n.op, ActOp) and n.op.kind in ("relu", "leaky_relu") and n.op.convexity == "convex"
@@ -125,11 +129,29 @@ class CrownBound:
         for node in graph.nodes:
             before = max((self.depth[j] for j in node.inputs), default=0)
             self.depth.append(before + isinstance(node.op, (ActOp, MaxPoolOp)))
+        # a relaxation's input behind two or more layers of relaxations: backward refinement can help
+        deep = [i for i in self.needs if not graph.exact[i] and self.depth[i] >= 2]
+        self.deep = bool(deep)
+        # multiply-adds per sample of one evaluation that refines every unit of those nodes backwards
+        self.refine_cost = sum(2 * math.prod(graph.nodes[i].shape) * prefix[i] for i in deep)
 
     # ------------------------------------------------------------------ bounds of the margins
 
     def margin_bounds(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """(n, P) lower bounds of the float32 model's margins f_c - f_j over B_2(x, eps).
+        """(n, P) lower bounds of the float32 model's margins f_c - f_j over B_2(x, eps)."""
+        return self._margins(batch, idx, eps)[0]
+
+    def certified_within(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """(n,) the largest radius <= eps that one bound evaluation on the eps-ball proves.
+
+        Every bound of the pass holds on the smaller balls too, and its final linear form
+        concretizes at any radius (`_backward(linear=True)`), so a trial that fails at eps
+        still certifies min over pairs of offset / slope.
+        """
+        return self._margins(batch, idx, eps)[1].amin(dim=1)
+
+    def _margins(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(lower bounds at eps, certified radius <= eps) per sample and pair.
 
         With `Budget.alpha_steps`, the lower slopes of unstable ReLUs are then optimized
         per sample and pair (alpha-CROWN, projected Adam) for the samples not yet
@@ -140,19 +162,30 @@ class CrownBound:
             self._margin_chunk(batch, idx[s : s + self.chunk], eps[s : s + self.chunk])
             for s in range(0, len(idx), self.chunk)
         ]
-        return torch.cat(parts) if parts else batch.margins.new_zeros(0, batch.margins.shape[1])
+        if not parts:
+            empty = batch.margins.new_zeros(0, batch.margins.shape[1])
+            return empty, empty
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _margin_chunk(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _reach(offset: torch.Tensor, slope: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Per pair, the largest e <= eps with offset - e * slope > 0 (0 where none)."""
+        ratio = torch.where(slope > 0, offset / slope.clamp_min(1e-300) * (1 - 1e-12), torch.inf)
+        return torch.where(offset > 0, torch.minimum(ratio, eps[:, None]), torch.zeros_like(offset))
+
+    def _margin_chunk(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ctx = self._intermediate(batch, idx, eps)
         rows = batch.rows[idx]
-        lower = self._backward(batch, idx, eps, len(self.graph.nodes) - 1, rows, ctx)
+        offset, slope = self._backward(batch, idx, eps, len(self.graph.nodes) - 1, rows, ctx, linear=True)
+        lower = offset - eps[:, None] * slope
+        reach = self._reach(offset, slope, eps)
         free = [i for i, r in ctx.relaxed.items() if "free" in r.parts and bool(r.parts["free"].any())]
         todo = torch.nonzero(lower.amin(dim=1) <= 0).flatten()
         if self.budget.alpha_steps and free and len(todo):
-            lower[todo] = self._optimize(batch, idx, eps, todo, rows, ctx, free, lower[todo])
-        return lower
+            lower[todo], reach[todo] = self._optimize(batch, idx, eps, todo, rows, ctx, free, lower[todo], reach[todo])
+        return lower, reach
 
-    def _optimize(self, batch, idx, eps, todo, rows, ctx: _Context, free, start) -> torch.Tensor:
+    def _optimize(self, batch, idx, eps, todo, rows, ctx: _Context, free, start, reach) -> tuple[torch.Tensor, torch.Tensor]:
         """alpha-CROWN on the final margins of samples `todo` (positions in idx)."""
         sub = ctx.select(todo)
         p = rows.shape[1]
@@ -160,13 +193,15 @@ class CrownBound:
         for i in free:
             a_l = sub.relaxed[i].parts["a_l"]
             alpha[i] = a_l[:, None].expand(-1, p, *a_l.shape[1:]).clone().requires_grad_(True)
-        best = start.clone()
+        best, reach = start.clone(), reach.clone()
         opt = torch.optim.Adam(list(alpha.values()), lr=self.budget.alpha_lr)
         sidx, seps, srows = idx[todo], eps[todo], rows[todo]
         with torch.enable_grad():
             for _ in range(self.budget.alpha_steps):
-                bound = self._backward(batch, sidx, seps, len(self.graph.nodes) - 1, srows, sub, alpha)
+                offset, slope = self._backward(batch, sidx, seps, len(self.graph.nodes) - 1, srows, sub, alpha, linear=True)
+                bound = offset - seps[:, None] * slope
                 best = torch.maximum(best, bound.detach())
+                reach = torch.maximum(reach, self._reach(offset.detach(), slope.detach(), seps))
                 if bool((best.amin(dim=1) > 0).all()):
                     break
                 opt.zero_grad()
@@ -175,7 +210,7 @@ class CrownBound:
                 with torch.no_grad():  # project back onto the sound slopes (clamp's gradient dies at the ends)
                     for i, a in alpha.items():
                         a.clamp_(sub.relaxed[i].floor, 1.0)
-        return best
+        return best, reach
 
     def _intermediate(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor):
         """Interval of every node over the ball (CROWN-refined where a relaxation needs it)."""
@@ -317,7 +352,8 @@ class CrownBound:
             cur_lo, cur_hi = lo_flat.gather(1, cols), hi_flat.gather(1, cols)
             new_lo = torch.where(ok, torch.maximum(cur_lo, low), cur_lo)
             new_hi = torch.where(ok, torch.minimum(cur_hi, -neg_up), cur_hi)
-            crossed = new_lo > new_hi  # only rounding can cross them: keep the interval pass
+            # only rounding can cross them, and a bound that overflowed proves nothing: keep the interval pass
+            crossed = (new_lo > new_hi) | new_lo.isnan() | new_hi.isnan()
             lo_flat.scatter_(1, cols, torch.where(crossed, cur_lo, new_lo))
             hi_flat.scatter_(1, cols, torch.where(crossed, cur_hi, new_hi))
         return lo_flat.reshape(lo.shape), hi_flat.reshape(hi.shape)
@@ -358,9 +394,15 @@ class CrownBound:
     def _backward(
         self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor, start: int, spec: torch.Tensor, ctx: _Context,
         alpha: dict[int, torch.Tensor] | None = None, extra: dict[int, torch.Tensor] | None = None,
-        trace: dict[int, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        trace: dict[int, torch.Tensor] | None = None, linear: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """(n, S) lower bounds of spec . z_start over the ball, spec (n, S, *shape of start).
+
+        With `linear`, the bound as a function of the radius instead: (offset, slope) with
+        spec . z_start >= offset - e * slope on every ball of radius e <= eps. The
+        relaxations and rounding allowances were derived on the eps-ball, so they hold on
+        every smaller ball, and only the final concretization depends on e: one pass at
+        eps certifies min(eps, offset / slope) even where its bound at eps is negative.
 
         `alpha` optionally gives, per ReLU node, lower slopes (n, S, *shape) for its
         unstable units (clamped to their sound range; stable units keep their exact slope).
@@ -398,8 +440,9 @@ class CrownBound:
                 dot = (lam * x).sum(2)
                 norm = lam.norm(dim=2)
                 # sum |lam x| <= ||lam|| ||x|| (Cauchy-Schwarz): enough for the rounding allowance
-                scale = scale + norm * x.norm(dim=2) + eps[:, None] * norm
-                return const + dot - eps[:, None] * norm - CROWN_RTOL * scale
+                offset = const + dot - CROWN_RTOL * (scale + norm * x.norm(dim=2))
+                slope = norm * (1 + CROWN_RTOL)
+                return (offset, slope) if linear else offset - eps[:, None] * slope
             if isinstance(op, AffineOp):
                 if op.bias is not None:
                     flat = lam.reshape(n * s, *node.shape)
@@ -454,9 +497,10 @@ class CrownBound:
         looks above it. The upper end starts at 1.25 times the first-order radius and doubles
         while it certifies; while the bracket spans more than a factor 4 the trial is its
         geometric mean (a quarter of the top while nothing is certified), so deep nets whose
-        radius is a small fraction of the first-order one are reached in a few steps. Only
-        radii whose bound was evaluated and found positive are returned, so the result is
-        sound wherever the search stops.
+        radius is a small fraction of the first-order one are reached in a few steps. A
+        trial that fails still certifies a smaller radius (`certified_within`), which
+        raises the bracket's lower end. Only radii that an evaluated bound proves are
+        returned, so the result is sound wherever the search stops.
         """
         n = len(idx)
         best = torch.zeros(n, dtype=torch.float64)
@@ -473,15 +517,54 @@ class CrownBound:
             wide = hi_ > 4 * lo_
             split = torch.where(wide, torch.where(lo_ > 0, (lo_ * hi_).sqrt(), hi_ / 4), (lo_ + hi_) / 2)
             trial = torch.where(bracketed[live], split, hi_)
-            ok = self.margin_bounds(batch, idx[live], trial).amin(dim=1) > 0
-            best[live] = torch.where(ok, torch.maximum(best[live], trial), best[live])
-            low[live] = torch.where(ok, trial, lo_)
+            got = self.certified_within(batch, idx[live], trial)
+            ok = got >= trial
+            best[live] = torch.maximum(best[live], got)
+            low[live] = torch.maximum(lo_, got)
             grow = ok & ~bracketed[live]
             high[live] = torch.where(grow, 2 * trial, torch.where(ok, hi_, trial))
             bracketed[live] = bracketed[live] | ~ok
             done[live] = bracketed[live] & (high[live] - low[live] <= self.budget.tol * high[live])
+        if self.budget.crown_polish_evals and self.deep and self.refine_cost <= self.budget.crown_polish_work:
+            best = self._polish(batch, idx, torch.maximum(best, known.to(torch.float64)), first_order, best)
         if self.budget.bab_evals and self.budget.bab_domains and self.relu_units <= self.budget.bab_units:
             best = self._branch(batch, idx, torch.maximum(best, known.to(torch.float64)), first_order, best)
+        return best
+
+    def _polish(self, batch: Batch, idx: torch.Tensor, start: torch.Tensor, first_order: torch.Tensor, best):
+        """Raise each radius with a few CROWN evaluations whose intermediate bounds are all refined.
+
+        The bisection's intermediate bounds come from forward symbolic propagation, which
+        loosens behind every layer of relaxations; backward refinement of every unstable
+        unit (true CROWN) is tighter but costs two backward passes per unit, so it runs
+        only here: the first trial is `POLISH_FIRST` times the start, later ones grow by
+        `POLISH_GROW` while they certify and bisect (geometrically) once one has failed,
+        never above 1.25 times the first-order radius. Each trial certifies what
+        `certified_within` proves, also where it fails.
+        """
+        saved = self.budget
+        cap = max(saved.crown_refine, saved.crown_polish_refine)
+        self.budget = dataclasses.replace(saved, crown_refine=cap, crown_refine_unbounded=max(cap, saved.crown_refine_unbounded))
+        try:
+            best = best.clone()
+            low = start.clone()
+            fo = torch.where(torch.isfinite(first_order), first_order.to(torch.float64), math.inf)
+            cap = 1.25 * fo  # no trial above this
+            high = torch.full_like(low, math.inf)  # smallest trial that failed
+            trial = torch.minimum(POLISH_FIRST * low, cap)
+            for _ in range(saved.crown_polish_evals):
+                live = torch.nonzero((low > 0) & (trial > low * (1 + saved.tol))).flatten()
+                if len(live) == 0:
+                    break
+                t = trial[live]
+                got = self.certified_within(batch, idx[live], t)
+                best[live] = torch.maximum(best[live], got)
+                low[live] = torch.maximum(low[live], got)
+                high[live] = torch.where(got >= t, high[live], t)
+                grown = torch.minimum(POLISH_GROW * low[live], cap[live])
+                trial[live] = torch.where(torch.isfinite(high[live]), (low[live] * high[live]).sqrt(), grown)
+        finally:
+            self.budget = saved
         return best
 
     def _branch(self, batch: Batch, idx: torch.Tensor, start: torch.Tensor, first_order: torch.Tensor, best):

@@ -1,0 +1,107 @@
+"""CROWN's refined evaluations (`_polish`) and the radius one failed trial still proves.
+
+`CrownBound.certified_within` turns one bound evaluation on an eps-ball into a radius
+<= eps (the pass's linear form concretized at a smaller radius); `_polish` then spends a
+few evaluations with every unstable unit refined backwards on deep nets. Both only
+raise radii, so each is checked against attacks and probes inside the ball on a small
+residual ReLU net with batch norm trained on the bundled digits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from robaudit.certify.budget import get_budget
+from robaudit.certify.certificate import _batch, certify_with
+from robaudit.certify.crown import CrownBound, first_order_radius
+from robaudit.certify.graph import build_graph
+from test_certify import check_sound, digits, fit, mlp
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+            nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + x)
+
+
+def _resnet() -> nn.Module:
+    """Stem, two residual blocks, a strided conv: five ReLU layers, as deep as the zoo's ResNet."""
+    net = nn.Sequential(
+        nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+        _Block(6), _Block(6),
+        nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 10),
+    )  # fmt: skip
+    return fit(net, steps=60)
+
+
+def _crown_only(graph, budget):
+    return [CrownBound(graph, budget)]
+
+
+@pytest.fixture(scope="module")
+def resnet_and_data():
+    x, y = digits()
+    return _resnet(), x[:24].reshape(-1, 1, 8, 8), y[:24]
+
+
+def test_a_failed_trial_still_certifies_and_its_radius_is_sound(resnet_and_data) -> None:
+    net, x, y = resnet_and_data
+    graph = build_graph(net, x[:1])
+    batch = _batch(graph, x.double(), y)
+    crown = CrownBound(graph, get_budget("default"))
+    idx = torch.arange(len(x))
+    keep = batch.margins.amin(1) > 0
+    found = crown.radius(batch, idx, torch.zeros(len(x), dtype=torch.float64), first_order_radius(graph, batch))
+    eps = torch.where(keep, 1.01 * found, 0.0)  # just above what the bisection proved: most trials fail
+    lower = crown.margin_bounds(batch, idx, eps)
+    got = crown.certified_within(batch, idx, eps)
+    assert bool((got <= eps).all())
+    assert bool((got[lower.amin(1) > 0] == eps[lower.amin(1) > 0]).all())  # a passed trial certifies itself
+    failed = (lower.amin(1) <= 0) & keep & (got > 0)
+    assert int(failed.sum()) >= 3, "the test needs trials that fail at eps but prove a smaller radius"
+    assert bool((got[failed] < eps[failed]).all())
+    # the linear form is the same bound: at eps it gives margin_bounds' numbers exactly
+    ctx = crown._intermediate(batch, idx, eps)
+    offset, slope = crown._backward(batch, idx, eps, len(graph.nodes) - 1, batch.rows[idx], ctx, linear=True)
+    assert torch.equal(offset - eps[:, None] * slope, lower)
+    radius = torch.zeros(len(x), dtype=torch.float64)
+    radius[failed] = got[failed]
+    check_sound(net, x, y, type("C", (), {"radius": radius.float()})())
+
+
+def test_polish_raises_deep_net_radii_and_they_stay_sound(resnet_and_data) -> None:
+    net, x, y = resnet_and_data
+    default = get_budget("default")
+    assert default.crown_polish_evals >= 1
+    plain = certify_with(net, x, y, _crown_only, budget=dataclasses.replace(default, crown_polish_evals=0))
+    polished = certify_with(net, x, y, _crown_only, budget=default)
+    ok = plain.radius > 0
+    assert int(ok.sum()) >= 20
+    assert bool((polished.radius[ok] >= plain.radius[ok]).all())
+    gain = polished.radius[ok] / plain.radius[ok]
+    assert float(gain.median()) > 1.3, f"refined CROWN should prove clearly larger radii here, got {gain}"
+    check_sound(net, x, y, polished)
+    # over the work cap the refined evaluations do not run: the plain radii exactly
+    capped = certify_with(net, x, y, _crown_only, budget=dataclasses.replace(default, crown_polish_work=0))
+    assert torch.equal(capped.radius, plain.radius)
+
+
+def test_polish_is_only_for_deep_nets() -> None:
+    x, _ = digits()
+    shallow = build_graph(mlp(nn.ReLU(), hidden=16, layers=2).eval(), x[:1])
+    assert not CrownBound(shallow, get_budget("default")).deep  # behind one layer of relaxations: no refinement
+    deep = build_graph(mlp(nn.ReLU(), hidden=16, layers=3).eval(), x[:1])
+    bound = CrownBound(deep, get_budget("default"))
+    assert bound.deep and bound.refine_cost > 0
