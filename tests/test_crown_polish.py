@@ -105,3 +105,14 @@ def test_polish_is_only_for_deep_nets() -> None:
     deep = build_graph(mlp(nn.ReLU(), hidden=16, layers=3).eval(), x[:1])
     bound = CrownBound(deep, get_budget("default"))
     assert bound.deep and bound.refine_cost > 0
+
+
+def test_reach_of_one_linear_bound() -> None:
+    nan = float("nan")
+    offset = torch.tensor([[1.0, 1.0, 1.0, -1.0, nan, 0.0]], dtype=torch.float64)
+    slope = torch.tensor([[nan, 0.0, 2.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
+    reach = CrownBound._reach(offset, slope, torch.tensor([10.0], dtype=torch.float64))
+    # NaN slope or offset, negative or zero offset: nothing; no slope: the whole ball; else just below offset / slope
+    assert reach[0, [0, 3, 4, 5]].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert float(reach[0, 1]) == 10.0
+    assert 0.5 * (1 - 1e-11) < float(reach[0, 2]) < 0.5

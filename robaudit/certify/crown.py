@@ -170,7 +170,8 @@ class CrownBound:
     @staticmethod
     def _reach(offset: torch.Tensor, slope: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Per pair, the largest e <= eps with offset - e * slope > 0 (0 where none)."""
-        ratio = torch.where(slope > 0, offset / slope.clamp_min(1e-300) * (1 - 1e-12), torch.inf)
+        flat = torch.where(slope == 0, torch.inf, 0.0)  # a NaN slope proves nothing
+        ratio = torch.where(slope > 0, offset / slope.clamp_min(1e-300) * (1 - 1e-12), flat)
         return torch.where(offset > 0, torch.minimum(ratio, eps[:, None]), torch.zeros_like(offset))
 
     def _margin_chunk(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
