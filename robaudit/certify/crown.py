@@ -141,16 +141,21 @@ class CrownBound:
         """(n, P) lower bounds of the float32 model's margins f_c - f_j over B_2(x, eps)."""
         return self._margins(batch, idx, eps)[0]
 
-    def certified_within(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    def certified_within(
+        self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor, refine: int | None = None
+    ) -> torch.Tensor:
         """(n,) the largest radius <= eps that one bound evaluation on the eps-ball proves.
 
         Every bound of the pass holds on the smaller balls too, and its final linear form
         concretizes at any radius (`_backward(linear=True)`), so a trial that fails at eps
-        still certifies min over pairs of offset / slope.
+        still certifies min over pairs of offset / slope. `refine` overrides the budget's
+        `crown_refine` (units refined backwards per node) for this evaluation.
         """
-        return self._margins(batch, idx, eps)[1].amin(dim=1)
+        return self._margins(batch, idx, eps, refine)[1].amin(dim=1)
 
-    def _margins(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _margins(
+        self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor, refine: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(lower bounds at eps, certified radius <= eps) per sample and pair.
 
         With `Budget.alpha_steps`, the lower slopes of unstable ReLUs are then optimized
@@ -159,7 +164,7 @@ class CrownBound:
         Samples go in chunks so the forward symbolic bounds stay within `SYM_CHUNK_ELEMS`.
         """
         parts = [
-            self._margin_chunk(batch, idx[s : s + self.chunk], eps[s : s + self.chunk])
+            self._margin_chunk(batch, idx[s : s + self.chunk], eps[s : s + self.chunk], refine)
             for s in range(0, len(idx), self.chunk)
         ]
         if not parts:
@@ -174,8 +179,10 @@ class CrownBound:
         ratio = torch.where(slope > 0, offset / slope.clamp_min(1e-300) * (1 - 1e-12), flat)
         return torch.where(offset > 0, torch.minimum(ratio, eps[:, None]), torch.zeros_like(offset))
 
-    def _margin_chunk(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self._intermediate(batch, idx, eps)
+    def _margin_chunk(
+        self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor, refine: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = self._intermediate(batch, idx, eps, refine)
         rows = batch.rows[idx]
         offset, slope = self._backward(batch, idx, eps, len(self.graph.nodes) - 1, rows, ctx, linear=True)
         lower = offset - eps[:, None] * slope
@@ -213,8 +220,11 @@ class CrownBound:
                         a.clamp_(sub.relaxed[i].floor, 1.0)
         return best, reach
 
-    def _intermediate(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor):
-        """Interval of every node over the ball (CROWN-refined where a relaxation needs it)."""
+    def _intermediate(self, batch: Batch, idx: torch.Tensor, eps: torch.Tensor, refine: int | None = None):
+        """Interval of every node over the ball (CROWN-refined where a relaxation needs it).
+
+        `refine`: units refined backwards per node, instead of the budget's `crown_refine`.
+        """
         g = self.graph
         n_nodes = len(g.nodes)
         lo: list[torch.Tensor | None] = [None] * n_nodes
@@ -255,7 +265,7 @@ class CrownBound:
             if i in needs and not g.exact[i] and not (sym[i] is not None and self.depth[i] <= 1):
                 # (behind one layer of relaxations the forward bounds equal the backward ones; a node
                 # without forward bounds has only its interval, so more of its units may be refined)
-                cap = self.budget.crown_refine
+                cap = self.budget.crown_refine if refine is None else refine
                 if sym[i] is None:
                     cap = max(cap, self.budget.crown_refine_unbounded)
                 lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
@@ -543,29 +553,25 @@ class CrownBound:
         never above 1.25 times the first-order radius. Each trial certifies what
         `certified_within` proves, also where it fails.
         """
-        saved = self.budget
-        cap = max(saved.crown_refine, saved.crown_polish_refine)
-        self.budget = dataclasses.replace(saved, crown_refine=cap, crown_refine_unbounded=max(cap, saved.crown_refine_unbounded))
-        try:
-            best = best.clone()
-            low = start.clone()
-            fo = torch.where(torch.isfinite(first_order), first_order.to(torch.float64), math.inf)
-            cap = 1.25 * fo  # no trial above this
-            high = torch.full_like(low, math.inf)  # smallest trial that failed
-            trial = torch.minimum(POLISH_FIRST * low, cap)
-            for _ in range(saved.crown_polish_evals):
-                live = torch.nonzero((low > 0) & (trial > low * (1 + saved.tol))).flatten()
-                if len(live) == 0:
-                    break
-                t = trial[live]
-                got = self.certified_within(batch, idx[live], t)
-                best[live] = torch.maximum(best[live], got)
-                low[live] = torch.maximum(low[live], got)
-                high[live] = torch.where(got >= t, high[live], t)
-                grown = torch.minimum(POLISH_GROW * low[live], cap[live])
-                trial[live] = torch.where(torch.isfinite(high[live]), (low[live] * high[live]).sqrt(), grown)
-        finally:
-            self.budget = saved
+        budget = self.budget
+        refine = max(budget.crown_refine, budget.crown_polish_refine)
+        best = best.clone()
+        low = start.clone()
+        fo = torch.where(torch.isfinite(first_order), first_order.to(torch.float64), math.inf)
+        ceiling = 1.25 * fo  # no trial above this
+        high = torch.full_like(low, math.inf)  # smallest trial that failed
+        trial = torch.minimum(POLISH_FIRST * low, ceiling)
+        for _ in range(budget.crown_polish_evals):
+            live = torch.nonzero((low > 0) & (trial > low * (1 + budget.tol))).flatten()
+            if len(live) == 0:
+                break
+            t = trial[live]
+            got = self.certified_within(batch, idx[live], t, refine)
+            best[live] = torch.maximum(best[live], got)
+            low[live] = torch.maximum(low[live], got)
+            high[live] = torch.where(got >= t, high[live], t)
+            grown = torch.minimum(POLISH_GROW * low[live], ceiling[live])
+            trial[live] = torch.where(torch.isfinite(high[live]), (low[live] * high[live]).sqrt(), grown)
         return best
 
     def _branch(self, batch: Batch, idx: torch.Tensor, start: torch.Tensor, first_order: torch.Tensor, best):
