@@ -18,6 +18,13 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+# pytest-xdist (`-n auto` in pyproject.toml) runs one worker per core: share the cores
+# out, so the workers' intra-op threads do not oversubscribe them.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    from robaudit.threads import default_threads
+
+    torch.set_num_threads(max(1, default_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
 

@@ -22,7 +22,9 @@ Every unsupported op must instead make the certificate unavailable, naming the o
 
 The default run covers 200 seeds (about a minute on one core);
 `ROBAUDIT_PROPERTY_SEEDS=2000 pytest -m slow tests/test_certify_property.py` runs the
-heavier variant on that many other seeds (it is skipped without the variable).
+heavier variant on that many other seeds (it is skipped without the variable). The
+zonotope test runs every method alone on 12 seeds (the heavier variant does so on all
+of its seeds); `ROBAUDIT_ZONOTOPE_SEEDS=100` gives it more.
 """
 
 from __future__ import annotations
@@ -430,7 +432,7 @@ def test_branch_and_bound_radii_survive_attacks_and_probes(monkeypatch: pytest.M
     assert sum(results) >= 10 and results.count(False) >= 10, (sum(results), len(results))
 
 
-ZONOTOPE_SEEDS = range(600, 630)
+ZONOTOPE_SEEDS = range(600, 600 + int(os.environ.get("ROBAUDIT_ZONOTOPE_SEEDS", "12")))
 
 
 def test_zonotope_radii_survive_attacks_and_probes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -460,7 +462,7 @@ def test_zonotope_radii_survive_attacks_and_probes(monkeypatch: pytest.MonkeyPat
     assert not total.violations, f"{len(total.violations)} soundness violation(s):\n" + "\n".join(total.violations)
     assert total.samples >= len(ZONOTOPE_SEEDS)
     print(f"zonotope: ran {sum(ran)} of {len(ran)} times")
-    assert sum(ran) >= 100, (sum(ran), len(ran))
+    assert sum(ran) >= 8 * len(ZONOTOPE_SEEDS), (sum(ran), len(ran))
 
 
 def test_random_nets_cover_every_supported_op() -> None:
