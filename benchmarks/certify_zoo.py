@@ -24,6 +24,7 @@ Usage (from the repository root, about 10 minutes on one CPU thread):
     python benchmarks/certify_zoo.py                        # writes benchmarks/results/certify_zoo.json
     python benchmarks/certify_zoo.py --only tanh_mlp relu_mlp --budgets default tight
     python benchmarks/certify_zoo.py --only cnn --n 40 --unstable   # where the bounds lose: unstable ReLUs
+    python benchmarks/certify_zoo.py --only resnet --n 40 --apgd-check   # are the attack distances near minimal?
 
 Before / after a change to robaudit.certify: run this script (of this checkout) against
 another checkout of robaudit with ``--robaudit PATH`` (its root; imported instead of this
@@ -177,6 +178,40 @@ def attack_distance(model: nn.Module, x: torch.Tensor, y: torch.Tensor, box: tup
     return best
 
 
+def apgd_closer(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, distance: torch.Tensor,
+    fractions: tuple[float, ...] = (0.97, 0.93, 0.88, 0.82, 0.75), starts: int = 3,
+) -> torch.Tensor:  # fmt: skip
+    """Per-sample distance after APGD-CE and 9-target APGD-T (100 steps, no box) at shrinking
+    fractions of `distance`, each fraction tried only after the previous one broke the sample:
+    a check that the minimal-norm attacks' distances are close to minimal."""
+    from robaudit.attacks.apgd import APGD, APGDTargeted
+    from robaudit.attacks.base import AttackContext
+    from robaudit.threats import Threat
+
+    best = distance.clone()
+    for i in torch.nonzero(torch.isfinite(distance)).flatten().tolist():
+        xi, yi = x[i : i + 1], y[i : i + 1]
+        for fraction in fractions:
+            eps = float(distance[i]) * fraction
+            found = math.inf
+            for seed in range(starts):
+                ctx = AttackContext(lower=-math.inf, upper=math.inf, num_classes=10, generator=torch.Generator().manual_seed(seed))
+                for attack in (APGD("ce", steps=100), APGDTargeted(steps=100, n_targets=9)):
+                    adv = attack.perturb(model, xi, yi, Threat("l2", eps), ctx)
+                    with torch.no_grad():
+                        wrong = bool(model(adv).argmax(1) != yi)
+                    dist = float((adv - xi).flatten(1).norm())
+                    if wrong and dist <= eps * (1 + 1e-4):
+                        found = min(found, dist)
+                if math.isfinite(found):
+                    break
+            if not math.isfinite(found):
+                break
+            best[i] = min(float(best[i]), found)
+    return best
+
+
 def unstable_relus(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: torch.Tensor, distance: torch.Tensor) -> dict:
     """Median count of ReLU units whose input can change sign on the ball, per ReLU layer.
 
@@ -207,13 +242,24 @@ def unstable_relus(model: nn.Module, x: torch.Tensor, y: torch.Tensor, radius: t
 
 
 def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[str], fmn_steps: int, unstable: bool = False
-) -> list[dict]:
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, budgets: list[str], fmn_steps: int, unstable: bool = False,
+    apgd_check: bool = False,
+) -> list[dict]:  # fmt: skip
     """One row per budget: certified radii against the attacks' smallest distances."""
     from robaudit.certify import certify_l2
 
     boxed = attack_distance(model, x, y, (0.0, 1.0), fmn_steps)
     free = torch.minimum(attack_distance(model, x, y, (-math.inf, math.inf), fmn_steps), boxed)
+    check = {}
+    if apgd_check:
+        closer = apgd_closer(model, x, y, free)
+        kept = torch.isfinite(free)
+        shrink = closer[kept] / free[kept]
+        check = {"apgd_check": {
+            "samples_closer": int((shrink < 1).sum()), "samples": int(kept.sum()),
+            "min_new_over_old": round(shrink.min().item(), 4), "median_new_over_old": round(shrink.median().item(), 4),
+        }}  # fmt: skip
+        free = closer
     with torch.no_grad():
         classified = int((model(x).argmax(1) == y).sum())
     rows = []
@@ -236,6 +282,7 @@ def evaluate(
             "violations": int((cert.radius > free).sum()),
             "seconds_per_sample": round(cert.seconds / len(x), 4),
             "methods": dict(Counter(cert.method)),
+            **check,
         })  # fmt: skip
         if unstable:
             rows[-1]["unstable_relus"] = unstable_relus(model, x, y, cert.radius, free)
@@ -257,6 +304,10 @@ def main() -> None:
     parser.add_argument(
         "--unstable", action="store_true",
         help="also count the ReLU units that can change sign on the ball (at the certified radius and the attack distance)",
+    )
+    parser.add_argument(
+        "--apgd-check", action="store_true",
+        help="also attack each sample with APGD at 0.97..0.75 of its distance (slow); ratios then use the closest point",
     )
     parser.add_argument(
         "--robaudit", type=Path, metavar="PATH", help="root of another robaudit checkout (default: this one)"
@@ -293,7 +344,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only or list(ZOO):
         model, accuracy, seconds = train(name, data)
-        for row in evaluate(model, x, y, args.budgets, args.fmn_steps, args.unstable):
+        for row in evaluate(model, x, y, args.budgets, args.fmn_steps, args.unstable, args.apgd_check):
             row = {"model": name, "test_accuracy": round(accuracy, 4), "train_seconds": round(seconds, 1), **row}
             rows.append(row)
             cells = [
@@ -303,6 +354,8 @@ def main() -> None:
                 f"{row['seconds_per_sample']:.3f}", methods_text(row["methods"]),
             ]  # fmt: skip
             print("| " + " | ".join(cells) + " |", flush=True)
+            if "apgd_check" in row:
+                print(f"    APGD check of the attack distances: {row['apgd_check']}", flush=True)
             if "unstable_relus" in row:
                 print(f"    unstable ReLU units (median): {row['unstable_relus']}", flush=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")  # after every model: long runs keep partial results
