@@ -74,6 +74,10 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
+def tanh_mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))  # ONNX Tanh: OnnxFunction
+
+
 def cnn_maxpool() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
@@ -144,7 +148,10 @@ class PoolCNN(nn.Module):
 # --------------------------------------------------------------------------- (a) same radii as ONNX
 
 
-@pytest.mark.parametrize(("name", "make", "steps"), [("mlp", mlp, 60), ("cnn", cnn_maxpool, 40), ("resnet", ResNet, 80)])
+@pytest.mark.parametrize(
+    ("name", "make", "steps"),
+    [("mlp", mlp, 60), ("tanh-mlp", tanh_mlp, 60), ("cnn", cnn_maxpool, 40), ("resnet", ResNet, 80)],
+)
 def test_torchscript_certifies_like_the_same_network_in_onnx(tmp_path, name, make, steps) -> None:
     x, y = digits()
     x, y = x[:24], y[:24]
@@ -160,6 +167,21 @@ def test_torchscript_certifies_like_the_same_network_in_onnx(tmp_path, name, mak
 
 
 # --------------------------------------------------------------------------- (b) many classifiers
+
+
+class AbsMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.abs(self.fc(x.flatten(1)))  # ONNX Abs: an OnnxFunction like Tanh, but not monotone
+
+
+def test_onnx_elementwise_functions_other_than_tanh_are_refused(tmp_path) -> None:
+    x, y = digits()
+    with pytest.raises(CertificateUnavailable, match="OnnxFunction"):
+        certify_l2(loaded(save(AbsMLP(), tmp_path / "abs.onnx", "onnx"), x), x[:4], y[:4], budget="fast")
 
 
 @pytest.mark.parametrize("kind", ["trace", "script"])

@@ -152,6 +152,9 @@ _ONNX_RESHAPES = {
     "OnnxUnsqueezeDynamicAxes",
 }  # fmt: skip
 _ONNX_IDENTITY = {"OnnxCopyIdentity"}  # OnnxCast goes through `_cast`
+# onnx2torch's OnnxFunction wraps ONNX's elementwise math ops (Abs, Exp, Sin, Tanh, ...) as
+# `function`; of those, only Tanh is an activation the bound reproduces.
+_ONNX_FUNCTION_ACTS = {torch.tanh: "tanh"}
 
 
 def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -428,6 +431,8 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return b.reshape(name, var, out_shape)
     if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)) or kind in _ONNX_IDENTITY:
         return var.index
+    if kind == "OnnxFunction" and getattr(m, "function", None) in _ONNX_FUNCTION_ACTS:
+        return b.act(name, var, _ONNX_FUNCTION_ACTS[m.function])
     if kind == "OnnxCast":
         return _cast(name, var, getattr(m, "torch_dtype", None) or torch.float16)
     if kind == "OnnxBinaryMathOperation" and getattr(m, "axis", None) is None:
