@@ -53,8 +53,18 @@ def _crown_only(graph, budget):
 
 @pytest.fixture(scope="module")
 def resnet_and_data():
+    """The same net whatever ran before in this process (under xdist the order varies): `fit`
+    redraws the weights but the biases come from the global generator at construction, and
+    module fixtures start before `one_thread`, so both are pinned here."""
     x, y = digits()
-    return _resnet(), x[:24].reshape(-1, 1, 8, 8), y[:24]
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    try:
+        net = _resnet()
+    finally:
+        torch.set_num_threads(before)
+    return net, x[:24].reshape(-1, 1, 8, 8), y[:24]
 
 
 def test_a_failed_trial_still_certifies_and_its_radius_is_sound(resnet_and_data) -> None:
