@@ -152,9 +152,6 @@ _ONNX_RESHAPES = {
     "OnnxUnsqueezeDynamicAxes",
 }  # fmt: skip
 _ONNX_IDENTITY = {"OnnxCopyIdentity"}  # OnnxCast goes through `_cast`
-# onnx2torch's OnnxFunction wraps ONNX's elementwise math ops (Abs, Exp, Sin, Tanh, ...) as
-# `function`; of those, only Tanh is an activation the bound reproduces.
-_ONNX_FUNCTION_ACTS = {torch.tanh: "tanh"}
 
 
 def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -431,8 +428,10 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return b.reshape(name, var, out_shape)
     if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)) or kind in _ONNX_IDENTITY:
         return var.index
-    if kind == "OnnxFunction" and getattr(m, "function", None) in _ONNX_FUNCTION_ACTS:
-        return b.act(name, var, _ONNX_FUNCTION_ACTS[m.function])
+    if kind == "OnnxFunction" and getattr(m, "function", None) in _ACT_FUNCTIONS:
+        # onnx2torch's wrapper of ONNX's elementwise math (Abs, Exp, Tanh, ...): `function(input)`,
+        # read like a call of that function; of its table only torch.tanh is an activation here
+        return _activation(b, name, var, _ACT_FUNCTIONS[m.function], [var], {})
     if kind == "OnnxCast":
         return _cast(name, var, getattr(m, "torch_dtype", None) or torch.float16)
     if kind == "OnnxBinaryMathOperation" and getattr(m, "axis", None) is None:
