@@ -46,7 +46,7 @@ from robaudit.certify.box import exact_box, node_box
 from robaudit.certify.budget import Budget
 from robaudit.certify.graph import Graph
 from robaudit.certify.interval import SYM_CHUNK_ELEMS, Batch, Sym, act_sym, add_sym, affine_sym, intersect
-from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp, PadOp, ReshapeOp
+from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp, PadOp, ReshapeOp, SelectOp
 from robaudit.certify.rounding import local_rounding
 
 CROWN_RTOL = 1e-9  # outward rounding of every bound, relative to the sum of |terms| that formed it
@@ -282,7 +282,7 @@ class CrownBound:
     def _noise(self, i: int, lo: list, hi: list) -> torch.Tensor | float:
         """The rounding the float32 model adds at node i, from the magnitudes of its float32 inputs."""
         op = self.graph.nodes[i].op
-        if isinstance(op, (ReshapeOp, MaxPoolOp)) or (isinstance(op, PadOp) and op.bias is None):
+        if isinstance(op, (ReshapeOp, MaxPoolOp)) or (isinstance(op, (PadOp, SelectOp)) and op.bias is None):
             return 0.0
         if isinstance(op, ActOp) and op.kind == "relu":
             return 0.0

@@ -24,7 +24,7 @@ import math
 import torch
 
 from robaudit.certify.graph import Graph
-from robaudit.certify.ops import ActOp, AddOp, AffineOp, ConvOp, DenseOp, MaxPoolOp, PadOp, ReshapeOp, ScaleOp
+from robaudit.certify.ops import ActOp, AddOp, AffineOp, ConvOp, DenseOp, MaxPoolOp, PadOp, ReshapeOp, ScaleOp, SelectOp
 from robaudit.certify.radius import ErrorFn, ratio_radius
 
 LIP_RTOL = 1e-6  # relative inflation of every Lipschitz bound, for rounding
@@ -94,6 +94,8 @@ def op_norm(op: AffineOp) -> float:
     """A sound upper bound of the spectral norm of one affine op's linear part."""
     if isinstance(op, (ReshapeOp, PadOp)):
         return 1.0
+    if isinstance(op, SelectOp):
+        return math.sqrt(op.multiplicity)
     if isinstance(op, ScaleOp):
         return op.weight.abs().max().item()
     if isinstance(op, DenseOp):

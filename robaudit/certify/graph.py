@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +43,7 @@ from robaudit.certify.ops import (
     PadOp,
     ReshapeOp,
     ScaleOp,
+    SelectOp,
     Shape,
 )
 
@@ -215,6 +217,18 @@ def _cast(name: str, var, dtype: torch.dtype | None) -> int:
     raise CertificateUnavailable(f"{name}: cast to {what} rounds the values (the bound covers float32/float64 only)")
 
 
+def _clamp_bound(name: str, v: Any, side: float) -> torch.Tensor | None:
+    """One bound of a clamp as a float64 tensor, or None where it does not clip (None, or +-inf on its side)."""
+    if v is None:
+        return None
+    t = torch.as_tensor(v).detach().to(F64)
+    if t.numel() == 1 and float(t) == side * math.inf:
+        return None
+    if not bool(torch.isfinite(t).all()):
+        raise CertificateUnavailable(f"{name}: clamp bound {v!r}")
+    return t
+
+
 def _pair(v: Any) -> tuple[int, int]:
     if isinstance(v, (list, tuple)):
         return (int(v[0]), int(v[-1])) if len(v) in (1, 2) else (int(v[0]), int(v[1]))
@@ -289,6 +303,105 @@ class _Builder:
             return self.scale(name, b, c, 0.0, out_shape)
         raise CertificateUnavailable(f"{name}: division by an input-dependent tensor")
 
+    def select(self, name: str, var: _Var, run: Callable[[torch.Tensor], Any], out_shape: Shape) -> int:
+        """A data-movement op (slice, transpose, flip, constant or reflect padding, nearest upsampling,
+        repeat) as the index map the model's own op gives, so no indexing convention is re-derived.
+
+        Run on zeros it gives the fill (the padding constant; 0 where values move); run on the
+        positions 1..n (exact in float64) it gives where each other output comes from. A run
+        on random values must then equal that selection exactly, so an op that computes
+        anything is refused, never approximated. Callers pass only ops that are data
+        movement by definition; the runs check the arguments the model used.
+        """
+        n = math.prod(var.shape)
+        if var.shape[:1] != (1,) or tuple(out_shape)[:1] != (1,):
+            raise CertificateUnavailable(f"{name}: moves values across the batch dimension")
+        probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+        try:
+            with torch.no_grad():
+                fill = run(torch.zeros(var.shape, dtype=F64))
+                where = run(torch.arange(1, n + 1, dtype=F64).reshape(var.shape))
+                moved = run(probe)
+        except Exception as exc:  # e.g. an op whose arguments hold only for the model's own dtype
+            raise CertificateUnavailable(f"{name}: could not be re-run in float64 ({type(exc).__name__})") from None
+        runs = (fill, where, moved)
+        if not all(torch.is_tensor(t) and t.dtype == F64 and tuple(t.shape) == tuple(out_shape) for t in runs):
+            raise CertificateUnavailable(f"{name}: a float64 re-run does not give the traced shape {tuple(out_shape)}")
+        fill, position = fill.reshape(-1), (where - fill).reshape(-1)
+        index = position - 1
+        filled = position == 0
+        exact = torch.isfinite(fill).all() and (fill[~filled] == 0).all()
+        if not bool(exact and ((index >= -1) & (index < n) & (index == index.round())).all()):
+            raise CertificateUnavailable(f"{name}: does not only move values")
+        index = torch.where(filled, n, index.long())
+        if not torch.equal(moved.reshape(-1), torch.where(filled, fill, F.pad(probe.reshape(-1), (0, 1))[index])):
+            raise CertificateUnavailable(f"{name}: does not only move values")
+        if index.numel() == n and torch.equal(index, torch.arange(n)):
+            return self.reshape(name, var, out_shape)  # moves only dimensions of size 1
+        bias = fill.reshape(out_shape) if bool((fill != 0).any()) else None
+        op = SelectOp(name, var.shape, tuple(out_shape), bias, True, index)
+        return self.add(name, op, [var.index], out_shape)
+
+    def clamp(self, name: str, var: _Var, lo: Any, hi: Any, out_shape: Shape) -> int:
+        """clamp(x, lo, hi) = lo + relu(x - lo) - relu(x - hi), exactly, for constant bounds lo <= hi.
+
+        ReLU6, Hardtanh and ONNX Clip are clamps too. Written with ReLUs, a clamp gets every
+        bound the certificate has for ReLUs (intervals, CROWN and alpha-CROWN slopes, branch
+        and bound on its two units) and adds no new relaxation to get wrong.
+        """
+        shape = var.shape
+        if tuple(out_shape) != tuple(shape):
+            raise CertificateUnavailable(f"{name}: a clamp bound that broadcasts the sample to a larger shape")
+        lo, hi = _clamp_bound(name, lo, -1.0), _clamp_bound(name, hi, 1.0)
+        if lo is not None and hi is not None and bool((lo > hi).any()):
+            raise CertificateUnavailable(f"{name}: clamp with min > max")
+
+        def relu_of(v: _Var, sign: float, shift: torch.Tensor, what: str) -> _Var:  # relu(sign * v + shift)
+            if sign != 1.0 or bool((shift != 0).any()):
+                v = _Var(self.scale(f"{name} ({what})", v, sign, shift, shape), shape)
+            return _Var(self.act(f"{name} (relu of {what})", v, "relu"), shape)
+
+        if lo is None and hi is None:
+            return var.index
+        if hi is None:  # max(x, lo) = lo + relu(x - lo)
+            out = relu_of(var, 1.0, -lo, "x - min")
+            return self.scale(name, out, 1.0, lo, shape) if bool((lo != 0).any()) else out.index
+        if lo is None:  # min(x, hi) = hi - relu(hi - x)
+            return self.scale(name, relu_of(var, -1.0, hi, "max - x"), -1.0, hi, shape)
+        low, high = relu_of(var, 1.0, -lo, "x - min"), relu_of(var, 1.0, -hi, "x - max")
+        diff = self.add(f"{name} (difference)", AddOp(name, shape, -1.0), [low.index, high.index], shape)
+        return self.scale(name, _Var(diff, shape), 1.0, lo, shape) if bool((lo != 0).any()) else diff
+
+    def concat(self, name: str, items: list, dim: int, out_shape: Shape) -> int:
+        """torch.cat / ONNX Concat: each input zero-padded into its place, then summed (all exact)."""
+        rank = len(out_shape)
+        dim = int(dim) % rank
+        if dim == 0:
+            raise CertificateUnavailable(f"{name}: concatenation along the batch dimension")
+        parts: list[tuple[PadOp, int]] = []
+        bias, offset = torch.zeros(out_shape, dtype=F64), 0
+        for item in items:
+            shape = item.shape if isinstance(item, _Var) else tuple(torch.as_tensor(item).shape)
+            if len(shape) != rank or any(a != b for d, (a, b) in enumerate(zip(shape, out_shape)) if d != dim):
+                raise CertificateUnavailable(f"{name}: concatenation of shapes the trace does not match")
+            size = shape[dim]
+            if isinstance(item, _Var):
+                pads = [0, 0] * (rank - 1 - dim) + [offset, out_shape[dim] - offset - size]
+                pad = PadOp(f"{name} (input {len(parts)})", item.shape, tuple(out_shape), None, True, tuple(pads))
+                parts.append((pad, item.index))
+            else:
+                bias.narrow(dim, offset, size).copy_(torch.as_tensor(item).detach().to(F64))
+            offset += size
+        if offset != out_shape[dim] or not parts:
+            raise CertificateUnavailable(f"{name}: concatenation the trace does not match")
+        if bool((bias != 0).any()):
+            parts[0][0].bias = bias
+        index = -1
+        for pad, source in parts:
+            placed = self.add(pad.name, pad, [source], out_shape)
+            index = placed if index < 0 else self.add(name, AddOp(name, tuple(out_shape)), [index, placed], out_shape)
+        return index
+
     def dense(self, name: str, var: _Var, weight: torch.Tensor, bias: Any, out_shape: Shape) -> int:
         w = torch.as_tensor(weight).detach().to(F64)
         if w.dim() != 2 or var.shape[-1] != w.shape[1]:
@@ -302,10 +415,13 @@ class _Builder:
             "weight": m.weight, "bias": m.bias, "stride": m.stride, "padding": m.padding,
             "dilation": m.dilation, "groups": m.groups,
         }  # fmt: skip
-        if not isinstance(m, dict) and m.padding_mode != "zeros":
-            raise CertificateUnavailable(f"{name}: Conv2d with padding_mode={m.padding_mode!r}")
         if len(var.shape) < 3:
             raise CertificateUnavailable(f"{name}: Conv2d on a tensor of shape {var.shape}")
+        if not isinstance(m, dict) and m.padding_mode != "zeros":  # torch pads first, then convolves unpadded
+            pads, mode = list(m._reversed_padding_repeated_twice), m.padding_mode
+            padded = tuple(F.pad(torch.zeros(var.shape), pads, mode=mode).shape)
+            var = _Var(self.select(f"{name} ({mode} padding)", var, lambda t: F.pad(t, pads, mode=mode), padded), padded)
+            p = {**p, "padding": 0}
         w = p["weight"].detach().to(F64)
         stride, dilation = _pair(p["stride"]), _pair(p["dilation"])
         padding = p["padding"]
@@ -446,6 +562,12 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         if m.constant_value:
             bias = F.pad(torch.zeros(var.shape, dtype=F64), list(pads), value=float(m.constant_value))
         return b.add(name, PadOp(name, var.shape, tuple(out_shape), bias, True, pads), [var.index], out_shape)
+    if kind == "OnnxReduceStaticAxes" and m.operation_type in ("ReduceMean", "ReduceSum") and m.axes:
+        mean = b.mean(name, var, m.axes, out_shape)
+        if m.operation_type == "ReduceMean":
+            return mean
+        count = math.prod(var.shape[d] for d in m.axes)
+        return b.scale(f"{name} (sum)", _Var(mean, tuple(out_shape)), float(count), 0.0, out_shape)
     if kind in ("OnnxGlobalAveragePool", "OnnxGlobalAveragePoolWithKnownInputShape"):
         return b.mean(name, var, list(range(2, len(var.shape))), out_shape)
     if kind == "OnnxMatMul" and len(args) == 2 and torch.is_tensor(args[1]) and args[1].dim() == 2:
@@ -698,6 +820,133 @@ def _aten_op(
     raise CertificateUnavailable(name)
 
 
+# Ops that only move values or fill constants, whatever their arguments: `_Builder.select`
+# reads their index map off the op itself (and refuses the op if the map is not pure movement).
+_MOVE_MODULES = (
+    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
+    nn.modules.padding._CircularPadNd, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+)  # fmt: skip
+_ONNX_MOVES = {"OnnxSlice", "OnnxSliceV9", "OnnxTranspose", "OnnxExpand", "OnnxTile", "OnnxDepthToSpace", "OnnxGather"}
+_MOVE_FUNCTIONS = {
+    operator.getitem, torch.transpose, torch.permute, torch.flip, torch.roll, torch.narrow, torch.select,
+    torch.index_select, torch.movedim, torch.t, torch.swapaxes, torch.swapdims, torch.gather, torch.tile, F.pad,
+    F.pixel_shuffle, F.pixel_unshuffle, torch.channel_shuffle,
+}  # fmt: skip
+_MOVE_METHODS = {
+    "transpose", "permute", "t", "flip", "roll", "narrow", "select", "index_select", "movedim", "swapaxes", "swapdims",
+    "repeat", "expand", "expand_as", "tile", "gather", "unfold", "__getitem__",
+}  # fmt: skip
+_ATEN_MOVES = {
+    "slice", "select", "permute", "transpose", "t", "flip", "roll", "narrow", "index_select", "movedim", "swapaxes",
+    "swapdims", "expand", "repeat", "tile", "gather", "unfold", "index", "_unsafe_index", "pixel_shuffle",
+    "pixel_unshuffle", "channel_shuffle", "native_channel_shuffle", "constant_pad_nd", "pad", "reflection_pad1d",
+    "reflection_pad2d", "reflection_pad3d", "replication_pad1d", "replication_pad2d", "replication_pad3d",
+    "_pad_circular", "upsample_nearest1d", "upsample_nearest2d", "_upsample_nearest_exact1d",
+    "_upsample_nearest_exact2d", "slice_copy", "select_copy", "permute_copy", "transpose_copy", "t_copy",
+    "expand_copy",
+}  # fmt: skip
+_NEAREST = ("nearest", "nearest-exact")
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+_CLAMP_FUNCTIONS = {
+    torch.clamp: "clamp", torch.clip: "clip", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max",
+    F.hardtanh: "hardtanh", F.relu6: "relu6",
+}  # fmt: skip
+
+
+def _var_count(a: Any) -> int:
+    found: list[_Var] = []
+    fx.node.map_aggregate(a, lambda v: found.append(v) if isinstance(v, _Var) else None)
+    return len(found)
+
+
+def _rerun(n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict) -> Callable[[torch.Tensor], Any]:
+    """The node's own call with its one input-dependent argument replaced by a given tensor."""
+
+    def run(t: torch.Tensor) -> Any:
+        a, k = fx.node.map_aggregate((args, kwargs), lambda v: t if isinstance(v, _Var) else v)
+        if n.op == "call_module":
+            return gm.get_submodule(n.target)(*a, **k)
+        if n.op == "call_method":
+            return getattr(a[0], n.target)(*a[1:], **k)
+        return n.target(*a, **k)
+
+    return run
+
+
+def _clamp_bounds(n: fx.Node, module: nn.Module | None, aten: str | None, args: list, kwargs: dict) -> tuple | None:
+    """(min, max) of a clamp in any spelling (None: no bound on that side), or None for another op."""
+    if module is not None:
+        if isinstance(module, nn.Hardtanh) or type(module).__name__ == "OnnxClip":  # ReLU6 is a Hardtanh
+            return module.min_val, module.max_val
+        return None
+    if aten is not None:
+        key = aten
+    elif n.op == "call_method":
+        key = str(n.target)
+    else:
+        key = _CLAMP_FUNCTIONS.get(n.target, "")
+    key = key.rstrip("_")
+    if key in ("clamp", "clip"):
+        p = _bind(["input", "min", "max"], {"min": None, "max": None}, args, kwargs)
+        return p["min"], p["max"]
+    if key == "clamp_min":
+        return _bind(["input", "min"], {}, args, kwargs)["min"], None
+    if key == "clamp_max":
+        return None, _bind(["input", "max"], {}, args, kwargs)["max"]
+    if key == "hardtanh":
+        p = _bind(["input", "min_val", "max_val"], {"min_val": -1.0, "max_val": 1.0}, args, kwargs)
+        return p["min_val"], p["max_val"]
+    if key == "relu6":
+        return 0.0, 6.0
+    return None
+
+
+def _moves_values(n: fx.Node, module: nn.Module | None, aten: str | None, args: list, kwargs: dict) -> bool:
+    """Whether the op is data movement by definition (its arguments are checked by `_Builder.select`)."""
+    if module is not None:
+        kind = type(module).__name__
+        if isinstance(module, nn.Upsample):
+            return module.mode in _NEAREST
+        if kind == "OnnxResize":
+            return module.onnx_mode == "nearest"
+        if kind in ("OnnxPadStatic", "OnnxPadDynamic"):
+            return kind == "OnnxPadDynamic" or module.mode != "constant"  # constant OnnxPadStatic: `_module_op`
+        return isinstance(module, _MOVE_MODULES) or kind in _ONNX_MOVES
+    if aten is not None:
+        return aten in _ATEN_MOVES
+    if n.op == "call_method":
+        return n.target in _MOVE_METHODS
+    if n.target is F.interpolate:
+        return _bind(["input", "size", "scale_factor", "mode"], {"mode": "nearest"}, args, kwargs)["mode"] in _NEAREST
+    return n.target in _MOVE_FUNCTIONS
+
+
+def _structural_op(
+    b: _Builder, name: str, n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict, out_shape: Shape
+) -> int | None:
+    """Concatenation, clamps and data movement in any spelling (module, function, method, aten,
+    onnx2torch), or None for any other op."""
+    module = gm.get_submodule(n.target) if n.op == "call_module" else None
+    aten = _aten_name(n.target) if n.op == "call_function" else None
+    if type(module).__name__ == "OnnxConcat":
+        return b.concat(name, args, module.axis, out_shape)
+    if (module is None and aten is None and n.op == "call_function" and n.target in _CATS) or aten in (
+        "cat", "concat", "concatenate",
+    ):  # fmt: skip
+        dim = kwargs.pop("axis", 0)
+        p = _bind(["tensors", "dim"], {"dim": dim}, args, kwargs)
+        return b.concat(name, list(p["tensors"]), p["dim"], out_shape)
+    var = args[0] if args and isinstance(args[0], _Var) else None
+    if var is None or _var_count((args, kwargs)) != 1:
+        return None
+    bounds = _clamp_bounds(n, module, aten, args, kwargs)
+    if bounds is not None:
+        return b.clamp(name, var, *bounds, out_shape)
+    if _moves_values(n, module, aten, args, kwargs):
+        return b.select(name, var, _rerun(n, gm, args, kwargs), out_shape)
+    return None
+
+
 def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int) -> int:
     """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node."""
     recorder = _Recorder(gm)
@@ -765,7 +1014,10 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         if not torch.is_tensor(value) or not value.is_floating_point():
             raise CertificateUnavailable(f"{name} (returns {type(value).__name__}, not a float tensor)")
         out_shape = tuple(value.shape)
-        if n.op == "call_module":
+        structural = _structural_op(b, name, n, gm, list(args), dict(kwargs), out_shape)
+        if structural is not None:
+            index = structural
+        elif n.op == "call_module":
             index = _module_op(b, name, gm.get_submodule(n.target), list(args), dict(kwargs), out_shape)
         elif n.op == "call_function" and _aten_name(n.target):
             index = _aten_op(b, name, _aten_name(n.target), list(args), dict(kwargs), out_shape, dtypes)

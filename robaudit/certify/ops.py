@@ -12,6 +12,9 @@ Three kinds:
 - ``ActOp``: an elementwise monotone activation with derivative intervals and linear
   relaxations;
 - ``MaxPoolOp`` and ``AddOp`` (residual sum or difference of two tensors).
+
+Among the affine ops, ``ReshapeOp``, ``PadOp`` and ``SelectOp`` only move values (and
+fill constants): they add no rounding and have 0/1 weights.
 """
 
 from __future__ import annotations
@@ -175,6 +178,40 @@ class PadOp(AffineOp):
 
     def linear(self, x: torch.Tensor) -> torch.Tensor:
         return F.pad(x, list(self.pads))
+
+
+@dataclass(eq=False)
+class SelectOp(AffineOp):
+    """Pure data movement: output value i is input value ``index[i]`` (per sample, flattened),
+    or a constant (the bias; 0 without one) where ``index[i]`` is ``in_numel``.
+
+    Slices, transposes, flips, rolls, constant / reflect / replicate padding, nearest
+    upsampling and repeats are all this op. ``graph.py`` reads the index off the model's
+    own op, so no indexing convention is re-derived here.
+    """
+
+    index: torch.Tensor = field(default=None)  # (out_numel,) int64 positions in the flattened input; in_numel: a fill
+    nonneg: bool = True
+
+    def __post_init__(self) -> None:
+        self._fills = bool((self.index == self.in_numel).any())
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(x.shape[0], self.in_numel)
+        if self._fills:
+            flat = F.pad(flat, (0, 1))
+        return flat[:, self.index].reshape(x.shape[0], *self.out_shape)
+
+    def adjoint(self, g: torch.Tensor) -> torch.Tensor:
+        out = g.new_zeros((g.shape[0], self.in_numel + 1))
+        out.index_add_(1, self.index, g.reshape(g.shape[0], self.out_numel))
+        return out[:, :-1].reshape(g.shape[0], *self.in_shape)
+
+    @property
+    def multiplicity(self) -> int:
+        """Most outputs one input value feeds (1: a crop or permutation); the L2 norm is its square root."""
+        counts = torch.bincount(self.index, minlength=self.in_numel + 1)[:-1]
+        return int(counts.max()) if counts.numel() else 0
 
 
 @dataclass(eq=False)

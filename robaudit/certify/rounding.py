@@ -56,6 +56,7 @@ from robaudit.certify.ops import (
     PadOp,
     ReshapeOp,
     ScaleOp,
+    SelectOp,
 )
 
 U = 2.0**-24  # unit roundoff of float32
@@ -142,7 +143,7 @@ def _fan_in(op: AffineOp) -> int:
 
 
 def _affine_error(op: AffineOp, e_in: torch.Tensor, m_in: torch.Tensor) -> torch.Tensor:
-    if isinstance(op, (ReshapeOp, PadOp)):  # moves values; a constant pad value is rounded once
+    if isinstance(op, (ReshapeOp, PadOp, SelectOp)):  # moves values; a constant pad value is rounded once
         out = op.linear(e_in)
         return out if op.bias is None else out + U * op.bias.abs()
     if isinstance(op, ScaleOp):
