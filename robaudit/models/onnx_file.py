@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import numpy_helper, version_converter
 
 from robaudit.errors import RobauditError
 from robaudit.models.detect import RawModel, freeze, one_line
@@ -152,6 +152,46 @@ def _decompose_gelu(model: onnx.ModelProto, elem: int) -> int:
     return count
 
 
+_SHIELD_DOMAIN = "robaudit.unchanged"
+_CONSTANT_OF_SHAPE_9_TYPES = {t for t in range(1, 14) if t != onnx.TensorProto.STRING}  # float, ints, bool, half, double
+
+
+def _convert_version(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    """ONNX's version converter, carrying Pad nodes over unchanged where that is exact.
+
+    The converter has no adapter down from Pad-19 (what torch's dynamo exporter writes for
+    reflect or replicate padding), so it fails on any graph with one. Pad-18 only added an
+    optional `axes` input and Pad-19 the 'wrap' mode: a Pad without either is the same op
+    at every opset from 11 on, so it is hidden from the converter in a private domain and
+    put back afterwards. ConstantOfShape likewise: its versions 20 and 21 only added
+    element types (float8, int4) that a classifier's graph does not use, and the converter
+    has no adapter down from them either.
+    """
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    hidden = []
+    for node in work.graph.node:
+        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+        axes = len(node.input) > 3 and node.input[3] != ""
+        value = next((a.t.data_type for a in node.attribute if a.name == "value"), onnx.TensorProto.FLOAT)
+        same = (node.op_type == "Pad" and mode != "wrap" and not axes) or (
+            node.op_type == "ConstantOfShape" and value in _CONSTANT_OF_SHAPE_9_TYPES
+        )
+        if same and node.domain in ("", "ai.onnx"):
+            node.domain = _SHIELD_DOMAIN
+            hidden.append(node)
+    if hidden and target >= 11:
+        work.opset_import.append(onnx.helper.make_opsetid(_SHIELD_DOMAIN, 1))
+    out = version_converter.convert_version(work, target)
+    for node in out.graph.node:
+        if node.domain == _SHIELD_DOMAIN:
+            node.domain = ""
+    kept = [entry for entry in out.opset_import if entry.domain != _SHIELD_DOMAIN]
+    del out.opset_import[:]
+    out.opset_import.extend(kept)
+    return out
+
+
 def _convert(model: onnx.ModelProto):
     import onnx2torch
 
@@ -168,13 +208,11 @@ def _to_torch(model: onnx.ModelProto, path: Path) -> tuple:
     except Exception as exc:  # noqa: BLE001 - NotImplementedError for missing converters, bare errors on odd graphs
         first = exc
 
-    from onnx import version_converter
-
     for target in FALLBACK_OPSETS:
         if target == opset:
             continue
         try:
-            net = _convert(version_converter.convert_version(model, target))
+            net = _convert(_convert_version(model, target))
         except Exception:  # noqa: BLE001 - this opset does not work either; try the next
             continue
         return net, f"ONNX graph converted from opset {opset} to {target} for onnx2torch"
