@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
@@ -313,6 +315,47 @@ def test_handbuilt_opset20_graph(tmp_path: Path, gelu: str | None) -> None:
     xg = x.clone().requires_grad_(True)
     model(xg).max(1).values.sum().backward()
     assert xg.grad.abs().sum() > 0
+
+
+class _Padded(nn.Module):
+    """Padding of every mode and a clamp: the exporters write Pad-19, ConstantOfShape-20 and Cast(Constant)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect")
+        self.fc = nn.Linear(4 * 9 * 10, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.pad(torch.clamp(self.conv(x), -0.5, 1.0), (1, 1, 0, 1), mode="replicate")
+        return self.fc(F.pad(h, (0, 0, 0, 0), value=0.5).flatten(1))
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_exports_with_padding_and_clamps_load(tmp_path: Path, dynamo: bool) -> None:
+    """Both torch exporters at their default opset (20 today): onnx2torch lacks converters for their Pad
+    and ConstantOfShape, and ONNX's converter lacks adapters down from them, so robaudit carries
+    those nodes over unchanged (exact without `axes` and 'wrap') and folds Cast(Constant)."""
+    torch.manual_seed(0)
+    net = _Padded().eval()
+    path = tmp_path / "padded.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            torch.onnx.export(net, (torch.zeros(2, *SHAPE),), str(path), dynamo=True,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))  # fmt: skip
+        else:
+            torch.onnx.export(net, (torch.zeros(1, *SHAPE),), str(path), input_names=["x"],
+                              dynamic_axes={"x": {0: "b"}}, dynamo=False)  # fmt: skip
+    assert any(n.op_type == "Pad" for n in onnx.load(str(path)).graph.node)
+    raw = load_model(path)
+    model, _ = wrap(raw)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.randn(3, *SHAPE)
+    expected = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(model(x).detach().numpy(), expected, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(model(x).detach().numpy(), net(x).detach().numpy(), atol=1e-5, rtol=1e-5)
 
 
 def test_identity_shared_weights(tmp_path: Path) -> None:

@@ -108,6 +108,41 @@ def _fold_initializer_identities(model: onnx.ModelProto) -> None:
         graph.node.extend(keep)
 
 
+_CASTS_OF_CONSTANTS = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16,
+    onnx.TensorProto.INT64: np.int64, onnx.TensorProto.INT32: np.int32,
+}  # fmt: skip
+
+
+def _fold_constant_casts(model: onnx.ModelProto) -> None:
+    """Replace `Cast(constant)` by the cast constant.
+
+    The TorchScript-based exporter writes a clamp's bounds as Cast(Constant), and
+    onnx2torch's Clip converter takes only constant bounds. numpy's astype between these
+    numeric types rounds as ONNX Cast does, so the fold is exact.
+    """
+    graph = model.graph
+    constants = _constants(model)
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        source = constants.get(node.input[0]) if node.op_type == "Cast" and node.input else None
+        if source is None or to not in _CASTS_OF_CONSTANTS or node.output[0] in outputs:
+            keep.append(node)
+            continue
+        value = numpy_helper.to_array(source)
+        if value.dtype.kind not in "fiu":
+            keep.append(node)
+            continue
+        folded = numpy_helper.from_array(value.astype(_CASTS_OF_CONSTANTS[to]), node.output[0])
+        graph.initializer.append(folded)
+        constants[folded.name] = folded
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
 def _decompose_gelu(model: onnx.ModelProto, elem: int) -> int:
     """Rewrite Gelu (new in opset 20, no onnx2torch converter) as the Erf/Tanh formula it is defined by.
 
@@ -257,6 +292,7 @@ def load_onnx(path: Path) -> RawModel:
     # Exact rewrites of what today's exporters write and onnx2torch cannot take (in memory only).
     _drop_harmless_allowzero(model)
     _fold_initializer_identities(model)
+    _fold_constant_casts(model)
     notes = []
     gelus = _decompose_gelu(model, elem)
     if gelus:
