@@ -128,6 +128,121 @@ class GlobalMean(nn.Module):
         return self.style
 
 
+class Clamp(nn.Module):
+    """A clamp in one of its spellings (certified as a pair of ReLUs)."""
+
+    def __init__(self, style: str, lo: float, hi: float) -> None:
+        super().__init__()
+        self.style, self.lo, self.hi = style, lo, hi
+        self.module = {"ReLU6": nn.ReLU6(), "Hardtanh": nn.Hardtanh(lo, hi)}.get(style)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.module is not None:
+            return self.module(x)
+        if self.style == "clamp":
+            return torch.clamp(x, self.lo, self.hi)
+        if self.style == "clamp_min":
+            return x.clamp(min=self.lo)
+        if self.style == "clamp_max":
+            return torch.clamp_max(x, self.hi)
+        if self.style == "relu6":
+            return F.relu6(x * 4)
+        return F.hardtanh(x, self.lo, self.hi)
+
+    def extra_repr(self) -> str:
+        return f"{self.style}, {self.lo}, {self.hi}"
+
+
+class Move(nn.Module):
+    """Values moved, not computed: flips, rolls, transposes, crops padded back, channel shuffles, gathers."""
+
+    def __init__(self, style: str, shape: tuple[int, ...], perm: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.style, self.shape = style, shape
+        self.register_buffer("perm", perm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.style
+        if s == "flip":
+            return x.flip(-1)
+        if s == "roll":
+            return torch.roll(x, 1, -1)
+        if s == "transpose":
+            return x.transpose(-1, -2)
+        if s == "gather":
+            return x[:, self.perm]
+        if s == "repeat-slice":  # rotate the channels (or features) by one
+            return x.repeat(1, 2, *([1] * (len(self.shape) - 1)))[:, 1 : self.shape[0] + 1]
+        if s == "shuffle":
+            c, h, w = self.shape
+            return x.view(-1, 2, c // 2, h, w).transpose(1, 2).reshape(-1, c, h, w)
+        mode = s.removeprefix("crop-pad-")
+        return F.pad(x[..., 1:, :], (0, 0, 0, 1), mode=mode, **({"value": 0.25} if mode == "constant" else {}))
+
+    def extra_repr(self) -> str:
+        return self.style
+
+
+class Concat(nn.Module):
+    """torch.cat of two branches (and maybe a constant), projected back to the input width."""
+
+    def __init__(self, gen: _Gen, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        image = len(shape) == 3
+        width = shape[0]
+        self.act = gen.act()
+        self.a = nn.Conv2d(width, 2, 3, padding=1) if image else nn.Linear(width, 3)
+        self.b = nn.Conv2d(width, 1, 1) if image else nn.Linear(width, 2)
+        extra = 1 if gen.r.random() < 0.5 else 0
+        self.const = nn.Parameter(gen.randn(1, extra, *shape[1:]) if image else gen.randn(1, extra)) if extra else None
+        self.rest = (extra, *shape[1:])  # the constant's per-sample shape (torch.fx cannot unpack a traced shape)
+        total = (2 + 1 if image else 3 + 2) + extra + width
+        self.proj = nn.Conv2d(total, width, 1) if image else nn.Linear(total, width)
+        for m in (self.a, self.b, self.proj):
+            gen.init_linear(m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [self.act(self.a(x)), self.b(x), x]
+        if self.const is not None:
+            parts.insert(1, self.const.expand(x.shape[0], *self.rest))
+        return self.proj(torch.cat(parts, 1))
+
+
+def _extras(gen: _Gen, seed: int) -> None:
+    """Insert shape-keeping clamps, moves and concatenations at random places of `gen.layers`
+    (before the last layer), drawn from their own generator so the base draws do not change."""
+    r = random.Random(seed * 7919 + 1)
+    base = gen.r
+    gen.r = r  # Concat's layers draw from the extras' stream too
+    try:
+        for _ in range(r.randint(1, 3)):
+            at = r.randint(0, len(gen.layers) - 1)
+            shape = _shape_after(gen.layers[:at], gen.input_shape)
+            if len(shape) not in (1, 3):
+                continue
+            kind = r.choice(["clamp", "move", "move", "concat"])
+            if kind == "clamp":
+                lo = round(r.uniform(-1.5, 0.5), 2)
+                hi = round(lo + r.uniform(0.2, 2.0), 2)
+                styles = ["ReLU6", "Hardtanh", "clamp", "clamp_min", "clamp_max", "relu6", "hardtanh"]
+                layer: nn.Module = Clamp(r.choice(styles), lo, hi)
+            elif kind == "concat":
+                layer = Concat(gen, shape)
+            else:
+                styles = ["flip", "roll", "gather", "repeat-slice"]
+                if len(shape) == 3:
+                    styles += ["crop-pad-constant", "crop-pad-replicate"] if shape[1] >= 2 else []
+                    styles += ["crop-pad-reflect"] if shape[1] >= 3 else []
+                    styles += ["transpose"] if shape[1] == shape[2] else []
+                    styles += ["shuffle"] * 3 if shape[0] % 2 == 0 else []
+                style = r.choice(styles)
+                perm = torch.randperm(shape[0], generator=torch.Generator().manual_seed(seed)) if style == "gather" else None
+                layer = Move(style, shape, perm)
+            gen.layers.insert(at, layer)
+    finally:
+        gen.r = base
+
+
 # --------------------------------------------------------------------------- the generator
 
 
@@ -337,8 +452,11 @@ def _describe(net: nn.Module) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def random_net(seed: int) -> RandomNet:
-    """The random classifier of `seed` (float32, eval mode, no gradients on parameters); built once per process."""
+def random_net(seed: int, extras: bool = False) -> RandomNet:
+    """The random classifier of `seed` (float32, eval mode, no gradients on parameters); built once per process.
+
+    With `extras`, clamps, data movement and concatenations are inserted too (`_extras`);
+    the rest of the network is the same as without."""
     gen = _Gen(seed)
     r = gen.r
     k = r.randint(2, 5)
@@ -383,6 +501,8 @@ def random_net(seed: int) -> RandomNet:
         if not linear_only:
             width = _flat_part(gen, width, r.choice([0, 0, 1, 2]))
         gen.layers.append(gen.linear(width, k))
+    if extras:
+        _extras(gen, seed)
     net = nn.Sequential(*gen.layers).eval().requires_grad_(False)
     sample_shape: tuple[int, ...] = gen.input_shape
     if model_shape is not None:

@@ -20,7 +20,8 @@ Any point of the ball with another argmax is a violation, reported with the seed
 architecture and the numbers (the seed alone rebuilds the network and the inputs).
 Every unsupported op must instead make the certificate unavailable, naming the op.
 
-The default run covers 200 seeds (about a minute on one core);
+The default run covers 200 seeds (about a minute on one core), and 100 more with clamps,
+data movement and concatenation inserted (`random_net(seed, extras=True)`);
 `ROBAUDIT_PROPERTY_SEEDS=2000 pytest -m slow tests/test_certify_property.py` runs the
 heavier variant on that many other seeds (it is skipped without the variable). The
 zonotope test runs every method alone on 12 seeds (the heavier variant does so on all
@@ -358,17 +359,17 @@ def check_net(rn: RandomNet, effort: Effort, gen: torch.Generator, budget: str) 
     return out
 
 
-def check_seed(seed: int, effort: Effort) -> Outcome:
-    rn = random_net(seed)
+def check_seed(seed: int, effort: Effort, extras: bool = False) -> Outcome:
+    rn = random_net(seed, extras)
     r = random.Random(seed)
     budget = r.choices(["fast", "default", "tight"], weights=[15, 4, 1])[0]
     return check_net(rn, effort, torch.Generator().manual_seed(10_000 + seed), budget)
 
 
-def run_seeds(seeds: range, effort: Effort) -> None:
+def run_seeds(seeds: range, effort: Effort, extras: bool = False) -> None:
     total = Outcome()
     for seed in seeds:
-        got = check_seed(seed, effort)
+        got = check_seed(seed, effort, extras)
         total.violations += got.violations
         total.samples += got.samples
         total.positive += got.positive
@@ -387,15 +388,28 @@ def test_random_nets_radii_survive_attacks_and_probes(chunk: int) -> None:
     run_seeds(range(chunk * per, (chunk + 1) * per), Effort())
 
 
+EXTRA_SEEDS, EXTRA_CHUNKS = 100, 4
+
+
+@pytest.mark.parametrize("chunk", range(EXTRA_CHUNKS))
+def test_random_nets_with_clamps_moves_and_concatenation_survive_attacks_and_probes(chunk: int) -> None:
+    """The same nets with clamps, data movement and torch.cat inserted (`random_nets._extras`)."""
+    per = EXTRA_SEEDS // EXTRA_CHUNKS
+    run_seeds(range(20_000 + chunk * per, 20_000 + (chunk + 1) * per), Effort(), extras=True)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif("ROBAUDIT_PROPERTY_SEEDS" not in os.environ, reason="set ROBAUDIT_PROPERTY_SEEDS (e.g. 2000)")
 def test_random_nets_radii_survive_attacks_and_probes_many_seeds() -> None:
-    """Every method alone at the seed's budget, harder attacks and denser probes (about 1 s per seed)."""
+    """Every method alone at the seed's budget, harder attacks and denser probes (about 1 s per seed);
+    as many seeds again with clamps, data movement and concatenation inserted."""
     count = int(os.environ["ROBAUDIT_PROPERTY_SEEDS"])
-    run_seeds(range(100_000, 100_000 + count), Effort(
+    effort = Effort(
         inputs=3, every_method_alone=True, fmn_steps=150, deepfool_steps=50, pgd_starts=8, pgd_steps=40, ball=2000,
         sphere=4000, grid=201, circle=4096,
-    ))
+    )  # fmt: skip
+    run_seeds(range(100_000, 100_000 + count), effort)
+    run_seeds(range(300_000, 300_000 + count), effort, extras=True)
 
 
 BAB_SEEDS = range(500, 524)
@@ -475,6 +489,12 @@ def test_random_nets_cover_every_supported_op() -> None:
         "Flatten", "Reshape(view", "Reshape(reshape", "Affine(mul-add)", "Affine(sub-div)", "Affine(neg)", "mean=",
         "model_shape=", "module", "functional", "method",
     ]  # fmt: skip
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    text = " ".join(random_net(seed, True).arch for seed in range(20_000, 20_000 + EXTRA_SEEDS))
+    wanted = ["Concat(", "ReLU6", "Hardtanh", "clamp,", "clamp_min", "clamp_max", "relu6", "hardtanh"]
+    wanted += [f"Move({s})" for s in ("flip", "roll", "transpose", "gather", "repeat-slice", "shuffle")]
+    wanted += [f"Move(crop-pad-{m})" for m in ("constant", "replicate", "reflect")]
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
 

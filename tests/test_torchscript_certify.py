@@ -145,6 +145,26 @@ class PoolCNN(nn.Module):
         return self.fc(self.bn(h))
 
 
+class MobileCNN(nn.Module):
+    """MobileNet / ShuffleNet parts: ReLU6, depthwise convolutions, a channel split by slicing,
+    torch.cat, a channel shuffle (view, transpose), reflect padding, Hardtanh, nearest upsampling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 8, 3, stride=2, padding=1, padding_mode="reflect")
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(4, 4, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.stem(x) * 2)  # (8, 4, 4)
+        a, b = h[:, :4], h[:, 4:]
+        h = torch.cat([a, torch.clamp(self.pw(self.dw(b)), min=-1.0, max=3.0)], 1)
+        h = h.view(-1, 2, 4, 4, 4).transpose(1, 2).reshape(-1, 8, 4, 4)
+        h = F.interpolate(F.hardtanh(h, -0.5, 2.0), scale_factor=2.0, mode="nearest")[:, :, ::2, 1::2]
+        return self.fc(F.pad(h, (0, 0, 1, 0), mode="replicate")[:, :, :4].flatten(1))
+
+
 # --------------------------------------------------------------------------- (a) same radii as ONNX
 
 
@@ -164,6 +184,28 @@ def test_torchscript_certifies_like_the_same_network_in_onnx(tmp_path, name, mak
         cert = certify_l2(model, x, y, budget="fast")
         torch.testing.assert_close(cert.radius, reference.radius, rtol=1e-6, atol=1e-12)
         assert cert.method == reference.method
+
+
+def test_moves_clamps_and_concatenation_certify_alike_in_every_format(tmp_path) -> None:
+    """The same MobileCNN as ONNX (both of torch's exporters), traced and scripted TorchScript and the
+    unsaved module: the same radii, and random points at 0.999 of them keep the label."""
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    net = fit(MobileCNN(), 120)
+    reference = certify_l2(net, x, y, budget="fast")
+    assert (reference.radius > 0).sum() >= 12, reference.radius
+    dynamo = tmp_path / "mobile_dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x[:2],), str(dynamo), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    files = [save(net, tmp_path / "mobile.onnx", "onnx"), dynamo]
+    files += [save(net, tmp_path / f"mobile_{kind}.pt", kind) for kind in ("trace", "script")]
+    for path in files:
+        model = loaded(path, x)
+        cert = certify_l2(model, x, y, budget="fast")
+        torch.testing.assert_close(cert.radius, reference.radius, rtol=1e-6, atol=1e-12, msg=str(path))
+        right = cert.radius > 0
+        assert_ball_keeps_decision(model, x[right], y[right], cert.radius[right])
 
 
 # --------------------------------------------------------------------------- (b) many classifiers
