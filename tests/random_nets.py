@@ -154,7 +154,8 @@ class Clamp(nn.Module):
 
 
 class Move(nn.Module):
-    """Values moved, not computed: flips, rolls, transposes, crops padded back, channel shuffles, gathers."""
+    """Values moved, not computed: flips, rolls, transposes, crops padded back, channel shuffles, gathers,
+    halves swapped by chunk."""
 
     def __init__(self, style: str, shape: tuple[int, ...], perm: torch.Tensor | None = None) -> None:
         super().__init__()
@@ -173,6 +174,8 @@ class Move(nn.Module):
             return x[:, self.perm]
         if s == "repeat-slice":  # rotate the channels (or features) by one
             return x.repeat(1, 2, *([1] * (len(self.shape) - 1)))[:, 1 : self.shape[0] + 1]
+        if s == "chunk-swap":
+            return torch.cat([x.chunk(2, 1)[1], x.chunk(2, 1)[0]], 1)
         if s == "shuffle":
             c, h, w = self.shape
             return x.view(-1, 2, c // 2, h, w).transpose(1, 2).reshape(-1, c, h, w)
@@ -229,11 +232,11 @@ def _extras(gen: _Gen, seed: int) -> None:
             elif kind == "concat":
                 layer = Concat(gen, shape)
             else:
-                styles = ["flip", "roll", "gather", "repeat-slice"]
+                styles = ["flip", "roll", "gather", "repeat-slice"] + (["chunk-swap"] if shape[0] % 2 == 0 else [])
                 if len(shape) == 3:
                     styles += ["crop-pad-constant", "crop-pad-replicate"] if shape[1] >= 2 else []
                     styles += ["crop-pad-reflect"] if shape[1] >= 3 else []
-                    styles += ["transpose"] if shape[1] == shape[2] else []
+                    styles += ["transpose"] * 3 if shape[1] == shape[2] else []
                     styles += ["shuffle"] * 3 if shape[0] % 2 == 0 else []
                 style = r.choice(styles)
                 perm = torch.randperm(shape[0], generator=torch.Generator().manual_seed(seed)) if style == "gather" else None

@@ -493,7 +493,7 @@ def test_random_nets_cover_every_supported_op() -> None:
     assert not missing, missing
     text = " ".join(random_net(seed, True).arch for seed in range(20_000, 20_000 + EXTRA_SEEDS))
     wanted = ["Concat(", "ReLU6", "Hardtanh", "clamp,", "clamp_min", "clamp_max", "relu6", "hardtanh"]
-    wanted += [f"Move({s})" for s in ("flip", "roll", "transpose", "gather", "repeat-slice", "shuffle")]
+    wanted += [f"Move({s})" for s in ("flip", "roll", "transpose", "gather", "repeat-slice", "shuffle", "chunk-swap")]
     wanted += [f"Move(crop-pad-{m})" for m in ("constant", "replicate", "reflect")]
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
@@ -597,6 +597,9 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("slice", Fn(lambda x: x[:, :, 1:3], "x[:, :, 1:3]"), True),
     ("slice-step", Fn(lambda x: x[..., ::2, 1:], "x[..., ::2, 1:]"), True),
     ("narrow-select", Fn(lambda x: x.narrow(3, 1, 2).select(1, 0), "narrow, select"), True),
+    ("chunk", Fn(lambda x: torch.cat([x.chunk(2, 1)[1], x.chunk(2, 1)[0]], 1), "swap x.chunk(2, 1)"), True),
+    ("split-sizes", Fn(lambda x: torch.split(x, [1, 3], dim=3)[1], "torch.split(x, [1, 3], 3)[1]"), True),
+    ("unbind", Fn(lambda x: torch.cat([x.unbind(1)[1], x.unbind(1)[0]], 2), "unbind, cat"), True),
     ("transpose", Fn(lambda x: x.transpose(2, 3), "x.transpose(2, 3)"), True),
     ("permute", Fn(lambda x: x.permute(0, 1, 3, 2), "x.permute(0, 1, 3, 2)"), True),
     ("flip-roll", Fn(lambda x: torch.roll(x.flip(2), 1, 3), "roll(flip(x))"), True),

@@ -847,6 +847,7 @@ _ATEN_MOVES = {
 }  # fmt: skip
 _NEAREST = ("nearest", "nearest-exact")
 _CATS = {torch.cat, torch.concat, torch.concatenate}
+_SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind}
 _CLAMP_FUNCTIONS = {
     torch.clamp: "clamp", torch.clip: "clip", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max",
     F.hardtanh: "hardtanh", F.relu6: "relu6",
@@ -947,6 +948,36 @@ def _structural_op(
     return None
 
 
+_SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes", "unsafe_split", "unsafe_chunk"}
+_ONNX_SPLITS = {"OnnxSplit", "OnnxSplit13"}
+
+
+def _split_parts(
+    b: _Builder, name: str, n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict, value: Any
+) -> tuple | None:
+    """split / chunk / unbind / ONNX Split: one data-movement op per part (None for any other op)."""
+    if not (isinstance(value, (tuple, list)) and value and all(torch.is_tensor(v) for v in value)):
+        return None
+    if n.op == "call_module":
+        known = type(gm.get_submodule(n.target)).__name__ in _ONNX_SPLITS
+    elif n.op == "call_method":
+        known = n.target in _SPLITS
+    else:
+        aten = _aten_name(n.target)
+        known = (aten or getattr(n.target, "__name__", "")) in _SPLITS and (aten is not None or n.target in _SPLIT_FUNCTIONS)
+    var = args[0] if args and isinstance(args[0], _Var) else None
+    if not known or var is None or _var_count((args, kwargs)) != 1:
+        return None
+    if not all(v.is_floating_point() for v in value):
+        raise CertificateUnavailable(f"{name} (returns tensors that are not float)")
+    run = _rerun(n, gm, args, kwargs)
+    parts = []
+    for i, v in enumerate(value):
+        shape = tuple(v.shape)
+        parts.append(_Var(b.select(f"{name} [{i}]", var, lambda t, i=i: run(t)[i], shape), shape))
+    return tuple(parts)
+
+
 def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int) -> int:
     """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node."""
     recorder = _Recorder(gm)
@@ -1010,6 +1041,10 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
             op = _aten_name(n.target)
             index = _aten_op(b, name, op, list(args), dict(kwargs), tuple(value[0].shape), dtypes)
             env[n] = (_Var(index, tuple(value[0].shape)),) + (None,) * (len(value) - 1)
+            continue
+        parts = _split_parts(b, name, n, gm, list(args), dict(kwargs), value)
+        if parts is not None:
+            env[n] = parts
             continue
         if not torch.is_tensor(value) or not value.is_floating_point():
             raise CertificateUnavailable(f"{name} (returns {type(value).__name__}, not a float tensor)")
