@@ -17,6 +17,7 @@ ratio is at least the one reported.
     cnn           robaudit.demo.digits_cnn: conv 16, conv 16 stride 2, linear
     resnet        benchmarks/zoo.py ZooResNet: BatchNorm, two residual blocks, global average pool
     cnn_l2_at     digits_cnn, PGD-7 adversarial training under L2 eps 0.5
+    mobile        MobileDigits: ReLU6, chunk, depthwise separable branch, cat, channel shuffle, Hardtanh
 
 All trained with AdamW (weight decay 0.01), 30 epochs, seeded and single-threaded.
 
@@ -25,6 +26,7 @@ Usage (from the repository root, about 10 minutes on one CPU thread):
     python benchmarks/certify_zoo.py --only tanh_mlp relu_mlp --budgets default tight
     python benchmarks/certify_zoo.py --only cnn --n 40 --unstable   # where the bounds lose: unstable ReLUs
     python benchmarks/certify_zoo.py --only resnet --n 40 --apgd-check   # are the attack distances near minimal?
+    python benchmarks/certify_zoo.py --only mobile --budgets fast default --out benchmarks/results/certify_zoo_mobile.json
 
 Before / after a change to robaudit.certify: run this script (of this checkout) against
 another checkout of robaudit with ``--robaudit PATH`` (its root; imported instead of this
@@ -109,12 +111,35 @@ def relu_mlp() -> nn.Module:
     )
 
 
+class MobileDigits(nn.Module):
+    """MobileNetV2 / ShuffleNetV2 parts: ReLU6, a channel split by chunk, a depthwise separable
+    branch, torch.cat, a channel shuffle (view, transpose), Hardtanh, reflect padding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Conv2d(8, 8, 3, stride=1, padding=1, groups=8, padding_mode="reflect")
+        self.pw = nn.Conv2d(8, 8, 1)
+        self.bn = nn.BatchNorm2d(8)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        a, b = h.chunk(2, dim=1)
+        h = torch.cat([a, F.relu6(self.bn(self.pw(self.dw(b))))], 1)
+        h = h.view(-1, 2, 8, 8, 8).transpose(1, 2).reshape(-1, 16, 8, 8)
+        h = F.hardtanh(self.down(h), 0.0, 4.0)
+        return self.head(h.mean(dim=(2, 3)))
+
+
 ZOO = {
     "tanh_mlp": (tanh_mlp, None),
     "relu_mlp": (relu_mlp, None),
     "cnn": (lambda: _zoo_model("ZooCNN"), None),
     "resnet": (lambda: _zoo_model("ZooResNet"), None),
     "cnn_l2_at": (lambda: _zoo_model("ZooCNN"), 0.5),
+    "mobile": (MobileDigits, None),
 }
 
 

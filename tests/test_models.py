@@ -318,7 +318,8 @@ def test_handbuilt_opset20_graph(tmp_path: Path, gelu: str | None) -> None:
 
 
 class _Padded(nn.Module):
-    """Padding of every mode and a clamp: the exporters write Pad-19, ConstantOfShape-20 and Cast(Constant)."""
+    """Padding of every mode, a clamp and a chunk: the exporters write Pad-19, ConstantOfShape-20,
+    Cast(Constant) and Split-18."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -326,7 +327,8 @@ class _Padded(nn.Module):
         self.fc = nn.Linear(4 * 9 * 10, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.pad(torch.clamp(self.conv(x), -0.5, 1.0), (1, 1, 0, 1), mode="replicate")
+        halves = torch.clamp(self.conv(x), -0.5, 1.0).chunk(2, 1)  # dynamo: Split-18 with num_outputs
+        h = F.pad(torch.cat([halves[1], halves[0]], 1), (1, 1, 0, 1), mode="replicate")
         return self.fc(F.pad(h, (0, 0, 0, 0), value=0.5).flatten(1))
 
 
@@ -334,7 +336,7 @@ class _Padded(nn.Module):
 def test_exports_with_padding_and_clamps_load(tmp_path: Path, dynamo: bool) -> None:
     """Both torch exporters at their default opset (20 today): onnx2torch lacks converters for their Pad
     and ConstantOfShape, and ONNX's converter lacks adapters down from them, so robaudit carries
-    those nodes over unchanged (exact without `axes` and 'wrap') and folds Cast(Constant)."""
+    those nodes over unchanged where that is exact and folds Cast(Constant)."""
     torch.manual_seed(0)
     net = _Padded().eval()
     path = tmp_path / "padded.onnx"

@@ -146,7 +146,7 @@ class PoolCNN(nn.Module):
 
 
 class MobileCNN(nn.Module):
-    """MobileNet / ShuffleNet parts: ReLU6, depthwise convolutions, a channel split by slicing,
+    """MobileNet / ShuffleNet parts: ReLU6, depthwise convolutions, a channel split (slice, chunk),
     torch.cat, a channel shuffle (view, transpose), reflect padding, Hardtanh, nearest upsampling."""
 
     def __init__(self) -> None:
@@ -158,7 +158,7 @@ class MobileCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.relu6(self.stem(x) * 2)  # (8, 4, 4)
-        a, b = h[:, :4], h[:, 4:]
+        a, b = h[:, :4], h.chunk(2, 1)[1]
         h = torch.cat([a, torch.clamp(self.pw(self.dw(b)), min=-1.0, max=3.0)], 1)
         h = h.view(-1, 2, 4, 4, 4).transpose(1, 2).reshape(-1, 8, 4, 4)
         h = F.interpolate(F.hardtanh(h, -0.5, 2.0), scale_factor=2.0, mode="nearest")[:, :, ::2, 1::2]

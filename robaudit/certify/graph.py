@@ -964,7 +964,7 @@ def _split_parts(
         known = n.target in _SPLITS
     else:
         aten = _aten_name(n.target)
-        known = (aten or getattr(n.target, "__name__", "")) in _SPLITS and (aten is not None or n.target in _SPLIT_FUNCTIONS)
+        known = aten in _SPLITS if aten is not None else n.target in _SPLIT_FUNCTIONS
     var = args[0] if args and isinstance(args[0], _Var) else None
     if not known or var is None or _var_count((args, kwargs)) != 1:
         return None

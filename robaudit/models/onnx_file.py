@@ -187,35 +187,31 @@ def _decompose_gelu(model: onnx.ModelProto, elem: int) -> int:
     return count
 
 
-_SHIELD_DOMAIN = "robaudit.unchanged"
+_SHIELD_DOMAIN = "robaudit.unchanged"  # where `_convert_version` hides the nodes it carries over
 _CONSTANT_OF_SHAPE_9_TYPES = {t for t in range(1, 14) if t != onnx.TensorProto.STRING}  # float, ints, bool, half, double
 
 
 def _convert_version(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
-    """ONNX's version converter, carrying Pad nodes over unchanged where that is exact.
+    """ONNX's version converter, carrying some nodes over unchanged where that is exact.
 
-    The converter has no adapter down from Pad-19 (what torch's dynamo exporter writes for
-    reflect or replicate padding), so it fails on any graph with one. Pad-18 only added an
-    optional `axes` input and Pad-19 the 'wrap' mode: a Pad without either is the same op
-    at every opset from 11 on, so it is hidden from the converter in a private domain and
-    put back afterwards. ConstantOfShape likewise: its versions 20 and 21 only added
-    element types (float8, int4) that a classifier's graph does not use, and the converter
-    has no adapter down from them either.
+    The converter has no adapters down from the versions torch's exporters write today
+    for three ops, so it fails on any graph with one of them:
+    - Pad-19 (reflect or replicate padding): Pad-18 only added an optional `axes` input
+      and Pad-19 the 'wrap' mode, so a Pad without either is Pad-11's op;
+    - ConstantOfShape-20/21: they only added element types (float8, int4);
+    - Split-18: it only added the `num_outputs` attribute, so a Split with its sizes as
+      an input (`_explicit_split_sizes` writes them where the shape is known) is Split-13's.
+    Those nodes are hidden from the converter in a private domain and put back afterwards.
     """
     work = onnx.ModelProto()
     work.CopyFrom(model)
-    hidden = []
+    _explicit_split_sizes(work)
+    hidden = 0
     for node in work.graph.node:
-        mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
-        axes = len(node.input) > 3 and node.input[3] != ""
-        value = next((a.t.data_type for a in node.attribute if a.name == "value"), onnx.TensorProto.FLOAT)
-        same = (node.op_type == "Pad" and mode != "wrap" and not axes) or (
-            node.op_type == "ConstantOfShape" and value in _CONSTANT_OF_SHAPE_9_TYPES
-        )
-        if same and node.domain in ("", "ai.onnx"):
+        if node.domain in ("", "ai.onnx") and target >= _SAME_SINCE.get(node.op_type, math.inf) and _unchanged(node):
             node.domain = _SHIELD_DOMAIN
-            hidden.append(node)
-    if hidden and target >= 11:
+            hidden += 1
+    if hidden:
         work.opset_import.append(onnx.helper.make_opsetid(_SHIELD_DOMAIN, 1))
     out = version_converter.convert_version(work, target)
     for node in out.graph.node:
@@ -225,6 +221,54 @@ def _convert_version(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     del out.opset_import[:]
     out.opset_import.extend(kept)
     return out
+
+
+_SAME_SINCE = {"Pad": 11, "ConstantOfShape": 9, "Split": 13}  # the oldest opset with the same op (see `_unchanged`)
+
+
+def _unchanged(node: onnx.NodeProto) -> bool:
+    """Whether this Pad / ConstantOfShape / Split uses nothing newer than `_SAME_SINCE` of its op."""
+    attributes = {a.name: a for a in node.attribute}
+    if node.op_type == "Pad":
+        mode = attributes["mode"].s.decode() if "mode" in attributes else "constant"
+        return mode != "wrap" and not (len(node.input) > 3 and node.input[3])
+    if node.op_type == "ConstantOfShape":
+        value = attributes["value"].t.data_type if "value" in attributes else onnx.TensorProto.FLOAT
+        return value in _CONSTANT_OF_SHAPE_9_TYPES
+    return node.op_type == "Split" and "num_outputs" not in attributes
+
+
+def _explicit_split_sizes(model: onnx.ModelProto) -> None:
+    """Give Split-18's `num_outputs` as explicit sizes (Split-13's form) where the split dim is known.
+
+    ONNX defines the parts as ceil(D / num_outputs) long, the last one shorter.
+    """
+    splits = [n for n in model.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]
+    if not any(a.name == "num_outputs" for n in splits for a in n.attribute):
+        return
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - leave the graph as it is; the converter will say what it lacks
+        return
+    infos = list(inferred.graph.value_info) + list(inferred.graph.input)
+    shapes = {v.name: _dims(v) for v in infos}
+    for node in splits:
+        attributes = {a.name: a for a in node.attribute}
+        dims = shapes.get(node.input[0])
+        if "num_outputs" not in attributes or (len(node.input) > 1 and node.input[1]) or not dims:
+            continue
+        axis = attributes["axis"].i if "axis" in attributes else 0
+        count, size = attributes["num_outputs"].i, dims[axis % len(dims)]
+        if size is None or count < 1:
+            continue
+        part = -(-size // count)
+        sizes = [min(part, size - i * part) for i in range(count)]
+        if any(s <= 0 for s in sizes):
+            continue
+        name = f"_robaudit_split_sizes_{node.output[0]}"
+        model.graph.initializer.append(numpy_helper.from_array(np.array(sizes, dtype=np.int64), name))
+        node.input[:] = [node.input[0], name]
+        node.attribute.remove(attributes["num_outputs"])
 
 
 def _convert(model: onnx.ModelProto):
