@@ -19,6 +19,12 @@ from onnx import numpy_helper, version_converter
 from robaudit.errors import RobauditError
 from robaudit.models.detect import RawModel, freeze, one_line
 
+# onnx2torch's Slice indexes with a list, which torch deprecates on every forward pass: a
+# warning about onnx2torch's code that the user can do nothing about, printed mid-scan.
+warnings.filterwarnings(
+    "ignore", message="Using a non-tuple sequence for multidimensional indexing", module=r"onnx2torch\."
+)
+
 # Opsets that onnx2torch covers well, best first; tried in this order when conversion fails.
 FALLBACK_OPSETS = (17, 16, 15, 13, 11)
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
