@@ -186,6 +186,20 @@ class Move(nn.Module):
         return self.style
 
 
+class CeilPool(nn.Module):
+    """A max pool in ceil_mode, upsampled back to its input's size (nearest)."""
+
+    def __init__(self, kernel: int, stride: int, padding: int, size: tuple[int, int]) -> None:
+        super().__init__()
+        self.pool, self.size = nn.MaxPool2d(kernel, stride, padding, ceil_mode=True), size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(self.pool(x), size=self.size)
+
+    def extra_repr(self) -> str:
+        return f"ceil_mode, size={self.size}"
+
+
 class Concat(nn.Module):
     """torch.cat of two branches (and maybe a constant), projected back to the input width."""
 
@@ -212,7 +226,7 @@ class Concat(nn.Module):
 
 
 def _extras(gen: _Gen, seed: int) -> None:
-    """Insert shape-keeping clamps, moves and concatenations at random places of `gen.layers`
+    """Insert shape-keeping clamps, moves, concatenations and ceil-mode pools at random places of `gen.layers`
     (before the last layer), drawn from their own generator so the base draws do not change."""
     r = random.Random(seed * 7919 + 1)
     base = gen.r
@@ -223,7 +237,7 @@ def _extras(gen: _Gen, seed: int) -> None:
             shape = _shape_after(gen.layers[:at], gen.input_shape)
             if len(shape) not in (1, 3):
                 continue
-            kind = r.choice(["clamp", "move", "move", "concat"])
+            kind = r.choice(["clamp", "move", "move", "concat"] + (["pool"] if len(shape) == 3 else []))
             if kind == "clamp":
                 lo = round(r.uniform(-1.5, 0.5), 2)
                 hi = round(lo + r.uniform(0.2, 2.0), 2)
@@ -231,11 +245,18 @@ def _extras(gen: _Gen, seed: int) -> None:
                 layer: nn.Module = Clamp(r.choice(styles), lo, hi)
             elif kind == "concat":
                 layer = Concat(gen, shape)
+            elif kind == "pool":
+                k = r.choice([2, 3])
+                layer = CeilPool(k, r.choice([1, 2, 3]), r.choice([0, k // 2]), (shape[1], shape[2]))
+                try:
+                    layer(torch.zeros(1, *shape))
+                except RuntimeError:  # a window larger than the input
+                    continue
             else:
                 styles = ["flip", "roll", "gather", "repeat-slice"] + (["chunk-swap"] if shape[0] % 2 == 0 else [])
                 if len(shape) == 3:
                     styles += ["crop-pad-constant", "crop-pad-replicate"] if shape[1] >= 2 else []
-                    styles += ["crop-pad-reflect"] if shape[1] >= 3 else []
+                    styles += ["crop-pad-reflect"] * 3 if shape[1] >= 3 else []
                     styles += ["transpose"] * 3 if shape[1] == shape[2] else []
                     styles += ["shuffle"] * 3 if shape[0] % 2 == 0 else []
                 style = r.choice(styles)

@@ -494,7 +494,7 @@ def test_random_nets_cover_every_supported_op() -> None:
     text = " ".join(random_net(seed, True).arch for seed in range(20_000, 20_000 + EXTRA_SEEDS))
     wanted = ["Concat(", "ReLU6", "Hardtanh", "clamp,", "clamp_min", "clamp_max", "relu6", "hardtanh"]
     wanted += [f"Move({s})" for s in ("flip", "roll", "transpose", "gather", "repeat-slice", "shuffle", "chunk-swap")]
-    wanted += [f"Move(crop-pad-{m})" for m in ("constant", "replicate", "reflect")]
+    wanted += [f"Move(crop-pad-{m})" for m in ("constant", "replicate", "reflect")] + ["CeilPool("]
     missing = [w for w in wanted if w not in text]
     assert not missing, missing
 
@@ -554,6 +554,7 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("to-int32", Fn(lambda x: x.to(torch.int32).float(), "x.to(torch.int32)"), False, ("int32", "Tensor.to")),
     ("round", Fn(torch.round, "torch.round"), False, ("round",)),
     ("round-method", Fn(lambda x: x.round(), "x.round()"), True, ("round",)),
+    ("maxpool-ceil-dilated", nn.MaxPool2d(2, 2, dilation=2, ceil_mode=True), True, ("ceil_mode and dilation",)),
     ("bilinear-upsample", Fn(lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), "bilinear"), True,
      ("interpolate",)),
     ("clamp-min-above-max", Fn(lambda x: torch.clamp(x, 0.5, -0.5), "torch.clamp(x, 0.5, -0.5)"), False, ("min > max",)),
@@ -614,6 +615,8 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("pad-crop", Fn(lambda x: F.pad(x, (-1, 0, 0, -1)), "F.pad(-1)"), True),
     ("ReflectionPad2d", nn.ReflectionPad2d(1), True),
     ("replicate-pad", Fn(lambda x: F.pad(x, (2, 0, 1, 1), mode="replicate"), "replicate"), True),
+    ("maxpool-ceil", nn.MaxPool2d(3, 2, ceil_mode=True), True),
+    ("maxpool-ceil-padded", Fn(lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True), "max_pool2d(3, 2, 1, ceil)"), True),
     ("conv-reflect", nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), True),
     ("conv-circular", nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="circular"), True),
 ]

@@ -475,13 +475,36 @@ class _Builder:
         return self.add(name, op, [var.index], out_shape)
 
     def maxpool(self, name: str, var: _Var, p: dict, out_shape: Shape) -> int:
-        if p.get("ceil_mode") or p.get("return_indices"):
-            raise CertificateUnavailable(f"{name}: MaxPool2d with ceil_mode or return_indices")
+        if p.get("return_indices"):
+            raise CertificateUnavailable(f"{name}: MaxPool2d with return_indices")
         kernel = _pair(p["kernel_size"])
         stride = _pair(p["stride"]) if p.get("stride") not in (None, [], ()) else kernel
         padding, dilation = _pair(p.get("padding", 0)), _pair(p.get("dilation", 1))
+        if p.get("ceil_mode") and len(var.shape) >= 3:
+            var = self._ceil_extension(name, var, kernel, stride, padding, dilation, tuple(out_shape))
         op = MaxPoolOp(name, var.shape, tuple(out_shape), kernel, stride, padding, dilation)
         return self.add(name, op, [var.index], out_shape)
+
+    def _ceil_extension(self, name: str, var: _Var, kernel, stride, padding, dilation, out_shape: Shape) -> _Var:
+        """ceil_mode's extra windows at the right and bottom edges, as edge copies that change no maximum.
+
+        torch starts every window inside the input (or its left padding), so a window that
+        runs past the last row or column also covers that row or column (without
+        dilation): copies of it past the edge leave every maximum as it was, and a plain
+        max pool over the extended input has ceil_mode's windows.
+        """
+        if dilation != (1, 1):
+            raise CertificateUnavailable(f"{name}: MaxPool2d with ceil_mode and dilation")
+        extra = [
+            max(0, (o - 1) * s + k - (n + 2 * p))
+            for o, s, k, n, p in zip(out_shape[-2:], stride, kernel, var.shape[-2:], padding)
+        ]
+        if not any(extra):
+            return var
+        extended = (*var.shape[:-2], var.shape[-2] + extra[0], var.shape[-1] + extra[1])
+        pads = (0, extra[1], 0, extra[0])
+        index = self.select(f"{name} (ceil_mode edge)", var, lambda t: F.pad(t, pads, mode="replicate"), extended)
+        return _Var(index, extended)
 
     def adaptive_avg(self, name: str, var: _Var, out_shape: Shape) -> int:
         (h, w), (oh, ow) = var.shape[-2:], tuple(out_shape)[-2:]
