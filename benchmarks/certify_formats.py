@@ -16,7 +16,7 @@ It also saves eight small nets with layers the bound must refuse (SiLU, GELU, EL
 max of two branches, LayerNorm, a product of branches, abs) in the three formats and
 checks that each is refused, naming the layer.
 
-Usage (from the repository root, about 5 minutes on one CPU thread):
+Usage (from the repository root, about 12 minutes on one CPU thread):
     python benchmarks/certify_formats.py            # writes benchmarks/results/certify_formats.json
 """
 
