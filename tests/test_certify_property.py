@@ -559,6 +559,7 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
      ("interpolate",)),
     ("clamp-min-above-max", Fn(lambda x: torch.clamp(x, 0.5, -0.5), "torch.clamp(x, 0.5, -0.5)"), False, ("min > max",)),
     ("clamp-by-input", Fn(lambda x: torch.minimum(x, x.flip(1)), "min(x, flip(x))"), False, ("minimum",)),
+    ("stack-batch", Fn(lambda x: torch.stack([x, x], 0)[0], "stack on the batch"), True, ("batch",)),
     ("cat-batch", Fn(lambda x: torch.cat([x, x], 0)[: x.shape[0]], "cat on the batch"), True, ("batch",)),
     ("softmax-output", Fn(lambda x: x, "identity"), False, ("Softmax",)),  # softmax appended below
     ("log-softmax-output", Fn(lambda x: x, "identity"), False, ("log_softmax",)),
@@ -595,6 +596,7 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("cat", Fn(lambda x: torch.cat([x, x], 1), "torch.cat([x, x], 1)"), True),
     ("cat-branches", Branches(1), True),
     ("cat-width", Branches(3, const=True), True),
+    ("stack", Fn(lambda x: torch.stack([x, x.flip(3)], 2), "torch.stack([x, x.flip(3)], 2)"), True),
     ("slice", Fn(lambda x: x[:, :, 1:3], "x[:, :, 1:3]"), True),
     ("slice-step", Fn(lambda x: x[..., ::2, 1:], "x[..., ::2, 1:]"), True),
     ("narrow-select", Fn(lambda x: x.narrow(3, 1, 2).select(1, 0), "narrow, select"), True),

@@ -948,8 +948,8 @@ def _moves_values(n: fx.Node, module: nn.Module | None, aten: str | None, args: 
 def _structural_op(
     b: _Builder, name: str, n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict, out_shape: Shape
 ) -> int | None:
-    """Concatenation, clamps and data movement in any spelling (module, function, method, aten,
-    onnx2torch), or None for any other op."""
+    """Concatenation (stacking too), clamps and data movement in any spelling (module, function,
+    method, aten, onnx2torch), or None for any other op."""
     module = gm.get_submodule(n.target) if n.op == "call_module" else None
     aten = _aten_name(n.target) if n.op == "call_function" else None
     if type(module).__name__ == "OnnxConcat":
@@ -960,6 +960,18 @@ def _structural_op(
         dim = kwargs.pop("axis", 0)
         p = _bind(["tensors", "dim"], {"dim": dim}, args, kwargs)
         return b.concat(name, list(p["tensors"]), p["dim"], out_shape)
+    if (module is None and aten is None and n.op == "call_function" and n.target is torch.stack) or aten == "stack":
+        p = _bind(["tensors", "dim"], {"dim": 0}, args, kwargs)
+        dim = int(p["dim"]) % len(out_shape)
+        items = []
+        for item in p["tensors"]:  # stack = unsqueeze each, then cat
+            if isinstance(item, _Var):
+                shape = (*item.shape[:dim], 1, *item.shape[dim:])
+                item = _Var(b.reshape(f"{name} (unsqueeze)", item, shape), shape)
+            else:
+                item = torch.as_tensor(item).unsqueeze(dim)
+            items.append(item)
+        return b.concat(name, items, dim, out_shape)
     var = args[0] if args and isinstance(args[0], _Var) else None
     if var is None or _var_count((args, kwargs)) != 1:
         return None
