@@ -217,7 +217,7 @@ def _cast(name: str, var, dtype: torch.dtype | None) -> int:
     raise CertificateUnavailable(f"{name}: cast to {what} rounds the values (the bound covers float32/float64 only)")
 
 
-def _clamp_bound(name: str, v: Any, side: float) -> torch.Tensor | None:
+def _clamp_limit(name: str, v: Any, side: float) -> torch.Tensor | None:
     """One bound of a clamp as a float64 tensor, or None where it does not clip (None, or +-inf on its side)."""
     if v is None:
         return None
@@ -352,7 +352,7 @@ class _Builder:
         shape = var.shape
         if tuple(out_shape) != tuple(shape):
             raise CertificateUnavailable(f"{name}: a clamp bound that broadcasts the sample to a larger shape")
-        lo, hi = _clamp_bound(name, lo, -1.0), _clamp_bound(name, hi, 1.0)
+        lo, hi = _clamp_limit(name, lo, -1.0), _clamp_limit(name, hi, 1.0)
         if lo is not None and hi is not None and bool((lo > hi).any()):
             raise CertificateUnavailable(f"{name}: clamp with min > max")
 
@@ -579,12 +579,6 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
             return b.binary(name, _ONNX_BINARY[fn], args[0], args[1], out_shape)
     if kind == "OnnxNeg":
         return b.scale(name, var, -1.0, 0.0, out_shape)
-    if kind == "OnnxPadStatic" and m.mode == "constant":
-        pads = tuple(int(p) for p in m.pads)
-        bias = None
-        if m.constant_value:
-            bias = F.pad(torch.zeros(var.shape, dtype=F64), list(pads), value=float(m.constant_value))
-        return b.add(name, PadOp(name, var.shape, tuple(out_shape), bias, True, pads), [var.index], out_shape)
     if kind == "OnnxReduceStaticAxes" and m.operation_type in ("ReduceMean", "ReduceSum") and m.axes:
         mean = b.mean(name, var, m.axes, out_shape)
         if m.operation_type == "ReduceMean":
@@ -667,7 +661,6 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
 
 _ATEN_TUPLE = {"_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit"}
 _ATEN_RESHAPES = {"view", "reshape", "_unsafe_view", "_reshape_alias", "flatten", "unflatten", "squeeze", "unsqueeze"}
-_ATEN_PERMUTES = {"t", "transpose", "permute", "swapaxes", "swapdims"}  # only when they keep the values' order
 _ATEN_IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy"}
 _ATEN_CASTS = {"_to_copy", "to", "type_as", "_cast_Float", "_cast_Double"}  # identity only when exact: `_aten_cast`
 _ATEN_ACTS = {
@@ -739,21 +732,6 @@ def _aten_binary(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_
     raise CertificateUnavailable(name)
 
 
-def _order_kept(shape: Shape, op: str, args: list) -> bool:
-    """Whether a transpose/permute only moves dimensions of size 1 (then it is a reshape)."""
-    rank = len(shape)
-    if op == "t":
-        perm = list(range(rank))[::-1] if rank == 2 else list(range(rank))
-    elif op == "permute":
-        perm = [int(d) % rank for d in (args[1] if len(args) == 2 else args[1:])]
-    else:
-        i, j = int(args[1]) % rank, int(args[2]) % rank
-        perm = list(range(rank))
-        perm[i], perm[j] = perm[j], perm[i]
-    moved = [d for d in perm if shape[d] != 1]
-    return moved == sorted(moved)
-
-
 def _aten_op(
     b: _Builder,
     name: str,
@@ -788,10 +766,6 @@ def _aten_op(
     if var is None or any(isinstance(a, _Var) for a in list(args[1:]) + list(kwargs.values())):
         raise CertificateUnavailable(name)
     if op in _ATEN_RESHAPES:
-        return b.reshape(name, var, out_shape)
-    if op in _ATEN_PERMUTES:
-        if not _order_kept(var.shape, op, args):
-            raise CertificateUnavailable(f"{name}: a transpose that reorders the values")
         return b.reshape(name, var, out_shape)
     if op in _ATEN_IDENTITY:
         return var.index
@@ -849,7 +823,10 @@ _MOVE_MODULES = (
     nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd, nn.modules.padding._ReplicationPadNd,
     nn.modules.padding._CircularPadNd, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
 )  # fmt: skip
-_ONNX_MOVES = {"OnnxSlice", "OnnxSliceV9", "OnnxTranspose", "OnnxExpand", "OnnxTile", "OnnxDepthToSpace", "OnnxGather"}
+_ONNX_MOVES = {
+    "OnnxSlice", "OnnxSliceV9", "OnnxTranspose", "OnnxExpand", "OnnxTile", "OnnxDepthToSpace", "OnnxGather",
+    "OnnxPadStatic", "OnnxPadDynamic",
+}  # fmt: skip
 _MOVE_FUNCTIONS = {
     operator.getitem, torch.transpose, torch.permute, torch.flip, torch.roll, torch.narrow, torch.select,
     torch.index_select, torch.movedim, torch.t, torch.swapaxes, torch.swapdims, torch.gather, torch.tile, F.pad,
@@ -877,10 +854,11 @@ _CLAMP_FUNCTIONS = {
 }  # fmt: skip
 
 
-def _var_count(a: Any) -> int:
+def _sole_input(args: list, kwargs: dict) -> _Var | None:
+    """The first argument, if it is the call's only input-dependent value (nested ones included)."""
     found: list[_Var] = []
-    fx.node.map_aggregate(a, lambda v: found.append(v) if isinstance(v, _Var) else None)
-    return len(found)
+    fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, _Var) else None)
+    return args[0] if len(found) == 1 and args and found[0] is args[0] else None
 
 
 def _rerun(n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict) -> Callable[[torch.Tensor], Any]:
@@ -933,8 +911,6 @@ def _moves_values(n: fx.Node, module: nn.Module | None, aten: str | None, args: 
             return module.mode in _NEAREST
         if kind == "OnnxResize":
             return module.onnx_mode == "nearest"
-        if kind in ("OnnxPadStatic", "OnnxPadDynamic"):
-            return kind == "OnnxPadDynamic" or module.mode != "constant"  # constant OnnxPadStatic: `_module_op`
         return isinstance(module, _MOVE_MODULES) or kind in _ONNX_MOVES
     if aten is not None:
         return aten in _ATEN_MOVES
@@ -954,13 +930,11 @@ def _structural_op(
     aten = _aten_name(n.target) if n.op == "call_function" else None
     if type(module).__name__ == "OnnxConcat":
         return b.concat(name, args, module.axis, out_shape)
-    if (module is None and aten is None and n.op == "call_function" and n.target in _CATS) or aten in (
-        "cat", "concat", "concatenate",
-    ):  # fmt: skip
+    if (n.op == "call_function" and n.target in _CATS) or aten in ("cat", "concat", "concatenate"):
         dim = kwargs.pop("axis", 0)
         p = _bind(["tensors", "dim"], {"dim": dim}, args, kwargs)
         return b.concat(name, list(p["tensors"]), p["dim"], out_shape)
-    if (module is None and aten is None and n.op == "call_function" and n.target is torch.stack) or aten == "stack":
+    if (n.op == "call_function" and n.target is torch.stack) or aten == "stack":
         p = _bind(["tensors", "dim"], {"dim": 0}, args, kwargs)
         dim = int(p["dim"]) % len(out_shape)
         items = []
@@ -972,8 +946,8 @@ def _structural_op(
                 item = torch.as_tensor(item).unsqueeze(dim)
             items.append(item)
         return b.concat(name, items, dim, out_shape)
-    var = args[0] if args and isinstance(args[0], _Var) else None
-    if var is None or _var_count((args, kwargs)) != 1:
+    var = _sole_input(args, kwargs)
+    if var is None:
         return None
     bounds = _clamp_bounds(n, module, aten, args, kwargs)
     if bounds is not None:
@@ -1000,8 +974,8 @@ def _split_parts(
     else:
         aten = _aten_name(n.target)
         known = aten in _SPLITS if aten is not None else n.target in _SPLIT_FUNCTIONS
-    var = args[0] if args and isinstance(args[0], _Var) else None
-    if not known or var is None or _var_count((args, kwargs)) != 1:
+    var = _sole_input(args, kwargs)
+    if not known or var is None:
         return None
     if not all(v.is_floating_point() for v in value):
         raise CertificateUnavailable(f"{name} (returns tensors that are not float)")
