@@ -360,6 +360,37 @@ def test_exports_with_padding_and_clamps_load(tmp_path: Path, dynamo: bool) -> N
     np.testing.assert_allclose(model(x).detach().numpy(), net(x).detach().numpy(), atol=1e-5, rtol=1e-5)
 
 
+def test_opset10_pad_keeps_its_fill_value(tmp_path: Path) -> None:
+    """Pad-2 keeps its fill in the attribute `value`, which onnx2torch does not read (it would pad with 0)."""
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((10, 9 * 11)).astype(np.float32), "W")
+    bias = numpy_helper.from_array(np.zeros(10, dtype=np.float32), "B")
+    nodes = [
+        helper.make_node("Pad", ["x"], ["p"], mode="constant", pads=[0, 0, 0, 1, 0, 0, 1, 2], value=0.3),
+        helper.make_node("Flatten", ["p"], ["f"], axis=1),
+        helper.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "opset10",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=[weight, bias],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 10)], ir_version=5)
+    onnx.checker.check_model(model)
+    path = tmp_path / "pad10.onnx"
+    onnx.save(model, str(path))
+    raw = load_model(path)
+    model_, _ = wrap(raw)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, *SHAPE)
+    expected = session.run(None, {"x": x.numpy()})[0]
+    np.testing.assert_allclose(model_(x).detach().numpy(), expected, atol=1e-5, rtol=1e-5)
+    assert any("Pad's fill value" in note for note in raw.notes), raw.notes
+
+
 def test_identity_shared_weights(tmp_path: Path) -> None:
     """The TorchScript-based exporter passes shared weights through Identity nodes; onnx2torch needs initializers."""
     rng = np.random.default_rng(0)

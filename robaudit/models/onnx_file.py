@@ -149,6 +149,24 @@ def _fold_constant_casts(model: onnx.ModelProto) -> None:
         graph.node.extend(keep)
 
 
+def _pad_values_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto | None:
+    """Move a graph with a filled Pad-2 to opset 11, or None when there is none.
+
+    ONNX Pad-2 keeps its fill in the attribute `value`, but onnx2torch reads an attribute
+    named `constant_value`, so it would pad with 0 and audit another model than the file
+    (outputs off by 2.2 on a digits CNN). From opset 11 the fill is an input, which
+    onnx2torch reads; ONNX's converter moves it there exactly.
+    """
+    opset = _default_opset(model) or 11
+    filled = any(
+        node.op_type == "Pad" and any(a.name == "value" and a.f != 0 for a in node.attribute)
+        for node in model.graph.node
+    )
+    if opset >= 11 or not filled:
+        return None
+    return version_converter.convert_version(model, 11)
+
+
 def _decompose_gelu(model: onnx.ModelProto, elem: int) -> int:
     """Rewrite Gelu (new in opset 20, no onnx2torch converter) as the Erf/Tanh formula it is defined by.
 
@@ -344,6 +362,16 @@ def load_onnx(path: Path) -> RawModel:
     _fold_initializer_identities(model)
     _fold_constant_casts(model)
     notes = []
+    try:
+        upgraded = _pad_values_as_inputs(model)
+    except Exception as exc:  # noqa: BLE001 - the converter's own errors
+        raise RobauditError(
+            f"ONNX file {path}: a Pad with a fill value at opset {_default_opset(model)} cannot be converted to "
+            f"opset 11, and onnx2torch would pad with 0 instead ({one_line(exc)}); re-export with opset 11 or later"
+        ) from None
+    if upgraded is not None:
+        model = upgraded
+        notes.append("ONNX graph converted to opset 11 so that onnx2torch reads Pad's fill value")
     gelus = _decompose_gelu(model, elem)
     if gelus:
         notes.append(f"{gelus} ONNX Gelu op(s) rewritten as their Erf/Tanh formula for onnx2torch")
