@@ -429,6 +429,27 @@ def test_interval_skipped_after_first_batch_where_crown_outclasses_it():
     assert bool((split.radius > 0).all())
 
 
+def test_first_batch_that_decides_the_skip_is_small():
+    """With batches of 64, the first batch (every method runs there) is 32 samples, then 64 at a time."""
+    import dataclasses
+
+    from robaudit.certify.budget import get_budget
+    from robaudit.certify.certificate import FIRST_BATCH, _batches, default_methods
+
+    assert FIRST_BATCH == 32
+    assert _batches(200, 32, 64) == [(0, 32), (32, 96), (96, 160), (160, 200)]
+    net = _deep_narrow_mlp()
+    x = torch.rand(80, 16, generator=torch.Generator().manual_seed(2))
+    y = net(x).argmax(1)
+    plan = dataclasses.replace(get_budget("fast"), crown_evals=10)
+    done: list[int] = []
+    split = certify_with(net, x, y, default_methods, batch_size=64, budget=plan, progress=done.append)
+    assert done == [32, 48]
+    first = certify_with(net, x[:32], y[:32], default_methods, batch_size=64, budget=plan)
+    assert any(note.startswith("interval skipped after the first batch") for note in split.notes)
+    assert torch.equal(split.radius[:32], first.radius)  # the first 32 samples were one batch with every method
+
+
 def test_outclassed_rule():
     from robaudit.certify.certificate import OUTCLASSED, OUTCLASSED_MIN, outclassed
 

@@ -53,7 +53,7 @@ BUDGETS: dict[str, Budget] = {
     ),
     "default": Budget(
         "default", shells=16, max_evals=45, tol=1 / 512, symbolic_cap=1 << 20, gram_cap=2048, corner_cap=1024,
-        crown_evals=10, crown_refine=0, crown_polish_evals=1, zonotope_elems=1 << 18, zonotope_sdp_steps=10,
+        crown_evals=10, crown_refine=0, crown_polish_evals=2, zonotope_elems=1 << 18, zonotope_sdp_steps=10,
         bab_evals=4, bab_domains=1024, bab_batch=128, bab_steps=2, bab_units=512, bab_work=1 << 25,
     ),
     "tight": Budget(

@@ -43,6 +43,7 @@ MARGIN_RTOL = 1e-10  # margins are deflated by this fraction of |f_c| + |f_j| fo
 LINEAR_RTOL = 1e-9  # the exact linear distance is computed in float64 up to ~1e-14
 OUTCLASSED = 1.25  # a cross-Lipschitz method whose radius crown beats by this factor everywhere ...
 OUTCLASSED_MIN = 16  # ... on at least this many samples of the first batch is skipped on the others
+FIRST_BATCH = 32  # the first batch, which decides that, is at most this large (it runs every method)
 
 
 @dataclass
@@ -165,15 +166,16 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certifi
         tried = [m.name for m in methods]  # every method, including one later skipped
         wins = {name: 0 for name in tried}
         dropped: list[str] = []
-        for s in range(0, n, batch_size):
-            xb, yb = x[s : s + batch_size], y[s : s + batch_size]
+        first = min(batch_size, FIRST_BATCH) if n > batch_size else n
+        for s, e in _batches(n, first, batch_size):
+            xb, yb = x[s:e], y[s:e]
             best, chosen, per_method = _certify_batch(model, graph, methods, xb, yb, plan)
             radius[s : s + len(xb)] = best
             method[s : s + len(xb)] = chosen
             for name in chosen:
                 if name in wins:
                     wins[name] += 1
-            if s == 0 and n > batch_size:
+            if s == 0 and n > len(xb):
                 dropped = outclassed(per_method)
                 methods = [m for m in methods if m.name not in dropped]
             if progress is not None:
@@ -193,6 +195,11 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certifi
         "float32 rounding error over the ball (Winograd/FFT convolutions and TF32 are outside that bound)",
     ]
     return Certificate(radius, method, time.perf_counter() - start, notes)
+
+
+def _batches(n: int, first: int, size: int) -> list[tuple[int, int]]:
+    """[start, end) of each batch: a first one of `first` samples, then `size` at a time."""
+    return [(0, first)] + [(s, min(s + size, n)) for s in range(first, n, size)]
 
 
 def _on_cpu(model: nn.Module) -> nn.Module:
