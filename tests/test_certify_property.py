@@ -621,6 +621,10 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("maxpool-ceil-padded", Fn(lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True), "max_pool2d(3, 2, 1, ceil)"), True),
     ("conv-reflect", nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), True),
     ("conv-circular", nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="circular"), True),
+    # adaptive average pools with windows of different sizes: gather, window sums, a scale
+    ("adaptive-uneven", nn.AdaptiveAvgPool2d((3, 2)), True),
+    ("adaptive-overlap", Fn(lambda x: F.adaptive_avg_pool2d(x, 3), "F.adaptive_avg_pool2d(x, 3)"), True),
+    ("adaptive-larger", nn.AdaptiveAvgPool2d((5, 7)), True),
 ]
 
 

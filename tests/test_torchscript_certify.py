@@ -208,6 +208,35 @@ def test_moves_clamps_and_concatenation_certify_alike_in_every_format(tmp_path) 
         assert_ball_keeps_decision(model, x[right], y[right], cert.radius[right])
 
 
+class UnevenPoolCNN(nn.Module):
+    """A conv into an adaptive average pool with windows of different sizes (8x8 -> 3x3, as vgg's 7x7 pool)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.head = nn.Linear(6 * 9, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(torch.relu(self.conv(x))).flatten(1))
+
+
+def test_uneven_adaptive_pool_certifies_alike_in_torchscript(tmp_path) -> None:
+    """Neither ONNX exporter writes this pool as one op (the TorchScript-based one refuses it), so
+    traced and scripted TorchScript against the unsaved module: the same radii, and they hold."""
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    net = fit(UnevenPoolCNN(), 120)
+    reference = certify_l2(net, x, y, budget="fast")
+    assert (reference.radius > 0).sum() >= 12, reference.radius
+    for kind in ("trace", "script"):
+        model = loaded(save(net, tmp_path / f"uneven_{kind}.pt", kind), x)
+        cert = certify_l2(model, x, y, budget="fast")
+        torch.testing.assert_close(cert.radius, reference.radius, rtol=1e-6, atol=1e-12, msg=kind)
+        right = cert.radius > 0
+        assert_ball_keeps_decision(model, x[right], y[right], cert.radius[right])
+
+
 # --------------------------------------------------------------------------- (b) many classifiers
 
 

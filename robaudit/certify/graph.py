@@ -508,10 +508,37 @@ class _Builder:
 
     def adaptive_avg(self, name: str, var: _Var, out_shape: Shape) -> int:
         (h, w), (oh, ow) = var.shape[-2:], tuple(out_shape)[-2:]
-        if h % oh or w % ow:
-            raise CertificateUnavailable(f"{name}: adaptive average pooling with uneven windows")
-        k = (h // oh, w // ow)
-        return self.avgpool(name, var, {"kernel_size": k, "stride": k}, out_shape)
+        if not (h % oh or w % ow):
+            k = (h // oh, w // ow)
+            return self.avgpool(name, var, {"kernel_size": k, "stride": k}, out_shape)
+        return self._uneven_adaptive_avg(name, var, tuple(out_shape))
+
+    def _uneven_adaptive_avg(self, name: str, var: _Var, out_shape: Shape) -> int:
+        """Adaptive average pooling whose windows differ in size (vgg's 7x7 pool on a 2x2 map).
+
+        Each window (torch's: rows floor(i h / oh) to ceil((i + 1) h / oh)) is gathered into a
+        block of the largest window's size, zero-filled; a pool sums each block and a scale
+        divides by the window's own size. All three are ops the bounds already handle, and
+        the float32 allowances of a sum and a scale cover torch's sum-then-divide. The
+        decomposition must reproduce the op itself on random values, else it is refused.
+        """
+        (h, w), (oh, ow) = var.shape[-2:], out_shape[-2:]
+        rows, kh, row_len = _adaptive_windows(h, oh)
+        cols, kw, col_len = _adaptive_windows(w, ow)
+        probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+        count = (row_len[:, None] * col_len[None, :]).to(F64)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return F.pad(t, (0, 1, 0, 1))[..., rows, :][..., cols]
+
+        sums = F.avg_pool2d(gather(probe).reshape(-1, 1, oh * kh, ow * kw), (kh, kw), divisor_override=1)
+        if not torch.allclose(sums.reshape(out_shape) / count, F.adaptive_avg_pool2d(probe, (oh, ow)), rtol=1e-12, atol=1e-12):
+            raise CertificateUnavailable(f"{name}: adaptive average pooling whose windows robaudit cannot reproduce")
+        blocks = (*var.shape[:-2], oh * kh, ow * kw)
+        gathered = _Var(self.select(f"{name} (windows)", var, gather, blocks), blocks)
+        pool = {"kernel_size": (kh, kw), "stride": (kh, kw), "divisor_override": 1}
+        summed = _Var(self.avgpool(f"{name} (window sums)", gathered, pool, out_shape), out_shape)
+        return self.scale(name, summed, 1.0 / count, 0.0, out_shape)
 
     def mean(self, name: str, var: _Var, dims: Any, out_shape: Shape) -> int:
         dims = [dims] if isinstance(dims, int) else list(dims)
@@ -523,6 +550,19 @@ class _Builder:
             raise CertificateUnavailable(f"{name}: mean over the batch dimension")
         op = MeanOp(name, var.shape, tuple(out_shape), None, True, tuple(dims))
         return self.add(name, op, [var.index], out_shape)
+
+
+def _adaptive_windows(n: int, out: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """Adaptive pooling's windows along one axis, each padded to the widest: (gather index, width, lengths).
+
+    Window i covers floor(i n / out) to ceil((i + 1) n / out); index n (past the end) is a zero fill.
+    """
+    starts = [i * n // out for i in range(out)]
+    ends = [-(-(i + 1) * n // out) for i in range(out)]
+    width = max(e - s for s, e in zip(starts, ends))
+    index = [s + a if s + a < e else n for s, e in zip(starts, ends) for a in range(width)]
+    lengths = torch.tensor([e - s for s, e in zip(starts, ends)])
+    return torch.tensor(index), width, lengths
 
 
 # --------------------------------------------------------------------------- the walk
