@@ -114,6 +114,11 @@ METHODS = {
 }
 
 
+def narrow(proves, i: int, eps: float, lo: float, hi: float) -> tuple[float, float]:
+    """One proof attempt at eps: the bracket [lo, hi] keeps the side the radius lies on."""
+    return (eps, hi) if proves(i, eps)[0] else (lo, eps)
+
+
 def stage_lirpa(method_key: str, steps: int, indices: list[int] | None, bracket_from: str | None = None,
                 hi_factor: float = 3.0) -> None:
     from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
@@ -165,21 +170,11 @@ def stage_lirpa(method_key: str, steps: int, indices: list[int] | None, bracket_
             if not ok:
                 lo = 0.0
             else:
-                hi_try = min(d, hi_factor * lo)
-                ok, _ = proves(i, hi_try)
+                lo, hi = narrow(proves, i, min(d, hi_factor * lo), lo, hi)
                 calls += 1
-                if ok:
-                    lo = hi_try
-                else:
-                    hi = hi_try
         for _ in range(steps):
-            mid = 0.5 * (lo + hi)
-            ok, _ = proves(i, mid)
+            lo, hi = narrow(proves, i, 0.5 * (lo + hi), lo, hi)
             calls += 1
-            if ok:
-                lo = mid
-            else:
-                hi = mid
         sec = time.perf_counter() - t
         rows.append({"i": i, "radius": lo, "dist": d, "ratio": lo / d, "seconds": sec, "calls": calls,
                      "upper_failed": hi})
