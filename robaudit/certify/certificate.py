@@ -170,8 +170,8 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certifi
         for s, e in _batches(n, first, batch_size):
             xb, yb = x[s:e], y[s:e]
             best, chosen, per_method = _certify_batch(model, graph, methods, xb, yb, plan)
-            radius[s : s + len(xb)] = best
-            method[s : s + len(xb)] = chosen
+            radius[s:e] = best
+            method[s:e] = chosen
             for name in chosen:
                 if name in wins:
                     wins[name] += 1

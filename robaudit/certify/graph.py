@@ -525,20 +525,20 @@ class _Builder:
         (h, w), (oh, ow) = var.shape[-2:], out_shape[-2:]
         rows, kh, row_len = _adaptive_windows(h, oh)
         cols, kw, col_len = _adaptive_windows(w, ow)
-        probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
-        count = (row_len[:, None] * col_len[None, :]).to(F64)
-
-        def gather(t: torch.Tensor) -> torch.Tensor:
-            return F.pad(t, (0, 1, 0, 1))[..., rows, :][..., cols]
-
-        sums = F.avg_pool2d(gather(probe).reshape(-1, 1, oh * kh, ow * kw), (kh, kw), divisor_override=1)
-        if not torch.allclose(sums.reshape(out_shape) / count, F.adaptive_avg_pool2d(probe, (oh, ow)), rtol=1e-12, atol=1e-12):
-            raise CertificateUnavailable(f"{name}: adaptive average pooling whose windows robaudit cannot reproduce")
         blocks = (*var.shape[:-2], oh * kh, ow * kw)
-        gathered = _Var(self.select(f"{name} (windows)", var, gather, blocks), blocks)
+        gather = self.select(f"{name} (windows)", var, lambda t: F.pad(t, (0, 1, 0, 1))[..., rows, :][..., cols], blocks)
+        gathered = _Var(gather, blocks)
         pool = {"kernel_size": (kh, kw), "stride": (kh, kw), "divisor_override": 1}
         summed = _Var(self.avgpool(f"{name} (window sums)", gathered, pool, out_shape), out_shape)
-        return self.scale(name, summed, 1.0 / count, 0.0, out_shape)
+        count = (row_len[:, None] * col_len[None, :]).to(F64)
+        index = self.scale(name, summed, 1.0 / count, 0.0, out_shape)
+        probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+        out = probe[None]
+        for i in (gathered.index, summed.index, index):  # the three ops as built, against torch's own pool
+            out = self.nodes[i].op.apply(out)
+        if not torch.allclose(out.reshape(out_shape), F.adaptive_avg_pool2d(probe, (oh, ow)), rtol=1e-12, atol=1e-12):
+            raise CertificateUnavailable(f"{name}: adaptive average pooling whose windows robaudit cannot reproduce")
+        return index
 
     def mean(self, name: str, var: _Var, dims: Any, out_shape: Shape) -> int:
         dims = [dims] if isinstance(dims, int) else list(dims)
