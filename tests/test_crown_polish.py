@@ -20,7 +20,10 @@ from robaudit.certify.budget import get_budget
 from robaudit.certify.certificate import _batch, certify_with
 from robaudit.certify.crown import CrownBound, first_order_radius
 from robaudit.certify.graph import build_graph
-from test_certify import check_sound, digits, fit, mlp
+import numpy as np
+
+from conftest import fixtures_dir
+from test_certify import _fixture_model, check_sound, digits, fit, mlp
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -107,6 +110,23 @@ def test_polish_raises_deep_net_radii_and_they_stay_sound(resnet_and_data) -> No
     # over the work cap the refined evaluations do not run: the plain radii exactly
     capped = certify_with(net, x, y, _crown_only, budget=dataclasses.replace(default, crown_polish_work=0))
     assert torch.equal(capped.radius, plain.radius)
+
+
+def test_refined_evaluations_start_cold_where_the_bisection_proves_nothing() -> None:
+    """The 9x200 ERAN MLP (third-party, natural training): the worst-case float32 rounding
+    allowance, carried forward through nine layers, swamps the bisection's bounds at every
+    radius, so it proves 0 everywhere; the refined evaluations then start from a fraction of
+    the first-order radius instead of from nothing, and prove radii that attacks confirm."""
+    archive = np.load(fixtures_dir() / "data" / "mnist_test_first100.npz")
+    x, y = torch.from_numpy(archive["x"][:4]).float(), torch.from_numpy(archive["y"][:4]).long()
+    model = _fixture_model("eran_mnist_relu_9_200", x)
+    assert bool((model(x).argmax(1) == y).all())
+    default = get_budget("default")
+    plain = certify_with(model, x, y, _crown_only, budget=dataclasses.replace(default, crown_polish_evals=0))
+    assert plain.radius.tolist() == [0.0] * 4
+    polished = certify_with(model, x, y, _crown_only, budget=default)
+    assert bool((polished.radius > 0.01).all()), polished.radius
+    check_sound(model, x, y, polished)
 
 
 def test_polish_is_only_for_deep_nets() -> None:

@@ -55,6 +55,8 @@ POLISH_FIRST = 2.6  # the refined evaluations first try this multiple of the bis
 # (on the digits residual net the fully refined radius is 2.3-3.8x the bisection's, median 3.0;
 # a trial above it proves little, so the first one stays near the low end)
 POLISH_GROW = 1.2  # ... and then this multiple of the best radius while every trial certifies
+POLISH_COLD = 0.125  # where the bisection proved nothing, the first trial is this fraction of the first-order radius
+# (float32 rounding can swamp the bisection's forward bounds at every radius: 9x200 ERAN MLP)
 
 
 def first_order_radius(graph: Graph, batch: Batch) -> torch.Tensor:
@@ -552,8 +554,11 @@ class CrownBound:
         unit (true CROWN) is tighter but costs two backward passes per unit, so it runs
         only here: the first trial is `POLISH_FIRST` times the start, later ones grow by
         `POLISH_GROW` while they certify and bisect (geometrically) once one has failed,
-        never above 1.25 times the first-order radius. Each trial certifies what
-        `certified_within` proves, also where it fails.
+        never above 1.25 times the first-order radius. Where nothing is proved yet (float32
+        rounding allowances, carried forward interval-style, can swamp the bisection's
+        bounds at every radius on deep, wide nets) the first trial is `POLISH_COLD` times
+        the first-order radius, doubling while trials certify and quartering while they
+        prove nothing. Each trial certifies what `certified_within` proves, also where it fails.
         """
         budget = self.budget
         refine = max(budget.crown_refine, budget.crown_polish_refine)
@@ -562,9 +567,10 @@ class CrownBound:
         fo = torch.where(torch.isfinite(first_order), first_order.to(torch.float64), math.inf)
         ceiling = 1.25 * fo  # no trial above this
         high = torch.full_like(low, math.inf)  # smallest trial that failed
-        trial = torch.minimum(POLISH_FIRST * low, ceiling)
+        cold = low <= 0  # nothing proved yet: start from the first-order radius and double while trials certify
+        trial = torch.where(cold, POLISH_COLD * fo, torch.minimum(POLISH_FIRST * low, ceiling))
         for _ in range(budget.crown_polish_evals):
-            live = torch.nonzero((low > 0) & (trial > low * (1 + budget.tol))).flatten()
+            live = torch.nonzero(torch.isfinite(trial) & (trial > low * (1 + budget.tol))).flatten()
             if len(live) == 0:
                 break
             t = trial[live]
@@ -572,8 +578,9 @@ class CrownBound:
             best[live] = torch.maximum(best[live], got)
             low[live] = torch.maximum(low[live], got)
             high[live] = torch.where(got >= t, high[live], t)
-            grown = torch.minimum(POLISH_GROW * low[live], ceiling[live])
-            trial[live] = torch.where(torch.isfinite(high[live]), (low[live] * high[live]).sqrt(), grown)
+            grown = torch.minimum(torch.where(cold[live], 2.0, POLISH_GROW) * low[live], ceiling[live])
+            split = torch.where(low[live] > 0, (low[live] * high[live]).sqrt(), high[live] / 4)
+            trial[live] = torch.where(torch.isfinite(high[live]), split, grown)
         return best
 
     def _branch(self, batch: Batch, idx: torch.Tensor, start: torch.Tensor, first_order: torch.Tensor, best):
