@@ -129,6 +129,23 @@ def test_refined_evaluations_start_cold_where_the_bisection_proves_nothing() -> 
     check_sound(model, x, y, polished)
 
 
+def test_a_trial_whose_reach_points_far_leaps_further(monkeypatch) -> None:
+    """CIFAR-10 resnet_2b (third-party): a refined trial's linear form reaches 100x beyond it
+    and the refined bound proves 3x more, so growing by `POLISH_GROW` alone leaves most
+    of that unproved; the leap takes it, and the radii stay below what attacks find."""
+    import robaudit.certify.crown as crown_module
+
+    instances = np.load(fixtures_dir() / "vnncomp" / "cifar10_resnet_2b.npz")
+    x, y = torch.from_numpy(instances["x"][2:4]).float(), torch.from_numpy(instances["y"][2:4]).long()
+    model = _fixture_model("cifar10_resnet_2b", x)
+    leaped = certify_with(model, x, y, _crown_only, budget="default")
+    monkeypatch.setattr(crown_module, "POLISH_LEAP", crown_module.POLISH_GROW)
+    steady = certify_with(model, x, y, _crown_only, budget="default")
+    assert bool((steady.radius > 0).all())
+    assert bool((leaped.radius > 1.3 * steady.radius).all()), (leaped.radius, steady.radius)
+    check_sound(model, x, y, leaped)
+
+
 def test_polish_is_only_for_deep_nets() -> None:
     x, _ = digits()
     shallow = build_graph(mlp(nn.ReLU(), hidden=16, layers=2).eval(), x[:1])
