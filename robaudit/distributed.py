@@ -59,11 +59,18 @@ class Cluster:
         return list(range(self.rank, chunks, self.world))
 
     def gather(self, obj: Any) -> list[Any] | None:
-        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere)."""
+        """Every rank's `obj`, in rank order, on rank 0 (None elsewhere).
+
+        The scan's last exchange, so it ends with a barrier: no rank goes on to tear down its
+        connections (`close`) while rank 0 may still be receiving. Without it a sending rank
+        that finished first was once aborted by gloo ("terminate called without an active
+        exception", SIGABRT) in CI's resumed two-rank scan.
+        """
         if not self.distributed:
             return [obj]
         out: list[Any] | None = [None] * self.world if self.is_main else None
         self._exchange(lambda: torch.distributed.gather_object(obj, out, dst=0), "sending results to rank 0")
+        self.barrier("sending results to rank 0")
         return out
 
     def all_sum(self, values: list[float]) -> list[float]:
