@@ -57,6 +57,7 @@ POLISH_FIRST = 2.6  # the refined evaluations first try this multiple of the bis
 POLISH_GROW = 1.2  # ... and then at least this multiple of the best radius while every trial certifies,
 POLISH_LEAP = 3.0  # at most this one, as far as 1/8 of the trial's reach (`_margins`) points: the digits
 # residual net reaches 2-9x a trial and proves at most 1.3x; CIFAR-10 resnet_2b reaches 100-400x and proves over 3x
+POLISH_EXTRA = 2  # refined evaluations beyond the budget's, only for samples whose last trial certified and leapt
 POLISH_COLD = 0.125  # where the bisection proved nothing, the first trial is this fraction of the first-order radius
 # (float32 rounding can swamp the bisection's forward bounds at every radius: 9x200 ERAN MLP)
 
@@ -566,7 +567,8 @@ class CrownBound:
         bounds at every radius on deep, wide nets) the first trial is `POLISH_COLD` times
         the first-order radius (a quarter of it again while trials prove nothing). A trial
         that certifies grows by `POLISH_GROW` to `POLISH_LEAP`, as its linear form's reach
-        suggests. Each trial certifies what `certified_within` proves, also where it fails.
+        suggests; while trials leap, up to `POLISH_EXTRA` evaluations follow the budget's.
+        Each trial certifies what `certified_within` proves, also where it fails.
         """
         budget = self.budget
         refine = max(budget.crown_refine, budget.crown_polish_refine)
@@ -577,8 +579,10 @@ class CrownBound:
         high = torch.full_like(low, math.inf)  # smallest trial that failed
         cold = low <= 0  # nothing proved yet: start from the first-order radius
         trial = torch.where(cold, POLISH_COLD * fo, torch.minimum(POLISH_FIRST * low, ceiling))
-        for _ in range(budget.crown_polish_evals):
-            live = torch.nonzero(torch.isfinite(trial) & (trial > low * (1 + budget.tol))).flatten()
+        leaping = torch.zeros_like(cold)
+        for k in range(budget.crown_polish_evals + POLISH_EXTRA):
+            wanted = leaping if k >= budget.crown_polish_evals else torch.ones_like(cold)
+            live = torch.nonzero(wanted & torch.isfinite(trial) & (trial > low * (1 + budget.tol))).flatten()
             if len(live) == 0:
                 break
             t = trial[live]
@@ -589,6 +593,7 @@ class CrownBound:
             high[live] = torch.where(got >= t, high[live], t)
             leap = (hint / (8 * t)).nan_to_num(POLISH_GROW).clamp(POLISH_GROW, POLISH_LEAP)
             grown = torch.minimum(leap * low[live], ceiling[live])
+            leaping[live] = (got >= t) & (leap > POLISH_GROW)
             split = torch.where(low[live] > 0, (low[live] * high[live]).sqrt(), high[live] / 4)
             trial[live] = torch.where(torch.isfinite(high[live]), split, grown)
         return best
