@@ -302,7 +302,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     data = load_split()
-    print(f"| model | arch | training | test accuracy | train s |\n|---|---|---|---|---|")
+    print("| model | arch | training | test accuracy | train s |\n|---|---|---|---|---|")
     rows = []
     for name in args.only or list(RECIPES):
         _, meta = ensure(name, args.zoo, force=args.force, data=data, log=lambda *_: None)

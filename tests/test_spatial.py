@@ -12,7 +12,7 @@ from robaudit.attacks import AttackRun
 from robaudit.attacks.runner import run_spatial, verify_spatial
 from robaudit.attacks.spatial import SpatialGrid, spatial_grid, transform_images, within_limits
 from robaudit.errors import RobauditError
-from robaudit.threats import Threat, parse_threat
+from robaudit.threats import parse_threat
 
 FAST = ("--preset", "quick", "--quiet")
 
