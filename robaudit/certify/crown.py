@@ -55,8 +55,9 @@ POLISH_FIRST = 2.6  # the refined evaluations first try this multiple of the bis
 # (on the digits residual net the fully refined radius is 2.3-3.8x the bisection's, median 3.0;
 # a trial above it proves little, so the first one stays near the low end)
 POLISH_GROW = 1.2  # ... and then at least this multiple of the best radius while every trial certifies,
-POLISH_LEAP = 3.0  # at most this one, as far as 1/8 of the trial's reach (`_margins`) points: the digits
+POLISH_LEAP = 3.0  # at most this one, as far as POLISH_REACH of the trial's reach (`_margins`) points: the digits
 # residual net reaches 2-9x a trial and proves at most 1.3x; CIFAR-10 resnet_2b reaches 100-400x and proves over 3x
+POLISH_REACH = 0.125  # the fraction of the reach a leap trusts (the reach is no bound beyond the trial)
 POLISH_EXTRA = 2  # refined evaluations beyond the budget's, only for samples whose last trial certified and leapt
 POLISH_COLD = 0.125  # where the bisection proved nothing, the first trial is this fraction of the first-order radius
 # (float32 rounding can swamp the bisection's forward bounds at every radius: 9x200 ERAN MLP)
@@ -197,8 +198,9 @@ class CrownBound:
         rows = batch.rows[idx]
         offset, slope = self._backward(batch, idx, eps, len(self.graph.nodes) - 1, rows, ctx, linear=True)
         lower = offset - eps[:, None] * slope
-        reach = self._reach(offset, slope, eps)
-        hint = self._reach(offset, slope, torch.full_like(eps, math.inf)).amin(dim=1)
+        uncapped = self._reach(offset, slope, torch.full_like(eps, math.inf))
+        reach = torch.minimum(uncapped, eps[:, None])  # = _reach(offset, slope, eps)
+        hint = uncapped.amin(dim=1)
         free = [i for i, r in ctx.relaxed.items() if "free" in r.parts and bool(r.parts["free"].any())]
         todo = torch.nonzero(lower.amin(dim=1) <= 0).flatten()
         if self.budget.alpha_steps and free and len(todo):
@@ -591,7 +593,7 @@ class CrownBound:
             best[live] = torch.maximum(best[live], got)
             low[live] = torch.maximum(low[live], got)
             high[live] = torch.where(got >= t, high[live], t)
-            leap = (hint / (8 * t)).nan_to_num(POLISH_GROW).clamp(POLISH_GROW, POLISH_LEAP)
+            leap = (POLISH_REACH * hint / t).nan_to_num(POLISH_GROW).clamp(POLISH_GROW, POLISH_LEAP)
             grown = torch.minimum(leap * low[live], ceiling[live])
             leaping[live] = (got >= t) & (leap > POLISH_GROW)
             split = torch.where(low[live] > 0, (low[live] * high[live]).sqrt(), high[live] / 4)
