@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import save_file
 
 import model_zoo
+from conftest import assert_one_line_error, bundled_digits, run_cli
 from robaudit.errors import RobauditError
 from robaudit.models import FORMATS, AuditModel, RawModel, WrapInfo, detect_format, load_model, wrap_model
 
@@ -424,6 +425,180 @@ def test_identity_shared_weights(tmp_path: Path) -> None:
     assert info.batching == "batched" and model(torch.rand(3, *SHAPE)).shape == (3, 10)
 
 
+def _graph_before_gemm(path: Path, nodes: list, inits: list, features: int) -> None:
+    """`nodes` map x (N, 1, 8, 8) to `pre`; a Gemm to 10 classes follows (opset 13)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        *inits,
+        numpy_helper.from_array((rng.standard_normal((10, features)) / np.sqrt(features) * 4).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "B"),
+    ]
+    nodes = [*nodes, helper.make_node("Flatten", ["pre"], ["f"]), helper.make_node("Gemm", ["f", "W", "B"], ["y"], transB=1)]
+    _save_digits_graph(path, nodes, inits)
+
+
+def _save_digits_graph(path: Path, nodes: list, inits: list) -> None:
+    """An opset-13 graph from x (N, 1, 8, 8) to y (N, 10), checked and saved."""
+    graph = helper.make_graph(
+        nodes, path.stem,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _resize(path: Path, scale: float) -> None:
+    """Nearest-neighbour Resize with ONNX's default modes (half_pixel, round_prefer_floor), as tf2onnx writes it."""
+    size = int(8 * scale)
+    scales = numpy_helper.from_array(np.array([1, 1, scale, scale], np.float32), "sc")
+    _graph_before_gemm(path, [helper.make_node("Resize", ["x", "", "sc"], ["pre"], mode="nearest")], [scales], size * size)
+
+
+def _cumsum(path: Path) -> None:
+    axis = numpy_helper.from_array(np.array(3, np.int64), "ax")
+    _graph_before_gemm(path, [helper.make_node("CumSum", ["x", "ax"], ["pre"])], [axis], 64)
+
+
+@pytest.mark.parametrize(("case", "fragment"), [("resize", "nearest_mode"), ("cumsum", "class scores differ")])
+def test_onnx_file_that_onnx2torch_translates_into_another_model_is_refused(tmp_path: Path, case: str, fragment: str) -> None:
+    """onnx2torch maps Resize (half_pixel, 8 -> 5 pixels) to torch's asymmetric floor interpolation,
+    and CumSum over the width to another sum: robaudit would attack and certify a model that is not the
+    file. The check against onnxruntime refuses both (one line, exit 2), and names the
+    warning onnx2torch gave where it gave one (Resize; CumSum is translated silently)."""
+    path = tmp_path / f"{case}.onnx"
+    _resize(path, 0.625) if case == "resize" else _cumsum(path)
+    digest = sha256(path)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(4, *SHAPE)
+    raw = load_model(path)
+    with torch.no_grad():  # the premise: the translation really computes something else
+        assert np.abs(raw.net(x).numpy() - session.run(None, {"x": x.numpy()})[0]).max() > 0.1
+    with pytest.raises(RobauditError, match="does not compute what the ONNX file computes"):
+        wrap(raw)
+    result = run_cli("scan", path, "--data", "digits", "--first", "8", "--preset", "quick")
+    assert_one_line_error(result, fragment)
+    assert "from onnxruntime on 24 inputs near the first data samples" in result.stderr
+    assert sha256(path) == digest and os.listdir(tmp_path) == [path.name]
+
+
+def test_mistranslated_branch_that_the_data_samples_leave_dead_is_still_found(tmp_path: Path) -> None:
+    """A Relu(3x3 sum - t) branch, t above its largest value on the 8 probe digits, feeds the mistranslated
+    Resize: the translation agrees with the file on those digits, and only the random and noisy inputs
+    of the check reach the branch (found by the hunt of 2026-12-05 against a 2-sample check)."""
+    digits = torch.from_numpy(bundled_digits()[0][:8].astype(np.float32) / 255).reshape(8, *SHAPE)
+    t = float(F.conv2d(digits, torch.ones(1, 1, 3, 3), padding=1).max()) + 0.05
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(np.ones((1, 1, 3, 3), np.float32), "Wc"),
+        numpy_helper.from_array(np.array([-t], np.float32), "bc"),
+        numpy_helper.from_array(np.array([1, 1, 0.625, 0.625], np.float32), "sc"),
+        numpy_helper.from_array((rng.standard_normal((10, 25)) * 3).astype(np.float32), "Wb"),
+        numpy_helper.from_array((rng.standard_normal((10, 64)) * 2).astype(np.float32), "Wl"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "Wc", "bc"], ["c0"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["c"]),
+        helper.make_node("Resize", ["c", "", "sc"], ["r"], mode="nearest"),
+        helper.make_node("Flatten", ["r"], ["rf"]),
+        helper.make_node("Gemm", ["rf", "Wb"], ["lb"], transB=1),
+        helper.make_node("Flatten", ["x"], ["xf"]),
+        helper.make_node("Gemm", ["xf", "Wl"], ["la"], transB=1),
+        helper.make_node("Add", ["la", "lb"], ["y"]),
+    ]
+    path = tmp_path / "dead_branch.onnx"
+    _save_digits_graph(path, nodes, inits)
+    raw = load_model(path)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():  # the premise: exact on the digits, wrong elsewhere
+        np.testing.assert_allclose(raw.net(digits).numpy(), session.run(None, {"x": digits.numpy()})[0], atol=1e-4)
+        noise = (digits + 0.1 * torch.randn(8, *SHAPE, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+        assert np.abs(raw.net(noise).numpy() - session.run(None, {"x": noise.numpy()})[0]).max() > 0.1
+    with pytest.raises(RobauditError, match="does not compute what the ONNX file computes"):
+        wrap_model(raw, sample_shape=SHAPE, probe=digits)
+
+
+def test_exact_onnx_translation_is_checked_and_noted(tmp_path: Path) -> None:
+    """At scale 2 the same Resize modes pick the same pixels as torch's (onnx2torch warns all the same):
+    the translation matches the file, robaudit says it checked, and audits it. Samples cannot prove a
+    translation that onnx2torch itself calls inexact exact on a whole ball, so no certificate."""
+    path = tmp_path / "resize2.onnx"
+    _resize(path, 2.0)
+    raw = load_model(path)
+    assert any("nearest_mode" in hint for hint in raw.reference.hints)
+    model, info = wrap(raw)
+    assert "ONNX-to-PyTorch translation checked against onnxruntime on 24 inputs (8 data samples)" in info.notes
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(3, *SHAPE)
+    np.testing.assert_allclose(model(x).numpy(), session.run(None, {"x": x.numpy()})[0], atol=1e-5, rtol=1e-5)
+    from robaudit.certify import CertificateUnavailable, certify_l2
+
+    with pytest.raises(CertificateUnavailable, match="onnx2torch warned that its translation may differ"):
+        certify_l2(model, x, model(x).argmax(1))
+    path = tmp_path / "relu.onnx"  # no warning: the checked translation is certified
+    _graph_before_gemm(path, [helper.make_node("Relu", ["x"], ["pre"])], [], 64)
+    model, _ = wrap(load_model(path))
+    assert certify_l2(model, x, model(x).argmax(1)).radius.gt(0).all()
+
+
+def test_translation_check_falls_back_to_onnx_reference_then_says_it_could_not_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnxruntime has no kernel for this opset-6 graph: onnx.reference checks that file instead.
+    Where no evaluator can run the graph, the scan goes on with a note saying the translation is
+    unchecked (never a silent pass)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "B"),
+    ]
+    nodes = [
+        helper.make_node("Clip", ["x"], ["c"], min=0.2, max=0.6),
+        helper.make_node("MatMul", ["c", "W"], ["m"]),
+        helper.make_node("Add", ["m", "B"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "clip6",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )  # fmt: skip
+    path = tmp_path / "clip6.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=8), str(path))
+    _, info = wrap(load_model(path))
+    assert "ONNX-to-PyTorch translation checked against onnx.reference on 24 inputs (8 data samples)" in info.notes
+
+    from robaudit.models import onnx_reference
+
+    def broken(model):
+        raise NotImplementedError("no kernel for this op")
+
+    monkeypatch.setattr(onnx_reference, "ENGINES", (("onnxruntime", broken), ("onnx.reference", broken)))
+    _, info = wrap(load_model(path))
+    unchecked = [n for n in info.notes if "could not be checked" in n]
+    assert unchecked and "onnxruntime: no kernel for this op; onnx.reference: no kernel" in unchecked[0], info.notes
+
+
+def test_randomized_onnx_graph_is_not_checked_but_says_so(tmp_path: Path) -> None:
+    """A Dropout told to train (training_mode = true) makes the file itself random: no run of it can
+    confirm or refute the translation, so the note says the check was not made."""
+    inits = [
+        numpy_helper.from_array(np.array(0.5, np.float32), "ratio"),
+        numpy_helper.from_array(np.array(True), "train"),
+    ]
+    _graph_before_gemm(tmp_path / "dropout.onnx", [helper.make_node("Dropout", ["x", "ratio", "train"], ["pre"])], inits, 64)
+    _, info = wrap(load_model(tmp_path / "dropout.onnx"))
+    assert any("the ONNX graph is randomized" in note for note in info.notes), info.notes
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -570,6 +745,8 @@ def test_fixture_models(name: str) -> None:
     x, y = torch.from_numpy(data["x"]), torch.from_numpy(data["y"])
     model, info = wrap_model(raw, sample_shape=tuple(x.shape[1:]), probe=x[:16], mean=entry["mean"], std=entry["std"])
     assert info.num_classes == 10 and info.output_kind == "logits"
+    # onnxruntime runs these batch-1 graphs in chunks of one, with the fixtures' --mean / --std
+    assert "ONNX-to-PyTorch translation checked against onnxruntime on 24 inputs (8 data samples)" in info.notes
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).double().mean().item()
     assert round(accuracy, 2) == entry["clean_accuracy_first100"]

@@ -1141,6 +1141,8 @@ def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
                 f"model output: {model.output_kind} (log of probabilities is not a layer the bound supports; "
                 "export the model without its final softmax)"
             )
+        if getattr(model, "inexact", None):
+            raise CertificateUnavailable(model.inexact)
         if getattr(model, "batching", "batched") == "fixed-batch":
             raise CertificateUnavailable(f"{type(model.net).__name__}: graph hard-wired to a batch size above 1")
         var = _Var(index, sample_shape)

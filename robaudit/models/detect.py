@@ -40,6 +40,9 @@ class RawModel:
     fixed_batch: int | None = None
     # The file name, for error messages raised after loading.
     name: str = "the model"
+    # The file's own semantics where the net is a translation of it (ONNX via onnx2torch):
+    # `wrap_model` checks the net against it on the first data samples.
+    reference: torch.nn.Module | None = None
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

@@ -18,6 +18,7 @@ from onnx import numpy_helper, version_converter
 
 from robaudit.errors import RobauditError
 from robaudit.models.detect import RawModel, freeze, one_line
+from robaudit.models.onnx_reference import OnnxReference
 
 # onnx2torch's Slice indexes with a list, which torch deprecates on every forward pass: a
 # warning about onnx2torch's code that the user can do nothing about, printed mid-scan.
@@ -295,19 +296,22 @@ def _explicit_split_sizes(model: onnx.ModelProto) -> None:
         node.attribute.remove(attributes["num_outputs"])
 
 
-def _convert(model: onnx.ModelProto):
+def _convert(model: onnx.ModelProto, hints: list[str]):
+    """onnx2torch's module; its warnings (inexact translations it admits to) go to `hints`, not the terminal."""
     import onnx2torch
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return onnx2torch.convert(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net = onnx2torch.convert(model)
+    hints.extend(dict.fromkeys(str(w.message) for w in caught if "onnx2torch" in (w.filename or "")))
+    return net
 
 
-def _to_torch(model: onnx.ModelProto, path: Path) -> tuple:
+def _to_torch(model: onnx.ModelProto, path: Path, hints: list[str]) -> tuple:
     """Convert with onnx2torch, falling back to older opsets; returns (module, note or None)."""
     opset = _default_opset(model)
     try:
-        return _convert(model), None
+        return _convert(model, hints), None
     except Exception as exc:  # noqa: BLE001 - NotImplementedError for missing converters, bare errors on odd graphs
         first = exc
 
@@ -315,9 +319,11 @@ def _to_torch(model: onnx.ModelProto, path: Path) -> tuple:
         if target == opset:
             continue
         try:
-            net = _convert(_convert_version(model, target))
+            found: list[str] = []
+            net = _convert(_convert_version(model, target), found)
         except Exception:  # noqa: BLE001 - this opset does not work either; try the next
             continue
+        hints.extend(found)
         return net, f"ONNX graph converted from opset {opset} to {target} for onnx2torch"
 
     match = _OP_RE.search(str(first))
@@ -357,6 +363,8 @@ def load_onnx(path: Path) -> RawModel:
         big = [d for d in out_dims if d > 1]
         num_classes = big[0] if len(big) == 1 else None
 
+    original = onnx.ModelProto()
+    original.CopyFrom(model)  # the file's own semantics, to check the translation against (`wrap_model`)
     # Exact rewrites of what today's exporters write and onnx2torch cannot take (in memory only).
     _drop_harmless_allowzero(model)
     _fold_initializer_identities(model)
@@ -375,10 +383,12 @@ def load_onnx(path: Path) -> RawModel:
     gelus = _decompose_gelu(model, elem)
     if gelus:
         notes.append(f"{gelus} ONNX Gelu op(s) rewritten as their Erf/Tanh formula for onnx2torch")
-    net, note = _to_torch(model, path)
+    hints: list[str] = []
+    net, note = _to_torch(model, path, hints)
     if note:
         notes.append(note)
     return RawModel(
+        reference=OnnxReference(original, hints),
         net=freeze(net),
         format="onnx",
         input_shape=input_shape,  # type: ignore[arg-type]

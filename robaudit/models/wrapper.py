@@ -20,6 +20,8 @@ from robaudit.models.detect import RawModel, one_line
 
 BATCH_RTOL, BATCH_ATOL = 1e-4, 1e-5
 PROB_ATOL = 1e-4
+REFERENCE_SAMPLES = 8  # probe samples the ONNX translation is checked on, with as many random and noisy inputs
+REFERENCE_RTOL = 1e-4  # ... and how far its scores may differ, relative to the largest (where the reference sets none)
 LOG_FLOOR = 1e-30
 
 
@@ -88,6 +90,7 @@ class AuditModel(torch.nn.Module):
         self.output_kind = "logits"
         self.num_classes: int | None = None
         self.detached = False  # the graph passes no gradient to its input (see forward)
+        self.inexact: str | None = None  # why the net may not compute exactly what the file does (no certificate)
 
     def train(self, mode: bool = True) -> AuditModel:
         """Always inference mode: attacks must never update batch-norm statistics or use dropout."""
@@ -156,6 +159,65 @@ def _try(fn, *args):
 def _per_sample(model: AuditModel, x: torch.Tensor) -> torch.Tensor:
     model.batching, model.chunk = "per-sample", 1
     return model(x)
+
+
+def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str:
+    """Refuse a net that computes something else than the file it was translated from; a note otherwise.
+
+    The file's own evaluator (`raw.reference`) and the net run on the first
+    `REFERENCE_SAMPLES` probe samples, as many uniform random inputs within the probe's
+    value range and as many noisy copies of the samples (so a branch that the first
+    samples leave dead is exercised too), through the same preprocessing and batching;
+    scores may differ by rounding (the reference's `rtol` of the largest score, plus
+    `BATCH_ATOL`), not more. A graph whose own evaluator differs from run to run (random
+    ops) cannot be checked. Where onnx2torch itself warned that its translation may
+    differ, no sample can prove it exact everywhere: certificates are refused
+    (`AuditModel.inexact`).
+    """
+    m = min(REFERENCE_SAMPLES, x.shape[0])
+    gen = torch.Generator().manual_seed(0)
+    lo, hi = float(x.min()), float(x.max())
+    uniform = lo + (hi - lo) * torch.rand(m, *x.shape[1:], generator=gen)
+    noisy = (x[:m] + 0.1 * (hi - lo) * torch.randn(m, *x.shape[1:], generator=gen)).clamp(lo, hi)
+    z = torch.cat([x[:m], uniform, noisy])
+    twin = AuditModel(raw.reference, sample_shape=model.sample_shape, model_shape=model.model_shape,
+                      mean=model.mean, std=model.std)  # fmt: skip
+    twin.batching, twin.chunk = model.batching, model.chunk
+    hints = getattr(raw.reference, "hints", [])
+    if hints:
+        model.inexact = f"onnx2torch warned that its translation may differ from the ONNX file ({hints[0]})"
+    try:
+        with torch.no_grad():
+            ref = twin(z).double()
+    except Exception as exc:  # noqa: BLE001 - no evaluator can run the graph
+        return f"the ONNX-to-PyTorch translation could not be checked against the file ({one_line(exc, 200)})"
+    with torch.no_grad():
+        got = model(z).double()
+    engine = getattr(raw.reference, "engine", "") or "its evaluator"
+    rtol = getattr(raw.reference, "rtol", REFERENCE_RTOL)
+    if _within_rounding(got, ref, rtol):
+        return f"ONNX-to-PyTorch translation checked against {engine} on {len(z)} inputs ({m} data samples)"
+    with torch.no_grad():
+        again = twin(z).double()
+    if not _within_rounding(again, ref, rtol):
+        return f"the ONNX graph is randomized ({engine} gives other scores on every run): its translation was not checked"
+    size = float((got - ref).abs().amax()) if ref.shape == got.shape else math.nan
+    shapes = "" if ref.shape == got.shape else f" (output shape {tuple(got.shape)} vs {tuple(ref.shape)})"
+    why = f"; onnx2torch warned: {hints[0]}" if hints else ""
+    raise RobauditError(
+        f"model {raw.name}: onnx2torch's PyTorch translation does not compute what the ONNX file computes "
+        f"(class scores differ by up to {size:.3g} from {engine} on {len(z)} inputs near the first data "
+        f"samples{shapes}{why}), so robaudit would audit another model than the file; re-export it with other "
+        "op settings or save it as TorchScript or torch.export (.pt2)"
+    )
+
+
+def _within_rounding(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+    """Same shape and every score within `rtol` of the sample's largest one (plus `BATCH_ATOL`)."""
+    if got.shape != ref.shape:
+        return False
+    scale = rtol * ref.nan_to_num(0.0, 0.0, 0.0).abs().amax(dim=1, keepdim=True) + BATCH_ATOL
+    return bool((((got - ref).abs() <= scale) | (got == ref) | (got.isnan() & ref.isnan())).all())
 
 
 def wrap_model(
@@ -240,6 +302,8 @@ def wrap_model(
         raise RobauditError(
             f"model {name} returned NaN or infinite scores on the first data samples; check the data range and --mean/--std"
         )
+    if raw.reference is not None:
+        notes.append(_check_translation(model, raw, x))
     if out.min() >= 0 and out.max() <= 1 and torch.allclose(out.sum(1), torch.ones(out.shape[0]), atol=PROB_ATOL):
         model.output_kind = "probabilities"
         notes.append("model outputs probabilities (rows sum to 1); attacks use log-probabilities")

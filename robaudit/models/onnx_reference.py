@@ -1,0 +1,126 @@
+"""An ONNX file run by ONNX's own semantics, to check onnx2torch's translation of it.
+
+robaudit attacks and certifies the PyTorch module that onnx2torch builds from the file.
+Where onnx2torch maps an op to a torch function that computes something else (Resize
+with ONNX's default `half_pixel` / `round_prefer_floor` modes at a non-integer scale,
+CumSum, ...), every number robaudit prints would be about another model than the user's
+file. `OnnxReference` evaluates the untouched file with onnxruntime or, where that
+cannot run the graph (opsets before 7, ops it lacks), with `onnx.reference` (ONNX's
+executable specification, part of the onnx package); `wrap_model` compares it with the
+translation on the first data samples and refuses the file when they disagree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+
+from robaudit.models.detect import one_line
+
+FLOAT_RTOL = 1e-4
+HALF_RTOL = 1e-2
+_HALF = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+_NUMPY_INPUT = {
+    onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64,
+    onnx.TensorProto.FLOAT16: np.float16,
+}  # fmt: skip
+
+
+class OnnxReference(torch.nn.Module):
+    """The file's graph as a module (no gradients): numpy in, the graph's outputs out, in order.
+
+    `hints` holds what onnx2torch warned about while translating (its own admissions of
+    inexact conversions), for the error message when the two disagree.
+    """
+
+    def __init__(self, model: onnx.ModelProto, hints: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.hints = hints
+        inits = {i.name for i in model.graph.initializer}
+        first = next(i for i in model.graph.input if i.name not in inits)
+        self.input_name = first.name
+        self.dtype = _NUMPY_INPUT.get(first.type.tensor_type.elem_type, np.float32)
+        dims = first.type.tensor_type.shape.dim
+        # a batch size the file fixes (verification benchmarks fix 1): onnxruntime takes no other
+        self.batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
+        # how far the translation's scores may stray, relative to the largest: float32 rounding, or
+        # half-precision rounding where the graph holds or casts to float16 / bfloat16 anywhere
+        self.rtol = HALF_RTOL if _has_half(model) else FLOAT_RTOL
+        self._run = None
+        self._engines = list(ENGINES)
+        self.engine = ""  # the one that ran the graph
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        n, size = z.shape[0], self.batch
+        if size is None or n == size:
+            return self._forward(z)
+        parts = []
+        for start in range(0, n, size):  # chunks of the file's batch size, the last one zero-padded
+            chunk = z[start : start + size]
+            pad = size - chunk.shape[0]
+            out = self._forward(torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))]) if pad else chunk)
+            parts.append([o[: size - pad] for o in (out if isinstance(out, tuple) else (out,))])
+        outs = tuple(torch.cat(column) for column in zip(*parts))
+        return outs[0] if len(outs) == 1 else outs
+
+    def _forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
+        feed = {self.input_name: np.ascontiguousarray(z.detach().cpu().numpy().astype(self.dtype))}
+        errors = []
+        while self._engines:
+            name, make = self._engines[0]
+            try:
+                if self._run is None:
+                    self._run, self.engine = make(self.model), name
+                outs = self._run(feed)
+                break
+            except Exception as exc:  # noqa: BLE001 - an op it does not implement, an odd graph, not installed
+                errors.append(f"{name}: {one_line(exc, 120)}")
+                self._run = None
+                self._engines.pop(0)
+        else:
+            raise RuntimeError("; ".join(errors) or "no ONNX engine left")
+        tensors = [torch.from_numpy(np.asarray(o, dtype=np.float64)) for o in outs if _numeric(o)]
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+
+def _onnxruntime(model: onnx.ModelProto):
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    options.intra_op_num_threads = torch.get_num_threads()
+    options.log_severity_level = 3  # errors only: its warnings about old opsets are not the user's concern here
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return lambda feed: session.run(None, feed)
+
+
+def _onnx_reference(model: onnx.ModelProto):
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(model)
+    return lambda feed: evaluator.run(None, feed)
+
+
+# onnxruntime first (the standard ONNX runtime); onnx.reference (ONNX's executable specification, slower
+# and with quirks of its own, e.g. BatchNormalization-9 run in training mode) where onnxruntime cannot run the graph
+ENGINES = (("onnxruntime", _onnxruntime), ("onnx.reference", _onnx_reference))
+
+
+def _has_half(model: onnx.ModelProto) -> bool:
+    """Whether any tensor of the graph is float16 / bfloat16 (initializers, casts, declared values)."""
+    g = model.graph
+    if any(t.data_type in _HALF for t in g.initializer):
+        return True
+    if any(v.type.tensor_type.elem_type in _HALF for v in [*g.input, *g.output, *g.value_info]):
+        return True
+    for node in g.node:
+        for attr in node.attribute:
+            if (attr.name == "to" and attr.i in _HALF) or (attr.name == "value" and attr.t.data_type in _HALF):
+                return True
+    return False
+
+
+def _numeric(value: object) -> bool:
+    return isinstance(value, (np.ndarray, np.generic)) and np.asarray(value).dtype.kind in "fiub"
