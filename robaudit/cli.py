@@ -423,6 +423,9 @@ def _is_usage_error(exc: BaseException) -> bool:
 def main() -> None:
     """Console-script entry point: turns every error into one line and an exit code."""
     quiet_openmp()  # before anything imports torch (docs/benchmarks.md, "Threads and CPU contention")
+    # libtorch prints its C++ warnings straight to stderr (e.g. the TorchScript interpreter's about
+    # a scripted model's own interpolate call), between the progress lines; errors still show
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     try:
         code = app(standalone_mode=False)
     except RobauditError as exc:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import REPO, assert_one_line_error, run_cli
 
@@ -93,3 +94,26 @@ def test_a_log_without_a_terminal_gets_one_line_per_finished_stage(tmp_path: Pat
     assert lines and all(re.match(r"^\[\d+:\d\d\] .+: done in \d+\.\d s$", line) for line in lines), lines
     assert any(line.startswith(("[", )) and "chunk 2/2 · attacking l2:0.5 (fgsm, apgd-ce)" in line for line in lines)
     assert any("trust checks · attacking l2:0.5" in line for line in lines)
+
+
+class _Halve(torch.nn.Module):
+    """A scripted model whose float scale_factor makes TorchScript's interpreter warn in C++ on every load."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.nn.functional.interpolate(x, scale_factor=0.5, mode="nearest").flatten(1))
+
+
+def test_native_torch_warnings_about_the_users_model_stay_out_of_the_log(tmp_path: Path) -> None:
+    """libtorch's own C++ warning ("[W... register_prim_ops_fulljit.cpp] Warning: The default behavior for
+    interpolate...") came out mid-scan, between the progress lines (hunt of 2026-12-05)."""
+    torch.manual_seed(0)
+    path = tmp_path / "halve.pt"
+    torch.jit.save(torch.jit.script(_Halve().eval()), str(path))
+    result = run_cli("scan", path, "--first", "16", "--preset", "quick", "--no-certify", "--data", "digits")
+    assert result.code == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines and all(re.match(r"^\[\d+:\d\d\] .+: done in \d+\.\d s$", line) for line in lines), lines
