@@ -7,7 +7,8 @@ CumSum, ...), every number robaudit prints would be about another model than the
 file. `OnnxReference` evaluates the untouched file with onnxruntime or, where that
 cannot run the graph (opsets before 7, ops it lacks), with `onnx.reference` (ONNX's
 executable specification, part of the onnx package); `wrap_model` compares it with the
-translation on the first data samples and refuses the file when they disagree.
+translation on the first data samples and random inputs near them, and refuses the file
+when they disagree (`wrapper._check_translation`).
 """
 
 from __future__ import annotations
