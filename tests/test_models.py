@@ -582,9 +582,14 @@ def test_translation_check_falls_back_to_onnx_reference_then_says_it_could_not_c
         raise NotImplementedError("no kernel for this op")
 
     monkeypatch.setattr(onnx_reference, "ENGINES", (("onnxruntime", broken), ("onnx.reference", broken)))
-    _, info = wrap(load_model(path))
+    model, info = wrap(load_model(path))
     unchecked = [n for n in info.notes if "could not be checked" in n]
     assert unchecked and "onnxruntime: no kernel for this op; onnx.reference: no kernel" in unchecked[0], info.notes
+    from robaudit.certify import CertificateUnavailable, certify_l2
+
+    x = torch.rand(2, *SHAPE)
+    with pytest.raises(CertificateUnavailable, match="could not be checked against the file"):
+        certify_l2(model, x, model(x).argmax(1))
 
 
 def test_randomized_onnx_graph_is_not_checked_but_says_so(tmp_path: Path) -> None:

@@ -171,8 +171,8 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     scores may differ by rounding (the reference's `rtol` of the largest score, plus
     `BATCH_ATOL`), not more. A graph whose own evaluator differs from run to run (random
     ops) cannot be checked. Where onnx2torch itself warned that its translation may
-    differ, no sample can prove it exact everywhere: certificates are refused
-    (`AuditModel.inexact`).
+    differ, no sample can prove it exact everywhere, and where no evaluator runs the file
+    nothing was checked: certificates are refused then (`AuditModel.inexact`).
     """
     m = min(REFERENCE_SAMPLES, x.shape[0])
     gen = torch.Generator().manual_seed(0)
@@ -190,6 +190,7 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
         with torch.no_grad():
             ref = twin(z).double()
     except Exception as exc:  # noqa: BLE001 - no evaluator can run the graph
+        model.inexact = model.inexact or "the ONNX-to-PyTorch translation could not be checked against the file"
         return f"the ONNX-to-PyTorch translation could not be checked against the file ({one_line(exc, 200)})"
     with torch.no_grad():
         got = model(z).double()
