@@ -44,7 +44,8 @@ class OnnxReference(torch.nn.Module):
         self.input_name = first.name
         self.dtype = _NUMPY_INPUT.get(first.type.tensor_type.elem_type, np.float32)
         dims = first.type.tensor_type.shape.dim
-        # a batch size the file fixes (verification benchmarks fix 1): onnxruntime takes no other
+        # a batch size the file fixes (verification benchmarks fix 1): onnxruntime takes no other, so
+        # `wrapper._check_translation` feeds it chunks of that size
         self.batch = dims[0].dim_value if dims and dims[0].HasField("dim_value") and dims[0].dim_value > 0 else None
         # how far the translation's scores may stray, relative to the largest: float32 rounding, or
         # half-precision rounding where the graph holds or casts to float16 / bfloat16 anywhere
@@ -54,19 +55,6 @@ class OnnxReference(torch.nn.Module):
         self.engine = ""  # the one that ran the graph
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
-        n, size = z.shape[0], self.batch
-        if size is None or n == size:
-            return self._forward(z)
-        parts = []
-        for start in range(0, n, size):  # chunks of the file's batch size, the last one zero-padded
-            chunk = z[start : start + size]
-            pad = size - chunk.shape[0]
-            out = self._forward(torch.cat([chunk, chunk.new_zeros((pad, *chunk.shape[1:]))]) if pad else chunk)
-            parts.append([o[: size - pad] for o in (out if isinstance(out, tuple) else (out,))])
-        outs = tuple(torch.cat(column) for column in zip(*parts))
-        return outs[0] if len(outs) == 1 else outs
-
-    def _forward(self, z: torch.Tensor) -> tuple[torch.Tensor, ...] | torch.Tensor:
         feed = {self.input_name: np.ascontiguousarray(z.detach().cpu().numpy().astype(self.dtype))}
         errors = []
         while self._engines:

@@ -21,7 +21,6 @@ from robaudit.models.detect import RawModel, one_line
 BATCH_RTOL, BATCH_ATOL = 1e-4, 1e-5
 PROB_ATOL = 1e-4
 REFERENCE_SAMPLES = 8  # probe samples the ONNX translation is checked on, with as many random and noisy inputs
-REFERENCE_RTOL = 1e-4  # ... and how far its scores may differ, relative to the largest (where the reference sets none)
 LOG_FLOOR = 1e-30
 
 
@@ -161,14 +160,14 @@ def _per_sample(model: AuditModel, x: torch.Tensor) -> torch.Tensor:
     return model(x)
 
 
-def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str:
+def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str:  # raw.reference: OnnxReference
     """Refuse a net that computes something else than the file it was translated from; a note otherwise.
 
     The file's own evaluator (`raw.reference`) and the net run on the first
     `REFERENCE_SAMPLES` probe samples, as many uniform random inputs within the probe's
     value range and as many noisy copies of the samples (so a branch that the first
     samples leave dead is exercised too), through the same preprocessing and batching;
-    scores may differ by rounding (the reference's `rtol` of the largest score, plus
+    scores may differ by rounding (`OnnxReference.rtol` of the largest score, plus
     `BATCH_ATOL`), not more. A graph whose own evaluator differs from run to run (random
     ops) cannot be checked. Where onnx2torch itself warned that its translation may
     differ, no sample can prove it exact everywhere, and where no evaluator runs the file
@@ -180,10 +179,11 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     uniform = lo + (hi - lo) * torch.rand(m, *x.shape[1:], generator=gen)
     noisy = (x[:m] + 0.1 * (hi - lo) * torch.randn(m, *x.shape[1:], generator=gen)).clamp(lo, hi)
     z = torch.cat([x[:m], uniform, noisy])
-    twin = AuditModel(raw.reference, sample_shape=model.sample_shape, model_shape=model.model_shape,
+    reference = raw.reference
+    twin = AuditModel(reference, sample_shape=model.sample_shape, model_shape=model.model_shape,
                       mean=model.mean, std=model.std)  # fmt: skip
-    twin.batching, twin.chunk = model.batching, model.chunk
-    hints = getattr(raw.reference, "hints", [])
+    twin.batching, twin.chunk = ("fixed-batch", reference.batch) if reference.batch else (model.batching, model.chunk)
+    hints = reference.hints
     if hints:
         model.inexact = f"onnx2torch warned that its translation may differ from the ONNX file ({hints[0]})"
     try:
@@ -194,8 +194,7 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
         return f"the ONNX-to-PyTorch translation could not be checked against the file ({one_line(exc, 200)})"
     with torch.no_grad():
         got = model(z).double()
-    engine = getattr(raw.reference, "engine", "") or "its evaluator"
-    rtol = getattr(raw.reference, "rtol", REFERENCE_RTOL)
+    engine, rtol = reference.engine, reference.rtol
     if _within_rounding(got, ref, rtol):
         return f"ONNX-to-PyTorch translation checked against {engine} on {len(z)} inputs ({m} data samples)"
     with torch.no_grad():
