@@ -425,6 +425,13 @@ def test_identity_shared_weights(tmp_path: Path) -> None:
     assert info.batching == "batched" and model(torch.rand(3, *SHAPE)).shape == (3, 10)
 
 
+def _checked_note(engine: str) -> str:
+    return (
+        f"ONNX-to-PyTorch translation checked against {engine} on 24 inputs (8 data samples); clean predictions, "
+        f"adversarial examples and certificate probes are confirmed in {engine} too"
+    )
+
+
 def _graph_before_gemm(path: Path, nodes: list, inits: list, features: int) -> None:
     """`nodes` map x (N, 1, 8, 8) to `pre`; a Gemm to 10 classes follows (opset 13)."""
     rng = np.random.default_rng(0)
@@ -533,7 +540,7 @@ def test_exact_onnx_translation_is_checked_and_noted(tmp_path: Path) -> None:
     raw = load_model(path)
     assert any("nearest_mode" in hint for hint in raw.reference.hints)
     model, info = wrap(raw)
-    assert "ONNX-to-PyTorch translation checked against onnxruntime on 24 inputs (8 data samples)" in info.notes
+    assert _checked_note("onnxruntime") in info.notes
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -574,7 +581,7 @@ def test_translation_check_falls_back_to_onnx_reference_then_says_it_could_not_c
     path = tmp_path / "clip6.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)], ir_version=8), str(path))
     _, info = wrap(load_model(path))
-    assert "ONNX-to-PyTorch translation checked against onnx.reference on 24 inputs (8 data samples)" in info.notes
+    assert _checked_note("onnx.reference") in info.notes
 
     from robaudit.models import onnx_reference
 
@@ -590,6 +597,82 @@ def test_translation_check_falls_back_to_onnx_reference_then_says_it_could_not_c
     x = torch.rand(2, *SHAPE)
     with pytest.raises(CertificateUnavailable, match="could not be checked against the file"):
         certify_l2(model, x, model(x).argmax(1))
+
+
+def _hidden_trigger_graph(path: Path, digits: np.ndarray, labels: np.ndarray) -> None:
+    """A least-squares linear digits classifier plus a branch that onnx2torch mistranslates and that
+    only fires where three corner pixels (0 on every digit) are all near 1.
+
+    The branch is Relu(x[0,0] + x[0,7] + x[7,0] - 2.85) at map position (1, 1), resized 8 -> 5 with
+    nearest half_pixel: onnx2torch reads map row and column 1, the file reads rows and columns 0, 2,
+    3, 5 and 7, so in the file the branch never reaches the scores. In the translation it adds up to
+    15 to class 3. Uniform inputs fire it with probability 6e-4, noisy digits never: the 24-input
+    translation check passes.
+    """
+    flat = digits.reshape(len(digits), -1)
+    design = np.hstack([flat, np.ones((len(flat), 1), np.float32)])
+    weights = np.linalg.lstsq(design, np.eye(10, dtype=np.float32)[labels], rcond=None)[0]
+    gate = np.zeros((64, 64), np.float32)
+    bias = np.full(64, -10.0, np.float32)
+    gate[9, [0, 7, 56]], bias[9] = 1.0, -2.85  # unit (1, 1) <- pixels (0, 0), (0, 7), (7, 0)
+    boost = np.zeros((10, 25), np.float32)
+    boost[3, 6] = 100.0  # output (1, 1) of the 5 x 5 map
+    inits = [
+        numpy_helper.from_array(weights[:64].T.copy(), "Wl"), numpy_helper.from_array(weights[64].copy(), "bl"),
+        numpy_helper.from_array(gate, "G"), numpy_helper.from_array(bias, "g"),
+        numpy_helper.from_array(np.array([-1, 1, 8, 8], np.int64), "shape"),
+        numpy_helper.from_array(np.array([1, 1, 0.625, 0.625], np.float32), "sc"),
+        numpy_helper.from_array(boost, "Wb"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["xf"]),
+        helper.make_node("Gemm", ["xf", "Wl", "bl"], ["la"], transB=1),
+        helper.make_node("Gemm", ["xf", "G", "g"], ["t0"], transB=1),
+        helper.make_node("Relu", ["t0"], ["t1"]),
+        helper.make_node("Reshape", ["t1", "shape"], ["t"]),
+        helper.make_node("Resize", ["t", "", "sc"], ["r"], mode="nearest"),
+        helper.make_node("Flatten", ["r"], ["rf"]),
+        helper.make_node("Gemm", ["rf", "Wb"], ["lb"], transB=1),
+        helper.make_node("Add", ["la", "lb"], ["y"]),
+    ]
+    _save_digits_graph(path, nodes, inits)
+
+
+def test_verdicts_on_an_onnx_file_are_confirmed_by_the_file_itself(tmp_path: Path) -> None:
+    """An adversarial example counts only where onnxruntime running the file misclassifies it too, and
+    a point counts as correctly classified only where the file agrees: the translation the attacks
+    use can differ from the file off the inputs the translation check saw (here a hidden branch)."""
+    from robaudit.attacks.runner import judge, verify_adversarial
+    from robaudit.threats import parse_threat
+
+    x_all, y_all = bundled_digits()
+    digits = (x_all.astype(np.float32) / 255).reshape(-1, *SHAPE)
+    path = tmp_path / "hidden_trigger.onnx"
+    _hidden_trigger_graph(path, digits, y_all)
+    x, y = torch.from_numpy(digits[:64]), torch.from_numpy(y_all[:64]).long()
+    model, info = wrap_model(load_model(path), sample_shape=SHAPE, probe=x[:16])
+    assert _checked_note("onnxruntime") in info.notes and model.file_twin is not None
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    in_file = lambda z: torch.from_numpy(session.run(None, {"x": z.numpy()})[0]).argmax(1)  # noqa: E731
+    with torch.no_grad():
+        clean = model(x).argmax(1)
+    triggered = x.clone()
+    triggered[:, 0, [0, 0, 7], [0, 7, 0]] = 1.0
+    keep = (clean == y) & (y != 3) & (in_file(triggered) == y)  # the file classifies these right, triggered or not
+    x, y, triggered = x[keep], y[keep], triggered[keep]
+    with torch.no_grad():  # the premise: the translation calls every triggered digit a 3
+        assert (model(triggered).argmax(1) == 3).all() and len(y) >= 40
+
+    threat, cpu = parse_threat("linf:1"), torch.device("cpu")
+    assert not verify_adversarial(model, triggered, x, y, threat, 0.0, 1.0, 64, cpu).any()
+    assert (judge(model, triggered, y, 64, cpu) == y).all()
+    threes = torch.full_like(y, 3)  # claimed correct as a 3: the file says otherwise, and its label is kept
+    assert (judge(model, triggered, threes, 64, cpu, claim="correct") == y).all()
+    model._file = ()  # the same net without the file as the judge: the hidden branch's claims would pass
+    assert verify_adversarial(model, triggered, x, y, threat, 0.0, 1.0, 64, cpu).all()
+    assert (judge(model, triggered, threes, 64, cpu, claim="correct") == 3).all()
 
 
 def test_randomized_onnx_graph_is_not_checked_but_says_so(tmp_path: Path) -> None:
@@ -751,7 +834,7 @@ def test_fixture_models(name: str) -> None:
     model, info = wrap_model(raw, sample_shape=tuple(x.shape[1:]), probe=x[:16], mean=entry["mean"], std=entry["std"])
     assert info.num_classes == 10 and info.output_kind == "logits"
     # onnxruntime runs these batch-1 graphs in chunks of one, with the fixtures' --mean / --std
-    assert "ONNX-to-PyTorch translation checked against onnxruntime on 24 inputs (8 data samples)" in info.notes
+    assert _checked_note("onnxruntime") in info.notes
     with torch.no_grad():
         accuracy = (model(x).argmax(1) == y).double().mean().item()
     assert round(accuracy, 2) == entry["clean_accuracy_first100"]

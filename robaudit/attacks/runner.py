@@ -21,10 +21,12 @@ from robaudit.attacks.base import Attack, AttackContext, project
 from robaudit.attacks.counting import CountingModel
 from robaudit.batching import AdaptiveBatch, Restore, as_batch, rng_checkpoint
 from robaudit.models.randomized import EOT
+from robaudit.models.wrapper import AuditModel
 from robaudit.precision import full_precision
 from robaudit.threats import Threat, perturbation_norms, within_ball
 
 BOX_TOL = 1e-6
+FILE_BATCH = 256  # rows per call of an ONNX file's own engine (`confirm_in_file`)
 
 
 class ProgressSink(Protocol):
@@ -127,13 +129,48 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int | AdaptiveBatch, 
 
 
 def judge(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int | AdaptiveBatch, device: torch.device
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int | AdaptiveBatch,
+    device: torch.device,
+    claim: str = "misclassified",
 ) -> torch.Tensor:
     """The labels a claim rests on: plain predictions, or for a randomized model (`EOT`) a
-    wrong class seen in any of its seeded repeated draws (the worst case over repeats)."""
+    wrong class seen in any of its seeded repeated draws (the worst case over repeats).
+
+    For an ONNX file the claim must hold in the file itself too (`confirm_in_file`): `claim`
+    says which verdict is being claimed, "misclassified" (an adversarial example) or
+    "correct" (a clean prediction, a point inside a certified ball).
+    """
     if isinstance(model, EOT):
         return model.worst_predictions(x.to(device), y.cpu())
-    return predict(model, x, batch_size, device)
+    return confirm_in_file(model, x, y, predict(model, x, batch_size, device), claim)
+
+
+def confirm_in_file(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pred: torch.Tensor, claim: str) -> torch.Tensor:
+    """`pred` where the ONNX file itself (`AuditModel.file_twin`) agrees with its verdict on `claim`.
+
+    The translation that the attacks run matches the file to float32 rounding, but a point
+    found on a decision boundary can sit on the other side of it in the file's own
+    arithmetic. Rows whose claimed verdict the file does not share get the file's verdict:
+    label y where "misclassified" does not hold there, the file's wrong label where
+    "correct" does not. Other models: `pred` unchanged.
+    """
+    twin = model.file_twin if isinstance(model, AuditModel) else None
+    if twin is None:
+        return pred
+    y = y.cpu()
+    rows = torch.nonzero(pred != y if claim == "misclassified" else pred == y).flatten()
+    if len(rows) == 0:
+        return pred
+    with torch.no_grad():
+        parts = [twin(x[rows[i : i + FILE_BATCH]].detach().cpu()).argmax(dim=1) for i in range(0, len(rows), FILE_BATCH)]
+    got = torch.cat(parts)
+    differs = (got == y[rows]) if claim == "misclassified" else (got != y[rows])
+    pred = pred.clone()
+    pred[rows[differs]] = got[differs]  # y where a "misclassified" point is correct in the file, its wrong label otherwise
+    return pred
 
 
 def verify_adversarial(
@@ -184,7 +221,9 @@ def _judge_with_margins(
     if isinstance(model, EOT):
         return judge(model, x, y, batch_size, device), torch.full((len(x),), float("nan"), dtype=torch.float64)
     z = logits(model, x, batch_size, device)
-    return z.argmax(dim=1), class_margins(z, y.cpu())
+    pred, margin = z.argmax(dim=1), class_margins(z, y.cpu())
+    confirmed = confirm_in_file(model, x, y, pred, "misclassified")
+    return confirmed, torch.where(confirmed != pred, margin.clamp_min(0.0), margin)  # the file's side: no wrong margin
 
 
 @torch.no_grad()

@@ -90,6 +90,18 @@ class AuditModel(torch.nn.Module):
         self.num_classes: int | None = None
         self.detached = False  # the graph passes no gradient to its input (see forward)
         self.inexact: str | None = None  # why the net may not compute exactly what the file does (no certificate)
+        self._file: tuple[AuditModel, ...] = ()  # (file_twin,): a tuple, so that .to(device) and fx leave it alone
+
+    @property
+    def file_twin(self) -> AuditModel | None:
+        """The ONNX file itself, run by its own engine on the CPU behind the same preprocessing.
+
+        The attacks and the certificate work on onnx2torch's translation; the verdicts that
+        robaudit prints (a point misclassified, a point classified correctly) are confirmed on
+        this twin as well (`robaudit.attacks.runner.judge`). None for other formats and where
+        the translation could not be checked against the file.
+        """
+        return self._file[0] if self._file else None
 
     def train(self, mode: bool = True) -> AuditModel:
         """Always inference mode: attacks must never update batch-norm statistics or use dropout."""
@@ -196,7 +208,11 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
         got = model(z).double()
     engine, rtol = reference.engine, reference.rtol
     if _within_rounding(got, ref, rtol):
-        return f"ONNX-to-PyTorch translation checked against {engine} on {len(z)} inputs ({m} data samples)"
+        model._file = (twin,)
+        return (
+            f"ONNX-to-PyTorch translation checked against {engine} on {len(z)} inputs ({m} data samples); clean "
+            f"predictions, adversarial examples and certificate probes are confirmed in {engine} too"
+        )
     with torch.no_grad():
         again = twin(z).double()
     if not _within_rounding(again, ref, rtol):

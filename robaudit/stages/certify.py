@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from robaudit.attacks.runner import MinimalOutcome, ProgressSink, ThreatOutcome, predict
+from robaudit.attacks.runner import MinimalOutcome, ProgressSink, ThreatOutcome, judge
 from robaudit.precision import NOTE as PRECISION_NOTE
 from robaudit.precision import full_precision
 from robaudit.report.schema import CertificateSummary
@@ -133,7 +133,7 @@ def check_radii(
         scale = torch.where(usable, INSIDE * rs / size.clamp_min(1e-30), torch.zeros_like(rs))
         probes = (xs + d * scale.to(xs.dtype).view(-1, *([1] * (xs.dim() - 1)))).clamp(lower, upper)
         with full_precision():
-            flipped = predict(model, probes, batch_size, device) != ys
+            flipped = judge(model, probes, ys, batch_size, device, claim="correct") != ys
         if bool(flipped.any()):
             bad = idx[flipped].tolist()[:5]
             raise RuntimeError(f"internal error: a point inside the certified L2 ball changes the decision (samples {bad})")

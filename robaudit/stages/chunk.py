@@ -97,7 +97,7 @@ def attack_chunk(
     randomized = isinstance(model, EOT)
     trust = setup.trust.for_chunk(seed) if setup.trust is not None else None
 
-    clean_pred = judge(model, x, y, setup.batch_size, setup.device)
+    clean_pred = judge(model, x, y, setup.batch_size, setup.device, claim="correct")
     clean_correct = clean_pred == y
     if trust is not None:
         plain = model.base if randomized else model

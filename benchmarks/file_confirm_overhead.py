@@ -1,0 +1,100 @@
+"""What confirming every verdict on the ONNX file itself costs a scan.
+
+For an ONNX file, robaudit attacks onnx2torch's translation and confirms each verdict it
+prints (a clean sample classified correctly, an adversarial example misclassified, a
+certificate probe keeping its class) by running the untouched file in onnxruntime
+(`robaudit.attacks.runner.confirm_in_file`). This runs one real scan per model, as
+`robaudit scan` does, times every call of `confirm_in_file` inside it, and reports that
+time as a fraction of the whole scan (both figures from the same run), with the number
+of rows the file was asked about and how many verdicts it overturned.
+
+Usage (from the repository root; one CPU thread; about 10 minutes):
+    python benchmarks/file_confirm_overhead.py                  # writes benchmarks/results/file_confirm_overhead.json
+    python benchmarks/file_confirm_overhead.py --only demo --n 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import robaudit.attacks.runner as runner
+from robaudit.api import audit
+from robaudit.demo import demo_path
+from robaudit.models import AuditModel
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+CASES = {
+    # name: model, data, threats, extra settings
+    "demo": (demo_path("digits_cnn.onnx"), "digits", ["linf:0.1", "l2:0.5"], {"certify": True}),
+    "mnistfc_256x2": (FIXTURES / "models/mnistfc_256x2.onnx", FIXTURES / "data/mnist_test_first100.npz",
+                      ["linf:0.02", "l2:0.5"], {"certify": True}),
+    "cifar10_resnet_2b": (FIXTURES / "models/cifar10_resnet_2b.onnx", FIXTURES / "data/cifar10_test_first100.npz",
+                          ["linf:2/255"], {"certify": False}),
+}  # fmt: skip
+
+
+def _manifest_stats(name: str) -> dict:
+    manifest = json.loads((FIXTURES / "manifest.json").read_text())
+    entry = manifest["models"].get(name)
+    if entry is None:
+        return {}
+    return {"mean": entry["mean"], "std": entry["std"]}
+
+
+def measure(name: str, n: int) -> dict:
+    model, data, threats, extra = CASES[name]
+    spent = {"seconds": 0.0, "rows": 0, "overturned": 0}
+    original = runner.confirm_in_file
+
+    def timed(model_, x, y, pred, claim):
+        start = time.perf_counter()
+        out = original(model_, x, y, pred, claim)
+        spent["seconds"] += time.perf_counter() - start
+        rows = (pred != y.cpu()) if claim == "misclassified" else (pred == y.cpu())
+        spent["rows"] += int(rows.sum()) if isinstance(model_, AuditModel) and model_.file_twin is not None else 0
+        spent["overturned"] += int((out != pred).sum())
+        return out
+
+    runner.confirm_in_file = timed
+    try:
+        start = time.perf_counter()
+        report = audit(model, data, threats=threats, n=n, **_manifest_stats(name), **extra)
+        total = time.perf_counter() - start
+    finally:
+        runner.confirm_in_file = original
+    return {
+        "model": name,
+        "n": n,
+        "threats": threats,
+        "scan_s": round(total, 2),
+        "confirm_s": round(spent["seconds"], 3),
+        "fraction": round(spent["seconds"] / total, 4),
+        "rows_asked": spent["rows"],
+        "overturned": spent["overturned"],
+        "confirmed_note": any("confirmed in onnxruntime" in note for note in report.model.notes),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="+", choices=sorted(CASES), default=sorted(CASES))
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/file_confirm_overhead.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = []
+    for name in args.only:
+        row = measure(name, args.n)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
