@@ -1,12 +1,14 @@
-"""What confirming every verdict on the ONNX file itself costs a scan.
+"""What checking an ONNX scan against the file itself costs.
 
-For an ONNX file, robaudit attacks onnx2torch's translation and confirms each verdict it
-prints (a clean sample classified correctly, an adversarial example misclassified, a
-certificate probe keeping its class) by running the untouched file in onnxruntime
-(`robaudit.attacks.runner.confirm_in_file`). This runs one real scan per model, as
-`robaudit scan` does, times every call of `confirm_in_file` inside it, and reports that
-time as a fraction of the whole scan (both figures from the same run), with the number
-of rows the file was asked about and how many verdicts it overturned.
+For an ONNX file, robaudit attacks and certifies onnx2torch's translation. It confirms
+each verdict it prints (a clean sample classified correctly, an adversarial example
+misclassified, a certificate probe keeping its class) by running the untouched file in
+onnxruntime (`robaudit.attacks.runner.confirm_in_file`), and compares file and
+translation at points inside every certified ball
+(`robaudit.stages.certify.file_mismatch_in_balls`). This runs one real scan per model,
+as `robaudit scan` does, times every call of both inside it, and reports that time as a
+fraction of the whole scan (both figures from the same run), with the number of rows
+the file was asked about and how many verdicts it overturned.
 
 Usage (from the repository root; one CPU thread; about 10 minutes):
     python benchmarks/file_confirm_overhead.py                  # writes benchmarks/results/file_confirm_overhead.json
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 import robaudit.attacks.runner as runner
+import robaudit.stages.certify as certify_stage
 from robaudit.api import audit
 from robaudit.demo import demo_path
 from robaudit.models import AuditModel
@@ -60,13 +63,21 @@ def measure(name: str, n: int) -> dict:
         spent["overturned"] += int((out != pred).sum())
         return out
 
-    runner.confirm_in_file = timed
+    original_balls = certify_stage.file_mismatch_in_balls
+
+    def timed_balls(*args, **kwargs):
+        start = time.perf_counter()
+        out = original_balls(*args, **kwargs)
+        spent["balls_s"] = spent.get("balls_s", 0.0) + time.perf_counter() - start
+        return out
+
+    runner.confirm_in_file, certify_stage.file_mismatch_in_balls = timed, timed_balls
     try:
         start = time.perf_counter()
         report = audit(model, data, threats=threats, n=n, **_manifest_stats(name), **extra)
         total = time.perf_counter() - start
     finally:
-        runner.confirm_in_file = original
+        runner.confirm_in_file, certify_stage.file_mismatch_in_balls = original, original_balls
     return {
         "model": name,
         "n": n,
@@ -75,6 +86,9 @@ def measure(name: str, n: int) -> dict:
         "confirm_s": round(spent["seconds"], 3),
         "fraction": round(spent["seconds"] / total, 4),
         "rows_asked": spent["rows"],
+        "balls_s": round(spent.get("balls_s", 0.0), 3),
+        "balls_fraction": round(spent.get("balls_s", 0.0) / total, 4),
+        "certificate": report.summary.certificate.reason if report.summary.certificate else None,
         "overturned": spent["overturned"],
         "confirmed_note": any("confirmed in onnxruntime" in note for note in report.model.notes),
     }

@@ -58,6 +58,7 @@ def test_scan_reports_sound_radii_beside_attack_distances(model_files: ModelFile
     report = load_json(out)
     cert = report["summary"]["certificate"]
     assert cert["available"], cert["reason"]
+    assert "the ONNX file and its PyTorch translation agree at 51 points inside every certified ball" in cert["notes"]
     l2 = next(t for t in report["summary"]["threats"] if t["threat"] == "l2:0.3")
     assert 0 <= cert["certified_accuracy"]["l2:0.3"] <= l2["robust_accuracy"]
     assert list(cert["certified_accuracy"]) == ["l2:0.3"]  # only L2 threats get a certified accuracy

@@ -675,6 +675,76 @@ def test_verdicts_on_an_onnx_file_are_confirmed_by_the_file_itself(tmp_path: Pat
     assert (judge(model, triggered, threes, 64, cpu, claim="correct") == 3).all()
 
 
+def _branch_graph(path: Path, digits: np.ndarray, labels: np.ndarray, s: int, branch_seed: int) -> tuple[np.ndarray, float]:
+    """A least-squares linear digits classifier plus a branch Relu(w . x - t) -> Gemm into the scores,
+    w the direction of digit `s` from the mean digit on its unsaturated pixels: the branch is inactive
+    on the first 8 digits and switches on at 0.02 of the linear model's exact radius from digit `s`,
+    towards w. Returns w and that radius."""
+    flat = digits.reshape(len(digits), -1)
+    design = np.hstack([flat, np.ones((len(flat), 1), np.float32)])
+    weights = np.linalg.lstsq(design, np.eye(10, dtype=np.float32)[labels], rcond=None)[0]
+    W, b = weights[:64].T.copy(), weights[64].copy()
+    z = W @ flat[s] + b
+    radius = min((z[labels[s]] - z[j]) / np.linalg.norm(W[labels[s]] - W[j]) for j in range(10) if j != labels[s])
+    mid = (flat[s] > 0.1) & (flat[s] < 0.9)  # pixels with room both ways: the branch is reachable in the box
+    v = np.where(mid, flat[s] - flat.mean(0), 0.0)
+    v[mid] -= v[mid].mean()
+    w = (v / np.linalg.norm(v)).astype(np.float32)
+    t = float(w @ flat[s]) + 0.02 * radius
+    assert radius > 0.02 and t > float((flat[:8] @ w).max()) + 0.3  # far from the first 8 digits
+    inits = [
+        numpy_helper.from_array(W, "Wl"), numpy_helper.from_array(b, "bl"),
+        numpy_helper.from_array(w[None], "Wt"), numpy_helper.from_array(np.array([-t], np.float32), "bt"),
+        numpy_helper.from_array((np.random.default_rng(branch_seed).standard_normal((10, 1))).astype(np.float32), "Wc"),
+    ]  # fmt: skip
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["xf"]),
+        helper.make_node("Gemm", ["xf", "Wl", "bl"], ["la"], transB=1),
+        helper.make_node("Gemm", ["xf", "Wt", "bt"], ["a0"], transB=1),
+        helper.make_node("Relu", ["a0"], ["a"]),
+        helper.make_node("Gemm", ["a", "Wc"], ["lb"], transB=1),
+        helper.make_node("Add", ["la", "lb"], ["y"]),
+    ]
+    _save_digits_graph(path, nodes, inits)
+    return w, radius
+
+
+def test_certificate_refused_where_the_translation_differs_from_the_file_inside_a_ball(tmp_path: Path) -> None:
+    """The bounds are computed on the translation. Where it differs from the file only in a branch that
+    the translation check's 24 inputs leave inactive but that is active on part of a certified ball, the
+    points compared inside every ball find it. No known silent mistranslation of onnx2torch reaches
+    the bound (the ones found warn, or are layers the bound refuses, as CumSum), so the translation
+    here is that of a real file whose branch weights differ from those of the file that judges it."""
+    from robaudit.certify import certify_l2
+    from robaudit.models.onnx_reference import OnnxReference
+    from robaudit.stages.certify import FILE_PROBES, file_mismatch_in_balls
+
+    x_all, y_all = bundled_digits()
+    digits = (x_all.astype(np.float32) / 255).reshape(-1, *SHAPE)
+    s = 9
+    _branch_graph(tmp_path / "translated.onnx", digits, y_all, s, branch_seed=0)
+    w, radius = _branch_graph(tmp_path / "file.onnx", digits, y_all, s, branch_seed=1)
+    x, y = torch.from_numpy(digits[:16]), torch.from_numpy(y_all[:16]).long()
+    model, info = wrap_model(load_model(tmp_path / "translated.onnx"), sample_shape=SHAPE, probe=x[:16])
+    assert _checked_note("onnxruntime") in info.notes
+    other = AuditModel(OnnxReference(onnx.load(str(tmp_path / "file.onnx")), []), sample_shape=SHAPE, model_shape=None,
+                       mean=None, std=None)  # fmt: skip
+    with torch.no_grad():  # the premise: the two agree on the check's inputs, not inside the ball of digit s
+        assert torch.allclose(other(x[:8]), model(x[:8]), atol=1e-5)
+        inside = x[s : s + 1] + 0.5 * radius * torch.from_numpy(w).reshape(1, *SHAPE)
+        assert (other(inside) - model(inside)).abs().max() > 1e-2
+    cert = certify_l2(model, x, y)
+    assert cert.radius[s] > 0.1 * radius
+    check = dict(lower=0.0, upper=1.0, seed=0)
+    assert file_mismatch_in_balls(model, x, cert.radius, x.clone(), **check) is None  # its own file agrees
+    model._file = (other,)
+    reason = file_mismatch_in_balls(model, x, cert.radius, x.clone(), **check)
+    assert reason is not None and "disagree inside certified balls" in reason, reason
+    assert f"of {FILE_PROBES * int((cert.radius > 0).sum())} points checked with onnxruntime" in reason
+    other.net.rtol = 1.0  # the same points within rounding of each other: no complaint
+    assert file_mismatch_in_balls(model, x, cert.radius, x.clone(), **check) is None
+
+
 def test_randomized_onnx_graph_is_not_checked_but_says_so(tmp_path: Path) -> None:
     """A Dropout told to train (training_mode = true) makes the file itself random: no run of it can
     confirm or refute the translation, so the note says the check was not made."""

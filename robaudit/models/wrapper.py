@@ -207,7 +207,7 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     with torch.no_grad():
         got = model(z).double()
     engine, rtol = reference.engine, reference.rtol
-    if _within_rounding(got, ref, rtol):
+    if within_rounding(got, ref, rtol):
         model._file = (twin,)
         return (
             f"ONNX-to-PyTorch translation checked against {engine} on {len(z)} inputs ({m} data samples); clean "
@@ -215,7 +215,7 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
         )
     with torch.no_grad():
         again = twin(z).double()
-    if not _within_rounding(again, ref, rtol):
+    if not within_rounding(again, ref, rtol):
         return f"the ONNX graph is randomized ({engine} gives other scores on every run): its translation was not checked"
     size = float((got - ref).abs().amax()) if ref.shape == got.shape else math.nan
     shapes = "" if ref.shape == got.shape else f" (output shape {tuple(got.shape)} vs {tuple(ref.shape)})"
@@ -228,12 +228,15 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     )
 
 
-def _within_rounding(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+def within_rounding(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
     """Same shape and every score within `rtol` of the sample's largest one (plus `BATCH_ATOL`)."""
-    if got.shape != ref.shape:
-        return False
+    return got.shape == ref.shape and bool(rounding_agreement(got, ref, rtol).all())
+
+
+def rounding_agreement(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> torch.Tensor:
+    """Per row (same shapes): every score within `rtol` of the row's largest one (plus `BATCH_ATOL`)."""
     scale = rtol * ref.nan_to_num(0.0, 0.0, 0.0).abs().amax(dim=1, keepdim=True) + BATCH_ATOL
-    return bool((((got - ref).abs() <= scale) | (got == ref) | (got.isnan() & ref.isnan())).all())
+    return (((got - ref).abs() <= scale) | (got == ref) | (got.isnan() & ref.isnan())).all(dim=1)
 
 
 def wrap_model(

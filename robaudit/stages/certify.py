@@ -4,7 +4,9 @@
 them (the stated budget), and then holds each radius against everything the scan
 found: no verified adversarial example of any threat may lie inside a certified
 ball, and a few points just inside each ball must keep the model's decision. A
-failure there is a robaudit bug and stops the scan instead of printing a radius.
+failure there is a robaudit bug and stops the scan instead of printing a radius. For
+an ONNX file, the file itself and the translation the bounds were computed on must
+also agree at points inside every ball, or the certificate is unavailable.
 Both the certification and those checks run in full float32 precision (`precision.py`).
 """
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from robaudit.attacks.runner import MinimalOutcome, ProgressSink, ThreatOutcome, judge
+from robaudit.models.wrapper import AuditModel, rounding_agreement
 from robaudit.precision import NOTE as PRECISION_NOTE
 from robaudit.precision import full_precision
 from robaudit.report.schema import CertificateSummary
@@ -27,6 +30,11 @@ PILOT = 8  # samples certified first to project the cost in "auto" mode
 MIN_BUDGET_S = 10.0  # auto mode may always spend this long
 INSIDE = 0.999  # test points at this fraction of the certified radius
 RANDOM_PROBES = 8  # random directions per certified sample in the self-check
+# an ONNX file's own evaluator against its translation inside each certified ball (`file_mismatch_in_balls`)
+FILE_PAIRS = 8  # random directions d, each with -d (one of the two reaches into any half-space through the centre)
+FILE_FRACTIONS = (0.33, 0.67, 0.999)  # of the radius
+FILE_PROBES = (2 * FILE_PAIRS + 1) * len(FILE_FRACTIONS)  # with the direction towards the closest adversarial example
+FILE_CHUNK = 256  # points per call
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
@@ -128,15 +136,72 @@ def check_radii(
     directions = [closest[idx] - xs]
     directions += [torch.randn(xs.shape, generator=generator) for _ in range(RANDOM_PROBES)]
     for d in directions:
-        size = d.flatten(1).norm(dim=1).to(torch.float64)
-        usable = size > 0
-        scale = torch.where(usable, INSIDE * rs / size.clamp_min(1e-30), torch.zeros_like(rs))
-        probes = (xs + d * scale.to(xs.dtype).view(-1, *([1] * (xs.dim() - 1)))).clamp(lower, upper)
+        probes = _ball_points(xs, rs, d, INSIDE, lower, upper)
         with full_precision():
             flipped = judge(model, probes, ys, batch_size, device, claim="correct") != ys
         if bool(flipped.any()):
             bad = idx[flipped].tolist()[:5]
             raise RuntimeError(f"internal error: a point inside the certified L2 ball changes the decision (samples {bad})")
+
+
+def _ball_points(
+    xs: torch.Tensor, rs: torch.Tensor, direction: torch.Tensor, fraction: float, lower: float, upper: float
+) -> torch.Tensor:
+    """xs moved `fraction` of each radius along `direction` (per sample), clipped to the box (which only moves
+    them closer); a zero direction leaves the sample where it is."""
+    size = direction.flatten(1).norm(dim=1).to(torch.float64)
+    scale = torch.where(size > 0, fraction * rs / size.clamp_min(1e-30), torch.zeros_like(rs))
+    return (xs + direction * scale.to(xs.dtype).view(-1, *([1] * (xs.dim() - 1)))).clamp(lower, upper)
+
+
+def file_mismatch_in_balls(
+    model: nn.Module, x: torch.Tensor, radius: torch.Tensor, closest: torch.Tensor, *, lower: float, upper: float, seed: int
+) -> str | None:
+    """Why the certificate cannot stand for an ONNX file: its translation computes other scores inside a ball.
+
+    The bounds are computed on onnx2torch's translation, which `wrap_model` compared with the
+    file on 24 inputs near the first samples. A mistranslated op in a branch those inputs
+    leave inactive could still be active inside some certified ball; so the file itself
+    (`AuditModel.file_twin`) and the translation are compared at `FILE_PROBES` points in
+    each ball (towards the closest adversarial example and along random directions and their
+    opposites, at several fractions of the radius): a branch switched on in a half-space
+    that passes near the centre is reached. Sampling, not a proof: a branch active only
+    on a small cap of the ball can escape it. None where they agree to rounding, or for
+    other formats.
+    """
+    twin = model.file_twin if isinstance(model, AuditModel) else None
+    idx = torch.nonzero(radius > 0).flatten()
+    if twin is None or len(idx) == 0:
+        return None
+    generator = torch.Generator().manual_seed(seed + 1)
+    xs, rs = x[idx].cpu(), radius[idx]
+    directions = [closest[idx].cpu() - xs]
+    for _ in range(FILE_PAIRS):
+        d = torch.randn(xs.shape, generator=generator)
+        directions += [d, -d]
+    worst, differ, total = 0.0, 0, 0
+    for d in directions:
+        for fraction in FILE_FRACTIONS:
+            points = _ball_points(xs, rs, d, fraction, lower, upper)
+            with torch.no_grad(), full_precision():
+                got = torch.cat([model(points[i : i + FILE_CHUNK].to(_device(model))).cpu().double()
+                                 for i in range(0, len(points), FILE_CHUNK)])  # fmt: skip
+                ref = torch.cat([twin(points[i : i + FILE_CHUNK]).double() for i in range(0, len(points), FILE_CHUNK)])
+            agree = rounding_agreement(got, ref, twin.net.rtol)
+            differ += int((~agree).sum())
+            total += len(agree)
+            worst = max(worst, float((got - ref).abs().amax())) if not bool(agree.all()) else worst
+    if differ == 0:
+        return None
+    return (
+        f"certificate unavailable: the ONNX file and its PyTorch translation disagree inside certified balls (class "
+        f"scores differ by up to {worst:.3g} at {differ} of {total} points checked with {twin.net.engine}), so radii "
+        "computed on the translation would not be about the file"
+    )
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
 
 
 def certify_skip_reason(
@@ -215,6 +280,11 @@ def certify_stage(
         for i, m in zip(idx.tolist(), cert.method):
             method[i] = m
     notes = [n for n in parts[0][1].notes if not n.startswith("largest radius from")] + [PRECISION_NOTE]
+    mismatch = file_mismatch_in_balls(model, x, radius, closest, lower=lower, upper=upper, seed=seed)
+    if mismatch is not None:
+        return unavailable(mismatch, budget, adversarial_l2, time.perf_counter() - started)
+    if isinstance(model, AuditModel) and model.file_twin is not None:
+        notes.append(f"the ONNX file and its PyTorch translation agree at {FILE_PROBES} points inside every certified ball")
     check_radii(
         model, x, y, radius, adversarial_l2, closest,
         lower=lower, upper=upper, batch_size=batch_size, device=device, seed=seed,
