@@ -5,10 +5,11 @@ each verdict it prints (a clean sample classified correctly, an adversarial exam
 misclassified, a certificate probe keeping its class) by running the untouched file in
 onnxruntime (`robaudit.attacks.runner.confirm_in_file`), and compares file and
 translation at points inside every certified ball
-(`robaudit.stages.certify.file_mismatch_in_balls`). This runs one real scan per model,
-as `robaudit scan` does, times every call of both inside it, and reports that time as a
-fraction of the whole scan (both figures from the same run), with the number of rows
-the file was asked about and how many verdicts it overturned.
+(`robaudit.stages.certify.file_mismatch_in_balls`); when it loads the file, it checks
+the translation node by node (`robaudit.models.onnx_nodes.check_nodes`). This runs one
+real scan per model, as `robaudit scan` does, times every call of the three inside it,
+and reports each as a fraction of the whole scan (all figures from the same run), with
+the number of rows the file was asked about and how many verdicts it overturned.
 
 Usage (from the repository root; one CPU thread; about 10 minutes):
     python benchmarks/file_confirm_overhead.py                  # writes benchmarks/results/file_confirm_overhead.json
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 import robaudit.attacks.runner as runner
+import robaudit.models.onnx_nodes as onnx_nodes
 import robaudit.stages.certify as certify_stage
 from robaudit.api import audit
 from robaudit.demo import demo_path
@@ -71,13 +73,23 @@ def measure(name: str, n: int) -> dict:
         spent["balls_s"] = spent.get("balls_s", 0.0) + time.perf_counter() - start
         return out
 
+    original_nodes = onnx_nodes.check_nodes
+
+    def timed_nodes(*args, **kwargs):
+        start = time.perf_counter()
+        out = original_nodes(*args, **kwargs)
+        spent["nodes_s"] = spent.get("nodes_s", 0.0) + time.perf_counter() - start
+        return out
+
     runner.confirm_in_file, certify_stage.file_mismatch_in_balls = timed, timed_balls
+    onnx_nodes.check_nodes = timed_nodes
     try:
         start = time.perf_counter()
         report = audit(model, data, threats=threats, n=n, **_manifest_stats(name), **extra)
         total = time.perf_counter() - start
     finally:
         runner.confirm_in_file, certify_stage.file_mismatch_in_balls = original, original_balls
+        onnx_nodes.check_nodes = original_nodes
     return {
         "model": name,
         "n": n,
@@ -86,6 +98,8 @@ def measure(name: str, n: int) -> dict:
         "confirm_s": round(spent["seconds"], 3),
         "fraction": round(spent["seconds"] / total, 4),
         "rows_asked": spent["rows"],
+        "nodes_s": round(spent.get("nodes_s", 0.0), 3),
+        "nodes_fraction": round(spent.get("nodes_s", 0.0) / total, 4),
         "balls_s": round(spent.get("balls_s", 0.0), 3),
         "balls_fraction": round(spent.get("balls_s", 0.0) / total, 4),
         "certificate": report.summary.certificate.reason if report.summary.certificate else None,

@@ -308,10 +308,10 @@ def _convert(model: onnx.ModelProto, hints: list[str]):
 
 
 def _to_torch(model: onnx.ModelProto, path: Path, hints: list[str]) -> tuple:
-    """Convert with onnx2torch, falling back to older opsets; returns (module, note or None)."""
+    """Convert with onnx2torch, falling back to older opsets; returns (module, note or None, the graph converted)."""
     opset = _default_opset(model)
     try:
-        return _convert(model, hints), None
+        return _convert(model, hints), None, model
     except Exception as exc:  # noqa: BLE001 - NotImplementedError for missing converters, bare errors on odd graphs
         first = exc
 
@@ -320,11 +320,12 @@ def _to_torch(model: onnx.ModelProto, path: Path, hints: list[str]) -> tuple:
             continue
         try:
             found: list[str] = []
-            net = _convert(_convert_version(model, target), found)
+            converted = _convert_version(model, target)
+            net = _convert(converted, found)
         except Exception:  # noqa: BLE001 - this opset does not work either; try the next
             continue
         hints.extend(found)
-        return net, f"ONNX graph converted from opset {opset} to {target} for onnx2torch"
+        return net, f"ONNX graph converted from opset {opset} to {target} for onnx2torch", converted
 
     match = _OP_RE.search(str(first))
     if match:
@@ -384,11 +385,11 @@ def load_onnx(path: Path) -> RawModel:
     if gelus:
         notes.append(f"{gelus} ONNX Gelu op(s) rewritten as their Erf/Tanh formula for onnx2torch")
     hints: list[str] = []
-    net, note = _to_torch(model, path, hints)
+    net, note, converted = _to_torch(model, path, hints)
     if note:
         notes.append(note)
     return RawModel(
-        reference=OnnxReference(original, hints),
+        reference=OnnxReference(original, hints, translated=converted, convert=lambda m: _convert(m, [])),
         net=freeze(net),
         format="onnx",
         input_shape=input_shape,  # type: ignore[arg-type]

@@ -13,6 +13,8 @@ when they disagree (`wrapper._check_translation`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx
 import torch
@@ -32,13 +34,23 @@ class OnnxReference(torch.nn.Module):
     """The file's graph as a module (no gradients): numpy in, the graph's outputs out, in order.
 
     `hints` holds what onnx2torch warned about while translating (its own admissions of
-    inexact conversions), for the error message when the two disagree.
+    inexact conversions), for the error message when the two disagree. `translated` is the
+    graph onnx2torch converted (the file after robaudit's exact in-memory rewrites) and
+    `convert` that converter, for checking the translation node by node (`onnx_nodes`).
     """
 
-    def __init__(self, model: onnx.ModelProto, hints: list[str]) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        hints: list[str],
+        translated: onnx.ModelProto | None = None,
+        convert: Callable[[onnx.ModelProto], torch.nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.hints = hints
+        self.translated = translated
+        self.convert = convert
         inits = {i.name for i in model.graph.initializer}
         first = next(i for i in model.graph.input if i.name not in inits)
         self.input_name = first.name

@@ -12,11 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from robaudit.errors import RobauditError
 from robaudit.models.detect import RawModel, one_line
+
+if TYPE_CHECKING:
+    from robaudit.models.onnx_reference import OnnxReference
 
 BATCH_RTOL, BATCH_ATOL = 1e-4, 1e-5
 PROB_ATOL = 1e-4
@@ -117,15 +121,20 @@ class AuditModel(torch.nn.Module):
             z = torch.cat([z, z.new_zeros((self.chunk - n, *z.shape[1:]))])
         return self._run(z)[:n]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if tuple(x.shape[1:]) != self.sample_shape:
-            raise ValueError(f"expected input of shape (B, {_shape_text(self.sample_shape)}), got {tuple(x.shape)}")
-        b = x.shape[0]
+    def net_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the net itself receives for pixels `x`: normalized (--mean/--std) and reshaped."""
         z = x.to(self.dtype)
         if self.mean is not None:
             z = (z - self.mean) / self.std
         if self.model_shape is not None:
-            z = z.reshape(b, *self.model_shape)
+            z = z.reshape(x.shape[0], *self.model_shape)
+        return z
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != self.sample_shape:
+            raise ValueError(f"expected input of shape (B, {_shape_text(self.sample_shape)}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        z = self.net_input(x)
         if b == 0 and self.num_classes is not None:
             return x.new_zeros((0, self.num_classes), dtype=torch.float32)
         if self.chunk is None:
@@ -183,7 +192,9 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     `BATCH_ATOL`), not more. A graph whose own evaluator differs from run to run (random
     ops) cannot be checked. Where onnx2torch itself warned that its translation may
     differ, no sample can prove it exact everywhere, and where no evaluator runs the file
-    nothing was checked: certificates are refused then (`AuditModel.inexact`).
+    nothing was checked: certificates are refused then (`AuditModel.inexact`). So are
+    they where a node, checked on its own on random inputs (`onnx_nodes.check_nodes`),
+    is not translated exactly: a branch the inputs here leave switched off may hide it.
     """
     m = min(REFERENCE_SAMPLES, x.shape[0])
     gen = torch.Generator().manual_seed(0)
@@ -209,9 +220,10 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     engine, rtol = reference.engine, reference.rtol
     if within_rounding(got, ref, rtol):
         model._file = (twin,)
+        nodes = _check_nodes(model, reference, x)
         return (
-            f"ONNX-to-PyTorch translation checked against {engine} on {len(z)} inputs ({m} data samples); clean "
-            f"predictions, adversarial examples and certificate probes are confirmed in {engine} too"
+            f"ONNX-to-PyTorch translation checked against {engine} on {len(z)} inputs ({m} data samples){nodes}; "
+            f"clean predictions, adversarial examples and certificate probes are confirmed in {engine} too"
         )
     with torch.no_grad():
         again = twin(z).double()
@@ -226,6 +238,24 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
         f"samples{shapes}{why}), so robaudit would audit another model than the file; re-export it with other "
         "op settings or save it as TorchScript or torch.export (.pt2)"
     )
+
+
+def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -> str:
+    """Each node of the converted graph against onnxruntime on its own (`onnx_nodes`): a node that is not
+    translated exactly, or could not be checked, leaves the translation `inexact` (no certificate).
+    Returns the clause for the note."""
+    from robaudit.models.onnx_nodes import check_nodes
+
+    if reference.translated is None or reference.convert is None:
+        return ""
+    n = reference.batch or (1 if model.batching == "per-sample" else 2)  # a batch size the graph takes
+    with torch.no_grad():
+        z = model.net_input(x[torch.arange(n) % len(x)].cpu()).numpy().astype(reference.dtype)
+    reason = check_nodes(reference.translated, z, reference.convert, reference.rtol, original=reference.model)
+    if reason is None:
+        return ", and node by node on random inputs"
+    model.inexact = model.inexact or f"the ONNX-to-PyTorch translation is not known to be exact: {reason}"
+    return f", but not node by node ({reason}: no certificate)"
 
 
 def within_rounding(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:

@@ -1,0 +1,200 @@
+"""Each ONNX node's translation checked on its own, on random inputs of its real shapes.
+
+`wrapper._check_translation` compares the whole translated network with the file on 24
+inputs near the data. A node that onnx2torch mistranslates without a warning (CumSum
+over the width was one) can hide behind a ReLU branch those inputs leave switched off,
+and the certificate, computed on the translation, would then be about another network
+wherever that branch switches on. Here every node that depends on the image is cut out
+of the graph that onnx2torch converted, converted again on its own by the same
+converter, and run by onnxruntime and by its translation on random inputs of the shapes
+it sees in a real run: a mistranslated op disagrees on generic inputs whatever the
+rest of the network does with them.
+
+The cut-out keeps the node's surroundings as the converter sees them: inputs that are
+initializers in the file stay initializers, outputs of Constant nodes stay Constant
+nodes, and every other input becomes a graph input fed with its real value (integer
+and shape-derived tensors) or a random one (floating-point tensors computed from the
+image). Nodes computed from constants alone are the same on every input, so the
+whole-network check covers them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from robaudit.models.detect import one_line
+
+DRAWS = 3  # random inputs per node
+RTOL, ATOL = 1e-4, 1e-5  # of the largest output magnitude, as in the whole-network check
+_SHAPE_ONLY = {"Shape", "Size"}  # their outputs depend on the shape of the image, not on its values
+
+
+def check_nodes(
+    model: onnx.ModelProto, z: np.ndarray, convert, rtol: float = RTOL, original: onnx.ModelProto | None = None
+) -> str | None:
+    """Why some node of `model` (the graph onnx2torch converted) is not translated exactly, or None.
+
+    `z` is a real input of the graph (after robaudit's preprocessing, at a batch size the
+    graph takes); `convert(model) -> torch.nn.Module` is the converter that translated it.
+    A node that cannot be cut out, converted or run on its own counts as unchecked. Outputs
+    may differ by `rtol` of their largest magnitude (float32 rounding; more for float16).
+    `original` is the file as written where robaudit converted it to an older opset for
+    onnx2torch: nodes the converter carried over unchanged are only valid at the file's own
+    opset, so onnxruntime runs the values and such nodes at that opset where it rejects the
+    converted one.
+    """
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    constants = {out: n for n in graph.node if n.op_type == "Constant" for out in n.output}
+    image = next(i.name for i in graph.input if i.name not in inits)
+    opsets = [list(model.opset_import)]
+    if original is not None and list(original.opset_import) != opsets[0]:
+        opsets.append(list(original.opset_import))
+    values = None
+    for source in [model] + ([original] if len(opsets) > 1 else []):
+        try:
+            values = _intermediates(source, image, z)
+            break
+        except Exception as exc:  # noqa: BLE001 - onnxruntime cannot run the graph with its intermediates exposed
+            error = exc
+    if values is None:
+        return f"its nodes could not be run one by one to check their translation ({one_line(error, 160)})"
+    twins = {}  # output name -> (node of the file as written, its initializers, its Constant outputs)
+    if original is not None and len(opsets) > 1:
+        o_inits = {t.name: t for t in original.graph.initializer}
+        o_constants = {out: n for n in original.graph.node if n.op_type == "Constant" for out in n.output}
+        twins = {n.output[0]: (n, o_inits, o_constants) for n in original.graph.node if n.output}
+    data = {image}
+    rng = np.random.default_rng(0)
+    for index, node in enumerate(graph.node):
+        if not any(name in data for name in node.input) or node.op_type in _SHAPE_ONLY:
+            continue
+        data.update(o for o in node.output if o)
+        what = f"node {node.name or index} ({node.op_type})"
+        if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            return f"{what} holds a subgraph, whose translation cannot be checked on its own"
+        try:
+            mini, feeds = _cut_out(node, inits, constants, values, data, opsets[0], model.ir_version)
+            net = convert(mini).eval()  # inference: batch norm with its running statistics, no dropout
+            session, ref_feeds = _reference(mini, feeds, opsets, twins.get(node.output[0]), values, data)
+            for _ in range(DRAWS):
+                feed = {name: _draw(value, rng) if random else value for name, (value, random) in feeds.items()}
+                want = session.run(None, {name: feed.get(name, value) for name, (value, _) in ref_feeds.items()})
+                with torch.no_grad():
+                    got = net(*[torch.from_numpy(np.array(feed[name])) for name in feeds])
+                got = list(got) if isinstance(got, (tuple, list)) else [got]
+                size = _difference(got, want, rtol)
+                if size is not None:
+                    return f"onnx2torch translates {what} into something else (outputs differ by up to {size:.3g} on random inputs)"
+        except Exception as exc:  # noqa: BLE001 - an op that cannot stand alone: unchecked, so not certified
+            return f"the translation of {what} could not be checked on its own ({one_line(exc, 160)})"
+    return None
+
+
+def _reference(mini: onnx.ModelProto, feeds: dict, opsets: list, twin, values: dict, data: set):
+    """onnxruntime's session for the node and its feeds: the cut-out itself at the first opset onnxruntime
+    accepts or, where it accepts none (the opset converter left an attribute of the later op behind),
+    the same node as the file writes it (same op and output), cut out of the file at its own opset."""
+    try:
+        return _session(mini, opsets), feeds
+    except Exception:
+        node = mini.graph.node[-1]
+        if twin is None or twin[0].op_type != node.op_type:
+            raise
+        written, o_inits, o_constants = twin
+        ref_mini, ref_feeds = _cut_out(written, o_inits, o_constants, values, data, opsets[-1], mini.ir_version)
+        if any(random and name not in feeds for name, (_, random) in ref_feeds.items()):
+            raise
+        return _session(ref_mini, opsets[-1:]), ref_feeds
+
+
+def _session(mini: onnx.ModelProto, opsets: list):
+    """An onnxruntime session for the one-node model, at the first of `opsets` it accepts."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    for k, opset in enumerate(opsets):
+        del mini.opset_import[:]
+        mini.opset_import.extend(opset)
+        try:
+            return onnxruntime.InferenceSession(mini.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - a node carried over from a later opset: try the file's own
+            if k == len(opsets) - 1:
+                raise
+    raise AssertionError("no opset to try")  # pragma: no cover
+
+
+def _intermediates(model: onnx.ModelProto, image: str, z: np.ndarray) -> dict[str, np.ndarray]:
+    """Every value of the graph on input `z`, from onnxruntime with all node outputs exposed."""
+    import onnxruntime
+
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    known = {o.name for o in exposed.graph.output}
+    for node in exposed.graph.node:
+        for out in node.output:
+            if out and out not in known:
+                exposed.graph.output.append(onnx.ValueInfoProto(name=out))
+                known.add(out)
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(None, {image: z})))
+    values[image] = z
+    return values
+
+
+def _cut_out(node: onnx.NodeProto, inits: dict, constants: dict, values: dict, data: set, opset: list, ir_version: int):
+    """The one-node model and its feeds {input name: (real value, randomize?)}, in graph-input order."""
+    nodes, initializers, inputs, feeds = [], [], [], {}
+    for name in dict.fromkeys(n for n in node.input if n):
+        if name in inits:
+            initializers.append(inits[name])
+        elif name in constants:
+            nodes.append(constants[name])
+        else:
+            value = np.asarray(values[name])
+            elem = helper.np_dtype_to_tensor_dtype(value.dtype)
+            inputs.append(helper.make_tensor_value_info(name, elem, list(value.shape)))
+            feeds[name] = (value, name in data and value.dtype.kind == "f")
+    nodes.append(node)
+    outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
+    graph = helper.make_graph(nodes, "node", inputs, outputs, initializer=initializers)
+    mini = helper.make_model(graph, opset_imports=list(opset), ir_version=ir_version)
+    return mini, feeds
+
+
+def _draw(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random tensor of the same shape and dtype, spread like `value` (at least unit scale around it)."""
+    scale = float(np.abs(value).max()) if value.size else 1.0
+    scale = scale if np.isfinite(scale) and scale > 0 else 1.0
+    return (value + scale * rng.standard_normal(value.shape)).astype(value.dtype)
+
+
+def _difference(got: list, want: list, rtol: float) -> float | None:
+    """The largest disagreement beyond rounding between torch's and onnxruntime's outputs, or None."""
+    if len(got) < len(want):
+        return float("inf")
+    for g, w in zip(got, want):
+        g = g.detach().cpu().numpy() if isinstance(g, torch.Tensor) else np.asarray(g)
+        w = np.asarray(w)
+        if g.shape != w.shape:
+            return float("inf")
+        if w.dtype.kind != "f":
+            if not np.array_equal(g, w):
+                return float("inf")
+            continue
+        g, w = g.astype(np.float64), w.astype(np.float64)
+        finite = np.isfinite(w)
+        scale = rtol * (np.abs(w[finite]).max() if finite.any() else 0.0) + ATOL
+        bad = (np.abs(g - w) > scale) & ~((g == w) | (np.isnan(g) & np.isnan(w)))
+        if bad.any():
+            return float(np.abs(g - w)[bad].max())
+    return None
