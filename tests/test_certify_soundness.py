@@ -59,6 +59,9 @@ def _refused(net: nn.Module) -> str:
         (nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Softplus(beta=-1.0), nn.Linear(16, 10)), "beta -1.0"),
         (Lambda(lambda h: F.softplus(h, beta=-2.0)), "beta -2.0"),
         (Lambda(lambda h: F.softplus(h, 1.0, 1.0)), "threshold 1.0"),
+        # exp(beta x) overflows float32 to inf past 88.72, before torch's switch to x at the threshold
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Softplus(threshold=1000.0), nn.Linear(16, 10)), "threshold 1000.0"),
+        (Lambda(lambda h: F.softplus(h, 2.0, 100.0)), "overflows float32 to inf"),
     ],
 )
 def test_activations_the_bound_cannot_handle_are_refused(net: nn.Module, fragment: str) -> None:
@@ -66,6 +69,52 @@ def test_activations_the_bound_cannot_handle_are_refused(net: nn.Module, fragmen
     assert fragment in message
     if "slope" in fragment:
         assert "non-monotone" in message
+
+
+def test_softplus_threshold_limits_match_torchs_float32_arithmetic() -> None:
+    """The premise of the two limits: torch's float32 softplus is inf below a threshold of 1000, and its
+    switch to x at a threshold of 88 stays within float32 rounding of the smooth curve."""
+    from robaudit.certify.graph import SOFTPLUS_MAX_THRESHOLD
+
+    assert torch.isinf(F.softplus(torch.tensor([89.0]), 1.0, 1000.0)).all()
+    z = torch.linspace(0.0, SOFTPLUS_MAX_THRESHOLD, 10001)
+    assert torch.isfinite(F.softplus(z, 1.0, SOFTPLUS_MAX_THRESHOLD)).all()
+    exact = F.softplus(z.double(), 1.0, 1e9)
+    assert ((F.softplus(z, 1.0, SOFTPLUS_MAX_THRESHOLD).double() - exact).abs() <= 2e-7 * exact.clamp_min(1.0)).all()
+
+
+class _Cap:
+    """A forward hook that caps a layer's outputs (picklable, like hooks saved with a whole module)."""
+
+    def __init__(self, top: float) -> None:
+        self.top = top
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output.clamp_max(self.top)
+
+
+def test_forward_hooks_are_refused_not_traced_away() -> None:
+    """fx records a hooked layer as a plain call, so the graph would be the network without its hooks
+    (found by the soundness hunt of 2026-12-05: a cap inactive on the first samples, which the graph
+    check compares, made PGD break certified radii). Module hooks, pre-hooks and global hooks are refused."""
+    x, y = digits()
+
+    def hooked() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+
+    net = hooked()
+    net[1].register_forward_hook(_Cap(0.5))
+    assert "forward hooks on 1 change what the network computes" in _refused(net)
+    net = hooked()
+    net[3].register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
+    assert "forward hooks on 3" in _refused(net)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: output)
+    try:
+        assert "a global forward hook" in _refused(hooked())
+    finally:
+        handle.remove()
+    certify_l2(hooked(), x[:4], y[:4])  # without hooks: certified as before
 
 
 @pytest.mark.parametrize("slope", [0.2, 3.0])

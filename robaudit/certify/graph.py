@@ -165,6 +165,8 @@ def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict)
 
 
 SOFTPLUS_MIN_THRESHOLD = 10.0  # torch's softplus returns x above it: off the smooth curve by < 5e-5 / beta
+# below it torch computes log1p(exp(beta x)) / beta, and exp overflows float32 to inf past beta x = 88.72
+SOFTPLUS_MAX_THRESHOLD = 88.0
 
 
 def _activation(b, name: str, var, kind: str, args, kwargs):
@@ -187,6 +189,10 @@ def _activation(b, name: str, var, kind: str, args, kwargs):
         if not threshold >= SOFTPLUS_MIN_THRESHOLD:
             raise CertificateUnavailable(
                 f"{name}: Softplus with threshold {threshold} (switches to x far from the smooth curve)"
+            )
+        if not threshold <= SOFTPLUS_MAX_THRESHOLD:
+            raise CertificateUnavailable(
+                f"{name}: Softplus with threshold {threshold} (exp overflows float32 to inf before it switches to x)"
             )
         return b.act(name, var, kind, beta=beta, threshold=threshold)
     return b.act(name, var, kind)

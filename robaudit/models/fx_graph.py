@@ -47,14 +47,47 @@ def is_torchscript(net: nn.Module) -> bool:
     return isinstance(net, torch.jit.ScriptModule)  # scripted and traced (RecursiveScriptModule)
 
 
+def hooked_modules(net: nn.Module) -> list[str]:
+    """Names of the modules of `net` whose calls run forward (pre-)hooks, "every module" for global ones.
+
+    fx traces `forward` and records calls of leaf modules as plain calls: a hook that edits
+    a layer's input or output (registered on a module, or for all modules with
+    `torch.nn.modules.module.register_module_forward_hook`) is not part of the graph.
+    """
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return ["every module (a global forward hook)"]
+    if is_torchscript(net):
+        return []  # TorchScript compiles its hooks into the code the converter reads
+    return [
+        name or type(m).__name__
+        for name, m in net.named_modules()
+        if any(_changes_values(h) for hooks in (getattr(m, "_forward_hooks", {}), getattr(m, "_forward_pre_hooks", {}))
+               for h in hooks.values())
+    ]  # fmt: skip
+
+
+def _changes_values(hook) -> bool:
+    """Any hook but the ones `torch.export`'s `.module()` puts on its own graph module: they check the
+    input shapes against the program's and switch a flag around the call; they edit no value."""
+    return getattr(hook, "__module__", None) != "torch.export._unlift"
+
+
 def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """An fx graph computing `net` (an fx GraphModule, a plain module or TorchScript).
 
     `example` is one input batch exactly as `net` receives it: the TorchScript converter
     runs the net on it and fixes every size of 1 in it (a batch of 1 gives a graph for
     batch 1 only, with a guard; a batch of 2 keeps the batch size free). Raises
-    NotTraceable when no graph can be had.
+    NotTraceable when no graph can be had, or when forward hooks would be left out of it.
     """
+    hooked = hooked_modules(net)
+    if hooked:
+        raise NotTraceable(
+            f"forward hooks on {', '.join(hooked[:3])} change what the network computes, and a traced graph "
+            "runs without them"
+        )
     if isinstance(net, fx.GraphModule):
         return net
     if is_torchscript(net):
