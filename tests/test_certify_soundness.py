@@ -4,6 +4,8 @@ rigorously (the bound is checked against real float32 evaluations, in the ball t
 
 from __future__ import annotations
 
+import functools
+
 import html
 import math
 
@@ -105,16 +107,52 @@ def test_forward_hooks_are_refused_not_traced_away() -> None:
 
     net = hooked()
     net[1].register_forward_hook(_Cap(0.5))
-    assert "forward hooks on 1 change what the network computes" in _refused(net)
+    assert "forward hooks or replaced methods on 1 change what the network computes" in _refused(net)
     net = hooked()
     net[3].register_forward_pre_hook(lambda module, inputs: (inputs[0] * 2,))
-    assert "forward hooks on 3" in _refused(net)
+    assert "forward hooks or replaced methods on 3" in _refused(net)
     handle = torch.nn.modules.module.register_module_forward_hook(lambda module, inputs, output: output)
     try:
         assert "a global forward hook" in _refused(hooked())
     finally:
         handle.remove()
     certify_l2(hooked(), x[:4], y[:4])  # without hooks: certified as before
+
+
+def _capped_forward(layer: nn.Linear, top: float, h: torch.Tensor) -> torch.Tensor:
+    return F.linear(h, layer.weight, layer.bias).clamp_max(top)
+
+
+def test_methods_replaced_on_one_module_are_refused() -> None:
+    """A leaf module whose `forward` (or `_conv_forward`) is replaced on the instance, as accelerate's
+    hooks and monkeypatches do, is traced as the plain layer and read by its weights: the replacement
+    would not be in the graph (found by the soundness hunt of 2026-12-05, PGD broke radii at 0.72 R)."""
+    x, y = digits()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    net[1].forward = functools.partial(_capped_forward, net[1], 0.5)
+    assert "forward hooks or replaced methods on 1 (forward replaced)" in _refused(net)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 10)).eval()
+    conv[0]._conv_forward = functools.partial(lambda layer, h, w, b: F.conv2d(h, w, b).clamp_max(0.5), conv[0])
+    assert "on 0 (_conv_forward replaced)" in _refused(conv)
+
+
+def test_pruning_hooks_recompute_weights_and_are_certified() -> None:
+    """torch.nn.utils.prune keeps its masked weight through a forward pre-hook that recomputes it from
+    weight_orig and the mask, the same for every input: such a net is certified, with the radii of the
+    same net after the pruning is made permanent."""
+    import torch.nn.utils.prune as prune
+
+    x, y = digits()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+    prune.l1_unstructured(net[1], "weight", 0.5)
+    with torch.no_grad():
+        y = net(x[:8]).argmax(1)
+    pruned = certify_l2(net, x[:8], y).radius
+    prune.remove(net[1], "weight")
+    assert not net[1]._forward_pre_hooks
+    assert torch.equal(certify_l2(net, x[:8], y).radius, pruned) and bool((pruned > 0).any())
 
 
 @pytest.mark.parametrize("slope", [0.2, 3.0])

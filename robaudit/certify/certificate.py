@@ -169,6 +169,7 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certifi
         first = min(batch_size, FIRST_BATCH) if n > batch_size else n
         for s, e in _batches(n, first, batch_size):
             xb, yb = x[s:e], y[s:e]
+            check_graph(graph, model, xb)  # on every sample certified: a branch the first 8 leave off is seen too
             best, chosen, per_method = _certify_batch(model, graph, methods, xb, yb, plan)
             radius[s:e] = best
             method[s:e] = chosen

@@ -48,11 +48,15 @@ def is_torchscript(net: nn.Module) -> bool:
 
 
 def hooked_modules(net: nn.Module) -> list[str]:
-    """Names of the modules of `net` whose calls run forward (pre-)hooks, "every module" for global ones.
+    """Names of the modules of `net` whose calls run more than their class's code: forward
+    (pre-)hooks, "every module" for global ones, or a method replaced on the instance.
 
-    fx traces `forward` and records calls of leaf modules as plain calls: a hook that edits
-    a layer's input or output (registered on a module, or for all modules with
-    `torch.nn.modules.module.register_module_forward_hook`) is not part of the graph.
+    fx traces `forward` and records calls of leaf modules as plain calls, which robaudit
+    reads by the module's type and weights: a hook that edits a layer's input or output
+    (registered on a module, or for all modules with
+    `torch.nn.modules.module.register_module_forward_hook`), or a `forward` /
+    `_conv_forward` replaced on one instance (as accelerate's hooks and monkeypatches do),
+    is not part of the graph.
     """
     from torch.nn.modules import module as torch_module
 
@@ -60,18 +64,25 @@ def hooked_modules(net: nn.Module) -> list[str]:
         return ["every module (a global forward hook)"]
     if is_torchscript(net):
         return []  # TorchScript compiles its hooks into the code the converter reads
-    return [
-        name or type(m).__name__
-        for name, m in net.named_modules()
-        if any(_changes_values(h) for hooks in (getattr(m, "_forward_hooks", {}), getattr(m, "_forward_pre_hooks", {}))
-               for h in hooks.values())
-    ]  # fmt: skip
+    found = []
+    for name, m in net.named_modules():
+        hooks = [*getattr(m, "_forward_hooks", {}).values(), *getattr(m, "_forward_pre_hooks", {}).values()]
+        patched = [a for a, v in vars(m).items() if callable(v) and callable(getattr(type(m), a, None)) and _changes_values(v)]
+        if any(_changes_values(h) for h in hooks) or patched:
+            found.append((name or type(m).__name__) + (f" ({', '.join(patched)} replaced)" if patched else ""))
+    return found
+
+
+# torch's own machinery: torch.export's `.module()` checks input shapes and guards in hooks and replaced
+# methods; pruning and the old weight_norm / spectral_norm recompute a weight from other parameters before
+# each call, the same for every input (the graph reads that weight, and `check_graph` compares outputs)
+_TORCH_OWN = ("torch.export.", "torch._export.", "torch._dynamo.", "torch.nn.utils.prune",
+              "torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm")  # fmt: skip
 
 
 def _changes_values(hook) -> bool:
-    """Any hook but the ones `torch.export`'s `.module()` puts on its own graph module: they check the
-    input shapes against the program's and switch a flag around the call; they edit no value."""
-    return getattr(hook, "__module__", None) != "torch.export._unlift"
+    """Any hook or replacement method but the ones torch's own machinery installs (`_TORCH_OWN`)."""
+    return not str(getattr(hook, "__module__", None) or "").startswith(_TORCH_OWN)
 
 
 def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
@@ -85,8 +96,8 @@ def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     hooked = hooked_modules(net)
     if hooked:
         raise NotTraceable(
-            f"forward hooks on {', '.join(hooked[:3])} change what the network computes, and a traced graph "
-            "runs without them"
+            f"forward hooks or replaced methods on {', '.join(hooked[:3])} change what the network computes, and "
+            "a traced graph runs without them"
         )
     if isinstance(net, fx.GraphModule):
         return net
