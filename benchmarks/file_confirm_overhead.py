@@ -65,24 +65,19 @@ def measure(name: str, n: int) -> dict:
         spent["overturned"] += int((out != pred).sum())
         return out
 
-    original_balls = certify_stage.file_mismatch_in_balls
+    def stopwatch(fn, key: str):
+        def timed_call(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[key] = spent.get(key, 0.0) + time.perf_counter() - start
+            return out
 
-    def timed_balls(*args, **kwargs):
-        start = time.perf_counter()
-        out = original_balls(*args, **kwargs)
-        spent["balls_s"] = spent.get("balls_s", 0.0) + time.perf_counter() - start
-        return out
+        return timed_call
 
-    original_nodes = onnx_nodes.check_nodes
-
-    def timed_nodes(*args, **kwargs):
-        start = time.perf_counter()
-        out = original_nodes(*args, **kwargs)
-        spent["nodes_s"] = spent.get("nodes_s", 0.0) + time.perf_counter() - start
-        return out
-
-    runner.confirm_in_file, certify_stage.file_mismatch_in_balls = timed, timed_balls
-    onnx_nodes.check_nodes = timed_nodes
+    original_balls, original_nodes = certify_stage.file_mismatch_in_balls, onnx_nodes.check_nodes
+    runner.confirm_in_file = timed
+    certify_stage.file_mismatch_in_balls = stopwatch(original_balls, "balls_s")
+    onnx_nodes.check_nodes = stopwatch(original_nodes, "nodes_s")
     try:
         start = time.perf_counter()
         report = audit(model, data, threats=threats, n=n, **_manifest_stats(name), **extra)
