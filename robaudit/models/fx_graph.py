@@ -47,7 +47,7 @@ def is_torchscript(net: nn.Module) -> bool:
     return isinstance(net, torch.jit.ScriptModule)  # scripted and traced (RecursiveScriptModule)
 
 
-def hooked_modules(net: nn.Module) -> list[str]:
+def untraced_modules(net: nn.Module) -> list[str]:
     """Names of the modules of `net` whose calls run more than their class's code: forward
     (pre-)hooks, "every module" for global ones, or a method replaced on the instance.
 
@@ -91,12 +91,12 @@ def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     `example` is one input batch exactly as `net` receives it: the TorchScript converter
     runs the net on it and fixes every size of 1 in it (a batch of 1 gives a graph for
     batch 1 only, with a guard; a batch of 2 keeps the batch size free). Raises
-    NotTraceable when no graph can be had, or when forward hooks would be left out of it.
+    NotTraceable when no graph can be had, or when hooks or replaced methods would be left out of it.
     """
-    hooked = hooked_modules(net)
-    if hooked:
+    untraced = untraced_modules(net)
+    if untraced:
         raise NotTraceable(
-            f"forward hooks or replaced methods on {', '.join(hooked[:3])} change what the network computes, and "
+            f"forward hooks or replaced methods on {', '.join(untraced[:3])} change what the network computes, and "
             "a traced graph runs without them"
         )
     if isinstance(net, fx.GraphModule):
