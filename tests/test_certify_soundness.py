@@ -137,6 +137,17 @@ def test_methods_replaced_on_one_module_are_refused() -> None:
     assert "on 0 (_conv_forward replaced)" in _refused(conv)
 
 
+def test_nan_scores_are_named_as_such() -> None:
+    """A model that returns NaN or inf on some samples gets a certificate refusal that says so (found by
+    the soundness hunt: it used to be blamed on batch- or data-dependent behaviour)."""
+    x, _ = digits()
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        net[1].weight.fill_(1e38)  # float32 overflows to inf on every digit
+        assert torch.isinf(net(x[:4])).any()
+    assert "returns NaN or infinite scores" in _refused(net)
+
+
 def test_pruning_hooks_recompute_weights_and_are_certified() -> None:
     """torch.nn.utils.prune keeps its masked weight through a forward pre-hook that recomputes it from
     weight_orig and the mask, the same for every input: such a net is certified, with the radii of the

@@ -1197,6 +1197,8 @@ def check_graph(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
     """The float64 graph must reproduce the model's logits (guards against any tracing slip)."""
     with torch.no_grad():
         want = model(x).detach().to("cpu", F64).reshape(len(x), -1)
+    if not bool(torch.isfinite(want).all()):
+        raise CertificateUnavailable("the model returns NaN or infinite scores on some of the samples")
     got = graph.logits(x.detach().to("cpu", F64))
     scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
     err = ((got - want).abs() / scale).max().item() if want.numel() else 0.0
