@@ -792,7 +792,7 @@ def test_certificate_refused_where_the_translation_differs_from_the_file_inside_
         assert (other(inside) - model(inside)).abs().max() > 1e-2
     cert = certify_l2(model, x, y)
     assert cert.radius[s] > 0.1 * radius
-    check = dict(lower=0.0, upper=1.0, seed=0)
+    check = dict(lower=0.0, upper=1.0, batch_size=64, device=torch.device("cpu"), seed=0)
     assert file_mismatch_in_balls(model, x, cert.radius, x.clone(), **check) is None  # its own file agrees
     model._file = (other,)
     reason = file_mismatch_in_balls(model, x, cert.radius, x.clone(), **check)

@@ -164,9 +164,7 @@ def confirm_in_file(model: nn.Module, x: torch.Tensor, y: torch.Tensor, pred: to
     rows = torch.nonzero(pred != y if claim == "misclassified" else pred == y).flatten()
     if len(rows) == 0:
         return pred
-    with torch.no_grad():
-        parts = [twin(x[rows[i : i + FILE_BATCH]].detach().cpu()).argmax(dim=1) for i in range(0, len(rows), FILE_BATCH)]
-    got = torch.cat(parts)
+    got = predict(twin, x[rows].detach().cpu(), FILE_BATCH, torch.device("cpu"))
     differs = (got == y[rows]) if claim == "misclassified" else (got != y[rows])
     pred = pred.clone()
     pred[rows[differs]] = got[differs]  # y where a "misclassified" point is correct in the file, its wrong label otherwise

@@ -26,6 +26,7 @@ import torch
 from onnx import helper
 
 from robaudit.models.detect import one_line
+from robaudit.models.onnx_reference import ort_session
 
 DRAWS = 3  # random inputs per node
 RTOL, ATOL = 1e-4, 1e-5  # of the largest output magnitude, as in the whole-network check
@@ -113,16 +114,11 @@ def _reference(mini: onnx.ModelProto, feeds: dict, opsets: list, twin, values: d
 
 def _session(mini: onnx.ModelProto, opsets: list):
     """An onnxruntime session for the one-node model, at the first of `opsets` it accepts."""
-    import onnxruntime
-
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
     for k, opset in enumerate(opsets):
         del mini.opset_import[:]
         mini.opset_import.extend(opset)
         try:
-            return onnxruntime.InferenceSession(mini.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            return ort_session(mini)
         except Exception:  # noqa: BLE001 - a node carried over from a later opset: try the file's own
             if k == len(opsets) - 1:
                 raise
@@ -131,8 +127,6 @@ def _session(mini: onnx.ModelProto, opsets: list):
 
 def _intermediates(model: onnx.ModelProto, image: str, z: np.ndarray) -> dict[str, np.ndarray]:
     """Every value of the graph on input `z`, from onnxruntime with all node outputs exposed."""
-    import onnxruntime
-
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     known = {o.name for o in exposed.graph.output}
@@ -141,10 +135,7 @@ def _intermediates(model: onnx.ModelProto, image: str, z: np.ndarray) -> dict[st
             if out and out not in known:
                 exposed.graph.output.append(onnx.ValueInfoProto(name=out))
                 known.add(out)
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = onnxruntime.InferenceSession(exposed.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort_session(exposed)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(None, {image: z})))
     values[image] = z

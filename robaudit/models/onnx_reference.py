@@ -86,14 +86,20 @@ class OnnxReference(torch.nn.Module):
         return tensors[0] if len(tensors) == 1 else tuple(tensors)
 
 
-def _onnxruntime(model: onnx.ModelProto):
+def ort_session(model: onnx.ModelProto, threads: int | None = None):
+    """An onnxruntime CPU session that runs `model` as written (no graph optimizations, errors only logged)."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
-    options.intra_op_num_threads = torch.get_num_threads()
+    if threads is not None:
+        options.intra_op_num_threads = threads
     options.log_severity_level = 3  # errors only: its warnings about old opsets are not the user's concern here
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _onnxruntime(model: onnx.ModelProto):
+    session = ort_session(model, torch.get_num_threads())
     return lambda feed: session.run(None, feed)
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from robaudit.attacks.runner import MinimalOutcome, ProgressSink, ThreatOutcome, judge
+from robaudit.attacks.runner import MinimalOutcome, ProgressSink, ThreatOutcome, judge, logits
 from robaudit.models.wrapper import AuditModel, rounding_agreement
 from robaudit.precision import NOTE as PRECISION_NOTE
 from robaudit.precision import full_precision
@@ -155,7 +155,16 @@ def _ball_points(
 
 
 def file_mismatch_in_balls(
-    model: nn.Module, x: torch.Tensor, radius: torch.Tensor, closest: torch.Tensor, *, lower: float, upper: float, seed: int
+    model: nn.Module,
+    x: torch.Tensor,
+    radius: torch.Tensor,
+    closest: torch.Tensor,
+    *,
+    lower: float,
+    upper: float,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
 ) -> str | None:
     """Why the certificate cannot stand for an ONNX file: its translation computes other scores inside a ball.
 
@@ -183,10 +192,9 @@ def file_mismatch_in_balls(
     for d in directions:
         for fraction in FILE_FRACTIONS:
             points = _ball_points(xs, rs, d, fraction, lower, upper)
-            with torch.no_grad(), full_precision():
-                got = torch.cat([model(points[i : i + FILE_CHUNK].to(_device(model))).cpu().double()
-                                 for i in range(0, len(points), FILE_CHUNK)])  # fmt: skip
-                ref = torch.cat([twin(points[i : i + FILE_CHUNK]).double() for i in range(0, len(points), FILE_CHUNK)])
+            with full_precision():
+                got = logits(model, points, batch_size, device).double()
+                ref = logits(twin, points, FILE_CHUNK, torch.device("cpu")).double()
             agree = rounding_agreement(got, ref, twin.net.rtol)
             differ += int((~agree).sum())
             total += len(agree)
@@ -198,10 +206,6 @@ def file_mismatch_in_balls(
         f"scores differ by up to {worst:.3g} at {differ} of {total} points checked with {twin.net.engine}), so radii "
         "computed on the translation would not be about the file"
     )
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next((t.device for t in [*model.parameters(), *model.buffers()]), torch.device("cpu"))
 
 
 def certify_skip_reason(
@@ -280,7 +284,9 @@ def certify_stage(
         for i, m in zip(idx.tolist(), cert.method):
             method[i] = m
     notes = [n for n in parts[0][1].notes if not n.startswith("largest radius from")] + [PRECISION_NOTE]
-    mismatch = file_mismatch_in_balls(model, x, radius, closest, lower=lower, upper=upper, seed=seed)
+    mismatch = file_mismatch_in_balls(
+        model, x, radius, closest, lower=lower, upper=upper, batch_size=batch_size, device=device, seed=seed
+    )
     if mismatch is not None:
         return unavailable(mismatch, budget, adversarial_l2, time.perf_counter() - started)
     if isinstance(model, AuditModel) and model.file_twin is not None:
