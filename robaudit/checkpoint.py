@@ -5,7 +5,10 @@ same folder, then `os.replace`), so a scan killed at any moment leaves only whol
 files. With ``--checkpoint DIR`` the folder is the user's and outlives the scan: the
 same command run again loads what is there and audits only the rest. A manifest holds
 the scan's fingerprint (model file hash, data and its sample, seed, threats, battery,
-chunk size, ...) and a checkpoint written for anything else is refused.
+chunk size, ...) and a checkpoint written for anything else is refused. Two things a
+file hash cannot see are checked as well: what the network computes (an edited `--arch`
+file or other class code behind a pickle changes the network, not the file), and the
+pixels of every chunk read back (an image folder whose files were replaced).
 
 Files hold plain tensors, lists and JSON text only, read back with
 ``torch.load(weights_only=True)``: loading a checkpoint never runs code from it.
@@ -13,6 +16,7 @@ Files hold plain tensors, lists and JSON text only, read back with
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -36,6 +40,10 @@ from robaudit.threats import Threat
 MANIFEST = "manifest.json"
 DECISIONS = "decisions.json"
 FORMAT = 1
+PROBE_KEY = "model_probe"  # the network's scores on fixed random inputs, compared with a tolerance
+PROBE_ROWS = 8
+PROBE_RTOL = 1e-3  # far above float32 reordering (other thread counts), far below any change to the network
+PIXELS = "pixels"  # per-chunk file stage: the digest of the chunk's pixels
 
 
 class ChunkStore:
@@ -70,12 +78,64 @@ class ChunkStore:
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
             raise RobauditError(f"checkpoint file {path} cannot be read ({type(exc).__name__}); delete it to redo that chunk") from exc
 
+    def save_pixels(self, k: int, x: torch.Tensor) -> None:
+        """Written before the chunk's results, so every stored result has the digest of the pixels it came from."""
+        if self.keep:
+            self.save(k, PIXELS, {"sha256": pixel_digest(x)})
+
+    def check_pixels(self, k: int, x: torch.Tensor) -> None:
+        """Refuse to reuse a chunk's results for pixels other than the ones it was computed on."""
+        if not self.keep:
+            return
+        stored = self.load(k, PIXELS)["sha256"] if self.has(k, PIXELS) else None
+        if stored != pixel_digest(x):
+            why = "holds no digest of its pixels" if stored is None else "was computed on other pixels (the data changed)"
+            raise RobauditError(
+                f"--checkpoint {self.root}: chunk {k + 1} {why}; use a new folder, or delete this one to start over"
+            )
+
     def decisions(self) -> dict[str, Any] | None:
         path = self.root / DECISIONS
         return json.loads(path.read_text()) if path.exists() else None
 
     def save_decisions(self, decisions: dict[str, Any]) -> None:
         write_atomic(self.root / DECISIONS, lambda handle: handle.write(json.dumps(decisions, indent=1).encode()))
+
+
+def pixel_digest(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def model_probe(
+    model: torch.nn.Module, sample_shape: tuple[int, ...], input_range: tuple[float, float], device: torch.device,
+) -> list[list[float]] | None:  # fmt: skip
+    """The network's scores on fixed random inputs in the box, or None for a network whose scores are random.
+
+    A checkpoint stores them, so results computed by one network are never reused for
+    another that sits in a file with the same hash. The inputs do not come from the data,
+    whose changes the per-chunk pixel digests name.
+    """
+    lower, upper = input_range
+    gen = torch.Generator().manual_seed(0)
+    x = (lower + (upper - lower) * torch.rand((PROBE_ROWS, *sample_shape), generator=gen)).to(device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        scores = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            scores.append(model(x).detach().to("cpu", torch.float64))
+    if not torch.equal(scores[0], scores[1]):
+        return None
+    return scores[0].flatten(1).tolist()
+
+
+def _same_probe(found: Any, mine: Any) -> bool:
+    if found is None or mine is None:
+        return found is None and mine is None
+    a, b = torch.tensor(found, dtype=torch.float64), torch.tensor(mine, dtype=torch.float64)
+    if a.shape != b.shape:
+        return False
+    scale = float(a.abs().max()) if a.numel() else 0.0
+    return bool(torch.allclose(a, b, rtol=PROBE_RTOL, atol=PROBE_RTOL * scale))
 
 
 def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> ChunkStore:
@@ -88,7 +148,9 @@ def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> C
             found = json.loads(manifest.read_text())
         except (OSError, ValueError) as exc:
             raise RobauditError(f"--checkpoint {root}: {MANIFEST} cannot be read ({exc}); use an empty folder") from exc
-        differs = [key for key in sorted(set(found) | set(fingerprint)) if found.get(key) != fingerprint.get(key)]
+        differs = [key for key in sorted((set(found) | set(fingerprint)) - {PROBE_KEY}) if found.get(key) != fingerprint.get(key)]
+        if not differs and not _same_probe(found.get(PROBE_KEY), fingerprint.get(PROBE_KEY)):
+            differs = ["what the model computes (the same file, another network: was its code changed?)"]
         if differs:
             raise RobauditError(
                 f"--checkpoint {root} was written by another scan (it differs in: {', '.join(differs)}); "

@@ -23,7 +23,10 @@ from robaudit import __version__
 from robaudit.attacks import AttackRun, ThreatOutcome
 from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, ProgressSink
 from robaudit.attacks.spatial import describe
-from robaudit.checkpoint import ChunkStore, attacks_from_plain, attacks_to_plain, final_from_plain, final_to_plain, open_checkpoint, plan_chunks
+from robaudit.checkpoint import (
+    PROBE_KEY, ChunkStore, attacks_from_plain, attacks_to_plain, final_from_plain, final_to_plain, model_probe,
+    open_checkpoint, plan_chunks,
+)
 from robaudit.distributed import Cluster
 from robaudit.progress import prefixed
 from robaudit.stages.certify import CertifyResult, certify_skip_reason
@@ -267,15 +270,19 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
 
     # 4-8. every chunk of this rank: clean pass, attacks, trust checks, re-verification; then indicator, certificate
     chunks = plan_chunks(len(y), config.chunk_size)
-    store = _open_store(config, cluster, _fingerprint(config, data, battery, batch_size, device))
+    store = _open_store(config, cluster, _fingerprint(config, data, battery, batch_size, device, model, randomized))
     try:
         mine = cluster.shard(len(chunks))
         costs = [0.0] * 5  # battery passes, samples, attack seconds, correctly classified samples, chunks with masking
         for k in mine:
             start, stop = chunks[k]
             if not store.has(k, "attacks"):
-                part = attack_chunk(setup, model, k, start, data.take(start, stop), y[start:stop], _in_chunk(progress, k, chunks))
+                x = data.take(start, stop)
+                store.save_pixels(k, x)
+                part = attack_chunk(setup, model, k, start, x, y[start:stop], _in_chunk(progress, k, chunks))
                 store.save(k, "attacks", attacks_to_plain(part))
+            else:  # a resumed chunk: only if its pixels are the ones it was attacked on
+                store.check_pixels(k, data.take(start, stop))
             part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape, dense=False)
             masked = float(part.trust is not None and part.trust.masking)
             costs = [a + b for a, b in zip(costs, [part.battery_passes, part.n, part.seconds, float((part.clean_pred == y[start:stop]).sum()), masked])]
@@ -412,8 +419,15 @@ def _open_store(config: ScanConfig, cluster: Cluster, fingerprint: dict) -> Chun
     return store
 
 
-def _fingerprint(config: ScanConfig, data: Dataset, battery: list[AttackRun], batch_size: int, device: torch.device) -> dict:
-    """Everything a chunk's results depend on: a checkpoint written for other values is refused."""
+def _fingerprint(
+    config: ScanConfig, data: Dataset, battery: list[AttackRun], batch_size: int, device: torch.device,
+    model: torch.nn.Module, randomized: bool,
+) -> dict:  # fmt: skip
+    """Everything a chunk's results depend on: a checkpoint written for other values is refused.
+
+    The model file's hash does not cover the code that builds the network (`--arch`, the
+    classes behind a pickle), so a checkpoint also keeps what the network computes.
+    """
     settings = _config_dict(config, battery, batch_size)
     for key in ("fail_under", "max_drop", "baseline", "strict", "plots", "n"):
         settings.pop(key, None)
@@ -426,6 +440,7 @@ def _fingerprint(config: ScanConfig, data: Dataset, battery: list[AttackRun], ba
         "data_labels": hashlib.sha256(data.y.numpy().astype(np.int64).tobytes()).hexdigest(),
         "device": device.type,
         **settings,
+        PROBE_KEY: None if randomized or config.checkpoint is None else model_probe(model, data.sample_shape, config.input_range, device),
     }
 
 

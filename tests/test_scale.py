@@ -104,6 +104,66 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path: Path) -> None:
     assert same.code == 0, same.stderr
 
 
+ARCH_FILE = """
+import torch.nn as nn
+
+
+def build(num_classes=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.{act}(), nn.Linear(32, num_classes))
+"""
+
+
+def test_a_checkpoint_of_another_network_in_the_same_weights_file_is_refused(tmp_path: Path) -> None:
+    """The file's hash cannot see the --arch code: an edited factory is another network."""
+    from safetensors.torch import save_file
+
+    arch = tmp_path / "mynet.py"
+    arch.write_text(ARCH_FILE.format(act="ReLU"))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
+    weights = tmp_path / "net.safetensors"
+    save_file(net.state_dict(), str(weights))
+    ckpt = tmp_path / "ckpt"
+    scan = ["scan", weights, "--arch", f"{arch}:build", "--data", "digits", "--samples", "8", "--preset", "quick",
+            "--no-checks", "--no-certify", "-q", "--checkpoint", ckpt]  # fmt: skip
+    first = run_cli(*scan)
+    assert first.code in (0, 1), first.stderr
+    arch.write_text(ARCH_FILE.format(act="Sigmoid"))  # same weights, same file hash, another network
+    assert_one_line_error(run_cli(*scan), "what the model computes")
+    arch.write_text(ARCH_FILE.format(act="ReLU"))  # the network the checkpoint was written for: resumed
+    again = run_cli(*scan, "--json", tmp_path / "again.json")
+    assert again.code == first.code, again.stderr
+
+
+def test_a_checkpoint_is_not_reused_for_other_pixels(tmp_path: Path) -> None:
+    """An image folder whose files were replaced (same names, same labels) is other data."""
+    import numpy as np
+    from PIL import Image
+
+    from tests.conftest import bundled_digits
+
+    x, y = bundled_digits()
+    folder = tmp_path / "images"
+
+    def write(images: np.ndarray) -> None:
+        for i in range(8):
+            (folder / str(int(y[i]))).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(images[i].reshape(8, 8).astype(np.uint8)).save(folder / str(int(y[i])) / f"{i}.png")
+
+    pixels = x[:8].astype(np.float64)  # uint8 digits in 0..255
+    write(pixels)
+    ckpt = tmp_path / "ckpt"
+    scan = ["scan", DEMO, "--data", folder, "--chunk-size", "4", "--preset", "quick", "--no-checks", "--no-certify",
+            "-q", "--checkpoint", ckpt]  # fmt: skip
+    first = run_cli(*scan)
+    assert first.code in (0, 1), first.stderr
+    write(255.0 - pixels)  # every file replaced by another image of the same label
+    assert_one_line_error(run_cli(*scan), "computed on other pixels")
+    write(pixels)
+    again = run_cli(*scan)
+    assert again.code == first.code, again.stderr
+
+
 def test_a_non_checkpoint_folder_is_refused(tmp_path: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
