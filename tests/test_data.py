@@ -227,6 +227,24 @@ def test_image_folder_errors(tmp_path: Path) -> None:
         load_data(str(root), n=None, seed=0)
 
 
+@pytest.mark.parametrize("kind", ["png16", "tiff-float"])
+def test_image_folder_with_deep_pixels_is_refused_not_clipped(tmp_path: Path, kind: str) -> None:
+    """PIL's 8-bit conversion clips 16-bit and float images (a 16-bit 300 becomes 255): refuse them."""
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    write_png(root / "0" / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    (root / "1").mkdir()
+    if kind == "png16":
+        Image.fromarray(np.full((4, 4), 300, dtype=np.uint16)).save(root / "1" / "b.png")
+        fragment = r"b\.png has 16-bit pixels"
+    else:
+        Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(root / "1" / "b.tiff")
+        fragment = r"b\.tiff has 32-bit float pixels"
+    with raises_one_line(fragment):
+        load_data(str(root), n=None, seed=0)
+
+
 # ----------------------------------------------------------------- sampling
 
 

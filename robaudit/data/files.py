@@ -25,6 +25,9 @@ SUPPORTED_FORMATS = (
 )
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# 16-bit, 32-bit integer and float images: PIL's conversion to 8 bits clips them instead of scaling
+DEEP_MODES = {"I": "32-bit integer", "I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit",
+              "F": "32-bit float"}  # fmt: skip
 CHANNEL_AXIS_SIZES = {1, 3, 4}
 
 
@@ -236,9 +239,14 @@ def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int
         try:
             with Image.open(file) as img:
                 all_gray = all_gray and img.mode in GRAY_MODES
-                size = img.size
+                size, mode = img.size, img.mode
         except Exception as exc:
             raise RobauditError(f"cannot read image {name}: {short_reason(exc)}.") from exc
+        if mode in DEEP_MODES:
+            raise RobauditError(
+                f"image {name} has {DEEP_MODES[mode]} pixels (PIL mode {mode}); image folders are read as 8-bit "
+                "images: convert the images to 8 bits, or pass the data as .npz / .npy with values in the input range."
+            )
         if first is None:
             first = (name, size)
         elif size != first[1]:
