@@ -297,7 +297,7 @@ class Sine(nn.Module):
     [
         (nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.GELU(), nn.Linear(16, 10)), "2: GELU"),
         (nn.Sequential(nn.Flatten(), nn.Linear(64, 16), Sine(), nn.Linear(16, 10)), "2 (Sine): torch.sin"),
-        (nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax(dim=1)), "2: Softmax"),
+        (nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax(dim=1), nn.Linear(10, 10)), "2: Softmax"),
     ],
 )
 def test_unsupported_layer_makes_the_certificate_unavailable(net: nn.Module, fragment: str) -> None:

@@ -561,8 +561,12 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("clamp-by-input", Fn(lambda x: torch.minimum(x, x.flip(1)), "min(x, flip(x))"), False, ("minimum",)),
     ("stack-batch", Fn(lambda x: torch.stack([x, x], 0)[0], "stack on the batch"), True, ("batch",)),
     ("cat-batch", Fn(lambda x: torch.cat([x, x], 0)[: x.shape[0]], "cat on the batch"), True, ("batch",)),
-    ("softmax-output", Fn(lambda x: x, "identity"), False, ("Softmax",)),  # softmax appended below
-    ("log-softmax-output", Fn(lambda x: x, "identity"), False, ("log_softmax",)),
+    # a softmax anywhere but at the end, over the batch, or in other arithmetic
+    ("softmax-inside", nn.Softmax(dim=1), False, ("softmax", "Softmax")),
+    ("log-softmax-inside", Fn(lambda x: F.log_softmax(x, 1), "F.log_softmax(x, 1)"), True, ("log_softmax",)),
+    ("softmax-output-over-batch", Fn(lambda x: x, "identity"), False, ("softmax",)),  # softmax appended below
+    ("softmax-output-float64", Fn(lambda x: x, "identity"), False, ("softmax",)),
+    ("softmax-output-scaled", Fn(lambda x: x, "identity"), False, ("softmax",)),
 ]
 
 class Branches(nn.Module):
@@ -625,15 +629,25 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("adaptive-uneven", nn.AdaptiveAvgPool2d((3, 2)), True),
     ("adaptive-overlap", Fn(lambda x: F.adaptive_avg_pool2d(x, 3), "F.adaptive_avg_pool2d(x, 3)"), True),
     ("adaptive-larger", nn.AdaptiveAvgPool2d((5, 7)), True),
+    # a softmax or log-softmax closing the network picks the class its scores pick (appended below)
+    ("softmax-output", Fn(lambda x: x, "identity"), False),
+    ("log-softmax-output", Fn(lambda x: x, "identity"), True),
 ]
+
+
+CLOSING = {
+    "softmax-output": nn.Softmax(dim=1),
+    "log-softmax-output": Fn(lambda x: F.log_softmax(x, dim=-1), "F.log_softmax(x, -1)"),
+    "softmax-output-over-batch": Fn(lambda x: F.softmax(x, dim=0), "F.softmax(x, 0)"),
+    "softmax-output-float64": Fn(lambda x: F.softmax(x, dim=1, dtype=torch.float64).float(), "softmax in float64"),
+    "softmax-output-scaled": Fn(lambda x: 2 * F.softmax(x, dim=1), "2 softmax(x)"),
+}
 
 
 def _refusal_model(case: str, op: nn.Module, image: bool) -> nn.Module:
     net = _sandwich(op, image)
-    if case == "softmax-output":
-        net.append(nn.Softmax(dim=1))
-    if case == "log-softmax-output":
-        net.append(Fn(lambda x: F.log_softmax(x, dim=1), "F.log_softmax(x, 1)"))
+    if case in CLOSING:
+        net.append(CLOSING[case])
     return net
 
 
@@ -657,13 +671,45 @@ def test_unsupported_op_is_refused_naming_it(case: str, op: nn.Module, image: bo
     _assert_refused(_refusal_model(case, op, image), x, fragments)
 
 
-def test_probability_outputs_detected_by_the_wrapper_are_refused() -> None:
+def test_probabilities_from_a_closing_softmax_are_certified_as_the_scores_before_it() -> None:
     x, _ = _inputs()
+    scores = _sandwich(Fn(lambda x: x, "identity"), False)
+    y = scores(x).argmax(1)
+    want = certify_l2(scores, x, y).radius
+    assert (want > 0).all()
     net = _refusal_model("softmax-output", Fn(lambda x: x, "identity"), False)
-    raw = RawModel(net, format="torch", input_shape=None, num_classes=None)
-    model, info = wrap_model(raw, sample_shape=(1, 4, 4), probe=x)
+    model, info = wrap_model(RawModel(net, format="torch", input_shape=None, num_classes=None), sample_shape=(1, 4, 4), probe=x)
     assert info.output_kind == "probabilities"
-    _assert_refused(model, x, ("probabilities",))
+    cert = certify_l2(model, x, y)
+    assert torch.allclose(cert.radius, want, rtol=1e-2) and (cert.radius <= want).all()  # less only by the tie margin
+    assert any("ends in a softmax" in note for note in cert.notes), cert.notes
+
+
+def test_probabilities_not_from_a_softmax_are_refused() -> None:
+    x, _ = _inputs()
+    normalized = Fn(lambda z: torch.relu(z) / torch.relu(z).sum(1, keepdim=True).clamp_min(1e-6), "relu / sum")
+    net = _sandwich(Fn(lambda x: x, "identity"), False).append(normalized).eval()
+    model, info = wrap_model(RawModel(net, format="torch", input_shape=None, num_classes=None), sample_shape=(1, 4, 4), probe=x)
+    assert info.output_kind == "probabilities"
+    _assert_refused(model, x, ("probabilities", "div", "sum"))
+
+
+def test_a_closing_softmax_that_rounds_two_scores_to_a_tie_inside_the_ball_is_not_certified_there() -> None:
+    """Scores 2e-6 apart that close in slowly: a float32 softmax ties them (argmax: the first) near the edge
+    of the ball the scores alone certify, so the softmax model's radius must stop short of it."""
+    x0 = torch.full((1, 1, 4, 4), 0.5)
+    w = torch.full((16,), 1e-5 / 4)  # ||w|| = 1e-5
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2), nn.Softmax(dim=1)).eval().requires_grad_(False)
+    net[1].weight.zero_()
+    net[1].weight[1] = w
+    net[1].bias.copy_(torch.tensor([0.0, 2e-6 - float(w @ x0.flatten())]))
+    y = torch.ones(1, dtype=torch.long)
+    scores = certify_l2(net[:2], x0, y).radius
+    assert net(x0).argmax(1).item() == 1 and scores.item() > 0.19  # 2e-6 / 1e-5, less float32 rounding
+    inside = x0 - 0.199 * (w / w.norm()).view(1, 1, 4, 4)  # margin 1e-8 there: a tie for float32 exp
+    assert (inside - x0).norm().item() < scores.item() and net[:2](inside).argmax(1).item() == 1
+    assert net(inside).argmax(1).item() == 0 and 0 <= inside.min() and inside.max() <= 1
+    assert certify_l2(net, x0, y).radius.item() < 0.199
 
 
 @pytest.mark.parametrize("case, op, image", CERTIFIED, ids=[c[0] for c in CERTIFIED])

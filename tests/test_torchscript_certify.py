@@ -186,6 +186,46 @@ def test_torchscript_certifies_like_the_same_network_in_onnx(tmp_path, name, mak
         assert cert.method == reference.method
 
 
+class Closing(nn.Module):
+    """A trained classifier whose file ends in a softmax or log-softmax over the classes."""
+
+    def __init__(self, net: nn.Module, log: bool) -> None:
+        super().__init__()
+        self.net, self.log = net, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return F.log_softmax(z, dim=1) if self.log else F.softmax(z, dim=-1)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log-softmax"])
+def test_a_closing_softmax_certifies_like_the_scores_in_every_format(tmp_path, log: bool) -> None:
+    """ONNX at opsets 11 (onnx2torch's own softmax) and 13, traced and scripted TorchScript: the radii of
+    the scores alone, less at most the tie margin, and no random point at 0.999 R changes the file's class."""
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    net = fit(mlp(), 60)
+    reference = certify_l2(loaded(save(net, tmp_path / "scores.onnx", "onnx"), x), x, y, budget="fast").radius
+    assert (reference > 0).sum() >= 12
+    closing = Closing(net, log).eval()
+    files = [save(closing, tmp_path / f"closing_{kind}.pt", kind) for kind in ("trace", "script")]
+    for opset in (11, 13):
+        path = tmp_path / f"closing_{opset}.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(closing, (torch.zeros(2, 1, 8, 8),), str(path), input_names=["input"], output_names=["p"],
+                              dynamic_axes={"input": {0: "batch"}, "p": {0: "batch"}}, dynamo=False, opset_version=opset)  # fmt: skip
+        files.append(path)
+    for path in files:
+        model = loaded(path, x)
+        assert model.output_kind == ("logits" if log else "probabilities"), path.name
+        cert = certify_l2(model, x, y, budget="fast")
+        assert (cert.radius <= reference).all() and torch.allclose(cert.radius, reference, rtol=1e-2), path.name
+        assert any("ends in a" in note for note in cert.notes), cert.notes
+        sure = cert.radius > 0
+        assert_ball_keeps_decision(model, x[sure], y[sure], cert.radius[sure])
+
+
 def test_moves_clamps_and_concatenation_certify_alike_in_every_format(tmp_path) -> None:
     """The same MobileCNN as ONNX (both of torch's exporters), traced and scripted TorchScript and the
     unsaved module: the same radii, and random points at 0.999 of them keep the label."""

@@ -447,6 +447,9 @@ class CrownBound:
         def total(t: torch.Tensor) -> torch.Tensor:
             return t.reshape(n, s, -1).sum(2)
 
+        if start == len(g.nodes) - 1 and g.tie_margin:  # a closing softmax must not round the margin to a tie
+            const = const - 0.5 * g.tie_margin * total(spec.abs())
+
         for i in range(start, -1, -1):
             if extra is not None and i in extra:
                 push(i, extra[i])

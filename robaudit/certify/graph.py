@@ -65,6 +65,11 @@ class Graph:
     nodes: list[Node]
     sample_shape: Shape
     num_classes: int
+    # The softmax / log-softmax that closed the network, left out of `nodes` (they pick the
+    # class the scores before them pick), and what the model returns: its own scores
+    # ('logits'), or those scores through 'softmax' or 'log_softmax'.
+    final: str | None = None
+    returns: str = "logits"
     consumers: list[list[int]] = field(init=False)
     exact: list[bool] = field(init=False)  # node is an affine function of the input
 
@@ -106,6 +111,26 @@ class Graph:
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward(x)[-1]
+
+    @property
+    def tie_margin(self) -> float:
+        """The margin a closing softmax needs so float32 rounding in it cannot tie two classes.
+
+        exp, the shift and the division each round to within a few units in the last place
+        of values near 1 (softmax) or near log K (log-softmax); a gap of TIE_ULPS units at
+        that scale between the two scores keeps their order strict. 0 without one.
+        """
+        if self.final is None:
+            return 0.0
+        return TIE_ULPS * 2.0**-23 * (1.0 + math.log(self.num_classes))
+
+    def returned(self, scores: torch.Tensor) -> torch.Tensor:
+        """What the model returns for the graph's (B, K) scores."""
+        if self.returns == "softmax":
+            return torch.softmax(scores, dim=1)
+        if self.returns == "log_softmax":
+            return torch.log_softmax(scores, dim=1)
+        return scores
 
 
 # --------------------------------------------------------------------------- tracing helpers
@@ -164,6 +189,7 @@ def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict)
     return bound
 
 
+TIE_ULPS = 256  # float32 units (at the scale of the closing softmax's values) a certified margin keeps above a tie
 SOFTPLUS_MIN_THRESHOLD = 10.0  # torch's softplus returns x above it: off the smooth curve by < 5e-5 / beta
 # below it torch computes log1p(exp(beta x)) / beta, and exp overflows float32 to inf past beta x = 88.72
 SOFTPLUS_MAX_THRESHOLD = 88.0
@@ -247,6 +273,7 @@ class _Builder:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.nodes: list[Node] = []
+        self.final: str | None = None  # 'softmax' / 'log_softmax' that closed the network and was left out
 
     def add(self, name: str, op: Op | None, inputs: list[int], shape: Shape) -> int:
         self.nodes.append(Node(name, op, inputs, tuple(int(d) for d in shape)))
@@ -1033,6 +1060,73 @@ def _split_parts(
     return tuple(parts)
 
 
+_SOFTMAX_FUNCTIONS = {torch.softmax: "softmax", F.softmax: "softmax", torch.log_softmax: "log_softmax",
+                      F.log_softmax: "log_softmax", torch.special.softmax: "softmax",
+                      torch.special.log_softmax: "log_softmax"}  # fmt: skip
+_ATEN_SOFTMAX = {"_softmax": "softmax", "softmax": "softmax", "_log_softmax": "log_softmax", "log_softmax": "log_softmax"}
+
+
+def _softmax_kind(n: fx.Node, gm: fx.GraphModule) -> tuple[str, int, bool] | None:
+    """(kind, dim, over every dim from `dim` on) for a softmax or log-softmax node in float arithmetic, else None."""
+    args, kwargs = tuple(n.args[1:]), dict(n.kwargs)
+    if n.op == "call_module":
+        module = gm.get_submodule(n.target)
+        if args or kwargs:
+            return None
+        if type(module) in (nn.Softmax, nn.LogSoftmax) and module.dim is not None:
+            return ("softmax" if type(module) is nn.Softmax else "log_softmax"), module.dim, False
+        if type(module).__name__ == "OnnxSoftmaxV1V11":  # ONNX opset < 13: over the input flattened from `axis`
+            return ("log_softmax" if module.is_log else "softmax"), module.axis, True
+        return None
+    kind = None
+    if n.op == "call_function":
+        kind = _SOFTMAX_FUNCTIONS.get(n.target) or _ATEN_SOFTMAX.get(_aten_name(n.target) or "")
+    elif n.op == "call_method" and n.target in ("softmax", "log_softmax"):
+        kind = n.target
+    if kind is None:
+        return None
+    if n.op == "call_function" and _aten_name(n.target) is not None:  # aten: (x, dim, half_to_float | dtype)
+        bound = _bind(["dim", "extra"], {"extra": None}, args, kwargs)
+        if bound["extra"] not in (None, False, *_FLOATS):
+            return None
+    else:
+        bound = _bind(["dim", "_stacklevel", "dtype"], {"dim": None, "dtype": None}, args, kwargs)
+        if bound["dtype"] is not None:
+            return None
+    return (kind, bound["dim"], False) if isinstance(bound["dim"], int) else None
+
+
+def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.Node, str] | None:
+    """The softmax (or log-softmax) over the class scores that ends the network, if one does.
+
+    Both are strictly increasing in each class score and shift or scale every class
+    alike, so the class they pick is the class the scores before them pick: the bound
+    certifies those scores, with `TIE_MARGIN` against float32 ties in the last op. Only
+    a node whose sole use is the output, over every class and never over the batch, qualifies.
+    """
+    out = next((n for n in gm.graph.nodes if n.op == "output"), None)
+    target = out.args[0] if out is not None and out.args else None
+    while isinstance(target, (tuple, list)) and target:
+        target = target[0]
+    if isinstance(target, dict):
+        target = target.get("logits", next(iter(target.values()), None))
+    if not isinstance(target, fx.Node) or len(target.users) != 1 or not target.args:
+        return None
+    found = _softmax_kind(target, gm)
+    source = values.get(target.args[0]) if isinstance(target.args[0], fx.Node) else None
+    if found is None or not torch.is_tensor(source) or source.dtype not in _FLOATS or source.dim() < 2:
+        return None
+    kind, dim, onward = found
+    rank = source.dim()
+    if not -rank <= dim < rank:
+        return None
+    dim %= rank
+    reduced = set(range(dim, rank)) if onward else {dim}
+    if 0 in reduced or any(source.shape[d] > 1 for d in range(1, rank) if d not in reduced):
+        return None  # over the batch, or over part of the scores only
+    return target, kind
+
+
 def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int) -> int:
     """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node."""
     recorder = _Recorder(gm)
@@ -1040,6 +1134,9 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         recorder.run(example)
     values = recorder.values
     env: dict[fx.Node, Any] = {}
+    final = _final_softmax(gm, values)
+    if final is not None:
+        b.final = final[1]
 
     def resolve(a: Any) -> Any:
         return fx.node.map_arg(a, lambda n: env[n])
@@ -1071,6 +1168,14 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         if n.op == "get_attr" or not has_var((n.args, n.kwargs)):
             env[n] = values[n]  # a constant: parameters, ONNX constants, folded shape arithmetic
             continue
+        if final is not None and n is final[0]:  # the closing softmax: the bound certifies the scores before it
+            env[n] = resolve(n.args[0])
+            continue
+        if _softmax_kind(n, gm) is not None:
+            raise CertificateUnavailable(
+                f"{b.where(n, gm)} (a softmax is bounded only where it closes the network, over every class, "
+                "in the model's own float arithmetic)"
+            )
         args, kwargs = resolve(n.args), resolve(n.kwargs)
         shape_only = (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
             n.op == "call_function" and n.target is getattr and args[1] in ("shape", "ndim", "dtype", "device")
@@ -1141,12 +1246,8 @@ def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
     b = _Builder("")
     index = b.add("input", None, [], sample_shape)
     net = model
-    if hasattr(model, "net") and hasattr(model, "sample_shape") and hasattr(model, "output_kind"):
-        if model.output_kind != "logits":
-            raise CertificateUnavailable(
-                f"model output: {model.output_kind} (log of probabilities is not a layer the bound supports; "
-                "export the model without its final softmax)"
-            )
+    audited = hasattr(model, "net") and hasattr(model, "sample_shape") and hasattr(model, "output_kind")
+    if audited:
         if getattr(model, "inexact", None):
             raise CertificateUnavailable(model.inexact)
         if getattr(model, "batching", "batched") == "fixed-batch":
@@ -1172,13 +1273,23 @@ def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
         example = example.reshape(1, *(model.model_shape or sample_shape))
     gm = _trace(net, example)  # TorchScript is converted on this very input (batch 1)
     out = _walk(b, gm, example, index)
+    returns = "logits" if b.final is None else b.final
+    if audited and model.output_kind == "probabilities":  # the wrapper returns the log of the probabilities
+        if b.final != "softmax":
+            raise CertificateUnavailable(
+                "model output: probabilities that do not come from a softmax over the class scores closing the "
+                "network (export the model without its final layer)"
+            )
+        returns = "log_softmax"
+    elif b.final == "softmax" and audited:
+        raise CertificateUnavailable("model output: a softmax the wrapper did not see as probabilities")
     out_shape = b.nodes[out].shape
     k = math.prod(out_shape)
     if sum(d > 1 for d in out_shape) > 1:
         raise CertificateUnavailable(f"output: shape {out_shape} is not (batch, classes)")
     if out_shape != (k,):
         out = b.add("logits", ReshapeOp("logits", out_shape, (k,)), [out], (k,))
-    return Graph(_prune(b.nodes, out), sample_shape, k)
+    return Graph(_prune(b.nodes, out), sample_shape, k, final=b.final, returns=returns)
 
 
 def _prune(nodes: list[Node], out: int) -> list[Node]:
@@ -1199,9 +1310,12 @@ def check_graph(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
         want = model(x).detach().to("cpu", F64).reshape(len(x), -1)
     if not bool(torch.isfinite(want).all()):
         raise CertificateUnavailable("the model returns NaN or infinite scores on some of the samples")
-    got = graph.logits(x.detach().to("cpu", F64))
+    got = graph.returned(graph.logits(x.detach().to("cpu", F64)))
+    if graph.returns == "log_softmax" and got.shape == want.shape:  # tiny probabilities are clamped or lose digits
+        keep = (want > math.log(1e-20)) | (got > math.log(1e-20))
+        got, want = torch.where(keep, got, 0.0), torch.where(keep, want, 0.0)
     scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1.0)
-    err = ((got - want).abs() / scale).max().item() if want.numel() else 0.0
+    err = ((got - want).abs() / scale).max().item() if want.numel() and got.shape == want.shape else 0.0
     if want.shape != got.shape or not math.isfinite(err) or err > 1e-3:
         raise CertificateUnavailable(
             f"the traced graph does not reproduce the model's outputs (relative difference {err:.2g}); "

@@ -231,7 +231,8 @@ def float32_error(
         else:  # pragma: no cover - graph.py emits only the ops above
             raise TypeError(f"no float32 error model for {type(op).__name__}")
     out = errs[-1]
-    return out.reshape(out.shape[0], -1) * (1 + OUT_RTOL)
+    # a closing softmax left out of the graph (`Graph.final`): half its tie margin per score, the whole per margin
+    return out.reshape(out.shape[0], -1) * (1 + OUT_RTOL) + 0.5 * graph.tie_margin
 
 
 def pair_error(err: torch.Tensor, labels: torch.Tensor, others: torch.Tensor) -> torch.Tensor:

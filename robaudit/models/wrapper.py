@@ -355,6 +355,8 @@ def wrap_model(
         notes.append(_check_translation(model, raw, x))
     if out.min() >= 0 and out.max() <= 1 and torch.allclose(out.sum(1), torch.ones(out.shape[0]), atol=PROB_ATOL):
         model.output_kind = "probabilities"
+        if model.file_twin is not None:  # the file's verdicts and scores are read the same way
+            model.file_twin.output_kind = "probabilities"
         notes.append("model outputs probabilities (rows sum to 1); attacks use log-probabilities")
     model.num_classes = k
     if raw.num_classes is not None and raw.num_classes != k:
