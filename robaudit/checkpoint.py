@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from robaudit.atomic import write_atomic
+from robaudit.precision import full_precision
 from robaudit.attacks.runner import AttackRecord, MinimalOutcome, ThreatOutcome
 from robaudit.checks.verdict import CheckResult
 from robaudit.errors import RobauditError
@@ -42,7 +43,7 @@ DECISIONS = "decisions.json"
 FORMAT = 1
 PROBE_KEY = "model_probe"  # the network's scores on fixed random inputs, compared with a tolerance
 PROBE_ROWS = 8
-PROBE_RTOL = 1e-3  # far above float32 reordering (other thread counts), far below any change to the network
+PROBE_RTOL = 1e-5  # of the largest score: above float32 reordering (other thread counts), in full float32 precision
 PIXELS = "pixels"  # per-chunk file stage: the digest of the chunk's pixels
 
 
@@ -118,7 +119,7 @@ def model_probe(
     lower, upper = input_range
     gen = torch.Generator().manual_seed(0)
     x = (lower + (upper - lower) * torch.rand((PROBE_ROWS, *sample_shape), generator=gen)).to(device)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), torch.random.fork_rng(devices=[]), full_precision():  # no TF32: the same on every card
         scores = []
         for _ in range(2):
             torch.manual_seed(0)
@@ -126,6 +127,50 @@ def model_probe(
     if not torch.equal(scores[0], scores[1]):
         return None
     return scores[0].flatten(1).tolist()
+
+
+def code_digest(net: torch.nn.Module, arch: str | None) -> str:
+    """SHA-256 of the user's Python source behind the network: the `--arch` module and every module class's file.
+
+    The weights file's hash cannot see this code, and an edit to it (another activation,
+    another normalization constant) is another network. torch's, torchvision's and
+    onnx2torch's own files are left out: they come with the installed versions.
+    """
+    import inspect
+    import sys
+
+    libraries = [Path(m.__file__).resolve().parent for m in _libraries()]
+    files: set[Path] = set()
+    for module in net.modules():
+        try:
+            source = inspect.getsourcefile(type(module))
+        except TypeError:  # a class defined in C or in no file
+            source = None
+        if source:
+            files.add(Path(source).resolve())
+    spec = arch.rpartition(":")[0] if arch and ":" in arch else ""
+    if spec.endswith(".py"):
+        files.add(Path(spec).expanduser().resolve())
+    elif spec and getattr(sys.modules.get(spec), "__file__", None):
+        files.add(Path(sys.modules[spec].__file__).resolve())
+    digest = hashlib.sha256()
+    for file in sorted(files):
+        if any(file.is_relative_to(lib) for lib in libraries) or not file.is_file():
+            continue
+        digest.update(str(file).encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _libraries() -> list:
+    import importlib
+
+    found = []
+    for name in ("torch", "torchvision", "onnx2torch"):
+        try:
+            found.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    return [m for m in found if getattr(m, "__file__", None)]
 
 
 def _same_probe(found: Any, mine: Any) -> bool:
@@ -149,7 +194,9 @@ def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> C
         except (OSError, ValueError) as exc:
             raise RobauditError(f"--checkpoint {root}: {MANIFEST} cannot be read ({exc}); use an empty folder") from exc
         differs = [key for key in sorted((set(found) | set(fingerprint)) - {PROBE_KEY}) if found.get(key) != fingerprint.get(key)]
-        if not differs and not _same_probe(found.get(PROBE_KEY), fingerprint.get(PROBE_KEY)):
+        if PROBE_KEY not in found:
+            differs = ["written by an older robaudit, which kept no record of what the model computes"]
+        elif not differs and not _same_probe(found.get(PROBE_KEY), fingerprint.get(PROBE_KEY)):
             differs = ["what the model computes (the same file, another network: was its code changed?)"]
         if differs:
             raise RobauditError(

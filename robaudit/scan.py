@@ -24,7 +24,7 @@ from robaudit.attacks import AttackRun, ThreatOutcome
 from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, ProgressSink
 from robaudit.attacks.spatial import describe
 from robaudit.checkpoint import (
-    PROBE_KEY, ChunkStore, attacks_from_plain, attacks_to_plain, final_from_plain, final_to_plain, model_probe,
+    PROBE_KEY, ChunkStore, attacks_from_plain, code_digest, attacks_to_plain, final_from_plain, final_to_plain, model_probe,
     open_checkpoint, plan_chunks,
 )
 from robaudit.distributed import Cluster
@@ -270,7 +270,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
 
     # 4-8. every chunk of this rank: clean pass, attacks, trust checks, re-verification; then indicator, certificate
     chunks = plan_chunks(len(y), config.chunk_size)
-    store = _open_store(config, cluster, _fingerprint(config, data, battery, batch_size, device, model, randomized))
+    store = _open_store(config, cluster, _fingerprint(config, data, battery, batch_size, device, model, randomized, raw.net))
     try:
         mine = cluster.shard(len(chunks))
         costs = [0.0] * 5  # battery passes, samples, attack seconds, correctly classified samples, chunks with masking
@@ -421,12 +421,13 @@ def _open_store(config: ScanConfig, cluster: Cluster, fingerprint: dict) -> Chun
 
 def _fingerprint(
     config: ScanConfig, data: Dataset, battery: list[AttackRun], batch_size: int, device: torch.device,
-    model: torch.nn.Module, randomized: bool,
+    model: torch.nn.Module, randomized: bool, net: torch.nn.Module,
 ) -> dict:  # fmt: skip
     """Everything a chunk's results depend on: a checkpoint written for other values is refused.
 
     The model file's hash does not cover the code that builds the network (`--arch`, the
-    classes behind a pickle), so a checkpoint also keeps what the network computes.
+    classes behind a pickle), so a checkpoint also keeps that code's digest and what the
+    network computes.
     """
     settings = _config_dict(config, battery, batch_size)
     for key in ("fail_under", "max_drop", "baseline", "strict", "plots", "n"):
@@ -439,6 +440,8 @@ def _fingerprint(
         "data_indices": hashlib.sha256(np.asarray(data.indices, dtype=np.int64).tobytes()).hexdigest(),
         "data_labels": hashlib.sha256(data.y.numpy().astype(np.int64).tobytes()).hexdigest(),
         "device": device.type,
+        "chunk_size": config.chunk_size,
+        "model_code_sha256": code_digest(net, config.arch) if config.checkpoint is not None else None,
         **settings,
         PROBE_KEY: None if randomized or config.checkpoint is None else model_probe(model, data.sample_shape, config.input_range, device),
     }

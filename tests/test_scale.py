@@ -105,32 +105,43 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path: Path) -> None:
 
 
 ARCH_FILE = """
+import os
+
 import torch.nn as nn
 
 
+class Scaled(nn.Module):
+    def forward(self, x):
+        return (x - {mean}) / 0.3081
+
+
 def build(num_classes=10):
-    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.{act}(), nn.Linear(32, num_classes))
+    act = getattr(nn, os.environ.get("MYNET_ACT", "ReLU"))
+    return nn.Sequential(Scaled(), nn.Flatten(), nn.Linear(64, 32), act(), nn.Linear(32, num_classes))
 """
 
 
 def test_a_checkpoint_of_another_network_in_the_same_weights_file_is_refused(tmp_path: Path) -> None:
-    """The file's hash cannot see the --arch code: an edited factory is another network."""
+    """The file's hash cannot see the --arch code or what it reads: an edited or differently built factory
+    is another network, however small the edit."""
     from safetensors.torch import save_file
 
     arch = tmp_path / "mynet.py"
-    arch.write_text(ARCH_FILE.format(act="ReLU"))
+    arch.write_text(ARCH_FILE.format(mean="0.1307"))
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10))
     weights = tmp_path / "net.safetensors"
-    save_file(net.state_dict(), str(weights))
+    save_file({f"{int(k[0]) + 1}{k[1:]}": v for k, v in net.state_dict().items()}, str(weights))
     ckpt = tmp_path / "ckpt"
     scan = ["scan", weights, "--arch", f"{arch}:build", "--data", "digits", "--samples", "8", "--preset", "quick",
             "--no-checks", "--no-certify", "-q", "--checkpoint", ckpt]  # fmt: skip
     first = run_cli(*scan)
     assert first.code in (0, 1), first.stderr
-    arch.write_text(ARCH_FILE.format(act="Sigmoid"))  # same weights, same file hash, another network
-    assert_one_line_error(run_cli(*scan), "what the model computes")
-    arch.write_text(ARCH_FILE.format(act="ReLU"))  # the network the checkpoint was written for: resumed
+    # the same code and weights, another network: seen by what it computes
+    assert_one_line_error(run_cli(*scan, env={"MYNET_ACT": "Sigmoid"}), "what the model computes")
+    arch.write_text(ARCH_FILE.format(mean="0.1312"))  # a constant moved by 4e-4: seen in the code
+    assert_one_line_error(run_cli(*scan), "model_code_sha256")
+    arch.write_text(ARCH_FILE.format(mean="0.1307"))  # the network the checkpoint was written for: resumed
     again = run_cli(*scan, "--json", tmp_path / "again.json")
     assert again.code == first.code, again.stderr
 
