@@ -567,6 +567,8 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("softmax-output-over-batch", Fn(lambda x: x, "identity"), False, ("softmax",)),  # softmax appended below
     ("softmax-output-float64", Fn(lambda x: x, "identity"), False, ("softmax",)),
     ("softmax-output-scaled", Fn(lambda x: x, "identity"), False, ("softmax",)),
+    ("softmax-output-float16-positional", Fn(lambda x: x, "identity"), False, ("softmax",)),  # float16 rounding
+    ("log-softmax-method-float16-positional", Fn(lambda x: x, "identity"), False, ("log_softmax",)),
 ]
 
 class Branches(nn.Module):
@@ -641,6 +643,8 @@ CLOSING = {
     "softmax-output-over-batch": Fn(lambda x: F.softmax(x, dim=0), "F.softmax(x, 0)"),
     "softmax-output-float64": Fn(lambda x: F.softmax(x, dim=1, dtype=torch.float64).float(), "softmax in float64"),
     "softmax-output-scaled": Fn(lambda x: 2 * F.softmax(x, dim=1), "2 softmax(x)"),
+    "softmax-output-float16-positional": Fn(lambda x: torch.softmax(x, 1, torch.float16), "torch.softmax(x, 1, float16)"),
+    "log-softmax-method-float16-positional": Fn(lambda x: x.log_softmax(1, torch.float16), "x.log_softmax(1, float16)"),
 }
 
 

@@ -137,6 +137,34 @@ def test_methods_replaced_on_one_module_are_refused() -> None:
     assert "on 0 (_conv_forward replaced)" in _refused(conv)
 
 
+class TwoHeads(nn.Module):
+    """Returns ((first head,), second head): the wrapper classifies with the second (the first tensor item)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU())
+        self.first, self.second = nn.Linear(8, 3), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor):
+        h = self.body(x)
+        return (self.first(h),), self.second(h)
+
+
+def test_the_certified_output_is_the_one_the_wrapper_classifies_with() -> None:
+    """A nested tuple is skipped by the wrapper; the bound used to enter it and certify the other head."""
+    from robaudit.models import RawModel, wrap_model
+
+    net = TwoHeads().eval()
+    x = torch.rand((6, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    model, _ = wrap_model(RawModel(net, format="torch", input_shape=None, num_classes=None), sample_shape=(1, 4, 4), probe=x)
+    second = nn.Sequential(net.body, net.second).eval()
+    y = second(x).argmax(1)
+    assert torch.equal(model(x).argmax(1), y)
+    want = certify_l2(second, x, y).radius
+    assert (want > 0).all() and torch.allclose(certify_l2(model, x, y).radius, want)
+
+
 def test_nan_scores_are_named_as_such() -> None:
     """A model that returns NaN or inf on some samples gets a certificate refusal that says so (found by
     the soundness hunt: it used to be blamed on batch- or data-dependent behaviour)."""

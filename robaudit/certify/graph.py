@@ -30,6 +30,7 @@ from torch.fx.node import _get_qualified_name
 
 from robaudit.certify.errors import CertificateUnavailable
 from robaudit.models.fx_graph import NotTraceable, to_fx
+from robaudit.models.wrapper import _select_output
 from robaudit.certify.ops import (
     ActOp,
     AddOp,
@@ -1089,11 +1090,32 @@ def _softmax_kind(n: fx.Node, gm: fx.GraphModule) -> tuple[str, int, bool] | Non
         bound = _bind(["dim", "extra"], {"extra": None}, args, kwargs)
         if bound["extra"] not in (None, False, *_FLOATS):
             return None
-    else:
-        bound = _bind(["dim", "_stacklevel", "dtype"], {"dim": None, "dtype": None}, args, kwargs)
+    else:  # F.softmax(input, dim, _stacklevel, dtype); torch.softmax(input, dim, dtype); x.softmax(dim, dtype)
+        names = ["dim", "_stacklevel", "dtype"] if n.target in (F.softmax, F.log_softmax) else ["dim", "dtype"]
+        if len(args) > len(names):
+            return None
+        bound = _bind(names, {"dim": None, "dtype": None}, args, kwargs)
         if bound["dtype"] is not None:
             return None
     return (kind, bound["dim"], False) if isinstance(bound["dim"], int) else None
+
+
+def _class_output(out: Any, is_tensor: Callable[[Any], bool]) -> Any:
+    """The part of a net's output that the wrapper classifies with (`models.wrapper._select_output`), or None.
+
+    The same rule on both sides: a tensor; a dict's "logits", else its first tensor
+    value; a tuple's or list's first tensor item (nested tuples are skipped, not entered).
+    """
+    if is_tensor(out):
+        return out
+    if isinstance(out, dict):
+        logits = out.get("logits")
+        if is_tensor(logits):
+            return logits
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        return next((item for item in out if is_tensor(item)), None)
+    return None
 
 
 def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.Node, str] | None:
@@ -1106,16 +1128,16 @@ def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.N
     """
     out = next((n for n in gm.graph.nodes if n.op == "output"), None)
     target = out.args[0] if out is not None and out.args else None
-    while isinstance(target, (tuple, list)) and target:
-        target = target[0]
-    if isinstance(target, dict):
-        target = target.get("logits", next(iter(target.values()), None))
+    target = _class_output(target, lambda v: isinstance(v, fx.Node) and torch.is_tensor(values.get(v)))
     if not isinstance(target, fx.Node) or len(target.users) != 1 or not target.args:
         return None
     found = _softmax_kind(target, gm)
     source = values.get(target.args[0]) if isinstance(target.args[0], fx.Node) else None
+    result = values.get(target)
     if found is None or not torch.is_tensor(source) or source.dtype not in _FLOATS or source.dim() < 2:
         return None
+    if not torch.is_tensor(result) or result.dtype != source.dtype:
+        return None  # computed in another dtype (a positional `dtype`): its rounding is not the tie margin's
     kind, dim, onward = found
     rank = source.dim()
     if not -rank <= dim < rank:
@@ -1156,11 +1178,7 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
             env[n] = _Var(input_index, tuple(example.shape)) if first else values[n]
             continue
         if n.op == "output":
-            out = resolve(n.args[0])
-            while isinstance(out, (tuple, list)) and out:
-                out = out[0]
-            if isinstance(out, dict):
-                out = out.get("logits", next(iter(out.values())))
+            out = _class_output(resolve(n.args[0]), lambda v: isinstance(v, (_Var, torch.Tensor)))
             if not isinstance(out, _Var):
                 raise CertificateUnavailable(f"{b.prefix}output: does not depend on the input")
             output = out.index
@@ -1307,7 +1325,7 @@ def _prune(nodes: list[Node], out: int) -> list[Node]:
 def check_graph(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
     """The float64 graph must reproduce the model's logits (guards against any tracing slip)."""
     with torch.no_grad():
-        want = model(x).detach().to("cpu", F64).reshape(len(x), -1)
+        want = _select_output(model(x)).detach().to("cpu", F64).reshape(len(x), -1)
     if not bool(torch.isfinite(want).all()):
         raise CertificateUnavailable("the model returns NaN or infinite scores on some of the samples")
     got = graph.returned(graph.logits(x.detach().to("cpu", F64)))
