@@ -165,6 +165,42 @@ def test_the_certified_output_is_the_one_the_wrapper_classifies_with() -> None:
     assert (want > 0).all() and torch.allclose(certify_l2(model, x, y).radius, want)
 
 
+class DictHeads(TwoHeads):
+    """Returns {"aux": first head, "logits": second head}: the wrapper classifies with "logits"."""
+
+    def forward(self, x: torch.Tensor):
+        h = self.body(x)
+        return {"aux": self.first(h), "logits": self.second(h)}
+
+
+@pytest.mark.parametrize("kind", ["pt2", "script", "trace"])
+def test_files_returning_a_dict_are_certified_on_the_output_they_classify_with(tmp_path, kind: str) -> None:
+    """torch.export programs and converted TorchScript return a flat list from their graph and rebuild the
+    dict around it; the bound used to take the first leaf ("aux") while the verdicts were about "logits"."""
+    import warnings
+
+    from robaudit.models import load_model, wrap_model
+
+    net = DictHeads().eval()
+    x = torch.rand((6, 1, 4, 4), generator=torch.Generator().manual_seed(1))
+    path = tmp_path / f"heads.{'pt2' if kind == 'pt2' else 'pt'}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kind == "pt2":
+            batch = torch.export.Dim("batch", min=1)
+            torch.export.save(torch.export.export(net, (x[:2],), dynamic_shapes=({0: batch},)), str(path))
+        elif kind == "script":
+            torch.jit.script(net).save(str(path))
+        else:
+            torch.jit.trace(net, x[:2], strict=False).save(str(path))
+    model, _ = wrap_model(load_model(path), sample_shape=(1, 4, 4), probe=x)
+    second = nn.Sequential(net.body, net.second).eval()
+    y = second(x).argmax(1)
+    assert torch.equal(model(x).argmax(1), y) and not torch.equal(net(x)["aux"].argmax(1), y)
+    want = certify_l2(second, x, y).radius
+    assert (want > 0).all() and torch.allclose(certify_l2(model, x, y).radius, want)
+
+
 def test_nan_scores_are_named_as_such() -> None:
     """A model that returns NaN or inf on some samples gets a certificate refusal that says so (found by
     the soundness hunt: it used to be blamed on batch- or data-dependent behaviour)."""

@@ -18,6 +18,9 @@ from collections.abc import Iterator
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from robaudit.models.outputs import select_output
 
 # Loggers the converter and the export retrace write to (shape specialization notes, at WARNING).
 _NOISY_LOGGERS = ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes", "torch._dynamo")
@@ -100,13 +103,49 @@ def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             "a traced graph runs without them"
         )
     if isinstance(net, fx.GraphModule):
-        return net
-    if is_torchscript(net):
-        return _convert_torchscript(net, example)
-    try:
-        return fx.symbolic_trace(net)
-    except Exception as exc:  # noqa: BLE001 - data-dependent control flow and friends
-        raise NotTraceable(f"the network cannot be traced by torch.fx ({_one_line(exc)})") from None
+        gm = net
+    elif is_torchscript(net):
+        gm = _convert_torchscript(net, example)
+    else:
+        try:
+            gm = fx.symbolic_trace(net)
+        except Exception as exc:  # noqa: BLE001 - data-dependent control flow and friends
+            raise NotTraceable(f"the network cannot be traced by torch.fx ({_one_line(exc)})") from None
+    return _scores_only(gm, net, example)
+
+
+def _scores_only(gm: fx.GraphModule, net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """`gm` returning only the class scores, the output the wrapper classifies with (`models.outputs`).
+
+    A net may return a dict, a (named or nested) tuple; torch.export programs and
+    converted TorchScript even return a flat list from the graph and rebuild the
+    structure around it. Which leaf holds the scores is read from what `net` itself
+    returns on `example` (the very tensor the wrapper's rule picks, found by identity
+    among the flattened leaves), so every consumer of the graph (certificate, BPDA)
+    works on the output the verdicts are about. The user's net and graph are not changed.
+    """
+    with torch.no_grad():
+        runtime = net(example)
+    if torch.is_tensor(runtime):
+        return gm
+    chosen = select_output(runtime)
+    leaves = tree_flatten(runtime)[0]
+    index = next((i for i, leaf in enumerate(leaves) if leaf is chosen), None)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    structure = out_node.args[0] if out_node.args else None
+    spec = getattr(getattr(gm.graph._codegen, "pytree_info", None), "out_spec", None)
+    flat = list(structure) if spec is not None and isinstance(structure, (tuple, list)) else tree_flatten(structure)[0]
+    if chosen is None or index is None or len(flat) != len(leaves) or not isinstance(flat[index], fx.Node):
+        raise NotTraceable(
+            f"the graph's outputs cannot be matched with the {type(runtime).__name__} the network returns"
+        )
+    graph = fx.Graph()
+    mapped: dict[fx.Node, fx.Node] = {}
+    graph.graph_copy(gm.graph, mapped)
+    graph.output(mapped[flat[index]])
+    scores = fx.GraphModule(gm, graph)
+    scores.meta.update(getattr(gm, "meta", {}))
+    return scores
 
 
 def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:

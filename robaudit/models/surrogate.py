@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robaudit.models.fx_graph import is_torchscript, to_fx
+from robaudit.models.outputs import OutputStructureError, graph_output
 from robaudit.models.wrapper import AuditModel
 
 # --------------------------------------------------------------------------- runtime stand-ins
@@ -320,13 +321,13 @@ class _Changes:
 
 
 def _scores_node(graph: fx.Graph) -> fx.Node | None:
-    """The output node the wrapper takes the class scores from (first tensor, or 'logits')."""
+    """The output node the wrapper takes the class scores from (`models.outputs.graph_output`)."""
     out = next((n for n in graph.nodes if n.op == "output"), None)
     value = out.args[0] if out is not None and out.args else None
-    if isinstance(value, dict):
-        value = value.get("logits", next(iter(value.values()), None))
-    if isinstance(value, (tuple, list)):
-        value = next((v for v in value if isinstance(v, fx.Node)), None)
+    try:
+        value = graph_output(graph, value, lambda v: isinstance(v, fx.Node))
+    except OutputStructureError:
+        return None
     return value if isinstance(value, fx.Node) else None
 
 

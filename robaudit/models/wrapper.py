@@ -18,6 +18,7 @@ import torch
 
 from robaudit.errors import RobauditError
 from robaudit.models.detect import RawModel, one_line
+from robaudit.models.outputs import select_output
 
 if TYPE_CHECKING:
     from robaudit.models.onnx_reference import OnnxReference
@@ -44,19 +45,10 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 def _select_output(out: object) -> torch.Tensor:
     """The class scores among whatever the net returns (tensor, tuple of outputs, dict with logits)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict) or hasattr(out, "logits"):
-        logits = out.get("logits") if isinstance(out, dict) else getattr(out, "logits", None)
-        if isinstance(logits, torch.Tensor):
-            return logits
-        values = list(out.values()) if isinstance(out, dict) else []
-        out = values
-    if isinstance(out, (tuple, list)):
-        for item in out:
-            if isinstance(item, torch.Tensor):
-                return item
-    raise ValueError(f"the model returned {type(out).__name__}, not a tensor of class scores")
+    scores = select_output(out)
+    if scores is None:
+        raise ValueError(f"the model returned {type(out).__name__}, not a tensor of class scores")
+    return scores
 
 
 def _class_scores(out: object, batch: int) -> torch.Tensor:
