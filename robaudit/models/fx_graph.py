@@ -124,8 +124,11 @@ def _scores_only(gm: fx.GraphModule, net: nn.Module, example: torch.Tensor) -> f
     among the flattened leaves), so every consumer of the graph (certificate, BPDA)
     works on the output the verdicts are about. The user's net and graph are not changed.
     """
-    with torch.no_grad():
-        runtime = net(example)
+    try:
+        with torch.no_grad():
+            runtime = net(example)
+    except Exception as exc:  # noqa: BLE001 - whatever the net raises: no graph to match its output with
+        raise NotTraceable(f"the network fails on the tracing input ({_one_line(exc)})") from None
     if torch.is_tensor(runtime):
         return gm
     chosen = select_output(runtime)
