@@ -144,7 +144,7 @@ def code_digest(net: torch.nn.Module, arch: str | None) -> str:
     for module in net.modules():
         try:
             source = inspect.getsourcefile(type(module))
-        except TypeError:  # a class defined in C or in no file
+        except (TypeError, OSError):  # a class defined in C or in no file
             source = None
         if source:
             files.add(Path(source).resolve())
