@@ -245,6 +245,63 @@ def test_image_folder_with_deep_pixels_is_refused_not_clipped(tmp_path: Path, ki
         load_data(str(root), n=None, seed=0)
 
 
+@pytest.mark.parametrize(
+    "shape, channels, want, note",
+    [
+        ((2, 16, 4, 4), 16, (16, 4, 4), None),  # NCHW already: the last axis of 4 is no channel axis here
+        ((2, 4, 4, 3), 3, (3, 4, 4), "converted NHWC to NCHW"),  # NHWC with a height of 4
+        ((2, 3, 3, 3), 3, (3, 3, 3), "taken as NCHW"),  # either way: said so
+        ((2, 8, 8, 3), None, (3, 8, 8), "converted NHWC to NCHW"),  # no model hint: the usual guess
+    ],
+)
+def test_the_models_channel_count_decides_the_layout_of_4d_data(
+    tmp_path: Path, shape: tuple[int, ...], channels: int | None, want: tuple[int, ...], note: str | None
+) -> None:
+    x = np.random.default_rng(0).random(shape).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(shape[0], dtype=np.int64))
+    data = load_data(str(tmp_path / "d.npz"), n=None, seed=0, channels=channels)
+    assert data.sample_shape == want
+    nchw = x if want == shape[1:] else x.transpose(0, 3, 1, 2)
+    assert np.array_equal(data.x.numpy(), nchw)
+    assert (note is None and not any("NCHW" in n for n in data.notes)) or any(note in n for n in data.notes if note)
+
+
+def test_tensor_files_with_wide_unsigned_float8_or_sparse_pixels(tmp_path: Path) -> None:
+    """uint16 labels and pixels read as integers (as from .npz); float8 and sparse get one line, not a crash."""
+    from safetensors.torch import save_file
+
+    y = torch.tensor([0, 1], dtype=torch.uint16)
+    save_file({"x": torch.zeros(2, 1, 4, 4, dtype=torch.uint16), "y": y}, str(tmp_path / "u16.safetensors"))
+    data = load_data(str(tmp_path / "u16.safetensors"), n=None, seed=0)
+    assert data.y.tolist() == [0, 1] and float(data.x.abs().max()) == 0.0
+    save_file({"x": torch.zeros(2, 1, 4, 4).to(torch.float8_e4m3fn), "y": y}, str(tmp_path / "f8.safetensors"))
+    with raises_one_line("unsupported dtype torch.float8_e4m3fn"):
+        load_data(str(tmp_path / "f8.safetensors"), n=None, seed=0)
+    torch.save({"x": torch.zeros(2, 16).to_sparse(), "y": torch.tensor([0, 1])}, tmp_path / "sparse.pt")
+    with raises_one_line("sparse_coo tensor; save it dense"):
+        load_data(str(tmp_path / "sparse.pt"), n=None, seed=0)
+
+
+def test_image_folder_mixing_numbered_and_named_classes_is_refused(tmp_path: Path) -> None:
+    """Sorted as text, "10" comes before "2": one extra folder would silently renumber the labels."""
+    for label in (0, 2, 10):
+        write_png(tmp_path / "imgs" / str(label) / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    assert sorted(load_data(str(tmp_path / "imgs"), n=None, seed=0).y.tolist()) == [0, 2, 10]
+    (tmp_path / "imgs" / "unsorted").mkdir()
+    with raises_one_line(r"mixes numbered class folders \(0, 10, 2, \.\.\.\) with others \(unsorted\)"):
+        load_data(str(tmp_path / "imgs"), n=None, seed=0)
+
+
+def test_image_folder_walks_a_symlink_loop_once_and_skips_hidden_folders(tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    write_png(root / "0" / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    write_png(root / "1" / "b.png", np.full((4, 4), 255, dtype=np.uint8))
+    write_png(root / "1" / ".ipynb_checkpoints" / "b-checkpoint.png", np.zeros((4, 4), dtype=np.uint8))
+    (root / "1" / "loop").symlink_to(root)
+    data = load_data(str(root), n=None, seed=0)
+    assert data.y.tolist() == [0, 1] and float(data.x[1].min()) == 1.0
+
+
 # ----------------------------------------------------------------- sampling
 
 
@@ -582,3 +639,14 @@ def test_check_compatible() -> None:
         check_compatible(data, (3, 32, 32), 10)
     with raises_one_line("label 9 .*out of range for a model with 5 classes"):
         check_compatible(data, (1, 28, 28), 5)
+
+
+def test_a_reshape_that_would_scramble_the_pixels_is_refused() -> None:
+    """Only flattening and size-1 dimensions are reshaped; a channel-last model would get scrambled pixels."""
+    rgb = make_dataset((3, 32, 32), [0, 1])
+    assert check_compatible(rgb, (1, 3, 32, 32), 10) == "images (3, 32, 32) reshaped to the model's input (1, 3, 32, 32)"
+    assert "flat input (1, 3072, 1)" in check_compatible(rgb, (1, 3072, 1), 10)
+    with raises_one_line(r"another arrangement, which a reshape would scramble\. The model takes channel-last"):
+        check_compatible(rgb, (32, 32, 3), 10)
+    with raises_one_line(r"model expects \(16, 4, 4\): the same number of values in another arrangement"):
+        check_compatible(make_dataset((4, 16, 4), [0]), (16, 4, 4), 10)

@@ -51,8 +51,18 @@ def _check_shape(data: Dataset, input_shape: tuple[int, ...] | None) -> str | No
         return None
     if all(_known(d) for d in model) and math.prod(model) == math.prod(sample):
         kind = "images" if len(sample) == 3 else "samples"
-        flat = "flat " if sum(d > 1 for d in model) <= 1 else ""
-        return f"{kind} {sample} reshaped to the model's {flat}input {model}"
+        if sum(d > 1 for d in model) <= 1:  # a flat input: the samples flattened in their (C, H, W) order
+            return f"{kind} {sample} reshaped to the model's flat input {model}"
+        if [d for d in model if d != 1] == [d for d in sample if d != 1]:  # only size-1 dimensions differ
+            return f"{kind} {sample} reshaped to the model's input {model}"
+        hint = ""
+        if len(sample) == 3 and tuple(model[-3:]) == (sample[1], sample[2], sample[0]):
+            hint = (" The model takes channel-last (H, W, C) images and robaudit feeds channel-first (C, H, W) "
+                    "ones; export the model with a channel-first input.")
+        raise RobauditError(
+            f"data samples have shape {sample} but the model expects {_shape_str(model)}: the same number of "
+            f"values in another arrangement, which a reshape would scramble.{hint}"
+        )
     raise RobauditError(
         f"data samples have shape {sample} but the model expects {_shape_str(model)}."
     )

@@ -58,7 +58,7 @@ def load_path(path: Path, spec: str, channels: int | None) -> RawData:
             f"data file {spec} has an unsupported format; use {SUPPORTED_FORMATS}."
         )
     notes: list[str] = []
-    return RawData(x=_to_nchw(x, notes), y=y, notes=notes)
+    return RawData(x=_to_nchw(x, notes, channels), y=y, notes=notes)
 
 
 def _pick(found: dict[str, Any], spec: str) -> tuple[Any, Any]:
@@ -116,7 +116,8 @@ def _read_safetensors(path: Path, spec: str) -> tuple[torch.Tensor, torch.Tensor
         tensors = load_file(str(path), device="cpu")
     except Exception as exc:
         raise read_error(spec, exc) from exc
-    return _pick(tensors, spec)
+    x, y = _pick(tensors, spec)
+    return _plain_tensor(x, "x", spec), _plain_tensor(y, "y", spec)
 
 
 def _read_torch(path: Path, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,8 +145,22 @@ def _read_torch(path: Path, spec: str) -> tuple[torch.Tensor, torch.Tensor]:
                 f"data file {spec} has {key} of type {type(value).__name__}, "
                 "but x and y must be tensors."
             )
-        out.append(value.detach().cpu())
+        out.append(_plain_tensor(value.detach().cpu(), key, spec))
     return out[0], out[1]
+
+
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def _plain_tensor(value: torch.Tensor, key: str, spec: str) -> torch.Tensor:
+    """A dense tensor of a dtype the checks can read: wide unsigned integers become int64 (as from .npz)."""
+    if value.layout != torch.strided:
+        raise RobauditError(f"data file {spec} has {key} as a {value.layout} tensor; save it dense (tensor.to_dense()).")
+    if value.dtype in _WIDE_UNSIGNED:
+        return value.to(torch.int64)
+    if value.dtype.is_complex or (value.dtype.is_floating_point and value.dtype.itemsize == 1):  # complex, float8
+        raise RobauditError(f"data file {spec} has {key} of unsupported dtype {value.dtype}; use numeric arrays.")
+    return value
 
 
 def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
@@ -159,14 +174,24 @@ def _unpickling_reason(exc: pickle.UnpicklingError) -> str:
     return f"it is not a valid PyTorch tensor file ({detail})"
 
 
-def _to_nchw(x: torch.Tensor, notes: list[str]) -> torch.Tensor:
-    """Bring common image layouts to NCHW; flat (N, D) data is left alone."""
+def _to_nchw(x: torch.Tensor, notes: list[str], channels: int | None = None) -> torch.Tensor:
+    """Bring common image layouts to NCHW; flat (N, D) data is left alone.
+
+    `channels`, the model's channel count where its input is an image, decides the
+    layout of 4-D data: a channel axis first is NCHW already, last is NHWC. Without it,
+    a last axis of 1, 3 or 4 with another size at axis 1 is taken as NHWC.
+    """
     if x.dim() == 3:
         notes.append(f"added a channel dimension: samples {tuple(x.shape[1:])} -> "
                      f"{(1, *x.shape[1:])}")
         return x.unsqueeze(1)
-    if (x.dim() == 4 and x.shape[-1] in CHANNEL_AXIS_SIZES
-            and x.shape[1] not in CHANNEL_AXIS_SIZES):
+    if x.dim() == 4 and channels is not None and channels in (x.shape[1], x.shape[-1]):
+        nhwc = x.shape[1] != channels
+        if not nhwc and x.shape[-1] == channels:  # either axis could be the channels: say which one was taken
+            notes.append(f"samples {tuple(x.shape[1:])} taken as NCHW (the model has {channels} channels)")
+    else:
+        nhwc = x.dim() == 4 and x.shape[-1] in CHANNEL_AXIS_SIZES and x.shape[1] not in CHANNEL_AXIS_SIZES
+    if nhwc:
         out = x.permute(0, 3, 1, 2).contiguous()
         notes.append(f"converted NHWC to NCHW: samples {tuple(x.shape[1:])} -> "
                      f"{tuple(out.shape[1:])}")
@@ -177,10 +202,16 @@ def _to_nchw(x: torch.Tensor, notes: list[str]) -> torch.Tensor:
 def _image_files(root: Path, classes: list[str], numeric: bool) -> list[tuple[Path, int]]:
     """(file, label) in ImageFolder order: class folders sorted, then files sorted."""
     files: list[tuple[Path, int]] = []
+    seen: set[str] = set()  # real paths of the folders walked: a symlink loop is walked once
     for index, cls in enumerate(classes):
         label = int(cls) if numeric else index
         for dirpath, dirnames, filenames in os.walk(root / cls, followlinks=True):
-            dirnames.sort()
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames.clear()
+                continue
+            seen.add(real)
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .ipynb_checkpoints and friends
             for fname in sorted(filenames):
                 if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
                     files.append((Path(dirpath) / fname, label))
@@ -205,7 +236,14 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
             f"class in its own sub-folder, e.g. {Path(spec) / '0' / 'img.png'}."
         )
     # Integer folder names are the labels themselves (e.g. 0..9); otherwise sorted index.
-    numeric = all(re.fullmatch(r"[0-9]+", c) for c in classes)
+    numbered = [c for c in classes if re.fullmatch(r"[0-9]+", c)]
+    numeric = len(numbered) == len(classes)
+    if numbered and not numeric:  # sorted as text, "10" would come before "2": labels would move silently
+        others = [c for c in classes if c not in numbered]
+        raise RobauditError(
+            f"image folder {spec} mixes numbered class folders ({', '.join(numbered[:3])}, ...) with others "
+            f"({', '.join(others[:3])}); name every class folder by its label, or none of them."
+        )
     files = _image_files(root, classes, numeric)
     if not files:
         raise RobauditError(
@@ -245,7 +283,7 @@ def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int
         if mode in DEEP_MODES:
             raise RobauditError(
                 f"image {name} has {DEEP_MODES[mode]} pixels (PIL mode {mode}); image folders are read as 8-bit "
-                "images: convert the images to 8 bits, or pass the data as .npz / .npy with values in the input range."
+                "images: convert the images to 8 bits, or pass the data as .npz, .safetensors or .pt with values in the input range."
             )
         if first is None:
             first = (name, size)
