@@ -178,6 +178,8 @@ def validate(raw: RawData, name: str) -> torch.Tensor:
                 f"data {name} has labels y that are not integer-valued; "
                 "y must hold integer class indices."
             )
+        if len(y) and float(y.double().abs().max()) >= 2.0**53:  # int64 would wrap: name the label as stored
+            raise RobauditError(f"data {name} has a label of {float(y.double().abs().max()):g}, not a class index.")
     labels = y.to(torch.int64)
     if bool((labels < 0).any()):
         raise RobauditError(
