@@ -53,6 +53,8 @@ def _check_shape(data: Dataset, input_shape: tuple[int, ...] | None) -> str | No
         kind = "images" if len(sample) == 3 else "samples"
         if sum(d > 1 for d in model) <= 1:  # a flat input: the samples flattened in their (C, H, W) order
             return f"{kind} {sample} reshaped to the model's flat input {model}"
+        if sum(d > 1 for d in sample) <= 1:  # flat samples: images flattened in (C, H, W) order, unflattened
+            return f"flat samples {sample} reshaped to the model's input {model}"
         if [d for d in model if d != 1] == [d for d in sample if d != 1]:  # only size-1 dimensions differ
             return f"{kind} {sample} reshaped to the model's input {model}"
         hint = ""
