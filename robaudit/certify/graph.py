@@ -30,7 +30,7 @@ from torch.fx.node import _get_qualified_name
 
 from robaudit.certify.errors import CertificateUnavailable
 from robaudit.models.fx_graph import NotTraceable, to_fx
-from robaudit.models.outputs import OutputStructureError, graph_output, select_output
+from robaudit.models.outputs import select_output
 from robaudit.certify.ops import (
     ActOp,
     AddOp,
@@ -1100,14 +1100,6 @@ def _softmax_kind(n: fx.Node, gm: fx.GraphModule) -> tuple[str, int, bool] | Non
     return (kind, bound["dim"], False) if isinstance(bound["dim"], int) else None
 
 
-def _class_output(gm: fx.GraphModule, out: Any, is_tensor: Callable[[Any], bool]) -> Any:
-    """The part of the graph's output that the wrapper classifies with (`models.outputs.graph_output`)."""
-    try:
-        return graph_output(gm.graph, out, is_tensor)
-    except OutputStructureError as exc:
-        raise CertificateUnavailable(f"output: {exc}") from None
-
-
 def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.Node, str] | None:
     """The softmax (or log-softmax) over the class scores that ends the network, if one does.
 
@@ -1118,7 +1110,7 @@ def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.N
     """
     out = next((n for n in gm.graph.nodes if n.op == "output"), None)
     target = out.args[0] if out is not None and out.args else None
-    target = _class_output(gm, target, lambda v: isinstance(v, fx.Node) and torch.is_tensor(values.get(v)))
+    target = select_output(target, lambda v: isinstance(v, fx.Node) and torch.is_tensor(values.get(v)))
     if not isinstance(target, fx.Node) or len(target.users) != 1 or not target.args:
         return None
     found = _softmax_kind(target, gm)
@@ -1168,7 +1160,7 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
             env[n] = _Var(input_index, tuple(example.shape)) if first else values[n]
             continue
         if n.op == "output":
-            out = _class_output(gm, resolve(n.args[0]), lambda v: isinstance(v, (_Var, torch.Tensor)))
+            out = select_output(resolve(n.args[0]), lambda v: isinstance(v, (_Var, torch.Tensor)))
             if not isinstance(out, _Var):
                 raise CertificateUnavailable(f"{b.prefix}output: does not depend on the input")
             output = out.index

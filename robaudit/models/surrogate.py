@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robaudit.models.fx_graph import is_torchscript, to_fx
-from robaudit.models.outputs import OutputStructureError, graph_output
+from robaudit.models.outputs import select_output
 from robaudit.models.wrapper import AuditModel
 
 # --------------------------------------------------------------------------- runtime stand-ins
@@ -321,13 +321,10 @@ class _Changes:
 
 
 def _scores_node(graph: fx.Graph) -> fx.Node | None:
-    """The output node the wrapper takes the class scores from (`models.outputs.graph_output`)."""
+    """The output node the wrapper takes the class scores from (`models.outputs.select_output`)."""
     out = next((n for n in graph.nodes if n.op == "output"), None)
     value = out.args[0] if out is not None and out.args else None
-    try:
-        value = graph_output(graph, value, lambda v: isinstance(v, fx.Node))
-    except OutputStructureError:
-        return None
+    value = select_output(value, lambda v: isinstance(v, fx.Node))
     return value if isinstance(value, fx.Node) else None
 
 
