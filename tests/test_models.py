@@ -969,3 +969,41 @@ def test_fixture_models(name: str) -> None:
     model(xg).max(1).values.sum().backward()
     assert xg.grad.abs().sum() > 0
     assert sha256(path) == digest
+
+
+class _TwoHeads(nn.Module):
+    """The demo CNN's scores and a decoy head that ranks the classes in reverse."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from conftest import demo_classifier
+
+        self.net = demo_classifier()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.net(x)
+        return -scores, scores
+
+
+@pytest.mark.parametrize("names", [("aux", "logits"), ("scores", "decoy")])
+def test_onnx_file_with_several_outputs_is_classified_by_logits_else_the_first(tmp_path: Path, names) -> None:
+    """An output named logits wins wherever it stands (the dict rule), else the first; the report says which."""
+    import onnxruntime
+
+    path = tmp_path / "two.onnx"
+    net = _TwoHeads().eval()
+    torch.onnx.export(net, torch.rand(1, *SHAPE), str(path), input_names=["x"], output_names=list(names),
+                      dynamic_axes={"x": {0: "batch"}}, dynamo=False)
+    x, y = bundled_digits()
+    np.savez(tmp_path / "d.npz", x=x[:30], y=y[:30])
+    report = tmp_path / "r.json"
+    result = run_cli("scan", path, "--data", tmp_path / "d.npz", "-t", "l2:0.3", "--preset", "quick", "--certify",
+                     "--no-indicator", "--threads", "1", "--json", report)
+    assert result.code == 0, result.stderr
+    data = json.loads(report.read_text())
+    chosen = "logits" if "logits" in names else names[0]
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    scores = session.run([chosen], {"x": x[:30].astype(np.float32) / 255})[0]  # robaudit scales uint8 data
+    assert [s["clean_pred"] for s in data["samples"]] == scores.argmax(1).tolist()
+    assert data["summary"]["clean_accuracy"] > 0.9 if chosen == "logits" else data["summary"]["clean_accuracy"] < 0.1
+    assert f"classes are read from '{chosen}'" in " ".join(data["model"]["notes"])

@@ -339,9 +339,29 @@ def _to_torch(model: onnx.ModelProto, path: Path, hints: list[str]) -> tuple:
     raise RobauditError(f"cannot convert ONNX file {path} to PyTorch with onnx2torch: {one_line(first)}")
 
 
+def _keep_scores_output(model: onnx.ModelProto) -> str | None:
+    """Keep only the graph output that holds the class scores (in memory); a note when there were several.
+
+    The rule is `models.outputs.select_output`'s for dicts: an output named "logits" wins,
+    else the first. Keeping one output means the translation, onnxruntime, the certificate
+    and every check read the same scores.
+    """
+    outputs = list(model.graph.output)
+    if len(outputs) < 2:
+        return None
+    named = [k for k, o in enumerate(outputs) if o.name == "logits"]
+    keep = named[0] if named else 0
+    del model.graph.output[:]
+    model.graph.output.append(outputs[keep])
+    why = "the output named logits" if named else "the first"
+    listed = ", ".join(o.name for o in outputs)
+    return f"the ONNX file has {len(outputs)} outputs ({listed}): classes are read from '{outputs[keep].name}', {why}"
+
+
 def load_onnx(path: Path) -> RawModel:
     """Read, check and convert an ONNX classifier with a single float image input."""
     model = _read(path)
+    chosen = _keep_scores_output(model)
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
@@ -370,7 +390,7 @@ def load_onnx(path: Path) -> RawModel:
     _drop_harmless_allowzero(model)
     _fold_initializer_identities(model)
     _fold_constant_casts(model)
-    notes = []
+    notes = [chosen] if chosen else []
     try:
         upgraded = _pad_values_as_inputs(model)
     except Exception as exc:  # noqa: BLE001 - the converter's own errors
