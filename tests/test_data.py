@@ -180,7 +180,13 @@ def test_image_folder_numeric_gray(tmp_path: Path) -> None:
             write_png(tmp_path / "imgs" / str(label) / f"{i}.png", arr)
             pixels[(label, i)] = arr
     (tmp_path / "imgs" / "3" / "notes.txt").write_text("not an image")
+    from PIL import Image
+
+    for name in ("a.gif", "b.gif"):  # not read (an animation has no one image), but said so
+        Image.fromarray(pixels[(0, 0)]).save(tmp_path / "imgs" / "7" / name)
+    (tmp_path / "imgs" / "7" / ".DS_Store").write_bytes(b"hidden: neither read nor counted")
     data = load_data(str(tmp_path / "imgs"), n=None, seed=0)
+    assert "skipped 3 files in the class folders that are not read as images (.gif 2, .txt 1;" in " ".join(data.notes)
     assert data.x.shape == (6, 1, 6, 5)
     assert data.y.tolist() == [0, 0, 3, 3, 7, 7]
     assert data.class_names is None
@@ -218,6 +224,10 @@ def test_image_folder_errors(tmp_path: Path) -> None:
     (root / "0").mkdir()
     with raises_one_line("contains no images"):
         load_data(str(root), n=None, seed=0)
+    (root / "0" / "a.gif").write_bytes(b"GIF89a")
+    with raises_one_line(r"contains no images .* it has 1 file of other kinds \(\.gif\)"):
+        load_data(str(root), n=None, seed=0)
+    (root / "0" / "a.gif").unlink()
     write_png(root / "0" / "a.png", np.zeros((4, 4), dtype=np.uint8))
     write_png(root / "1" / "b.png", np.zeros((5, 4), dtype=np.uint8))
     with raises_one_line(r"b\.png is 4x5 pixels .*a\.png is 4x4"):

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import pickle
 import re
-from pathlib import Path
+from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -199,9 +200,14 @@ def _to_nchw(x: torch.Tensor, notes: list[str], channels: int | None = None) -> 
     return x
 
 
-def _image_files(root: Path, classes: list[str], numeric: bool) -> list[tuple[Path, int]]:
-    """(file, label) in ImageFolder order: class folders sorted, then files sorted."""
+def _image_files(root: Path, classes: list[str], numeric: bool) -> tuple[list[tuple[Path, int]], Counter[str]]:
+    """(file, label) in ImageFolder order: class folders sorted, then files sorted; and the other files' suffixes.
+
+    Hidden files are neither read nor counted; every other file that is not an image
+    (by its suffix: .gif, .txt, ...) is counted, so the report can say what was left out.
+    """
     files: list[tuple[Path, int]] = []
+    skipped: Counter[str] = Counter()
     seen: set[str] = set()  # real paths of the folders walked: a symlink loop is walked once
     for index, cls in enumerate(classes):
         label = int(cls) if numeric else index
@@ -213,9 +219,24 @@ def _image_files(root: Path, classes: list[str], numeric: bool) -> list[tuple[Pa
             seen.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .ipynb_checkpoints and friends
             for fname in sorted(filenames):
-                if fname.lower().endswith(IMAGE_EXTENSIONS) and not fname.startswith("."):
+                if fname.startswith("."):
+                    continue
+                if fname.lower().endswith(IMAGE_EXTENSIONS):
                     files.append((Path(dirpath) / fname, label))
-    return files
+                else:
+                    skipped[Path(fname).suffix.lower() or "no suffix"] += 1
+    return files, skipped
+
+
+def _files(count: int) -> str:
+    return f"{count} file{'s' if count != 1 else ''}"
+
+
+def _skipped_note(skipped: Counter[str]) -> str:
+    """'skipped 3 files that are not read as images (.gif 2, .txt 1)'."""
+    kinds = ", ".join(f"{suffix} {count}" for suffix, count in sorted(skipped.items(), key=lambda kv: (-kv[1], kv[0])))
+    return (f"skipped {_files(sum(skipped.values()))} in the class folders that are not read as images "
+            f"({kinds}; images are {' '.join(IMAGE_EXTENSIONS)})")
 
 
 def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
@@ -244,11 +265,11 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
             f"image folder {spec} mixes numbered class folders ({', '.join(numbered[:3])}, ...) with others "
             f"({', '.join(others[:3])}); name every class folder by its label, or none of them."
         )
-    files = _image_files(root, classes, numeric)
+    files, skipped = _image_files(root, classes, numeric)
     if not files:
         raise RobauditError(
             f"image folder {spec} contains no images ({', '.join(IMAGE_EXTENSIONS)}) "
-            "in its class sub-folders."
+            "in its class sub-folders" + (f"; it has {_files(sum(skipped.values()))} of other kinds ({', '.join(sorted(skipped))})" if skipped else "") + "."
         )
     paths = [file for file, _ in files]
     shown = [Path(spec) / file.relative_to(root) for file in paths]
@@ -259,6 +280,8 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
     images = FolderImages(paths, shown, size, mode or "RGB", one_channel)
     kind = "grayscale (1 channel)" if one_channel else "RGB (3 channels)"
     notes = [f"read {len(files)} images from {len(classes)} class folders as {kind}"]
+    if skipped:
+        notes.append(_skipped_note(skipped))
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return RawData(x=images, y=labels, notes=notes, class_names=None if numeric else classes)
 
