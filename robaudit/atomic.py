@@ -27,3 +27,16 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_output(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write a user-named output: atomically where `path` is a regular file or new, in place otherwise.
+
+    The rename replaces the folder entry, not the file's contents: a hard link to the old
+    file (a model, a dataset) keeps its data. A device or pipe (/dev/stdout) is written to.
+    """
+    if path.exists() and not path.is_file():
+        with path.open("wb") as handle:
+            write(handle)
+        return
+    write_atomic(path, write)

@@ -79,17 +79,29 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
 
 def _guard_outputs(outputs: list[Path | None], inputs: list[Path]) -> None:
     """Refuse to write a report over a file the scan reads, or into a folder that is not there."""
+    if any(p.suffix.lower() == ".onnx" for p in inputs):  # an ONNX file's weights are inputs too
+        from robaudit.models.onnx_file import external_data_files
+
+        inputs = [*inputs, *(extra for p in inputs for extra in external_data_files(p))]
     resolved_inputs = {p.resolve() for p in inputs if p.exists()}
     for out in outputs:
         if out is None:
             continue
-        if out.resolve() in resolved_inputs:
+        if out.resolve() in resolved_inputs or (out.exists() and any(_same_file(out, p) for p in resolved_inputs)):
             raise RobauditError(f"refusing to write {out}: it is one of the command's inputs")
         if not out.parent.exists():
             raise RobauditError(f"cannot write {out}: folder {out.parent} does not exist")
         if out.is_dir():
             raise RobauditError(f"cannot write {out}: it is a folder")
         _check_writable(out)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file under two names (a hard link), by device and inode."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _check_writable(out: Path) -> None:

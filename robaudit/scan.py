@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from robaudit import __version__
+from robaudit.atomic import write_output
 from robaudit.attacks import AttackRun, ThreatOutcome
 from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, ProgressSink
 from robaudit.attacks.spatial import describe
@@ -187,9 +188,18 @@ def default_batch_size(device: torch.device) -> int:
 
 
 def model_digest(model: Path | torch.nn.Module) -> str:
-    """SHA-256 of the model file, or of an in-memory module's class name and state dict."""
+    """SHA-256 of the model file (with an ONNX file's external data files), or of an in-memory module's class name and state dict."""
     if not isinstance(model, torch.nn.Module):
-        return sha256_of(model)
+        from robaudit.models.onnx_file import external_data_files
+
+        extra = external_data_files(model)
+        if not extra:
+            return sha256_of(model)
+        digest = hashlib.sha256(sha256_of(model).encode())
+        for path in extra:  # another weights file (or the same one renamed) is another model
+            digest.update(path.name.encode())
+            digest.update(sha256_of(path).encode() if path.is_file() else b"missing")
+        return digest.hexdigest()
     digest = hashlib.sha256(type(model).__qualname__.encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
@@ -736,7 +746,6 @@ def save_adversarial(path: Path, result: ScanResult) -> None:
         arrays[f"{key}__x"] = outcome.x_adv[idx].to(torch.float32).numpy()
         arrays[f"{key}__index"] = indices[idx.numpy()]
     try:
-        with path.open("wb") as handle:
-            np.savez_compressed(handle, **arrays)
+        write_output(path, lambda handle: np.savez_compressed(handle, **arrays))
     except OSError as exc:
         raise RobauditError(f"cannot write {path}: {exc.strerror or exc}") from exc

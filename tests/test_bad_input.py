@@ -114,3 +114,51 @@ def test_bad_flags(model_files: ModelFiles, flags: tuple[str, ...], fragment: st
 
 def test_refuses_to_overwrite_an_input(model_files: ModelFiles) -> None:
     _scan_expect_error(model_files.onnx, model_files.data_npz, "--json", str(model_files.data_npz), fragment="refusing")
+
+
+def _external_data_copy(source: Path, folder: Path) -> Path:
+    """The ONNX model with its weights in a separate `m.onnx.data` file (torch's exporter does this for big models)."""
+    import onnx
+
+    folder.mkdir()
+    model = onnx.load(str(source))
+    onnx.save_model(model, str(folder / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="m.onnx.data", size_threshold=0)
+    assert (folder / "m.onnx.data").is_file()
+    return folder / "m.onnx"
+
+
+def test_outputs_never_write_through_to_an_input(tmp_path, model_files: ModelFiles) -> None:
+    """A hard link to the model, or an ONNX file's external weights, are inputs; other hard links keep their data."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(model_files.onnx.read_bytes())
+    (tmp_path / "adv.npz").hardlink_to(model)
+    _scan_expect_error(model, model_files.data_npz, "--save-adversarial", str(tmp_path / "adv.npz"), fragment="refusing")
+    (tmp_path / "summary.md").hardlink_to(model)
+    _scan_expect_error(model, model_files.data_npz, "--markdown", str(tmp_path / "summary.md"), fragment="refusing")
+    external = _external_data_copy(model_files.onnx, tmp_path / "ext")
+    weights = external.with_name("m.onnx.data")
+    before = sha256(weights)
+    _scan_expect_error(external, model_files.data_npz, "--json", str(weights), fragment="refusing")
+    assert sha256(weights) == before
+
+    keep = tmp_path / "notes.txt"  # not an input: the output replaces the name, the other link keeps its text
+    keep.write_text("mine")
+    (tmp_path / "out.md").hardlink_to(keep)
+    result = run_cli("scan", model, "--data", model_files.data_npz, "--preset", "quick", "--steps", "2", "--n", "10",
+                     "--no-certify", "--no-indicator", "--markdown", tmp_path / "out.md", "--save-adversarial", tmp_path / "a.npz")
+    assert result.code == 0, result.stderr
+    assert keep.read_text() == "mine" and (tmp_path / "out.md").read_text().startswith("## robaudit")
+
+
+def test_model_hash_covers_onnx_external_data(tmp_path, model_files: ModelFiles) -> None:
+    """Two ONNX files that differ only in their external weights are two models: their reports' hashes differ."""
+    from robaudit.scan import model_digest
+
+    first = _external_data_copy(model_files.onnx, tmp_path / "a")
+    second = _external_data_copy(model_files.onnx, tmp_path / "b")
+    assert model_digest(first) == model_digest(second) != model_digest(model_files.onnx)
+    weights = bytearray(second.with_name("m.onnx.data").read_bytes())
+    weights[-1] ^= 1
+    second.with_name("m.onnx.data").write_bytes(bytes(weights))
+    assert sha256(first) == sha256(second) and model_digest(first) != model_digest(second)

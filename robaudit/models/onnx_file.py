@@ -64,6 +64,28 @@ def _read(path: Path) -> onnx.ModelProto:
     return model
 
 
+def external_data_files(path: Path) -> list[Path]:
+    """The files an ONNX model keeps its weights in (external data), sorted; [] for other files.
+
+    They are part of the model: hashed with it, and never written over by an output.
+    Reads only the graph (not the weights); a file that is not ONNX gives [].
+    """
+    if path.suffix.lower() != ".onnx" or not path.is_file():
+        return []
+    try:
+        from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+
+        model = onnx.load(str(path), load_external_data=False)
+        found = {
+            (path.parent / ExternalDataInfo(t).location)
+            for t in _get_all_tensors(model)
+            if uses_external_data(t) and ExternalDataInfo(t).location
+        }
+    except Exception:  # noqa: BLE001 - not an ONNX file after all: loading it reports that properly
+        return []
+    return sorted(found)
+
+
 def _constants(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
     found = {init.name: init for init in model.graph.initializer}
     for node in model.graph.node:
