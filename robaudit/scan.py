@@ -618,18 +618,21 @@ def _attack_summaries(records: list[AttackRecord], n: int) -> list[AttackSummary
 
 
 def _per_class(y: torch.Tensor, robust: torch.Tensor) -> dict[str, float]:
-    return {str(c): float(robust[y == c].float().mean()) for c in sorted(set(y.tolist()))}
+    return {str(c): float(int(robust[y == c].sum()) / int((y == c).sum())) for c in sorted(set(y.tolist()))}
 
 
 def _curve(norm: str, clean_correct: torch.Tensor, found: MinimalOutcome, outcomes: list[ThreatOutcome]) -> Curve:
     """Robust accuracy against radius: a sample falls at the smallest radius where any verified attack broke it.
 
-    Fixed-radius results count too: a sample broken at eps is broken at every larger radius.
+    Fixed-radius results count too: a sample broken by an example at distance d <= eps is
+    broken at every radius from d on (eps where no distance was recorded).
     """
     fall = found.distance.clone()
     for outcome in outcomes:
         if outcome.threat.norm == norm:
-            fall = torch.where(outcome.broken, torch.minimum(fall, torch.full_like(fall, outcome.threat.eps)), fall)
+            eps = torch.full_like(fall, outcome.threat.eps)
+            size = torch.where(torch.isfinite(outcome.distance), torch.minimum(outcome.distance.to(fall.dtype), eps), eps)
+            fall = torch.where(outcome.broken, torch.minimum(fall, size), fall)
     fall[~clean_correct] = 0.0
     finite = fall[torch.isfinite(fall) & clean_correct]
     top = max([o.threat.eps * 2 for o in outcomes if o.threat.norm == norm] + [float(finite.max()) if len(finite) else 0.0])

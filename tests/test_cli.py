@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -207,8 +208,19 @@ def test_standard_preset_reports_curve_per_class_and_distances(model_files: Mode
         # the curve at the threat's radius can never claim more robustness than the battery found
         below = [acc for e, acc in zip(curve["eps"], curve["robust_accuracy"]) if e >= threat["eps"]]
         assert below[0] <= threat["robust_accuracy"] + 1e-12
+        # nor more than the verified distances of the samples themselves: a sample falls at its smallest one
+        names = [t["threat"] for t in r["summary"]["threats"] if t["norm"] == curve["norm"]]
+        fall = [
+            min([s["threats"][n]["distance"] for n in names if s["threats"][n]["distance"] is not None], default=math.inf)
+            if s["clean_pred"] == s["label"] else 0.0 for s in r["samples"]
+        ]
+        for e, acc in zip(curve["eps"], curve["robust_accuracy"]):
+            assert acc <= sum(f > e for f in fall) / len(fall) + 1e-12, (curve["norm"], e)
     for t in r["summary"]["threats"]:
         assert set(t["per_class"]) == {str(c) for c in range(10)} & {str(s["label"]) for s in r["samples"]}
+        for c, value in t["per_class"].items():  # exact fractions (float64), never float32's nearest above
+            own = [s["threats"][t["threat"]]["robust"] for s in r["samples"] if str(s["label"]) == c]
+            assert value == sum(own) / len(own)
         for s in r["samples"]:
             entry = s["threats"][t["threat"]]
             if s["clean_pred"] == s["label"]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -191,3 +192,22 @@ def test_surface_titles_are_short_enough_not_to_overlap() -> None:
     # two models: nothing shared, each title breaks after its model part
     shared, panels = _titles([Slice("m1.onnx (label 7, predicted 7): random plane"), Slice("m2.onnx (label 7, predicted 7): random plane")])
     assert shared == "" and panels[0] == "m1.onnx (label 7, predicted 7)\nrandom plane"
+
+
+def test_curve_drops_a_sample_at_its_verified_distance_not_at_eps() -> None:
+    """A sample a fixed-radius attack broke at L2 distance 0.3 under l2:0.5 is not robust at 0.31; no minimal-norm
+    attack found it (distance inf). The curve must fall there, never sit above the report's own distances."""
+    import torch
+
+    from robaudit.attacks.runner import MinimalOutcome, ThreatOutcome
+    from robaudit.scan import _curve
+    from robaudit.threats import parse_threat
+
+    n = 3
+    found = MinimalOutcome("l2", torch.tensor([0.2, math.inf, math.inf], dtype=torch.float64), ["fmn", None, None],
+                           torch.zeros(n, 1))
+    outcome = ThreatOutcome(parse_threat("l2:0.5"), torch.tensor([True, True, False]), ["fmn", "pgd", None],
+                            torch.tensor([0.2, 0.3, math.nan], dtype=torch.float64), torch.zeros(n, 1))
+    curve = _curve("l2", torch.ones(n, dtype=torch.bool), found, [outcome])
+    for e, acc in zip(curve.eps, curve.robust_accuracy):
+        assert acc == pytest.approx((int(e < 0.2) + int(e < 0.3) + 1) / n), e
