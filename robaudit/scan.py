@@ -61,7 +61,7 @@ from robaudit.report.schema import (
     Summary,
     ThreatSummary,
 )
-from robaudit.threats import Threat, parse_threat
+from robaudit.threats import Threat, check_distinct, parse_threat
 
 DEFAULT_THREAT = "linf:8/255"
 CURVE_POINTS = 25
@@ -113,6 +113,7 @@ class ScanConfig:
             raise RobauditError(f"--input-range {lo},{hi}: the lower end must be below the upper end")
         if not self.threats:
             raise RobauditError("no threat given; pass e.g. --threat linf:8/255")
+        check_distinct(self.threats)
         if self.steps is not None and self.steps < 1:
             raise RobauditError("--steps must be at least 1")
         if self.restarts is not None and self.restarts < 1:

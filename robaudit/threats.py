@@ -58,12 +58,31 @@ class Threat:
         return self.canonical
 
     def same_as(self, other: "Threat") -> bool:
-        """Equal norms and radii up to float noise (``8/255`` equals ``0.0313725``)."""
+        """Equal norms and radii up to float noise, or the same canonical name (``8/255`` equals ``0.0313725``).
+
+        Reports name threats by `canonical` (6 significant digits), which can be up to
+        5e-6 of eps away from the radius scanned: a gate or baseline that names a threat
+        as the report prints it must find it. A scan never holds two threats of one name
+        (`check_distinct`).
+        """
+        if self.canonical == other.canonical:
+            return True
         return (
             self.norm == other.norm
             and math.isclose(self.eps, other.eps, rel_tol=1e-6, abs_tol=1e-12)
             and math.isclose(self.shift, other.shift, rel_tol=1e-6, abs_tol=1e-12)
         )
+
+
+def check_distinct(threats: list[Threat]) -> None:
+    """Refuse two threats that the report would name alike (their results would share one key)."""
+    seen: dict[str, Threat] = {}
+    for threat in threats:
+        first = seen.setdefault(threat.canonical, threat)
+        if first is not threat:
+            a, b = first.spec or first.canonical, threat.spec or threat.canonical
+            same = "twice" if a == b else f"as {a} and {b}, both named {threat.canonical} in the report (6 significant digits)"
+            raise RobauditError(f"threat {threat.canonical} is given {same}; give each threat once")
 
 
 def parse_number(text: str) -> float:

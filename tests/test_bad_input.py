@@ -162,3 +162,10 @@ def test_model_hash_covers_onnx_external_data(tmp_path, model_files: ModelFiles)
     weights[-1] ^= 1
     second.with_name("m.onnx.data").write_bytes(bytes(weights))
     assert sha256(first) == sha256(second) and model_digest(first) != model_digest(second)
+
+
+@pytest.mark.parametrize("second", ["linf:0.0313725", "linf:8/255", "LINF:0.031372549"])
+def test_two_threats_with_one_report_name_are_refused(model_files: ModelFiles, second: str) -> None:
+    """8/255 and 0.0313725 are both `linf:0.0313725` in the report: their results would share one key."""
+    _scan_expect_error(model_files.onnx, model_files.data_npz, "-t", "linf:8/255", "-t", second,
+                       fragment="give each threat once")

@@ -177,3 +177,18 @@ def test_gate_mistakes_are_one_line_usage_errors(
         extra = ("--config", config)
     result = run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--n", "30", "-t", "linf:0.1", *args, *extra)
     assert_one_line_error(result, fragment)
+
+
+def test_gates_find_a_threat_by_the_name_the_report_gives_it(model_files: ModelFiles, tmp_path) -> None:
+    """8/255 is `l2:0.0313725` in the report, 1.6e-6 of eps away: a gate may name the threat either way."""
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", model_files.onnx, "--data", model_files.data_npz, "--n", "10", "-t", "l2:8/255", "--preset", "quick",
+        "--steps", "2", "--certify", "--certify-budget", "fast", "--no-indicator", "--json", out, "-q",
+        "--fail-under", "certified_accuracy[l2:8/255]=0", "--fail-under", "robust_accuracy[l2:0.0313725]=0",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    assert [c["passed"] for c in load_json(out)["gate"]] == [True, True]
+    compared = run_cli("compare", out, out, "--max-drop", "certified_accuracy[l2:0.0313725]=0", "--max-drop",
+                       "robust_accuracy[l2:8/255]=0", "-q")
+    assert compared.code == 0, compared.stderr
