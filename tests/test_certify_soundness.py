@@ -435,3 +435,46 @@ def test_every_renderer_shows_the_certificate_notes(ci_base: CiScan) -> None:
         assert f"note: {html.escape(note, quote=True)}" in page
         assert " ".join(f"note: {note}".split()) in flat, note
     assert math.isfinite(report["summary"]["certificate"]["radius_quantiles"]["max"])
+
+
+# --------------------------------------------------------------------------- in-place changes
+
+
+class _InPlace(nn.Module):
+    """A net that changes a value in place which a later layer reads (or, for "relu", nothing reads again)."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 10)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        if self.kind == "clamp_":  # the graph names x before and after: a bound would read the unclamped pixels
+            with torch.no_grad():
+                x.clamp_(0.0, 0.25)
+        h = self.fc1(x)
+        if self.kind == "mul_":
+            g = h * 1.0
+            g.mul_(3.0)
+            return self.fc2(self.act(h)) + g.sum(1, keepdim=True)
+        if self.kind == "iadd":
+            g = h + 0.0
+            g += 2.0
+            return self.fc2(self.act(g + h))
+        return self.fc2(self.act(h))
+
+
+@pytest.mark.parametrize("kind", ["clamp_", "mul_"])
+def test_in_place_changes_that_later_nodes_read_are_refused(kind: str) -> None:
+    assert "in place" in _refused(_InPlace(kind))
+
+
+@pytest.mark.parametrize("kind", ["relu", "iadd"])
+def test_in_place_ops_whose_old_value_nothing_reads_are_certified(kind: str) -> None:
+    """nn.ReLU(inplace=True) after a layer (torchvision's nets) and `g += 2` (fx traces a plain add) change nothing hidden."""
+    x, y = digits()
+    net = _InPlace(kind).eval()
+    pred = net(x[:4].clone()).argmax(1)
+    assert certify_l2(net, x[:4], pred).radius.gt(0).any()

@@ -1007,3 +1007,95 @@ def test_onnx_file_with_several_outputs_is_classified_by_logits_else_the_first(t
     assert [s["clean_pred"] for s in data["samples"]] == scores.argmax(1).tolist()
     assert data["summary"]["clean_accuracy"] > 0.9 if chosen == "logits" else data["summary"]["clean_accuracy"] < 0.1
     assert f"classes are read from '{chosen}'" in " ".join(data["model"]["notes"])
+
+
+class _ClampsItsInput(nn.Module):
+    """Old-style code that edits its input in place, where the gradient check cannot see it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from conftest import demo_classifier
+
+        self.net = demo_classifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x.clamp_(0.0, 0.5)
+        return self.net(x)
+
+
+def _digits_npz(tmp_path: Path, n: int = 30) -> tuple[Path, np.ndarray, np.ndarray]:
+    x, y = bundled_digits()
+    x = (x[:n].astype(np.float32) / 255).reshape(-1, *SHAPE)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=y[:n])
+    return path, x, y[:n]
+
+
+def test_a_model_that_edits_its_input_in_place_cannot_move_the_samples(tmp_path: Path) -> None:
+    """Every adversarial example lies within eps of the user's own sample, at the distance the report gives."""
+    path = tmp_path / "clamps.pt"
+    torch.jit.script(_ClampsItsInput().eval()).save(str(path))
+    data, x, _ = _digits_npz(tmp_path)
+    report, adv = tmp_path / "r.json", tmp_path / "adv.npz"
+    result = run_cli("scan", path, "--data", data, "-t", "l2:0.5", "--preset", "quick", "--no-certify", "--no-indicator",
+                     "--threads", "1", "--json", report, "--save-adversarial", adv)
+    assert result.code == 0, result.stderr
+    samples = {s["index"]: s for s in json.loads(report.read_text())["samples"]}
+    saved = np.load(adv)
+    assert len(saved["l2:0.5__index"]) > 0
+    for row, index in zip(saved["l2:0.5__x"], saved["l2:0.5__index"]):
+        size = float(np.linalg.norm((row - x[index]).ravel().astype(np.float64)))
+        assert size <= 0.5 * (1 + 1e-5)
+        assert samples[int(index)]["threats"]["l2:0.5"]["distance"] == pytest.approx(size, rel=1e-5)
+
+
+class _InPrecision(nn.Module):
+    """The demo CNN computing in another precision, as a half-precision checkpoint with an input cast runs."""
+
+    def __init__(self, dtype: torch.dtype, offset: float = 0.0) -> None:
+        super().__init__()
+        from conftest import demo_classifier
+
+        self.net = demo_classifier().to(dtype)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.to(self.net[0].weight.dtype)) + self.offset  # the weights' dtype, read when it runs
+
+
+def test_half_precision_model_is_judged_in_its_own_precision_and_gets_no_certificate(tmp_path: Path) -> None:
+    """The certificate bounds float32 arithmetic: a float16 model gets none (its radii were broken inside the balls)."""
+    net = _InPrecision(torch.float16).eval()
+    path = tmp_path / "half.pt"
+    torch.jit.script(net).save(str(path))
+    data, x, _ = _digits_npz(tmp_path)
+    report = tmp_path / "r.json"
+    result = run_cli("scan", path, "--data", data, "-t", "l2:0.3", "--preset", "quick", "--certify", "--no-indicator",
+                     "--threads", "1", "--json", report)
+    assert result.code == 0, result.stderr
+    r = json.loads(report.read_text())
+    assert not r["summary"]["certificate"]["available"]
+    assert "float16" in r["summary"]["certificate"]["reason"]
+    assert any("confirmed in the model's own float16 arithmetic" in n for n in r["model"]["notes"])
+    with torch.no_grad():
+        own = net(torch.from_numpy(x)).argmax(1).tolist()
+    assert [s["clean_pred"] for s in r["samples"]] == own
+
+
+def test_float64_model_whose_float32_copy_classifies_otherwise_is_refused(tmp_path: Path) -> None:
+    """Scores offset by 1e9 differ below float32's resolution there: the copy the attacks need is another model."""
+    data, _, _ = _digits_npz(tmp_path)
+    for offset, fragment in ((1e9, "save the model in float32"), (0.0, None)):
+        path = tmp_path / f"double{int(offset)}.pt"
+        torch.jit.script(_InPrecision(torch.float64, offset).eval()).save(str(path))
+        args = ("scan", path, "--data", data, "-t", "l2:0.3", "--preset", "quick", "--steps", "2", "--no-indicator")
+        if fragment:
+            assert_one_line_error(run_cli(*args), fragment)
+        else:
+            report = tmp_path / "r.json"
+            result = run_cli(*args, "--certify", "--json", report)
+            assert result.code == 0, result.stderr
+            r = json.loads(report.read_text())
+            assert any("confirmed in the model's own float64 arithmetic" in n for n in r["model"]["notes"])
+            assert "float64" in r["summary"]["certificate"]["reason"]

@@ -111,7 +111,53 @@ def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             gm = fx.symbolic_trace(net)
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow and friends
             raise NotTraceable(f"the network cannot be traced by torch.fx ({_one_line(exc)})") from None
+    _refuse_hidden_mutation(gm)
     return _scores_only(gm, net, example)
+
+
+_INPLACE_OPERATORS = {"iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul", "iand", "ior", "ixor",
+                      "ilshift", "irshift", "setitem"}  # fmt: skip
+
+
+def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether `node` writes into its first argument: `x.clamp_()`, `torch.relu_`, `inplace=True`, `x += y`, aten `add_`."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).startswith("_")
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(str(node.target)), "inplace", False) is True
+    if node.op != "call_function":
+        return False
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        return bool(schema.is_mutable)
+    name = getattr(node.target, "__name__", "")
+    if getattr(node.target, "__module__", None) in ("operator", "_operator"):
+        return name in _INPLACE_OPERATORS
+    return name.endswith("_") and not name.startswith("_")
+
+
+def _refuse_hidden_mutation(gm: fx.GraphModule) -> None:
+    """Raise NotTraceable where an in-place op changes a value that a later node reads.
+
+    A graph node names a value, but an in-place op (`with torch.no_grad(): x.clamp_(0, 0.5)`)
+    changes the tensor behind the name: nodes after it that read the old name get the new
+    values in the network, the old ones in any bound or surrogate walking the graph. An
+    in-place op on a value nothing else reads afterwards (`nn.ReLU(inplace=True)` after a
+    convolution) changes nothing the graph does not show, and is accepted.
+    """
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if not _inplace(node, gm) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        target = node.args[0]
+        later = [u for u in target.users if u is not node and order[u] > order[node]]
+        if later:
+            raise NotTraceable(
+                f"{node.name} changes {target.name} in place and {later[0].name} reads it afterwards: a traced graph does not "
+                "follow in-place changes"
+            )
 
 
 def _scores_only(gm: fx.GraphModule, net: nn.Module, example: torch.Tensor) -> fx.GraphModule:

@@ -9,11 +9,13 @@ samples once, decides how to bridge each difference, and records it in notes.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from robaudit.errors import RobauditError
@@ -87,15 +89,18 @@ class AuditModel(torch.nn.Module):
         self.detached = False  # the graph passes no gradient to its input (see forward)
         self.inexact: str | None = None  # why the net may not compute exactly what the file does (no certificate)
         self._file: tuple[AuditModel, ...] = ()  # (file_twin,): a tuple, so that .to(device) and fx leave it alone
+        self.output_dtype = torch.float32  # float64 for the float64 twin of a float64 model: its verdicts unrounded
 
     @property
     def file_twin(self) -> AuditModel | None:
-        """The ONNX file itself, run by its own engine on the CPU behind the same preprocessing.
+        """The model as its file computes it, on the CPU behind the same preprocessing.
 
-        The attacks and the certificate work on onnx2torch's translation; the verdicts that
-        robaudit prints (a point misclassified, a point classified correctly) are confirmed on
-        this twin as well (`robaudit.attacks.runner.judge`). None for other formats and where
-        the translation could not be checked against the file.
+        For an ONNX file, the file run by its own engine; for a model whose weights are not
+        float32, the model in its own precision (`_precision_twin`). The attacks work on
+        onnx2torch's translation or the float32 copy; the verdicts that robaudit prints (a
+        point misclassified, a point classified correctly) are confirmed on this twin as
+        well (`robaudit.attacks.runner.judge`). None for other models and where the
+        translation could not be checked against the file.
         """
         return self._file[0] if self._file else None
 
@@ -114,8 +119,12 @@ class AuditModel(torch.nn.Module):
         return self._run(z)[:n]
 
     def net_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the net itself receives for pixels `x`: normalized (--mean/--std) and reshaped."""
-        z = x.to(self.dtype)
+        """What the net itself receives for pixels `x`: normalized (--mean/--std) and reshaped.
+
+        Always a new tensor: a net that changes its input in place (`x.clamp_()`,
+        `x.data.sub_()`) must not change the caller's clean inputs or candidates.
+        """
+        z = x.to(self.dtype, copy=self.mean is None)
         if self.mean is not None:
             z = (z - self.mean) / self.std
         if self.model_shape is not None:
@@ -133,7 +142,7 @@ class AuditModel(torch.nn.Module):
             out = self._run(z)
         else:
             out = torch.cat([self._run_padded(z[i : i + self.chunk]) for i in range(0, b, self.chunk)])
-        out = out.float()
+        out = out.to(self.output_dtype)
         if self.output_kind == "probabilities":
             out = out.clamp_min(LOG_FLOOR).log()
         if self.detached and x.requires_grad:  # a zero gradient, so gradient attacks run (and fail) instead of crash
@@ -199,6 +208,10 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
                       mean=model.mean, std=model.std)  # fmt: skip
     twin.batching, twin.chunk = ("fixed-batch", reference.batch) if reference.batch else (model.batching, model.chunk)
     hints = reference.hints
+    if reference.dtype != np.float32:  # the file rounds every input to its own type first
+        model.inexact = model.inexact or (
+            f"the ONNX file takes {np.dtype(reference.dtype).name} input: radii would bound float32 inputs, not the file's own"
+        )
     if hints:
         model.inexact = f"onnx2torch warned that its translation may differ from the ONNX file ({hints[0]})"
     try:
@@ -230,6 +243,39 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
         f"samples{shapes}{why}), so robaudit would audit another model than the file; re-export it with other "
         "op settings or save it as TorchScript or torch.export (.pt2)"
     )
+
+
+def _precision_twin(model: AuditModel, native: torch.nn.Module, dtype: torch.dtype, x: torch.Tensor, name: str) -> str:
+    """Make the net in its own precision `model`'s twin (verdicts confirmed there); a note.
+
+    The attacks run on the float32 copy. A copy that classifies a data sample differently
+    from the model itself (a float64 model whose scores differ below float32's
+    resolution) would be audited instead of the model: refused. A net that cannot run in
+    its precision on the CPU (half-precision kernels missing) keeps no twin, and says so.
+    """
+    dev = lambda t: None if t is None else t.to(dtype)  # noqa: E731 - normalization in the model's precision
+    twin = AuditModel(native, sample_shape=model.sample_shape, model_shape=model.model_shape,
+                      mean=dev(model.mean), std=dev(model.std), dtype=dtype)  # fmt: skip
+    twin.batching, twin.chunk = model.batching, model.chunk
+    twin.output_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # half scores are exact in float32
+    twin.eval()
+    twin.requires_grad_(False)
+    label = str(dtype).removeprefix("torch.")
+    try:
+        with torch.no_grad():
+            ref, again, got = twin(x), twin(x), model(x)
+    except Exception as exc:  # noqa: BLE001 - e.g. a half-precision op without a CPU kernel
+        return f"verdicts could not be confirmed in the model's own {label} arithmetic ({one_line(exc, 200)})"
+    if not torch.equal(ref, again):
+        return f"the model is randomized: its verdicts are not confirmed in its own {label} arithmetic"
+    differ = int((ref.argmax(dim=1) != got.argmax(dim=1)).sum())
+    if differ:
+        raise RobauditError(
+            f"model {name} computes in {label}, and its float32 copy, which the attacks need, classifies {differ} of "
+            f"the first {len(x)} data samples differently; save the model in float32"
+        )
+    model._file = (twin,)
+    return f"clean predictions and adversarial examples are confirmed in the model's own {label} arithmetic too"
 
 
 def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -> str:
@@ -301,11 +347,17 @@ def wrap_model(
 
     net = raw.net.to("cpu")
     dtypes = {t.dtype for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()}
+    native = None  # the net in its own precision, to confirm verdicts in (`_precision_twin`)
+    found = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
     if dtypes and dtypes != {torch.float32}:
+        native = copy.deepcopy(net) if len(dtypes) == 1 and raw.reference is None else None  # ONNX: the file is the twin
         net = net.float()
-        found = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         notes.append(f"model weights converted from {found} to float32 for gradient attacks")
     model = AuditModel(net, sample_shape=sample_shape, model_shape=model_shape, mean=mean_t, std=std_t)
+    if dtypes and dtypes != {torch.float32}:
+        model.inexact = (
+            f"the model's weights are {found}: radii would bound its float32 copy, not the model's own arithmetic"
+        )
     model.eval()
     model.requires_grad_(False)
 
@@ -333,7 +385,14 @@ def wrap_model(
             out, _ = _try(model, x)
         if out is None:
             shape = (1, *(model_shape or sample_shape))
-            raise RobauditError(f"model {name} failed on input of shape ({', '.join(map(str, shape))}): {one_line(single_err)}")
+            converted = (
+                f" after its {found} weights were converted to float32, which gradient attacks need (a cast to {found} "
+                "inside the file, fixed when it was traced or exported, would explain it; save the model in float32)"
+                if dtypes and dtypes != {torch.float32} else ""
+            )
+            raise RobauditError(
+                f"model {name} failed on input of shape ({', '.join(map(str, shape))}){converted}: {one_line(single_err)}"
+            )
         notes.append(f"graph only runs at batch size {fixed}: evaluating {fixed} samples at a time (zero-padded)")
 
     k = out.shape[1]
@@ -345,6 +404,8 @@ def wrap_model(
         )
     if raw.reference is not None:
         notes.append(_check_translation(model, raw, x))
+    elif native is not None:
+        notes.append(_precision_twin(model, native, next(iter(dtypes)), x, name))
     if out.min() >= 0 and out.max() <= 1 and torch.allclose(out.sum(1), torch.ones(out.shape[0]), atol=PROB_ATOL):
         model.output_kind = "probabilities"
         if model.file_twin is not None:  # the file's verdicts and scores are read the same way
