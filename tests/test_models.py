@@ -1099,3 +1099,23 @@ def test_float64_model_whose_float32_copy_classifies_otherwise_is_refused(tmp_pa
             r = json.loads(report.read_text())
             assert any("confirmed in the model's own float64 arithmetic" in n for n in r["model"]["notes"])
             assert "float64" in r["summary"]["certificate"]["reason"]
+
+
+class _CentresTheBatch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = x.flatten(1)
+        return z[:, :10] - z[:, :10].mean(0) + 0.1 * z[:, 10:20]
+
+
+def test_batch_statistics_are_named_as_such_and_evaluated_per_sample_or_refused() -> None:
+    """A net that centres over the batch runs alone too: one sample at a time, and the note says why. BatchNorm
+    without running statistics normalizes over the batch even in eval mode and cannot score one sample: refused."""
+    model, info = wrap(RawModel(net=_CentresTheBatch(), format="pickle", input_shape=None, num_classes=None))
+    assert info.batching == "per-sample"
+    assert any("depend on the other samples of its batch" in n for n in info.notes)
+    x = torch.rand(5, *SHAPE)
+    assert torch.equal(model(x)[2:3], model(x[2:3]))
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16, track_running_stats=False), nn.ReLU(),
+                        nn.Linear(16, 10))
+    with pytest.raises(RobauditError, match="depending on the other samples of its batch"):
+        wrap(RawModel(net=net, format="pickle", input_shape=None, num_classes=None))

@@ -65,6 +65,8 @@ def _to_inference(module: torch.fx.GraphModule) -> int:
         index = _TRAINING_ARG.get(_overload_name(node.target) or "")
         if index is None:
             continue
+        if "batch_norm" in (_overload_name(node.target) or "") and len(node.args) > 3 and node.args[3] is None:
+            continue  # no running statistics to switch to: it normalizes over the batch (`wrap_model` refuses that)
         if len(node.args) > index and node.args[index] is True:
             node.args = (*node.args[:index], False, *node.args[index + 1 :])
             flipped += 1

@@ -366,8 +366,8 @@ def wrap_model(
     single, single_err = _try(_per_sample, model, x)
     model.batching, model.chunk = "batched", None
     batched, batched_err = _try(model, x)
+    same = lambda a, b: a.shape == b.shape and torch.allclose(a, b, rtol=BATCH_RTOL, atol=BATCH_ATOL, equal_nan=True)  # noqa: E731
     if single is not None:
-        same = lambda a, b: a.shape == b.shape and torch.allclose(a, b, rtol=BATCH_RTOL, atol=BATCH_ATOL, equal_nan=True)  # noqa: E731
         again = _try(model, x)[0] if batched is not None and not same(batched, single) else None
         if batched is not None and same(batched, single):
             out = batched
@@ -375,9 +375,23 @@ def wrap_model(
             out = batched  # a randomized model: batches differ from each other too, not just from single samples
         else:
             model.batching, model.chunk = "per-sample", 1
-            notes.append("graph only runs at batch size 1: evaluating one sample at a time")
+            notes.append(
+                "graph only runs at batch size 1: evaluating one sample at a time"
+                if batched is None or batched.shape != single.shape else
+                "a sample's scores depend on the other samples of its batch (batch statistics): evaluating one "
+                "sample at a time"
+            )
             out = single
     else:
+        if batched is not None and raw.fixed_batch is None:  # runs batched, not alone: batch statistics?
+            pair, _ = _try(model, torch.cat([x[:1], x[:1]]))
+            if pair is not None and pair.shape[1:] == batched.shape[1:] and not same(pair[:1], batched[:1]):
+                raise RobauditError(
+                    f"model {name} scores a sample differently depending on the other samples of its batch, and cannot "
+                    f"score one sample alone ({one_line(single_err, 120)}): it normalizes over the batch (e.g. BatchNorm "
+                    "without running statistics, or saved in training mode); robaudit audits classifiers that score "
+                    "each sample on its own"
+                )
         fixed = raw.fixed_batch or (x.shape[0] if batched is not None else None)
         out = None
         if fixed and fixed > 1:
