@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from robaudit.errors import RobauditError
+from robaudit.report.numbers import distinct
 from robaudit.report.schema import GateCheck, Report
 from robaudit.threats import Threat, parse_number, parse_threat
 
@@ -363,7 +364,8 @@ def _minimum_check(report: Report, threshold: Threshold) -> GateCheck:
     else:
         passed = value >= threshold.minimum
         relation = "meets its minimum" if passed else "is below its minimum"
-        message = f"{name} = {value:.4f} {relation} {threshold.minimum:.4f}"
+        shown, minimum = distinct(value, threshold.minimum)
+        message = f"{name} = {shown} {relation} {minimum}"
         if threshold.metric == "indicator_score" and (report.summary.indicator or {}).get("masking_suspected"):
             message += " (masking suspected: the score is not meaningful)"
     return GateCheck(

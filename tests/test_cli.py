@@ -165,7 +165,7 @@ def test_report_command_renders_saved_json(model_files: ModelFiles, tmp_path) ->
     assert shown.code == 0, shown.stderr
     report = load_json(out)
     assert "clean accuracy" in shown.stdout
-    assert f"{100 * report['summary']['clean_accuracy']:.1f}%" in shown.stdout
+    assert f"{math.floor(1000 * report['summary']['clean_accuracy'] + 1e-9) / 10:.1f}%" in shown.stdout
     assert "linf:0.0313725" in shown.stdout
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")

@@ -153,7 +153,7 @@ def test_html_has_a_per_class_table(ci_base: CiScan) -> None:
     threats = report["summary"]["threats"]
     assert "<th>class</th>" in section and all(f"<th>robust {t['threat']}</th>" in section for t in threats)
     for c in threats[0]["per_class"]:
-        cells = [f'<td class="num">{100 * t["per_class"][c]:.1f}%</td>' for t in threats]
+        cells = [f'<td class="num">{math.floor(1000 * t["per_class"][c] + 1e-9) / 10:.1f}%</td>' for t in threats]
         assert f"<tr><td>{c}</td>{''.join(cells)}</tr>" in section
 
 

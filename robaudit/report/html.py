@@ -21,6 +21,7 @@ from robaudit.report.common import (
     with_threat_names,
 )  # fmt: skip
 from robaudit.report.files import write_text
+from robaudit.report.numbers import floor_fixed, floor_pct, floor_sig, gate_figures
 from robaudit.report.schema import Curve, Report
 
 CSS = """
@@ -47,7 +48,7 @@ def _e(text: object) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+    return "n/a" if value is None else floor_pct(value)
 
 
 def _table(header: list[str], rows: list[list[str]], numeric: set[int] | None = None) -> str:
@@ -179,8 +180,7 @@ def _gate(report: Report) -> str:
         [
             _tag("pass" if c.passed else "fail"),
             _e(c.describe()),
-            "n/a" if c.value is None else f"{c.value:.4f}",
-            f"{c.threshold:.4f}",
+            *gate_figures(c),
             "" if c.baseline is None else f"{c.baseline:.4f}",
             f"<code>{_e(c.expression)}</code>",
         ]
@@ -276,9 +276,9 @@ def _certificate(report: Report) -> str:
         return f'<h2>Certified L2 radii</h2><p class="note">{_e(cert.reason or "not available")}</p>'
     rows = [[f"certified accuracy {_threat(report, k)}", _pct(v)] for k, v in cert.certified_accuracy.items()]
     if cert.radius_quantiles:
-        rows.append(["radius quantiles (correct samples)", _e(", ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items()))])
+        rows.append(["radius quantiles (correct samples)", _e(", ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items()))])
     if cert.median_ratio is not None:
-        rows.append(["median certified / smallest adversarial L2", f"{cert.median_ratio:.3f} ({cert.ratio_samples} samples)"])
+        rows.append(["median certified / smallest adversarial L2", f"{floor_fixed(cert.median_ratio, 3)} ({cert.ratio_samples} samples)"])
     notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in cert.notes)
     return f"<h2>Certified L2 radii (budget {_e(cert.budget)})</h2>" + _table(["metric", "value"], rows, {1}) + notes
 

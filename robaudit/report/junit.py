@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 from robaudit.report.files import write_text
+from robaudit.report.numbers import floor_pct
 from robaudit.report.schema import GateCheck, Report
 
 _KIND_CLASS = {
@@ -60,11 +61,11 @@ def case_name(check: GateCheck) -> str:
 def _failure_text(check: GateCheck) -> str:
     lines = [check.describe(), f"rule: {check.expression} ({check.kind})"]
     if check.value is not None:
-        lines.append(f"value: {check.value:.6f}")
+        lines.append(f"value: {check.value!r}")
     if check.kind != "strict":
-        lines.append(f"lowest passing value: {check.threshold:.6f}")
+        lines.append(f"lowest passing value: {check.threshold!r}")
     if check.baseline is not None:
-        lines.append(f"baseline: {check.baseline:.6f}")
+        lines.append(f"baseline: {check.baseline!r}")
     return "\n".join(lines)
 
 
@@ -125,13 +126,13 @@ def report_properties(report: Report) -> dict[str, str]:
         "n": str(report.data.n),
         "seed": str(report.data.seed),
         "device": report.environment.get("device", ""),
-        "clean_accuracy": f"{s.clean_accuracy:.6f}",
+        "clean_accuracy": repr(float(s.clean_accuracy)),
     }
     for t in s.threats:
-        props[f"robust_accuracy[{t.threat}]"] = f"{t.robust_accuracy:.6f}"
+        props[f"robust_accuracy[{t.threat}]"] = repr(float(t.robust_accuracy))
     if s.certificate is not None and s.certificate.available:
         for key, value in s.certificate.certified_accuracy.items():
-            props[f"certified_accuracy[{key}]"] = f"{value:.6f}"
+            props[f"certified_accuracy[{key}]"] = repr(float(value))
     if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
         props["indicator_score"] = f"{s.indicator['score']:.6f}"
     if s.diagnostics:
@@ -144,11 +145,11 @@ def report_properties(report: Report) -> dict[str, str]:
 def _summary_text(report: Report) -> str:
     s = report.summary
     lines = [f"model {report.model.path} ({report.model.format}), data {report.data.name}: {report.data.n} samples, seed {report.data.seed}"]
-    lines.append(f"clean accuracy {100 * s.clean_accuracy:.1f}%")
-    lines += [f"robust accuracy {t.threat}: {100 * t.robust_accuracy:.1f}%" for t in s.threats]
+    lines.append(f"clean accuracy {floor_pct(s.clean_accuracy)}")
+    lines += [f"robust accuracy {t.threat}: {floor_pct(t.robust_accuracy)}" for t in s.threats]
     if s.certificate is not None:
         if s.certificate.available:
-            lines += [f"certified accuracy {k}: {100 * v:.1f}%" for k, v in s.certificate.certified_accuracy.items()]
+            lines += [f"certified accuracy {k}: {floor_pct(v)}" for k, v in s.certificate.certified_accuracy.items()]
         else:
             lines.append(f"certificate: {s.certificate.reason}")
     if s.indicator and "score" in s.indicator:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from robaudit.report.common import canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, with_threat_names
 from robaudit.report.common import verdict as scan_verdict
 from robaudit.report.files import write_text
+from robaudit.report.numbers import floor_fixed, floor_pct, floor_sig, gate_figures
 from robaudit.report.schema import GateCheck, Report
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def code(text: object) -> str:
 
 
 def pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f}%"
+    return "n/a" if value is None else floor_pct(value)
 
 
 def table(header: Sequence[str], rows: Iterable[Sequence[object]], align: str = "") -> list[str]:
@@ -61,8 +62,7 @@ def gate_table(checks: Sequence[GateCheck]) -> list[str]:
         rows.append((
             "✅ pass" if c.passed else "❌ **FAIL**",
             cell(c.describe()),
-            "n/a" if c.value is None else f"{c.value:.4f}",
-            f"{c.threshold:.4f}",
+            *gate_figures(c),
             "" if c.baseline is None else f"{c.baseline:.4f}",
             code(c.expression),
         ))  # fmt: skip
@@ -151,7 +151,7 @@ def _curves(report: Report) -> list[str]:
     for c in report.summary.curves:
         step = max(1, (len(c.eps) - 1) // 6)
         points = ", ".join(f"{c.eps[i]:.3g}: {pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
-        rows.append((cell(c.norm), "-" if c.median_distance is None else f"{c.median_distance:.4g}", points))
+        rows.append((cell(c.norm), "-" if c.median_distance is None else floor_sig(c.median_distance), points))
     caveats = [u for u in (unproven(report, c) for c in report.summary.curves) if u.count]
     notes = [line for u in caveats for line in (f"> **Upper bound**: {cell(u.sentence())}", "")]
     return ["### Robust accuracy against radius", "", *table(("norm", "median distance", "radius: robust accuracy"), rows, "lrl"), *notes]
@@ -165,9 +165,9 @@ def _certificate(report: Report) -> list[str]:
         return ["### Certified L2 radii", "", cell(cert.reason or "not available"), ""]
     rows = [(f"certified accuracy {code(threat_name(report, k))}", pct(v)) for k, v in cert.certified_accuracy.items()]
     if cert.radius_quantiles:
-        rows.append(("radius quantiles (correct samples)", ", ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items())))
+        rows.append(("radius quantiles (correct samples)", ", ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items())))
     if cert.median_ratio is not None:
-        rows.append(("median certified / smallest adversarial L2", f"{cert.median_ratio:.3f} ({cert.ratio_samples} samples)"))
+        rows.append(("median certified / smallest adversarial L2", f"{floor_fixed(cert.median_ratio, 3)} ({cert.ratio_samples} samples)"))
     notes = [f"- note: {cell(n)}" for n in cert.notes]
     return [f"### Certified L2 radii (budget {cell(cert.budget)})", "", *table(("metric", "value"), rows, "lr"), *notes, *([""] if notes else [])]
 

@@ -15,6 +15,7 @@ from typing import Any
 
 from robaudit.atomic import write_atomic
 from robaudit.errors import RobauditError
+from robaudit.report.numbers import distinct
 
 SCHEMA_VERSION = "1.4"
 
@@ -173,7 +174,8 @@ class GateCheck:
         if self.value is None:
             return f"{self.metric} is not in the report ({self.expression})"
         relation = ">=" if self.passed else "is below"
-        return f"{self.metric} = {self.value:.4f} {relation} {self.threshold:.4f} ({self.expression})"
+        value, threshold = distinct(self.value, self.threshold)
+        return f"{self.metric} = {value} {relation} {threshold} ({self.expression})"
 
 
 @dataclass

@@ -12,10 +12,11 @@ from robaudit.report.common import (
     canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, verdict, with_threat_names,
 )  # fmt: skip
 from robaudit.report.schema import Report
+from robaudit.report.numbers import floor_fixed, floor_pct, floor_sig
 
 
 def _pct(value: float) -> str:
-    return f"{100 * value:.1f}%"
+    return floor_pct(value)
 
 
 def _header(report: Report) -> Table:
@@ -115,7 +116,7 @@ def _curves(report: Report) -> Group | Table | None:
     for c in report.summary.curves:
         step = max(1, (len(c.eps) - 1) // 6)
         points = "  ".join(f"{c.eps[i]:.3g}: {_pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
-        median = f"{c.median_distance:.4g}" if c.median_distance is not None else "-"
+        median = floor_sig(c.median_distance) if c.median_distance is not None else "-"
         table.add_row(c.norm, median, points)
     caveats = [unproven(report, c) for c in report.summary.curves]
     caveats = [u for u in caveats if u.count]
@@ -142,12 +143,12 @@ def _certificate(report: Report) -> Group | Text | None:
     table.add_column("value", justify="right")
     for name, value in cert.certified_accuracy.items():
         table.add_row(f"certified accuracy {escape(threat_name(report, name))}", _pct(value))
-    quantiles = "  ".join(f"{k}: {v:.4g}" for k, v in cert.radius_quantiles.items())
+    quantiles = "  ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items())
     table.add_row("radius (correct samples)", quantiles or "-")
     if cert.median_ratio is not None:
         table.add_row(
             "median certified / smallest adversarial L2",
-            f"{cert.median_ratio:.3f} [dim]({cert.ratio_samples} samples; 1 = pinned down exactly)[/dim]",
+            f"{floor_fixed(cert.median_ratio, 3)} [dim]({cert.ratio_samples} samples; 1 = pinned down exactly)[/dim]",
         )
     table.add_row("method that gave the radius", ", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")
     if not cert.notes:
@@ -228,7 +229,7 @@ def _per_class(report: Report) -> Table | None:
     for c in classes:
         table.add_column(c, justify="right")
     for t in threats:
-        table.add_row(escape(threat_name(report, t.threat)), *[f"{100 * t.per_class.get(c, 0.0):.0f}" for c in classes])
+        table.add_row(escape(threat_name(report, t.threat)), *[floor_pct(t.per_class.get(c, 0.0), 0)[:-1] for c in classes])
     return table
 
 

@@ -1,0 +1,54 @@
+"""How the renderers write figures: never above what was measured or proven.
+
+Robust accuracy is an upper bound on the true robustness, a certified radius or
+certified accuracy a lower bound. Rounded to nearest, 26/30 would read 86.7% and a radius
+of 0.5401744 would read 0.5402: more than the scan showed. Figures are cut towards minus
+infinity instead (86.6%, 0.5401), from the exact decimal of the float (so 0.29 stays 29.0%).
+"""
+
+from __future__ import annotations
+
+from decimal import ROUND_FLOOR, Decimal
+
+
+def _floor(value: float, exponent: int) -> Decimal:
+    return Decimal(repr(float(value))).quantize(Decimal(1).scaleb(exponent), rounding=ROUND_FLOOR)
+
+
+def floor_fixed(value: float, places: int) -> str:
+    """`value` with `places` decimals, rounded down: 0.86666 -> '0.866' at 3 places."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    return f"{_floor(value, -places):.{places}f}"
+
+
+def floor_pct(value: float, places: int = 1) -> str:
+    """A fraction as a percentage, rounded down: 26/30 -> '86.6%', 0.9996 -> '99.9%'."""
+    if value != value:
+        return "nan"
+    exact = Decimal(repr(float(value))) * 100
+    return f"{exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_FLOOR):.{places}f}%"
+
+
+def floor_sig(value: float, digits: int = 4) -> str:
+    """`value` to `digits` significant digits, rounded down: 0.5401744 -> '0.5401'."""
+    if value == 0 or value != value or value in (float("inf"), float("-inf")):
+        return f"{value:g}"
+    exact = Decimal(repr(float(value)))
+    return f"{float(_floor(value, exact.adjusted() - digits + 1)):.{digits}g}"
+
+
+def distinct(value: float, other: float, places: int = 4) -> tuple[str, str]:
+    """Both numbers with `places` decimals, or as many more as it takes to tell unequal ones apart."""
+    for p in range(places, 18):
+        a, b = f"{value:.{p}f}", f"{other:.{p}f}"
+        if a != b or value == other:
+            return a, b
+    return repr(value), repr(other)
+
+
+def gate_figures(check) -> tuple[str, str]:
+    """A gate check's value and lowest passing value for a table, told apart where they differ."""
+    if check.value is None:
+        return "n/a", f"{check.threshold:.4f}"
+    return distinct(check.value, check.threshold)
