@@ -193,3 +193,56 @@ def test_gates_find_a_threat_by_the_name_the_report_gives_it(model_files: ModelF
     compared = run_cli("compare", out, out, "--max-drop", "certified_accuracy[l2:0.0313725]=0", "--max-drop",
                        "robust_accuracy[l2:8/255]=0", "-q")
     assert compared.code == 0, compared.stderr
+
+
+def _edited(source: Path, target: Path, edit) -> Path:
+    import json
+
+    raw = json.loads(source.read_text())
+    edit(raw)
+    target.write_text(json.dumps(raw))
+    return target
+
+
+def _lie_about_gate(raw: dict) -> None:
+    failed = next(c for c in raw["gate"] if not c["passed"])
+    failed["passed"] = True
+
+
+def _duplicate_sample(raw: dict) -> None:
+    raw["samples"][1] = raw["samples"][0]
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (_lie_about_gate, "says passed=True for value"),
+        (lambda r: r["summary"]["threats"][0].update(robust_accuracy=7.0), "is not a fraction in [0, 1]"),
+        (lambda r: r["summary"]["threats"][0].update(robust_accuracy=r["summary"]["threats"][0]["robust_accuracy"] + 0.1),
+         "differs from its samples'"),
+        (lambda r: r["summary"].update(clean_accuracy="0.9"), "summary.clean_accuracy is str '0.9', not a number"),
+        (lambda r: r["summary"]["threats"][0].update(per_class=[1.0]), "per_class is list, not an object"),
+        (lambda r: r.update(timing="fast"), "timing is str, not an object"),
+        (lambda r: r["gate"][0].update(value="x"), "gate[0].value is str 'x', not a number"),
+        (lambda r: r["samples"][0].pop("label"), "samples[0].label"),
+        (_duplicate_sample, "each once, in order"),
+    ],
+)
+def test_hand_edited_reports_are_refused_not_rendered(ci_base: CiScan, tmp_path, edit, fragment: str) -> None:
+    """`report`, `compare` and `--baseline` read only what a scan could have written: one line, exit 2, no exit 3."""
+    bad = _edited(ci_base.json, tmp_path / "bad.json", edit)
+    assert_one_line_error(run_cli("report", bad, "--junit", tmp_path / "o.xml", "-q"), fragment)
+    assert_one_line_error(run_cli("compare", ci_base.json, bad, "-q"), fragment)
+
+
+def test_keys_a_later_minor_version_adds_are_ignored(ci_base: CiScan, tmp_path) -> None:
+    def add(raw: dict) -> None:
+        raw["new_top"] = 1
+        raw["summary"]["threats"][0]["new_key"] = [1]
+        raw["samples"][0]["threats"][raw["summary"]["threats"][0]["threat"]]["new_key"] = "x"
+        raw["gate"][0]["new_key"] = None
+
+    newer = _edited(ci_base.json, tmp_path / "newer.json", add)
+    result = run_cli("report", newer, "--markdown", tmp_path / "o.md", "-q")
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "o.md").read_text() == ci_base.markdown.read_text()

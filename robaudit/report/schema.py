@@ -8,7 +8,11 @@ varies between two runs with the same seed lives in ``created`` and ``timing`` o
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,55 +213,12 @@ class Report:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Report":
-        summary = raw["summary"]
-        threats = [
-            ThreatSummary(
-                **{
-                    **t,
-                    "attack_details": [AttackSummary(**a) for a in t.get("attack_details", [])],
-                }
-            )
-            for t in summary["threats"]
-        ]
-        samples = [
-            SampleRecord(
-                index=s["index"],
-                label=s["label"],
-                clean_pred=s["clean_pred"],
-                threats={k: SampleThreat(**v) for k, v in s["threats"].items()},
-                **{k: s[k] for k in ("adversarial_l2", "certified_l2", "certified_method", "indicator") if k in s},
-            )
-            for s in raw["samples"]
-        ]
-        return cls(
-            schema_version=raw["schema_version"],
-            robaudit_version=raw["robaudit_version"],
-            created=raw["created"],
-            model=ModelInfo(**raw["model"]),
-            data=DataInfo(**raw["data"]),
-            config=raw["config"],
-            environment=raw["environment"],
-            summary=Summary(
-                clean_accuracy=summary["clean_accuracy"],
-                threats=threats,
-                minimal_norm=[
-                    MinimalNormSummary(
-                        **{**m, "attack_details": [AttackSummary(**a) for a in m.get("attack_details", [])]}
-                    )
-                    for m in summary.get("minimal_norm", [])
-                ],
-                curves=[Curve(**c) for c in summary.get("curves", [])],
-                forward_passes_per_sample=summary.get("forward_passes_per_sample", 0.0),
-                backward_passes_per_sample=summary.get("backward_passes_per_sample", 0.0),
-                certificate=CertificateSummary(**summary["certificate"]) if summary.get("certificate") else None,
-                indicator=summary.get("indicator"),
-                diagnostics=summary.get("diagnostics"),
-            ),
-            samples=samples,
-            timing=raw.get("timing", {}),
-            gate=[GateCheck(**g) for g in raw.get("gate", [])],
-            plots=raw.get("plots", []),
-        )
+        """The report a JSON object describes; keys a later minor version added are left out.
+
+        Raises KeyError, TypeError or ValueError where a key is missing or holds a value of
+        another type than the schema's (`read_report` turns that into a one-line error).
+        """
+        return _build(cls, raw, "")
 
 
 def read_report(path: Path) -> Report:
@@ -276,6 +237,104 @@ def read_report(path: Path) -> Report:
             f"{path} uses report schema {raw['schema_version']}; this robaudit reads {SCHEMA_VERSION}"
         )
     try:
-        return Report.from_dict(raw)
-    except (KeyError, TypeError) as exc:
-        raise RobauditError(f"{path} is not a valid robaudit report ({exc.__class__.__name__}: {exc})") from None
+        report = Report.from_dict(raw)
+    except KeyError as exc:
+        raise RobauditError(f"{path} is not a valid robaudit report (key {exc} is missing)") from None
+    except (TypeError, ValueError) as exc:
+        raise RobauditError(f"{path} is not a valid robaudit report ({exc})") from None
+    problem = inconsistency(report)
+    if problem:
+        raise RobauditError(f"{path} is not a robaudit report as robaudit wrote it: {problem}")
+    return report
+
+
+# --------------------------------------------------------------------------- reading: types and consistency
+
+
+def _build(kind: Any, value: Any, where: str) -> Any:
+    """`value` (parsed JSON) as an instance of the annotation `kind`, checking every type on the way."""
+    if kind is Any:
+        return value
+    origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise TypeError(f"{where or 'the report'} is null")
+        return _build(next(o for o in options if o is not type(None)), value, where)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise TypeError(f"{where or 'the report'} is {type(value).__name__}, not an object")
+        hints = typing.get_type_hints(kind)
+        known = {f.name: f for f in dataclasses.fields(kind)}
+        missing = [name for name, f in known.items() if name not in value and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]  # fmt: skip
+        if missing:
+            raise KeyError(f"{where}.{missing[0]}".lstrip("."))
+        return kind(**{k: _build(hints[k], v, f"{where}.{k}".lstrip(".")) for k, v in value.items() if k in known})
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError(f"{where} is {type(value).__name__}, not a list")
+        (item,) = typing.get_args(kind)
+        return [_build(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where} is {type(value).__name__}, not an object")
+        _, item = typing.get_args(kind)
+        return {k: _build(item, v, f"{where}.{k}") for k, v in value.items()}
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where} is {type(value).__name__} {value!r:.40}, not a number")
+        return float(value)
+    if kind in (int, str, bool):
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise TypeError(f"{where} is {type(value).__name__} {value!r:.40}, not {kind.__name__}")
+        return value
+    raise TypeError(f"{where}: unsupported annotation {kind}")  # pragma: no cover - the schema's own types
+
+
+def _fraction(value: float) -> bool:
+    return math.isfinite(value) and 0.0 <= value <= 1.0
+
+
+def inconsistency(report: Report) -> str | None:
+    """What a hand-edited or corrupted report says that a scan could not have written, or None.
+
+    Fractions lie in [0, 1]; the summary's accuracies are those of its own samples; each
+    gate check's verdict is the one its value and threshold give.
+    """
+    s = report.summary
+    fractions = {"clean_accuracy": s.clean_accuracy}
+    for t in s.threats:
+        fractions[f"robust_accuracy[{t.threat}]"] = t.robust_accuracy
+        fractions.update({f"per_class[{t.threat}][{c}]": v for c, v in t.per_class.items()})
+    if s.certificate is not None:
+        fractions.update({f"certified_accuracy[{k}]": v for k, v in s.certificate.certified_accuracy.items()})
+    for c in s.curves:
+        fractions.update({f"curve[{c.norm}]": v for v in c.robust_accuracy})
+    bad = next((name for name, v in fractions.items() if not _fraction(v)), None)
+    if bad is not None:
+        return f"{bad} = {fractions[bad]!r} is not a fraction in [0, 1]"
+    n = len(report.samples)
+    if n != report.data.n or len(report.data.indices) != n:
+        return f"data.n is {report.data.n} with {len(report.data.indices)} indices, but there are {n} samples"
+    if len(set(report.data.indices)) != n or [r.index for r in report.samples] != report.data.indices:
+        return "the samples' indices are not data.indices, each once, in order"
+    if n:
+        clean = sum(r.clean_pred == r.label for r in report.samples) / n
+        if abs(clean - s.clean_accuracy) > 1e-9:
+            return f"clean_accuracy {s.clean_accuracy!r} differs from its samples' {clean!r}"
+        for t in s.threats:
+            entries = [r.threats.get(t.threat) for r in report.samples]
+            if any(e is None for e in entries):
+                return f"a sample has no result for threat {t.threat}"
+            robust = sum(bool(e.robust) for e in entries if e is not None) / n
+            if abs(robust - t.robust_accuracy) > 1e-9:
+                return f"robust_accuracy[{t.threat}] {t.robust_accuracy!r} differs from its samples' {robust!r}"
+    for check in report.gate:
+        if check.kind in ("minimum", "max_drop_absolute", "max_drop_relative"):
+            holds = check.value is not None and math.isfinite(check.value) and check.value >= check.threshold
+            if holds != check.passed:
+                return f"gate check {check.expression!r} says passed={check.passed} for value {check.value!r} and threshold {check.threshold!r}"
+    return None
