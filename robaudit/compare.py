@@ -205,7 +205,8 @@ def compare(
 ) -> Comparison:
     """Compare two reports; refuses (RobauditError, exit 2) different data or threats unless ``force``."""
     mismatch = data_mismatch(
-        base, name=new.data.name, seed=new.data.seed, indices=new.data.indices, labels=[s.label for s in new.samples]
+        base, name=new.data.name, seed=new.data.seed, indices=new.data.indices, labels=[s.label for s in new.samples],
+        digest=new.data.sha256,
     ) + threat_mismatch(base, new)
     if mismatch and not force:
         raise RobauditError(

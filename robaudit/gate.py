@@ -428,8 +428,13 @@ def evaluate(
     return checks
 
 
-def data_mismatch(base: Report, *, name: str, seed: int, indices: Sequence[int], labels: Sequence[int] | None) -> list[str]:
-    """How the data of a run differ from a baseline report's (empty when they are the same)."""
+def data_mismatch(
+    base: Report, *, name: str, seed: int, indices: Sequence[int], labels: Sequence[int] | None, digest: str | None = None
+) -> list[str]:
+    """How the data of a run differ from a baseline report's (empty when they are the same).
+
+    `digest` is the run's `Dataset.digest`; a report written before schema 1.5 has none to compare.
+    """
     problems = []
     if Path(base.data.name).name != Path(name).name:
         problems.append(f"data '{base.data.name}' vs '{name}'")
@@ -443,6 +448,8 @@ def data_mismatch(base: Report, *, name: str, seed: int, indices: Sequence[int],
             problems.append(f"sample indices differ at {differ} of {len(indices)} positions")
     elif labels is not None and [s.label for s in base.samples] != list(labels):
         problems.append("labels differ at the same indices (not the same data file)")
+    elif digest is not None and base.data.sha256 is not None and digest != base.data.sha256:
+        problems.append("pixels differ at the same indices and labels (not the same data)")
     return problems
 
 
@@ -463,11 +470,13 @@ def threat_mismatch(base: Report, new: Report) -> list[str]:
     return problems
 
 
-def check_baseline_data(baseline: Baseline, *, name: str, seed: int, indices: Sequence[int], labels: Sequence[int]) -> None:
+def check_baseline_data(
+    baseline: Baseline, *, name: str, seed: int, indices: Sequence[int], labels: Sequence[int], digest: str | None = None
+) -> None:
     """Refuse (exit 2) to gate against a baseline scanned on other data, unless forced."""
     if baseline.force:
         return
-    problems = data_mismatch(baseline.report, name=name, seed=seed, indices=indices, labels=labels)
+    problems = data_mismatch(baseline.report, name=name, seed=seed, indices=indices, labels=labels, digest=digest)
     if problems:
         raise RobauditError(
             f"the baseline {baseline.path} was scanned on different data ({'; '.join(problems)}); "

@@ -251,7 +251,10 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     # 1-2. model and data (the data's labels and index list; pixels are read a chunk at a time)
     raw, data, model, info, reshape_note = prepare(config, device)
     if config.baseline is not None:  # before any attack: a baseline on other data cannot gate this scan
-        check_baseline_data(config.baseline, name=data.name, seed=config.seed, indices=list(data.indices), labels=data.y.tolist())
+        check_baseline_data(
+            config.baseline, name=data.name, seed=config.seed, indices=list(data.indices), labels=data.y.tolist(),
+            digest=data.digest(config.chunk_size),
+        )
     loaded = time.perf_counter()
     batch_size = config.batch_size or default_batch_size(device)
     batch = AdaptiveBatch(batch_size)  # halves on CUDA out-of-memory, for the rest of the scan
@@ -378,6 +381,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
             source_size=data.source_size,
             sample_shape=list(data.sample_shape),
             notes=list(data.notes),
+            sha256=data.digest(config.chunk_size),
         ),
         config=_config_dict(config, battery, batch_size),
         environment={

@@ -119,4 +119,27 @@ def test_bad_inputs_are_one_line_errors(ci_base: CiScan, tmp_path) -> None:
     no_gate = tmp_path / "audit.toml"
     no_gate.write_text('threats = ["linf:0.1"]\n')
     assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--config", no_gate), "has no [gate] table")
-    assert json.loads(Path(ci_base.json).read_text())["schema_version"] == "1.4"
+    assert json.loads(Path(ci_base.json).read_text())["schema_version"] == "1.5"
+
+
+def test_reports_on_other_pixels_with_the_same_name_indices_and_labels_are_not_compared(
+    model_files: ModelFiles, tmp_path
+) -> None:
+    """A flipped copy of the images under the same file name: refused by compare and by --baseline (data.sha256)."""
+    import numpy as np
+
+    source = np.load(model_files.data_npz)
+    other = tmp_path / "other" / model_files.data_npz.name
+    other.parent.mkdir()
+    np.savez(other, x=source["x"][..., ::-1, :].copy(), y=source["y"])
+    fast = ("--n", "10", "-t", "linf:0.1", "--preset", "quick", "--steps", "2", "--no-certify", "--no-indicator", "-q")
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert run_cli("scan", model_files.onnx, "--data", model_files.data_npz, *fast, "--json", a).code == 0
+    assert run_cli("scan", model_files.onnx, "--data", other, *fast, "--json", b).code == 0
+    assert load_json(a)["data"]["sha256"] != load_json(b)["data"]["sha256"]
+    assert_one_line_error(run_cli("compare", a, b, "-q"), "pixels differ at the same indices and labels")
+    assert_one_line_error(
+        run_cli("scan", model_files.onnx, "--data", other, *fast, "--baseline", a, "--max-drop", "clean_accuracy=0"),
+        "pixels differ at the same indices and labels",
+    )
+    assert run_cli("compare", a, a, "-q").code == 0

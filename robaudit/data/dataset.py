@@ -87,6 +87,7 @@ class Dataset:
         self._x = x  # float32, (N, *sample_shape); images are NCHW
         self._reader = reader
         self.y = y  # int64, (N,)
+        self._digest: str | None = None
         self.name = name  # built-in name, or the path exactly as the user gave it
         # Position of each sample in the full source, in the order of x.
         self.indices = list(range(int(y.shape[0]))) if indices is None else indices
@@ -119,6 +120,22 @@ class Dataset:
         if self._x is None:
             self._x = self._reader.take(0, len(self))
         return self._x
+
+    def digest(self, chunk: int = 256) -> str:
+        """SHA-256 of every audited sample's float32 pixels, in the order of `indices`, read `chunk` at a time.
+
+        Two reports with the same name, indices and labels may still hold other pixels (a
+        flipped copy of the images): the digest tells them apart (`gate.data_mismatch`).
+        """
+        if self._digest is None:
+            import hashlib
+
+            total = hashlib.sha256()
+            for start in range(0, len(self), chunk):
+                part = self.take(start, min(start + chunk, len(self)))
+                total.update(part.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+            self._digest = total.hexdigest()
+        return self._digest
 
     def take(self, start: int, stop: int) -> torch.Tensor:
         """Pixels of the samples at positions start..stop (in the order of `indices`).

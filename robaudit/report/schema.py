@@ -21,7 +21,7 @@ from robaudit.atomic import write_atomic
 from robaudit.errors import RobauditError
 from robaudit.report.numbers import distinct
 
-SCHEMA_VERSION = "1.4"
+SCHEMA_VERSION = "1.5"
 
 
 @dataclass
@@ -48,6 +48,7 @@ class DataInfo:
     source_size: int
     sample_shape: list[int]
     notes: list[str] = field(default_factory=list)
+    sha256: str | None = None  # of the audited samples' float32 pixels in the order of `indices` (1.5)
 
 
 @dataclass
