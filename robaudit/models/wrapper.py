@@ -245,6 +245,24 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     )
 
 
+def _lossy_in_float32(net: torch.nn.Module) -> bool:
+    """Whether the float32 copy computes another function: weights in another precision, or constants float32 rounds.
+
+    A float64 buffer whose values float32 holds exactly (a resize scale of 2.0 in an ONNX
+    translation) changes nothing; half-precision weights or buffers always do (the model
+    computes in half precision), and so do float64 weights.
+    """
+    for p in net.parameters():
+        if p.is_floating_point() and p.dtype != torch.float32:
+            return True
+    for b in net.buffers():
+        if not b.is_floating_point() or b.dtype == torch.float32:
+            continue
+        if b.dtype != torch.float64 or not torch.equal(b.float().double(), b):
+            return True
+    return False
+
+
 def _precision_twin(model: AuditModel, native: torch.nn.Module, dtype: torch.dtype, x: torch.Tensor, name: str) -> str:
     """Make the net in its own precision `model`'s twin (verdicts confirmed there); a note.
 
@@ -347,14 +365,16 @@ def wrap_model(
 
     net = raw.net.to("cpu")
     dtypes = {t.dtype for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()}
+    lossy = _lossy_in_float32(net)
     native = None  # the net in its own precision, to confirm verdicts in (`_precision_twin`)
     found = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
     if dtypes and dtypes != {torch.float32}:
-        native = copy.deepcopy(net) if len(dtypes) == 1 and raw.reference is None else None  # ONNX: the file is the twin
+        if lossy and len(dtypes) == 1 and raw.reference is None:  # ONNX: the file itself is the twin
+            native = copy.deepcopy(net)
         net = net.float()
         notes.append(f"model weights converted from {found} to float32 for gradient attacks")
     model = AuditModel(net, sample_shape=sample_shape, model_shape=model_shape, mean=mean_t, std=std_t)
-    if dtypes and dtypes != {torch.float32}:
+    if lossy:
         model.inexact = (
             f"the model's weights are {found}: radii would bound its float32 copy, not the model's own arithmetic"
         )
