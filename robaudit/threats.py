@@ -27,7 +27,6 @@ _NORM_ALIASES = {"linf": "linf", "inf": "linf", "l_inf": "linf", "l2": "l2", "l1
 # Float slack for re-verification: a perturbation may exceed eps by this relative amount
 # (plus an absolute float32 ulp-scale term) and still count as within the ball.
 NORM_RTOL = 1e-5
-NORM_ATOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -142,6 +141,10 @@ def perturbation_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
 
 
 def within_ball(delta: torch.Tensor, threat: Threat) -> torch.Tensor:
-    """True where a perturbation lies inside the threat's ball, up to float slack."""
-    limit = threat.eps * (1 + NORM_RTOL) + NORM_ATOL
+    """True where a perturbation lies inside the threat's ball, up to a relative `NORM_RTOL` of eps.
+
+    No absolute slack: at eps = 1e-5 an absolute 1e-6 would accept points 10% outside
+    the ball (`attacks.base.within_rounding` keeps the attacks' candidates inside).
+    """
+    limit = threat.eps * (1 + NORM_RTOL)
     return perturbation_norms(delta, threat.norm) <= limit

@@ -136,3 +136,36 @@ def test_attacks_are_never_called_with_an_empty_batch() -> None:
         lower=-100.0, upper=100.0, num_classes=5, batch_size=8, device=torch.device("cpu"), seed=0,
     )  # fmt: skip
     assert outcome.records[0].attempted == 0 and outcome.records[0].forwards == 0
+
+
+class _Threshold(nn.Module):
+    """Class 1 iff pixel (0, 0, 0) rises more than `gap` above 0.5: the true distance is `gap` in every norm."""
+
+    def __init__(self, gap: float) -> None:
+        super().__init__()
+        self.register_buffer("gap", torch.tensor(gap, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        v = (x[:, 0, 0, 0] - 0.5) - self.gap
+        return torch.stack([torch.zeros_like(v), v * 1000], 1)
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+@pytest.mark.parametrize(("gap", "eps", "robust"), [(1.0005e-5, 1e-5, True), (0.99e-5, 1e-5, False), (2e-7, 1e-7, True)])
+def test_tiny_radii_accept_only_examples_inside_the_ball(norm: str, gap: float, eps: float, robust: bool) -> None:
+    """At eps 1e-5, float32 rounding of x + eps overshoots by up to 1.3e-8 (x near 0.5), and an absolute 1e-6
+    slack accepted points 10% outside the ball: a model robust at eps was reported broken. Candidates are now
+    pulled inside the ball, and only those count."""
+    import robaudit
+
+    gen = torch.Generator().manual_seed(0)
+    x = 0.2 + 0.6 * torch.rand(12, 1, 8, 8, generator=gen)
+    x[:, 0, 0, 0] = 0.5
+    report = robaudit.audit(_Threshold(gap).eval(), (x, torch.zeros(12, dtype=torch.long)), threats=[f"{norm}:{eps}"],
+                            preset="quick", certify=False, indicator=False)
+    assert report.summary.threats[0].robust_accuracy == (1.0 if robust else 0.0)
+    for s in report.samples:
+        entry = next(iter(s.threats.values()))
+        assert entry.distance is None or not entry.robust or entry.distance > eps
+        if not entry.robust:
+            assert entry.distance <= eps * (1 + 1e-5)
