@@ -285,6 +285,63 @@ def _trace(module: torch.nn.Module, example: torch.Tensor, dst: str | Path) -> P
     return dst
 
 
+class _DecoyScores(torch.nn.Module):
+    """The source's decisions (a one-hot of its argmax, worth 5) plus bounded scores of a decoy: the same net
+    on a blurred input. Every gradient and every score-based attack follows the decoy."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        top = torch.nn.functional.one_hot(z.argmax(1), z.shape[1]).to(z.dtype)
+        return 5 * top + torch.tanh(self.net(torch.nn.functional.avg_pool2d(x, 3, 1, 1, count_include_pad=False)))
+
+
+class _DetachedSmooth(torch.nn.Module):
+    """Forward: the source exactly. Backward: the gradient of the source on a 2x lower-resolution copy of x."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low = torch.nn.functional.interpolate(torch.nn.functional.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest")
+        h = self.net(low)
+        return h + (self.net(x) - h).detach()
+
+
+class _HighFrequency(torch.nn.Module):
+    """The source's scores plus 0.01 sin(1e5 x) mixed into every class: tiny in value, dominant in gradient."""
+
+    def __init__(self, net: torch.nn.Module, features: int, classes: int) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mix", torch.randn(features, classes, generator=torch.Generator().manual_seed(0)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) + 0.01 * torch.sin(1e5 * x.flatten(1)) @ self.mix
+
+
+def decoy_scores(src: str | Path, dst: str | Path) -> Path:
+    """TorchScript: decisions of the source, scores and gradients of a decoy (`_DecoyScores`)."""
+    return _trace(_DecoyScores(_torch_net(src)).eval(), _example(src), dst)
+
+
+def detached_smooth(src: str | Path, dst: str | Path) -> Path:
+    """TorchScript: `h + (net(x) - h).detach()` with h the net on a low-resolution copy (`_DetachedSmooth`)."""
+    return _trace(_DetachedSmooth(_torch_net(src)).eval(), _example(src), dst)
+
+
+def high_frequency(src: str | Path, dst: str | Path) -> Path:
+    """TorchScript: the source's scores plus a tiny high-frequency term (`_HighFrequency`)."""
+    example = _example(src)
+    net = _torch_net(src)
+    classes = net(example).shape[1]
+    return _trace(_HighFrequency(net, example[0].numel(), classes).eval(), example, dst)
+
+
 def gaussian_noise(src: str | Path, dst: str | Path, sigma: float = 0.1) -> Path:
     """TorchScript: ``net(x + sigma * N(0, 1))`` with fresh noise on every call (a randomized 'defense')."""
     net = _torch_net(src)

@@ -188,3 +188,14 @@ def test_the_longer_run_doubles_the_batterys_fixed_radius_steps_not_the_minimal_
     report = _scan(mm.DEMO_ONNX, preset=None, n=20, attacks=attacks)
     (check,) = [c for c in report.summary.diagnostics["checks"] if c["name"] == "optimization"]
     assert check["evidence"]["steps"] == 160, check
+
+
+@pytest.mark.parametrize("build", [mm.decoy_scores, mm.detached_smooth, mm.high_frequency])
+def test_gradient_and_score_tricks_are_seen_through_by_a_label_only_probe(build, tmp_path, source_quick, one_thread):
+    """Decoy scores over the true decisions, a detached smooth copy's gradient, a high-frequency term: every
+    gradient and score-based check passed them (robust accuracy up to 38 points too high). RayS reads labels only."""
+    report = _scan(build(mm.DEMO_ONNX, tmp_path / "masked.pt"))
+    diag = report.summary.diagnostics
+    assert _checks(report)["decision"] == "fail", diag["checks"]
+    assert diag["masking_suspected"]
+    assert _robust(report) <= _robust(source_quick) + 0.07, (_robust(report), _robust(source_quick))

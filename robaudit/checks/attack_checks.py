@@ -29,6 +29,19 @@ def black_box(found: int, attacked: int, attacks: list[str], threat: str) -> Che
                          none_left="no point was left robust by the gradient attacks")  # fmt: skip
 
 
+def decision(found: int, attacked: int, attack: str | None, why_not: str, threat: str) -> CheckResult:
+    """Check 10: an attack that reads labels only broke points the battery left robust.
+
+    Gradient tricks (a detached smooth copy, high-frequency terms) and score tricks (decoy
+    scores over the true decisions) mislead every gradient- and score-based attack, the
+    probes above included; a label-only attack sees only the decisions.
+    """
+    if attack is None:
+        return CheckResult("decision", SKIPPED, why_not, {"attack": None}, threat)
+    text = f"{attack} (reads labels only) broke {found} of {attacked} points the battery left robust"
+    return _extra_breaks("decision", found, attacked, BEATS_FAIL_SHARE, text, {"attack": attack}, threat)
+
+
 def single_step(found: int, attacked: int, threat: str) -> CheckResult:
     """Check 7: one FGSM step broke points the multi-step attacks missed."""
     text = f"FGSM broke {found} of {attacked} points the battery left robust"

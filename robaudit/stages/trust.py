@@ -41,8 +41,10 @@ UNBOUNDED_POINTS = 16
 GRADIENT_POINTS = 64
 PROBE_SQUARE_QUERIES = 300
 PROBE_TRANSFER_STEPS = 50
+PROBE_DECISION_QUERIES = 500  # per point, for the label-only probe (RayS for Linf, HopSkipJump for L2)
+DECISION_PROBES = {"linf": "rays", "l2": "hsj"}
 STABILITY_NOISE = 1e-3  # of the input range, and at most a tenth of the smallest eps
-MASKING_CHECKS = ("gradients", "black_box", "single_step", "transfer", "unbounded")
+MASKING_CHECKS = ("gradients", "black_box", "decision", "single_step", "transfer", "unbounded")
 
 
 @dataclass
@@ -216,6 +218,9 @@ class TrustStage:
             found, attacked = self._run(model, x, y, clean_correct, outcome, square, sample, "probe", progress)
             self.report.checks.append(attack_checks.black_box(found, attacked, [f"square ({PROBE_SQUARE_QUERIES} queries)"], name))
 
+        # 10. labels only: what no gradient or score trick can hide
+        self.report.checks.append(self._decision(model, x, y, clean_correct, outcome, progress))
+
         # 8. transfer from the BPDA surrogate
         if self.surrogate is None:
             self.report.checks.append(attack_checks.transfer(0, 0, None, self.surrogate_note, name))
@@ -235,6 +240,17 @@ class TrustStage:
 
         # 6. unbounded: the whole box as budget (a separate threat: nothing merges into this one)
         self.report.checks.append(self._unbounded(model, x, y, clean_correct, threat, progress))
+
+    def _decision(self, model, x, y, clean_correct, outcome: ThreatOutcome, progress) -> CheckResult:
+        name, attack = outcome.threat.canonical, DECISION_PROBES.get(outcome.threat.norm)
+        if attack is None:
+            return attack_checks.decision(0, 0, None, f"no label-only attack for {outcome.threat.norm}", name)
+        if self.report.stochastic:  # one draw's label says little; the EOT battery's worst-of-draws verdicts decide
+            return attack_checks.decision(0, 0, None, "a randomized model: attacks see the EOT model instead", name)
+        sample = _sample(clean_correct & ~outcome.broken, PROBE_POINTS, self.seed + 4)
+        runs = build_battery([{"attack": attack, "max_queries": PROBE_DECISION_QUERIES}])
+        found, attacked = self._run(model, x, y, clean_correct, outcome, runs, sample, "probe", progress)
+        return attack_checks.decision(found, attacked, f"{attack} ({PROBE_DECISION_QUERIES} queries)", "", name)
 
     def _unbounded(self, model, x, y, clean_correct, threat: Threat, progress) -> CheckResult:
         lower, upper = self.kw["lower"], self.kw["upper"]
