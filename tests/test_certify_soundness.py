@@ -478,3 +478,27 @@ def test_in_place_ops_whose_old_value_nothing_reads_are_certified(kind: str) -> 
     net = _InPlace(kind).eval()
     pred = net(x[:4].clone()).argmax(1)
     assert certify_l2(net, x[:4], pred).radius.gt(0).any()
+
+
+# --------------------------------------------------------------------------- float32 overflow
+
+
+class _NearOverflow(nn.Module):
+    """Scores K t and K (t + g), K = 0.99 of float32's largest value. The exact margin K g is huge, but 0.22 up
+    on pixel 0 sends both scores to +inf in float32, and argmax of a tie picks class 0."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.flatten(1)
+        t, g = 0.3 + u[:, :1], 0.5 * (u[:, 1:2] - 0.15)
+        return torch.cat([t, t + g], 1) * float(torch.finfo(torch.float32).max * 0.99)
+
+
+def test_balls_where_float32_can_overflow_certify_nothing() -> None:
+    x = 0.2 + 0.6 * torch.rand(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x[:, 0, 0, :2] = 0.5
+    net, y = _NearOverflow().eval(), torch.ones(6, dtype=torch.long)
+    assert bool((net(x).argmax(1) == 1).all())
+    moved = x.clone()
+    moved[:, 0, 0, 0] += 0.22
+    assert bool((net(moved).argmax(1) == 0).all()) and bool(net(moved).isinf().all())  # the break, at L2 0.22
+    assert certify_l2(net, x, y).radius.max() < 0.22

@@ -235,6 +235,29 @@ def float32_error(
     return out.reshape(out.shape[0], -1) * (1 + OUT_RTOL) + 0.5 * graph.tie_margin
 
 
+OVERFLOW = 2.0**124  # 1/16 of float32's largest value: below it no sum the error model bounds can overflow
+
+
+def overflow_possible(graph: Graph, lo: list[torch.Tensor], hi: list[torch.Tensor]) -> torch.Tensor:
+    """(B,) where float32 could overflow somewhere inside the bounds (a sound forward pass's lo / hi).
+
+    The error model above assumes finite float32 values: a score that overflows to inf
+    can tie with another inf and hand the argmax to another class, however large the
+    exact margin. A node's value, or any partial sum of an affine op (bounded by
+    |W| |input| + |b|), reaching `OVERFLOW` voids the ball.
+    """
+    mags = interval_magnitudes(lo, hi)
+    risk = torch.zeros(mags[0].shape[0], dtype=torch.bool)
+    for i, node in enumerate(graph.nodes):
+        risk |= ~(mags[i].flatten(1).amax(dim=1) < OVERFLOW)  # NaN counts as a risk
+        if isinstance(node.op, AffineOp) and not isinstance(node.op, (ReshapeOp, PadOp, SelectOp)):
+            partial = node.op.abs().linear(mags[node.inputs[0]])
+            if node.op.bias is not None:
+                partial = partial + node.op.bias.abs()
+            risk |= ~(partial.flatten(1).amax(dim=1) < OVERFLOW)
+    return risk
+
+
 def pair_error(err: torch.Tensor, labels: torch.Tensor, others: torch.Tensor) -> torch.Tensor:
     """E_c + E_j (B, P): the most float32 rounding can shrink each margin f_c - f_j."""
     return err.gather(1, labels[:, None]) + err.gather(1, others)
