@@ -87,6 +87,8 @@ def check_distinct(threats: list[Threat]) -> None:
 def parse_number(text: str) -> float:
     """Parse ``0.1``, ``8/255`` or ``1e-2`` into a float; fractions keep users' habits."""
     text = text.strip()
+    if text.count("/") > 1:  # 8/255/2: left to right or 8/(255/2)? Neither guess is safe
+        raise RobauditError(f"'{text}' has more than one '/'; write one fraction, e.g. 4/255")
     try:
         if "/" in text:
             num, den = text.split("/", 1)

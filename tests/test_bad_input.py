@@ -102,6 +102,7 @@ def test_unknown_dataset_name(model_files: ModelFiles) -> None:
         (("--threat", "l3:0.1"), "unknown norm"),
         (("--threat", "linf:-1"), "positive"),
         (("--threat", "linf:abc"), "not a number"),
+        (("--threat", "linf:8/255/2"), "more than one '/'"),
         (("--input-range", "1,0"), "lower end"),
         (("--mean", "0.5,0.5,0.5"), "mean"),
         (("--device", "tpu"), "--device"),

@@ -209,5 +209,6 @@ def test_curve_drops_a_sample_at_its_verified_distance_not_at_eps() -> None:
     outcome = ThreatOutcome(parse_threat("l2:0.5"), torch.tensor([True, True, False]), ["fmn", "pgd", None],
                             torch.tensor([0.2, 0.3, math.nan], dtype=torch.float64), torch.zeros(n, 1))
     curve = _curve("l2", torch.ones(n, dtype=torch.bool), found, [outcome])
+    assert curve.eps == torch.linspace(0.0, 1.0, len(curve.eps), dtype=torch.float64).tolist()  # not rounded
     for e, acc in zip(curve.eps, curve.robust_accuracy):
         assert acc == pytest.approx((int(e < 0.2) + int(e < 0.3) + 1) / n), e
