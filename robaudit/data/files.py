@@ -24,6 +24,7 @@ SUPPORTED_FORMATS = (
     ".npz or .safetensors (arrays x and y), .pt/.pth (a dict with tensors x and y), "
     "or a directory of images in one sub-folder per class"
 )
+FLAT_INPUT = 0  # `channels` for a model whose input is a flat vector: keep 4-D data as stored (`_to_nchw`)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # 16-bit, 32-bit integer and float images: PIL's conversion to 8 bits clips them instead of scaling
@@ -180,8 +181,13 @@ def _to_nchw(x: torch.Tensor, notes: list[str], channels: int | None = None) -> 
 
     `channels`, the model's channel count where its input is an image, decides the
     layout of 4-D data: a channel axis first is NCHW already, last is NHWC. Without it,
-    a last axis of 1, 3 or 4 with another size at axis 1 is taken as NHWC.
+    a last axis of 1, 3 or 4 with another size at axis 1 is taken as NHWC. `FLAT_INPUT`
+    (a model taking flat vectors) keeps 4-D data as stored: the model flattens it in the
+    order it is stored, as `x.reshape(N, -1)` did when the model was trained on it.
     """
+    if x.dim() == 4 and channels == FLAT_INPUT:
+        notes.append(f"samples {tuple(x.shape[1:])} kept as stored and flattened in that order (the model takes flat input)")
+        return x
     if x.dim() == 3:
         notes.append(f"added a channel dimension: samples {tuple(x.shape[1:])} -> "
                      f"{(1, *x.shape[1:])}")
