@@ -84,6 +84,8 @@ def test_labels_out_of_range(tmp_path, model_files: ModelFiles) -> None:
     y = y.copy()
     y[0] = 12
     _scan_expect_error(model_files.onnx, _npz(tmp_path, "labels.npz", x, y), fragment="12")
+    # also where --n leaves that row out: the labels are wrong, whichever rows are audited
+    _scan_expect_error(model_files.onnx, _npz(tmp_path, "labels.npz", x, y), "--n", "10", fragment="12")
 
 
 def test_empty_data(tmp_path, model_files: ModelFiles) -> None:

@@ -350,6 +350,13 @@ def test_allocate_largest_remainder() -> None:
     assert allocate(np.array([1, 1, 1]), 2).tolist() == [1, 1, 0]  # ties: lower class
 
 
+def test_a_stratified_sample_says_which_classes_it_leaves_out(tmp_path: Path) -> None:
+    x, y = labelled([300, 200, 2], (1, 3, 3))
+    data = load_data(str(save_npz(tmp_path / "d.npz", x=x, y=y)), n=20, seed=0)
+    assert torch.bincount(data.y, minlength=3).tolist()[2] == 0
+    assert "1 class(es) of the source have no sample in the stratified 20: 2" in data.notes
+
+
 def test_stratified_sample(tmp_path: Path) -> None:
     x, y = labelled([300, 200, 100], (1, 3, 3))
     path = save_npz(tmp_path / "d.npz", x=x, y=y)

@@ -74,12 +74,16 @@ def load_data(
         if n is None:
             notes.append(f"using a stratified sample of {want} of the {total} test samples "
                          f"(seed {seed}); pass --n to change it")
+        missing = sorted(set(labels.tolist()) - set(labels[indices].tolist()))
+        if missing:  # too rare for their share of the sample to round up to one
+            shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+            notes.append(f"{len(missing)} class(es) of the source have no sample in the stratified {want}: {shown}")
     note = pixel_note(raw.x.dtype, lo, hi)
     if note:
         notes.append(note)
     # Pixels stay in the source's own form (uint8, or an image folder's file list)
     # until the scan takes them a chunk at a time.
-    return Dataset(
+    dataset = Dataset(
         y=labels[indices],
         name=name,
         indices=indices,
@@ -88,6 +92,8 @@ def load_data(
         class_names=raw.class_names,
         reader=PixelReader(raw.x, indices, lo, hi),
     )
+    dataset.source_top = int(labels.max()) if len(labels) else None  # every label must fit the model, sampled or not
+    return dataset
 
 
 def _in_memory(pair: tuple | list) -> RawData:

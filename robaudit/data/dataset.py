@@ -88,6 +88,7 @@ class Dataset:
         self._reader = reader
         self.y = y  # int64, (N,)
         self._digest: str | None = None
+        self.source_top: int | None = None  # the largest label in the whole source, where it was read (`load_data`)
         self.name = name  # built-in name, or the path exactly as the user gave it
         # Position of each sample in the full source, in the order of x.
         self.indices = list(range(int(y.shape[0]))) if indices is None else indices
