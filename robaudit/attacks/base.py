@@ -102,6 +102,17 @@ def within_rounding(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat, tries:
     still outside becomes x itself (no candidate). Verification accepts only what lies
     within eps (`threats.within_ball`).
     """
+    delta = x_adv.double() - x.double()
+    norms = perturbation_norms(delta, threat.norm)
+    over = norms > threat.eps
+    if not bool(over.any()):
+        return x_adv
+    if threat.norm == "linf":  # first the projection again, in float64 (an input in float64 stays exact)
+        delta = delta.clamp(-threat.eps, threat.eps)
+    else:
+        scale = torch.where(over, threat.eps / norms.clamp_min(1e-300) * (1 - 1e-12), torch.ones_like(norms))
+        delta = delta * scale.view(-1, *([1] * (delta.dim() - 1)))
+    x_adv = torch.where(over.view(-1, *([1] * (x.dim() - 1))), (x.double() + delta).to(x_adv.dtype), x_adv)
     for _ in range(tries):
         delta = x_adv.double() - x.double()
         over = perturbation_norms(delta, threat.norm) > threat.eps
