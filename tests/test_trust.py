@@ -196,6 +196,16 @@ def test_gradient_and_score_tricks_are_seen_through_by_a_label_only_probe(build,
     gradient and score-based check passed them (robust accuracy up to 38 points too high). RayS reads labels only."""
     report = _scan(build(mm.DEMO_ONNX, tmp_path / "masked.pt"))
     diag = report.summary.diagnostics
-    assert _checks(report)["decision"] == "fail", diag["checks"]
-    assert diag["masking_suspected"]
+    assert diag["masking_suspected"], diag["checks"]
+    # in `quick` Square's probe sometimes fires first and leaves the label-only probe fewer points
+    assert _checks(report)["decision"] == "fail" or _checks(report)["black_box"] == "fail", diag["checks"]
     assert _robust(report) <= _robust(source_quick) + 0.07, (_robust(report), _robust(source_quick))
+
+
+def test_under_the_standard_preset_only_the_label_only_probe_sees_a_detached_gradient(tmp_path, one_thread):
+    """The hunt's case: with `standard`, every other check passed the detached model (58% robust against 38%)."""
+    report = _scan(mm.detached_smooth(mm.DEMO_ONNX, tmp_path / "masked.pt"), preset="standard")
+    checks = _checks(report)
+    assert checks["decision"] == "fail", report.summary.diagnostics["checks"]
+    assert all(checks[name] != "fail" for name in MASKING_CHECKS if name != "decision")
+    assert _robust(report) <= _robust(_scan(mm.DEMO_ONNX, preset="standard")) + 0.04

@@ -11,6 +11,9 @@ from robaudit.checks.verdict import FAIL, PASS, SKIPPED, WARN, CheckResult, by_c
 
 BEATS_FAIL_SHARE = 0.05  # a probe breaking this share of the points the battery left robust: masking
 MORE_STEPS_FAIL_SHARE = 0.10
+# The label-only probe: a short battery (`quick`'s 50-step APGD) leaves points near the boundary that RayS finds
+# on healthy models too (2 to 3 of 32, measured); the masked models it exists for lose 10 to 15 of 32.
+DECISION_FAIL_SHARE = 0.10
 
 
 def _extra_breaks(name: str, found: int, attacked: int, fail_share: float, text: str, evidence: dict, threat: str,
@@ -39,7 +42,7 @@ def decision(found: int, attacked: int, attack: str | None, why_not: str, threat
     if attack is None:
         return CheckResult("decision", SKIPPED, why_not, {"attack": None}, threat)
     text = f"{attack} (reads labels only) broke {found} of {attacked} points the battery left robust"
-    return _extra_breaks("decision", found, attacked, BEATS_FAIL_SHARE, text, {"attack": attack}, threat)
+    return _extra_breaks("decision", found, attacked, DECISION_FAIL_SHARE, text, {"attack": attack}, threat)
 
 
 def single_step(found: int, attacked: int, threat: str) -> CheckResult:
