@@ -41,7 +41,7 @@ def decision(found: int, attacked: int, attack: str | None, why_not: str, threat
     """
     if attack is None:
         return CheckResult("decision", SKIPPED, why_not, {"attack": None}, threat)
-    text = f"{attack} (reads labels only) broke {found} of {attacked} points the battery left robust"
+    text = f"{attack}, reading labels only, broke {found} of {attacked} points the battery left robust"
     return _extra_breaks("decision", found, attacked, DECISION_FAIL_SHARE, text, {"attack": attack}, threat)
 
 
