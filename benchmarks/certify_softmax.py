@@ -11,7 +11,7 @@ adversarial L2 distance that FMN and DeepFool find (in [0, 1]), on the file's ow
 and on the plain scores (the same decisions; a saturated softmax hides its gradients from
 the attacks). A radius above a found distance would be a bug.
 
-Usage (from the repository root, about 4 minutes on one CPU thread):
+Usage (from the repository root, about 8 minutes on one CPU thread):
     python benchmarks/certify_softmax.py          # writes benchmarks/results/certify_softmax.json
 """
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from robaudit.atomic import write_atomic
+from robaudit.atomic import write_output
 from robaudit.errors import RobauditError
 from robaudit.report.numbers import distinct
 
@@ -205,10 +205,7 @@ class Report:
         """Write the report; the parent folder must exist (we never create the user's folders silently)."""
         try:
             text = (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
-            if path.exists() and not path.is_file():  # a FIFO or device (e.g. /dev/stdout): write through it
-                path.write_bytes(text)
-            else:
-                write_atomic(path, lambda handle: handle.write(text))
+            write_output(path, lambda handle: handle.write(text))  # a FIFO or device (/dev/stdout) is written through
         except OSError as exc:
             raise RobauditError(f"cannot write report {path}: {exc.strerror or exc}") from exc
 
