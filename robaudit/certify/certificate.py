@@ -36,7 +36,7 @@ from robaudit.certify.graph import Graph, build_graph, check_graph
 from robaudit.certify.interval import Batch, IntervalBound
 from robaudit.certify.crown import CrownBound, first_order_radius
 from robaudit.certify.radius import ErrorFn, ratio_radius, search_radius
-from robaudit.certify.rounding import BallError, ball_bounds, overflow_possible
+from robaudit.certify.rounding import BallError, overflow_possible
 
 METHODS = ("linear", "closed-form", "interval", "global-lipschitz", "crown")
 MARGIN_RTOL = 1e-10  # margins are deflated by this fraction of |f_c| + |f_j| for rounding
@@ -267,8 +267,7 @@ def _certify_batch(
         best = torch.maximum(best, r)
     certified = torch.nonzero(best > 0).flatten()
     if len(certified):  # a ball where float32 could overflow certifies nothing (`rounding.overflow_possible`)
-        lo, hi = ball_bounds(graph, x64[idx[certified]], best[certified])
-        void = certified[overflow_possible(graph, lo, hi)]
+        void = certified[overflow_possible(graph, *batch.error.bounds(certified, best[certified]))]
         best[void] = 0.0
         for t in void.tolist():
             chosen[int(idx[t])] = "none"

@@ -270,9 +270,13 @@ class BallError:
         self.graph, self.x, self.values, self.exact_mags = graph, x, values, exact_mags
         self.labels, self.others = labels, others
 
-    def __call__(self, idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    def bounds(self, idx: torch.Tensor, radius: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`ball_bounds` of samples `idx` over B_2(x_i, r_i), from the batch's own forward values."""
         values = [v[idx] for v in self.values]
         exact = {i: m[idx] for i, m in self.exact_mags.items()}
-        lo, hi = ball_bounds(self.graph, self.x[idx], radius, values=values, exact_mags=exact)
+        return ball_bounds(self.graph, self.x[idx], radius, values=values, exact_mags=exact)
+
+    def __call__(self, idx: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.bounds(idx, radius)
         err = float32_error(self.graph, interval_magnitudes(lo, hi), (lo, hi))
         return pair_error(err, self.labels[idx], self.others[idx])
