@@ -204,9 +204,9 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     noisy = (x[:m] + 0.1 * (hi - lo) * torch.randn(m, *x.shape[1:], generator=gen)).clamp(lo, hi)
     z = torch.cat([x[:m], uniform, noisy])
     reference = raw.reference
-    twin = AuditModel(reference, sample_shape=model.sample_shape, model_shape=model.model_shape,
-                      mean=model.mean, std=model.std)  # fmt: skip
-    twin.batching, twin.chunk = ("fixed-batch", reference.batch) if reference.batch else (model.batching, model.chunk)
+    twin = _twin(model, reference)
+    if reference.batch:
+        twin.batching, twin.chunk = "fixed-batch", reference.batch
     hints = reference.hints
     if reference.dtype != np.float32:  # the file rounds every input to its own type first
         model.inexact = model.inexact or (
@@ -245,6 +245,15 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     )
 
 
+def _twin(model: AuditModel, net: torch.nn.Module, dtype: torch.dtype = torch.float32) -> AuditModel:
+    """`net` behind `model`'s preprocessing and batching, in `dtype` (`AuditModel.file_twin`)."""
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731 - normalization in the net's own precision
+    twin = AuditModel(net, sample_shape=model.sample_shape, model_shape=model.model_shape,
+                      mean=cast(model.mean), std=cast(model.std), dtype=dtype)  # fmt: skip
+    twin.batching, twin.chunk = model.batching, model.chunk
+    return twin
+
+
 def _lossy_in_float32(net: torch.nn.Module) -> bool:
     """Whether the float32 copy computes another function: weights in another precision, or constants float32 rounds.
 
@@ -271,10 +280,7 @@ def _precision_twin(model: AuditModel, native: torch.nn.Module, dtype: torch.dty
     resolution) would be audited instead of the model: refused. A net that cannot run in
     its precision on the CPU (half-precision kernels missing) keeps no twin, and says so.
     """
-    dev = lambda t: None if t is None else t.to(dtype)  # noqa: E731 - normalization in the model's precision
-    twin = AuditModel(native, sample_shape=model.sample_shape, model_shape=model.model_shape,
-                      mean=dev(model.mean), std=dev(model.std), dtype=dtype)  # fmt: skip
-    twin.batching, twin.chunk = model.batching, model.chunk
+    twin = _twin(model, native, dtype)
     twin.output_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # half scores are exact in float32
     twin.eval()
     twin.requires_grad_(False)
