@@ -30,6 +30,7 @@ from robaudit.atomic import write_atomic
 from robaudit.precision import full_precision
 from robaudit.attacks.runner import AttackRecord, MinimalOutcome, ThreatOutcome
 from robaudit.checks.verdict import CheckResult
+from robaudit.data.dataset import pixel_bytes
 from robaudit.errors import RobauditError
 from robaudit.report.schema import CertificateSummary
 from robaudit.stages.certify import CertifyResult
@@ -104,7 +105,7 @@ class ChunkStore:
 
 
 def pixel_digest(x: torch.Tensor) -> str:
-    return hashlib.sha256(x.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(pixel_bytes(x)).hexdigest()
 
 
 def model_probe(

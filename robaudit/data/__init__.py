@@ -83,7 +83,7 @@ def load_data(
         notes.append(note)
     # Pixels stay in the source's own form (uint8, or an image folder's file list)
     # until the scan takes them a chunk at a time.
-    dataset = Dataset(
+    return Dataset(
         y=labels[indices],
         name=name,
         indices=indices,
@@ -91,9 +91,8 @@ def load_data(
         notes=notes,
         class_names=raw.class_names,
         reader=PixelReader(raw.x, indices, lo, hi),
+        source_top=int(labels.max()) if len(labels) else None,  # every label must fit the model, sampled or not
     )
-    dataset.source_top = int(labels.max()) if len(labels) else None  # every label must fit the model, sampled or not
-    return dataset
 
 
 def _in_memory(pair: tuple | list) -> RawData:

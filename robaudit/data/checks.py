@@ -31,7 +31,7 @@ def check_compatible(
     """
     note = _check_shape(data, input_shape)
     if len(data) and data.y.numel():
-        top = max(int(data.y.max()), data.source_top if data.source_top is not None else -1)
+        top = int(data.y.max()) if data.source_top is None else data.source_top  # the source's: sampled rows or not
         if top >= num_classes:
             raise RobauditError(
                 f"label {top} in data {data.name} is out of range for a model with "

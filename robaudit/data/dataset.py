@@ -23,6 +23,11 @@ from robaudit.errors import RobauditError
 RANGE_TOLERANCE = 1e-6
 
 
+def pixel_bytes(x: torch.Tensor) -> bytes:
+    """The float32 bytes of pixels, what every pixel digest hashes (`Dataset.digest`, checkpoint chunks)."""
+    return x.detach().cpu().to(torch.float32).contiguous().numpy().tobytes()
+
+
 @runtime_checkable
 class LazyRows(Protocol):
     """A source whose samples are read on demand (an image folder).
@@ -81,6 +86,7 @@ class Dataset:
         class_names: list[str] | None = None,
         *,
         reader: PixelReader | None = None,
+        source_top: int | None = None,
     ) -> None:
         if (x is None) == (reader is None) or y is None:
             raise ValueError("a Dataset needs y and exactly one of x or reader")
@@ -88,7 +94,7 @@ class Dataset:
         self._reader = reader
         self.y = y  # int64, (N,)
         self._digest: str | None = None
-        self.source_top: int | None = None  # the largest label in the whole source, where it was read (`load_data`)
+        self.source_top = source_top  # the largest label of the whole source, sampled or not, where it was read
         self.name = name  # built-in name, or the path exactly as the user gave it
         # Position of each sample in the full source, in the order of x.
         self.indices = list(range(int(y.shape[0]))) if indices is None else indices
@@ -133,8 +139,7 @@ class Dataset:
 
             total = hashlib.sha256()
             for start in range(0, len(self), chunk):
-                part = self.take(start, min(start + chunk, len(self)))
-                total.update(part.detach().cpu().to(torch.float32).contiguous().numpy().tobytes())
+                total.update(pixel_bytes(self.take(start, min(start + chunk, len(self)))))
             self._digest = total.hexdigest()
         return self._digest
 
