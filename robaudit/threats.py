@@ -25,7 +25,7 @@ SPATIAL = "spatial"
 _NORM_ALIASES = {"linf": "linf", "inf": "linf", "l_inf": "linf", "l2": "l2", "l1": "l1", "spatial": SPATIAL}
 
 # Float slack for re-verification: a perturbation may exceed eps by this relative amount
-# (plus an absolute float32 ulp-scale term) and still count as within the ball.
+# and still count as within the ball (no absolute term: see `within_ball`).
 NORM_RTOL = 1e-5
 
 

@@ -11,31 +11,35 @@ from __future__ import annotations
 from decimal import ROUND_FLOOR, Decimal
 
 
-def _floor(value: float, exponent: int) -> Decimal:
-    return Decimal(repr(float(value))).quantize(Decimal(1).scaleb(exponent), rounding=ROUND_FLOOR)
+def _exact(value: float) -> Decimal:
+    """The float's shortest decimal, so 0.29 is 0.29 and not 0.28999999999999998."""
+    return Decimal(repr(float(value)))
+
+
+def _floor(exact: Decimal, exponent: int) -> Decimal:
+    return exact.quantize(Decimal(1).scaleb(exponent), rounding=ROUND_FLOOR)
 
 
 def floor_fixed(value: float, places: int) -> str:
     """`value` with `places` decimals, rounded down: 0.86666 -> '0.866' at 3 places."""
     if value != value or value in (float("inf"), float("-inf")):
         return str(value)
-    return f"{_floor(value, -places):.{places}f}"
+    return f"{_floor(_exact(value), -places):.{places}f}"
 
 
 def floor_pct(value: float, places: int = 1) -> str:
     """A fraction as a percentage, rounded down: 26/30 -> '86.6%', 0.9996 -> '99.9%'."""
     if value != value:
         return "nan"
-    exact = Decimal(repr(float(value))) * 100
-    return f"{exact.quantize(Decimal(1).scaleb(-places), rounding=ROUND_FLOOR):.{places}f}%"
+    return f"{_floor(_exact(value) * 100, -places):.{places}f}%"
 
 
 def floor_sig(value: float, digits: int = 4) -> str:
     """`value` to `digits` significant digits, rounded down: 0.5401744 -> '0.5401'."""
     if value == 0 or value != value or value in (float("inf"), float("-inf")):
         return f"{value:g}"
-    exact = Decimal(repr(float(value)))
-    return f"{float(_floor(value, exact.adjusted() - digits + 1)):.{digits}g}"
+    exact = _exact(value)
+    return f"{float(_floor(exact, exact.adjusted() - digits + 1)):.{digits}g}"
 
 
 def distinct(value: float, other: float, places: int = 4) -> tuple[str, str]:
