@@ -25,11 +25,24 @@ def _extra_breaks(name: str, found: int, attacked: int, fail_share: float, text:
     return CheckResult(name, by_count(found, attacked, fail_share), text, evidence, threat)
 
 
-def black_box(found: int, attacked: int, attacks: list[str], threat: str) -> CheckResult:
-    """Check 4: score- or decision-based attacks broke points the gradient attacks missed."""
+def black_box(found: int, attacked: int, attacks: list[str], threat: str, reached: int = 0,
+              confirm: str | None = None) -> CheckResult:  # fmt: skip
+    """Check 4: score- or decision-based attacks broke points the gradient attacks missed.
+
+    ``reached``: how many of the ``found`` points a longer gradient attack (``confirm``) from
+    a fresh start breaks too. Those points tell of a battery that stopped early (check 5's
+    business), not of gradients that lead nowhere: only the others count towards a failure.
+    """
     text = f"{', '.join(attacks)} broke {found} of {attacked} points the gradient attacks left robust"
-    return _extra_breaks("black_box", found, attacked, BEATS_FAIL_SHARE, text, {"attacks": attacks}, threat,
-                         none_left="no point was left robust by the gradient attacks")  # fmt: skip
+    evidence = {"attacks": attacks, "gradient_confirmed": reached, "confirm_attack": confirm}
+    if found and confirm is not None:
+        text += f"; {confirm} from a fresh start broke {reached} of those {found} too"
+    result = _extra_breaks("black_box", found, attacked, BEATS_FAIL_SHARE, text, evidence, threat,
+                           none_left="no point was left robust by the gradient attacks")  # fmt: skip
+    if found and result.verdict != SKIPPED:
+        unreached = by_count(found - reached, attacked, BEATS_FAIL_SHARE)
+        result.verdict = WARN if unreached == PASS else unreached  # what the probe found is still a sign
+    return result
 
 
 def decision(found: int, attacked: int, attack: str | None, why_not: str, threat: str) -> CheckResult:
@@ -65,12 +78,22 @@ def optimization(found: int, attacked: int, attack: str, steps: int, threat: str
     return _extra_breaks("optimization", found, attacked, MORE_STEPS_FAIL_SHARE, text, {"attack": attack, "steps": steps}, threat)
 
 
-def unbounded(broken: int, attacked: int, eps: float, norm: str, threat: str) -> CheckResult:
-    """Check 6: with the whole input box as budget, a gradient attack must break every point."""
-    evidence = {"norm": norm, "eps": eps, "attacked": attacked, "broken": broken}
+def unbounded(broken: int, attacked: int, eps: float, norm: str, threat: str, linf_broken: int = 0) -> CheckResult:
+    """Check 6: with the whole input box as budget, a gradient attack must break every point.
+
+    ``linf_broken``: points that Linf steps broke after the ``norm`` attack left them (an L2
+    ball holding the whole box is the same set as the box; L2 steps clipped by the box crawl
+    on robust models, sign steps do not).
+    """
+    evidence = {"norm": norm, "eps": eps, "attacked": attacked, "broken": broken + linf_broken}
     if attacked == 0:
         return CheckResult("unbounded", SKIPPED, "no correctly classified point to try", evidence, threat)
     text = f"gradient attack at {norm} eps {eps:.3g} (the whole input box) broke {broken} of {attacked} points"
+    if linf_broken:
+        evidence["linf_broken"] = linf_broken
+        text += f", Linf steps in the same box the other {linf_broken}" if broken + linf_broken == attacked else \
+            f", Linf steps in the same box {linf_broken} more"
+    broken += linf_broken
     verdict = PASS if broken == attacked else FAIL
     if verdict == FAIL:
         text += ": it cannot change decisions even without a budget"

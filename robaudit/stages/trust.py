@@ -29,6 +29,7 @@ from torch import nn
 from robaudit.attacks.runner import AttackRun, ThreatOutcome, judge, run_threat
 from robaudit.battery import ADAPTIVE, GRADIENT_FREE, RANDOMIZED, REPEATS, build_battery
 from robaudit.checks import FAIL, CheckResult, overall
+from robaudit.checks.verdict import by_count
 from robaudit.checks import attack_checks, model_checks
 from robaudit.errors import RobauditError
 from robaudit.models.randomized import EOT, detect_randomness
@@ -168,12 +169,32 @@ class TrustStage:
         lp = [o for o in outcomes if not o.threat.is_spatial]
         for outcome in lp:
             self._probe(model, x, y, clean_correct, outcome, progress)
+            self._finish_early_stop(model, x, y, clean_correct, outcome, progress)
         fired = [c for c in self.report.checks if _masking_sign(c)]
         self.report.masking = bool(fired)
         if not fired or not lp:
             return
         names = ", ".join(sorted({c.name for c in fired}))
         self.adapt(model, x, y, clean_correct, outcomes, progress, f"gradient masking signs ({names})")
+
+    def _finish_early_stop(self, model, x, y, clean_correct, outcome: ThreatOutcome, progress) -> None:
+        """The longer gradient run on every point still robust, where the probes show the battery stopped early.
+
+        The probes attack a sample: when a clear share of it falls to more steps (check 5 at
+        fail, or check 4's finds reached by gradients), the rest of the robust points would
+        too, and the robust accuracy must not keep them.
+        """
+        name = outcome.threat.canonical
+        fired = [c for c in self.report.checks if c.threat == name and _stopped_early(c)]
+        if not fired:
+            return
+        steps = next(c.evidence["steps"] for c in self.report.checks if c.threat == name and c.name == "optimization")
+        runs = build_battery([{"attack": "apgd-dlr", "steps": steps}])
+        self.report.adaptations.append(
+            f"the battery stopped early ({', '.join(c.name for c in fired)}): ran {runs[0].label} with {steps} steps "
+            f"on every point still robust under {name}"
+        )
+        self._run(model, x, y, clean_correct, outcome, runs, clean_correct & ~outcome.broken, "extend", progress, seed_shift=11)
 
     def adapt(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, clean_correct: torch.Tensor,
               outcomes: list[ThreatOutcome], progress, reason: str) -> None:  # fmt: skip
@@ -207,16 +228,28 @@ class TrustStage:
         found, attacked = self._run(model, x, y, clean_correct, outcome, build_battery([{"attack": "fgsm"}]), robust, "probe", progress)
         self.report.checks.append(attack_checks.single_step(found, attacked, name))
 
-        # 4. black box beats white box: the battery's own score-based attacks, or a short Square probe
+        # 5's budget: twice the battery's longest fixed-radius attack (a minimal-norm attack's
+        # steps are on another scale: FMN's 100 are not a 100-step APGD)
+        steps = min(400, 2 * max([_steps(r) for r in outcome.records if not r.minimal] + [50]))
+
+        # 4. black box beats white box: the battery's own score-based attacks, or a short Square probe;
+        # what they broke is attacked again by the longer gradient run, which tells masking from a short battery
         if after_gradients:
+            tail = {r.name for r in after_gradients}
+            hits = torch.tensor([b in tail for b in outcome.broken_by], dtype=torch.bool) & outcome.broken
             found = sum(r.broke for r in after_gradients)
             attacked = max(r.attempted for r in after_gradients)
-            self.report.checks.append(attack_checks.black_box(found, attacked, [r.name for r in after_gradients], name))
+            attacks = [r.name for r in after_gradients]
         else:
+            before = outcome.broken.clone()
             sample = _sample(clean_correct & ~outcome.broken, PROBE_POINTS, self.seed)
             square = build_battery([{"attack": "square", "n_queries": PROBE_SQUARE_QUERIES}])
             found, attacked = self._run(model, x, y, clean_correct, outcome, square, sample, "probe", progress)
-            self.report.checks.append(attack_checks.black_box(found, attacked, [f"square ({PROBE_SQUARE_QUERIES} queries)"], name))
+            hits = outcome.broken & ~before
+            attacks = [f"square ({PROBE_SQUARE_QUERIES} queries)"]
+        confirm = build_battery([{"attack": "apgd-dlr", "steps": steps}])
+        reached = self._reach(model, x, y, outcome.threat, confirm, hits, progress)
+        self.report.checks.append(attack_checks.black_box(found, attacked, attacks, name, reached, f"{confirm[0].label} with {steps} steps"))
 
         # 10. labels only: what no gradient or score trick can hide
         self.report.checks.append(self._decision(model, x, y, clean_correct, outcome, progress))
@@ -230,9 +263,7 @@ class TrustStage:
             found, attacked = self._run(model, x, y, clean_correct, outcome, runs, sample, "probe", progress)
             self.report.checks.append(attack_checks.transfer(found, attacked, self.surrogate.changes, None, name))
 
-        # 5. a longer run from a fresh start: twice the battery's longest fixed-radius attack (a
-        # minimal-norm attack's steps are on another scale: FMN's 100 are not a 100-step APGD)
-        steps = min(400, 2 * max([_steps(r) for r in outcome.records if not r.minimal] + [50]))
+        # 5. a longer run from a fresh start
         sample = _sample(clean_correct & ~outcome.broken, PROBE_POINTS, self.seed + 2)
         runs = build_battery([{"attack": "apgd-dlr", "steps": steps}])  # DLR falls back to margin below 3 classes
         found, attacked = self._run(model, x, y, clean_correct, outcome, runs, sample, "probe", progress, seed_shift=7)
@@ -263,13 +294,30 @@ class TrustStage:
         # points of most models and would hide a model whose gradients lead nowhere. APGD-DLR (adaptive
         # steps, scale-invariant loss) runs only on what PGD left: from x, sign-gradient PGD can end in a
         # corner of the box that the class owns (7 of 100 MNIST images of a plain MLP; docs/trust.md).
-        runs = build_battery([
+        runs = lambda: build_battery([  # noqa: E731
             {"attack": "pgd", "steps": 50, "step_size": 0.05, "loss": "margin", "random_init": False},
             {"attack": "apgd-dlr", "steps": 50, "start": "clean"},
         ])  # fmt: skip
-        result = run_threat(model, x, y, sample, big, runs, seed=self.seed, progress=progress(), **self.kw)
+        result = run_threat(model, x, y, sample, big, runs(), seed=self.seed, progress=progress(), **self.kw)
         self._count(result)
-        return attack_checks.unbounded(int(result.broken.sum()), int(sample.sum()), eps, norm, threat.canonical)
+        left, linf_broken = sample & ~result.broken, 0
+        if norm == "l2" and bool(left.any()):  # the same box by sign steps, which box clipping does not stall
+            box = Threat(norm="linf", eps=width)
+            linf = run_threat(model, x, y, left, box, runs(), seed=self.seed, progress=progress(), **self.kw)
+            self._count(linf)
+            linf_broken = int(linf.broken.sum())
+        return attack_checks.unbounded(int(result.broken.sum()), int(sample.sum()), eps, norm, threat.canonical, linf_broken)
+
+    def _reach(self, model, x, y, threat: Threat, battery: list[AttackRun], points: torch.Tensor, progress) -> int:
+        """How many of `points` (broken already, by a gradient-free attack) `battery` breaks from x too.
+
+        Nothing merges: the points count as broken either way; this only says whether gradients reach them.
+        """
+        if not bool(points.any()):
+            return 0
+        result = run_threat(model, x, y, points, threat, battery, seed=self.seed + 5, progress=progress(), **self.kw)
+        self._count(result)
+        return int(result.broken.sum())
 
     def _run(self, model, x, y, clean_correct, outcome: ThreatOutcome, battery: list[AttackRun], eligible: torch.Tensor,
              prefix: str, progress, seed_shift: int = 0) -> tuple[int, int]:  # fmt: skip
@@ -317,6 +365,16 @@ def _masking_sign(check: CheckResult) -> bool:
     if check.name == "gradients":
         return check.fired
     return check.name in MASKING_CHECKS and check.verdict == FAIL
+
+
+def _stopped_early(check: CheckResult) -> bool:
+    """A longer gradient run broke a clear share of the sampled robust points (not masking: gradients work)."""
+    if check.name == "optimization":
+        return check.verdict == FAIL
+    if check.name == "black_box" and check.evidence.get("gradient_confirmed"):
+        reached, attacked = check.evidence["gradient_confirmed"], check.evidence["attacked"]
+        return by_count(reached, attacked, attack_checks.BEATS_FAIL_SHARE) == FAIL
+    return False
 
 
 def _sample(mask: torch.Tensor, size: int, seed: int) -> torch.Tensor:
