@@ -378,8 +378,8 @@ def surface(
     lo_hi = _floats(input_range, "--input-range")
     if lo_hi is None or len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
         raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI with LO < HI")
-    if grid < 3 or grid > 201:
-        raise RobauditError("--grid must lie between 3 and 201")
+    if grid < 3 or grid > 201 or grid % 2 == 0:
+        raise RobauditError(f"--grid must be odd and lie between 3 and 201 (so the sample is the centre point), got {grid}")
     if span is not None and not span > 0:
         raise RobauditError("--span must be positive")
     parsed = parse_threat(threat)

@@ -293,3 +293,92 @@ def test_probes_lie_on_the_ball_surface_and_l1_bound_uses_the_largest_gradient_e
     first = {"linf": 7.0, "l2": 5.0, "l1": 4.0}[threat.norm]
     radius = threat.eps * math.sqrt(2) if threat.norm == "linf" else threat.eps
     assert drop == pytest.approx(threat.eps * first + 0.5 * 2.0 * radius**2)
+
+
+class _Sqrt(nn.Module):
+    """sqrt(x) into a softplus MLP: defined on the whole box, infinite slope at every zero pixel."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.net = smooth_mlp(dim, nn.Softplus(), classes=10).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.sqrt(x.flatten(1)))
+
+
+class _Log(nn.Module):
+    """log(x + 0.05) into a softplus MLP: smooth on the box [0, 1], NaN below -0.05."""
+
+    def __init__(self, dim: int = 64) -> None:
+        super().__init__()
+        self.net = smooth_mlp(dim, nn.Softplus(), classes=10).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.log(x.flatten(1) + 0.05))
+
+
+def test_samples_with_infinite_gradients_get_no_number_and_do_not_spoil_the_others() -> None:
+    """The hunt's case: sqrt at a zero pixel made a Hessian-vector product NaN and the batched Lanczos run crashed
+    the scan (linalg.eigh failed to converge, exit 3). Such a sample's Hessian is unknown (NaN, null in JSON) and its
+    predicted drop unbounded; every other sample of the batch gets the values it gets alone."""
+    torch.manual_seed(0)
+    model = _Sqrt().eval().requires_grad_(False)
+    x = torch.rand(6, 64) * 0.4 + 0.3  # a ball of 0.1 never reaches a zero pixel: finite everywhere
+    x[[1, 4], :5] = 0.0  # these two sit at sqrt's infinite slope
+    y = torch.arange(6)
+    small = parse_threat("l2:0.1")
+    # 64 steps span the whole space: each sample's extremes are exact, whatever its start vector
+    samples, level = measure_indicator(model, x, y, [small], box=(0.0, 1.0), lanczos_steps=64)
+    alone, _ = measure_indicator(model, x[[0, 2, 3, 5]], y[[0, 2, 3, 5]], [small], box=(0.0, 1.0), lanczos_steps=64)
+    for i in (1, 4):
+        assert math.isnan(samples[i].hessian_max_abs) and samples[i].to_dict()["hessian_max_abs"] is None
+        assert not samples[i].predicted_holds["l2:0.1"]
+    for s, ref in zip([samples[i] for i in (0, 2, 3, 5)], alone):
+        assert s.hessian_max == pytest.approx(ref.hessian_max, rel=1e-6)
+        assert s.hessian_min == pytest.approx(ref.hessian_min, rel=1e-6)
+    assert math.isfinite(level.score)
+    assert any("2 of 6 samples have a gradient or curvature that is not finite" in n for n in level.notes), level.notes
+
+
+def test_curvature_is_measured_inside_the_box_where_the_model_is_defined() -> None:
+    """The hunt's case: the finite-difference point x + h u left [0, 1] (pixels down to -0.235), log(x + 0.05) was
+    NaN there and the score NaN. Clipped to the box, every curvature is finite and the score is a number."""
+    torch.manual_seed(0)
+    model = _Log().eval().requires_grad_(False)
+    images, labels = bundled_digits()
+    x, y = torch.as_tensor(images[:24]).float(), torch.as_tensor(labels[:24]).long()
+    samples, level = measure_indicator(model, x, y, [L2], box=(0.0, 1.0))
+    assert all(math.isfinite(s.curvature) and s.curvature > 0 for s in samples)
+    assert math.isfinite(level.score) and not any("not finite" in n for n in level.notes), level.notes
+
+
+def test_a_nan_drop_counts_as_unbounded_not_as_an_arbitrary_median() -> None:
+    """statistics.median over a list holding NaN returns an arbitrary element (the hunt saw 0.384 for 0.289)."""
+    from robaudit.measures.indicator import SampleIndicator
+    from robaudit.measures.score import threat_parts
+
+    def sample(g: float, drop: float) -> SampleIndicator:
+        return SampleIndicator(g=g, jacobian_l1=1.0, jacobian_l2=1.0, jacobian_linf=1.0, jacobian_zero_ratio=0.0,
+                               hessian_max_abs=1.0, hessian_max=1.0, hessian_min=-1.0, hessian_zero_ratio=0.0,
+                               curvature=1.0, piecewise_linear=False, predicted_drop={"k": drop},
+                               predicted_holds={"k": drop < g}, observed_drop={"k": 0.0})  # fmt: skip
+
+    nan = float("nan")
+    for drops in [(0.5, nan, 4.0, nan, 2.0), (0.5, 2.0, nan, 4.0, nan), (nan, 0.5, 2.0, nan, 4.0)]:
+        parts = threat_parts([sample(1.0, d) for d in drops], "k")  # rho 2, 0.5, 0.25 and two 0
+        assert parts["score[k]"] == 0.25, drops
+    assert parts["predicted_robust_accuracy[k]"] == pytest.approx(0.2)
+
+
+def test_the_linf_attack_direction_lands_on_the_fgsm_point() -> None:
+    """-sign(J)/sqrt(d) for every pixel: h = eps sqrt(d) moves each pixel by eps (or not at all where J is 0).
+    Before, the direction was normalized over the nonzero entries and moved them by eps sqrt(d / nnz)."""
+    from robaudit.measures.decision import attack_direction
+
+    grad = torch.zeros(2, 1, 8, 8)
+    grad[:, 0, :4] = torch.randn(2, 4, 8)  # half the pixels do not matter
+    eps = 0.1
+    step = eps * math.sqrt(64) * attack_direction(grad, "linf")
+    assert torch.allclose(step[:, 0, :4].abs(), torch.full((2, 4, 8), eps))
+    assert step[:, 0, 4:].abs().max() == 0
+    assert torch.equal(step.sign(), -grad.sign())

@@ -87,3 +87,34 @@ def test_surface_compares_models_on_one_grid(model_files: ModelFiles, tmp_path) 
 def test_surface_bad_index(model_files: ModelFiles) -> None:
     result = run_cli("surface", model_files.onnx, "--data", model_files.data_npz, "--index", "100000")
     assert_one_line_error(result, "--index")
+
+
+def test_surface_refuses_an_even_grid(model_files: ModelFiles) -> None:
+    """An even grid has no centre point: the boundary distances were read from a point off x (3.6 with --span 3)."""
+    result = run_cli("surface", model_files.onnx, "--data", model_files.data_npz, "--index", "0", "--grid", "6", "--span", "3")
+    assert_one_line_error(result, "--grid must be odd")
+
+
+def test_a_model_with_infinite_input_gradients_gets_an_indicator_not_a_crash(tmp_path) -> None:
+    """The hunt's case: sqrt at the zero pixels of digits made the scan exit 3 (linalg.eigh failed to converge)."""
+    import torch
+
+    class SqrtNet(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Softplus(), torch.nn.Linear(32, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(torch.sqrt(x.flatten(1)))
+
+    model = tmp_path / "sqrt.pt"
+    torch.jit.save(torch.jit.trace(SqrtNet().eval(), torch.rand(1, 1, 8, 8)), str(model))
+    out = tmp_path / "r.json"
+    result = run_cli("scan", model, "--data", "digits", "--n", "16", "--threat", "l2:0.5", "--preset", "quick",
+                     "--indicator", "--no-certify", "--threads", "1", "--json", out)  # fmt: skip
+    assert result.code == 0, result.stderr
+    text = out.read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    indicator = load_json(out)["summary"]["indicator"]
+    assert any("not finite" in note for note in indicator["notes"]), indicator["notes"]

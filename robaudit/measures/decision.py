@@ -78,15 +78,16 @@ def unit_rows(v: torch.Tensor) -> torch.Tensor:
 
 
 def attack_direction(grad: torch.Tensor, norm: str) -> torch.Tensor:
-    """Unit-L2 direction of steepest descent of g under ``norm`` (the first step of an attack).
+    """Direction of steepest descent of g under ``norm`` (the first step of an attack), L2 norm at most 1.
 
-    l2: -J/||J||_2; linf: -sign(J)/sqrt(d) (so h = eps*sqrt(d) lands on the FGSM point);
+    l2: -J/||J||_2; linf: -sign(J)/sqrt(d), so h = eps*sqrt(d) lands on the FGSM point (its
+    L2 norm is below 1 where J has zero entries: the FGSM point does not move those pixels);
     l1: minus the largest-|J| coordinate.
     """
     if norm == "l2":
         return -unit_rows(grad)
     if norm == "linf":
-        return -unit_rows(grad.sign())
+        return -grad.sign() / grad[0].numel() ** 0.5
     if norm == "l1":
         flat = grad.flatten(1)
         top = torch.zeros_like(flat).scatter_(1, flat.abs().argmax(1, keepdim=True), 1.0)
@@ -103,13 +104,17 @@ def fd_curvature(
     norm: str,
     n_random: int,
     generator: torch.Generator,
+    box: tuple[float, float] | None = None,
 ) -> torch.Tensor:
-    """max over directions u of ||grad g(x + h u) - grad g(x)||_2 / h (CURE-style), per sample.
+    """max over directions u of ||grad g(x') - grad g(x)||_2 / ||x' - x||_2 with x' = x + h u (CURE-style).
 
-    Directions (unit L2): the steepest descent of g under ``norm`` (where an attack moves
-    first) and ``n_random`` random ones. It measures how much the gradient changes over a
-    move of size h: for piecewise-linear nets (autograd Hessian zero almost everywhere)
-    across the linear pieces crossed, for smooth nets the Hessian averaged along the way.
+    Directions: the steepest descent of g under ``norm`` (where an attack moves first) and
+    ``n_random`` random unit ones. It measures how much the gradient changes over a move of
+    size h: for piecewise-linear nets (autograd Hessian zero almost everywhere) across the
+    linear pieces crossed, for smooth nets the Hessian averaged along the way. ``box``
+    clips x' to the input range, where the model is defined and attacks stay (outside it
+    a log or a square root can be NaN); the quotient divides by the move actually made.
+    A gradient that is not finite at x' makes the sample's curvature NaN (unknown).
     Cost: one forward and one backward per direction.
     """
 
@@ -121,6 +126,9 @@ def fd_curvature(
     directions = [along] + [random_direction() for _ in range(n_random)]
     best = torch.zeros(len(x), dtype=torch.float64, device=x.device)
     for u in directions:
-        moved = gradient(model, x + h * u, y)
-        best = torch.maximum(best, (moved - grad).flatten(1).double().norm(dim=1) / h)
+        point = x + h * u if box is None else (x + h * u).clamp(*box)
+        step = (point - x).flatten(1).double().norm(dim=1)
+        moved = gradient(model, point, y)
+        change = (moved - grad).flatten(1).double().norm(dim=1)
+        best = torch.maximum(best, torch.where(step > 0, change / step.clamp_min(torch.finfo(torch.float64).tiny), 0.0))
     return best

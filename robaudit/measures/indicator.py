@@ -86,7 +86,16 @@ class SampleIndicator:
     curvature_by_threat: dict[str, float] = field(default_factory=dict)  # at each threat's scale, used in its bound
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """JSON has no NaN: a value that could not be measured (a gradient that is not finite) is null."""
+        return _finite_or_none(asdict(self))
+
+
+def _finite_or_none(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -158,12 +167,19 @@ def _spectrum(local: LocalModel, x: torch.Tensor, s: _Settings, cost: _Cost) -> 
     b = len(x)
     v0 = torch.randn((b, x[0].numel()), generator=s.generator, dtype=torch.float64).to(x.device)
     v0 = v0 / v0.norm(dim=1, keepdim=True)
+    # A sample whose gradient or any Hessian-vector product is not finite (a probability that
+    # underflows, sqrt at 0) has no Hessian to speak of: its values are NaN (unknown), and its
+    # products are zeroed so they cannot spoil the other samples' Lanczos runs.
+    broken = ~torch.isfinite(local.grad.flatten(1)).all(dim=1)
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        return local.hvp(v.view_as(x)).flatten(1).double()
+        nonlocal broken
+        out = local.hvp(v.view_as(x)).flatten(1).double()
+        broken = broken | ~torch.isfinite(out).all(dim=1)
+        return torch.where(broken[:, None], torch.zeros_like(out), out)
 
     hv0 = matvec(v0)
-    piecewise = hv0.norm(dim=1) <= PIECEWISE_RTOL * local.grad.flatten(1).double().norm(dim=1)
+    piecewise = (hv0.norm(dim=1) <= PIECEWISE_RTOL * local.grad.flatten(1).double().norm(dim=1)) & ~broken
     zeros = torch.zeros(b, dtype=torch.float64, device=x.device)
     nan = torch.full_like(zeros, float("nan"))
     if piecewise.all():
@@ -174,9 +190,9 @@ def _spectrum(local: LocalModel, x: torch.Tensor, s: _Settings, cost: _Cost) -> 
     )
     cost.hvps += b * run.steps
     keep = ~piecewise
-    top, bottom, largest = run.extremes()
-    zero_fraction = torch.where(keep, run.fraction_within(s.zero_threshold), nan)
-    return top * keep, bottom * keep, largest * keep, zero_fraction, piecewise
+    top, bottom, largest = (torch.where(broken, nan, v * keep) for v in run.extremes())
+    zero_fraction = torch.where(keep & ~broken, run.fraction_within(s.zero_threshold), nan)
+    return top, bottom, largest, zero_fraction, piecewise
 
 
 def _measure_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: _Settings, cost: _Cost) -> _Batch:
@@ -190,7 +206,7 @@ def _measure_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: _Setti
     curvature = {}
     for plan in sorted(set(s.scales.values())):
         norm, h = plan
-        kappa = fd_curvature(model, x, y, local.grad, h, norm, s.budget.curvature_random, s.generator)
+        kappa = fd_curvature(model, x, y, local.grad, h, norm, s.budget.curvature_random, s.generator, s.box)
         curvature[plan] = kappa.to(habs.device)
         cost.forwards += b * (1 + s.budget.curvature_random)
         cost.backwards += b * (1 + s.budget.curvature_random)

@@ -48,7 +48,8 @@ def _median(values: Sequence[float]) -> float:
 
 
 def _mean(values: Sequence[float]) -> float:
-    return float(sum(values) / len(values)) if values else float("nan")
+    finite = [v for v in values if math.isfinite(v)]
+    return float(sum(finite) / len(finite)) if finite else float("nan")
 
 
 def safety(g: float, drop: float) -> float:
@@ -58,9 +59,22 @@ def safety(g: float, drop: float) -> float:
     return RHO_CAP if drop <= g / RHO_CAP else g / drop
 
 
+def effective_drop(sample: SampleIndicator, key: str) -> float:
+    """The larger of the predicted and the observed drop; unbounded (inf) where either is not a number.
+
+    A NaN drop comes from a gradient or curvature that is not finite at or near x: g may fall
+    arbitrarily fast there, so nothing is predicted to hold (rho 0), and a median over NaNs
+    (which `statistics.median` would return an arbitrary element of) never happens.
+    """
+    predicted, observed = sample.predicted_drop[key], sample.observed_drop.get(key, 0.0)
+    if not (math.isfinite(predicted) and math.isfinite(observed)):
+        return math.inf
+    return max(predicted, observed)
+
+
 def threat_parts(samples: Sequence[SampleIndicator], key: str) -> dict[str, float]:
     """Per-threat summaries (keys suffixed with ``[threat]``)."""
-    effective = [max(s.predicted_drop[key], s.observed_drop.get(key, 0.0)) for s in samples]
+    effective = [effective_drop(s, key) for s in samples]
     correct = [s for s in samples if s.g > 0]
     rho = [safety(s.g, d) for s, d in zip(samples, effective)]
     violated = [s for s in correct if s.observed_drop.get(key, 0.0) > s.predicted_drop[key] * (1 + 1e-6) + 1e-9]
@@ -95,6 +109,11 @@ def surface_parts(samples: Sequence[SampleIndicator]) -> dict[str, float]:
     }
 
 
+def _finite_derivatives(s: SampleIndicator) -> bool:
+    values = [s.jacobian_l2, s.hessian_max_abs, *s.curvature_by_threat.values(), *s.predicted_drop.values()]
+    return all(math.isfinite(v) for v in values)
+
+
 def aggregate(samples: Sequence[SampleIndicator], threats: Sequence[Threat]) -> ModelIndicator:
     """The model-level indicator (cost fields are filled in by the caller)."""
     from robaudit.measures.indicator import ModelIndicator
@@ -108,7 +127,7 @@ def aggregate(samples: Sequence[SampleIndicator], threats: Sequence[Threat]) -> 
         score = _mean([parts[f"score[{k}]"] for k in keys])
         formula = FORMULA
     else:  # no threat: the first-order L2 distance to the boundary, g / ||J||_2, median over all samples
-        score = float(median([safety(s.g, s.jacobian_l2) for s in samples]))
+        score = float(median([safety(s.g, s.jacobian_l2 if math.isfinite(s.jacobian_l2) else math.inf) for s in samples]))
         formula = (
             "score = median over samples of g / ||J||_2 (first-order L2 distance to the boundary; 0 if misclassified, "
             "capped at 1e6)"
@@ -121,6 +140,13 @@ def aggregate(samples: Sequence[SampleIndicator], threats: Sequence[Threat]) -> 
             f"predict for {100 * worst:.0f}% of correctly classified samples, and "
             f"{100 * parts['zero_gradient_fraction']:.0f}% have an exactly zero gradient; the gradient does not describe "
             "this model, so neither does the score: run the attack battery (with black-box attacks) instead"
+        )
+    unknown = [s for s in samples if not _finite_derivatives(s)]
+    if unknown:
+        notes.append(
+            f"{len(unknown)} of {len(samples)} samples have a gradient or curvature that is not finite (the model is "
+            "not differentiable there, e.g. sqrt at 0 or a probability that underflows): their Hessian values are "
+            "null, and their predicted drop is taken as unbounded (rho 0)"
         )
     if parts["piecewise_linear_fraction"] > 0:
         notes.append(

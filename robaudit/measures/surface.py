@@ -111,11 +111,11 @@ def surface_slice(
     ``x`` is one sample of shape (1, *sample_shape) (or sample_shape for an `AuditModel`,
     which knows its sample shape), ``y`` its true label. ``direction`` (e.g. x_adv - x)
     fixes u; it is normalized, so ``span`` is in pixel L2 units either way. ``grid``
-    should be odd so that x itself is a grid point. ``box`` clips the plane's points to
+    must be odd so that x itself is the centre grid point. ``box`` clips the plane's points to
     the input range (off by default: the function, not the data domain, is drawn).
     """
-    if grid < 3 or span <= 0:
-        raise RobauditError("a surface slice needs grid >= 3 and span > 0")
+    if grid < 3 or grid % 2 == 0 or span <= 0:  # odd: x is the centre point the boundary distances start from
+        raise RobauditError("a surface slice needs an odd grid >= 3 and span > 0")
     model_param = next(iter(model.parameters()), None)
     device = model_param.device if model_param is not None else x.device
     sample = _one_sample(model, x.detach())

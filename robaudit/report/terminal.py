@@ -186,7 +186,7 @@ def _indicator(report: Report) -> Table | None:
             table.add_row(key.removeprefix("median_"), f"{parts[key]:.4g}", meaning)
     for key, value in parts.items():
         if key.startswith("predicted_robust_accuracy["):
-            table.add_row(escape(with_threat_names(report, key)), _pct(value), "samples whose predicted drop stays below their margin (a prediction, not a bound)")
+            table.add_row(escape(with_threat_names(report, key)), _pct(value), "samples whose drop (predicted, or seen at random points in the ball where larger) stays below their margin (a prediction, not a bound)")
     if ind.get("masking_suspected"):
         table.add_row("[bold red]masking suspected[/bold red]", "yes", "random probes beat the predicted drop: the score is not meaningful")
     return table
