@@ -324,6 +324,26 @@ class _HighFrequency(torch.nn.Module):
         return self.net(x) + 0.01 * torch.sin(1e5 * x.flatten(1)) @ self.mix
 
 
+class _DecoyGradient(torch.nn.Module):
+    """Forward: the source exactly. Backward: the gradient of a fixed random linear map (unrelated to the decisions)."""
+
+    def __init__(self, net: torch.nn.Module, features: int, classes: int) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("w", 1e-3 * torch.randn(features, classes, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decoy = x.flatten(1) @ self.w
+        return self.net(x).detach() + decoy - decoy.detach()
+
+
+def decoy_gradient(src: str | Path, dst: str | Path) -> Path:
+    """TorchScript: the source's scores, the gradient of a random linear map (`_DecoyGradient`)."""
+    example = _example(src)
+    net = _torch_net(src)
+    return _trace(_DecoyGradient(net, example[0].numel(), net(example).shape[1]).eval(), example, dst)
+
+
 def decoy_scores(src: str | Path, dst: str | Path) -> Path:
     """TorchScript: decisions of the source, scores and gradients of a decoy (`_DecoyScores`)."""
     return _trace(_DecoyScores(_torch_net(src)).eval(), _example(src), dst)

@@ -242,3 +242,14 @@ def test_an_l2_ball_holding_the_whole_box_is_crossed_by_sign_steps_too(one_threa
     assert check["verdict"] == "pass", check
     assert check["evidence"]["broken"] == check["evidence"]["attacked"] == 16
     assert check["evidence"].get("linf_broken", 0) >= 1 and "Linf steps in the same box" in check["summary"], check
+
+
+def test_a_gradient_unrelated_to_the_decisions_fails_the_gradients_check(tmp_path, one_thread):
+    """The hunt's case: the scores of the demo CNN with the gradient of a random linear map. A step along that
+    gradient raised the margin on 53% of points (random steps do on 64-71%), above the 50% the check asked for, and
+    the check passed it. It must beat a random step of the same size, as every healthy model's gradient does
+    (95-100% on the demo CNN and the seven third-party fixtures)."""
+    report = _scan(mm.decoy_gradient(mm.DEMO_ONNX, tmp_path / "decoy.pt"))
+    (check,) = [c for c in report.summary.diagnostics["checks"] if c["name"] == "gradients"]
+    assert check["verdict"] == "fail" and check["evidence"]["gradient_beat_random_step"] < 0.65, check
+    assert report.summary.diagnostics["masking_suspected"]

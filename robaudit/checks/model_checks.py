@@ -14,6 +14,11 @@ from robaudit.models.randomized import RandomnessEvidence
 
 ZERO_SHARE = 0.10  # share of points with zero / non-finite gradients that means masking
 ASCENT_SHARE = 0.5  # below this share, a step along the gradient does not raise the loss: shattered
+# A step along the gradient must beat a random step of the same size on this share of points. A real
+# gradient beats it almost everywhere (first order against none); a decoy gradient unrelated to the
+# decisions wins about half the time, and random steps alone raise the margin on 64-71% of the demo
+# CNN's points, so ASCENT_SHARE by itself cannot tell a decoy from a gradient (hunt 13: 53% passed).
+BEATS_RANDOM_SHARE = 0.65
 STABILITY_CALLS = 4
 UNSTABLE_WARN, UNSTABLE_FAIL = 0.02, 0.10
 
@@ -83,9 +88,14 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: float, n
     direction[usable] = g_margin[usable].sign() if norm == "linf" else g_margin[usable] / flat_m[usable].norm(dim=1).view(
         -1, *([1] * (x.dim() - 1))
     )
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    random = noise.sign() if norm == "linf" else noise / noise.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
     with torch.no_grad():
         moved = margin(model((x + step * direction).clamp(lower, upper)), y)
+        moved_random = margin(model((x + step * random).clamp(lower, upper)), y)
     rose = usable & (moved > m_value)
+    beat = usable & (moved > moved_random)
     n = len(x)
     evidence = {
         "points": n,
@@ -93,6 +103,7 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: float, n
         "nonfinite_gradient": float((~finite).float().mean()),
         "zero_cross_entropy_gradient": float(zero_ce.float().mean()),
         "margin_rose_along_gradient": float(rose.float().mean()),
+        "gradient_beat_random_step": float(beat.float().mean()),
         "step": step,
         "norm": norm,
     }
@@ -111,6 +122,14 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: float, n
             f"{evidence['margin_rose_along_gradient']:.0%} of {n} points: gradients are shattered",
             evidence,
         )  # fmt: skip
+    if evidence["gradient_beat_random_step"] < BEATS_RANDOM_SHARE:
+        return CheckResult(
+            "gradients", FAIL,
+            f"a {norm} step of {step:.3g} along the gradient raised the margin more than a random step of the same "
+            f"size on only {evidence['gradient_beat_random_step']:.0%} of {n} points: the gradient does not lead "
+            "towards the decision boundary",
+            evidence,
+        )  # fmt: skip
     if evidence["zero_cross_entropy_gradient"] >= ZERO_SHARE:
         return CheckResult(
             "gradients", WARN,
@@ -121,7 +140,7 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: float, n
     return CheckResult(
         "gradients", PASS,
         f"gradients usable on {1 - dead:.0%} of {n} points; a small step along them raised the margin on "
-        f"{evidence['margin_rose_along_gradient']:.0%}",
+        f"{evidence['margin_rose_along_gradient']:.0%}, more than a random step on {evidence['gradient_beat_random_step']:.0%}",
         evidence,
     )  # fmt: skip
 
