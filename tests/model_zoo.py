@@ -66,3 +66,16 @@ def tiny_mlp(num_classes: int = 10) -> TinyMLP:
 
 def not_a_model() -> str:
     return "nope"
+
+
+class AutocastMLP(TinyMLP):
+    """TinyMLP computing under torch.autocast(float16) inside its forward (torch.fx drops the block)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = self.body(x)
+        return out.float()
+
+
+def autocast_mlp(num_classes: int = 10) -> AutocastMLP:
+    return AutocastMLP(num_classes)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,3 +104,23 @@ def test_unsupported_layer_reports_unavailable_not_a_number(model_files: ModelFi
     assert not cert["available"] and cert["reason"].startswith("certificate unavailable:")
     assert any(name in cert["reason"].lower() for name in ("gelu", "erf")), cert["reason"]  # names the layer
     assert all(s["certified_l2"] is None for s in report["samples"])
+
+
+def test_a_model_computing_in_half_precision_inside_its_forward_gets_no_certificate(model_files: ModelFiles, tmp_path) -> None:
+    """Hunt 15: `with torch.autocast("cpu", dtype=torch.float16)` in forward is dropped by torch.fx, so the radii
+    bounded a float32 graph; 38 of 58 radii of a linear classifier were broken by the model itself (1e-4 inside)."""
+    from safetensors.torch import save_file
+
+    import model_zoo
+
+    torch.manual_seed(0)
+    path = tmp_path / "autocast.safetensors"
+    save_file(model_zoo.autocast_mlp().state_dict(), str(path))
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", path, "--arch", "model_zoo:autocast_mlp", "--data", model_files.data_npz, "--n", "10", "-t", "l2:0.3",
+        "--preset", "quick", "--certify", "--json", out, "--quiet", env={"PYTHONPATH": str(Path(__file__).parent)},
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    cert = load_json(out)["summary"]["certificate"]
+    assert not cert["available"] and "half precision inside its forward" in cert["reason"], cert

@@ -528,6 +528,8 @@ def _sandwich(op: nn.Module, image: bool) -> nn.Sequential:
 REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     # (id, op, on the conv output?, fragments of which the message must name one)
     ("GELU", nn.GELU(), False, ("GELU",)),
+    # hunt 15: minus the average (a signed pool) was bounded as a nonnegative one; radius 159.7, a flip at 0.73
+    ("avg-pool-negative-divisor", nn.AvgPool2d(2, divisor_override=-4), True, ("divisor_override",)),
     ("gelu-fn", Fn(F.gelu, "F.gelu"), False, ("gelu",)),
     ("ELU", nn.ELU(), False, ("ELU",)),
     ("SiLU", nn.SiLU(), False, ("SiLU",)),

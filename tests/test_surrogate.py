@@ -479,3 +479,39 @@ def test_transfer_attacks_the_surrogate_only_and_counts_its_passes(digits, tmp_p
     assert Transfer(steps=7, targets=3).params() == {
         "steps": 7, "loss": "dlr-targeted (targeted margin below 4 classes)", "surrogate": False, "targets": 3, "ranking": "linear",
     }  # fmt: skip
+
+
+class _DetachedTrue(nn.Module):
+    """Forward: the net exactly. Backward: only the low-resolution copy's (`h + (net(x) - h).detach()`)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.net(F.interpolate(F.avg_pool2d(x, 2), scale_factor=2.0, mode="nearest"))
+        return h + (self.net(x) - h).detach()
+
+
+@pytest.mark.parametrize("save", ["module", "torchscript"])
+def test_detach_is_the_identity_in_the_surrogate(digits, tmp_path, save) -> None:
+    """A detached true path hides the model's own gradient; BPDA takes detach as what it is in value, the identity.
+    Before, the surrogate kept the detach (transfer `skipped`: nothing to smooth) and only the label-only probe
+    saw through the model."""
+    x, y = digits
+    module = _DetachedTrue(demo_classifier()).eval()
+    if save == "torchscript":
+        path = tmp_path / "detached.pt"
+        torch.jit.save(torch.jit.trace(module, torch.zeros(1, 1, 8, 8)), str(path))
+        model = wrap_model(load_model(path), sample_shape=(1, 8, 8), probe=x[:8])[0]
+    else:
+        model = torch_model(module, x)
+    surrogate = build_surrogate(model)
+    assert surrogate is not None and any(c.startswith("detach at") for c in surrogate.changes), surrogate
+    with torch.no_grad():
+        assert torch.equal(surrogate.module(x), model(x))
+    plain = torch_model(demo_classifier().eval(), x)
+    assert torch.allclose(input_grad(surrogate.module, x), input_grad(plain, x), atol=1e-5)
+    n = int((model(x).argmax(1) == y).sum())
+    on_model, transferred = broken(model, surrogate.module, x, y, 0.2)
+    assert transferred >= 0.9 * n and transferred > on_model, (on_model, transferred, n)

@@ -500,6 +500,9 @@ class _Builder:
         return self.add(name, ActOp(name, var.shape, kind, **params), [var.index], var.shape)
 
     def avgpool(self, name: str, var: _Var, p: dict, out_shape: Shape) -> int:
+        divisor = p.get("divisor_override")
+        if divisor is not None and divisor <= 0:  # a signed pool: AvgPoolOp is declared nonnegative (|A| = A)
+            raise CertificateUnavailable(f"{name}: AvgPool2d with divisor_override {divisor}")
         kernel = _pair(p["kernel_size"])
         stride = _pair(p["stride"]) if p.get("stride") not in (None, [], ()) else kernel
         op = AvgPoolOp(

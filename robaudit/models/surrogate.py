@@ -5,7 +5,8 @@ quantization (round, sign) has a zero gradient, hard clipping and saturated sigm
 kill it, inference-time noise makes it random, and a sharp final softmax underflows it.
 Following Athalye et al. (2018), `build_surrogate` rewrites the torch.fx graph of the
 net (TorchScript files are first converted to aten ops: `robaudit.models.fx_graph`) so that each such op computes exactly the same value but backpropagates through a
-stand-in (identity, or a fixed slope); noise and training-mode dropout are replaced by
+stand-in (identity, or a fixed slope); `detach` becomes the identity it is in value;
+noise and training-mode dropout are replaced by
 their mean, and a final squash or clamp (softmax, log-softmax, sigmoid, tanh, clamp,
 max/min with a constant) is dropped so attacks see its input as logits. Attacks run on the surrogate only propose candidates; the
 runner verifies them on the real model, so soundness never depends on the surrogate.
@@ -103,6 +104,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.alpha_dropout: "dropout", F.feature_alpha_dropout: "dropout", torch.dropout: "dropout",
     torch.alpha_dropout: "dropout", torch.feature_dropout: "dropout", torch.feature_alpha_dropout: "dropout",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.log: "log",
+    torch.detach: "detach",
 }  # fmt: skip
 # aten names (torch.export graphs) and Tensor method names that mean the same ops.
 _ATEN = {
@@ -112,12 +114,13 @@ _ATEN = {
     "softmax": "softmax", "_softmax": "softmax", "log_softmax": "log_softmax", "_log_softmax": "log_softmax",
     "randn_like": "randn_like", "rand_like": "rand_like", "randn": "randn", "rand": "rand", "normal": "normal",
     "bernoulli": "bernoulli", "dropout": "dropout", "alpha_dropout": "dropout", "feature_dropout": "dropout",
-    "feature_alpha_dropout": "dropout", "mul": "mul", "div": "div", "log": "log",
+    "feature_alpha_dropout": "dropout", "mul": "mul", "div": "div", "log": "log", "detach": "detach",
 }  # fmt: skip
 _METHODS = {
     name: _ATEN[name]
     for name in ("round", "floor", "ceil", "trunc", "fix", "sign", "clamp", "clip", "clamp_min", "clamp_max",
-                 "maximum", "minimum", "sigmoid", "tanh", "softmax", "log_softmax", "bernoulli", "mul", "div", "log")
+                 "maximum", "minimum", "sigmoid", "tanh", "softmax", "log_softmax", "bernoulli", "mul", "div", "log",
+                 "detach")
 }  # fmt: skip
 # F.dropout-style functions whose `training` argument has a default (the rest require it).
 _DROPOUT_DEFAULT = {
@@ -419,6 +422,10 @@ def _rewrite(graph: fx.Graph, root: nn.Module, changes: _Changes) -> None:
             changes.add("dropout forced on at inference", where, "removed (identity, its mean)")
         elif node not in live or source is None:
             continue
+        elif key == "detach":  # the same value; BPDA's identity backward lets gradients through it
+            node.replace_all_uses_with(source)
+            graph.erase_node(node)
+            changes.add("detach", where, "removed (identity: gradients flow through it)")
         elif key in _STEPS:
             _reroute(graph, node, _straight_through, (node, source))
             changes.add(_label(key, node, root), where, "straight-through gradient")
@@ -453,6 +460,16 @@ def _graph_module(model: AuditModel) -> fx.GraphModule | None:
     return traced
 
 
+def _script_detaches(net: nn.Module) -> int:
+    """aten::detach nodes of a TorchScript net (0 for anything else)."""
+    if not is_torchscript(net):
+        return 0
+    try:
+        return sum(node.kind() == "aten::detach" for node in net.inlined_graph.nodes())
+    except (AttributeError, RuntimeError):
+        return 0
+
+
 def build_surrogate(model: AuditModel) -> Surrogate | None:
     """A BPDA surrogate of `model` (same forward, usable backward), or None when there is
     nothing to change or the net cannot be traced."""
@@ -463,6 +480,9 @@ def build_surrogate(model: AuditModel) -> Surrogate | None:
     changes = _Changes()
     squash = _remove_final_squash(graph, traced)
     _rewrite(graph, traced, changes)
+    detaches = _script_detaches(model.net)  # the TorchScript-to-aten converter leaves them out of the graph
+    if detaches:
+        changes.add("detach", f"{detaches} place(s) of the TorchScript graph", "removed (identity: gradients flow through it)")
     lines = changes.lines() + ([squash] if squash else [])
     if not lines:
         return None

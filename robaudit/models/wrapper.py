@@ -272,6 +272,38 @@ def _lossy_in_float32(net: torch.nn.Module) -> bool:
     return False
 
 
+def _half_precision_ops(model: torch.nn.Module, x: torch.Tensor) -> list[str]:
+    """The ops that return float16 / bfloat16 tensors when the model runs on `x` (sorted, no repeats).
+
+    torch.fx drops a ``torch.autocast`` block from the graph the certificate reads, and a
+    weights check cannot see it either: the ops the model actually runs are the only
+    witness. A model that cannot be watched (dispatch modes unsupported) gives none.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    half = (torch.float16, torch.bfloat16)
+
+    class Watch(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if any(isinstance(t, torch.Tensor) and t.dtype in half for t in tree_leaves(out)):
+                self.seen.add(str(getattr(func, "__name__", func)).split(".")[0])
+            return out
+
+    watch = Watch()
+    try:
+        with torch.no_grad(), watch:
+            model(x)
+    except Exception:  # noqa: BLE001 - a net the mode cannot run: the graph checks stay the guard
+        return []
+    return sorted(watch.seen)
+
+
 def _precision_twin(model: AuditModel, native: torch.nn.Module, dtype: torch.dtype, x: torch.Tensor, name: str) -> str:
     """Make the net in its own precision `model`'s twin (verdicts confirmed there); a note.
 
@@ -441,6 +473,12 @@ def wrap_model(
     if not torch.isfinite(out).all():
         raise RobauditError(
             f"model {name} returned NaN or infinite scores on the first data samples; check the data range and --mean/--std"
+        )
+    half = _half_precision_ops(model, x[:1])
+    if half and not model.inexact:
+        model.inexact = (
+            f"the model computes in half precision inside its forward ({', '.join(half[:3])}; e.g. torch.autocast): "
+            "radii would bound a float32 graph, not the model's own arithmetic"
         )
     if raw.reference is not None:
         notes.append(_check_translation(model, raw, x))
