@@ -502,3 +502,61 @@ def test_balls_where_float32_can_overflow_certify_nothing() -> None:
     moved[:, 0, 0, 0] += 0.22
     assert bool((net(moved).argmax(1) == 0).all()) and bool(net(moved).isinf().all())  # the break, at L2 0.22
     assert certify_l2(net, x, y).radius.max() < 0.22
+
+
+# --------------------------------------------------------------------------- float32 underflow
+
+
+def _linear_onnx(path, scale: float | None, folded: bool = True):
+    """A linear digits classifier as an ONNX file: Gemm, optionally times `scale` (a tiny temperature); with
+    `folded=False` its weight is MatMul(A, B) + C inside the graph, computed by the runtime."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(64, 10, generator=gen) / 4).numpy()
+    inits = [numpy_helper.from_array(torch.randn(10, generator=gen).numpy() / 10, "b")]
+    nodes = [helper.make_node("Flatten", ["x"], ["f"])]
+    if folded:
+        inits.append(numpy_helper.from_array(w, "w"))
+    else:
+        a = torch.randn(64, 256, generator=gen).numpy()
+        bm = torch.randn(256, 10, generator=gen).numpy()
+        inits += [numpy_helper.from_array(a, "A"), numpy_helper.from_array(bm, "B"),
+                  numpy_helper.from_array(w - (torch.from_numpy(a).double() @ torch.from_numpy(bm).double()).float().numpy(), "C")]  # fmt: skip
+        nodes += [helper.make_node("MatMul", ["A", "B"], ["ab"]), helper.make_node("Add", ["ab", "C"], ["w"])]
+    nodes.append(helper.make_node("MatMul", ["f", "w"], ["z"]))
+    nodes.append(helper.make_node("Add", ["z", "b"], ["s" if scale else "y"]))
+    if scale:
+        inits.append(numpy_helper.from_array(torch.tensor(scale, dtype=torch.float32).numpy(), "t"))
+        nodes.append(helper.make_node("Mul", ["s", "t"], ["y"]))
+    graph = helper.make_graph(
+        nodes, "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], initializer=inits,
+    )  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_scores_in_float32_underflow_certify_nothing(tmp_path) -> None:
+    """Hunt 16: a linear classifier times 1e-42 (scores in float32's subnormal range) kept its radii, and
+    onnxruntime tied two classes at 6.7e-43 inside 86 of 200 of them (argmax then picks the lower index): the
+    error model's terms were all relative. Results below 2^-126 now carry an absolute error."""
+    x, _ = digits()
+    x = x[:8]
+    plain, _ = wrap_model(load_model(_linear_onnx(tmp_path / "plain.onnx", None)), sample_shape=(1, 8, 8), probe=x)
+    tiny, _ = wrap_model(load_model(_linear_onnx(tmp_path / "tiny.onnx", 1e-42)), sample_shape=(1, 8, 8), probe=x)
+    y = plain(x).argmax(1)
+    assert torch.equal(tiny(x).argmax(1), y)
+    assert certify_l2(plain, x, y).radius.min() > 0.01  # the same classifier at ordinary scale: radii
+    assert certify_l2(tiny, x, y).radius.max() == 0
+
+
+def test_weights_the_graph_computes_by_a_reduction_are_refused(tmp_path) -> None:
+    """Hunt 16: W = MatMul(A, B) + C inside the ONNX graph; onnxruntime sums A B in another order than torch did
+    while tracing (1e-5 to 1e-4 apart), and 43 of 200 radii were broken in the file."""
+    x, _ = digits()
+    path = _linear_onnx(tmp_path / "computed.onnx", None, folded=False)
+    model, _ = wrap_model(load_model(path), sample_shape=(1, 8, 8), probe=x[:4])
+    with pytest.raises(CertificateUnavailable, match=r"MatMul.*a weight the graph computes from constants"):
+        certify_l2(model, x[:4], model(x[:4]).argmax(1))

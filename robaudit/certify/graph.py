@@ -1134,6 +1134,50 @@ def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.N
     return target, kind
 
 
+# Ops that compute a floating constant the same way in every runtime: data movement, selections, and the
+# IEEE operations every float32 implementation rounds correctly (+, -, *, /, sqrt).
+_EXACT_CONSTANT_MODULES = {
+    "OnnxConstant", "OnnxConstantOfShape", "OnnxCast", "OnnxConcat", "OnnxCopyIdentity", "OnnxExpand", "OnnxFlatten",
+    "OnnxGather", "OnnxGatherElements", "OnnxGatherND", "OnnxNeg", "OnnxReshape", "OnnxSlice", "OnnxSliceV9",
+    "OnnxSplit", "OnnxSplit13", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxTile", "OnnxTranspose",
+    "OnnxUnsqueezeStaticAxes", "OnnxUnsqueezeDynamicAxes", "OnnxBinaryMathOperation", "OnnxSqrt", "OnnxShape",
+    "OnnxRange", "OnnxWhere", "OnnxMinMax", "OnnxClip", "OnnxReciprocal", "Identity", "Flatten",
+}  # fmt: skip
+_EXACT_CONSTANT_CALLS = {
+    "add", "sub", "mul", "div", "truediv", "neg", "sqrt", "reciprocal", "reshape", "view", "flatten", "permute",
+    "transpose", "t", "T", "contiguous", "clone", "detach", "alias", "float", "to", "_to_copy", "type_as", "expand",
+    "expand_as", "unsqueeze", "squeeze", "getitem", "cat", "concat", "stack", "slice", "select", "index_select",
+    "repeat", "flip", "roll", "lift_fresh_copy", "_unsafe_view", "unbind", "split", "chunk", "clamp", "maximum",
+    "minimum", "where", "full", "zeros", "ones", "zeros_like", "ones_like", "full_like", "tensor", "scalar_tensor",
+    "getattr",
+}  # fmt: skip
+
+
+def _refuse_rounded_constant(n: fx.Node, gm: fx.GraphModule, value: Any, b: _Builder) -> None:
+    """Refuse a floating constant the graph computes with an op whose float32 result depends on the runtime.
+
+    The bound takes a constant as the value torch computed while tracing; a weight the
+    graph itself computes by a reduction (MatMul of two initializers, a norm for weight
+    normalization) or a library function is summed in another order, or approximated
+    otherwise, by onnxruntime (up to 1e-4 apart at inner size 1024): radii built on
+    torch's value were broken in the file (hunt 16).
+    """
+    if n.op in ("get_attr", "placeholder") or not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return
+    if n.op == "call_module":
+        kind = type(gm.get_submodule(str(n.target))).__name__
+        if kind in _EXACT_CONSTANT_MODULES:
+            return
+    else:
+        kind = _aten_name(n.target) or (str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", ""))
+        if kind in _EXACT_CONSTANT_CALLS:
+            return
+    raise CertificateUnavailable(
+        f"{b.where(n, gm)} (a weight the graph computes from constants, whose float32 rounding depends on "
+        "the runtime; save the model with its weights folded, as torch.onnx.export does by default)"
+    )
+
+
 def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int) -> int:
     """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node."""
     recorder = _Recorder(gm)
@@ -1170,6 +1214,7 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
             continue
         if n.op == "get_attr" or not has_var((n.args, n.kwargs)):
             env[n] = values[n]  # a constant: parameters, ONNX constants, folded shape arithmetic
+            _refuse_rounded_constant(n, gm, values[n], b)
             continue
         if final is not None and n is final[0]:  # the closing softmax: the bound certifies the scores before it
             env[n] = resolve(n.args[0])
@@ -1276,6 +1321,12 @@ def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
         example = example.reshape(1, *(model.model_shape or sample_shape))
     gm = _trace(net, example)  # TorchScript is converted on this very input (batch 1)
     out = _walk(b, gm, example, index)
+    half = getattr(model, "half_precision_ops", None) if audited else None
+    if half:  # the graph read has no cast (it would have been refused, naming it): torch.autocast, which fx drops
+        raise CertificateUnavailable(
+            f"the model computes in half precision inside its forward ({', '.join(half[:3])}; e.g. torch.autocast): "
+            "radii would bound a float32 graph, not the model's own arithmetic"
+        )
     returns = "logits" if b.final is None else b.final
     if audited and model.output_kind == "probabilities":  # the wrapper returns the log of the probabilities
         if b.final != "softmax":

@@ -22,12 +22,21 @@ Algorithms*, ch. 3), with u = 2^-24 and gamma_k = k u / (1 - k u):
   computed by the deployed model in several float32 steps (subtract the mean, divide,
   scale, shift): ``2 gamma_8 (|w| (m_in + e_in) + |b| + s)`` with s the size of the
   constants the shift is formed from (batch norm: |beta| + |mean * scale|);
-- ReLU and max pooling are exact: the error passes through (max pooling takes the window
+- ReLU and max pooling are exact (but for underflow, below): the error passes through (max pooling takes the window
   maximum of the errors); LeakyReLU multiplies by its slope: ``slope * e_in + 4 u slope m``;
 - a residual sum: ``e_a + e_b + 2 u (m_a + e_a + m_b + e_b)``;
 - tanh, sigmoid, softplus: ``max slope * e_in + 16 u (|out| + 1)`` (a few ulps of the
   library function), softplus also the gap between torch's switch to x above its
   threshold and the smooth function the bounds use, ``log1p(exp(-threshold)) / beta``.
+- underflow: every float32 result below 2^-126 in magnitude may be rounded to a
+  subnormal or flushed to zero, and a subnormal operand may be read as zero (FTZ / DAZ
+  modes), an absolute error the relative terms above do not cover (a temperature of
+  1e-42 on the scores put them all there). Each op adds ``ETA`` per rounding and per
+  product operand: an affine op with fan-in n
+  ``2 ETA (n max|x| + sum |W| + 2 n + 2)``, an elementwise scale op
+  ``2 ETA SCALE_STEPS (m_in + |w| + |b| + 1)``, every other arithmetic op (activations,
+  max pooling, sums) ``2 ETA (m_in + 1)``; copies (reshapes, slices) flush nothing. On
+  values of ordinary size these terms are negligible (about 1e-35 at fan-in 1000).
 The factor 2 on every gamma term covers backends that sum in any order, blocked, with
 fused multiply-adds or with float32 constants rounded from the float64 ones here; it does
 not cover Winograd or FFT convolution algorithms, whose error constants can be larger,
@@ -60,6 +69,7 @@ from robaudit.certify.ops import (
 )
 
 U = 2.0**-24  # unit roundoff of float32
+ETA = 2.0**-126  # smallest normal float32: the absolute error of a result (or operand) flushed to zero
 SAFETY = 2.0  # on every gamma term: summation order, blocking, FMA
 SCALE_STEPS = 8  # float32 operations an elementwise scale op may take in the deployed model
 ACT_ULPS = 16.0  # ulps of |out| + 1 allowed for tanh, sigmoid and softplus
@@ -142,18 +152,29 @@ def _fan_in(op: AffineOp) -> int:
     return op.in_numel
 
 
+def _underflow(m_in: torch.Tensor) -> torch.Tensor:
+    """``2 ETA (m_in + 1)``: one result or operand flushed to zero (ops that compute once per value)."""
+    return SAFETY * ETA * (m_in + 1)
+
+
 def _affine_error(op: AffineOp, e_in: torch.Tensor, m_in: torch.Tensor) -> torch.Tensor:
     if isinstance(op, (ReshapeOp, PadOp, SelectOp)):  # moves values; a constant pad value is rounded once
-        out = op.linear(e_in)
+        out = op.linear(e_in)  # copies do not flush: the op that reads the value charges its underflow
         return out if op.bias is None else out + U * op.bias.abs()
     if isinstance(op, ScaleOp):
         g = SAFETY * gamma(SCALE_STEPS)
         w = op.weight.abs()
         out = w * e_in + g * w * m_in
         extra = [t for t in (op.bias, getattr(op, "spread", None)) if t is not None]
+        size = m_in + w + 1 + (sum(t.abs() for t in extra) if extra else 0)
+        out = out + SAFETY * ETA * SCALE_STEPS * size
         return out + g * sum(t.abs() for t in extra) if extra else out
-    g = SAFETY * gamma(_fan_in(op) + 1)
+    n = _fan_in(op)
+    g = SAFETY * gamma(n + 1)
     out = op.abs().linear(e_in + g * m_in)
+    # underflow: each product's operands (DAZ), each product and each partial sum (FTZ)
+    largest = m_in.flatten(1).amax(dim=1).reshape(-1, *([1] * (out.dim() - 1)))  # per sample, against the output
+    out = out + SAFETY * ETA * (op.abs().linear(torch.ones_like(m_in)) + n * largest + 2 * n + 2)
     return out if op.bias is None else out + g * op.bias.abs()
 
 
@@ -163,10 +184,10 @@ def _act_error(op: ActOp, e_in: torch.Tensor, m_in: torch.Tensor, m_out: torch.T
     if bounds is not None:
         slope = op.derivative_bounds(bounds[0] - e_in, bounds[1] + e_in)[1].clamp_min(0)
     if op.kind == "relu":
-        return slope * e_in
+        return slope * e_in + _underflow(m_in)
     if op.kind == "leaky_relu":
-        return slope * e_in + 4 * U * op.slope * m_in
-    out = slope * e_in + ACT_ULPS * U * (m_out + slope * e_in + 1)
+        return slope * e_in + 4 * U * op.slope * m_in + _underflow(m_in)
+    out = slope * e_in + ACT_ULPS * U * (m_out + slope * e_in + 1) + _underflow(m_in)
     if op.kind == "softplus":
         out = out + math.log1p(math.exp(-op.threshold)) / op.beta
     return out
@@ -190,9 +211,9 @@ def local_rounding(graph: Graph, i: int, magnitudes: list[torch.Tensor | None]) 
     if isinstance(op, ActOp):
         return _act_error(op, torch.zeros_like(m_in), m_in, magnitudes[i])
     if isinstance(op, MaxPoolOp):
-        return 0.0
+        return op.value(_underflow(m_in))
     assert isinstance(op, AddOp)
-    return SAFETY * U * (m_in + magnitudes[node.inputs[1]])
+    return SAFETY * U * (m_in + magnitudes[node.inputs[1]]) + _underflow(m_in + magnitudes[node.inputs[1]])
 
 
 def float32_error(
@@ -223,11 +244,11 @@ def float32_error(
             local = None if bounds is None else (bounds[0][j], bounds[1][j])
             errs.append(_act_error(op, e_in, m_in, magnitudes[i], local))
         elif isinstance(op, MaxPoolOp):
-            errs.append(op.value(e_in))
+            errs.append(op.value(e_in + _underflow(m_in)))
         elif isinstance(op, AddOp):
             k = node.inputs[1]
             e_k = errs[k]
-            errs.append(e_in + e_k + SAFETY * U * (m_in + magnitudes[k] + e_k))
+            errs.append(e_in + e_k + SAFETY * U * (m_in + magnitudes[k] + e_k) + _underflow(m_in + magnitudes[k] + e_k))
         else:  # pragma: no cover - graph.py emits only the ops above
             raise TypeError(f"no float32 error model for {type(op).__name__}")
     out = errs[-1]

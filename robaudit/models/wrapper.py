@@ -88,6 +88,7 @@ class AuditModel(torch.nn.Module):
         self.num_classes: int | None = None
         self.detached = False  # the graph passes no gradient to its input (see forward)
         self.inexact: str | None = None  # why the net may not compute exactly what the file does (no certificate)
+        self.half_precision_ops: list[str] = []  # ops the net ran in float16 / bfloat16 (no certificate)
         self._file: tuple[AuditModel, ...] = ()  # (file_twin,): a tuple, so that .to(device) and fx leave it alone
         self.output_dtype = torch.float32  # float64 for the float64 twin of a float64 model: its verdicts unrounded
 
@@ -474,12 +475,7 @@ def wrap_model(
         raise RobauditError(
             f"model {name} returned NaN or infinite scores on the first data samples; check the data range and --mean/--std"
         )
-    half = _half_precision_ops(model, x[:1])
-    if half and not model.inexact:
-        model.inexact = (
-            f"the model computes in half precision inside its forward ({', '.join(half[:3])}; e.g. torch.autocast): "
-            "radii would bound a float32 graph, not the model's own arithmetic"
-        )
+    model.half_precision_ops = _half_precision_ops(model, x[:1])  # the certificate refuses them (`build_graph`)
     if raw.reference is not None:
         notes.append(_check_translation(model, raw, x))
     elif native is not None:
