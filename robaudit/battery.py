@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import math
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,40 @@ def _accepts(cls: type[Attack], key: str) -> bool:
     return key in inspect.signature(cls.__init__).parameters
 
 
+# Counts that may be 0 (no targets skipped, no shift); every other integer parameter is at least 1.
+_MAY_BE_ZERO = {"skip_targets", "targets", "shifts", "rotations", "overshoot"}
+
+
+def _parameters(cls: type[Attack]) -> dict[str, inspect.Parameter]:
+    """The parameters a user may set for an attack class (not `self`, not internal objects such as a surrogate)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return {
+        p.name: p for p in params
+        if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and "Module" not in str(p.annotation)
+    }  # fmt: skip
+
+
+def _check_parameter(name: str, key: str, value: Any, param: inspect.Parameter) -> None:
+    """A one-line error for a value of the wrong type, not finite, or not positive (a wrong number otherwise)."""
+    kind = str(param.annotation) if param.default is None else type(param.default).__name__
+    floor = 0 if key in _MAY_BE_ZERO else None
+    if "bool" in kind:
+        if not isinstance(value, bool):
+            raise RobauditError(f"attack '{name}': {key} must be true or false, not {value!r}")
+    elif "int" in kind:
+        if isinstance(value, bool) or not isinstance(value, int) or value < (1 if floor is None else 0):
+            least = "a positive integer" if floor is None else "an integer of at least 0"
+            raise RobauditError(f"attack '{name}': {key} must be {least}, not {value!r}")
+    elif "float" in kind:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            value <= 0 if floor is None else value < 0
+        ):  # fmt: skip
+            least = "a positive finite number" if floor is None else "a finite number of at least 0"
+            raise RobauditError(f"attack '{name}': {key} must be {least}, not {value!r}")
+    elif "str" in kind and not isinstance(value, str):
+        raise RobauditError(f"attack '{name}': {key} must be a string, not {value!r}")
+
+
 def override(
     specs: list[Spec], *, steps: int | None = None, restarts: int | None = None, step_sizes: list[float] | None = None
 ) -> list[Spec]:
@@ -234,9 +269,20 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
             raise RobauditError(f"attack entry {spec!r} needs an 'attack' name (one of {', '.join(ATTACK_NAMES)})")
         params = {k: v for k, v in spec.items() if k not in ("attack", "restarts", "near", "close", "stalled")}
         name = spec["attack"]
-        if name not in factories:
-            raise RobauditError(f"unknown attack '{name}' (known: {', '.join(ATTACK_NAMES)})")
+        if not isinstance(name, str) or name not in factories:
+            raise RobauditError(f"unknown attack {name!r} (known: {', '.join(ATTACK_NAMES)})")
         cls, fixed = factories[name]
+        allowed = {k: v for k, v in _parameters(cls).items() if k not in fixed}
+        for key, value in params.items():
+            if key in fixed:
+                raise RobauditError(f"attack '{name}': {key} is fixed to {fixed[key]!r} for this attack")
+            if key not in allowed:
+                known = ", ".join(sorted(allowed)) or "none"
+                raise RobauditError(
+                    f"attack '{name}': unknown parameter '{key}' (its parameters: {known}; and for every attack: restarts, "
+                    "near, close, stalled)"
+                )
+            _check_parameter(name, key, value, allowed[key])
         restarts = spec.get("restarts", 1)
         if not isinstance(restarts, int) or restarts < 1:
             raise RobauditError(f"attack '{name}': restarts must be a positive integer, not {restarts!r}")
@@ -245,7 +291,7 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
         except (TypeError, ValueError) as exc:
             raise RobauditError(f"attack '{name}': {exc}") from None
         near = spec.get("near")
-        if near is not None and (isinstance(near, bool) or not isinstance(near, (int, float)) or near < 1):
+        if near is not None and (isinstance(near, bool) or not isinstance(near, (int, float)) or not 1 <= near < math.inf):
             raise RobauditError(f"attack '{name}': near must be a number of at least 1 (a multiple of eps), not {near!r}")
         close = spec.get("close")
         if close is not None and (isinstance(close, bool) or not isinstance(close, (int, float)) or not 0 < close <= 1):
@@ -280,10 +326,21 @@ def read_config(path: Path) -> dict[str, Any]:
     unknown = sorted(set(raw) - known)
     if unknown:
         raise RobauditError(f"config file {path}: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    if "attacks" in raw and not isinstance(raw["attacks"], list):
+    if "preset" in raw and not isinstance(raw["preset"], str):
+        raise RobauditError(f"config file {path}: 'preset' must be a string such as \"standard\" (known: {', '.join(PRESETS)})")
+    if "preset" in raw:
+        preset_specs(raw["preset"])  # an unknown name fails here, before any attack
+    if "attacks" in raw and not (isinstance(raw["attacks"], list) and all(isinstance(a, dict) for a in raw["attacks"])):
         raise RobauditError(f"config file {path}: 'attacks' must be an array of tables ([[attacks]])")
-    if "threats" in raw and not (isinstance(raw["threats"], list) and all(isinstance(t, str) for t in raw["threats"])):
-        raise RobauditError(f"config file {path}: 'threats' must be a list of strings such as \"linf:8/255\"")
+    if "attacks" in raw:
+        try:
+            build_battery(raw["attacks"])  # checked even where --preset will override it: a broken file is an error
+        except RobauditError as exc:
+            raise RobauditError(f"config file {path}: {exc}") from None
+    if "threats" in raw and not (
+        isinstance(raw["threats"], list) and raw["threats"] and all(isinstance(t, str) for t in raw["threats"])
+    ):  # fmt: skip
+        raise RobauditError(f"config file {path}: 'threats' must be a non-empty list of strings such as \"linf:8/255\"")
     if "gate" in raw:  # thresholds and allowed drops (docs/ci.md), parsed into a GateSpec
         from robaudit.gate import parse_gate_table
 

@@ -57,6 +57,24 @@ def test_toml_config(tmp_path: Path) -> None:
         ("colour = 1\n", "unknown key"),
         ("threats = \"linf:0.1\"\n", "list of strings"),
         ("this is = not toml", "not valid TOML"),
+        # hunt 14: each of these ran (a negative PGD step gave robust accuracy 0.94 where 0.0 is right) or crashed
+        ("[[attacks]]\nattack = \"pgd\"\nstep_size = -1\n", "step_size must be a positive finite number"),
+        ("[[attacks]]\nattack = \"pgd\"\nstep_size = nan\n", "step_size must be a positive finite number"),
+        ("[[attacks]]\nattack = \"pgd\"\nstep_size = inf\n", "step_size must be a positive finite number"),
+        ("[[attacks]]\nattack = \"apgd-ce\"\nsteps = 2.5\n", "steps must be a positive integer"),
+        ("[[attacks]]\nattack = \"apgd-ce\"\nsteps = true\n", "steps must be a positive integer"),
+        ("[[attacks]]\nattack = \"apgd-ce\"\nsteps = \"10\"\n", "steps must be a positive integer"),
+        ("[[attacks]]\nattack = \"square\"\nn_queries = 10.5\n", "n_queries must be a positive integer"),
+        ("[[attacks]]\nattack = \"pgd\"\nrandom_init = \"yes\"\n", "random_init must be true or false"),
+        ("[[attacks]]\nattack = \"apgd-ce\"\nloss = \"dlr\"\n", "loss is fixed"),
+        ("[[attacks]]\nattack = \"fgsm\"\nsteps = 3\n", "unknown parameter 'steps'"),
+        ("[[attacks]]\nattack = \"apgd-ce\"\nparams = {steps = 3}\n", "unknown parameter 'params'"),
+        ("[[attacks]]\nattack = [\"apgd-ce\"]\n", "unknown attack"),
+        ("[[attacks]]\nattack = \"apgd-ce\"\nnear = nan\n", "near must be"),
+        ("attacks = [\"fgsm\"]\n", "array of tables"),
+        ("[preset]\nname = \"quick\"\n", "'preset' must be a string"),
+        ("preset = \"fastest\"\n", "unknown preset"),
+        ("threats = []\n", "non-empty list"),
     ],
 )
 def test_bad_configs_are_clear_errors(tmp_path: Path, text: str, fragment: str) -> None:
@@ -76,3 +94,14 @@ def test_randomized_and_adaptive_batteries_build(name: str) -> None:
     assert [r.attack.name for r in rand] == ["apgd-ce", "apgd-dlr"] and RANDOMIZED[name]["eot"] >= 5
     adaptive = [r.attack.name for r in build_battery(ADAPTIVE[name])]
     assert {"transfer", "square", "rays", "hsj"} <= set(adaptive)
+
+
+def test_a_broken_attack_list_is_an_error_even_where_a_preset_flag_overrides_it(tmp_path: Path) -> None:
+    """Hunt 14: with --preset, the file's [[attacks]] were never read, so a broken list passed without a word."""
+    from conftest import assert_one_line_error, run_cli
+
+    path = tmp_path / "audit.toml"
+    path.write_text("[[attacks]]\nattack = \"pgd\"\nstep_size = -1\n")
+    result = run_cli("scan", "robaudit/demo/digits_cnn.onnx", "--data", "digits", "--n", "4", "--preset", "quick",
+                     "--config", path, "--no-certify", "--no-indicator")  # fmt: skip
+    assert_one_line_error(result, "step_size must be a positive finite number")
