@@ -98,7 +98,15 @@ class ChunkStore:
 
     def decisions(self) -> dict[str, Any] | None:
         path = self.root / DECISIONS
-        return json.loads(path.read_text()) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            found = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise RobauditError(f"--checkpoint {self.root}: {DECISIONS} cannot be read ({exc}); use a new folder") from None
+        if not isinstance(found, dict):
+            raise RobauditError(f"--checkpoint {self.root}: {DECISIONS} is not robaudit's; use a new folder")
+        return found
 
     def save_decisions(self, decisions: dict[str, Any]) -> None:
         write_atomic(self.root / DECISIONS, lambda handle: handle.write(json.dumps(decisions, indent=1).encode()))
@@ -194,6 +202,8 @@ def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> C
             found = json.loads(manifest.read_text())
         except (OSError, ValueError) as exc:
             raise RobauditError(f"--checkpoint {root}: {MANIFEST} cannot be read ({exc}); use an empty folder") from exc
+        if not isinstance(found, dict) or not all(isinstance(key, str) for key in found):
+            raise RobauditError(f"--checkpoint {root}: {MANIFEST} is not a robaudit checkpoint manifest; use an empty folder")
         differs = [key for key in sorted((set(found) | set(fingerprint)) - {PROBE_KEY}) if found.get(key) != fingerprint.get(key)]
         if PROBE_KEY not in found:
             differs = ["written by an older robaudit, which kept no record of what the model computes"]

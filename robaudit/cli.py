@@ -7,6 +7,7 @@ error.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -96,6 +97,28 @@ def _guard_outputs(outputs: list[Path | None], inputs: list[Path]) -> None:
         _check_writable(out)
 
 
+def _guard_folders(folders: dict[str, Path | None], outputs: list[Path | None], inputs: list[Path]) -> None:
+    """Folders the scan writes into (--plots, --checkpoint) hold none of its inputs, outputs or each other.
+
+    A report written into the checkpoint folder replaced its manifest (the next resume then
+    failed), and plots written into an image-folder dataset added files to the user's data.
+    """
+    def inside(path: Path, folder: Path) -> bool:
+        return path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
+
+    named = {flag: folder for flag, folder in folders.items() if folder is not None}
+    for flag, folder in named.items():
+        for source in inputs:
+            if source.is_dir() and inside(folder, source):  # a dataset folder: writing there adds to the user's data
+                raise RobauditError(f"{flag} {folder}: the folder lies inside the input folder {source}")
+        for out in outputs:
+            if out is not None and inside(out, folder):
+                raise RobauditError(f"refusing to write {out} inside the {flag} folder {folder}")
+        for other, there in named.items():
+            if other != flag and inside(there, folder):
+                raise RobauditError(f"{other} {there} must not lie inside the {flag} folder {folder}")
+
+
 def _same_file(a: Path, b: Path) -> bool:
     """The same file under two names (a hard link), by device and inode."""
     try:
@@ -178,7 +201,7 @@ def scan(
     threat: Annotated[Optional[list[str]], typer.Option("--threat", "-t", metavar="NORM:EPS", help="Threat NORM:EPS in pixel space, repeatable; fractions allowed. [default: linf:8/255]", show_default=False)] = None,
     n: Annotated[Optional[int], typer.Option("--n", "--samples", help="Stratified sample of N inputs (--samples under torchrun, whose own options take --n). Default: every sample of a file, 1000 of a built-in dataset.", show_default=False)] = None,
     first: Annotated[Optional[int], typer.Option("--first", metavar="N", help="The first N samples in the data's own order instead of a stratified sample (the RobustBench / AutoAttack convention).", show_default=False)] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and random starts; the same seed gives the same report.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for sampling and random starts (0 to 4294967295); the same seed gives the same report.")] = 0,
     data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="Where built-in datasets are cached. [default: $ROBAUDIT_CACHE or ~/.cache/robaudit]", show_default=False)] = None,
     format: Annotated[Optional[str], typer.Option("--format", metavar="FORMAT", help="Override the model format detected from the file: onnx, torchscript, torch-export, safetensors, state-dict, pickle.", show_default=False)] = None,
     arch: Annotated[Optional[str], typer.Option("--arch", metavar="NAME|MODULE:FACTORY", help="Architecture for weights-only files: a torchvision model name (e.g. resnet18) or package.module:factory.", show_default=False)] = None,
@@ -239,6 +262,7 @@ def scan(
     inputs = [model, Path(data), *([config_file] if config_file else []), *([Path(baseline_path)] if baseline_path else [])]
     _guard_outputs([json_path, save_adversarial, junit, markdown, html_path], inputs)
     _distinct_outputs({"--json": json_path, "--save-adversarial": save_adversarial, "--junit": junit, "--markdown": markdown, "--html": html_path})
+    _guard_folders({"--plots": plots, "--checkpoint": checkpoint}, [json_path, save_adversarial, junit, markdown, html_path], inputs)
 
     from robaudit.distributed import join
 
@@ -371,20 +395,21 @@ def surface(
     import torch
 
     from robaudit.measures import render_terminal, save_png, shared_range
-    from robaudit.scan import ScanConfig, prepare, resolve_device
+    from robaudit.scan import ScanConfig, check_seed, prepare, resolve_device
     from robaudit.stages.measure import require_matplotlib, surface_pair
     from robaudit.threats import parse_threat
 
     lo_hi = _floats(input_range, "--input-range")
     if lo_hi is None or len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
         raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI with LO < HI")
+    check_seed(seed)
     if grid < 3 or grid > 201 or grid % 2 == 0:
         raise RobauditError(f"--grid must be odd and lie between 3 and 201 (so the sample is the centre point), got {grid}")
-    if span is not None and not span > 0:
-        raise RobauditError("--span must be positive")
+    if span is not None and not 0 < span < math.inf:
+        raise RobauditError(f"--span must be a positive finite number, got {span}")
     parsed = parse_threat(threat)
     if parsed.is_spatial:
-        raise RobauditError("surface slices need an Lp threat (linf or l2) for the attack direction")
+        raise RobauditError("surface slices need an Lp threat (linf, l2 or l1) for the attack direction")
     if png is not None:
         require_matplotlib("--png")
         _guard_outputs([png], [*models, Path(data)])

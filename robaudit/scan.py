@@ -69,6 +69,15 @@ CURVE_POINTS = 25
 PROBE_SIZE = 8
 
 
+MAX_SEED = 2**32 - 1  # the chunks and probes add offsets to it: far below what torch.manual_seed takes
+
+
+def check_seed(seed: int) -> None:
+    """One rule for every command: an integer from 0 to MAX_SEED (2^64 crashed deep inside torch, after the attacks)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RobauditError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed}")
+
+
 @dataclass
 class ScanConfig:
     """Everything a scan needs; the CLI fills it from flags."""
@@ -131,6 +140,7 @@ class ScanConfig:
             raise RobauditError("--first must be at least 1")
         if self.chunk_size < 1:
             raise RobauditError("--chunk-size must be at least 1")
+        check_seed(self.seed)
         for name in ("certify", "indicator"):
             if getattr(self, name) not in ("auto", "on", "off"):
                 raise RobauditError(f"{name} must be auto, on or off, not '{getattr(self, name)}'")
@@ -235,6 +245,7 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress, cluster: Cl
     own (`robaudit.stages.chunk`), so the report does not depend on how many processes
     shared the work. The global torch generator is restored after the scan.
     """
+    check_seed(config.seed)  # before torch.manual_seed, which fails on seeds past 64 bits
     cluster = cluster or Cluster()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -172,3 +173,61 @@ def test_two_threats_with_one_report_name_are_refused(model_files: ModelFiles, s
     """8/255 and 0.0313725 are both `linf:0.0313725` in the report: their results would share one key."""
     _scan_expect_error(model_files.onnx, model_files.data_npz, "-t", "linf:8/255", "-t", second,
                        fragment="give each threat once")
+
+
+# --------------------------------------------------------------------------- hunt 14
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", "4294967296"])
+def test_seeds_beyond_the_range_are_refused_before_any_attack(model_files: ModelFiles, seed: str) -> None:
+    """2^64 crashed inside torch (exit 3), 2^64 - 6 only after the attacks (the probes add offsets)."""
+    _scan_expect_error(model_files.onnx, model_files.data_npz, "--seed", seed, fragment="--seed must be an integer")
+
+
+def test_outputs_inside_the_checkpoint_folder_are_refused(tmp_path, model_files: ModelFiles) -> None:
+    """--json CK/manifest.json replaced the checkpoint's manifest, and the next resume failed."""
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    _scan_expect_error(model_files.onnx, model_files.data_npz, "--checkpoint", str(ck), "--json", str(ck / "manifest.json"),
+                       fragment="inside the --checkpoint folder")  # fmt: skip
+    assert list(ck.iterdir()) == []
+
+
+def test_plots_are_not_written_into_an_image_folder_dataset(tmp_path, model_files: ModelFiles) -> None:
+    from PIL import Image
+
+    data = tmp_path / "imgs"
+    for label in ("0", "1"):
+        (data / label).mkdir(parents=True)
+        Image.new("L", (8, 8), 40 * int(label)).save(data / label / "a.png")
+    before = sorted(p.name for p in data.rglob("*"))
+    _scan_expect_error(model_files.onnx, str(data), "--plots", str(data), fragment="lies inside the input folder")
+    assert sorted(p.name for p in data.rglob("*")) == before
+
+
+def test_a_checkpoint_manifest_that_is_not_an_object_is_a_clear_error(tmp_path, model_files: ModelFiles) -> None:
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    (ck / "manifest.json").write_text("[1, 2]")
+    _scan_expect_error(model_files.onnx, model_files.data_npz, "--checkpoint", str(ck), fragment="not a robaudit checkpoint")
+
+
+def test_surface_refuses_an_infinite_span(model_files: ModelFiles) -> None:
+    result = run_cli("surface", model_files.onnx, "--data", model_files.data_npz, "--span", "inf")
+    assert_one_line_error(result, "--span must be a positive finite number")
+    result = run_cli("surface", model_files.onnx, "--data", model_files.data_npz, "-t", "linf:1e308")
+    assert_one_line_error(result, "positive finite number")
+
+
+def test_an_edited_indicator_score_is_refused_by_every_reader(tmp_path, model_files: ModelFiles) -> None:
+    """A string score passed the report check and crashed the renderers (exit 3); compare accepted it."""
+    out = tmp_path / "r.json"
+    result = run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--n", "8", "--preset", "quick",
+                     "--indicator", "--no-certify", "--json", out, "--quiet")  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = json.loads(out.read_text())
+    report["summary"]["indicator"]["score"] = "x"
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(report))
+    assert_one_line_error(run_cli("report", edited), "summary.indicator.score")
+    assert_one_line_error(run_cli("compare", edited, out), "summary.indicator.score")

@@ -10,6 +10,8 @@ colour scale: build them with the same ``grid``/``span`` and pass ``shared_range
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,8 +116,13 @@ def surface_slice(
     must be odd so that x itself is the centre grid point. ``box`` clips the plane's points to
     the input range (off by default: the function, not the data domain, is drawn).
     """
-    if grid < 3 or grid % 2 == 0 or span <= 0:  # odd: x is the centre point the boundary distances start from
-        raise RobauditError("a surface slice needs an odd grid >= 3 and span > 0")
+    if grid < 3 or grid % 2 == 0:  # odd: x is the centre point the boundary distances start from
+        raise RobauditError("a surface slice needs an odd grid >= 3")
+    if not 0 < span < math.inf:
+        raise RobauditError(
+            f"the span of a surface plane must be a positive finite number, got {span:g} (it is twice the threat's L2 "
+            "radius unless --span sets it)"
+        )
     model_param = next(iter(model.parameters()), None)
     device = model_param.device if model_param is not None else x.device
     sample = _one_sample(model, x.detach())

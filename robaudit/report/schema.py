@@ -296,6 +296,44 @@ def _fraction(value: float) -> bool:
     return math.isfinite(value) and 0.0 <= value <= 1.0
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _indicator_problem(ind: dict[str, Any] | None, where: str) -> str | None:
+    """The indicator block is free-form JSON in the schema; the renderers read these fields as typed."""
+    if ind is None:
+        return None
+    for key in ("score", "curvature_scale", "seconds", "zero_threshold", "forwards_per_sample", "backwards_per_sample"):
+        if ind.get(key) is not None and not _is_number(ind[key]):
+            return f"{where}.{key} is {ind[key]!r:.40}, not a number"
+    parts = ind.get("parts", {})
+    if not isinstance(parts, dict) or any(not _is_number(v) for v in parts.values()):
+        return f"{where}.parts must map names to numbers"
+    notes = ind.get("notes", [])
+    if not isinstance(notes, list) or any(not isinstance(n, str) for n in notes):
+        return f"{where}.notes must be a list of strings"
+    if not isinstance(ind.get("masking_suspected", False), bool):
+        return f"{where}.masking_suspected must be true or false"
+    return None
+
+
+def _diagnostics_problem(diag: dict[str, Any] | None) -> str | None:
+    if diag is None:
+        return None
+    checks = diag.get("checks", [])
+    if not isinstance(checks, list) or any(
+        not isinstance(c, dict) or not all(isinstance(c.get(k), str) for k in ("name", "verdict", "summary")) for c in checks
+    ):  # fmt: skip
+        return "summary.diagnostics.checks must be a list of checks with a name, a verdict and a summary"
+    for key in ("verdict", "note"):
+        if diag.get(key) is not None and not isinstance(diag[key], str):
+            return f"summary.diagnostics.{key} must be a string"
+    if not isinstance(diag.get("adaptations", []), list) or not isinstance(diag.get("white_box_robust_accuracy", {}), dict):
+        return "summary.diagnostics: adaptations must be a list and white_box_robust_accuracy an object"
+    return None
+
+
 def inconsistency(report: Report) -> str | None:
     """What a hand-edited or corrupted report says that a scan could not have written, or None.
 
@@ -314,6 +352,9 @@ def inconsistency(report: Report) -> str | None:
     bad = next((name for name, v in fractions.items() if not _fraction(v)), None)
     if bad is not None:
         return f"{bad} = {fractions[bad]!r} is not a fraction in [0, 1]"
+    untyped = _indicator_problem(s.indicator, "summary.indicator") or _diagnostics_problem(s.diagnostics)
+    if untyped:
+        return untyped
     n = len(report.samples)
     if n != report.data.n or len(report.data.indices) != n:
         return f"data.n is {report.data.n} with {len(report.data.indices)} indices, but there are {n} samples"
