@@ -75,7 +75,7 @@ def build_config(
         model=model if isinstance(model, torch.nn.Module) else Path(model),
         data=data if isinstance(data, (tuple, list)) else str(data),
         threats=[t if isinstance(t, Threat) else parse_threat(str(t)) for t in specs],
-        preset=preset or file_config.get("preset", DEFAULT_PRESET),
+        preset=preset if preset is not None else file_config.get("preset", DEFAULT_PRESET),
         attacks=None if preset is not None else file_config.get("attacks"),
         thresholds=thresholds,
         max_drops=max_drops,

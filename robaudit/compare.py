@@ -185,10 +185,12 @@ def _notes(base: Report, new: Report) -> list[str]:
         notes.append("both reports audit the same model file (same sha256): differences come from the settings or the seed")
     if _battery(base) != _battery(new):
         names = lambda r: ", ".join(n for n, _, _ in _battery(r)) or "?"  # noqa: E731
-        notes.append(
-            f"the attack batteries differ (base: {names(base)}; new: {names(new)}): "
-            "a weaker battery raises robust accuracy without the model getting more robust"
-        )
+        if names(base) == names(new):  # the same attacks with other settings: name the first that differs
+            which = next(f"{a[0]}: {a[1:]} -> {b[1:]}" for a, b in zip(_battery(base), _battery(new)) if a != b)
+            what = f"the attack batteries' settings differ ({which}, as (restarts, parameters))"
+        else:
+            what = f"the attack batteries differ (base: {names(base)}; new: {names(new)})"
+        notes.append(f"{what}: a weaker battery raises robust accuracy without the model getting more robust")
     if base.model.mean != new.model.mean or base.model.std != new.model.std:
         notes.append("the preprocessing (--mean/--std) differs")
     return notes

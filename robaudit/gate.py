@@ -118,6 +118,14 @@ def _check_minimum(metric: str, minimum: float, where: str) -> None:
         raise RobauditError(f"{where}: the threshold must be between 0 and 1")
 
 
+def _number_in(text: str, where: str) -> float:
+    """`parse_number`, its error naming the flag and expression it came from."""
+    try:
+        return parse_number(text)
+    except RobauditError as exc:
+        raise RobauditError(f"{where}: {exc}") from None
+
+
 def parse_threshold(expression: str) -> Threshold:
     """Parse ``robust_accuracy[linf:8/255]=0.40``, ``clean_accuracy=0.9`` or ``indicator_score=0.5``."""
     where = f"--fail-under '{expression}'"
@@ -127,7 +135,10 @@ def parse_threshold(expression: str) -> Threshold:
             f"{where} must look like METRIC=VALUE or METRIC[THREAT]=VALUE, e.g. robust_accuracy[linf:8/255]=0.40"
         )
     metric, threat = _parse_metric(match["metric"], match["threat"], where)
-    minimum = parse_number(match["value"])
+    value = match["value"].strip()
+    if value.endswith("%"):
+        raise RobauditError(f"{where}: write the minimum as a fraction (0.9, not 90%); % is for --max-drop's relative drops")
+    minimum = _number_in(value, where)
     _check_minimum(metric, minimum, where)
     return Threshold(expression=expression.strip(), metric=metric, threat=threat, minimum=minimum)
 
@@ -161,11 +172,11 @@ def parse_max_drop(expression: str) -> MaxDrop:
         if part.endswith("%"):
             if relative is not None:
                 raise RobauditError(f"{where}: two relative drops")
-            relative = parse_number(part[:-1]) / 100
+            relative = _number_in(part[:-1], where) / 100
         else:
             if absolute is not None:
                 raise RobauditError(f"{where}: two absolute drops (write a relative one with %, e.g. 5%)")
-            absolute = parse_number(part)
+            absolute = _number_in(part, where)
     _check_drop(absolute, relative, where)
     return MaxDrop(expression=expression.strip(), metric=metric, threat=threat, absolute=absolute, relative=relative)
 

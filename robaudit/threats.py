@@ -11,6 +11,7 @@ gate, the report and the CLI treat every threat alike.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import TYPE_CHECKING
@@ -87,6 +88,8 @@ def check_distinct(threats: list[Threat]) -> None:
 def parse_number(text: str) -> float:
     """Parse ``0.1``, ``8/255`` or ``1e-2`` into a float; fractions keep users' habits."""
     text = text.strip()
+    if not re.fullmatch(r"[0-9A-Za-z.+\-/ ]*", text) or "_" in text:  # float() also reads '٣' and '1_0'
+        raise RobauditError(f"'{text}' is not a number (write e.g. 0.1 or 8/255, in ASCII digits)")
     if text.count("/") > 1:  # 8/255/2: left to right or 8/(255/2)? Neither guess is safe
         raise RobauditError(f"'{text}' has more than one '/'; write one fraction, e.g. 4/255")
     try:

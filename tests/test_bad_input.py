@@ -110,6 +110,11 @@ def test_unknown_dataset_name(model_files: ModelFiles) -> None:
         (("--mean", "0.5,0.5,0.5"), "mean"),
         (("--device", "tpu"), "--device"),
         (("--format", "keras"), "keras"),
+        # hunt 14: parsed as 3 and 10, an empty preset meant standard, a % minimum named no flag
+        (("--threat", "linf:\u0663"), "ASCII digits"),
+        (("--threat", "linf:1_0"), "not a number"),
+        (("--preset", ""), "unknown preset"),
+        (("--fail-under", "clean_accuracy=90%"), "--fail-under 'clean_accuracy=90%': write the minimum as a fraction"),
     ],
 )
 def test_bad_flags(model_files: ModelFiles, flags: tuple[str, ...], fragment: str) -> None:
@@ -231,3 +236,10 @@ def test_an_edited_indicator_score_is_refused_by_every_reader(tmp_path, model_fi
     edited.write_text(json.dumps(report))
     assert_one_line_error(run_cli("report", edited), "summary.indicator.score")
     assert_one_line_error(run_cli("compare", edited, out), "summary.indicator.score")
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path, model_files: ModelFiles) -> None:
+    """It said "cannot download mnist (offline?)"."""
+    path = tmp_path / "cache"
+    path.write_text("not a folder")
+    _scan_expect_error(model_files.onnx, "mnist", "--data-dir", str(path), fragment="is a file, not a folder")

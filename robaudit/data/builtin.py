@@ -51,6 +51,8 @@ def default_cache_dir() -> Path:
 def load_builtin(name: str, data_dir: Path | None) -> RawData:
     """The full test split of a torchvision dataset (`name` is lower-case, not 'digits')."""
     root = data_dir if data_dir is not None else default_cache_dir() / name
+    if root.exists() and not root.is_dir():
+        raise RobauditError(f"--data-dir {root} is a file, not a folder")
     hint = "" if data_dir is not None else ", or pass --data-dir"
     readers: dict[str, Callable[[Path, str], RawData]] = {
         "mnist": lambda r, h: _mnist(r, h, "mnist", "MNIST", None),

@@ -159,7 +159,7 @@ def _stats(values: Sequence[float] | None, flag: str, sample_shape: tuple[int, .
     channels = sample_shape[0] if len(sample_shape) >= 2 else 1
     if len(vals) not in (1, channels):
         expect = f"1 or {channels}" if channels > 1 else "1"
-        what = f"{channels} channels" if len(sample_shape) >= 2 else "flat samples"
+        what = f"{channels} channel{'s' if channels > 1 else ''}" if len(sample_shape) >= 2 else "flat samples"
         raise RobauditError(f"{flag} has {len(vals)} values but the data has {what}; pass {expect} value(s)")
     if not all(math.isfinite(v) for v in vals):
         raise RobauditError(f"{flag} values must be finite numbers")
