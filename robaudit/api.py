@@ -61,6 +61,8 @@ def build_config(
     thresholds = [parse_threshold(f) for f in fail_under] + (gate_spec.minimums if gate_spec else [])
     max_drops = [parse_max_drop(f) for f in max_drop] + (gate_spec.max_drops if gate_spec else [])
     baseline_path = baseline or (gate_spec.baseline if gate_spec else None)
+    if force_baseline and not baseline_path:
+        raise RobauditError("--force-baseline needs a baseline report: pass --baseline BASE.json or set baseline in [gate]")
     # a gate on the certificate or the indicator turns the stage on (unless it was switched off: a usage error)
     if certify is None and any(r.metric == "certified_accuracy" for r in [*thresholds, *max_drops]):
         certify = True

@@ -115,6 +115,10 @@ def test_unknown_dataset_name(model_files: ModelFiles) -> None:
         (("--threat", "linf:1_0"), "not a number"),
         (("--preset", ""), "unknown preset"),
         (("--fail-under", "clean_accuracy=90%"), "--fail-under 'clean_accuracy=90%': write the minimum as a fraction"),
+        # ignored without a word: the report said 10 classes under --num-classes 5
+        (("--num-classes", "5"), "applies to weights-only files"),
+        (("--arch", "resnet18"), "applies to weights-only files"),
+        (("--force-baseline",), "--force-baseline needs a baseline report"),
     ],
 )
 def test_bad_flags(model_files: ModelFiles, flags: tuple[str, ...], fragment: str) -> None:

@@ -55,6 +55,11 @@ def load_model(
     fmt = check_format(fmt) if fmt else detect_format(path)
     if path.stat().st_size == 0:
         raise RobauditError(f"model file {path} is empty (0 bytes); re-save or re-copy it")
+    if fmt in ("onnx", "torchscript", "torch-export") and (arch is not None or num_classes is not None):
+        flag = "--arch" if arch is not None else "--num-classes"
+        raise RobauditError(
+            f"{flag} applies to weights-only files (safetensors, state dicts); a {fmt} file carries its own network"
+        )
 
     if fmt == "onnx":
         from robaudit.models.onnx_file import load_onnx

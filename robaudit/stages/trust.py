@@ -28,9 +28,8 @@ from torch import nn
 
 from robaudit.attacks.runner import AttackRun, ThreatOutcome, judge, run_threat
 from robaudit.battery import ADAPTIVE, GRADIENT_FREE, RANDOMIZED, REPEATS, build_battery
-from robaudit.checks import FAIL, CheckResult, overall
+from robaudit.checks import FAIL, CheckResult, attack_checks, model_checks, overall
 from robaudit.checks.verdict import by_count
-from robaudit.checks import attack_checks, model_checks
 from robaudit.errors import RobauditError
 from robaudit.models.randomized import EOT, detect_randomness
 from robaudit.progress import prefixed
