@@ -202,7 +202,7 @@ def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> C
             found = json.loads(manifest.read_text())
         except (OSError, ValueError) as exc:
             raise RobauditError(f"--checkpoint {root}: {MANIFEST} cannot be read ({exc}); use an empty folder") from exc
-        if not isinstance(found, dict) or not all(isinstance(key, str) for key in found):
+        if not isinstance(found, dict) or not all(isinstance(key, str) for key in found) or not set(found) & set(fingerprint):
             raise RobauditError(f"--checkpoint {root}: {MANIFEST} is not a robaudit checkpoint manifest; use an empty folder")
         differs = [key for key in sorted((set(found) | set(fingerprint)) - {PROBE_KEY}) if found.get(key) != fingerprint.get(key)]
         if PROBE_KEY not in found:

@@ -219,6 +219,8 @@ def test_a_checkpoint_manifest_that_is_not_an_object_is_a_clear_error(tmp_path, 
     ck.mkdir()
     (ck / "manifest.json").write_text("[1, 2]")
     _scan_expect_error(model_files.onnx, model_files.data_npz, "--checkpoint", str(ck), fragment="not a robaudit checkpoint")
+    (ck / "manifest.json").write_text('{"name": "another tool"}')  # it said "written by an older robaudit"
+    _scan_expect_error(model_files.onnx, model_files.data_npz, "--checkpoint", str(ck), fragment="not a robaudit checkpoint")
 
 
 def test_surface_refuses_an_infinite_span(model_files: ModelFiles) -> None:

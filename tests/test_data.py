@@ -546,6 +546,17 @@ def test_mnist_offline_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     message = str(info.value)
     assert "t10k-images-idx3-ubyte" in message and "t10k-labels-idx1-ubyte" in message
     assert str(tmp_path / "empty" / "MNIST" / "raw") in message
+    assert not (tmp_path / "empty").exists()  # hunt 14: the failed download left --data-dir/MNIST/raw behind
+
+
+def test_a_failed_download_leaves_an_existing_data_dir_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision import datasets
+
+    monkeypatch.setattr(datasets.MNIST, "mirrors", ["http://127.0.0.1:9/"])
+    (tmp_path / "data" / "mine").mkdir(parents=True)
+    with raises_one_line("cannot download mnist"):
+        load_data("mnist", n=None, seed=0, data_dir=tmp_path / "data")
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == ["mine"]
 
 
 def test_cifar10_offline_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -61,7 +61,35 @@ def load_builtin(name: str, data_dir: Path | None) -> RawData:
         "cifar100": _cifar100,
         "svhn": _svhn,
     }
-    return readers[name](root, hint)
+    made, inside = _missing_folders(root), _folders_within(root)
+    try:
+        return readers[name](root, hint)
+    except RobauditError:  # a failed download leaves no empty folders behind (--data-dir/MNIST/raw, ...)
+        _remove_empty([*(_folders_within(root) - inside), *made])
+        raise
+
+
+def _missing_folders(root: Path) -> list[Path]:
+    """`root` and those of its parents that do not exist yet, deepest first."""
+    missing, path = [], root.absolute()
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _folders_within(root: Path) -> set[Path]:
+    """Folders up to two levels below `root` (where torchvision puts <Name>/raw)."""
+    if not root.is_dir():
+        return set()
+    return {p.absolute() for pattern in ("*", "*/*") for p in root.glob(pattern) if p.is_dir()}
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders a failed download created, deepest first, where it left them empty."""
+    for path in sorted(set(folders), key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            path.rmdir()
 
 
 def _download(name: str, fetch: Callable[[], object], where: str, hint: str) -> None:
