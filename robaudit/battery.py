@@ -198,8 +198,8 @@ def _accepts(cls: type[Attack], key: str) -> bool:
     return key in inspect.signature(cls.__init__).parameters
 
 
-# Counts that may be 0 (no targets skipped, no shift); every other integer parameter is at least 1.
-_MAY_BE_ZERO = {"skip_targets", "targets", "shifts", "rotations", "overshoot"}
+# Parameters that may be 0 (no targets skipped, no bisection, no overshoot); every other one is at least 1 (counts) or above 0.
+_MAY_BE_ZERO = {"skip_targets", "targets", "search_steps", "init_tries", "start_candidates", "overshoot", "gamma_final"}
 
 
 def _parameters(cls: type[Attack]) -> dict[str, inspect.Parameter]:

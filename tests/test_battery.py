@@ -105,3 +105,15 @@ def test_a_broken_attack_list_is_an_error_even_where_a_preset_flag_overrides_it(
     result = run_cli("scan", "robaudit/demo/digits_cnn.onnx", "--data", "digits", "--n", "4", "--preset", "quick",
                      "--config", path, "--no-certify", "--no-indicator")  # fmt: skip
     assert_one_line_error(result, "step_size must be a positive finite number")
+
+
+@pytest.mark.parametrize("text", [
+    "attack = \"deepfool\"\nsearch_steps = 0", "attack = \"fmn\"\ngamma_final = 0.0", "attack = \"fmn\"\ngamma_final = 0",
+    "attack = \"hsj\"\ninit_tries = 0", "attack = \"hsj\"\nstart_candidates = 0", "attack = \"pgd\"\nstep_size = 1",
+    "attack = \"apgd-ce\"\nrho = 1", "attack = \"deepfool\"\novershoot = 0",
+])  # fmt: skip
+def test_valid_edge_values_are_accepted(tmp_path: Path, text: str) -> None:
+    """Hunt 17: the range check first refused zeros the attacks themselves allow."""
+    path = tmp_path / "ok.toml"
+    path.write_text(f"[[attacks]]\n{text}\n")
+    assert len(build_battery(read_config(path)["attacks"])) == 1

@@ -560,3 +560,34 @@ def test_weights_the_graph_computes_by_a_reduction_are_refused(tmp_path) -> None
     model, _ = wrap_model(load_model(path), sample_shape=(1, 8, 8), probe=x[:4])
     with pytest.raises(CertificateUnavailable, match=r"MatMul.*a weight the graph computes from constants"):
         certify_l2(model, x[:4], model(x[:4]).argmax(1))
+
+
+class _ExactWeights(nn.Module):
+    """Weights the forward computes from parameters with exact ops only: abs, relu, a square, eye, a float64 cast."""
+
+    def __init__(self, wide: bool = True) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wide = wide  # the float64 head (an ONNX file then holds float64 weights: another matter)
+        self.a = nn.Parameter(torch.randn(32, 64) / 8)
+        self.b = nn.Parameter(torch.randn(10, 32) / 4)
+        self.s = nn.Parameter(torch.rand(32) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1 = self.a.abs() - F.relu(self.a) + 0.1 * torch.eye(32, 64)
+        h = F.relu(F.linear(x.flatten(1), w1, self.s.square()))
+        return F.linear(h.double(), self.b.double()).float() if self.wide else F.linear(h, self.b)
+
+
+def test_weights_computed_by_exact_ops_are_certified(tmp_path) -> None:
+    """Hunt 17: abs, relu, square, eye and a float64 cast of parameters were refused as if they rounded like a sum."""
+    x, _ = digits()
+    net = _ExactWeights().eval()
+    y = net(x[:8]).argmax(1)
+    cert = certify_l2(net, x[:8], y)
+    assert (cert.radius > 0).any()
+    path = tmp_path / "exact.onnx"
+    torch.onnx.export(_ExactWeights(wide=False).eval(), (x[:2],), str(path), input_names=["x"], dynamo=False, opset_version=17,
+                      do_constant_folding=False, dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    model, _ = wrap_model(load_model(path), sample_shape=(1, 8, 8), probe=x[:4])
+    assert (certify_l2(model, x[:8], y).radius > 0).any()

@@ -253,3 +253,13 @@ def test_a_gradient_unrelated_to_the_decisions_fails_the_gradients_check(tmp_pat
     (check,) = [c for c in report.summary.diagnostics["checks"] if c["name"] == "gradients"]
     assert check["verdict"] == "fail" and check["evidence"]["gradient_beat_random_step"] < 0.65, check
     assert report.summary.diagnostics["masking_suspected"]
+
+
+def test_the_gradient_comparison_stays_small_at_a_large_eps(one_thread):
+    """Hunt 17: at linf 0.4 on MNIST the comparison stepped 0.1 per pixel, where a random sign step moves the margin
+    as much as a gradient step, and the natural MLP (robust accuracy 0, every point broken by gradients) failed the
+    check (62%) and was called masked. The comparison steps 0.02 of the range at most."""
+    report = _fixture_scan("mnistfc_256x2", "linf:0.4", n=64)
+    (check,) = [c for c in report.summary.diagnostics["checks"] if c["name"] == "gradients"]
+    assert check["verdict"] == "pass" and check["evidence"]["compare_step"] == pytest.approx(0.02), check
+    assert not report.summary.diagnostics["masking_suspected"]

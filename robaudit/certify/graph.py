@@ -1134,22 +1134,27 @@ def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.N
     return target, kind
 
 
-# Ops that compute a floating constant the same way in every runtime: data movement, selections, and the
-# IEEE operations every float32 implementation rounds correctly (+, -, *, /, sqrt).
+# Ops that compute a floating constant the same way in every runtime: data movement, selections, exact ops
+# (abs, max, floor, casts to wider types) and the IEEE operations every float32 implementation rounds
+# correctly (+, -, *, /, sqrt; a square is one multiply). Half casts round, but deterministically.
 _EXACT_CONSTANT_MODULES = {
     "OnnxConstant", "OnnxConstantOfShape", "OnnxCast", "OnnxConcat", "OnnxCopyIdentity", "OnnxExpand", "OnnxFlatten",
     "OnnxGather", "OnnxGatherElements", "OnnxGatherND", "OnnxNeg", "OnnxReshape", "OnnxSlice", "OnnxSliceV9",
     "OnnxSplit", "OnnxSplit13", "OnnxSqueezeStaticAxes", "OnnxSqueezeDynamicAxes", "OnnxTile", "OnnxTranspose",
     "OnnxUnsqueezeStaticAxes", "OnnxUnsqueezeDynamicAxes", "OnnxBinaryMathOperation", "OnnxSqrt", "OnnxShape",
-    "OnnxRange", "OnnxWhere", "OnnxMinMax", "OnnxClip", "OnnxReciprocal", "Identity", "Flatten",
+    "OnnxRange", "OnnxWhere", "OnnxMinMax", "OnnxClip", "OnnxReciprocal", "Identity", "Flatten", "ReLU", "OnnxEyeLike",
 }  # fmt: skip
+# onnx2torch modules that compute several ops: exact for these (abs, floor, a max over axes), not for the others
+_EXACT_FUNCTIONS = {"abs", "neg", "floor", "ceil", "round", "trunc", "sign", "relu", "sqrt", "reciprocal"}
+_EXACT_REDUCTIONS = {"ReduceMax", "ReduceMin"}
 _EXACT_CONSTANT_CALLS = {
     "add", "sub", "mul", "div", "truediv", "neg", "sqrt", "reciprocal", "reshape", "view", "flatten", "permute",
     "transpose", "t", "T", "contiguous", "clone", "detach", "alias", "float", "to", "_to_copy", "type_as", "expand",
     "expand_as", "unsqueeze", "squeeze", "getitem", "cat", "concat", "stack", "slice", "select", "index_select",
     "repeat", "flip", "roll", "lift_fresh_copy", "_unsafe_view", "unbind", "split", "chunk", "clamp", "maximum",
     "minimum", "where", "full", "zeros", "ones", "zeros_like", "ones_like", "full_like", "tensor", "scalar_tensor",
-    "getattr",
+    "getattr", "abs", "relu", "square", "double", "half", "bfloat16", "eye", "arange", "amax", "amin", "max", "min",
+    "floor", "ceil", "round", "trunc", "sign", "masked_fill", "fill_", "zero_",
 }  # fmt: skip
 
 
@@ -1165,16 +1170,21 @@ def _refuse_rounded_constant(n: fx.Node, gm: fx.GraphModule, value: Any, b: _Bui
     if n.op in ("get_attr", "placeholder") or not (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return
     if n.op == "call_module":
-        kind = type(gm.get_submodule(str(n.target))).__name__
+        module = gm.get_submodule(str(n.target))
+        kind = type(module).__name__
         if kind in _EXACT_CONSTANT_MODULES:
+            return
+        if kind == "OnnxFunction" and getattr(module.function, "__name__", "") in _EXACT_FUNCTIONS:
+            return
+        if kind == "OnnxReduceStaticAxes" and getattr(module, "operation_type", "") in _EXACT_REDUCTIONS:
             return
     else:
         kind = _aten_name(n.target) or (str(n.target) if n.op == "call_method" else getattr(n.target, "__name__", ""))
         if kind in _EXACT_CONSTANT_CALLS:
             return
     raise CertificateUnavailable(
-        f"{b.where(n, gm)} (a weight the graph computes from constants, whose float32 rounding depends on "
-        "the runtime; save the model with its weights folded, as torch.onnx.export does by default)"
+        f"{b.where(n, gm)} (a weight the graph computes from constants by a sum or a library function, whose "
+        "float32 rounding depends on the runtime and its settings; save the model with that weight precomputed)"
     )
 
 

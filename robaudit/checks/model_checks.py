@@ -19,6 +19,10 @@ ASCENT_SHARE = 0.5  # below this share, a step along the gradient does not raise
 # decisions wins about half the time, and random steps alone raise the margin on 64-71% of the demo
 # CNN's points, so ASCENT_SHARE by itself cannot tell a decoy from a gradient (hunt 13: 53% passed).
 BEATS_RANDOM_SHARE = 0.65
+# ... at a small step: at a quarter of a large eps (Linf 0.4 on MNIST: 0.1 per pixel) a random sign step moves
+# the margin as much as a gradient step does, and a healthy MLP fell to 62% (hunt 17). Linf 0.02 of the input
+# range per pixel (an L2 step of the same norm) keeps the healthy fixtures at 95-100% and the decoy below 50%.
+COMPARE_STEP = 0.02
 STABILITY_CALLS = 4
 UNSTABLE_WARN, UNSTABLE_FAIL = 0.02, 0.10
 
@@ -91,11 +95,14 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: float, n
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
     random = noise.sign() if norm == "linf" else noise / noise.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+    cap = COMPARE_STEP * (upper - lower) * (1.0 if norm == "linf" else x[0].numel() ** 0.5)
+    small = min(step, cap)
     with torch.no_grad():
         moved = margin(model((x + step * direction).clamp(lower, upper)), y)
-        moved_random = margin(model((x + step * random).clamp(lower, upper)), y)
+        along = moved if small == step else margin(model((x + small * direction).clamp(lower, upper)), y)
+        moved_random = margin(model((x + small * random).clamp(lower, upper)), y)
     rose = usable & (moved > m_value)
-    beat = usable & (moved > moved_random)
+    beat = usable & (along > moved_random)
     n = len(x)
     evidence = {
         "points": n,
@@ -104,6 +111,7 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: float, n
         "zero_cross_entropy_gradient": float(zero_ce.float().mean()),
         "margin_rose_along_gradient": float(rose.float().mean()),
         "gradient_beat_random_step": float(beat.float().mean()),
+        "compare_step": small,
         "step": step,
         "norm": norm,
     }
@@ -125,7 +133,7 @@ def gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: float, n
     if evidence["gradient_beat_random_step"] < BEATS_RANDOM_SHARE:
         return CheckResult(
             "gradients", FAIL,
-            f"a {norm} step of {step:.3g} along the gradient raised the margin more than a random step of the same "
+            f"a {norm} step of {small:.3g} along the gradient raised the margin more than a random step of the same "
             f"size on only {evidence['gradient_beat_random_step']:.0%} of {n} points: the gradient does not lead "
             "towards the decision boundary",
             evidence,
