@@ -76,9 +76,13 @@ class ChunkStore:
     def load(self, k: int, stage: str) -> dict[str, Any]:
         path = self._path(k, stage)
         try:
-            return torch.load(path, weights_only=True)
+            data = torch.load(path, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing problem
             raise RobauditError(f"checkpoint file {path} cannot be read ({type(exc).__name__}); delete it to redo that chunk") from exc
+        held = data.get("k") if isinstance(data, dict) else None
+        if held is not None and held != k:  # a file copied over another chunk's: its results are for other samples
+            raise RobauditError(f"checkpoint file {path} holds chunk {held + 1}, not chunk {k + 1}; delete it to redo that chunk")
+        return data
 
     def save_pixels(self, k: int, x: torch.Tensor) -> None:
         """Written before the chunk's results, so every stored result has the digest of the pixels it came from."""

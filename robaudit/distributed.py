@@ -96,6 +96,24 @@ class Cluster:
         self._exchange(lambda: torch.distributed.broadcast_object_list(box, src=0), "receiving rank 0's decision")
         return box[0]
 
+    def agree(self, facts: dict[str, Any]) -> None:
+        """Every rank loaded the same model, data and settings as rank 0, or every rank stops with one line.
+
+        Ranks on several machines run the same command on their own copies: a copy with
+        other pixels or other weights would be merged into one report without a word.
+        """
+        if not self.distributed:
+            return
+        everyone: list[Any] = [None] * self.world
+        self._exchange(lambda: torch.distributed.all_gather_object(everyone, facts), "comparing what each rank loaded")
+        for rank, other in enumerate(everyone[1:], start=1):
+            differs = sorted(k for k in set(everyone[0]) | set(other) if everyone[0].get(k) != other.get(k))
+            if differs:
+                raise RobauditError(
+                    f"rank {rank} loaded other inputs than rank 0 (they differ in: {', '.join(differs)}); every rank must "
+                    "run the same command on identical copies of the model and data"
+                )
+
     def barrier(self, what: str) -> None:
         """Wait for every rank; name the ones that stopped (gloo's monitored barrier does)."""
         if self.distributed:

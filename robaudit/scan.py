@@ -296,7 +296,13 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
 
     # 4-8. every chunk of this rank: clean pass, attacks, trust checks, re-verification; then indicator, certificate
     chunks = plan_chunks(len(y), config.chunk_size)
-    store = _open_store(config, cluster, _fingerprint(config, data, battery, batch_size, device, model, randomized, raw.net))
+    fingerprint = _fingerprint(config, data, battery, batch_size, device, model, randomized, raw.net)
+    if cluster.distributed:  # identical copies on every rank, pixels and network code included
+        cluster.agree({
+            **{k: v for k, v in fingerprint.items() if k != PROBE_KEY}, "data_sha256": data.digest(),
+            "model_code_sha256": code_digest(raw.net, config.arch),
+        })  # fmt: skip
+    store = _open_store(config, cluster, fingerprint)
     try:
         mine = cluster.shard(len(chunks))
         costs = [0.0] * 5  # battery passes, samples, attack seconds, correctly classified samples, chunks with masking
@@ -312,8 +318,8 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
             part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape, dense=False)
             masked = float(part.trust is not None and part.trust.masking)
             costs = [a + b for a, b in zip(costs, [part.battery_passes, part.n, part.seconds, float((part.clean_pred == y[start:stop]).sum()), masked])]
-        attacked = time.perf_counter()
-        decisions = _decide(config, store, cluster, costs, attacked - loaded, model, data, chunks, randomized)
+        # the attack seconds stored with the chunks, not this run's wall time: a resumed scan decides the same
+        decisions = _decide(config, store, cluster, costs, costs[2], model, data, chunks, randomized)
 
         for k in mine:
             start, stop = chunks[k]

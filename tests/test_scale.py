@@ -249,3 +249,42 @@ def test_masking_seen_in_one_chunk_brings_the_adaptive_battery_to_every_chunk() 
     assert any(a.startswith("gradient masking signs (") for a in adaptations), adaptations  # chunk 1 saw it
     assert any("in another chunk" in a for a in adaptations), adaptations  # chunk 0 was adapted too
     assert report.summary.diagnostics["masking_suspected"]
+
+
+def test_ranks_that_loaded_other_pixels_stop_with_one_line(tmp_path: Path) -> None:
+    """Hunt 18: two machines, the same command on their own copies, one copy mirrored. The report merged both
+    (clean accuracy 0.708 for 1.0) and carried rank 0's data digest. Every rank now compares what it loaded."""
+    import numpy as np
+
+    from conftest import bundled_digits
+
+    x_u8, y = bundled_digits()
+    x = x_u8[:24].astype(np.float32) / 255
+    for name, pixels in (("a", x), ("b", x[..., ::-1].copy())):
+        (tmp_path / name).mkdir()
+        np.savez(tmp_path / name / "data.npz", x=pixels, y=y[:24])
+    port = str(29500 + os.getpid() % 400)
+    command = [sys.executable, "-m", "robaudit", "scan", str(DEMO), "--data", "data.npz", "--chunk-size", "8",
+               "--preset", "quick", "--no-certify", "--no-indicator", "-q"]  # fmt: skip
+    procs = [
+        subprocess.Popen(command, cwd=tmp_path / name, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2",
+                              "RANK": str(rank), "LOCAL_RANK": str(rank)})  # fmt: skip
+        for rank, name in enumerate(("a", "b"))
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 2, err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and "rank 1 loaded other inputs than rank 0 (they differ in: data_sha256)" in lines[0], err
+
+
+@pytest.mark.parametrize("stage", ["final", "attacks"])
+def test_a_chunk_file_copied_over_another_chunks_is_refused(tmp_path: Path, stage: str) -> None:
+    """Hunt 18: chunk 2's final file copied over chunk 3's was merged (the indicator of 8 samples was another 8's);
+    a copied attacks file ended in an internal error. The file says which chunk it holds."""
+    ckpt, scan = tmp_path / "ck", [*SCAN[:-4], "-q"]  # no certificate or indicator: quicker
+    assert run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}).code == 0
+    (ckpt / f"chunk-000002.{stage}.pt").write_bytes((ckpt / f"chunk-000001.{stage}.pt").read_bytes())
+    result = run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"})
+    assert_one_line_error(result, "holds chunk 2, not chunk 3")
