@@ -306,6 +306,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     try:
         mine = cluster.shard(len(chunks))
         costs = [0.0] * 5  # battery passes, samples, attack seconds, correctly classified samples, chunks with masking
+        reused = sum(store.has(k, "attacks") for k in mine)  # chunks a checkpoint already held (a resumed scan)
         for k in mine:
             start, stop = chunks[k]
             if not store.has(k, "attacks"):
@@ -341,13 +342,14 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
              final_from_plain(store.load(k, "final")))
             for k in mine
         ]  # fmt: skip
-        gathered = cluster.gather((results, batch.note))
+        gathered = cluster.gather((results, batch.note, reused))
     finally:
         store.close()
     if gathered is None:
         return None
-    ordered = sorted((r for rank, _ in gathered for r in rank), key=lambda r: r[0].k)
-    batch_notes = list(dict.fromkeys(note for _, note in gathered if note))  # each rank backs off on its own
+    ordered = sorted((r for rank, _, _ in gathered for r in rank), key=lambda r: r[0].k)
+    batch_notes = list(dict.fromkeys(note for _, note, _ in gathered if note))  # each rank backs off on its own
+    resumed = sum(count for _, _, count in gathered)
     parts, finals = [a for a, _ in ordered], [f for _, f in ordered]
     if [p.k for p in parts] != list(range(len(chunks))):
         raise RuntimeError("internal error: chunks are missing from the merged results")
@@ -415,6 +417,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
             "load_s": round(loaded - started, 3),
             "ranks": cluster.world,
             "chunks": len(chunks),
+            "chunks_resumed": resumed,  # attacked by an earlier, interrupted run: their attacks_s are that run's
             "certify_s": round(certified.seconds, 3) if certified else None,
             "indicator_s": round(indicator.seconds, 3) if indicator else None,
             "attacks_s": {

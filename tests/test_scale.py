@@ -288,3 +288,16 @@ def test_a_chunk_file_copied_over_another_chunks_is_refused(tmp_path: Path, stag
     (ckpt / f"chunk-000002.{stage}.pt").write_bytes((ckpt / f"chunk-000001.{stage}.pt").read_bytes())
     result = run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"})
     assert_one_line_error(result, "holds chunk 2, not chunk 3")
+
+
+def test_a_resumed_report_says_how_many_chunks_it_reused(tmp_path: Path) -> None:
+    """Hunt 18: nothing in a resumed report said so, and its attack seconds mixed two runs without a word."""
+    ckpt, scan = tmp_path / "ck", [*SCAN[:-4], "-q"]
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    assert run_cli(*scan, "--checkpoint", ckpt, "--json", first, env={"OMP_NUM_THREADS": "1"}).code == 0
+    for path in ckpt.glob("chunk-000002.*"):
+        path.unlink()
+    assert run_cli(*scan, "--checkpoint", ckpt, "--json", second, env={"OMP_NUM_THREADS": "1"}).code == 0
+    assert json.loads(first.read_text())["timing"]["chunks_resumed"] == 0
+    assert json.loads(second.read_text())["timing"]["chunks_resumed"] == 2
+    assert comparable(first) == comparable(second)
