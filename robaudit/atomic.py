@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import IO, Callable
 
 
+def probe_folder(folder: Path, name: str = "robaudit") -> None:
+    """Create and remove a file in `folder` (OSError where none can be written): an unwritable
+    output is found before the scan, not after hours of attacks."""
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{name}.", suffix=".check"):
+        pass
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Call ``write(handle)`` on a temporary file beside `path`, flush it to disk, and rename it over `path`."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

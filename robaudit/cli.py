@@ -104,7 +104,7 @@ def _guard_folders(folders: dict[str, Path | None], outputs: list[Path | None], 
     failed), and plots written into an image-folder dataset added files to the user's data.
     """
     def inside(path: Path, folder: Path) -> bool:
-        return path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents
+        return path.resolve().is_relative_to(folder.resolve())
 
     named = {flag: folder for flag, folder in folders.items() if folder is not None}
     for flag, folder in named.items():
@@ -129,15 +129,14 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _check_writable(out: Path) -> None:
     """Find an unwritable output before the scan, not after hours of attacks: create and remove a file beside it."""
-    import tempfile
+    from robaudit.atomic import probe_folder
 
     try:
         if out.exists() and out.is_file():
             with out.open("ab"):  # opened for appending, nothing written: the file is unchanged
                 pass
         if not out.exists() or out.is_file():  # reports are written beside the file, then renamed over it
-            with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}.", suffix=".check"):
-                pass
+            probe_folder(out.parent, out.name)
     except OSError as exc:
         raise RobauditError(f"cannot write {out}: {exc.strerror or exc}") from exc
 

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 
 from robaudit.errors import RobauditError
 from robaudit.report.numbers import distinct
-from robaudit.report.schema import GateCheck, Report
+from robaudit.report.schema import GateCheck, Report, is_number
 from robaudit.threats import Threat, parse_number, parse_threat
 
 METRICS = ("clean_accuracy", "robust_accuracy", "certified_accuracy", "indicator_score")
@@ -181,10 +181,6 @@ def parse_max_drop(expression: str) -> MaxDrop:
     return MaxDrop(expression=expression.strip(), metric=metric, threat=threat, absolute=absolute, relative=relative)
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def parse_gate_table(raw: Any, path: Path) -> GateSpec:
     """Parse the ``[gate]`` table of an audit file (docs/ci.md); unknown keys are errors.
 
@@ -207,7 +203,7 @@ def parse_gate_table(raw: Any, path: Path) -> GateSpec:
         if not match:
             raise RobauditError(f"{at} must be a metric such as \"robust_accuracy[linf:8/255]\" or clean_accuracy")
         metric, threat = _parse_metric(match["metric"], match["threat"], at)
-        if not _number(value):
+        if not is_number(value):
             raise RobauditError(f"{at}: the minimum must be a number, not {value!r}")
         _check_minimum(metric, float(value), at)
         minimums.append(
@@ -222,14 +218,14 @@ def parse_gate_table(raw: Any, path: Path) -> GateSpec:
         if not match:
             raise RobauditError(f"{at} must be a metric such as \"robust_accuracy[linf:8/255]\" or clean_accuracy")
         metric, threat = _parse_metric(match["metric"], match["threat"], at, any_threat=True)
-        if _number(value):
+        if is_number(value):
             absolute, relative = float(value), None
         elif isinstance(value, dict):
             extra = sorted(set(value) - {"absolute", "relative"})
             if extra:
                 raise RobauditError(f"{at}: unknown key(s) {', '.join(extra)} (known: absolute, relative)")
             for name in ("absolute", "relative"):
-                if name in value and not _number(value[name]):
+                if name in value and not is_number(value[name]):
                     raise RobauditError(f"{at}: {name} must be a number, not {value[name]!r}")
             absolute = float(value["absolute"]) if "absolute" in value else None
             relative = float(value["relative"]) if "relative" in value else None
@@ -346,7 +342,7 @@ def metric_value(report: Report, metric: str | Threshold, threat: Threat | None 
         return summary.clean_accuracy
     if metric == "indicator_score":
         score = (summary.indicator or {}).get("score")
-        return float(score) if _number(score) and math.isfinite(score) else None
+        return float(score) if is_number(score) and math.isfinite(score) else None
     if metric == "robust_accuracy":
         for t in summary.threats:
             if threat is not None and threat.same_as(Threat(norm=t.norm, eps=t.eps, shift=t.shift)):

@@ -245,7 +245,7 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress, cluster: Cl
     own (`robaudit.stages.chunk`), so the report does not depend on how many processes
     shared the work. The global torch generator is restored after the scan.
     """
-    check_seed(config.seed)  # before torch.manual_seed, which fails on seeds past 64 bits
+    config.validate()  # before torch.manual_seed, which fails on seeds past 64 bits
     cluster = cluster or Cluster()
     devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     with torch.random.fork_rng(devices=devices):
@@ -255,7 +255,6 @@ def scan(config: ScanConfig, progress: ProgressFactory = NoProgress, cluster: Cl
 
 def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> ScanResult | None:
     started = time.perf_counter()
-    config.validate()
     battery = config.battery()  # builds every attack now, so a bad attack setting fails before any file is read
     device = resolve_device(config.device)
     lower, upper = config.input_range
@@ -300,7 +299,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     if cluster.distributed:  # identical copies on every rank, pixels and network code included
         cluster.agree({
             **{k: v for k, v in fingerprint.items() if k != PROBE_KEY}, "data_sha256": data.digest(),
-            "model_code_sha256": code_digest(raw.net, config.arch),
+            "model_code_sha256": fingerprint["model_code_sha256"] or code_digest(raw.net, config.arch),
         })  # fmt: skip
     store = _open_store(config, cluster, fingerprint)
     try:

@@ -165,10 +165,8 @@ def _affine_error(op: AffineOp, e_in: torch.Tensor, m_in: torch.Tensor) -> torch
         g = SAFETY * gamma(SCALE_STEPS)
         w = op.weight.abs()
         out = w * e_in + g * w * m_in
-        extra = [t for t in (op.bias, getattr(op, "spread", None)) if t is not None]
-        size = m_in + w + 1 + (sum(t.abs() for t in extra) if extra else 0)
-        out = out + SAFETY * ETA * SCALE_STEPS * size
-        return out + g * sum(t.abs() for t in extra) if extra else out
+        shift = sum(t.abs() for t in (op.bias, getattr(op, "spread", None)) if t is not None)  # 0 without one
+        return out + SAFETY * ETA * SCALE_STEPS * (m_in + w + 1 + shift) + g * shift
     n = _fan_in(op)
     g = SAFETY * gamma(n + 1)
     out = op.abs().linear(e_in + g * m_in)
@@ -213,7 +211,8 @@ def local_rounding(graph: Graph, i: int, magnitudes: list[torch.Tensor | None]) 
     if isinstance(op, MaxPoolOp):
         return op.value(_underflow(m_in))
     assert isinstance(op, AddOp)
-    return SAFETY * U * (m_in + magnitudes[node.inputs[1]]) + _underflow(m_in + magnitudes[node.inputs[1]])
+    both = m_in + magnitudes[node.inputs[1]]
+    return SAFETY * U * both + _underflow(both)
 
 
 def float32_error(
@@ -248,7 +247,8 @@ def float32_error(
         elif isinstance(op, AddOp):
             k = node.inputs[1]
             e_k = errs[k]
-            errs.append(e_in + e_k + SAFETY * U * (m_in + magnitudes[k] + e_k) + _underflow(m_in + magnitudes[k] + e_k))
+            both = m_in + magnitudes[k] + e_k  # the float32 values' sizes
+            errs.append(e_in + e_k + SAFETY * U * both + _underflow(both))
         else:  # pragma: no cover - graph.py emits only the ops above
             raise TypeError(f"no float32 error model for {type(op).__name__}")
     out = errs[-1]

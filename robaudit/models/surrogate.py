@@ -131,6 +131,7 @@ _DROPOUT_DEFAULT = {
 _SHAPE_METHODS = {"size", "dim", "numel", "__len__"}
 _SHAPE_ATEN = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset"}
 
+DETACH_REMOVED = "removed (identity: gradients flow through it)"
 _STEPS = {"round", "floor", "ceil", "trunc", "sign"}  # zero or undefined gradient everywhere
 _SATURATORS = {"clamp", "hardtanh"}
 _SLOPES = {"sigmoid": 0.25, "tanh": 1.0}
@@ -425,7 +426,7 @@ def _rewrite(graph: fx.Graph, root: nn.Module, changes: _Changes) -> None:
         elif key == "detach":  # the same value; BPDA's identity backward lets gradients through it
             node.replace_all_uses_with(source)
             graph.erase_node(node)
-            changes.add("detach", where, "removed (identity: gradients flow through it)")
+            changes.add("detach", where, DETACH_REMOVED)
         elif key in _STEPS:
             _reroute(graph, node, _straight_through, (node, source))
             changes.add(_label(key, node, root), where, "straight-through gradient")
@@ -482,7 +483,7 @@ def build_surrogate(model: AuditModel) -> Surrogate | None:
     _rewrite(graph, traced, changes)
     detaches = _script_detaches(model.net)  # the TorchScript-to-aten converter leaves them out of the graph
     if detaches:
-        changes.add("detach", f"{detaches} place(s) of the TorchScript graph", "removed (identity: gradients flow through it)")
+        changes.add("detach", f"{detaches} place(s) of the TorchScript graph", DETACH_REMOVED)
     lines = changes.lines() + ([squash] if squash else [])
     if not lines:
         return None

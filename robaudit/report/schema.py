@@ -296,7 +296,8 @@ def _fraction(value: float) -> bool:
     return math.isfinite(value) and 0.0 <= value <= 1.0
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float from parsed JSON or TOML (a bool is neither here)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -305,10 +306,10 @@ def _indicator_problem(ind: dict[str, Any] | None, where: str) -> str | None:
     if ind is None:
         return None
     for key in ("score", "curvature_scale", "seconds", "zero_threshold", "forwards_per_sample", "backwards_per_sample"):
-        if ind.get(key) is not None and not _is_number(ind[key]):
+        if ind.get(key) is not None and not is_number(ind[key]):
             return f"{where}.{key} is {ind[key]!r:.40}, not a number"
     parts = ind.get("parts", {})
-    if not isinstance(parts, dict) or any(not _is_number(v) for v in parts.values()):
+    if not isinstance(parts, dict) or any(not is_number(v) for v in parts.values()):
         return f"{where}.parts must map names to numbers"
     notes = ind.get("notes", [])
     if not isinstance(notes, list) or any(not isinstance(n, str) for n in notes):

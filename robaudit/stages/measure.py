@@ -78,11 +78,10 @@ def check_plot_dir(path: Path) -> None:
         raise RobauditError(f"--plots {path}: exists and is not a folder")
     if not path.parent.exists():
         raise RobauditError(f"--plots {path}: folder {path.parent} does not exist")
-    import tempfile
+    from robaudit.atomic import probe_folder
 
     try:  # an unwritable folder fails now, not after the attacks
-        with tempfile.NamedTemporaryFile(dir=path if path.exists() else path.parent, prefix=".robaudit-", suffix=".check"):
-            pass
+        probe_folder(path if path.exists() else path.parent)
     except OSError as exc:
         raise RobauditError(f"--plots {path}: cannot write there ({exc.strerror or exc})") from None
 

@@ -167,8 +167,8 @@ class TrustStage:
         progress = prefixed(progress, TRUST_LABEL)  # labels say these are the checks' attacks
         lp = [o for o in outcomes if not o.threat.is_spatial]
         for outcome in lp:
-            self._probe(model, x, y, clean_correct, outcome, progress)
-            self._finish_early_stop(model, x, y, clean_correct, outcome, progress)
+            steps = self._probe(model, x, y, clean_correct, outcome, progress)
+            self._finish_early_stop(model, x, y, clean_correct, outcome, steps, progress)
         fired = [c for c in self.report.checks if _masking_sign(c)]
         self.report.masking = bool(fired)
         if not fired or not lp:
@@ -176,7 +176,7 @@ class TrustStage:
         names = ", ".join(sorted({c.name for c in fired}))
         self.adapt(model, x, y, clean_correct, outcomes, progress, f"gradient masking signs ({names})")
 
-    def _finish_early_stop(self, model, x, y, clean_correct, outcome: ThreatOutcome, progress) -> None:
+    def _finish_early_stop(self, model, x, y, clean_correct, outcome: ThreatOutcome, steps: int, progress) -> None:
         """The longer gradient run on every point still robust, where the probes show the battery stopped early.
 
         The probes attack a sample: when a clear share of it falls to more steps (check 5 at
@@ -187,7 +187,6 @@ class TrustStage:
         fired = [c for c in self.report.checks if c.threat == name and _stopped_early(c)]
         if not fired:
             return
-        steps = next(c.evidence["steps"] for c in self.report.checks if c.threat == name and c.name == "optimization")
         runs = build_battery([{"attack": "apgd-dlr", "steps": steps}])
         self.report.adaptations.append(
             f"the battery stopped early ({', '.join(c.name for c in fired)}): ran {runs[0].label} with {steps} steps "
@@ -214,7 +213,8 @@ class TrustStage:
             return False
         return run.attack.supports(threat)
 
-    def _probe(self, model, x, y, clean_correct, outcome: ThreatOutcome, progress) -> None:
+    def _probe(self, model, x, y, clean_correct, outcome: ThreatOutcome, progress) -> int:
+        """The cheap probes on the outcome's robust points; returns the longer run's steps (check 5's)."""
         threat, name = outcome.threat, outcome.threat.canonical
         robust = clean_correct & ~outcome.broken
         self.report.white_box_robust_accuracy[name] = _white_box_accuracy(outcome, clean_correct)
@@ -270,6 +270,7 @@ class TrustStage:
 
         # 6. unbounded: the whole box as budget (a separate threat: nothing merges into this one)
         self.report.checks.append(self._unbounded(model, x, y, clean_correct, threat, progress))
+        return steps
 
     def _decision(self, model, x, y, clean_correct, outcome: ThreatOutcome, progress) -> CheckResult:
         name, attack = outcome.threat.canonical, DECISION_PROBES.get(outcome.threat.norm)
