@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from robaudit.errors import RobauditError
-from robaudit.report.numbers import distinct
+from robaudit.report.numbers import distinct, fixed
 from robaudit.report.schema import GateCheck, Report, is_number
 from robaudit.threats import Threat, parse_number, parse_threat
 
@@ -397,18 +397,18 @@ def drop_checks(rule: MaxDrop, new: Report, base: Report, metric: str, threat: T
             continue
         limit = allowed if kind == "max_drop_absolute" else allowed * abs(before)
         floor = before - limit
-        said = f"{allowed:.4g}" if kind == "max_drop_absolute" else f"{100 * allowed:.4g}% of {before:.4f} = {limit:.4f}"
+        said = f"{allowed:.4g}" if kind == "max_drop_absolute" else f"{100 * allowed:.4g}% of {fixed(before)} = {fixed(limit)}"
         if value is None:
             passed = False
-            message = f"{name} is not in the report{_why_missing(new, metric)}; the {base_label} had {before:.4f}"
+            message = f"{name} is not in the report{_why_missing(new, metric)}; the {base_label} had {fixed(before)}"
         else:
             drop = before - value
             passed = drop <= limit + _SLACK
             if drop > 0:
                 verdict = "within the allowed" if passed else "more than the allowed"
-                message = f"{name} dropped {drop:.4f} from {before:.4f} to {value:.4f}, {verdict} {said}"
+                message = f"{name} dropped {fixed(drop)} from {fixed(before)} to {fixed(value)}, {verdict} {said}"
             else:
-                message = f"{name} = {value:.4f} did not drop ({base_label} {before:.4f}; allowed drop {said})"
+                message = f"{name} = {fixed(value)} did not drop ({base_label} {fixed(before)}; allowed drop {said})"
         checks.append(GateCheck(
             expression=rule.expression, metric=name, threshold=floor, value=value, passed=passed, kind=kind,
             baseline=before, allowed_drop=allowed, message=message,

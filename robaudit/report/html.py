@@ -21,7 +21,7 @@ from robaudit.report.common import (
     with_threat_names,
 )  # fmt: skip
 from robaudit.report.files import write_text
-from robaudit.report.numbers import floor_fixed, floor_pct, floor_sig, gate_figures
+from robaudit.report.numbers import fixed, floor_fixed, floor_pct, floor_sig, gate_figures
 from robaudit.report.schema import Curve, Report
 
 CSS = """
@@ -181,7 +181,7 @@ def _gate(report: Report) -> str:
             _tag("pass" if c.passed else "fail"),
             _e(c.describe()),
             *gate_figures(c),
-            "" if c.baseline is None else f"{c.baseline:.4f}",
+            "" if c.baseline is None else fixed(c.baseline),
             f"<code>{_e(c.expression)}</code>",
         ]
         for c in report.gate

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from robaudit.report.common import canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, with_threat_names
 from robaudit.report.common import verdict as scan_verdict
 from robaudit.report.files import write_text
-from robaudit.report.numbers import floor_fixed, floor_pct, floor_sig, gate_figures
+from robaudit.report.numbers import fixed, floor_fixed, floor_pct, floor_sig, gate_figures
 from robaudit.report.schema import GateCheck, Report
 
 if TYPE_CHECKING:
@@ -63,7 +63,7 @@ def gate_table(checks: Sequence[GateCheck]) -> list[str]:
             "✅ pass" if c.passed else "❌ **FAIL**",
             cell(c.describe()),
             *gate_figures(c),
-            "" if c.baseline is None else f"{c.baseline:.4f}",
+            "" if c.baseline is None else fixed(c.baseline),
             code(c.expression),
         ))  # fmt: skip
     return table(("result", "check", "value", "lowest passing", "baseline", "rule"), rows, "llrrrl")

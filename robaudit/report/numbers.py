@@ -42,10 +42,19 @@ def floor_sig(value: float, digits: int = 4) -> str:
     return f"{float(_floor(exact, exact.adjusted() - digits + 1)):.{digits}g}"
 
 
+LARGE = 1e6  # from here on a figure is written in significant digits: 1e300 with 4 decimals is 305 characters
+
+
+def fixed(value: float, places: int = 4) -> str:
+    """`value` with `places` decimals, or `places` + 2 significant digits where it is huge."""
+    return f"{value:.{places + 2}g}" if abs(value) >= LARGE else f"{value:.{places}f}"
+
+
 def distinct(value: float, other: float, places: int = 4) -> tuple[str, str]:
     """Both numbers with `places` decimals, or as many more as it takes to tell unequal ones apart."""
-    for p in range(places, 18):
-        a, b = f"{value:.{p}f}", f"{other:.{p}f}"
+    spelled = "g" if max(abs(value), abs(other)) >= LARGE else "f"
+    for p in range(places + 2 if spelled == "g" else places, 18):
+        a, b = f"{value:.{p}{spelled}}", f"{other:.{p}{spelled}}"
         if a != b or value == other:
             return a, b
     return repr(value), repr(other)
@@ -54,5 +63,5 @@ def distinct(value: float, other: float, places: int = 4) -> tuple[str, str]:
 def gate_figures(check) -> tuple[str, str]:
     """A gate check's value and lowest passing value for a table, told apart where they differ."""
     if check.value is None:
-        return "n/a", f"{check.threshold:.4f}"
+        return "n/a", fixed(check.threshold)
     return distinct(check.value, check.threshold)
