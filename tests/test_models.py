@@ -169,6 +169,14 @@ def test_loads_and_matches_original(zoo: Zoo, name: str, fmt: str, batching: str
     check_equivalent(model, zoo.cnn)
 
 
+@pytest.mark.parametrize("fmt", ["state-dict", "pickle"])
+def test_a_format_override_names_what_the_file_holds(zoo: Zoo, fmt: str) -> None:
+    """torch.load reads safetensors bytes too: `--format pickle` once put "state-dict" in the report."""
+    raw = load_model(zoo.files["cnn.safetensors"], fmt=fmt, arch="model_zoo:tiny_cnn")
+    assert raw.format == "safetensors"
+    check_equivalent(wrap(raw)[0], zoo.cnn)
+
+
 @pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
 def test_wrapper_prefixes_in_state_dict(zoo: Zoo, tmp_path: Path, prefix: str) -> None:
     """DataParallel / torch.compile checkpoints prefix every key; the weights still fit."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from robaudit.errors import RobauditError
-from robaudit.models.detect import FORMATS, RawModel, check_format, detect_format
+from robaudit.models.detect import FORMATS, RawModel, check_format, detect_format, holds_safetensors
 from robaudit.models.wrapper import AuditModel, WrapInfo, wrap_model
 
 __all__ = ["FORMATS", "AuditModel", "RawModel", "WrapInfo", "detect_format", "load_model", "module_model", "wrap_model"]
@@ -79,6 +79,8 @@ def load_model(
     if fmt == "safetensors":
         return weights_model(path, read_safetensors(path), fmt="safetensors", arch=arch, num_classes=num_classes)
 
+    if holds_safetensors(path):  # `--format state-dict` or `pickle` on safetensors bytes: torch.load reads them too
+        return weights_model(path, read_safetensors(path), fmt="safetensors", arch=arch, num_classes=num_classes)
     # 'state-dict' or 'pickle': what the file really holds decides, not the guess.
     from robaudit.models.pickle_file import find_module, pickle_model, read_torch_save
 

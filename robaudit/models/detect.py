@@ -79,6 +79,13 @@ def _is_safetensors(head: bytes, size: int) -> bool:
     return 0 < header_len <= size - 8 and head[8:9] == b"{"
 
 
+def holds_safetensors(path: Path) -> bool:
+    """Whether the bytes are a safetensors file, whatever its name or --format says."""
+    with path.open("rb") as handle:
+        head = handle.read(16)
+    return _is_safetensors(head, path.stat().st_size)
+
+
 def _zip_kind(path: Path) -> str:
     """Classify a zip archive written by torch.save / torch.jit.save / torch.export.save."""
     try:
