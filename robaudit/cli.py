@@ -227,7 +227,7 @@ def scan(
     markdown: Annotated[Optional[Path], typer.Option("--markdown", metavar="PATH", help="Write a Markdown summary, e.g. --markdown \"$GITHUB_STEP_SUMMARY\" for a GitHub job summary.", show_default=False)] = None,
     html_path: Annotated[Optional[Path], typer.Option("--html", metavar="PATH", help="Write one self-contained HTML page with the plots embedded.", show_default=False)] = None,
     certify: Annotated[Optional[bool], typer.Option("--certify/--no-certify", help="Certified L2 radii (lower bounds no attack can break; docs/certify.md). Default: on when an L2 threat is scanned and a pilot of 8 samples projects no longer than the attacks took (at least 10 s).", show_default=False)] = None,
-    certify_budget: Annotated[str, typer.Option("--certify-budget", metavar="fast|default|tight", help="Work per certificate: more shells and bound evaluations give larger (still sound) radii.")] = "default",
+    certify_budget: Annotated[Optional[str], typer.Option("--certify-budget", metavar="fast|default|tight", help="Work per certificate: more shells and bound evaluations give larger (still sound) radii. [default: default]", show_default=False)] = None,
     indicator: Annotated[Optional[bool], typer.Option("--indicator/--no-indicator", help="Decision-surface indicator (docs/indicator.md): gradient and curvature of the decision function per sample, and a model score. Default: on when the attacks spent at least its cost (about 60 passes per sample).", show_default=False)] = None,
     plots: Annotated[Optional[Path], typer.Option("--plots", metavar="DIR", help="Write decision-surface slices (random and attack planes) of the first samples and accuracy-versus-eps curves as PNG into DIR (needs matplotlib: pip install '.[plot]' in a robaudit checkout).", show_default=False)] = None,
     checks: Annotated[bool, typer.Option("--checks/--no-checks", help="Trust checks (docs/trust.md): detect randomized models, probability outputs, masked or shattered gradients and attack failure; adapt (EOT, log-probabilities, surrogate transfer, score- and decision-based attacks) and report pass/warn/fail with evidence. --no-checks runs the battery alone.")] = True,
@@ -245,6 +245,8 @@ def scan(
     from robaudit.threads import apply_threads
 
     apply_threads(threads)
+    if certify is False and certify_budget is not None:
+        raise RobauditError("--certify-budget sets the certificate's work, but --no-certify turns the certificate off; drop one of them")
     lo_hi = _floats(input_range, "--input-range")
     if lo_hi is None or len(lo_hi) != 2:
         raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI, e.g. 0,1 or 0,255")
@@ -254,7 +256,7 @@ def scan(
         checks=checks, format=format, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), input_range=(lo_hi[0], lo_hi[1]), n=n, first=first, seed=seed,
         data_dir=data_dir, steps=steps, restarts=restarts, step_sizes=_floats(step_sizes, "--step-sizes"),
-        batch_size=batch_size, device=device, certify_budget=certify_budget, plots=plots, strict=strict,
+        batch_size=batch_size, device=device, certify_budget=certify_budget or "default", plots=plots, strict=strict,
         chunk_size=chunk_size, checkpoint=checkpoint, keep_adversarial=save_adversarial is not None,
     )  # fmt: skip
     baseline_path = config.baseline.path if config.baseline is not None else None
@@ -398,6 +400,8 @@ def surface(
     from robaudit.stages.measure import require_matplotlib, surface_pair
     from robaudit.threats import parse_threat
 
+    if certify is False and certify_budget is not None:
+        raise RobauditError("--certify-budget sets the certificate's work, but --no-certify turns the certificate off; drop one of them")
     lo_hi = _floats(input_range, "--input-range")
     if lo_hi is None or len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
         raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI with LO < HI")

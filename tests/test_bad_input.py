@@ -119,6 +119,7 @@ def test_unknown_dataset_name(model_files: ModelFiles) -> None:
         (("--num-classes", "5"), "applies to weights-only files"),
         (("--arch", "resnet18"), "applies to weights-only files"),
         (("--force-baseline",), "--force-baseline needs a baseline report"),
+        (("--no-certify", "--certify-budget", "tight"), "--no-certify turns the certificate off"),
     ],
 )
 def test_bad_flags(model_files: ModelFiles, flags: tuple[str, ...], fragment: str) -> None:
