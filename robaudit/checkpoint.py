@@ -16,6 +16,7 @@ Files hold plain tensors, lists and JSON text only, read back with
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -171,6 +172,20 @@ def code_digest(net: torch.nn.Module, arch: str | None) -> str:
         if any(file.is_relative_to(lib) for lib in libraries) or not file.is_file():
             continue
         digest.update(str(file).encode() + b"\0" + file.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+@functools.cache
+def robaudit_digest() -> str:
+    """SHA-256 of robaudit's own source files: chunks audited by other attack code are not merged.
+
+    The version string stays the same across edits of a development checkout, and ranks
+    on several machines may run different installs of one version.
+    """
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for file in sorted(root.rglob("*.py")):
+        digest.update(file.relative_to(root).as_posix().encode() + b"\0" + file.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

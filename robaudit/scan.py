@@ -26,7 +26,7 @@ from robaudit.attacks.runner import AttackRecord, MinimalOutcome, NoProgress, Pr
 from robaudit.attacks.spatial import describe
 from robaudit.checkpoint import (
     PROBE_KEY, ChunkStore, attacks_from_plain, code_digest, attacks_to_plain, final_from_plain, final_to_plain, model_probe,
-    open_checkpoint, plan_chunks,
+    open_checkpoint, plan_chunks, robaudit_digest,
 )
 from robaudit.distributed import Cluster
 from robaudit.progress import prefixed
@@ -469,6 +469,7 @@ def _fingerprint(
         settings.pop(key, None)
     return {
         "robaudit": __version__,
+        "robaudit_code_sha256": robaudit_digest(),
         "model_sha256": model_digest(config.model),
         "data": data.name,
         "data_source_size": data.source_size,

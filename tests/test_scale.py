@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, assert_one_line_error, run_cli
+from tests.conftest import REPO, CliResult, assert_one_line_error, run_cli
 
 DEMO = REPO / "robaudit" / "demo" / "digits_cnn.onnx"
 # 24 samples in 3 chunks of 8: uneven shards on 2 ranks (chunks 0 and 2, and 1); an L2 threat so the
@@ -102,6 +102,22 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path: Path) -> None:
     same = run_cli("scan", other, *SCAN[2:5], "8", "--chunk-size", "8", "--preset", "quick", "--no-checks", "-q",
                    "--checkpoint", ckpt)  # fmt: skip
     assert same.code == 0, same.stderr
+
+
+def test_a_checkpoint_written_by_other_robaudit_code_is_refused(tmp_path: Path) -> None:
+    """An edited checkout keeps its version string: its chunks were audited by other attack code."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    args = [*SCAN[:5], "8", "--chunk-size", "8", "--preset", "quick", "--no-checks", "-q", "--checkpoint", ckpt]
+    assert run_cli(*args).code == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(REPO / "robaudit", copy / "robaudit", ignore=shutil.ignore_patterns("__pycache__"))
+    edited = copy / "robaudit" / "attacks" / "apgd.py"
+    edited.write_text(edited.read_text() + "\n# an edit\n")
+    result = subprocess.run([sys.executable, "-m", "robaudit", *map(str, args)], capture_output=True, text=True,
+                            timeout=300, env=ENV, cwd=copy)  # fmt: skip
+    assert_one_line_error(CliResult(result.returncode, result.stdout, result.stderr), "robaudit_code_sha256")
 
 
 ARCH_FILE = """
