@@ -400,8 +400,6 @@ def surface(
     from robaudit.stages.measure import require_matplotlib, surface_pair
     from robaudit.threats import parse_threat
 
-    if certify is False and certify_budget is not None:
-        raise RobauditError("--certify-budget sets the certificate's work, but --no-certify turns the certificate off; drop one of them")
     lo_hi = _floats(input_range, "--input-range")
     if lo_hi is None or len(lo_hi) != 2 or not lo_hi[0] < lo_hi[1]:
         raise RobauditError(f"--input-range '{input_range}' needs two numbers LO,HI with LO < HI")

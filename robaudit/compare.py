@@ -23,6 +23,7 @@ from rich.table import Table
 from robaudit.errors import RobauditError
 from robaudit.gate import MaxDrop, data_mismatch, drop_checks, expand, metric_name, metric_value, report_threats, threat_mismatch
 from robaudit.report.files import write_text
+from robaudit.report.numbers import floor_pct, floor_sig
 from robaudit.report.schema import GateCheck, Report
 from robaudit.threats import Threat, parse_threat
 
@@ -239,7 +240,7 @@ def compare(
 def _fmt(value: float | None, unit: str) -> str:
     if value is None:
         return "n/a"
-    return f"{100 * value:.1f}%" if unit == "fraction" else f"{value:.4g}"
+    return floor_pct(value) if unit == "fraction" else floor_sig(value)
 
 
 def _change(d: MetricDelta) -> str:

@@ -143,11 +143,13 @@ def parse_threshold(expression: str) -> Threshold:
     return Threshold(expression=expression.strip(), metric=metric, threat=threat, minimum=minimum)
 
 
-def _check_drop(absolute: float | None, relative: float | None, where: str) -> None:
+def _check_drop(metric: str, absolute: float | None, relative: float | None, where: str) -> None:
     if absolute is None and relative is None:
         raise RobauditError(f"{where}: give an absolute drop, a relative drop, or both")
     if absolute is not None and not (math.isfinite(absolute) and absolute >= 0):
         raise RobauditError(f"{where}: the absolute drop must be a non-negative number")
+    if absolute is not None and metric in ACCURACIES and absolute > 1:  # a gate that no accuracy can fail
+        raise RobauditError(f"{where}: an accuracy lies between 0 and 1, so its absolute drop must too (5% is written 0.05)")
     if relative is not None and not (math.isfinite(relative) and 0 <= relative <= 1):
         raise RobauditError(f"{where}: the relative drop must lie between 0 and 1 (0% and 100%)")
 
@@ -177,7 +179,7 @@ def parse_max_drop(expression: str) -> MaxDrop:
             if absolute is not None:
                 raise RobauditError(f"{where}: two absolute drops (write a relative one with %, e.g. 5%)")
             absolute = _number_in(part, where)
-    _check_drop(absolute, relative, where)
+    _check_drop(metric, absolute, relative, where)
     return MaxDrop(expression=expression.strip(), metric=metric, threat=threat, absolute=absolute, relative=relative)
 
 
@@ -231,7 +233,7 @@ def parse_gate_table(raw: Any, path: Path) -> GateSpec:
             relative = float(value["relative"]) if "relative" in value else None
         else:
             raise RobauditError(f"{at} must be a number (absolute drop) or {{absolute = 0.02, relative = 0.05}}")
-        _check_drop(absolute, relative, at)
+        _check_drop(metric, absolute, relative, at)
         drops.append(
             MaxDrop(
                 expression=_drop_expression(key.strip(), absolute, relative), metric=metric, threat=threat,

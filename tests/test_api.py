@@ -72,6 +72,15 @@ def test_a_gate_on_the_certificate_turns_it_on_in_the_api_too() -> None:
     assert [c.passed for c in report.gate] == [True]
 
 
+def test_the_report_is_written_to_a_path_given_as_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/api.md writes `report.write_json("report.json")` (hunt 19: AttributeError on a str)."""
+    x, y = _data()
+    report = robaudit.audit(demo_classifier(), (x, y), preset="quick", n=4, checks=False, certify=False, indicator=False)
+    monkeypatch.chdir(tmp_path)
+    report.write_json("report.json")
+    assert json.loads((tmp_path / "report.json").read_text())["summary"] == report.to_dict()["summary"]
+
+
 @pytest.mark.parametrize(
     "kwargs, fragment",
     [
@@ -85,3 +94,22 @@ def test_bad_api_input_is_a_one_sentence_error(kwargs: dict, fragment: str) -> N
     data = kwargs.pop("data", _data())
     with pytest.raises(RobauditError, match=fragment):
         robaudit.audit(demo_classifier(), data, n=4, checks=False, **kwargs)
+
+
+def test_every_key_of_the_json_report_is_in_its_documented_schema() -> None:
+    """docs/report-schema.md is the contract CI scripts read: hunt 19 found seven config keys it left out."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "report-schema.md").read_text()
+    x, y = _data()
+    report = robaudit.audit(demo_classifier(), (x, y), threats=["linf:8/255", "l2:0.5"], preset="quick", n=8,
+                            certify=True, indicator=True, certify_budget="fast").to_dict()  # fmt: skip
+    summary, sample = report["summary"], report["samples"][0]
+    parts = {
+        "report": report, "config": report["config"], "config.attacks": report["config"]["attacks"][0],
+        "model": report["model"], "data": report["data"], "timing": report["timing"], "summary": summary,
+        "summary.threats": summary["threats"][0], "certificate": summary["certificate"], "indicator": summary["indicator"],
+        "diagnostics": summary["diagnostics"], "sample": sample, "sample.indicator": sample["indicator"],
+    }  # fmt: skip
+    missing = {where: [k for k in keys if f"`{k}`" not in doc] for where, keys in parts.items()}
+    missing = {where: keys for where, keys in missing.items() if keys}
+    assert not missing, f"keys the report has and docs/report-schema.md does not name: {missing}"
+    assert all(f"`threats[t].{k}`" in doc for k in sample["threats"]["l2:0.5"])

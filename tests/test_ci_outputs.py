@@ -28,6 +28,10 @@ def validate_junit(path: Path) -> ET.Element:
     return ET.parse(path).getroot()
 
 
+def down4(value: float) -> str:
+    return f"{math.floor(10000 * value + 1e-9) / 10000:.4f}"  # gate figures are rounded down too
+
+
 def pct(value: float) -> str:
     return f"{math.floor(1000 * value + 1e-9) / 10:.1f}%"  # rounded down: a figure never shows more than measured
 
@@ -65,10 +69,11 @@ def test_missed_minimum_from_toml_exits_1_and_junit_shows_the_failing_check(ci_b
     assert [c.get("name") for c in failing] == ["robust_accuracy[linf:0.1] >= 0.99"]
     failure = failing[0].find("failure")
     robust = next(t["robust_accuracy"] for t in report["summary"]["threats"] if t["threat"] == "linf:0.1")
-    assert f"{robust:.4f}" in failure.get("message") and "0.9900" in failure.get("message")
+    assert f"{down4(robust)}" in failure.get("message") and "0.9900" in failure.get("message")
     props = {p.get("name"): p.get("value") for p in suite.find("properties")}
     assert float(props["clean_accuracy"]) == pytest.approx(report["summary"]["clean_accuracy"], abs=1e-6)
     assert props["model_sha256"] == report["model"]["sha256"]
+    assert float(props["indicator_score"]) == report["summary"]["indicator"]["score"]  # at full precision (docs/ci.md)
 
 
 def test_markdown_summary_has_the_key_figures(ci_base: CiScan) -> None:
@@ -147,7 +152,8 @@ def test_drop_beyond_max_drop_flag_exits_1(ci_base: CiScan, ci_degraded: CiScan)
     after = next(t["robust_accuracy"] for t in new["summary"]["threats"] if t["threat"] == "linf:0.1")
     assert after < before, "the degraded model should be less robust"
     assert result.code == 1, result.stderr
-    assert f"gate failed: robust_accuracy[linf:0.1] dropped {before - after:.4f} from {before:.4f} to {after:.4f}" in result.stderr
+    said = f"dropped {down4(before - after)} from {down4(before)} to {down4(after)}"
+    assert f"gate failed: robust_accuracy[linf:0.1] {said}" in result.stderr
     [check] = new["gate"]
     assert check["kind"] == "max_drop_absolute" and check["baseline"] == before and check["value"] == after
     assert new["config"]["baseline"] == str(ci_base.json) and new["config"]["max_drop"] == ["robust_accuracy[linf:0.1]=0"]

@@ -116,6 +116,11 @@ def test_bad_inputs_are_one_line_errors(ci_base: CiScan, tmp_path) -> None:
     assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--max-drop", "robust_accuracy[l2:9]=0.1"), "has no threat l2:9")
     assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--max-drop", "clean_accuracy>0.1"), "must look like")
     assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--json", ci_base.json), "one of the command's inputs")
+    # hunt 19: an absolute accuracy drop above 1 is a gate that cannot fail
+    assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--max-drop", "robust_accuracy=2"), "5% is written 0.05")
+    two = tmp_path / "two.toml"
+    two.write_text('[gate.max_drop]\n"robust_accuracy[linf:0.1]" = 2\n')
+    assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--config", two), "its absolute drop must too")
     no_gate = tmp_path / "audit.toml"
     no_gate.write_text('threats = ["linf:0.1"]\n')
     assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--config", no_gate), "has no [gate] table")

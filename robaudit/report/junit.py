@@ -134,7 +134,7 @@ def report_properties(report: Report) -> dict[str, str]:
         for key, value in s.certificate.certified_accuracy.items():
             props[f"certified_accuracy[{key}]"] = repr(float(value))
     if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
-        props["indicator_score"] = f"{s.indicator['score']:.6f}"
+        props["indicator_score"] = repr(float(s.indicator["score"]))
     if s.diagnostics:
         props["trust_verdict"] = s.diagnostics["verdict"]
         for c in s.diagnostics["checks"]:

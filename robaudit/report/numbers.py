@@ -46,15 +46,15 @@ LARGE = 1e6  # from here on a figure is written in significant digits: 1e300 wit
 
 
 def fixed(value: float, places: int = 4) -> str:
-    """`value` with `places` decimals, or `places` + 2 significant digits where it is huge."""
-    return f"{value:.{places + 2}g}" if abs(value) >= LARGE else f"{value:.{places}f}"
+    """`value` rounded down to `places` decimals, or to `places` + 2 significant digits where it is huge."""
+    return floor_sig(value, places + 2) if abs(value) >= LARGE else floor_fixed(value, places)
 
 
 def distinct(value: float, other: float, places: int = 4) -> tuple[str, str]:
-    """Both numbers with `places` decimals, or as many more as it takes to tell unequal ones apart."""
-    spelled = "g" if max(abs(value), abs(other)) >= LARGE else "f"
-    for p in range(places + 2 if spelled == "g" else places, 18):
-        a, b = f"{value:.{p}{spelled}}", f"{other:.{p}{spelled}}"
+    """Both numbers rounded down to `places` decimals, or as many more as it takes to tell unequal ones apart."""
+    huge = max(abs(value), abs(other)) >= LARGE
+    for p in range(places, 18):
+        a, b = (floor_sig(value, p + 2), floor_sig(other, p + 2)) if huge else (floor_fixed(value, p), floor_fixed(other, p))
         if a != b or value == other:
             return a, b
     return repr(value), repr(other)

@@ -201,8 +201,9 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def write_json(self, path: Path) -> None:
+    def write_json(self, path: Path | str) -> None:
         """Write the report; the parent folder must exist (we never create the user's folders silently)."""
+        path = Path(path)
         try:
             text = (json.dumps(self.to_dict(), indent=2) + "\n").encode("utf-8")
             write_output(path, lambda handle: handle.write(text))  # a FIFO or device (/dev/stdout) is written through
