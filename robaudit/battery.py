@@ -109,6 +109,9 @@ PRESETS: dict[str, list[Spec]] = {
     # white-box attacks missed (evidence of gradient masking).
     "standard": [
         {"attack": "fmn", "steps": 100},
+        # Under L1, FMN's dense steps miss the one- or two-pixel perturbations that AutoAttack's
+        # FAB-T finds; DeepFool's linearized L1 step (the largest-gradient pixels first) finds them.
+        {"attack": "deepfool", "norms": ["l1"]},
         *STANDARD_WHITE_BOX,
         {"attack": "square", "n_queries": 5000, "probe_queries": 100},
         # Only spatial threats (spatial:DEG,PX) run it; Engstrom et al.'s 31 x 5 x 5 grid.
@@ -117,11 +120,16 @@ PRESETS: dict[str, list[Spec]] = {
     # AutoAttack "standard" as published (Croce & Hein 2020), budgets included: APGD-CE
     # (100 steps, one start), APGD-T (100 steps, 9 targets), FAB-T's slot filled by FMN
     # (100 steps; robaudit has no FAB) and Square with its full 5000 queries on every point
-    # still robust. For figures comparable with AutoAttack / RobustBench (with --first N).
+    # still robust. Under L1, AutoAttack's L1 budgets: APGD-CE with 5 starts, APGD-T on 5
+    # targets (both L1-APGD), DeepFool beside FMN in FAB-T's slot; Square has no L1 version
+    # here. For figures comparable with AutoAttack / RobustBench (with --first N).
     "autoattack": [
-        {"attack": "apgd-ce", "steps": 100},
-        {"attack": "apgd-t", "steps": 100, "n_targets": 9},
+        {"attack": "apgd-ce", "steps": 100, "norms": ["linf", "l2"]},
+        {"attack": "apgd-ce", "steps": 100, "restarts": 5, "norms": ["l1"]},
+        {"attack": "apgd-t", "steps": 100, "n_targets": 9, "norms": ["linf", "l2"]},
+        {"attack": "apgd-t", "steps": 100, "n_targets": 5, "norms": ["l1"]},
         {"attack": "fmn", "steps": 100},
+        {"attack": "deepfool", "norms": ["l1"]},
         {"attack": "square", "n_queries": 5000},
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
     ],
@@ -260,6 +268,9 @@ def _label(spec: Spec, seen: dict[str, int]) -> str:
     return name if seen[name] == 1 else f"{name}#{seen[name]}"
 
 
+RUN_KEYS = ("attack", "restarts", "near", "close", "stalled", "norms")  # keys of an entry that are not attack parameters
+
+
 def build_battery(specs: list[Spec]) -> list[AttackRun]:
     """Construct the attacks, with a one-line error for unknown names or parameters."""
     factories = _factories()
@@ -267,7 +278,7 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
     for spec in specs:
         if not isinstance(spec, dict) or "attack" not in spec:
             raise RobauditError(f"attack entry {spec!r} needs an 'attack' name (one of {', '.join(ATTACK_NAMES)})")
-        params = {k: v for k, v in spec.items() if k not in ("attack", "restarts", "near", "close", "stalled")}
+        params = {k: v for k, v in spec.items() if k not in RUN_KEYS}
         name = spec["attack"]
         if not isinstance(name, str) or name not in factories:
             raise RobauditError(f"unknown attack {name!r} (known: {', '.join(ATTACK_NAMES)})")
@@ -280,7 +291,7 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
                 known = ", ".join(sorted(allowed)) or "none"
                 raise RobauditError(
                     f"attack '{name}': unknown parameter '{key}' (its parameters: {known}; and for every attack: restarts, "
-                    "near, close, stalled)"
+                    "near, close, stalled, norms)"
                 )
             _check_parameter(name, key, value, allowed[key])
         restarts = spec.get("restarts", 1)
@@ -301,10 +312,16 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
             raise RobauditError(f"attack '{name}': stalled must be true or false, not {stalled!r}")
         if "stalled" in spec and close is None:
             raise RobauditError(f"attack '{name}': stalled only applies with close (it widens the close filter)")
+        norms = spec.get("norms")
+        if norms is not None and (
+            not isinstance(norms, list) or not norms or not all(isinstance(v, str) and v in attack.norms for v in norms)
+        ):
+            raise RobauditError(f"attack '{name}': norms must be a non-empty list of the norms it supports ({', '.join(attack.norms)}), not {norms!r}")
         runs.append(
             AttackRun(
                 attack, restarts=restarts, label=_label(spec, seen),
                 near=None if near is None else float(near), close=None if close is None else float(close), stalled=stalled,
+                norms=None if norms is None else tuple(norms),
             )
         )  # fmt: skip
     if not runs:

@@ -599,7 +599,8 @@ def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) 
         "preset": config.preset if config.attacks is None else None,
         "attacks": [
             {"name": r.label, "attack": r.attack.name, "kind": r.attack.kind, "restarts": r.restarts,
-             "near": r.near, "close": r.close, "stalled": r.stalled, "params": r.attack.params()}
+             "near": r.near, "close": r.close, "stalled": r.stalled,
+             **({"norms": list(r.norms)} if r.norms is not None else {}), "params": r.attack.params()}
             for r in battery
         ],
         "steps": config.steps,

@@ -173,7 +173,7 @@ def test_candidate_is_adversarial_wherever_any_iterate_was(norm: str) -> None:
             wrong = model(out).argmax(1) != y
         assert torch.equal(wrong, recorder.seen_wrong), attack.name
         # Iterates are in the ball and the box without help from the runner.
-        assert bool(within_ball(out - x, threat).all()) and bool(((out >= 0) & (out <= 1)).all())
+        assert bool(within_ball(out, x, threat).all()) and bool(((out >= 0) & (out <= 1)).all())
 
 
 def test_random_start_lies_on_the_sphere_and_runs_are_reproducible() -> None:

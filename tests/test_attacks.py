@@ -169,3 +169,29 @@ def test_tiny_radii_accept_only_examples_inside_the_ball(norm: str, gap: float, 
         assert entry.distance is None or not entry.robust or entry.distance > eps
         if not entry.robust:
             assert entry.distance <= eps * (1 + 1e-5)
+
+
+def test_a_distance_is_the_float64_norm_of_the_difference_never_above_eps() -> None:
+    """Hunt 20: the float32 difference 0.0509999 - 0.001 rounds to float32(0.05) = 0.0500000007, so a report
+    once gave a linf:0.05 example the distance 0.05000000074505806, above eps (the example itself was inside)."""
+    x = torch.tensor([[0.001]])
+    candidate = torch.tensor([[0.052]])
+    while float(candidate.double() - x.double()) > 0.05:  # the farthest float32 inside the ball
+        candidate = torch.nextafter(candidate, torch.tensor([[0.0]]))
+    assert float(candidate - x) > 0.05 >= float(candidate.double() - x.double())  # float32 arithmetic says outside
+
+    class Fixed(LyingAttack):
+        def perturb(self, model, x, y, threat, ctx):
+            return candidate.expand_as(x).clone()
+
+    model = nn.Linear(1, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+        model.bias.copy_(torch.tensor([0.0505, -0.0505]))
+    model.eval().requires_grad_(False)
+    outcome = run_threat(
+        model, x, torch.tensor([0]), torch.ones(1, dtype=torch.bool), Threat(norm="linf", eps=0.05),
+        [AttackRun(Fixed("fixed"))], lower=0.0, upper=1.0, num_classes=2, batch_size=8, device=torch.device("cpu"), seed=0,
+    )  # fmt: skip
+    assert bool(outcome.broken[0]) and float(outcome.distance[0]) <= 0.05
+    assert float(outcome.distance[0]) == float(outcome.x_adv.double()[0, 0] - x.double()[0, 0])

@@ -25,9 +25,12 @@ from robaudit.attacks import PGD, AttackContext, AttackRun, run_threat
 from robaudit.attacks.counting import CountingModel
 from robaudit.attacks.simba import SimBA, dct_matrix
 from robaudit.attacks.square import Square, meta_pseudo_gaussian, p_selection
-from robaudit.threats import NORM_RTOL, Threat, perturbation_norms
+from robaudit.threats import Threat, perturbation_norms
 
 CPU = torch.device("cpu")
+# An attack's own queries and returns may pass eps by float32 rounding; the runner projects what it
+# returns inside exactly (`within_rounding`) before verification, which allows no slack.
+QUERY_RTOL = 1e-5
 
 
 def reference_p_selection(p_init: float, it: int, n_iters: int) -> float:
@@ -82,7 +85,7 @@ class QueryAudit(nn.Module):
         diffs = q.detach()[:, None] - self.x[None]  # (B, N, ...)
         dist = perturbation_norms(diffs.flatten(0, 1), self.threat.norm).view(len(q), len(self.x))
         nearest = dist.min(dim=1)
-        limit = self.threat.eps * (1 + NORM_RTOL)
+        limit = self.threat.eps * (1 + QUERY_RTOL)
         if bool((nearest.values > limit).any()):
             self.violations.append(f"outside the ball: {float(nearest.values.max())} > {self.threat.eps}")
         if bool((q < self.lower).any() or (q > self.upper).any()):
@@ -205,7 +208,7 @@ def test_every_query_is_legal_forward_only_and_within_budget(digits, norm, eps, 
     assert int(audit.counts.max()) <= budget + 1
     assert int(audit.counts.min()) >= 1
     # The returned candidates are legal too, and misclassified points stopped being queried early.
-    assert bool((perturbation_norms(adv - x, norm) <= eps * (1 + NORM_RTOL)).all())
+    assert bool((perturbation_norms(adv - x, norm) <= eps * (1 + QUERY_RTOL)).all())
     assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0
     with torch.no_grad():
         fooled = model(adv).argmax(1) != y

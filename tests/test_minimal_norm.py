@@ -102,6 +102,41 @@ def test_deepfool_reaches_the_exact_distance_on_a_linear_model(norm: str) -> Non
     assert counted.forwards == (2 + attack.search_steps) * n
 
 
+def test_deepfool_reaches_the_exact_l1_distance_on_a_linear_model() -> None:
+    """L1: the linearized step moves the pixel with the largest gradient (hunt 20: AutoAttack's FAB-T found
+    one-pixel examples that FMN's dense steps missed)."""
+    model, x, y, _ = linear_problem()
+    exact = class_distances(model, x, y, "l1").amin(dim=1)
+    adv = DeepFool().perturb(model, x, y, Threat("l1", float(exact.median())), context(5))
+    assert bool((model(adv).argmax(1) != y).all())
+    assert_close_to(found_norms(adv, x, "l1"), exact, "deepfool l1")
+    assert float(((adv - x).flatten(1) != 0).sum(dim=1).float().median()) == 1  # one pixel moves
+
+
+def boxed_l1_distance(w: torch.Tensor, margin: float, x: torch.Tensor) -> float:
+    """Smallest L1 move of x within [0, 1] that raises w . x by `margin`: pixels by |w|, each to its bound."""
+    total, need = 0.0, margin
+    for i in w.abs().argsort(descending=True).tolist():
+        room = float(1 - x[i]) if w[i] > 0 else float(x[i])
+        gain = abs(float(w[i])) * room
+        if gain >= need:
+            return total + need / abs(float(w[i]))
+        total, need = total + room, need - gain
+    return float("inf")
+
+
+def test_deepfool_l1_fills_pixels_in_gradient_order_up_to_the_box() -> None:
+    model, x, y, _ = linear_problem(seed=8, k=2, n=60)
+    w = model.weight[1 - y] - model.weight[y]  # raising w . x crosses the boundary
+    margin = (model(x).gather(1, y[:, None]) - model(x).gather(1, (1 - y)[:, None])).squeeze(1)
+    exact = torch.tensor([boxed_l1_distance(w[i], float(margin[i]), x[i]) for i in range(len(x))], dtype=torch.float64)
+    reachable = torch.isfinite(exact)
+    adv = DeepFool().perturb(model, x, y, Threat("l1", 1.0), context(2, box=(0.0, 1.0)))
+    broken = model(adv).argmax(1) != y
+    assert bool(broken[reachable].all()) and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    assert_close_to(found_norms(adv, x, "l1")[reachable], exact[reachable], "deepfool l1 in the box")
+
+
 def test_deepfool_is_exact_in_one_step_for_l2_on_a_binary_linear_model() -> None:
     model, x, y, _ = linear_problem(seed=2, k=2)
     exact = class_distances(model, x, y, "l2").amin(dim=1)

@@ -40,7 +40,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import Attack, AttackContext, normalized_step, project
+from robaudit.attacks.apgd_l1 import apgd_l1_run
+from robaudit.attacks.base import Attack, AttackContext, normalized_step, project, within_rounding
 from robaudit.attacks.losses import dlr_targeted, get_loss
 from robaudit.threats import Threat
 
@@ -93,7 +94,7 @@ def apgd_start(x: torch.Tensor, threat: Threat, ctx: AttackContext) -> torch.Ten
     else:
         raise NotImplementedError(f"APGD does not support {threat.norm}")
     delta = threat.eps * t / (size.view(view) + 1e-12)
-    return (x + delta.to(device=x.device, dtype=x.dtype)).clamp(ctx.lower, ctx.upper)
+    return within_rounding((x + delta.to(device=x.device, dtype=x.dtype)).clamp(ctx.lower, ctx.upper), x, threat)
 
 
 def first_point(x: torch.Tensor, threat: Threat, ctx: AttackContext, start: str) -> torch.Tensor:
@@ -135,7 +136,13 @@ def apgd_run(
     rho: float,
     x_init: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One APGD run from `x_init` (default a random start): (candidates, found adversarial (bool), best loss)."""
+    """One APGD run from `x_init` (default a random start): (candidates, found adversarial (bool), best loss).
+
+    Under an L1 threat the run is AutoAttack's L1-APGD (`robaudit.attacks.apgd_l1`).
+    """
+    if threat.norm == "l1":
+        start = apgd_start(x, threat, ctx) if x_init is None else x_init
+        return apgd_l1_run(model, x, y, threat, ctx, loss_fn, steps, start, _evaluate)
     n = x.shape[0]
     view = (-1, *([1] * (x.dim() - 1)))
     eps = threat.eps

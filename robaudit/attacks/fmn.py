@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import Attack, AttackContext
+from robaudit.attacks.base import Attack, AttackContext, project_l1_box
 from robaudit.threats import Threat
 
 # Default initial step sizes per norm (Pintor et al. 2021; the authors' and adv-lib's
@@ -246,7 +246,12 @@ class FMN(Attack):
             eps = torch.minimum(eps, worst_norm)
 
             # Normalized descent step on the logit difference, then the radius ball and the box.
+            # Under L1 the exact projection onto the ball within the box: clipping after the ball
+            # would spend the radius on pixels the box cuts (`project_l1_box`).
             direction = grad / grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(view)
-            stepped = project_ball(delta - alpha * direction, eps, norm)
+            if norm == "l1":
+                stepped = project_l1_box(delta - alpha * direction, eps, (ctx.lower - xs).clamp(max=0), (ctx.upper - xs).clamp(min=0))
+            else:
+                stepped = project_ball(delta - alpha * direction, eps, norm)
             delta = (xs + stepped).clamp(ctx.lower, ctx.upper) - xs
         return best

@@ -23,7 +23,7 @@ from robaudit.batching import AdaptiveBatch, Restore, as_batch, rng_checkpoint
 from robaudit.models.randomized import EOT
 from robaudit.models.wrapper import AuditModel
 from robaudit.precision import full_precision
-from robaudit.threats import Threat, perturbation_norms, within_ball
+from robaudit.threats import Threat, distances, within_ball
 
 BOX_TOL = 1e-6
 FILE_BATCH = 256  # rows per call of an ONNX file's own engine (`confirm_in_file`)
@@ -68,9 +68,15 @@ class AttackRun:
     close: float | None = None
     # With `close`: also run on stalled points (at least `STALLED` of the clean margin left).
     stalled: bool = True
+    # Only under these norms (None: every norm the attack supports), e.g. AutoAttack's L1 budgets.
+    norms: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         self.label = self.label or self.attack.name
+
+    def supports(self, threat: Threat) -> bool:
+        """Whether this entry runs under the threat: its attack supports the norm and the entry names it."""
+        return self.attack.supports(threat) and (self.norms is None or threat.norm in self.norms)
 
 
 @dataclass
@@ -206,7 +212,7 @@ def verify_with_margins(
     x = x.detach().cpu()
     if len(x_adv) == 0:
         return torch.zeros(0, dtype=torch.bool), torch.zeros(0, dtype=torch.float64)
-    in_ball = within_ball(x_adv - x, threat)
+    in_ball = within_ball(x_adv, x, threat)
     with full_precision():  # the verdict must not depend on the GPU's TF32 defaults
         pred, margin = _judge_with_margins(model, x_adv, y, batch_size, device)
     return (pred != y.cpu()) & in_ball & _in_box(x_adv, lower, upper), margin
@@ -354,7 +360,7 @@ def run_minimal(
     x_adv = x.detach().clone().cpu()
     hint = Threat(norm=norm, eps=hint_eps)
     unbounded = Threat(norm=norm, eps=float("inf"))
-    runs = [r for r in battery if r.attack.supports(hint)]
+    runs = [r for r in battery if r.supports(hint)]
     stage.progress.start(f"attacking minimal {norm}", max(1, sum(r.restarts for r in runs) * n))
     records = []
     for run in runs:
@@ -364,7 +370,7 @@ def run_minimal(
         def accept(chunk: torch.Tensor, candidates: torch.Tensor, xb: torch.Tensor, run=run) -> int:
             candidates = candidates.clamp(lower, upper)
             ok = verify_adversarial(model, candidates, x[chunk], y[chunk], unbounded, lower, upper, stage.batch, device)
-            sizes = perturbation_norms(candidates.cpu() - x[chunk], norm)
+            sizes = distances(candidates.cpu(), x[chunk], norm)
             better = ok & (sizes < distance[chunk])
             hits = chunk[better]
             newly = int(torch.isinf(distance[hits]).sum())
@@ -469,7 +475,7 @@ def run_threat(
     if minimal is not None and minimal.norm == threat.norm:
         for record in minimal.records:
             label = record.name
-            pick = torch.nonzero(clean_correct & (minimal.distance <= threat.eps * (1 + 1e-9))).flatten()
+            pick = torch.nonzero(clean_correct & (minimal.distance <= threat.eps)).flatten()
             pick = pick[[minimal.found_by[i] == label for i in pick.tolist()]] if len(pick) else pick
             ok = verify_adversarial(model, minimal.x_adv[pick], x[pick], y[pick], threat, lower, upper, stage.batch, device)
             hits = pick[ok]
@@ -495,12 +501,15 @@ def run_threat(
     if any(r.close is not None for r in runs):
         with full_precision():
             clean_margin = _clean_margins(model, x, y, stage.batch, device)
-    stage.progress.start(f"attacking {threat.canonical}", max(1, sum(r.restarts for r in runs if r.attack.supports(threat)) * n))
+    stage.progress.start(f"attacking {threat.canonical}", max(1, sum(r.restarts for r in runs if r.supports(threat)) * n))
     for run in runs:
         record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)
         records.append(record)
-        if not run.attack.supports(threat):
-            record.skipped = f"{run.attack.name} does not support {threat.norm}"
+        if not run.supports(threat):
+            record.skipped = (
+                f"{run.attack.name} does not support {threat.norm}" if not run.attack.supports(threat)
+                else f"this entry runs only under {', '.join(run.norms or ())}"
+            )  # fmt: skip
             record.robust_after = int((clean_correct & ~broken).sum())
             continue
 
@@ -515,7 +524,7 @@ def run_threat(
             hits = chunk[ok]
             broken[hits] = True
             x_adv[hits] = candidates[ok].cpu()
-            distance[hits] = perturbation_norms(candidates[ok].cpu() - x[hits], threat.norm)
+            distance[hits] = distances(candidates[ok].cpu(), x[hits], threat.norm)
             for i in hits.tolist():
                 broken_by[i] = run.label
             return len(hits)
@@ -590,7 +599,7 @@ def run_spatial(
     transform = torch.full((n, 3), float("nan"), dtype=torch.float64)
     x_adv = x.detach().clone().cpu()
     records: list[AttackRecord] = []
-    runs = [r for r in battery if r.attack.supports(threat)]
+    runs = [r for r in battery if r.supports(threat)]
     stage.progress.start(f"attacking {threat.canonical}", max(1, sum(r.restarts for r in runs) * n))
     for run in runs:
         record = AttackRecord(name=run.label, params=run.attack.params(), restarts=run.restarts)

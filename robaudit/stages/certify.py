@@ -24,7 +24,7 @@ from robaudit.models.wrapper import AuditModel, rounding_agreement
 from robaudit.precision import NOTE as PRECISION_NOTE
 from robaudit.precision import full_precision
 from robaudit.report.schema import CertificateSummary
-from robaudit.threats import perturbation_norms
+from robaudit.threats import distances
 
 PILOT = 8  # samples certified first to project the cost in "auto" mode
 MIN_BUDGET_S = 10.0  # auto mode may always spend this long
@@ -58,7 +58,7 @@ def smallest_adversarial_l2(
         idx = torch.nonzero(mask).flatten()
         if len(idx) == 0:
             continue
-        size = perturbation_norms(x_adv[idx] - x[idx], "l2")
+        size = distances(x_adv[idx], x[idx], "l2")
         better = size < best[idx]
         best[idx[better]] = size[better]
         closest[idx[better]] = x_adv[idx[better]]

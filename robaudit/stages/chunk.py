@@ -31,7 +31,7 @@ from robaudit.progress import prefixed
 from robaudit.stages.certify import CertifyResult, certify_stage, smallest_adversarial_l2, unavailable
 from robaudit.stages.measure import IndicatorResult, indicator_stage
 from robaudit.stages.trust import TRUST_LABEL, TrustReport, TrustStage
-from robaudit.threats import SPATIAL, Threat, perturbation_norms
+from robaudit.threats import SPATIAL, Threat, distances
 
 SEED_STRIDE = 1000  # chunk k attacks with seed + k * SEED_STRIDE (chunk 0 keeps the scan's seed)
 
@@ -109,7 +109,7 @@ def attack_chunk(
     lp_battery = [r for r in setup.battery if SPATIAL not in r.attack.norms]
     for norm in dict.fromkeys(t.norm for t in setup.threats if not t.is_spatial):
         hint = max(t.eps for t in setup.threats if t.norm == norm)
-        runs = [r for r in setup.battery if r.attack.kind == "minimal" and r.attack.supports(Threat(norm=norm, eps=hint))]
+        runs = [r for r in setup.battery if r.attack.kind == "minimal" and r.supports(Threat(norm=norm, eps=hint))]
         if runs:
             minimal[norm] = run_minimal(model, x, y, clean_correct, norm, hint, runs, seed=seed, progress=progress(), **kw)
 
@@ -235,7 +235,7 @@ def _reverify(
     if len(idx) == 0:
         return
     ok = verify_adversarial(model, x_adv[idx], x[idx], y[idx], threat, lower, upper, batch_size, device)
-    sizes = perturbation_norms(x_adv[idx] - x[idx], threat.norm)
+    sizes = distances(x_adv[idx], x[idx], threat.norm)
     if not bool(ok.all()) or not torch.allclose(sizes, distance[idx]):
         bad = idx[~ok].tolist()
         raise RuntimeError(f"internal error: adversarial examples for samples {bad[:5]} ({threat}) did not re-verify")

@@ -211,7 +211,7 @@ class TrustStage:
             return threat.norm == "l2"
         if run.attack.name == "transfer" and self.surrogate is None:
             return False
-        return run.attack.supports(threat)
+        return run.supports(threat)
 
     def _probe(self, model, x, y, clean_correct, outcome: ThreatOutcome, progress) -> int:
         """The cheap probes on the outcome's robust points; returns the longer run's steps (check 5's)."""
