@@ -89,7 +89,11 @@ from robaudit.battery import PRESETS  # noqa: E402
 from robaudit.data import load_data  # noqa: E402
 from robaudit.models import load_model, wrap_model  # noqa: E402
 from robaudit.scan import PROBE_SIZE, scan, sha256_of  # noqa: E402
-from robaudit.threats import NORM_ATOL, NORM_RTOL, Threat, parse_threat, perturbation_norms  # noqa: E402
+from robaudit.threats import Threat, parse_threat, perturbation_norms  # noqa: E402
+
+# The referee's slack beyond eps, for every tool alike: AutoAttack's float32 outputs land up to about 1e-7
+# of eps outside the ball (robaudit's own verification allows none; its candidates are moved inside).
+REFEREE_RTOL = 1e-5
 
 DEFAULT_THREATS = ["linf:0.1", "linf:0.2", "l2:0.5", "l2:1.0"]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "vs_autoattack.json"
@@ -238,8 +242,8 @@ def verify(model: torch.nn.Module, x_adv: torch.Tensor, x: torch.Tensor, y: torc
     """
     x_adv = x_adv.detach().to(torch.float32).cpu()
     pred = model(x_adv).argmax(1)
-    size = perturbation_norms(x_adv - x, threat.norm)
-    in_ball = size <= threat.eps * (1 + NORM_RTOL) + NORM_ATOL
+    size = perturbation_norms(x_adv.double() - x.double(), threat.norm)
+    in_ball = size <= threat.eps * (1 + REFEREE_RTOL)
     flat = x_adv.flatten(1)
     in_box = (flat >= -BOX_TOL).all(1) & (flat <= 1 + BOX_TOL).all(1) & torch.isfinite(flat).all(1)
     wrong = pred != y

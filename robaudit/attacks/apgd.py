@@ -51,6 +51,7 @@ STARTS = ("random", "warm", "clean")  # "warm": the first run starts at AttackCo
 # "clean": the first run starts at x itself (no randomness in the start: the trust checks' unbounded run)
 MOMENTUM = 0.75  # weight of the new gradient step; 1 - MOMENTUM goes to x_k - x_{k-1}
 INITIAL_STEP = 2.0  # initial step size, in units of eps (Linf and L2)
+L1_METHOD = "L1-APGD: sparse steps of size eps, no momentum, radius 3/2/1 eps over 30/30/40% of the steps"
 
 
 def schedule_parameters(steps: int) -> tuple[int, int, int]:
@@ -263,6 +264,7 @@ class APGD(Attack):
             "initial_step": f"{INITIAL_STEP:g}*eps",
             "momentum": MOMENTUM,
             "checkpoints": checkpoint_schedule(self.steps),
+            "under_l1": L1_METHOD,
         }
 
     def perturb(
@@ -387,6 +389,7 @@ class APGDTargeted(Attack):
             "initial_step": f"{INITIAL_STEP:g}*eps",
             "momentum": MOMENTUM,
             "checkpoints": checkpoint_schedule(self.steps),
+            "under_l1": L1_METHOD,
         }
 
     def perturb(
