@@ -25,6 +25,7 @@ def _factories() -> dict[str, tuple[type[Attack], dict[str, Any]]]:
     """Attack name -> (class, fixed arguments); imported lazily to keep CLI start-up fast."""
     from robaudit.attacks.apgd import APGD, APGDTargeted
     from robaudit.attacks.deepfool import DeepFool
+    from robaudit.attacks.fab import FABTargeted
     from robaudit.attacks.fgsm import FGSM
     from robaudit.attacks.fmn import FMN
     from robaudit.attacks.hopskipjump import HopSkipJump
@@ -45,6 +46,7 @@ def _factories() -> dict[str, tuple[type[Attack], dict[str, Any]]]:
         "apgd-t": (APGDTargeted, {}),
         "fmn": (FMN, {}),
         "deepfool": (DeepFool, {}),
+        "fab-t": (FABTargeted, {}),
         "square": (Square, {}),
         "simba": (SimBA, {}),
         "noise": (Noise, {}),
@@ -56,7 +58,7 @@ def _factories() -> dict[str, tuple[type[Attack], dict[str, Any]]]:
 
 
 ATTACK_NAMES = (
-    "fgsm", "pgd", "bim", "apgd-ce", "apgd-dlr", "apgd-t", "fmn", "deepfool", "square", "simba", "noise", "spatial-grid",
+    "fgsm", "pgd", "bim", "apgd-ce", "apgd-dlr", "apgd-t", "fmn", "deepfool", "fab-t", "square", "simba", "noise", "spatial-grid",
     "hsj", "rays", "transfer",
 )  # fmt: skip
 # Attacks that never use the model's gradients: what they find, white-box attacks missed.
@@ -113,6 +115,9 @@ PRESETS: dict[str, list[Spec]] = {
         # FAB-T finds; DeepFool's linearized L1 step (the largest-gradient pixels first) finds them.
         {"attack": "deepfool", "norms": ["l1"]},
         *STANDARD_WHITE_BOX,
+        # AutoAttack's FAB-T, under L1 only (50 steps, 3 targets by logit): one- and two-pixel examples
+        # that the APGD runs miss (hunts 20 and 22).
+        {"attack": "fab-t", "steps": 50, "n_targets": 3, "norms": ["l1"]},
         {"attack": "square", "n_queries": 5000, "probe_queries": 100},
         # Only spatial threats (spatial:DEG,PX) run it; Engstrom et al.'s 31 x 5 x 5 grid.
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
@@ -120,16 +125,16 @@ PRESETS: dict[str, list[Spec]] = {
     # AutoAttack "standard" as published (Croce & Hein 2020), budgets included: APGD-CE
     # (100 steps, one start), APGD-T (100 steps, 9 targets), FAB-T's slot filled by FMN
     # (100 steps; robaudit has no FAB) and Square with its full 5000 queries on every point
-    # still robust. Under L1, AutoAttack's L1 budgets: APGD-CE with 5 starts, APGD-T on 5
-    # targets (both L1-APGD), DeepFool beside FMN in FAB-T's slot; Square has no L1 version
-    # here. For figures comparable with AutoAttack / RobustBench (with --first N).
+    # still robust. Under L1, AutoAttack's L1 attacks and budgets: APGD-CE with 5 starts,
+    # APGD-T on 5 targets (both L1-APGD), FAB-T (100 steps, 9 targets); Square has no L1
+    # version here. For figures comparable with AutoAttack / RobustBench (with --first N).
     "autoattack": [
         {"attack": "apgd-ce", "steps": 100, "norms": ["linf", "l2"]},
         {"attack": "apgd-ce", "steps": 100, "restarts": 5, "norms": ["l1"]},
         {"attack": "apgd-t", "steps": 100, "n_targets": 9, "norms": ["linf", "l2"]},
         {"attack": "apgd-t", "steps": 100, "n_targets": 5, "norms": ["l1"]},
         {"attack": "fmn", "steps": 100},
-        {"attack": "deepfool", "norms": ["l1"]},
+        {"attack": "fab-t", "steps": 100, "n_targets": 9, "norms": ["l1"]},
         {"attack": "square", "n_queries": 5000},
         {"attack": "spatial-grid", "rotations": 31, "shifts": 5},
     ],

@@ -155,6 +155,13 @@ class ScanConfig:
         rules = [*self.thresholds, *self.max_drops]
         check_thresholds_cover(rules, self.threats, certify=self.certify, indicator=self.indicator)
         check_baseline(self.baseline, self.max_drops, self.threats)
+        battery = self.battery()
+        for threat in self.threats:  # a threat no entry runs under would be reported 100% robust
+            if not any(run.supports(threat) for run in battery):
+                raise RobauditError(
+                    f"no attack of the battery runs under {threat.canonical} (its entries: "
+                    f"{', '.join(run.label for run in battery)}); add one that supports {threat.norm}, or drop the threat"
+                )
 
     def battery_specs(self) -> list[Spec]:
         """The effective battery: the TOML file's attacks or the preset, then flag overrides."""

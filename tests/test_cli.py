@@ -191,14 +191,15 @@ def test_standard_preset_reports_curve_per_class_and_distances(model_files: Mode
     assert result.code == 0, result.stderr
     r = load_json(out)
     assert r["config"]["preset"] == "standard"
-    names = ["fmn", "apgd-ce", "apgd-t", "apgd-ce#2", "apgd-t#2", "apgd-ce#3", "apgd-t#3", "apgd-ce#4", "apgd-t#4", "apgd-dlr", "square",
-             "spatial-grid"]
+    names = ["fmn", "deepfool", "apgd-ce", "apgd-t", "apgd-ce#2", "apgd-t#2", "apgd-ce#3", "apgd-t#3", "apgd-ce#4", "apgd-t#4",
+             "apgd-dlr", "fab-t", "square", "spatial-grid"]  # fmt: skip
     assert [a["name"] for a in r["config"]["attacks"]] == names
-    assert [a["near"] for a in r["config"]["attacks"]] == [None, None, None, 1.5, None, None, None, None, None, None, None, None]
-    assert [a["close"] for a in r["config"]["attacks"]] == [None, None, None, None, 0.3, 0.1, 0.1, 0.03, 0.03, 0.03, None, None]
+    assert [a["near"] for a in r["config"]["attacks"]] == [None, None, None, None, 1.5, *[None] * 9]
+    assert [a["close"] for a in r["config"]["attacks"]] == [None, None, None, None, None, 0.3, 0.1, 0.1, 0.03, 0.03, 0.03, None, None, None]
+    assert {a["name"]: a["norms"] for a in r["config"]["attacks"] if "norms" in a} == {"deepfool": ["l1"], "fab-t": ["l1"]}
     stalled_too = [a["name"] for a in r["config"]["attacks"] if a["close"] is not None and a["stalled"]]
     assert stalled_too == ["apgd-t#2"], "only AutoAttack's other targets also run where the attacks barely moved the margin"
-    assert r["config"]["attacks"][4]["params"]["skip_targets"] == 3
+    assert r["config"]["attacks"][5]["params"]["skip_targets"] == 3
     assert "spatial-grid" not in r["summary"]["threats"][0]["attacks"]  # spatial attacks run only under spatial threats
     assert {m["norm"] for m in r["summary"]["minimal_norm"]} == {"linf", "l2"}
     for curve in r["summary"]["curves"]:

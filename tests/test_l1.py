@@ -13,7 +13,7 @@ import numpy as np
 from robaudit.attacks.apgd_l1 import sparse_step, stage_plan
 from robaudit.attacks.base import AttackContext, normalized_step, project, random_start
 from robaudit.threats import Threat, perturbation_norms
-from tests.conftest import REPO, fixtures_dir, run_cli
+from tests.conftest import REPO, assert_one_line_error, fixtures_dir, run_cli
 
 DEMO = REPO / "robaudit" / "demo" / "digits_cnn.onnx"
 
@@ -126,3 +126,38 @@ def test_l1_apgd_breaks_mnist_digits_autoattack_broke_and_the_old_steps_missed(t
     report = json.loads(out.read_text())
     assert report["summary"]["clean_accuracy"] == 1.0 and report["summary"]["threats"][0]["robust_accuracy"] == 0.0
     assert all(0 < s["threats"]["l1:2"]["distance"] <= 2.0 for s in report["samples"])
+
+
+@pytest.mark.parametrize("entry", ['attack = "apgd-ce"\nnorms = ["linf"]', 'attack = "square"'])
+def test_a_threat_no_battery_entry_runs_under_is_refused(tmp_path: Path, entry: str) -> None:
+    """Hunt 22: an audit file whose only entry was kept to linf reported 100% robust under l1:1 (trust checks PASS)."""
+    config = tmp_path / "audit.toml"
+    config.write_text(f'threats = ["l1:1"]\n[[attacks]]\n{entry}\n')
+    assert_one_line_error(run_cli("scan", DEMO, "--n", "8", "--config", config, "-q"), "no attack of the battery runs under l1:1")
+
+
+def test_fab_t_breaks_exactly_the_points_within_eps_on_a_linear_model() -> None:
+    """FAB-T's box-aware linearized projection reaches the exact L1 distance of a linear model in the box,
+    never claims a point farther away, and costs one forward and one backward pass per iteration."""
+    from robaudit.attacks import AttackRun, run_threat
+    from robaudit.attacks.counting import CountingModel
+    from robaudit.attacks.fab import FABTargeted
+    from tests.test_attacks import linear_problem
+    from tests.test_minimal_norm import boxed_l1_distance
+
+    model, x, y, _ = linear_problem(seed=8, k=2, n=60)
+    w = model.weight[1 - y] - model.weight[y]
+    margin = (model(x).gather(1, y[:, None]) - model(x).gather(1, (1 - y)[:, None])).squeeze(1)
+    exact = torch.tensor([boxed_l1_distance(w[i], float(margin[i]), x[i]) for i in range(len(x))], dtype=torch.float64)
+    eps = float(exact.median())
+    outcome = run_threat(
+        model, x, y, torch.ones(len(x), dtype=torch.bool), Threat("l1", eps), [AttackRun(FABTargeted(steps=20))],
+        lower=0.0, upper=1.0, num_classes=2, batch_size=64, device=torch.device("cpu"), seed=0,
+    )  # fmt: skip
+    assert not bool((outcome.broken & (exact > eps)).any()), "broke a point that is provably robust"
+    assert bool(outcome.broken[exact < 0.99 * eps].all())
+    counted = CountingModel(model)
+    far = exact > 2 * eps  # never broken: every iteration runs
+    ctx = AttackContext(lower=0.0, upper=1.0, num_classes=2, generator=torch.Generator().manual_seed(0))
+    FABTargeted(steps=20).perturb(counted, x[far], y[far], Threat("l1", eps), ctx)
+    assert counted.backwards == 20 * int(far.sum()) and counted.forwards == 22 * int(far.sum())
