@@ -155,6 +155,7 @@ PRESETS: dict[str, list[Spec]] = {
         {"attack": "pgd", "steps": 200, "step_size": 0.1, "restarts": 3},
         {"attack": "apgd-t", "steps": 200, "n_targets": 9, "restarts": 2},
         {"attack": "apgd-t", "steps": 200, "n_targets": 9, "ranking": "linear"},
+        {"attack": "fab-t", "steps": 100, "n_targets": 9, "norms": ["l1"]},
         {"attack": "square", "n_queries": 10000, "restarts": 2},
         {"attack": "simba"},
         {"attack": "spatial-grid", "rotations": 61, "shifts": 9},

@@ -96,6 +96,17 @@ def test_randomized_and_adaptive_batteries_build(name: str) -> None:
     assert {"transfer", "square", "rays", "hsj"} <= set(adaptive)
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1", "spatial"])
+def test_thorough_runs_every_attack_standard_runs(norm: str) -> None:
+    """docs/attacks.md: `thorough` holds every attack of `standard` (FAB-T under L1 was once missing)."""
+    from robaudit.battery import PRESETS
+    from robaudit.threats import Threat
+
+    threat = Threat(norm=norm, eps=1.0)
+    names = {p: {r.attack.name for r in build_battery(PRESETS[p]) if r.supports(threat)} for p in ("standard", "thorough")}
+    assert names["standard"] <= names["thorough"]
+
+
 def test_a_broken_attack_list_is_an_error_even_where_a_preset_flag_overrides_it(tmp_path: Path) -> None:
     """Hunt 14: with --preset, the file's [[attacks]] were never read, so a broken list passed without a word."""
     from conftest import assert_one_line_error, run_cli
