@@ -161,3 +161,18 @@ def test_fab_t_breaks_exactly_the_points_within_eps_on_a_linear_model() -> None:
     ctx = AttackContext(lower=0.0, upper=1.0, num_classes=2, generator=torch.Generator().manual_seed(0))
     FABTargeted(steps=20).perturb(counted, x[far], y[far], Threat("l1", eps), ctx)
     assert counted.backwards == 20 * int(far.sum()) and counted.forwards == 22 * int(far.sum())
+
+
+def test_the_l1_projection_without_a_box() -> None:
+    """Infinite room once made the projection's linear solve multiply inf by 0: NaN candidates."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(8, 1, 6, 6, generator=gen)
+    target = x + 3 * torch.randn(x.shape, generator=gen)
+    got = project(target, x, Threat("l1", 2.0), -float("inf"), float("inf"))
+    assert bool(torch.isfinite(got).all())
+    assert torch.allclose((got - x).flatten(1).abs().sum(dim=1), torch.full((8,), 2.0), rtol=1e-5)
+    for i in range(8):  # the soft threshold of the plain L1 ball
+        exact = _reference_projection(target[i] - x[i], torch.full_like(x[i], 0.5), 2.0) - 0.5  # room 0.5 > any move
+        moved = (got[i] - x[i]).double().flatten()
+        if float(exact.abs().max()) < 0.5:
+            assert float((moved - exact).abs().max()) < 1e-5

@@ -289,3 +289,13 @@ def test_fmn_curve_agrees_with_pgd_on_the_demo_cnn() -> None:
     fmn_broken = float((distance <= eps).double().mean())
     print(f"demo CNN, {len(xc)} points: eps {eps:.4f}, FMN curve {fmn_broken:.3f}, PGD broken {pgd_broken:.3f}")
     assert fmn_broken >= pgd_broken - 0.1, f"eps {eps:.3f}: FMN curve {fmn_broken:.3f}, PGD {pgd_broken:.3f}"
+
+
+def test_deepfool_l1_without_a_box() -> None:
+    """An unbounded box (the certificate benchmark's free attacks) gives every coordinate infinite room: the
+    knapsack's running sum once turned inf - inf into NaN steps, and nothing was found."""
+    model, x, y, _ = linear_problem(seed=0, k=5, n=20)
+    exact = class_distances(model, x, y, "l1").amin(dim=1)
+    adv = DeepFool().perturb(model, x, y, Threat("l1", 1.0), context(5, box=(-float("inf"), float("inf"))))
+    assert bool((model(adv).argmax(1) != y).all())
+    assert_close_to(found_norms(adv, x, "l1"), exact, "deepfool l1 without a box")

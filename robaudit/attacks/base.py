@@ -116,7 +116,7 @@ def project_l1_box(delta: torch.Tensor, eps: torch.Tensor, lo: torch.Tensor, hi:
             capped = s - mid >= r
             free = (s > mid) & ~capped
             count = free.sum(dim=1, keepdim=True)
-            fixed = (s * free).sum(dim=1, keepdim=True) + (r * capped).sum(dim=1, keepdim=True)
+            fixed = torch.where(free, s, 0).sum(dim=1, keepdim=True) + torch.where(capped, r, 0).sum(dim=1, keepdim=True)
             lam = torch.where(count > 0, (fixed - e) / count.clamp_min(1), above)
             lam = torch.minimum(torch.maximum(lam, below), above)
             too_big = _l1_box_size(s, r, lam) > e

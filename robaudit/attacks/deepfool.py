@@ -62,7 +62,8 @@ def l1_step(w: torch.Tensor, need: torch.Tensor, current: torch.Tensor, ctx: Att
     size, order = flat.abs().sort(dim=1, descending=True)
     room = torch.where(flat > 0, ctx.upper - point, point - ctx.lower).clamp_min(0).gather(1, order)
     gain = torch.where(size > 0, size * room, torch.zeros_like(size))
-    before = gain.cumsum(dim=1) - gain  # the margin the larger coordinates cover on their own
+    # the margin the larger coordinates cover on their own (an exclusive sum: inf - inf would be NaN without a box)
+    before = torch.cat([torch.zeros_like(gain[:, :1]), gain.cumsum(dim=1)[:, :-1]], dim=1)
     amount = ((need[:, None] - before) / size.clamp_min(1e-30)).clamp_min(0)
     amount = torch.minimum(amount, room).masked_fill(size == 0, 0.0)
     step = torch.zeros_like(flat).scatter(1, order, amount)
