@@ -13,7 +13,8 @@ from conftest import demo_classifier
 from robaudit.attacks import PGD, AttackContext, AttackRun, run_threat
 from robaudit.attacks.counting import CountingModel
 from robaudit.attacks.deepfool import DeepFool
-from robaudit.attacks.fmn import FMN, project_l1_ball
+from robaudit.attacks.base import project_l1_box
+from robaudit.attacks.fmn import FMN
 from robaudit.threats import Threat, perturbation_norms
 from test_attacks import linear_problem
 
@@ -181,6 +182,11 @@ def test_attributes_and_params() -> None:
         FMN(steps=0)
     with pytest.raises(ValueError):
         DeepFool(n_candidates=1)
+
+
+def project_l1_ball(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The projection onto the L1 ball alone: the box projection with an unbounded box."""
+    return project_l1_box(delta, eps, torch.zeros_like(delta), -float("inf"), float("inf"))
 
 
 def test_l1_projection() -> None:

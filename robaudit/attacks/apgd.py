@@ -34,18 +34,16 @@ for the others.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from robaudit.attacks.apgd_l1 import apgd_l1_run
-from robaudit.attacks.base import Attack, AttackContext, normalized_step, project, within_rounding
+from robaudit.attacks.apgd_l1 import LossFn, apgd_l1_run
+from robaudit.attacks.base import DUAL, Attack, AttackContext, normalized_step, project, within_rounding
 from robaudit.attacks.losses import dlr_targeted, get_loss
 from robaudit.threats import Threat
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, active indices) -> per-sample loss
 
 STARTS = ("random", "warm", "clean")  # "warm": the first run starts at AttackContext.start where there is one;
 # "clean": the first run starts at x itself (no randomness in the start: the trust checks' unbounded run)
@@ -283,7 +281,6 @@ class APGD(Attack):
 
 
 RANKINGS = ("logits", "linear")
-DUAL = {"linf": 1.0, "l2": 2.0, "l1": float("inf")}  # the norm that measures gradients against each threat
 
 
 def linear_ranking(

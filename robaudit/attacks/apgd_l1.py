@@ -89,7 +89,7 @@ def _into_ball(point: torch.Tensor, x: torch.Tensor, eps: float, ctx: AttackCont
     if threat is not None:  # the last stage: its points are candidates, checked against the ball in float64
         return project(point, x, threat, ctx.lower, ctx.upper)
     size = torch.full((len(x),), eps, dtype=torch.float64, device=x.device)
-    delta = project_l1_box(point - x, size, (ctx.lower - x).clamp(max=0), (ctx.upper - x).clamp(min=0))
+    delta = project_l1_box(point - x, size, x, ctx.lower, ctx.upper)
     return (x + delta).clamp(ctx.lower, ctx.upper)
 
 

@@ -68,6 +68,7 @@ class Attack(ABC):
         """The attack's effective parameters, written into the report's config."""
 
 
+DUAL = {"linf": 1.0, "l2": 2.0, "l1": float("inf")}  # the norm that measures gradients against each threat
 L1_TOP = 0.05  # share of coordinates an L1 step moves (AutoAttack's APGD-L1 starts at 5%; 1% was weaker than FMN, measured)
 
 
@@ -83,8 +84,8 @@ def _l1_box_size(size: torch.Tensor, room: torch.Tensor, lam: torch.Tensor) -> t
     return kept.sum(dim=1, keepdim=True)
 
 
-def project_l1_box(delta: torch.Tensor, eps: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row onto {d : ||d||_1 <= eps_row, lo <= d <= hi}, with lo <= 0 <= hi.
+def project_l1_box(delta: torch.Tensor, eps: torch.Tensor, x: torch.Tensor, lower: float, upper: float) -> torch.Tensor:
+    """Euclidean projection of each row of `delta` onto {d : ||d||_1 <= eps_row, lower <= x + d <= upper}.
 
     Projecting onto the L1 ball first and clipping to the box after wastes budget on
     coordinates the box cuts: on images with many pixels at 0 or 1 most of an L1 step can
@@ -97,8 +98,8 @@ def project_l1_box(delta: torch.Tensor, eps: torch.Tensor, lo: torch.Tensor, hi:
     bracket's upper end, where the L1 size was at most eps as summed in the delta's dtype
     (callers that need the ball exactly apply `within_rounding`).
     """
-    flat = delta.flatten(1)
-    room = torch.where(flat >= 0, hi.flatten(1).to(flat.dtype), -lo.flatten(1).to(flat.dtype)).clamp_min(0)
+    flat, point = delta.flatten(1), x.flatten(1).to(delta.dtype)
+    room = torch.where(flat >= 0, upper - point, point - lower).clamp_min(0)
     size = flat.abs()
     boxed = torch.minimum(size, room)
     e = eps.to(device=flat.device, dtype=flat.dtype)[:, None]
@@ -142,7 +143,7 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, threat: Threat, lower: float, 
         delta = delta * factor.view(-1, *([1] * (delta.dim() - 1)))
     elif threat.norm == "l1":
         eps = torch.full((len(delta),), float(threat.eps), dtype=torch.float64, device=delta.device)
-        delta = project_l1_box(delta, eps, (lower - x).clamp(max=0), (upper - x).clamp(min=0))
+        delta = project_l1_box(delta, eps, x, lower, upper)
     return within_rounding((x + delta).clamp(lower, upper), x, threat)
 
 

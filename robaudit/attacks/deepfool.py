@@ -43,12 +43,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import Attack, AttackContext
+from robaudit.attacks.base import DUAL, Attack, AttackContext
 from robaudit.attacks.fmn import decisively_misclassified
 from robaudit.threats import Threat
-
-
-DUAL = {"linf": 1.0, "l2": 2.0, "l1": float("inf")}  # the norm that measures gradients against each threat
 
 
 def l1_step(w: torch.Tensor, need: torch.Tensor, current: torch.Tensor, ctx: AttackContext) -> torch.Tensor:

@@ -53,13 +53,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import Attack, AttackContext, project_l1_box
+from robaudit.attacks.base import DUAL, Attack, AttackContext, project_l1_box
 from robaudit.threats import Threat
 
 # Default initial step sizes per norm (Pintor et al. 2021; the authors' and adv-lib's
 # benchmark configurations use 10 for Linf and 1 for L2 and L1).
 DEFAULT_ALPHA_INIT = {"linf": 10.0, "l2": 1.0, "l1": 1.0}
-_DUAL = {"linf": 1.0, "l2": 2.0, "l1": math.inf}
 _P = {"linf": math.inf, "l2": 2.0, "l1": 1.0}
 # A point counts as adversarial for the best-so-far only with a logit margin above this
 # fraction of its largest logit (float32 noise between batch layouts is ~1e-6 of it).
@@ -71,23 +70,9 @@ def lp_norms(delta: torch.Tensor, norm: str) -> torch.Tensor:
     return delta.flatten(1).norm(p=_P[norm], dim=1)
 
 
-def project_l1_ball(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Euclidean projection of each row onto the L1 ball of its own radius (Duchi et al. 2008)."""
-    flat = delta.flatten(1)
-    magnitude = flat.abs()
-    inside = magnitude.sum(dim=1) <= eps
-    mu = magnitude.sort(dim=1, descending=True).values
-    cumsum = mu.cumsum(dim=1)
-    ranks = torch.arange(1, flat.shape[1] + 1, device=flat.device, dtype=flat.dtype)
-    condition = mu * ranks > cumsum - eps[:, None]
-    rho = (condition * ranks).amax(dim=1).long().clamp_min(1)  # how many coordinates stay non-zero
-    theta = (cumsum.gather(1, (rho - 1)[:, None]).squeeze(1) - eps) / rho.to(flat.dtype)
-    projected = (magnitude - theta[:, None]).clamp_min(0) * flat.sign()
-    return torch.where(inside[:, None], flat, projected).view_as(delta)
-
-
 def project_ball(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Tensor:
-    """Project each perturbation onto the ball of its own radius ``eps`` (shape (N,))."""
+    """Project each perturbation onto the Linf or L2 ball of its own radius ``eps`` (shape (N,)); L1 projects
+    onto the ball within the box instead (`project_l1_box`)."""
     view = (-1,) + (1,) * (delta.dim() - 1)
     if norm == "linf":
         bound = eps.view(view)
@@ -95,8 +80,6 @@ def project_ball(delta: torch.Tensor, eps: torch.Tensor, norm: str) -> torch.Ten
     if norm == "l2":
         norms = lp_norms(delta, "l2").clamp_min(1e-12)
         return delta * (eps / norms).clamp(max=1.0).view(view)
-    if norm == "l1":
-        return project_l1_ball(delta, eps)
     raise NotImplementedError(f"FMN does not support {norm}")
 
 
@@ -235,7 +218,7 @@ class FMN(Attack):
             # reference jumps to the linear estimate of the boundary distance; taking at
             # least eps (1 + gamma) after the first step keeps an iterate that sits exactly
             # on the boundary (estimate ~ its own norm) from stalling there for ever.
-            estimate = d_norm + loss.abs() / grad.flatten(1).norm(p=_DUAL[norm], dim=1).clamp_min(1e-12)
+            estimate = d_norm + loss.abs() / grad.flatten(1).norm(p=DUAL[norm], dim=1).clamp_min(1e-12)
             if i > 0:
                 estimate = torch.maximum(estimate, eps * (1 + gamma))
             eps = torch.where(
@@ -250,7 +233,7 @@ class FMN(Attack):
             # would spend the radius on pixels the box cuts (`project_l1_box`).
             direction = grad / grad.flatten(1).norm(p=2, dim=1).clamp_min(1e-12).view(view)
             if norm == "l1":
-                stepped = project_l1_box(delta - alpha * direction, eps, (ctx.lower - xs).clamp(max=0), (ctx.upper - xs).clamp(min=0))
+                stepped = project_l1_box(delta - alpha * direction, eps, xs, ctx.lower, ctx.upper)
             else:
                 stepped = project_ball(delta - alpha * direction, eps, norm)
             delta = (xs + stepped).clamp(ctx.lower, ctx.upper) - xs

@@ -76,11 +76,10 @@ def load_model(
 
     from robaudit.models.weights_file import read_safetensors, state_dict_from, weights_model
 
-    if fmt == "safetensors":
+    # `--format state-dict` or `pickle` on safetensors bytes is read as safetensors (torch.load reads them too)
+    if fmt == "safetensors" or holds_safetensors(path):
         return weights_model(path, read_safetensors(path), fmt="safetensors", arch=arch, num_classes=num_classes)
 
-    if holds_safetensors(path):  # `--format state-dict` or `pickle` on safetensors bytes: torch.load reads them too
-        return weights_model(path, read_safetensors(path), fmt="safetensors", arch=arch, num_classes=num_classes)
     # 'state-dict' or 'pickle': what the file really holds decides, not the guess.
     from robaudit.models.pickle_file import find_module, pickle_model, read_torch_save
 
