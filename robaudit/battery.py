@@ -321,8 +321,12 @@ def build_battery(specs: list[Spec]) -> list[AttackRun]:
         norms = spec.get("norms")
         if norms is not None and (
             not isinstance(norms, list) or not norms or not all(isinstance(v, str) and v in attack.norms for v in norms)
+            or len(set(norms)) != len(norms)
         ):
-            raise RobauditError(f"attack '{name}': norms must be a non-empty list of the norms it supports ({', '.join(attack.norms)}), not {norms!r}")
+            raise RobauditError(
+                f"attack '{name}': norms must be a non-empty list of the norms it supports ({', '.join(attack.norms)}), "
+                f"each once, not {norms!r}"
+            )
         runs.append(
             AttackRun(
                 attack, restarts=restarts, label=_label(spec, seen),

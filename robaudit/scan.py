@@ -292,6 +292,12 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     for run in battery:  # the report shows each attack's settings for this model whether or not it ran (resumed scans)
         if getattr(run.attack, "num_classes", 0) is None:
             run.attack.num_classes = info.num_classes
+        targets = getattr(run.attack, "targets_for", None)
+        if config.attacks is not None and targets is not None and info.num_classes and targets(info.num_classes) == 0:
+            raise RobauditError(  # an entry of the user's own list that would silently run nothing
+                f"attack '{run.label}': skip_targets {getattr(run.attack, 'skip_targets', 0)} leaves no target class to attack on a "
+                f"{info.num_classes}-class model; lower skip_targets or drop the entry"
+            )
     _deterministic_only(config.indicator, randomized, "--indicator")  # a usage error: before any attack
     _deterministic_only(config.certify, randomized, "--certify")
     setup = ChunkSetup(

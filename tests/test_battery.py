@@ -75,6 +75,8 @@ def test_toml_config(tmp_path: Path) -> None:
         ("[preset]\nname = \"quick\"\n", "'preset' must be a string"),
         ("preset = \"fastest\"\n", "unknown preset"),
         ("threats = []\n", "non-empty list"),
+        ("[[attacks]]\nattack = \"fab-t\"\nnorms = [\"l1\", \"l1\"]\n", "each once"),
+        ("[[attacks]]\nattack = \"fab-t\"\nnorms = [\"linf\"]\n", "norms it supports"),
     ],
 )
 def test_bad_configs_are_clear_errors(tmp_path: Path, text: str, fragment: str) -> None:

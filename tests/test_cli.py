@@ -256,3 +256,10 @@ def test_config_file_and_preset_flags(model_files: ModelFiles, tmp_path) -> None
     bad = tmp_path / "bad.toml"
     bad.write_text("[[attacks]]\nattack = \"carlini\"\n")
     assert_one_line_error(run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--config", bad), "unknown attack")
+    # an entry of the user's own list that would run nothing on this 10-class model: refused, not silently skipped
+    empty = tmp_path / "empty.toml"
+    empty.write_text("[[attacks]]\nattack = \"apgd-t\"\nn_targets = 3\nskip_targets = 9\n")
+    assert_one_line_error(
+        run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--n", "5", "--config", empty, no_certify),
+        "skip_targets 9 leaves no target class to attack on a 10-class model",
+    )
