@@ -25,7 +25,8 @@ data movement and concatenation inserted (`random_net(seed, extras=True)`);
 `ROBAUDIT_PROPERTY_SEEDS=2000 pytest -m slow tests/test_certify_property.py` runs the
 heavier variant on that many other seeds (it is skipped without the variable). The
 zonotope test runs every method alone on 12 seeds (the heavier variant does so on all
-of its seeds); `ROBAUDIT_ZONOTOPE_SEEDS=100` gives it more.
+of its seeds); `ROBAUDIT_ZONOTOPE_SEEDS=100` gives it more. The L2-ball coupling of
+`crown` (`ball.py`) gets the same treatment on 24 seeds (`ROBAUDIT_BALL_SEEDS`).
 """
 
 from __future__ import annotations
@@ -382,6 +383,19 @@ def run_seeds(seeds: range, effort: Effort, extras: bool = False) -> None:
     assert {"certify_l2", "interval", "global-lipschitz"} <= total.methods, total.methods
 
 
+def attack_seeds(seeds: range, budget, effort: Effort, gen_base: int, before_seed=None) -> None:
+    """check_net on random_net(seed) for each seed at one budget; no violation, and every seed gives inputs."""
+    total = Outcome()
+    for seed in seeds:
+        if before_seed is not None:
+            before_seed(seed)
+        got = check_net(random_net(seed), effort, torch.Generator().manual_seed(gen_base + seed), budget)
+        total.violations += got.violations
+        total.samples += got.samples
+    assert not total.violations, f"{len(total.violations)} soundness violation(s):\n" + "\n".join(total.violations)
+    assert total.samples >= len(seeds)
+
+
 @pytest.mark.parametrize("chunk", range(CHUNKS))
 def test_random_nets_radii_survive_attacks_and_probes(chunk: int) -> None:
     per = DEFAULT_SEEDS // CHUNKS
@@ -435,13 +449,7 @@ def test_branch_and_bound_radii_survive_attacks_and_probes(monkeypatch: pytest.M
 
     monkeypatch.setattr(bab.BranchAndBound, "verify", counted)
     budget = dataclasses.replace(get_budget("default"), bab_evals=5, bab_domains=128, bab_batch=16, bab_steps=4)
-    total = Outcome()
-    for seed in BAB_SEEDS:
-        got = check_net(random_net(seed), Effort(), torch.Generator().manual_seed(20_000 + seed), budget)
-        total.violations += got.violations
-        total.samples += got.samples
-    assert not total.violations, f"{len(total.violations)} soundness violation(s):\n" + "\n".join(total.violations)
-    assert total.samples >= len(BAB_SEEDS)
+    attack_seeds(BAB_SEEDS, budget, Effort(), 20_000)
     print(f"branch and bound: {sum(results)} of {len(results)} trials proved")
     assert sum(results) >= 10 and results.count(False) >= 10, (sum(results), len(results))
 
@@ -467,16 +475,36 @@ def test_zonotope_radii_survive_attacks_and_probes(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setattr(interval, "zonotope_lipschitz", counted)
     budget = dataclasses.replace(get_budget("default"), zonotope_elems=1 << 22, zonotope_sdp_steps=20)
-    total = Outcome()
-    for seed in ZONOTOPE_SEEDS:
-        gen = torch.Generator().manual_seed(30_000 + seed)
-        got = check_net(random_net(seed), Effort(every_method_alone=True), gen, budget)
-        total.violations += got.violations
-        total.samples += got.samples
-    assert not total.violations, f"{len(total.violations)} soundness violation(s):\n" + "\n".join(total.violations)
-    assert total.samples >= len(ZONOTOPE_SEEDS)
+    attack_seeds(ZONOTOPE_SEEDS, budget, Effort(every_method_alone=True), 30_000)
     print(f"zonotope: ran {sum(ran)} of {len(ran)} times")
     assert sum(ran) >= 8 * len(ZONOTOPE_SEEDS), (sum(ran), len(ran))
+
+
+BALL_SEEDS = range(700, 700 + int(os.environ.get("ROBAUDIT_BALL_SEEDS", "24")))
+
+
+def test_ball_coupled_crown_radii_survive_attacks_and_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CROWN with every ReLU layer's units coupled through an L2 ball (`ball.py`), on random nets of every op.
+
+    Every method alone runs too, so a radius that only the coupled bound proves is attacked
+    on its own. Not vacuous: the coupled offset must be evaluated on most seeds.
+    """
+    from robaudit.certify import ball
+
+    seeds_used: set[int] = set()
+    current = [0]
+    inner = ball.Ball.offset
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seeds_used.add(current[0])
+        return inner(self, *args, **kwargs)
+
+    monkeypatch.setattr(ball.Ball, "offset", counted)
+    budget = dataclasses.replace(get_budget("default"), crown_ball=True)
+    assert get_budget("default").crown_ball and get_budget("tight").crown_ball and not get_budget("fast").crown_ball
+    attack_seeds(BALL_SEEDS, budget, Effort(every_method_alone=True), 40_000, before_seed=lambda seed: current.__setitem__(0, seed))
+    print(f"ball coupling: used on {len(seeds_used)} of {len(BALL_SEEDS)} seeds")
+    assert len(seeds_used) >= len(BALL_SEEDS) // 2, sorted(seeds_used)
 
 
 def test_random_nets_cover_every_supported_op() -> None:

@@ -125,6 +125,8 @@ class BranchAndBound:
         eps_d = eps.expand(d)
         spec_d = spec.expand(d, *spec.shape[1:])
         sub = ctx.select(torch.zeros(d, dtype=torch.long))
+        sub.ball = {}  # no L2-ball coupling in domains: on the small nets branch and bound runs on, it
+        # proved nothing more (digits ReLU MLP, 200 digits) and took 1.8x the time
         free = free0 & (split == 0)
         sign = split.to(torch.float64)
         floors = torch.cat([torch.full((size,), relus[k][1].floor, dtype=torch.float64) for k, (_, _, _, size, _) in enumerate(layout)])

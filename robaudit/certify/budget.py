@@ -31,6 +31,7 @@ class Budget:
     crown_polish_refine: int = 4096
     crown_polish_work: int = 1 << 35  # ... while refining every unit of those nets costs at most this many
     # multiply-adds per sample and evaluation (`CrownBound.refine_cost`)
+    crown_ball: bool = False  # couple each ReLU layer's units through an L2 ball around its input (ball.py)
     alpha_steps: int = 0  # alpha-CROWN: Adam steps on the unstable ReLUs' lower slopes per radius tried
     alpha_lr: float = 0.1
     zonotope_elems: int = 0  # zonotope gradient bound (zonotope.py) while every node has at most this many
@@ -53,12 +54,12 @@ BUDGETS: dict[str, Budget] = {
     ),
     "default": Budget(
         "default", shells=16, max_evals=45, tol=1 / 512, symbolic_cap=1 << 20, gram_cap=2048, corner_cap=1024,
-        crown_evals=10, crown_refine=0, crown_polish_evals=2, zonotope_elems=1 << 18, zonotope_sdp_steps=10,
+        crown_evals=10, crown_refine=0, crown_polish_evals=2, crown_ball=True, zonotope_elems=1 << 18, zonotope_sdp_steps=10,
         bab_evals=4, bab_domains=1024, bab_batch=128, bab_steps=2, bab_units=512, bab_work=1 << 25,
     ),
     "tight": Budget(
         "tight", shells=32, max_evals=90, tol=1 / 8192, symbolic_cap=1 << 23, gram_cap=4096, corner_cap=4096,
-        crown_evals=20, crown_refine=4096, alpha_steps=20,
+        crown_evals=20, crown_refine=4096, crown_ball=True, alpha_steps=20,
         zonotope_elems=1 << 19, zonotope_pairs=9, zonotope_sdp_steps=20,
         bab_evals=5, bab_domains=2048, bab_batch=256, bab_steps=4, bab_units=512, bab_work=1 << 27,
     ),

@@ -85,7 +85,7 @@ def default_methods(graph: Graph, budget: Budget) -> list:
     methods.append(IntervalBound(graph, budget, lipschitz=glob))
     methods.append(glob)
     if budget.crown_evals:
-        methods.append(CrownBound(graph, budget))
+        methods.append(CrownBound(graph, budget, lipschitz=glob))
     return methods
 
 

@@ -42,8 +42,10 @@ import torch
 
 from robaudit.certify.affine import AffinePrefix
 from robaudit.certify.bab import BranchAndBound
+from robaudit.certify.ball import Ball
 from robaudit.certify.box import exact_box, node_box
 from robaudit.certify.budget import Budget
+from robaudit.certify.global_lipschitz import LIP_RTOL, GlobalLipschitz, schur_bound
 from robaudit.certify.graph import Graph
 from robaudit.certify.interval import SYM_CHUNK_ELEMS, Batch, Sym, act_sym, add_sym, affine_sym, intersect
 from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp, PadOp, ReshapeOp, SelectOp
@@ -82,11 +84,16 @@ class _Context:
 
     relaxed: dict[int, _Relaxed]
     noise: dict[int, torch.Tensor]  # (n, *shape) bound on the rounding the float32 model adds at the node
+    # ReLU node -> its input's unstable units and an L2 ball around the input's value at the
+    # sample that holds the float32 values fed to the layer on the whole eps-ball (`ball.py`)
+    ball: dict[int, Ball] = dataclasses.field(default_factory=dict)
+    centre_norm: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # (n,) ||node value at x||
 
     def select(self, rows: torch.Tensor) -> _Context:
         """The same for a subset of the samples."""
         relaxed = {i: _Relaxed(r.kind, r.floor, **{k: v[rows] for k, v in r.parts.items()}) for i, r in self.relaxed.items()}
-        return _Context(relaxed, {i: v[rows] for i, v in self.noise.items()})
+        ball = {i: b.select(rows) for i, b in self.ball.items()}
+        return _Context(relaxed, {i: v[rows] for i, v in self.noise.items()}, ball)
 
 
 class _Relaxed:
@@ -103,9 +110,13 @@ class CrownBound:
 
     name = "crown"
 
-    def __init__(self, graph: Graph, budget: Budget) -> None:
+    def __init__(self, graph: Graph, budget: Budget, lipschitz: GlobalLipschitz | None = None) -> None:
         self.graph = graph
         self.budget = budget
+        self.lipschitz = None  # spectral norms for the L2 ball of each ReLU layer's input (`ball.py`)
+        if budget.crown_ball:
+            self.lipschitz = lipschitz if lipschitz is not None else GlobalLipschitz(graph)
+        self._op_norms: dict[int, float] = {}
         self.prefix = AffinePrefix(graph, budget.symbolic_cap)
         d = graph.input_dim
         self.sym_ok = [d * math.prod(node.shape) <= budget.symbolic_cap for node in graph.nodes]
@@ -249,6 +260,7 @@ class CrownBound:
         sym: list[Sym | None] = [None] * n_nodes
         pending = [len(c) for c in g.consumers]
         drift: list[torch.Tensor | float] = [0.0] * n_nodes  # accumulated float32 rounding of exact nodes
+        spread: list[torch.Tensor | None] = [None] * n_nodes  # (n,) bound of ||float32 z_i - z_i(x)|| on the ball
         for i, node in enumerate(g.nodes):
             op = node.op
             a = eps.view(-1, *([1] * len(node.shape)))
@@ -283,15 +295,79 @@ class CrownBound:
                 if sym[i] is None:
                     cap = max(cap, self.budget.crown_refine_unbounded)
                 lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
+            if self.lipschitz is not None:
+                ctx.centre_norm[i] = batch.values[i][idx].flatten(1).norm(dim=1)
+                spread[i] = self._spread(i, batch.values[i][idx], lo[i], hi[i], eps, spread, ctx)
             for c in g.consumers[i]:
                 cop = g.nodes[c].op
                 if isinstance(cop, (ActOp, MaxPoolOp)):
                     relaxed[c] = self._relax(cop, lo[i], hi[i])
+                if spread[i] is not None and c in relaxed and relaxed[c].kind == "relu":
+                    centre = batch.values[i][idx]
+                    box = torch.maximum(hi[i] - centre, centre - lo[i]).flatten(1).norm(dim=1)
+                    if bool((spread[i] < box).any()):  # else the ball adds nothing to the box
+                        ctx.ball[c] = Ball.gather(relaxed[c].parts["free"], lo[i], hi[i], centre, spread[i])
             for j in node.inputs:
                 pending[j] -= 1
                 if pending[j] == 0:
                     sym[j] = None
         return ctx
+
+    def _spread(self, i: int, centre: torch.Tensor, lo, hi, eps, spread: list, ctx: _Context) -> torch.Tensor | None:
+        """(n,) a bound of ||z_i - centre|| for the float32 values z_i of node i on the eps-ball.
+
+        The smaller of the node's box (its farthest corner from the centre) and a Lipschitz
+        step from its inputs' spreads: a sound spectral-norm bound of the affine chain that
+        ends here (`GlobalLipschitz.chains`), activation slopes, pool overlaps, residual sums;
+        plus the float32 rounding each node adds (`ctx.noise`, carried through the rest of
+        its chain by Schur's bound), plus the float64 rounding of the centres themselves.
+        """
+        node = self.graph.nodes[i]
+        op = node.op
+        box = torch.maximum(hi - centre, centre - lo).flatten(1).norm(dim=1)
+        size = centre.flatten(1).norm(dim=1)
+        if op is None:
+            return eps.clone()
+        if isinstance(op, AffineOp):
+            chain = self.lipschitz.chains.get(i)
+            if chain is None or spread[chain[1]] is None:
+                return None  # inside a chain: only its end is bounded
+            norm, base = chain
+            carried, slack, after = 0.0, 0.0, 1.0
+            for k in self._chain_nodes(i):  # from i backwards: rounding and bias through the ops after them
+                if k in ctx.noise:
+                    carried = carried + after * ctx.noise[k].flatten(1).norm(dim=1)
+                slack = slack + after * self.bias_norm.get(k, 0.0)
+                after *= self._op_norm(k)
+            base_size = ctx.centre_norm[base]
+            prop = norm * (1 + LIP_RTOL) * spread[base] + carried + CROWN_RTOL * (size + slack + after * base_size)
+        elif any(spread[j] is None for j in node.inputs):
+            return None
+        elif isinstance(op, ActOp):
+            prop = op.max_slope * spread[node.inputs[0]]
+        elif isinstance(op, MaxPoolOp):
+            prop = math.sqrt(op.overlap) * spread[node.inputs[0]]
+        else:
+            prop = spread[node.inputs[0]] + spread[node.inputs[1]]
+        if not isinstance(op, AffineOp):
+            own = ctx.noise[i].flatten(1).norm(dim=1) if i in ctx.noise else 0.0
+            prop = prop + own + CROWN_RTOL * (size + sum(ctx.centre_norm[j] for j in node.inputs))
+        return torch.minimum(prop * (1 + 1e-9), box)
+
+    def _chain_nodes(self, i: int) -> list[int]:
+        """The affine nodes of the chain ending at node i (as `GlobalLipschitz._chain`), i first."""
+        nodes, consumers = self.graph.nodes, self.graph.consumers
+        out, j = [], i
+        while isinstance(nodes[j].op, AffineOp) and (j == i or len(consumers[j]) == 1):
+            out.append(j)
+            j = nodes[j].inputs[0]
+        return out
+
+    def _op_norm(self, k: int) -> float:
+        """Schur's bound of node k's spectral norm: cheap, and only rounding goes through it."""
+        if k not in self._op_norms:
+            self._op_norms[k] = schur_bound(self.graph.nodes[k].op) * (1 + LIP_RTOL)
+        return self._op_norms[k]
 
     def _noise(self, i: int, lo: list, hi: list) -> torch.Tensor | float:
         """The rounding the float32 model adds at node i, from the magnitudes of its float32 inputs."""
@@ -486,9 +562,15 @@ class CrownBound:
                 if alpha is not None and i in alpha:
                     a_l = torch.where(r["free"][:, None], alpha[i], a_l)  # kept in [floor, 1] by the optimizer
                 # pos * a_l + neg * a_u with pos = lam - neg; the lower lines of ReLUs pass through 0
-                push(node.inputs[0], lam * a_l + neg * (r["a_u"][:, None] - a_l))
+                g_in = lam * a_l + neg * (r["a_u"][:, None] - a_l)
+                push(node.inputs[0], g_in)
                 term = total(neg * r["b_u"][:, None])  # b_u >= 0 for ReLUs, so term <= 0
-                if rel.kind == "relu":
+                if rel.kind == "relu" and i in ctx.ball:
+                    coupled, size = ctx.ball[i].offset(lam.reshape(n, s, -1), g_in.reshape(n, s, -1), rel.floor)
+                    better = coupled > term
+                    const = const + torch.where(better, coupled, term)
+                    scale = scale + torch.where(better, size, -term)
+                elif rel.kind == "relu":
                     const, scale = const + term, scale - term
                 else:
                     low = total((lam - neg) * r["b_l"][:, None])

@@ -123,6 +123,7 @@ class GlobalLipschitz:
     def __init__(self, graph: Graph) -> None:
         self.graph = graph
         self._lip: dict[int, float] = {}
+        self.chains: dict[int, tuple[float, int]] = {}  # affine node -> (norm bound of its chain, node before it), uninflated
         nodes, consumers = graph.nodes, graph.consumers
         for i, node in enumerate(nodes):  # topological order keeps the memoized recursion shallow
             interior = isinstance(node.op, AffineOp) and len(consumers[i]) == 1
@@ -161,7 +162,8 @@ class GlobalLipschitz:
             value = 1.0
         elif isinstance(op, AffineOp):
             ops, base = self._chain(i)
-            value = chain_norm(ops) * self.lip(base)
+            self.chains[i] = (chain_norm(ops), base)
+            value = self.chains[i][0] * self.lip(base)
         elif isinstance(op, ActOp):
             value = op.max_slope * self.lip(node.inputs[0])
         elif isinstance(op, MaxPoolOp):
