@@ -265,7 +265,7 @@ def scan(
     _distinct_outputs({"--json": json_path, "--save-adversarial": save_adversarial, "--junit": junit, "--markdown": markdown, "--html": html_path})
     _guard_folders({"--plots": plots, "--checkpoint": checkpoint}, [json_path, save_adversarial, junit, markdown, html_path], inputs)
 
-    from robaudit.distributed import join
+    from robaudit.distributed import RankFailure, join
 
     _RUNNING.update(started=time.monotonic(), checkpoint=checkpoint)
     cluster = join(device)
@@ -280,6 +280,11 @@ def scan(
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=stderr, transient=True) as progress:
                 result = run_scan(config, progress=lambda: RichProgress(progress), cluster=cluster)
+    except Exception as exc:  # the ranks this one stops can then say why (`Cluster.stopped`)
+        if not isinstance(exc, RankFailure):
+            said = str(exc) if isinstance(exc, RobauditError) else f"internal error ({type(exc).__name__}: {exc})"
+            cluster.report_error(" ".join(said.split())[:500])
+        raise
     finally:
         cluster.close()
     if result is None:  # another rank writes the report

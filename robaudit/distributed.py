@@ -29,6 +29,7 @@ import torch
 from robaudit.errors import RobauditError
 
 EXCHANGE_TIMEOUT = timedelta(hours=24)  # a rank may audit its shard for hours before the next exchange
+ERROR_KEY = "robaudit/error"  # a rank's one-line error, under this key plus its rank, in torchrun's store
 
 
 class RankFailure(RobauditError):
@@ -136,8 +137,37 @@ class Cluster:
                 dead.append(rank)
         return dead
 
+    def report_error(self, message: str) -> None:
+        """Leave this rank's one-line error in the launcher's store, so the ranks it stops can name it.
+
+        Best effort: the store is torchrun's rendezvous store (on every machine of the run);
+        without it the others still stop, only with a vaguer line.
+        """
+        if not self.distributed:
+            return
+        try:
+            store = torch.distributed.distributed_c10d._get_default_store()
+            store.set(f"{ERROR_KEY}/{self.rank}", message)
+        except Exception:  # noqa: BLE001 - a missing store must not hide the error itself
+            pass
+
+    def peer_error(self) -> tuple[int, str] | None:
+        """(rank, its one-line error) of another rank that stopped on an error it reported, if any."""
+        try:
+            store = torch.distributed.distributed_c10d._get_default_store()
+            for rank in range(self.world):
+                key = f"{ERROR_KEY}/{rank}"
+                if rank != self.rank and store.check([key]):
+                    return rank, store.get(key).decode(errors="replace")
+        except Exception:  # noqa: BLE001 - the store may be gone with the launcher
+            return None
+        return None
+
     def stopped(self) -> str:
-        """Why this rank cannot go on, naming the rank that died where it can."""
+        """Why this rank cannot go on, naming the rank that stopped (and its error) or died where it can."""
+        reported = self.peer_error()
+        if reported is not None:
+            return f"rank {reported[0]} of {self.world} stopped: {reported[1]}; so rank {self.rank} stopped too"
         dead = self.dead_ranks()
         for _ in range(10):  # a killed peer's sockets close a moment before the OS marks it dead
             if dead:

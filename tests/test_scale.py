@@ -218,6 +218,24 @@ def test_a_rank_that_dies_fails_the_run_without_a_report(tmp_path: Path) -> None
     assert len(ours) == 1 and "rank 1 (pid" in ours[0] and "died" in ours[0] and "no report written" in ours[0], stderr[-3000:]
 
 
+def test_a_rank_that_stops_on_an_error_is_named_with_its_error_by_the_others(tmp_path: Path) -> None:
+    """Rank 1 cannot read its copy of the model: rank 0 says which rank stopped and why, not just "died"."""
+    import torch
+
+    from tests.rank_flaky import FailsOnRank1
+
+    model = tmp_path / "model.pt"
+    torch.save(FailsOnRank1(), model)
+    out = tmp_path / "report.json"
+    result = torchrun("scan", model, "--format", "pickle", "--trust-pickle", "--data", "digits", "--samples", "16",
+                      "--preset", "quick", "--no-certify", "-q", "--json", out)  # fmt: skip
+    assert result.returncode != 0 and not out.exists()
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert any("corrupt" in line and "rank 0" not in line for line in errors), result.stderr[-3000:]  # rank 1's own
+    stopped = [line for line in errors if "so rank 0 stopped too" in line]
+    assert len(stopped) == 1 and "rank 1 of 2 stopped:" in stopped[0] and "corrupt" in stopped[0], result.stderr[-3000:]
+
+
 def _rank_pid(parent: int, rank: int) -> int:
     """The worker process torchrun started with RANK=rank."""
     deadline = time.monotonic() + 60
