@@ -16,8 +16,9 @@ Lagrangian dual (SDP-CROWN, Chiu et al., ICML 2025; here with the box kept)
 which separates per unit. Every mu gives a sound bound (weak duality: on the set, the added
 term is <= 0); mu = 0 is the exact per-unit minimum over the box, never below CROWN's
 intercepts. Units whose relaxation is exact (stable ReLUs, where g = lam s') add exactly 0
-for every mu, so only the unstable ones are gathered. The maximizing mu is found by
-bisection on the monotone derivative ``(||z*(mu) - c||^2 - R^2) / 2``.
+for every mu, so only the unstable ones are gathered. The maximizing mu is found by a few
+bisection steps on log mu and one interpolation step on the monotone derivative
+``(||z*(mu) - c||^2 - R^2) / 2``; it need not be exact, since every mu gives a sound bound.
 """
 
 from __future__ import annotations
