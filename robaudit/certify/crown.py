@@ -87,7 +87,6 @@ class _Context:
     # ReLU node -> its input's unstable units and an L2 ball around the input's value at the
     # sample that holds the float32 values fed to the layer on the whole eps-ball (`ball.py`)
     ball: dict[int, Ball] = dataclasses.field(default_factory=dict)
-    centre_norm: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # (n,) ||node value at x||
 
     def select(self, rows: torch.Tensor) -> _Context:
         """The same for a subset of the samples."""
@@ -261,6 +260,7 @@ class CrownBound:
         pending = [len(c) for c in g.consumers]
         drift: list[torch.Tensor | float] = [0.0] * n_nodes  # accumulated float32 rounding of exact nodes
         spread: list[torch.Tensor | None] = [None] * n_nodes  # (n,) bound of ||float32 z_i - z_i(x)|| on the ball
+        size: list[torch.Tensor | None] = [None] * n_nodes  # (n,) ||z_i(x)||, for the centres' own rounding
         for i, node in enumerate(g.nodes):
             op = node.op
             a = eps.view(-1, *([1] * len(node.shape)))
@@ -295,28 +295,29 @@ class CrownBound:
                 if sym[i] is None:
                     cap = max(cap, self.budget.crown_refine_unbounded)
                 lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
+            tighter = False  # whether node i's ball is smaller than its box for some sample
             if self.lipschitz is not None:
-                ctx.centre_norm[i] = batch.values[i][idx].flatten(1).norm(dim=1)
-                spread[i] = self._spread(i, batch.values[i][idx], lo[i], hi[i], eps, spread, ctx)
+                centre = batch.values[i][idx]
+                size[i] = centre.flatten(1).norm(dim=1)
+                box = torch.maximum(hi[i] - centre, centre - lo[i]).flatten(1).norm(dim=1)  # farthest corner
+                spread[i] = self._spread(i, box, size, eps, spread, ctx)
+                tighter = spread[i] is not None and bool((spread[i] < box).any())
             for c in g.consumers[i]:
                 cop = g.nodes[c].op
                 if isinstance(cop, (ActOp, MaxPoolOp)):
                     relaxed[c] = self._relax(cop, lo[i], hi[i])
-                if spread[i] is not None and c in relaxed and relaxed[c].kind == "relu":
-                    centre = batch.values[i][idx]
-                    box = torch.maximum(hi[i] - centre, centre - lo[i]).flatten(1).norm(dim=1)
-                    if bool((spread[i] < box).any()):  # else the ball adds nothing to the box
-                        ctx.ball[c] = Ball.gather(relaxed[c].parts["free"], lo[i], hi[i], centre, spread[i])
+                if tighter and c in relaxed and relaxed[c].kind == "relu":  # else the ball adds nothing to the box
+                    ctx.ball[c] = Ball.gather(relaxed[c].parts["free"], lo[i], hi[i], centre, spread[i])
             for j in node.inputs:
                 pending[j] -= 1
                 if pending[j] == 0:
                     sym[j] = None
         return ctx
 
-    def _spread(self, i: int, centre: torch.Tensor, lo, hi, eps, spread: list, ctx: _Context) -> torch.Tensor | None:
-        """(n,) a bound of ||z_i - centre|| for the float32 values z_i of node i on the eps-ball.
+    def _spread(self, i: int, box: torch.Tensor, size: list, eps, spread: list, ctx: _Context) -> torch.Tensor | None:
+        """(n,) a bound of ||z_i - z_i(x)|| for the float32 values z_i of node i on the eps-ball.
 
-        The smaller of the node's box (its farthest corner from the centre) and a Lipschitz
+        The smaller of `box` (the distance to the farthest corner of the node's box) and a Lipschitz
         step from its inputs' spreads: a sound spectral-norm bound of the affine chain that
         ends here (`GlobalLipschitz.chains`), activation slopes, pool overlaps, residual sums;
         plus the float32 rounding each node adds (`ctx.noise`, carried through the rest of
@@ -324,8 +325,6 @@ class CrownBound:
         """
         node = self.graph.nodes[i]
         op = node.op
-        box = torch.maximum(hi - centre, centre - lo).flatten(1).norm(dim=1)
-        size = centre.flatten(1).norm(dim=1)
         if op is None:
             return eps.clone()
         if isinstance(op, AffineOp):
@@ -334,13 +333,12 @@ class CrownBound:
                 return None  # inside a chain: only its end is bounded
             norm, base = chain
             carried, slack, after = 0.0, 0.0, 1.0
-            for k in self._chain_nodes(i):  # from i backwards: rounding and bias through the ops after them
+            for k in self.lipschitz.chain_nodes(i)[0]:  # from i backwards: rounding and bias through the ops after them
                 if k in ctx.noise:
                     carried = carried + after * ctx.noise[k].flatten(1).norm(dim=1)
                 slack = slack + after * self.bias_norm.get(k, 0.0)
                 after *= self._op_norm(k)
-            base_size = ctx.centre_norm[base]
-            prop = norm * (1 + LIP_RTOL) * spread[base] + carried + CROWN_RTOL * (size + slack + after * base_size)
+            prop = norm * (1 + LIP_RTOL) * spread[base] + carried + CROWN_RTOL * (size[i] + slack + after * size[base])
         elif any(spread[j] is None for j in node.inputs):
             return None
         elif isinstance(op, ActOp):
@@ -351,17 +349,8 @@ class CrownBound:
             prop = spread[node.inputs[0]] + spread[node.inputs[1]]
         if not isinstance(op, AffineOp):
             own = ctx.noise[i].flatten(1).norm(dim=1) if i in ctx.noise else 0.0
-            prop = prop + own + CROWN_RTOL * (size + sum(ctx.centre_norm[j] for j in node.inputs))
+            prop = prop + own + CROWN_RTOL * (size[i] + sum(size[j] for j in node.inputs))
         return torch.minimum(prop * (1 + 1e-9), box)
-
-    def _chain_nodes(self, i: int) -> list[int]:
-        """The affine nodes of the chain ending at node i (as `GlobalLipschitz._chain`), i first."""
-        nodes, consumers = self.graph.nodes, self.graph.consumers
-        out, j = [], i
-        while isinstance(nodes[j].op, AffineOp) and (j == i or len(consumers[j]) == 1):
-            out.append(j)
-            j = nodes[j].inputs[0]
-        return out
 
     def _op_norm(self, k: int) -> float:
         """Schur's bound of node k's spectral norm: cheap, and only rounding goes through it."""

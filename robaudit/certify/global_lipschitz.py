@@ -142,15 +142,20 @@ class GlobalLipschitz:
             self.pair = torch.full((graph.num_classes,) * 2, math.sqrt(2) * self.lip(base), dtype=torch.float64)
         self.pair = self.pair * (1 + LIP_RTOL)
 
-    def _chain(self, i: int) -> tuple[list[AffineOp], int]:
-        """The single-input affine ops ending at node i (interior nodes used only there), and the node before."""
+    def chain_nodes(self, i: int) -> tuple[list[int], int]:
+        """The single-input affine nodes ending at node i (interior nodes used only there), i first, and the node before."""
         nodes, consumers = self.graph.nodes, self.graph.consumers
-        ops: list[AffineOp] = []
+        out: list[int] = []
         j = i
         while isinstance(nodes[j].op, AffineOp) and (j == i or len(consumers[j]) == 1):
-            ops.append(nodes[j].op)
+            out.append(j)
             j = nodes[j].inputs[0]
-        return ops[::-1], j
+        return out, j
+
+    def _chain(self, i: int) -> tuple[list[AffineOp], int]:
+        """The ops of `chain_nodes`, first op first, and the node before."""
+        chain, base = self.chain_nodes(i)
+        return [self.graph.nodes[k].op for k in reversed(chain)], base
 
     def lip(self, i: int) -> float:
         """Upper bound of the L2 Lipschitz constant of node i as a function of the pixels."""

@@ -750,10 +750,10 @@ _ATEN_DROPOUTS = {
     "feature_alpha_dropout", "feature_alpha_dropout_",
 }  # fmt: skip
 _ATEN_CONVS = {"conv2d", "convolution", "_convolution"}
-_FILLED_FUNCTIONS = {torch.full_like, torch.zeros_like, torch.ones_like}
 _ATEN_SHAPE = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "size", "dim", "numel", "stride"}
 # constant tensors shaped like their argument (full_like(h, c), h.new_zeros(...)): they read its shape, never its values
-_FILLED_LIKE = {"full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones"}
+_FILLED_LIKE = {"full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones"}  # aten ops and methods
+_FILLED_FUNCTIONS = {torch.full_like, torch.zeros_like, torch.ones_like}
 # Checks torch.export and the TorchScript converter insert: they return nothing and compute nothing.
 _ATEN_CHECKS = {
     "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
@@ -1028,9 +1028,9 @@ def _structural_op(
                 item = torch.as_tensor(item).unsqueeze(dim)
             items.append(item)
         return b.concat(name, items, dim, out_shape)
-    if len(args) == 2 and isinstance(args[1], _Var) and not isinstance(args[0], _Var):
-        if aten in ("minimum", "maximum") or (aten is None and n.op == "call_function" and n.target in (torch.minimum, torch.maximum)):
-            args = [args[1], args[0]]  # minimum(c, x) = minimum(x, c)
+    function = aten or (_CLAMP_FUNCTIONS.get(n.target) if n.op == "call_function" else None)
+    if function in ("minimum", "maximum") and len(args) == 2 and isinstance(args[1], _Var) and not isinstance(args[0], _Var):
+        args = [args[1], args[0]]  # minimum(c, x) = minimum(x, c)
     var = _sole_input(args, kwargs)
     if var is None:
         return None
@@ -1247,7 +1247,7 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
             n.op == "call_function" and n.target is getattr and args[1] in ("shape", "ndim", "dtype", "device")
         ) or (n.op == "call_function" and _aten_name(n.target) in _ATEN_SHAPE | _FILLED_LIKE) or (
             n.op == "call_method" and n.target in _FILLED_LIKE
-        ) or (n.op == "call_function" and getattr(n.target, "__name__", None) in _FILLED_LIKE and n.target in _FILLED_FUNCTIONS)
+        ) or (n.op == "call_function" and n.target in _FILLED_FUNCTIONS)
         if shape_only or (n.op == "call_module" and type(gm.get_submodule(n.target)).__name__ == "OnnxShape"):
             env[n] = values[n]  # depends on the input's shape only, fixed at batch 1
             continue
