@@ -553,6 +553,38 @@ def _sandwich(op: nn.Module, image: bool) -> nn.Sequential:
     return nn.Sequential(*head, op, nn.Flatten(), nn.Linear(math.prod(shape[1:]), 3)).eval()
 
 
+def _prelu(*slopes: float) -> nn.PReLU:
+    """An nn.PReLU with these slopes (one, or one per channel of the conv output)."""
+    m = nn.PReLU(len(slopes))
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor(slopes))
+    return m
+
+
+class PReLUFn(nn.Module):
+    """F.prelu with slopes held in a buffer (a float64 copy of the net converts them too)."""
+
+    def __init__(self, *slopes: float) -> None:
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor(slopes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.prelu(x, self.slopes)
+
+
+class BatchNormFn(nn.Module):
+    """F.batch_norm with running statistics, as functional code writes it (hunt 24: refused before)."""
+
+    def __init__(self, training: bool = False) -> None:
+        super().__init__()
+        self.training_flag = training
+        for name, value in (("mean", [0.2, -0.1]), ("var", [0.5, 2.0]), ("gamma", [1.5, -0.7]), ("beta", [0.1, 0.3])):
+            self.register_buffer(name, torch.tensor(value))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, self.training_flag, 0.1, 1e-3)
+
+
 REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     # (id, op, on the conv output?, fragments of which the message must name one)
     ("GELU", nn.GELU(), False, ("GELU",)),
@@ -577,6 +609,9 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("leaky-relu-slope-minus-2", nn.LeakyReLU(-2.0), False, ("LeakyReLU", "leaky_relu")),
     ("leaky-relu-slope-minus-half", nn.LeakyReLU(-0.5), True, ("LeakyReLU", "leaky_relu")),
     ("leaky-relu-fn-minus-half", Fn(lambda x: F.leaky_relu(x, -0.5), "F.leaky_relu(x, -0.5)"), False, ("leaky_relu",)),
+    ("prelu-negative-channel", _prelu(0.2, -0.5), True, ("PReLU",)),
+    ("prelu-fn-negative", PReLUFn(-0.25), False, ("prelu",)),
+    ("batch-norm-fn-training", BatchNormFn(training=True), True, ("batch norm in training mode",)),
     ("half", Fn(lambda x: x.half().float(), "x.half().float()"), False, ("half", "float16")),
     ("to-float16", Fn(lambda x: x.to(torch.float16).float(), "x.to(torch.float16)"), False, ("float16",)),
     ("to-dtype-float16", Fn(lambda x: x.to(dtype=torch.float16).float(), "x.to(dtype=float16)"), True, ("float16",)),
@@ -660,6 +695,14 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("maxpool-ceil-padded", Fn(lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True), "max_pool2d(3, 2, 1, ceil)"), True),
     ("conv-reflect", nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"), True),
     ("conv-circular", nn.Conv2d(2, 3, 3, padding=(1, 2), padding_mode="circular"), True),
+    # PReLU: one slope is a LeakyReLU; slopes per channel, (1 - a) relu(x) + a x (hunt 24)
+    ("prelu-one-slope", _prelu(0.25), False),
+    ("prelu-per-channel", _prelu(0.1, 1.5), True),
+    ("prelu-fn-per-channel", PReLUFn(0.0, 0.3), True),
+    ("batch-norm-fn", BatchNormFn(), True),
+    # sums over dimensions: a mean times the count (hunt 24)
+    ("sum-method", Fn(lambda x: x.sum(dim=3, keepdim=True), "x.sum(dim=3, keepdim=True)"), True),
+    ("sum-fn", Fn(lambda x: torch.sum(x, (2, 3)), "torch.sum(x, (2, 3))"), True),
     # adaptive average pools with windows of different sizes: gather, window sums, a scale
     ("adaptive-uneven", nn.AdaptiveAvgPool2d((3, 2)), True),
     ("adaptive-overlap", Fn(lambda x: F.adaptive_avg_pool2d(x, 3), "F.adaptive_avg_pool2d(x, 3)"), True),

@@ -248,6 +248,48 @@ def test_moves_clamps_and_concatenation_certify_alike_in_every_format(tmp_path) 
         assert_ball_keeps_decision(model, x[right], y[right], cert.radius[right])
 
 
+class PReLUCNN(nn.Module):
+    """Convolutions with string padding ("same" with an even kernel pads one side more, "valid"), PReLU with
+    a slope per channel, a sum over one spatial dimension (hunt 24: each was refused in some format)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 2, padding="same")
+        self.act = nn.PReLU(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding="valid")
+        self.head = nn.Linear(4 * 6, 10)
+        with torch.no_grad():
+            self.act.weight.copy_(torch.tensor([0.05, 0.3, 0.0, 1.2]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv2(self.act(self.conv1(x))))  # (4, 6, 6)
+        return self.head(h.sum(dim=3).flatten(1))
+
+
+def test_prelu_string_padding_and_sums_certify_alike_in_every_format(tmp_path) -> None:
+    """ONNX (both exporters), traced and scripted TorchScript and the unsaved module: the same radii, and
+    random points at 0.999 of them keep the label."""
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    net = fit(PReLUCNN(), 120)
+    with torch.no_grad():
+        net.act.weight.clamp_(min=0.0)  # training may push a slope below 0: that PReLU is refused (non-monotone)
+    reference = certify_l2(net, x, y, budget="fast")
+    assert (reference.radius > 0).sum() >= 12, reference.radius
+    dynamo = tmp_path / "prelu_dynamo.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x[:2],), str(dynamo), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+    files = [save(net, tmp_path / "prelu.onnx", "onnx"), dynamo]
+    files += [save(net, tmp_path / f"prelu_{kind}.pt", kind) for kind in ("trace", "script")]
+    for path in files:
+        model = loaded(path, x)
+        cert = certify_l2(model, x, y, budget="fast")
+        torch.testing.assert_close(cert.radius, reference.radius, rtol=1e-6, atol=1e-12, msg=str(path))
+        right = cert.radius > 0
+        assert_ball_keeps_decision(model, x[right], y[right], cert.radius[right])
+
+
 class UnevenPoolCNN(nn.Module):
     """A conv into an adaptive average pool with windows of different sizes (8x8 -> 3x3, as vgg's 7x7 pool)."""
 

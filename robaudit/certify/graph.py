@@ -499,6 +499,40 @@ class _Builder:
     def act(self, name: str, var: _Var, kind: str, **params: float) -> int:
         return self.add(name, ActOp(name, var.shape, kind, **params), [var.index], var.shape)
 
+    def prelu(self, name: str, var: _Var, run: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """PReLU, max(x, 0) + a min(x, 0), with the slopes `run` (the model's own op, re-run in float64) uses.
+
+        Its slopes are read off a run on -1s and must reproduce a run on random values
+        exactly. One slope for every unit is a LeakyReLU; slopes per channel are
+        (1 - a) relu(x) + a x, a ReLU and two elementwise scales whose sum is the PReLU
+        exactly. A negative slope (non-monotone) is refused, as for LeakyReLU.
+        """
+        try:
+            with torch.no_grad():
+                slope = -run(-torch.ones(var.shape, dtype=F64))
+                probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+                same = torch.equal(run(probe), torch.where(probe > 0, probe, slope * probe))
+        except Exception as exc:  # e.g. slopes whose shape does not broadcast the way the op's checks want
+            raise CertificateUnavailable(f"{name}: PReLU could not be re-run in float64 ({type(exc).__name__})") from None
+        if not same or tuple(slope.shape) != tuple(var.shape):
+            raise CertificateUnavailable(f"{name}: does not compute a PReLU the bound reproduces")
+        if not bool(torch.isfinite(slope).all() and (slope >= 0).all()):
+            raise CertificateUnavailable(f"{name}: PReLU with a negative slope {float(slope.min())} (non-monotone)")
+        if bool((slope == slope.reshape(-1)[0]).all()):
+            return self.act(name, var, "leaky_relu", slope=float(slope.reshape(-1)[0]))
+        shape = var.shape
+        relu = _Var(self.act(f"{name} (its ReLU part)", var, "relu"), shape)
+        bent = self.scale(f"{name} ((1 - slope) relu(x))", relu, 1 - slope, 0.0, shape)
+        straight = self.scale(f"{name} (slope x)", var, slope, 0.0, shape)
+        return self.add(name, AddOp(name, shape, 1.0), [bent, straight], shape)
+
+    def total(self, name: str, var: _Var, dims: Any, out_shape: Shape) -> int:
+        """A sum over `dims`: their mean, scaled by the number of values it averages."""
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        count = math.prod(var.shape[d] for d in dims)
+        mean = self.mean(f"{name} (as a mean)", var, dims, out_shape)
+        return self.scale(name, _Var(mean, tuple(out_shape)), float(count), 0.0, out_shape)
+
     def avgpool(self, name: str, var: _Var, p: dict, out_shape: Shape) -> int:
         divisor = p.get("divisor_override")
         if divisor is not None and divisor <= 0:  # a signed pool: AvgPoolOp is declared nonnegative (|A| = A)
@@ -608,6 +642,8 @@ def _adaptive_windows(n: int, out: int) -> tuple[torch.Tensor, int, torch.Tensor
 def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, out_shape: Shape) -> int:
     """Emit the op of one call_module node whose first argument depends on the input."""
     var = args[0]
+    if type(m).__name__ in ("OnnxSum", "OnnxMean") and not kwargs:
+        return _onnx_sum(b, name, type(m).__name__ == "OnnxMean", args, out_shape)
     if not isinstance(var, _Var) or any(isinstance(a, _Var) for a in args[1:]):
         if type(m).__name__ == "OnnxBinaryMathOperation" and getattr(m, "axis", None) is None:
             fn = getattr(m.math_op_function, "__name__", "")
@@ -625,6 +661,14 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return b.act(name, var, "relu")
     if isinstance(m, nn.LeakyReLU):
         return _activation(b, name, var, "leaky_relu", [var, m.negative_slope], {})
+    if isinstance(m, nn.PReLU):
+        weight = m.weight.detach().to(F64)
+        return b.prelu(name, var, lambda t: F.prelu(t, weight))
+    if kind == "OnnxPReLU" and len(args) == 2 and torch.is_tensor(args[1]) and not kwargs:
+        slope = args[1].detach().to(F64)
+        return b.prelu(name, var, lambda t: m(t, slope))
+    if kind == "OnnxDropoutDynamic" and not m.training:
+        return var.index  # F.dropout(training=self.training): the identity in eval mode
     if isinstance(m, nn.Softplus):
         return _activation(b, name, var, "softplus", [var, m.beta, m.threshold], {})
     if isinstance(m, nn.Tanh):
@@ -662,6 +706,11 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
             return mean
         count = math.prod(var.shape[d] for d in m.axes)
         return b.scale(f"{name} (sum)", _Var(mean, tuple(out_shape)), float(count), 0.0, out_shape)
+    if kind == "OnnxReduceSumStaticAxes":  # opset 13: axes given, or none (noop_with_empty_axes: the identity)
+        if m._axes:
+            return b.total(name, var, m._axes, out_shape)
+        if m._noop_with_empty_axes:
+            return var.index
     if kind in ("OnnxGlobalAveragePool", "OnnxGlobalAveragePoolWithKnownInputShape"):
         return b.mean(name, var, list(range(2, len(var.shape))), out_shape)
     if kind == "OnnxMatMul" and len(args) == 2 and torch.is_tensor(args[1]) and args[1].dim() == 2:
@@ -671,6 +720,18 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         bias = None if len(args) < 3 or args[2] is None else torch.as_tensor(args[2]).detach().to(F64) * m.beta
         return b.dense(name, var, weight, bias, out_shape)
     raise CertificateUnavailable(name)
+
+
+def _onnx_sum(b: _Builder, name: str, mean: bool, args: list, out_shape: Shape) -> int:
+    """ONNX Sum / Mean of several tensors: additions in turn (then a scale by 1 / count for Mean)."""
+    if not args or not all(isinstance(a, _Var) and a.shape == tuple(out_shape) for a in args):
+        raise CertificateUnavailable(f"{name}: {'mean' if mean else 'sum'} of tensors that broadcast or are constant")
+    acc = args[0]
+    for k, item in enumerate(args[1:], 1):
+        acc = _Var(b.binary(f"{name} (term {k + 1})", "add", acc, item, out_shape), tuple(out_shape))
+    if not mean:
+        return acc.index
+    return b.scale(name, acc, 1.0 / len(args), 0.0, out_shape)
 
 
 def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, out_shape: Shape) -> int:
@@ -692,11 +753,11 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
             return b.act(name, var, _ACT_METHODS[target])
         if target == "neg":
             return b.scale(name, var, -1.0, 0.0, out_shape)
-        if target == "mean" and not kwargs.get("dtype"):
+        if target in ("mean", "sum") and not kwargs.get("dtype"):
             dims = args[1] if len(args) > 1 else kwargs.get("dim")
             if dims is None:
-                raise CertificateUnavailable(name)
-            return b.mean(name, var, dims, out_shape)
+                raise CertificateUnavailable(f"{name} over every dimension (batch included)")
+            return (b.mean if target == "mean" else b.total)(name, var, dims, out_shape)
         raise CertificateUnavailable(name)
     if target in _BINARY and not (kwargs.get("alpha") not in (None, 1) or kwargs.get("rounding_mode")):
         return b.binary(name, _BINARY[target], args[0], args[1], out_shape)
@@ -712,10 +773,20 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
         p = _bind(["input", "p", "training"], {"training": True}, args, kwargs)
         if not p["training"]:
             return var.index
-    if target is torch.mean:
+    if target in (torch.mean, torch.sum) and not kwargs.get("dtype"):
         dims = args[1] if len(args) > 1 else kwargs.get("dim")
         if dims is not None:
-            return b.mean(name, var, dims, out_shape)
+            return (b.mean if target is torch.mean else b.total)(name, var, dims, out_shape)
+    if target is F.batch_norm:
+        names = ["input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"]
+        p = _bind(names, {"weight": None, "bias": None, "training": False, "eps": 1e-5}, args, kwargs)
+        stats = (p["running_mean"], p["running_var"])
+        if p["training"] is not False or not all(torch.is_tensor(t) for t in stats):
+            raise CertificateUnavailable(f"{name} (batch norm in training mode, or without running statistics)")
+        return b.batchnorm_tensors(name, var, p["weight"], p["bias"], *stats, float(p["eps"]), out_shape)
+    if target in (F.prelu, torch.prelu) and len(args) == 2 and torch.is_tensor(args[1]) and not kwargs:
+        weight = args[1].detach().to(F64)
+        return b.prelu(name, var, lambda t: F.prelu(t, weight))
     if target is F.linear:
         p = _bind(["input", "weight", "bias"], {"bias": None}, args, kwargs)
         return b.dense(name, var, p["weight"], p["bias"], out_shape)
@@ -749,7 +820,7 @@ _ATEN_DROPOUTS = {
     "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
     "feature_alpha_dropout", "feature_alpha_dropout_",
 }  # fmt: skip
-_ATEN_CONVS = {"conv2d", "convolution", "_convolution"}
+_ATEN_CONVS = {"conv2d", "convolution", "_convolution", "_convolution_mode"}  # the last: padding "same" / "valid"
 _ATEN_SHAPE = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "size", "dim", "numel", "stride"}
 # constant tensors shaped like their argument (full_like(h, c), h.new_zeros(...)): they read its shape, never its values
 _FILLED_LIKE = {"full_like", "zeros_like", "ones_like", "new_full", "new_zeros", "new_ones"}  # aten ops and methods
@@ -864,7 +935,7 @@ def _aten_op(
         return b.dense(name, var, args[1].T, None, out_shape)
     if op in _ATEN_CONVS:
         names = ["input", "weight", "bias", "stride", "padding", "dilation"]
-        names += ["groups"] if op == "conv2d" else ["transposed", "output_padding", "groups"]
+        names += ["groups"] if op in ("conv2d", "_convolution_mode") else ["transposed", "output_padding", "groups"]
         defaults = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1, "transposed": False}
         p = _bind(names, {**defaults, "output_padding": 0}, args, kwargs)
         if not torch.is_tensor(p["weight"]) or p["weight"].dim() != 4:
@@ -881,11 +952,15 @@ def _aten_op(
         return b.avgpool(name, var, _bind(names, {}, args, kwargs), out_shape)
     if op in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d"):
         return b.adaptive_avg(name, var, out_shape)
-    if op == "mean":
+    if op in ("mean", "sum"):
         dims = _bind(["input", "dim", "keepdim"], {"dim": None}, args, kwargs)["dim"]
         if dims is None or (isinstance(dims, (list, tuple)) and not dims):
-            raise CertificateUnavailable(f"{name}: mean over every dimension (batch included)")
-        return b.mean(name, var, dims, out_shape)
+            raise CertificateUnavailable(f"{name}: {op} over every dimension (batch included)")
+        return (b.mean if op == "mean" else b.total)(name, var, dims, out_shape)
+    if op in ("prelu", "_prelu_kernel") and len(args) == 2 and torch.is_tensor(args[1]):
+        weight = args[1].detach().to(F64)
+        aten_op = getattr(torch.ops.aten, op)
+        return b.prelu(name, var, lambda t: aten_op(t, weight))
     if op in ("batch_norm", *_ATEN_TUPLE):
         names = ["input", "weight", "bias", "running_mean", "running_var"]
         names += ["momentum", "eps"] if op == "_native_batch_norm_legit_no_training" else ["training", "momentum", "eps"]
@@ -1196,14 +1271,17 @@ def _refuse_rounded_constant(n: fx.Node, gm: fx.GraphModule, value: Any, b: _Bui
     )
 
 
-def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int) -> int:
-    """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node."""
+def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int, nested: bool = False) -> int:
+    """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node.
+
+    `nested`: `gm` is one module inside the network (`_sequential`), so a softmax at its end does not close the network.
+    """
     recorder = _Recorder(gm)
     with torch.no_grad():
         recorder.run(example)
     values = recorder.values
     env: dict[fx.Node, Any] = {}
-    final = _final_softmax(gm, values)
+    final = None if nested else _final_softmax(gm, values)
     if final is not None:
         b.final = final[1]
 
@@ -1277,9 +1355,12 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         if not torch.is_tensor(value) or not value.is_floating_point():
             raise CertificateUnavailable(f"{name} (returns {type(value).__name__}, not a float tensor)")
         out_shape = tuple(value.shape)
+        module = gm.get_submodule(n.target) if n.op == "call_module" else None
         structural = _structural_op(b, name, n, gm, list(args), dict(kwargs), out_shape)
         if structural is not None:
             index = structural
+        elif type(module) is nn.Sequential:
+            index = _sequential(b, name, module, list(args), dict(kwargs), values[n.args[0]], out_shape)
         elif n.op == "call_module":
             index = _module_op(b, name, gm.get_submodule(n.target), list(args), dict(kwargs), out_shape)
         elif n.op == "call_function" and _aten_name(n.target):
@@ -1295,6 +1376,70 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
     if output is None:
         raise CertificateUnavailable(f"{b.prefix}output: not found")
     return output
+
+
+def _sequential(
+    b: _Builder, name: str, seq: nn.Sequential, args: list, kwargs: dict, example: Any, out_shape: Shape
+) -> int:
+    """An nn.Sequential that the graph calls as one module (onnx2torch wraps an asymmetric padding
+    and the conv or max pool after it in one): its layers in turn, each read as a module call."""
+    if len(args) != 1 or kwargs or not isinstance(args[0], _Var) or not torch.is_tensor(example):
+        raise CertificateUnavailable(name)
+    if any(getattr(m, "inplace", False) is True for m in seq.modules()):  # could change its input for other readers
+        raise CertificateUnavailable(f"{name}: an in-place layer inside a module the graph calls as one")
+    layers = list(seq)
+    if len(layers) == 2 and isinstance(layers[1], nn.MaxPool2d) and _minus_inf_pads(layers[0]) is not None:
+        return _padded_max_pool(b, name, args[0], layers[0], layers[1], example, out_shape)
+    graph = fx.Graph()
+    value = graph.placeholder("input")
+    for key, _ in seq.named_children():
+        value = graph.call_module(key, (value,))
+    graph.output(value)
+    outer = b.prefix
+    b.prefix = name.split(": ")[0] + "."
+    try:
+        return _walk(b, fx.GraphModule(seq, graph), example, args[0].index, nested=True)
+    finally:
+        b.prefix = outer
+
+
+def _minus_inf_pads(m: nn.Module) -> tuple[int, ...] | None:
+    """The (left, right, top, bottom) of a constant padding with -inf (onnx2torch's before a max pool), else None."""
+    if type(m).__name__ == "OnnxPadStatic" and m.mode == "constant" and m.constant_value == -math.inf:
+        pads = tuple(m.pads)
+    elif isinstance(m, nn.ConstantPad2d) and m.value == -math.inf:
+        pads = tuple(m.padding)
+    else:
+        return None
+    return pads if len(pads) == 4 and all(isinstance(p, int) and p >= 0 for p in pads) else None
+
+
+def _padded_max_pool(
+    b: _Builder, name: str, var: _Var, pad: nn.Module, pool: nn.MaxPool2d, example: torch.Tensor, out_shape: Shape
+) -> int:
+    """Padding with -inf, then a max pool (how onnx2torch writes ONNX's asymmetric max pool pads).
+
+    A window of contiguous cells (no dilation) that covers a real cell and a padded one also
+    covers the real cell at that edge, so replacing the -inf cells by copies of the edge
+    (replicate padding, which `select` reads) changes no maximum. A window of padding
+    alone would: it is -inf, and the rewrite is refused when a run on random values
+    differs from the two layers in any output.
+    """
+    pads = _minus_inf_pads(pad)
+    assert pads is not None
+
+    def replicate(t: torch.Tensor) -> torch.Tensor:
+        return F.pad(t, pads, mode="replicate")
+
+    probe = torch.randn(example.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        same = torch.equal(pool(F.pad(probe, pads, value=-math.inf)), pool(replicate(probe)))
+    if _pair(pool.dilation) != (1, 1) or pool.return_indices or not same:
+        raise CertificateUnavailable(f"{name}: padding with -inf that some max pool window covers alone (or dilated)")
+    padded = (*var.shape[:-2], var.shape[-2] + pads[2] + pads[3], var.shape[-1] + pads[0] + pads[1])
+    index = b.select(f"{name} (-inf padding as edge copies)", var, replicate, padded)
+    keys = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+    return b.maxpool(name, _Var(index, padded), {k: getattr(pool, k) for k in keys}, out_shape)
 
 
 def _trace(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:

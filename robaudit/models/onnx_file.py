@@ -318,6 +318,61 @@ def _explicit_split_sizes(model: onnx.ModelProto) -> None:
         node.attribute.remove(attributes["num_outputs"])
 
 
+_AUTO_PAD_OPS = ("Conv", "MaxPool", "AveragePool")
+
+
+def _explicit_auto_pads(model: onnx.ModelProto) -> int:
+    """Write `auto_pad` SAME_UPPER / SAME_LOWER as the explicit `pads` it stands for; returns how many.
+
+    onnx2torch refuses those modes (torch's exporter writes SAME_UPPER for padding="same").
+    ONNX defines them by the input size: output ceil(in / stride), total padding
+    max(0, (out - 1) stride + (k - 1) dilation + 1 - in), the odd one at the end (UPPER) or
+    the beginning (LOWER). Nodes whose input sizes shape inference cannot give are left
+    for the converter to refuse.
+    """
+    nodes = [
+        n for n in model.graph.node
+        if n.op_type in _AUTO_PAD_OPS and n.domain in ("", "ai.onnx")
+        and any(a.name == "auto_pad" and a.s in (b"SAME_UPPER", b"SAME_LOWER") for a in n.attribute)
+    ]  # fmt: skip
+    if not nodes:
+        return 0
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - leave the graph as it is; the converter will say what it lacks
+        return 0
+    shapes = {v.name: _dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    done = 0
+    for node in nodes:
+        attributes = {a.name: a for a in node.attribute}
+        dims = shapes.get(node.input[0]) or []
+        spatial = dims[2:]
+        if "kernel_shape" in attributes:
+            kernel = list(attributes["kernel_shape"].ints)
+        else:  # Conv: the weight's trailing dims
+            kernel = (weights.get(node.input[1]) or shapes.get(node.input[1]) or [])[2:] if len(node.input) > 1 else []
+        if not spatial or None in spatial or len(kernel) != len(spatial) or None in kernel:
+            continue
+        rank = len(spatial)
+        strides = list(attributes["strides"].ints) if "strides" in attributes else [1] * rank
+        dilations = list(attributes["dilations"].ints) if "dilations" in attributes else [1] * rank
+        begin, end = [], []
+        for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
+            out = -(-size // stride)
+            total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
+            small, large = total // 2, total - total // 2
+            upper = attributes["auto_pad"].s == b"SAME_UPPER"
+            begin.append(small if upper else large)
+            end.append(large if upper else small)
+        node.attribute.remove(attributes["auto_pad"])
+        if "pads" in attributes:
+            node.attribute.remove(attributes["pads"])
+        node.attribute.append(onnx.helper.make_attribute("pads", begin + end))
+        done += 1
+    return done
+
+
 def _convert(model: onnx.ModelProto, hints: list[str]):
     """onnx2torch's module; its warnings (inexact translations it admits to) go to `hints`, not the terminal."""
     import onnx2torch
@@ -426,6 +481,9 @@ def load_onnx(path: Path) -> RawModel:
     gelus = _decompose_gelu(model, elem)
     if gelus:
         notes.append(f"{gelus} ONNX Gelu op(s) rewritten as their Erf/Tanh formula for onnx2torch")
+    same = _explicit_auto_pads(model)
+    if same:
+        notes.append(f"{same} ONNX auto_pad SAME_UPPER / SAME_LOWER padding(s) written as explicit pads for onnx2torch")
     hints: list[str] = []
     net, note, converted = _to_torch(model, path, hints)
     if note:

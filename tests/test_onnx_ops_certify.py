@@ -1,0 +1,197 @@
+"""ONNX ops that are affine or monotone piecewise linear, certified exactly, and their limits refused.
+
+Hunt 24 found these refused although the bound handles each exactly: onnx2torch writes
+an asymmetric Conv or MaxPool padding as an nn.Sequential (padding, then the layer), and
+has modules of its own for Dropout (opset 12+), ReduceSum (opset 13+), Sum / Mean of
+several inputs and PRelu. Each file is built here with onnx.helper, loaded the way a
+user's file is (`load_model` + `wrap_model`), certified, and every radius attacked and
+probed by the property test's `check_net`: no input inside a radius may change the class.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from random_nets import RandomNet
+from robaudit.certify import CertificateUnavailable, certify_l2
+from robaudit.models import load_model, wrap_model
+from test_certify_property import Effort, Outcome, check_net
+
+onnx = pytest.importorskip("onnx")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SHAPE = (2, 6, 6)  # per-sample input shape of every file here
+CLASSES = 4
+
+
+class _Graph:
+    """Collects nodes and seeded random initializers of a small ONNX classifier."""
+
+    def __init__(self, seed: int) -> None:
+        self.gen = np.random.default_rng(seed)
+        self.nodes: list = []
+        self.inits: list = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
+        return name
+
+    def ints(self, name: str, value: list[int]) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
+        return name
+
+    def weight(self, name: str, shape: tuple[int, ...], scale: float = 0.5) -> str:
+        return self.const(name, self.gen.normal(0.0, scale, shape))
+
+    def node(self, op: str, inputs: list[str], output: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def conv(self, x: str, out: str, channels: int, **attrs) -> str:
+        return self.node("Conv", [x, self.weight(f"{out}_w", (channels, 2, 3, 3)), self.weight(f"{out}_b", (channels,), 0.1)], out, **attrs)
+
+    def head(self, x: str, features: int) -> str:
+        """Flatten, then a Gemm to the class scores 'y'."""
+        flat = self.node("Flatten", [x], "flat")
+        return self.node("Gemm", [flat, self.weight("head_w", (CLASSES, features), 0.3), self.weight("head_b", (CLASSES,), 0.1)], "y", transB=1)
+
+    def save(self, path: Path, opset: int = 17) -> Path:
+        graph = helper.make_graph(
+            self.nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *SHAPE])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])], initializer=self.inits,
+        )  # fmt: skip
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+        return path
+
+
+def conv_asymmetric_pads(path: Path) -> Path:
+    g = _Graph(0)
+    h = g.node("Relu", [g.conv("x", "c", 3, pads=[0, 1, 1, 0], strides=[2, 1])], "r")  # 3 x 3 x 5
+    g.head(h, 3 * 3 * 5)
+    return g.save(path)
+
+
+def maxpool_asymmetric_pads(path: Path) -> Path:
+    g = _Graph(1)
+    c = g.conv("x", "c", 3, pads=[1, 1, 1, 1])
+    p = g.node("MaxPool", [c], "p", kernel_shape=[2, 3], strides=[2, 2], pads=[1, 0, 0, 1])  # 3 x 3 x 3
+    g.head(p, 3 * 3 * 3)
+    return g.save(path)
+
+
+def maxpool_ceil_asymmetric_pads(path: Path) -> Path:
+    g = _Graph(2)
+    c = g.node("Relu", [g.conv("x", "c", 2, pads=[1, 1, 1, 1])], "r")
+    # 7 x 7 padded: ceil mode adds a window starting at the last row / column (torch ignores its overhang)
+    p = g.node("MaxPool", [c], "p", kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 0, 0], ceil_mode=1)  # 2 x 4 x 4
+    g.head(p, 2 * 4 * 4)
+    return g.save(path)
+
+
+def dropout_sum_mean(path: Path) -> Path:
+    """Dropout (opset 13, the identity at inference), Sum of three tensors, Mean of two, ReduceSum (opset 13)."""
+    g = _Graph(3)
+    a = g.conv("x", "a", 3, pads=[1, 1, 1, 1])
+    b = g.node("Relu", [g.conv("x", "b", 3, pads=[1, 1, 1, 1])], "rb")
+    c = g.node("Sigmoid", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "sc")
+    d = g.node("Dropout", [g.node("Sum", [a, b, c], "s")], "d")
+    m = g.node("Mean", [d, g.node("Relu", [a], "ra")], "m")
+    r = g.node("ReduceSum", [m, g.ints("axes", [3])], "rs", keepdims=0)  # 3 x 6
+    g.head(r, 3 * 6)
+    return g.save(path)
+
+
+def prelu_per_channel(path: Path, slopes: list[float]) -> Path:
+    g = _Graph(4)
+    c = g.conv("x", "c", 3, pads=[1, 1, 1, 1])
+    p = g.node("PRelu", [c, g.const("slope", np.array(slopes).reshape(3, 1, 1))], "p")
+    g.head(p, 3 * 6 * 6)
+    return g.save(path)
+
+
+FILES = {
+    "conv-asymmetric-pads": conv_asymmetric_pads,
+    "maxpool-asymmetric-pads": maxpool_asymmetric_pads,
+    "maxpool-ceil-asymmetric-pads": maxpool_ceil_asymmetric_pads,
+    "dropout-sum-mean-reducesum": dropout_sum_mean,
+    "prelu-per-channel": lambda path: prelu_per_channel(path, [0.1, 0.0, 1.5]),
+}
+
+
+def _load(path: Path):
+    gen = torch.Generator().manual_seed(0)
+    raw = load_model(path)
+    model, _ = wrap_model(raw, sample_shape=SHAPE, probe=torch.rand((4, *SHAPE), generator=gen))
+    return raw, model
+
+
+@pytest.mark.parametrize("case", list(FILES))
+def test_onnx_ops_are_certified_and_no_attack_breaks_the_radii(case: str, tmp_path) -> None:
+    raw, model = _load(FILES[case](tmp_path / f"{case}.onnx"))
+    net64 = copy.deepcopy(raw.net).double()
+    rn = RandomNet(-1, model, SHAPE, CLASSES, f"{case} (ONNX file)", net64)
+    outcome = Outcome()
+    for budget in ("fast", "default"):
+        got = check_net(rn, Effort(inputs=4, every_method_alone=True), torch.Generator().manual_seed(2), budget)
+        outcome.violations += got.violations
+        outcome.samples += got.samples
+        outcome.positive += got.positive
+    assert not outcome.violations, "\n".join(outcome.violations)
+    assert outcome.samples > 0 and outcome.positive > 0, (outcome.samples, outcome.positive)
+
+
+def _refusal(path: Path) -> str:
+    _, model = _load(path)
+    x = torch.rand((4, *SHAPE), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(CertificateUnavailable) as info:
+        certify_l2(model, x, model(x).argmax(1), budget="fast")
+    return str(info.value)
+
+
+def test_prelu_with_a_negative_slope_is_refused_as_non_monotone(tmp_path) -> None:
+    message = _refusal(prelu_per_channel(tmp_path / "prelu.onnx", [0.1, -0.3, 1.5]))
+    assert "PRelu" in message and "negative slope" in message, message
+
+
+def test_dilated_max_pool_after_minus_inf_padding_is_refused(tmp_path) -> None:
+    """A dilated window can skip the edge cell, so edge copies could change its maximum: refused, not rewritten."""
+    g = _Graph(5)
+    c = g.conv("x", "c", 2, pads=[1, 1, 1, 1])
+    p = g.node("MaxPool", [c], "p", kernel_shape=[2, 2], strides=[1, 1], pads=[1, 0, 0, 1], dilations=[2, 2])
+    g.head(p, 2 * 5 * 5)
+    message = _refusal(g.save(tmp_path / "dilated.onnx"))
+    assert "MaxPool" in message and "dilated" in message, message
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
+def test_auto_pad_same_is_written_as_the_explicit_pads_onnxruntime_uses(mode: str, tmp_path) -> None:
+    """onnx2torch refuses auto_pad SAME_* (torch's exporter writes SAME_UPPER for padding="same"): the loader
+    writes the pads out (odd totals: stride 2 and even kernels), matching onnxruntime, and the file certifies."""
+    import onnxruntime
+
+    g = _Graph(6)
+    w = g.weight("c_w", (3, 2, 2, 4))
+    c = g.node("Conv", ["x", w], "c", auto_pad=mode, strides=[2, 1])  # 3 x 3 x 6, pads odd in both dims
+    p = g.node("MaxPool", [g.node("Relu", [c], "r")], "p", kernel_shape=[2, 2], strides=[2, 2], auto_pad=mode)
+    # 3 x 2 x 3; then even totals (onnx2torch has no AveragePool with one side padded more)
+    a = g.node("AveragePool", [p], "a", kernel_shape=[3, 3], auto_pad=mode)
+    g.head(a, 3 * 2 * 3)
+    path = g.save(tmp_path / f"{mode}.onnx")
+    raw, model = _load(path)
+    assert any("auto_pad" in note for note in raw.notes), raw.notes
+    x = torch.rand((16, *SHAPE), generator=torch.Generator().manual_seed(3))
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    want = session.run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    cert = certify_l2(model, x, model(x).argmax(1), budget="fast")
+    assert (cert.radius > 0).all()
