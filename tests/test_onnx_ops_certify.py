@@ -195,3 +195,25 @@ def test_auto_pad_same_is_written_as_the_explicit_pads_onnxruntime_uses(mode: st
         torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
     cert = certify_l2(model, x, model(x).argmax(1), budget="fast")
     assert (cert.radius > 0).all()
+
+
+def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
+    """onnx2torch has no GlobalMaxPool: the loader writes it as a MaxPool with the image as its one window,
+    matching onnxruntime, and the file certifies with radii no attack breaks."""
+    import onnxruntime
+
+    g = _Graph(7)
+    c = g.node("Relu", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "r")
+    p = g.node("GlobalMaxPool", [c], "p")
+    g.head(p, 3)
+    path = g.save(tmp_path / "gmp.onnx")
+    raw, model = _load(path)
+    assert any("GlobalMaxPool" in note for note in raw.notes), raw.notes
+    x = torch.rand((16, *SHAPE), generator=torch.Generator().manual_seed(3))
+    want = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    rn = RandomNet(-1, model, SHAPE, CLASSES, "GlobalMaxPool (ONNX file)", copy.deepcopy(raw.net).double())
+    got = check_net(rn, Effort(inputs=4, every_method_alone=True), torch.Generator().manual_seed(2), "default")
+    assert not got.violations, "\n".join(got.violations)
+    assert got.samples > 0 and got.positive > 0, (got.samples, got.positive)

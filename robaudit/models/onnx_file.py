@@ -373,6 +373,30 @@ def _explicit_auto_pads(model: onnx.ModelProto) -> int:
     return done
 
 
+def _global_max_pools(model: onnx.ModelProto) -> int:
+    """Write GlobalMaxPool (which onnx2torch lacks) as a MaxPool whose one window is the whole image; returns how many.
+
+    Nodes whose input sizes shape inference cannot give are left for the converter to refuse.
+    """
+    nodes = [n for n in model.graph.node if n.op_type == "GlobalMaxPool" and n.domain in ("", "ai.onnx")]
+    if not nodes:
+        return 0
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - leave the graph as it is; the converter will say what it lacks
+        return 0
+    shapes = {v.name: _dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+    done = 0
+    for node in nodes:
+        spatial = (shapes.get(node.input[0]) or [])[2:]
+        if not spatial or None in spatial:
+            continue
+        node.op_type = "MaxPool"
+        node.attribute.append(onnx.helper.make_attribute("kernel_shape", spatial))
+        done += 1
+    return done
+
+
 def _convert(model: onnx.ModelProto, hints: list[str]):
     """onnx2torch's module; its warnings (inexact translations it admits to) go to `hints`, not the terminal."""
     import onnx2torch
@@ -484,6 +508,9 @@ def load_onnx(path: Path) -> RawModel:
     same = _explicit_auto_pads(model)
     if same:
         notes.append(f"{same} ONNX auto_pad SAME_UPPER / SAME_LOWER padding(s) written as explicit pads for onnx2torch")
+    pools = _global_max_pools(model)
+    if pools:
+        notes.append(f"{pools} ONNX GlobalMaxPool op(s) written as a MaxPool over the whole image for onnx2torch")
     hints: list[str] = []
     net, note, converted = _to_torch(model, path, hints)
     if note:
