@@ -798,9 +798,13 @@ def test_exact_rewrite_is_certified_soundly(case: str, op: nn.Module, image: boo
     x, _ = _inputs()
     net = _refusal_model(case, op, image).requires_grad_(False)
     certify_l2(net, x, net(x).argmax(1), budget="fast")  # raises if refused
-    rn = RandomNet(-1, net, (1, 4, 4), 3, f"{case}: {' '.join(repr(net).split())}", copy.deepcopy(net).double())
+    assert_radii_survive(RandomNet(-1, net, (1, 4, 4), 3, f"{case}: {' '.join(repr(net).split())}", copy.deepcopy(net).double()))
+
+
+def assert_radii_survive(rn: RandomNet, budgets: tuple[str, ...] = ("fast", "default")) -> None:
+    """Certify a few inputs of one net under each budget (every method alone too) and attack every radius."""
     outcome = Outcome()
-    for budget in ("fast", "default"):
+    for budget in budgets:
         got = check_net(rn, Effort(inputs=4, every_method_alone=True), torch.Generator().manual_seed(2), budget)
         outcome.violations += got.violations
         outcome.samples += got.samples

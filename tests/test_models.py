@@ -826,9 +826,10 @@ def test_randomized_onnx_graph_is_not_checked_but_says_so(tmp_path: Path) -> Non
 
 
 def _unsupported_op(path: Path) -> None:
-    nodes = [helper.make_node("GlobalMaxPool", ["x"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])]
+    nodes = [helper.make_node("Shrink", ["x"], ["s"]), helper.make_node("GlobalAveragePool", ["s"], ["p"])]
+    nodes.append(helper.make_node("Flatten", ["p"], ["y"]))
     graph = helper.make_graph(
-        nodes, "gmp",
+        nodes, "shrink",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 10, 4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
     )  # fmt: skip
@@ -879,7 +880,7 @@ def _make_bad(zoo: Zoo, kind: str, tmp: Path) -> Path:
         ("trunc-export", {}, "truncated"),
         ("trunc-export", {"fmt": "torch-export"}, "cannot read torch.export file"),
         ("trunc-state-dict", {"fmt": "state-dict", "arch": "model_zoo:tiny_cnn"}, "cannot read PyTorch file"),
-        ("unsupported-op", {}, "GlobalMaxPool (opset 1)"),
+        ("unsupported-op", {}, "Shrink (opset 9)"),
     ],
 )
 def test_bad_files(zoo: Zoo, tmp_path: Path, kind: str, kwargs: dict, fragment: str) -> None:

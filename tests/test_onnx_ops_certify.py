@@ -20,7 +20,7 @@ import torch
 from random_nets import RandomNet
 from robaudit.certify import CertificateUnavailable, certify_l2
 from robaudit.models import load_model, wrap_model
-from test_certify_property import Effort, Outcome, check_net
+from test_certify_property import assert_radii_survive
 
 onnx = pytest.importorskip("onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
@@ -137,16 +137,7 @@ def _load(path: Path):
 @pytest.mark.parametrize("case", list(FILES))
 def test_onnx_ops_are_certified_and_no_attack_breaks_the_radii(case: str, tmp_path) -> None:
     raw, model = _load(FILES[case](tmp_path / f"{case}.onnx"))
-    net64 = copy.deepcopy(raw.net).double()
-    rn = RandomNet(-1, model, SHAPE, CLASSES, f"{case} (ONNX file)", net64)
-    outcome = Outcome()
-    for budget in ("fast", "default"):
-        got = check_net(rn, Effort(inputs=4, every_method_alone=True), torch.Generator().manual_seed(2), budget)
-        outcome.violations += got.violations
-        outcome.samples += got.samples
-        outcome.positive += got.positive
-    assert not outcome.violations, "\n".join(outcome.violations)
-    assert outcome.samples > 0 and outcome.positive > 0, (outcome.samples, outcome.positive)
+    assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, f"{case} (ONNX file)", copy.deepcopy(raw.net).double()))
 
 
 def _refusal(path: Path) -> str:
@@ -213,7 +204,4 @@ def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
     want = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
     with torch.no_grad():
         torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
-    rn = RandomNet(-1, model, SHAPE, CLASSES, "GlobalMaxPool (ONNX file)", copy.deepcopy(raw.net).double())
-    got = check_net(rn, Effort(inputs=4, every_method_alone=True), torch.Generator().manual_seed(2), "default")
-    assert not got.violations, "\n".join(got.violations)
-    assert got.samples > 0 and got.positive > 0, (got.samples, got.positive)
+    assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "GlobalMaxPool (ONNX file)", copy.deepcopy(raw.net).double()))

@@ -285,6 +285,15 @@ def _unchanged(node: onnx.NodeProto) -> bool:
     return node.op_type == "Split" and "num_outputs" not in attributes
 
 
+def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]] | None:
+    """Every value's dims that ONNX shape inference gives (None where inference fails: callers leave the graph)."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - leave the graph as it is; the converter will say what it lacks
+        return None
+    return {v.name: _dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
+
+
 def _explicit_split_sizes(model: onnx.ModelProto) -> None:
     """Give Split-18's `num_outputs` as explicit sizes (Split-13's form) where the split dim is known.
 
@@ -293,12 +302,9 @@ def _explicit_split_sizes(model: onnx.ModelProto) -> None:
     splits = [n for n in model.graph.node if n.op_type == "Split" and n.domain in ("", "ai.onnx")]
     if not any(a.name == "num_outputs" for n in splits for a in n.attribute):
         return
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - leave the graph as it is; the converter will say what it lacks
+    shapes = _inferred_dims(model)
+    if shapes is None:
         return
-    infos = list(inferred.graph.value_info) + list(inferred.graph.input)
-    shapes = {v.name: _dims(v) for v in infos}
     for node in splits:
         attributes = {a.name: a for a in node.attribute}
         dims = shapes.get(node.input[0])
@@ -337,11 +343,9 @@ def _explicit_auto_pads(model: onnx.ModelProto) -> int:
     ]  # fmt: skip
     if not nodes:
         return 0
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - leave the graph as it is; the converter will say what it lacks
+    shapes = _inferred_dims(model)
+    if shapes is None:
         return 0
-    shapes = {v.name: _dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
     weights = {init.name: list(init.dims) for init in model.graph.initializer}
     done = 0
     for node in nodes:
@@ -381,11 +385,9 @@ def _global_max_pools(model: onnx.ModelProto) -> int:
     nodes = [n for n in model.graph.node if n.op_type == "GlobalMaxPool" and n.domain in ("", "ai.onnx")]
     if not nodes:
         return 0
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # noqa: BLE001 - leave the graph as it is; the converter will say what it lacks
+    shapes = _inferred_dims(model)
+    if shapes is None:
         return 0
-    shapes = {v.name: _dims(v) for v in list(inferred.graph.value_info) + list(inferred.graph.input)}
     done = 0
     for node in nodes:
         spatial = (shapes.get(node.input[0]) or [])[2:]
