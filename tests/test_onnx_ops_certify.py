@@ -205,3 +205,37 @@ def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
     assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "GlobalMaxPool (ONNX file)", copy.deepcopy(raw.net).double()))
+
+
+def test_dropout_with_training_mode_set_gets_no_certificate(tmp_path) -> None:
+    """Hunt 25: Dropout-13 with a constant training_mode=True drops units in the file's own run (onnxruntime
+    without graph optimizations), while onnx2torch ignores the flag; the loader noted the graph as randomized
+    but the certificate still treated the dropout as the identity."""
+    g = _Graph(8)
+    r = g.node("Relu", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "r")
+    g.const("ratio", np.array(0.5))
+    g.inits.append(numpy_helper.from_array(np.array(True), "training_mode"))
+    d = g.node("Dropout", [r, "ratio", "training_mode"], "d")
+    g.head(d, 3 * 6 * 6)
+    message = _refusal(g.save(tmp_path / "dropout_training.onnx"))
+    assert "randomized" in message, message
+
+
+def test_a_file_whose_runtime_returns_no_scores_is_a_clear_error(tmp_path) -> None:
+    """Hunt 25: a dilated MaxPool with auto_pad SAME_LOWER on a 1x2 image, where onnxruntime returns an empty
+    output and the translation two scores: a one-line error naming both shapes, not an IndexError."""
+    from robaudit.errors import RobauditError
+
+    nodes = [
+        helper.make_node("MaxPool", ["x"], ["p"], auto_pad="SAME_LOWER", dilations=[2, 2], kernel_shape=[3, 3], strides=[2, 2]),
+        helper.make_node("Flatten", ["p"], ["y"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "empty", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 1, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, None])],
+    )  # fmt: skip
+    path = tmp_path / "empty.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)]), str(path))
+    raw = load_model(path)
+    with pytest.raises(RobauditError, match=r"shape \(\d+, 2\), onnxruntime's \(\d+, 0\)"):
+        wrap_model(raw, sample_shape=(2, 1, 2), probe=torch.rand((4, 2, 1, 2)))

@@ -667,8 +667,11 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
     if kind == "OnnxPReLU" and len(args) == 2 and torch.is_tensor(args[1]) and not kwargs:
         slope = args[1].detach().to(F64)
         return b.prelu(name, var, lambda t: m(t, slope))
-    if kind == "OnnxDropoutDynamic" and not m.training:
-        return var.index  # F.dropout(training=self.training): the identity in eval mode
+    if kind == "OnnxDropoutDynamic" and not m.training:  # F.dropout(training=self.training): the identity in eval mode,
+        mode = args[2] if len(args) > 2 else None  # but the file's own run drops units where training_mode is set
+        if mode is not None and (not torch.is_tensor(mode) or bool(mode.any())):
+            raise CertificateUnavailable(f"{name}: Dropout with training_mode set (random in the file's own run)")
+        return var.index
     if isinstance(m, nn.Softplus):
         return _activation(b, name, var, "softplus", [var, m.beta, m.threshold], {})
     if isinstance(m, nn.Tanh):
