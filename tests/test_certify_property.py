@@ -700,6 +700,9 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("prelu-per-channel", _prelu(0.1, 1.5), True),
     ("prelu-fn-per-channel", PReLUFn(0.0, 0.3), True),
     ("batch-norm-fn", BatchNormFn(), True),
+    # two input-dependent tensors of different shapes added: the smaller repeated, then a sum (hunt 25)
+    ("add-broadcast", Fn(lambda x: x + x.sum(1, keepdim=True), "x + x.sum(1, keepdim=True)"), True),
+    ("sub-spatial-mean", Fn(lambda x: x - x.mean((2, 3), keepdim=True), "x - x.mean((2, 3), keepdim=True)"), True),
     # sums over dimensions: a mean times the count (hunt 24)
     ("sum-method", Fn(lambda x: x.sum(dim=3, keepdim=True), "x.sum(dim=3, keepdim=True)"), True),
     ("sum-fn", Fn(lambda x: torch.sum(x, (2, 3)), "torch.sum(x, (2, 3))"), True),

@@ -315,6 +315,8 @@ class _Builder:
 
     def binary(self, name: str, kind: str, a: Any, b: Any, out_shape: Shape) -> int:
         if isinstance(a, _Var) and isinstance(b, _Var):
+            if kind in ("add", "sub"):
+                a, b = self._broadcast(name, a, out_shape), self._broadcast(name, b, out_shape)
             if kind in ("add", "sub") and a.shape == b.shape == tuple(out_shape):
                 op = AddOp(name, a.shape, 1.0 if kind == "add" else -1.0)
                 return self.add(name, op, [a.index, b.index], out_shape)
@@ -336,6 +338,16 @@ class _Builder:
         if kind == "mul":
             return self.scale(name, b, c, 0.0, out_shape)
         raise CertificateUnavailable(f"{name}: division by an input-dependent tensor")
+
+    def _broadcast(self, name: str, var: _Var, out_shape: Shape) -> _Var:
+        """`var` repeated along its size-1 dimensions to `out_shape` (one operand of `x + x.sum(1, keepdim=True)`),
+        as data movement; operands of another rank are left as they are (and refused by the caller)."""
+        shape = tuple(out_shape)
+        if var.shape == shape or len(var.shape) != len(shape):
+            return var
+        if any(d not in (1, o) for d, o in zip(var.shape, shape)):
+            return var
+        return _Var(self.select(f"{name} (broadcast)", var, lambda t: t.expand(shape), shape), shape)
 
     def select(self, name: str, var: _Var, run: Callable[[torch.Tensor], Any], out_shape: Shape) -> int:
         """A data-movement op (slice, transpose, flip, constant or reflect padding, nearest upsampling,
