@@ -651,6 +651,9 @@ def _adaptive_windows(n: int, out: int) -> tuple[torch.Tensor, int, torch.Tensor
 # --------------------------------------------------------------------------- the walk
 
 
+_MAXPOOL_KEYS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")  # nn.MaxPool2d's
+
+
 def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, out_shape: Shape) -> int:
     """Emit the op of one call_module node whose first argument depends on the input."""
     var = args[0]
@@ -697,8 +700,7 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
     if isinstance(m, nn.AdaptiveAvgPool2d):
         return b.adaptive_avg(name, var, out_shape)
     if isinstance(m, nn.MaxPool2d):
-        p = {k: getattr(m, k) for k in ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")}
-        return b.maxpool(name, var, p, out_shape)
+        return b.maxpool(name, var, {k: getattr(m, k) for k in _MAXPOOL_KEYS}, out_shape)
     if isinstance(m, (nn.Flatten, nn.Unflatten)) or kind in _ONNX_RESHAPES:
         return b.reshape(name, var, out_shape)
     if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)) or kind in _ONNX_IDENTITY:
@@ -716,11 +718,7 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
     if kind == "OnnxNeg":
         return b.scale(name, var, -1.0, 0.0, out_shape)
     if kind == "OnnxReduceStaticAxes" and m.operation_type in ("ReduceMean", "ReduceSum") and m.axes:
-        mean = b.mean(name, var, m.axes, out_shape)
-        if m.operation_type == "ReduceMean":
-            return mean
-        count = math.prod(var.shape[d] for d in m.axes)
-        return b.scale(f"{name} (sum)", _Var(mean, tuple(out_shape)), float(count), 0.0, out_shape)
+        return (b.mean if m.operation_type == "ReduceMean" else b.total)(name, var, m.axes, out_shape)
     if kind == "OnnxReduceSumStaticAxes":  # opset 13: axes given, or none (noop_with_empty_axes: the identity)
         if m._axes:
             return b.total(name, var, m._axes, out_shape)
@@ -1376,8 +1374,8 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
             index = structural
         elif type(module) is nn.Sequential:
             index = _sequential(b, name, module, list(args), dict(kwargs), values[n.args[0]], out_shape)
-        elif n.op == "call_module":
-            index = _module_op(b, name, gm.get_submodule(n.target), list(args), dict(kwargs), out_shape)
+        elif module is not None:
+            index = _module_op(b, name, module, list(args), dict(kwargs), out_shape)
         elif n.op == "call_function" and _aten_name(n.target):
             index = _aten_op(b, name, _aten_name(n.target), list(args), dict(kwargs), out_shape, dtypes)
         elif n.op in ("call_function", "call_method"):
@@ -1403,8 +1401,9 @@ def _sequential(
     if any(getattr(m, "inplace", False) is True for m in seq.modules()):  # could change its input for other readers
         raise CertificateUnavailable(f"{name}: an in-place layer inside a module the graph calls as one")
     layers = list(seq)
-    if len(layers) == 2 and isinstance(layers[1], nn.MaxPool2d) and _minus_inf_pads(layers[0]) is not None:
-        return _padded_max_pool(b, name, args[0], layers[0], layers[1], example, out_shape)
+    pads = _minus_inf_pads(layers[0]) if len(layers) == 2 and isinstance(layers[1], nn.MaxPool2d) else None
+    if pads is not None:
+        return _padded_max_pool(b, name, args[0], pads, layers[1], example, out_shape)
     graph = fx.Graph()
     value = graph.placeholder("input")
     for key, _ in seq.named_children():
@@ -1430,7 +1429,7 @@ def _minus_inf_pads(m: nn.Module) -> tuple[int, ...] | None:
 
 
 def _padded_max_pool(
-    b: _Builder, name: str, var: _Var, pad: nn.Module, pool: nn.MaxPool2d, example: torch.Tensor, out_shape: Shape
+    b: _Builder, name: str, var: _Var, pads: tuple[int, ...], pool: nn.MaxPool2d, example: torch.Tensor, out_shape: Shape
 ) -> int:
     """Padding with -inf, then a max pool (how onnx2torch writes ONNX's asymmetric max pool pads).
 
@@ -1438,11 +1437,8 @@ def _padded_max_pool(
     covers the real cell at that edge, so replacing the -inf cells by copies of the edge
     (replicate padding, which `select` reads) changes no maximum. A window of padding
     alone would: it is -inf, and the rewrite is refused when a run on random values
-    differs from the two layers in any output.
+    differs from the two layers in any output. `pads`: (left, right, top, bottom), `_minus_inf_pads`.
     """
-    pads = _minus_inf_pads(pad)
-    assert pads is not None
-
     def replicate(t: torch.Tensor) -> torch.Tensor:
         return F.pad(t, pads, mode="replicate")
 
@@ -1453,8 +1449,7 @@ def _padded_max_pool(
         raise CertificateUnavailable(f"{name}: padding with -inf that some max pool window covers alone (or dilated)")
     padded = (*var.shape[:-2], var.shape[-2] + pads[2] + pads[3], var.shape[-1] + pads[0] + pads[1])
     index = b.select(f"{name} (-inf padding as edge copies)", var, replicate, padded)
-    keys = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-    return b.maxpool(name, _Var(index, padded), {k: getattr(pool, k) for k in keys}, out_shape)
+    return b.maxpool(name, _Var(index, padded), {k: getattr(pool, k) for k in _MAXPOOL_KEYS}, out_shape)
 
 
 def _trace(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:

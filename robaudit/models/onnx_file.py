@@ -361,12 +361,12 @@ def _explicit_auto_pads(model: onnx.ModelProto) -> int:
         rank = len(spatial)
         strides = list(attributes["strides"].ints) if "strides" in attributes else [1] * rank
         dilations = list(attributes["dilations"].ints) if "dilations" in attributes else [1] * rank
+        upper = attributes["auto_pad"].s == b"SAME_UPPER"  # the odd cell at the end (else at the beginning)
         begin, end = [], []
         for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
             out = -(-size // stride)
             total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
             small, large = total // 2, total - total // 2
-            upper = attributes["auto_pad"].s == b"SAME_UPPER"
             begin.append(small if upper else large)
             end.append(large if upper else small)
         node.attribute.remove(attributes["auto_pad"])
