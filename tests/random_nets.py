@@ -36,12 +36,15 @@ class Act(nn.Module):
         super().__init__()
         self.kind, self.style = kind, style
         self.slope, self.beta, self.threshold = slope, beta, threshold
+        self.alpha = min(slope, 1.0) if kind == "elu" else slope  # ELU is convex for alpha <= 1, CELU for any
         self.module = {
             "relu": lambda: nn.ReLU(),
             "leaky_relu": lambda: nn.LeakyReLU(slope),
             "tanh": lambda: nn.Tanh(),
             "sigmoid": lambda: nn.Sigmoid(),
             "softplus": lambda: nn.Softplus(beta, threshold),
+            "elu": lambda: nn.ELU(self.alpha),
+            "celu": lambda: nn.CELU(self.alpha),
         }[kind]() if style == "module" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -51,12 +54,17 @@ class Act(nn.Module):
             return F.leaky_relu(x, self.slope)
         if self.kind == "softplus":
             return F.softplus(x, self.beta, self.threshold)
-        if self.style == "method" and self.kind != "softplus":
+        if self.kind == "elu":
+            return F.elu(x, self.alpha)
+        if self.kind == "celu":
+            return torch.celu(x, self.alpha) if self.style == "method" else F.celu(x, self.alpha)
+        if self.style == "method":
             return getattr(x, self.kind)()
         return {"relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[self.kind](x)
 
     def extra_repr(self) -> str:
         extra = {"leaky_relu": f", slope={self.slope}", "softplus": f", beta={self.beta}, threshold={self.threshold}"}
+        extra |= {"elu": f", alpha={self.alpha}", "celu": f", alpha={self.alpha}"}
         return f"{self.kind}, {self.style}{extra.get(self.kind, '')}"
 
 
@@ -102,8 +110,8 @@ class Reshape(nn.Module):
         self.shape, self.style = tuple(shape), style
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.style == "view":
-            return x.view(x.size(0), *self.shape)
+        if self.style == "view":  # contiguous first: a transpose or permute drawn before may leave x strided
+            return x.contiguous().view(x.size(0), *self.shape)
         if self.style == "flatten":
             return torch.flatten(x, 1)
         return x.reshape(-1, *self.shape)
@@ -314,7 +322,8 @@ class _Gen:
         return lo + (hi - lo) * torch.rand(shape, generator=self.g)
 
     def act(self) -> Act:
-        kind = self.r.choice(["relu", "relu", "leaky_relu", "leaky_relu", "tanh", "sigmoid", "softplus", "softplus"])
+        kinds = ["relu", "relu", "leaky_relu", "leaky_relu", "tanh", "sigmoid", "softplus", "softplus", "elu", "celu"]
+        kind = self.r.choice(kinds)
         style = self.r.choice(["module", "functional", "method"])
         slope = self.r.choice([0.01, 0.1, 0.3, 0.7, 1.0, 1.5, 3.0])
         beta = self.r.choice([0.3, 1.0, 1.0, 2.0, 5.0, 20.0])

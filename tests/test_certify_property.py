@@ -504,7 +504,8 @@ def test_ball_coupled_crown_radii_survive_attacks_and_probes(monkeypatch: pytest
     assert get_budget("default").crown_ball and get_budget("tight").crown_ball and not get_budget("fast").crown_ball
     attack_seeds(BALL_SEEDS, budget, Effort(every_method_alone=True), 40_000, before_seed=lambda seed: current.__setitem__(0, seed))
     print(f"ball coupling: used on {len(seeds_used)} of {len(BALL_SEEDS)} seeds")
-    assert len(seeds_used) >= len(BALL_SEEDS) // 2, sorted(seeds_used)
+    # it couples ReLU layers only, and a net's activations are drawn from ten kinds: a third of the seeds
+    assert len(seeds_used) >= len(BALL_SEEDS) // 3, sorted(seeds_used)
 
 
 def test_random_nets_cover_every_supported_op() -> None:
@@ -512,7 +513,8 @@ def test_random_nets_cover_every_supported_op() -> None:
     text = " ".join(random_net(seed).arch for seed in range(DEFAULT_SEEDS))
     wanted = [
         "Linear", "Conv2d", "groups=", "dilation=(2, 2)", "stride=(2, 2)", "padding=same", "relu", "leaky_relu",
-        "slope=3.0", "slope=1.5", "tanh", "sigmoid", "softplus", "beta=20.0", "threshold=10.0", "BatchNorm1d",
+        "slope=3.0", "slope=1.5", "tanh", "sigmoid", "softplus", "beta=20.0", "threshold=10.0", "elu, ", "celu, ",
+        "alpha=3.0", "alpha=0.01", "BatchNorm1d",
         "BatchNorm2d", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "GlobalMean", "Residual( add", "Residual( sub",
         "Flatten", "Reshape(view", "Reshape(reshape", "Affine(mul-add)", "Affine(sub-div)", "Affine(neg)", "mean=",
         "model_shape=", "module", "functional", "method",
@@ -591,7 +593,10 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     # hunt 15: minus the average (a signed pool) was bounded as a nonnegative one; radius 159.7, a flip at 0.73
     ("avg-pool-negative-divisor", nn.AvgPool2d(2, divisor_override=-4), True, ("divisor_override",)),
     ("gelu-fn", Fn(F.gelu, "F.gelu"), False, ("gelu",)),
-    ("ELU", nn.ELU(), False, ("ELU",)),
+    ("ELU-alpha-1.5", nn.ELU(1.5), False, ("ELU",)),  # its slope drops from 1.5 to 1 at 0: not convex
+    ("SELU", nn.SELU(), True, ("SELU",)),
+    ("selu-fn", Fn(F.selu, "F.selu"), False, ("selu", "SELU")),
+    ("celu-negative-alpha", Fn(lambda x: F.celu(x, -0.5), "F.celu(x, -0.5)"), False, ("CELU",)),
     ("SiLU", nn.SiLU(), False, ("SiLU",)),
     ("silu-fn", Fn(F.silu, "F.silu"), False, ("silu",)),
     ("Hardswish", nn.Hardswish(), False, ("Hardswish",)),
@@ -700,6 +705,14 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("prelu-per-channel", _prelu(0.1, 1.5), True),
     ("prelu-fn-per-channel", PReLUFn(0.0, 0.3), True),
     ("batch-norm-fn", BatchNormFn(), True),
+    # the convex ELUs: alpha <= 1 (slope alpha e^x below 0, 1 above), and CELU for every alpha > 0
+    ("ELU", nn.ELU(), False),
+    ("elu-fn-0.3", Fn(lambda x: F.elu(3 * x, 0.3), "F.elu(3 x, 0.3)"), True),
+    ("CELU-2", nn.CELU(2.0), True),
+    ("celu-fn-0.2", Fn(lambda x: torch.celu(2 * x, 0.2), "torch.celu(2 x, 0.2)"), False),
+    # Hardsigmoid, clamp(x / 6 + 1 / 2, 0, 1): a scale and a clamp
+    ("Hardsigmoid", nn.Hardsigmoid(), True),
+    ("hardsigmoid-fn", Fn(lambda x: F.hardsigmoid(8 * x), "F.hardsigmoid(8 x)"), False),
     # two input-dependent tensors of different shapes added: the smaller repeated, then a sum (hunt 25)
     ("add-broadcast", Fn(lambda x: x + x.sum(1, keepdim=True), "x + x.sum(1, keepdim=True)"), True),
     ("sub-spatial-mean", Fn(lambda x: x - x.mean((2, 3), keepdim=True), "x - x.mean((2, 3), keepdim=True)"), True),

@@ -118,12 +118,25 @@ def prelu_per_channel(path: Path, slopes: list[float]) -> Path:
     return g.save(path)
 
 
+def smooth_activations(path: Path) -> Path:
+    """Elu (alpha 0.4), Celu (alpha 1.5, opset 12+) and HardSigmoid with its own alpha and beta, a negative
+    alpha too (clamp(alpha x + beta, 0, 1) is a scale and a clamp whatever the sign)."""
+    g = _Graph(9)
+    e = g.node("Elu", [g.conv("x", "a", 3, pads=[1, 1, 1, 1])], "e", alpha=0.4)
+    c = g.node("Celu", [g.conv("x", "b", 3, pads=[1, 1, 1, 1])], "ce", alpha=1.5)
+    h = g.node("HardSigmoid", [g.node("Add", [e, c], "s")], "h", alpha=0.7, beta=0.4)
+    n = g.node("HardSigmoid", [e], "hn", alpha=-0.3, beta=0.6)
+    g.head(g.node("Concat", [h, n], "cat", axis=1), 6 * 6 * 6)
+    return g.save(path)
+
+
 FILES = {
     "conv-asymmetric-pads": conv_asymmetric_pads,
     "maxpool-asymmetric-pads": maxpool_asymmetric_pads,
     "maxpool-ceil-asymmetric-pads": maxpool_ceil_asymmetric_pads,
     "dropout-sum-mean-reducesum": dropout_sum_mean,
     "prelu-per-channel": lambda path: prelu_per_channel(path, [0.1, 0.0, 1.5]),
+    "elu-celu-hardsigmoid": smooth_activations,
 }
 
 
@@ -151,6 +164,14 @@ def _refusal(path: Path) -> str:
 def test_prelu_with_a_negative_slope_is_refused_as_non_monotone(tmp_path) -> None:
     message = _refusal(prelu_per_channel(tmp_path / "prelu.onnx", [0.1, -0.3, 1.5]))
     assert "PRelu" in message and "negative slope" in message, message
+
+
+@pytest.mark.parametrize("op, attrs", [("Selu", {}), ("Elu", {"alpha": 2.0})])
+def test_an_elu_whose_slope_drops_at_zero_is_refused_as_not_convex(op: str, attrs: dict, tmp_path) -> None:
+    g = _Graph(10)
+    g.head(g.node(op, [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "a", **attrs), 3 * 6 * 6)
+    message = _refusal(g.save(tmp_path / f"{op}.onnx"))
+    assert "SELU" in message or "ELU with alpha 2" in message, message
 
 
 def test_dilated_max_pool_after_minus_inf_padding_is_refused(tmp_path) -> None:

@@ -283,6 +283,49 @@ def test_prelu_string_padding_and_sums_certify_alike_in_every_format(tmp_path) -
     assert_every_format_certifies_alike(net, x, y, tmp_path / "prelu")
 
 
+class EluCNN(nn.Module):
+    """ELU (alpha 0.5) and CELU (alpha 2), convex and nondecreasing, so bounded like Softplus, and
+    Hardsigmoid, a clamp of x / 6 + 1 / 2; ONNX writes them as Elu / Celu / HardSigmoid, TorchScript
+    as aten elu / celu / hardsigmoid."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.act = nn.ELU(0.5)
+        self.fc = nn.Linear(4 * 16, 24)
+        self.fc2 = nn.Linear(24, 24)
+        self.gate = nn.Hardsigmoid()
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool2d(self.act(self.conv(x)), 2)
+        return self.head(self.gate(self.fc2(F.celu(self.fc(h.flatten(1)), 2.0))))
+
+
+def test_elu_celu_and_hardsigmoid_certify_alike_in_every_format(tmp_path) -> None:
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    assert_every_format_certifies_alike(fit(EluCNN(), 120), x, y, tmp_path / "elu")
+
+
+class SeluMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.selu(self.fc(x.flatten(1))))
+
+
+@pytest.mark.parametrize("kind", ["onnx", "script"])
+def test_selu_is_refused_as_not_convex_in_every_format(kind: str, tmp_path) -> None:
+    """SELU's slope drops from 1.76 to 1.05 at 0: the relaxations assume a convex ELU, so no certificate."""
+    x, y = digits()
+    model = loaded(save(SeluMLP(), tmp_path / f"selu.{'onnx' if kind == 'onnx' else 'pt'}", kind), x)
+    with pytest.raises(CertificateUnavailable, match="SELU"):
+        certify_l2(model, x[:4], y[:4], budget="fast")
+
+
 class UnevenPoolCNN(nn.Module):
     """A conv into an adaptive average pool with windows of different sizes (8x8 -> 3x3, as vgg's 7x7 pool)."""
 

@@ -46,6 +46,7 @@ from robaudit.certify.ops import (
     ScaleOp,
     SelectOp,
     Shape,
+    elu_is_convex,
 )
 
 F64 = torch.float64
@@ -165,7 +166,8 @@ _RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _ACT_FUNCTIONS = {
     torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
-    F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu", F.softplus: "softplus",
+    F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu", F.softplus: "softplus", F.elu: "elu", F.celu: "celu",
+    torch.celu: "celu", F.selu: "selu", torch.selu: "selu",
 }  # fmt: skip
 _ACT_METHODS = {"relu": "relu", "tanh": "tanh", "sigmoid": "sigmoid"}
 _BINARY = {
@@ -222,7 +224,38 @@ def _activation(b, name: str, var, kind: str, args, kwargs):
                 f"{name}: Softplus with threshold {threshold} (exp overflows float32 to inf before it switches to x)"
             )
         return b.act(name, var, kind, beta=beta, threshold=threshold)
+    if kind in _ELU_FORMS:
+        return _elu(b, name, var, kind, args, kwargs)
     return b.act(name, var, kind)
+
+
+SELU_ALPHA, SELU_SCALE = 1.6732632423543772848170429916717, 1.0507009873554804934193349852946
+# the ELU family as each call passes it, read into aten's elu(alpha, scale, input_scale)
+_ELU_FORMS = {
+    "elu": ["input", "alpha", "inplace"],  # F.elu, nn.ELU (positional inplace, not aten's scale)
+    "aten_elu": ["input", "alpha", "scale", "input_scale"],
+    "celu": ["input", "alpha", "inplace"],  # F.celu, torch.celu, nn.CELU, aten celu: elu(alpha, 1, 1 / alpha)
+    "selu": ["input", "inplace"],  # elu(SELU_ALPHA, SELU_SCALE, 1)
+}
+
+
+def _elu(b, name: str, var, kind: str, args, kwargs):
+    """ELU, CELU or SELU as aten's elu; the bounds take the convex ones (slope alpha input_scale <= 1 below 0)."""
+    p = _bind(_ELU_FORMS[kind], {"alpha": 1.0, "scale": 1.0, "input_scale": 1.0}, args, kwargs)
+    alpha, scale, input_scale = float(p["alpha"]), float(p["scale"]), float(p["input_scale"])
+    label = {"elu": "ELU", "aten_elu": "ELU", "celu": "CELU", "selu": "SELU"}[kind]
+    if kind == "celu":
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise CertificateUnavailable(f"{name}: CELU with alpha {alpha} (only alpha > 0 is convex and monotone)")
+        input_scale = 1.0 / alpha
+    if kind == "selu":
+        alpha, scale = SELU_ALPHA, SELU_SCALE
+    if not elu_is_convex(alpha, scale, input_scale):
+        raise CertificateUnavailable(
+            f"{name}: {label} with alpha {alpha:g}, scale {scale:g}, input scale {input_scale:g} "
+            "(its slope drops at 0 or turns negative: only a convex, nondecreasing ELU is bounded)"
+        )
+    return b.act(name, var, "elu", alpha=alpha, scale=scale, input_scale=input_scale)
 
 
 def _cast_dtype(method: str, args: list, kwargs: dict) -> torch.dtype | None:
@@ -387,6 +420,11 @@ class _Builder:
         bias = fill.reshape(out_shape) if bool((fill != 0).any()) else None
         op = SelectOp(name, var.shape, tuple(out_shape), bias, True, index)
         return self.add(name, op, [var.index], out_shape)
+
+    def hard_sigmoid(self, name: str, var: _Var, alpha: float, beta: float, out_shape: Shape) -> int:
+        """clamp(alpha x + beta, 0, 1) (torch's Hardsigmoid: alpha 1/6, beta 1/2): a scale, then a clamp."""
+        scaled = _Var(self.scale(f"{name} (alpha x + beta)", var, float(alpha), float(beta), out_shape), var.shape)
+        return self.clamp(name, scaled, 0.0, 1.0, out_shape)
 
     def clamp(self, name: str, var: _Var, lo: Any, hi: Any, out_shape: Shape) -> int:
         """clamp(x, lo, hi) = lo + relu(x - lo) - relu(x - hi), exactly, for constant bounds lo <= hi.
@@ -689,6 +727,13 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return var.index
     if isinstance(m, nn.Softplus):
         return _activation(b, name, var, "softplus", [var, m.beta, m.threshold], {})
+    if isinstance(m, (nn.ELU, nn.CELU)):
+        return _activation(b, name, var, "elu" if isinstance(m, nn.ELU) else "celu", [var, m.alpha], {})
+    if isinstance(m, nn.SELU):
+        return _activation(b, name, var, "selu", [var], {})
+    if isinstance(m, nn.Hardsigmoid) or kind == "OnnxHardSigmoid":
+        alpha, beta = (1 / 6, 0.5) if isinstance(m, nn.Hardsigmoid) else (m.alpha, m.beta)
+        return b.hard_sigmoid(name, var, alpha, beta, out_shape)
     if isinstance(m, nn.Tanh):
         return b.act(name, var, "tanh")
     if isinstance(m, nn.Sigmoid):
@@ -780,6 +825,8 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
         return b.scale(name, var, -1.0, 0.0, out_shape)
     if target in _RESHAPE_FUNCTIONS:
         return b.reshape(name, var, out_shape)
+    if target is F.hardsigmoid:
+        return b.hard_sigmoid(name, var, 1 / 6, 0.5, out_shape)
     if target in _ACT_FUNCTIONS:
         return _activation(b, name, var, _ACT_FUNCTIONS[target], args, kwargs)
     if target is F.dropout:
@@ -826,7 +873,8 @@ _ATEN_IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy"}
 _ATEN_CASTS = {"_to_copy", "to", "type_as", "_cast_Float", "_cast_Double"}  # identity only when exact: `_aten_cast`
 _ATEN_ACTS = {
     "relu": "relu", "relu_": "relu", "tanh": "tanh", "tanh_": "tanh", "sigmoid": "sigmoid", "sigmoid_": "sigmoid",
-    "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu", "softplus": "softplus",
+    "leaky_relu": "leaky_relu", "leaky_relu_": "leaky_relu", "softplus": "softplus", "elu": "aten_elu",
+    "elu_": "aten_elu", "celu": "celu", "celu_": "celu", "selu": "selu", "selu_": "selu",
 }  # fmt: skip
 _ATEN_BINARY = {k: k.rstrip("_") for k in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "rsub")}
 _ATEN_DROPOUTS = {
@@ -931,6 +979,8 @@ def _aten_op(
         raise CertificateUnavailable(name)
     if op in _ATEN_RESHAPES:
         return b.reshape(name, var, out_shape)
+    if op in ("hardsigmoid", "hardsigmoid_"):
+        return b.hard_sigmoid(name, var, 1 / 6, 0.5, out_shape)
     if op in _ATEN_IDENTITY:
         return var.index
     if op in _ATEN_DROPOUTS:

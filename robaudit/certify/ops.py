@@ -254,6 +254,17 @@ class MeanOp(AffineOp):
 # --------------------------------------------------------------------------- activations
 
 
+def elu_is_convex(alpha: float, scale: float, input_scale: float) -> bool:
+    """Whether aten's elu with these parameters is monotone nondecreasing and convex (the bounds assume both).
+
+    Its slope is scale above 0 and scale alpha input_scale exp(input_scale x) below: it rises
+    to scale alpha input_scale at 0 from the left, so convexity needs alpha input_scale <= 1
+    (ELU with alpha <= 1, every CELU; not SELU, whose slope drops at 0).
+    """
+    finite = all(math.isfinite(v) for v in (alpha, scale, input_scale))
+    return finite and scale > 0 and input_scale > 0 and 0 <= alpha * input_scale <= 1
+
+
 def _sigmoid_prime(z: torch.Tensor) -> torch.Tensor:
     s = torch.sigmoid(z)
     return s * (1 - s)
@@ -265,10 +276,14 @@ class ActOp:
 
     name: str
     in_shape: Shape
-    kind: str  # relu | leaky_relu | softplus | tanh | sigmoid
+    kind: str  # relu | leaky_relu | softplus | elu | tanh | sigmoid
     slope: float = 0.0  # leaky_relu negative slope
     beta: float = 1.0  # softplus
     threshold: float = 20.0  # softplus: linear above beta * x > threshold (torch's definition)
+    # elu (aten's form, which also covers CELU): scale x above 0, scale alpha (exp(input_scale x) - 1) below
+    alpha: float = 1.0
+    scale: float = 1.0
+    input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         """Every bound here assumes a monotone nondecreasing activation: refuse any other."""
@@ -276,6 +291,8 @@ class ActOp:
             raise ValueError(f"leaky_relu with negative slope {self.slope} is not monotone")
         if self.kind == "softplus" and not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"softplus with beta {self.beta}: its derivative is not increasing")
+        if self.kind == "elu" and not elu_is_convex(self.alpha, self.scale, self.input_scale):
+            raise ValueError(f"elu with alpha {self.alpha}, scale {self.scale}, input_scale {self.input_scale} is not convex")
 
     @property
     def out_shape(self) -> Shape:
@@ -288,6 +305,9 @@ class ActOp:
             return torch.where(z >= 0, z, z * self.slope)
         if self.kind == "softplus":  # the smooth function; torch's switch to x at the threshold moves it < 3e-9 / beta
             return torch.logaddexp(torch.zeros_like(z), self.beta * z) / self.beta
+        if self.kind == "elu":
+            neg = (self.scale * self.alpha) * torch.expm1(self.input_scale * z.clamp_max(0))
+            return torch.where(z > 0, self.scale * z, neg)
         if self.kind == "tanh":
             return torch.tanh(z)
         return torch.sigmoid(z)
@@ -299,6 +319,9 @@ class ActOp:
             return torch.where(z >= 0, 1.0, self.slope).to(z.dtype)
         if self.kind == "softplus":
             return torch.sigmoid(self.beta * z)
+        if self.kind == "elu":  # at 0 the left slope, the smaller one: derivative_bounds stay sound at either end
+            neg = (self.scale * self.alpha * self.input_scale) * torch.exp(self.input_scale * z.clamp_max(0))
+            return torch.where(z > 0, self.scale, neg).to(z.dtype)
         if self.kind == "tanh":
             return 1 - torch.tanh(z) ** 2
         return _sigmoid_prime(z)
@@ -306,14 +329,13 @@ class ActOp:
     @property
     def max_slope(self) -> float:
         """Global Lipschitz constant of the activation."""
-        return {"relu": 1.0, "leaky_relu": max(1.0, abs(self.slope)), "softplus": 1.0, "tanh": 1.0, "sigmoid": 0.25}[
-            self.kind
-        ]
+        slopes = {"relu": 1.0, "leaky_relu": max(1.0, abs(self.slope)), "softplus": 1.0, "tanh": 1.0, "sigmoid": 0.25}
+        return self.scale if self.kind == "elu" else slopes[self.kind]
 
     @property
     def convexity(self) -> str:
         """'convex', 'concave' or 'sigmoidal' (convex below 0, concave above)."""
-        if self.kind in ("relu", "softplus") or (self.kind == "leaky_relu" and self.slope <= 1):
+        if self.kind in ("relu", "softplus", "elu") or (self.kind == "leaky_relu" and self.slope <= 1):
             return "convex"
         if self.kind == "leaky_relu":
             return "concave"
@@ -322,7 +344,7 @@ class ActOp:
     def derivative_bounds(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[min, max] of the derivative over [lo, hi], elementwise.
 
-        Piecewise-linear and softplus derivatives are monotone (evaluate the ends); tanh
+        Piecewise-linear, softplus and elu derivatives are monotone (evaluate the ends); tanh
         and sigmoid derivatives are unimodal with the peak at 0 (include it when 0 is inside).
         """
         if self.kind in ("relu", "leaky_relu"):
@@ -331,7 +353,7 @@ class ActOp:
             stable = torch.where(lo >= 0, 1.0, neg).to(lo.dtype)
             return torch.where(unstable, min(neg, 1.0), stable), torch.where(unstable, max(neg, 1.0), stable)
         a, b = self.derivative(lo), self.derivative(hi)
-        if self.kind == "softplus":
+        if self.kind in ("softplus", "elu"):
             return a, b
         peak = 1.0 if self.kind == "tanh" else 0.25
         inside = (lo <= 0) & (hi >= 0)

@@ -27,7 +27,9 @@ Algorithms*, ch. 3), with u = 2^-24 and gamma_k = k u / (1 - k u):
 - a residual sum: ``e_a + e_b + 2 u (m_a + e_a + m_b + e_b)``;
 - tanh, sigmoid, softplus: ``max slope * e_in + 16 u (|out| + 1)`` (a few ulps of the
   library function), softplus also the gap between torch's switch to x above its
-  threshold and the smooth function the bounds use, ``log1p(exp(-threshold)) / beta``.
+  threshold and the smooth function the bounds use, ``log1p(exp(-threshold)) / beta``;
+  ELU / CELU (aten's ``elu(alpha, scale, input_scale)``) also ``16 u scale (1 + alpha)``
+  (ulps of the exp - 1 branch, whose values reach scale alpha) and its underflow times scale.
 - underflow: every float32 result below 2^-126 in magnitude may be rounded to a
   subnormal or flushed to zero, and a subnormal operand may be read as zero (FTZ / DAZ
   modes), an absolute error the relative terms above do not cover (a temperature of
@@ -185,6 +187,9 @@ def _act_error(op: ActOp, e_in: torch.Tensor, m_in: torch.Tensor, m_out: torch.T
         return slope * e_in + _underflow(m_in)
     if op.kind == "leaky_relu":
         return slope * e_in + 4 * U * op.slope * m_in + _underflow(m_in)
+    if op.kind == "elu":  # scale x, or scale alpha (exp(input_scale x) - 1): ulps of scale (1 + alpha) besides |out|
+        spread = op.scale * (1 + op.alpha)
+        return slope * e_in + ACT_ULPS * U * (m_out + slope * e_in + 1 + spread) + max(1.0, op.scale) * _underflow(m_in)
     out = slope * e_in + ACT_ULPS * U * (m_out + slope * e_in + 1) + _underflow(m_in)
     if op.kind == "softplus":
         out = out + math.log1p(math.exp(-op.threshold)) / op.beta
