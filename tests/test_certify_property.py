@@ -587,6 +587,17 @@ class BatchNormFn(nn.Module):
         return F.batch_norm(x, self.mean, self.var, self.gamma, self.beta, self.training_flag, 0.1, 1e-3)
 
 
+class ConvTransposeFn(nn.Module):
+    """F.conv_transpose2d with its weight in a buffer (a float64 copy of the net converts it too)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.linspace(-1, 1, 36).view(2, 2, 3, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(x, self.weight, None, 2)
+
+
 REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     # (id, op, on the conv output?, fragments of which the message must name one)
     ("GELU", nn.GELU(), False, ("GELU",)),
@@ -710,6 +721,10 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("elu-fn-0.3", Fn(lambda x: F.elu(3 * x, 0.3), "F.elu(3 x, 0.3)"), True),
     ("CELU-2", nn.CELU(2.0), True),
     ("celu-fn-0.2", Fn(lambda x: torch.celu(2 * x, 0.2), "torch.celu(2 x, 0.2)"), False),
+    # transposed convolutions: linear, with the output padding read off the traced shape
+    ("ConvTranspose2d", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), True),
+    ("ConvTranspose2d-groups-dilation", nn.ConvTranspose2d(2, 4, 2, stride=3, groups=2, dilation=2), True),
+    ("conv-transpose-fn", ConvTransposeFn(), True),
     # Hardsigmoid, clamp(x / 6 + 1 / 2, 0, 1): a scale and a clamp
     ("Hardsigmoid", nn.Hardsigmoid(), True),
     ("hardsigmoid-fn", Fn(lambda x: F.hardsigmoid(8 * x), "F.hardsigmoid(8 x)"), False),

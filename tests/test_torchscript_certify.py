@@ -308,6 +308,26 @@ def test_elu_celu_and_hardsigmoid_certify_alike_in_every_format(tmp_path) -> Non
     assert_every_format_certifies_alike(fit(EluCNN(), 120), x, y, tmp_path / "elu")
 
 
+class ConvTransposeCNN(nn.Module):
+    """A strided conv down, a transposed conv back up (output padding 1), a residual sum: ONNX writes
+    ConvTranspose, TorchScript aten conv_transpose2d / convolution(transposed=True)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 4, 3, stride=2, padding=1)  # 8x8 -> 4x4
+        self.up = nn.ConvTranspose2d(4, 1, 3, stride=2, padding=1, output_padding=1)  # 4x4 -> 8x8
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(x + self.up(torch.relu(self.down(x)))).flatten(1))
+
+
+def test_transposed_convolutions_certify_alike_in_every_format(tmp_path) -> None:
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    assert_every_format_certifies_alike(fit(ConvTransposeCNN(), 120), x, y, tmp_path / "convt")
+
+
 class SeluMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -37,6 +37,7 @@ from robaudit.certify.ops import (
     AffineOp,
     AvgPoolOp,
     ConvOp,
+    ConvTransposeOp,
     DenseOp,
     MaxPoolOp,
     MeanOp,
@@ -524,6 +525,31 @@ class _Builder:
         op = ConvOp(name, shape, tuple(out_shape), b, False, w, stride, _pair(padding), dilation, int(p["groups"]))
         return self.add(name, op, [index], out_shape)
 
+    def conv_transpose(self, name: str, var: _Var, p: dict, out_shape: Shape) -> int:
+        """A 2-D transposed convolution with zero padding; its output padding is read off the traced shape.
+
+        torch derives it from `output_size` where one is passed, so the traced output shape is the
+        one source that every spelling (module, function, aten, ONNX) agrees on; the op built here
+        must reproduce that shape, else it is refused.
+        """
+        w = p["weight"]
+        if not torch.is_tensor(w) or w.dim() != 4 or len(var.shape) < 3 or isinstance(p["padding"], str):
+            raise CertificateUnavailable(f"{name}: a transposed convolution that is not 2-D with numeric padding")
+        w = w.detach().to(F64)
+        stride, padding, dilation = _pair(p["stride"]), _pair(p["padding"]), _pair(p["dilation"])
+        extra = []
+        for i in range(2):
+            base = (var.shape[-2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] * (w.shape[2 + i] - 1) + 1
+            extra.append(out_shape[-2 + i] - base)
+        if not all(0 <= e < max(stride[i], dilation[i]) for i, e in enumerate(extra)):
+            raise CertificateUnavailable(f"{name}: transposed convolution with output shape {tuple(out_shape)}")
+        b = None if p["bias"] is None else p["bias"].detach().to(F64).reshape(-1, 1, 1)
+        geometry = (stride, padding, (extra[0], extra[1]), dilation, int(p["groups"]))
+        op = ConvTransposeOp(name, var.shape, tuple(out_shape), b, False, w, *geometry)
+        if tuple(op.linear(torch.zeros((1, *var.shape), dtype=F64)).shape[1:]) != tuple(out_shape):
+            raise CertificateUnavailable(f"{name}: transposed convolution with output shape {tuple(out_shape)}")
+        return self.add(name, op, [var.index], out_shape)
+
     def batchnorm(self, name: str, var: _Var, m: nn.modules.batchnorm._BatchNorm, out_shape: Shape) -> int:
         if m.running_mean is None or m.running_var is None:
             raise CertificateUnavailable(f"{name}: batch norm without running statistics (batch-dependent)")
@@ -708,6 +734,9 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return b.dense(name, var, m.weight, m.bias, out_shape)
     if isinstance(m, nn.Conv2d):
         return b.conv(name, var, m, out_shape)
+    if isinstance(m, nn.ConvTranspose2d) and m.padding_mode == "zeros":
+        keys = ("weight", "bias", "stride", "padding", "dilation", "groups")
+        return b.conv_transpose(name, var, {k: getattr(m, k) for k in keys}, out_shape)
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return b.batchnorm(name, var, m, out_shape)
     if isinstance(m, nn.ReLU):
@@ -856,6 +885,8 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
         names = ["input", "weight", "bias", "stride", "padding", "dilation", "groups"]
         p = _bind(names, {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}, args, kwargs)
         return b.conv(name, var, p, out_shape)
+    if target in (F.conv_transpose2d, torch.conv_transpose2d):
+        return b.conv_transpose(name, var, _bind(_CONV_TRANSPOSE_ARGS, _CONV_DEFAULTS, args, kwargs), out_shape)
     if target is F.avg_pool2d:
         names = ["input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"]
         return b.avgpool(name, var, _bind(names, {}, args, kwargs), out_shape)
@@ -881,6 +912,8 @@ _ATEN_DROPOUTS = {
     "dropout", "dropout_", "feature_dropout", "feature_dropout_", "alpha_dropout", "alpha_dropout_",
     "feature_alpha_dropout", "feature_alpha_dropout_",
 }  # fmt: skip
+_CONV_TRANSPOSE_ARGS = ["input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation"]
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "output_padding": 0, "groups": 1, "dilation": 1}
 _ATEN_CONVS = {"conv2d", "convolution", "_convolution", "_convolution_mode"}  # the last: padding "same" / "valid"
 _ATEN_SHAPE = {"sym_size", "sym_numel", "sym_stride", "sym_storage_offset", "size", "dim", "numel", "stride"}
 # constant tensors shaped like their argument (full_like(h, c), h.new_zeros(...)): they read its shape, never its values
@@ -1004,9 +1037,13 @@ def _aten_op(
         if not torch.is_tensor(p["weight"]) or p["weight"].dim() != 4:
             raise CertificateUnavailable(f"{name}: a convolution that is not 2-D")
         extra = p["output_padding"]
-        if p["transposed"] or any(int(v) for v in (extra if isinstance(extra, (list, tuple)) else [extra])):
-            raise CertificateUnavailable(f"{name}: transposed convolution (or output_padding)")
+        if p["transposed"]:
+            return b.conv_transpose(name, var, p, out_shape)
+        if any(int(v) for v in (extra if isinstance(extra, (list, tuple)) else [extra])):
+            raise CertificateUnavailable(f"{name}: convolution with output_padding")
         return b.conv(name, var, p, out_shape)
+    if op == "conv_transpose2d":
+        return b.conv_transpose(name, var, _bind(_CONV_TRANSPOSE_ARGS, _CONV_DEFAULTS, args, kwargs), out_shape)
     if op == "max_pool2d":
         names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode"]
         return b.maxpool(name, var, _bind(names, {}, args, kwargs), out_shape)

@@ -137,6 +137,43 @@ class ConvOp(AffineOp):
 
 
 @dataclass(eq=False)
+class ConvTransposeOp(AffineOp):
+    """2-D transposed convolution (zero padding, any stride, dilation, groups, output padding): linear.
+
+    Its adjoint is the generic one (differentiating `linear`): the strided convolution with
+    the same weight, sized by the traced shapes with no output-padding arithmetic to get wrong.
+    """
+
+    weight: torch.Tensor = field(default=None)  # (C_in, C_out / groups, kh, kw)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    output_padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        rows = _rows(x, self.in_shape, 3)
+        geometry = (self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+        out = F.conv_transpose2d(rows, self.weight, None, *geometry)
+        return out.reshape(x.shape[0], *self.out_shape)
+
+    def _with(self, weight: torch.Tensor) -> ConvTransposeOp:
+        geometry = (self.stride, self.padding, self.output_padding, self.dilation, self.groups)
+        return ConvTransposeOp(self.name, self.in_shape, self.out_shape, None, True, weight, *geometry)
+
+    def abs(self) -> ConvTransposeOp:
+        return self._with(self.weight.abs())
+
+    def pos(self) -> ConvTransposeOp:
+        return self._with(self.weight.clamp_min(0))
+
+    @property
+    def fan_in(self) -> int:
+        """Most products summed into one output: the kernel taps of every input channel of its group."""
+        return self.weight.shape[0] // self.groups * math.prod(self.weight.shape[2:])
+
+
+@dataclass(eq=False)
 class ScaleOp(AffineOp):
     """Elementwise ``x * w + b`` (batch norm in eval mode, normalization, constant add/sub/mul/div)."""
 

@@ -61,6 +61,7 @@ from robaudit.certify.ops import (
     AffineOp,
     AvgPoolOp,
     ConvOp,
+    ConvTransposeOp,
     DenseOp,
     MaxPoolOp,
     MeanOp,
@@ -147,6 +148,8 @@ def _fan_in(op: AffineOp) -> int:
         return int(op.weight.shape[1])
     if isinstance(op, ConvOp):
         return math.prod(op.weight.shape[1:])
+    if isinstance(op, ConvTransposeOp):
+        return op.fan_in
     if isinstance(op, AvgPoolOp):
         return math.prod(op.kernel) + 1  # and the division
     if isinstance(op, MeanOp):
