@@ -639,7 +639,6 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("bilinear-upsample", Fn(lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), "bilinear"), True,
      ("interpolate",)),
     ("clamp-min-above-max", Fn(lambda x: torch.clamp(x, 0.5, -0.5), "torch.clamp(x, 0.5, -0.5)"), False, ("min > max",)),
-    ("clamp-by-input", Fn(lambda x: torch.minimum(x, x.flip(1)), "min(x, flip(x))"), False, ("minimum",)),
     ("stack-batch", Fn(lambda x: torch.stack([x, x], 0)[0], "stack on the batch"), True, ("batch",)),
     ("cat-batch", Fn(lambda x: torch.cat([x, x], 0)[: x.shape[0]], "cat on the batch"), True, ("batch",)),
     # a softmax anywhere but at the end, over the batch, or in other arithmetic
@@ -721,6 +720,10 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("elu-fn-0.3", Fn(lambda x: F.elu(3 * x, 0.3), "F.elu(3 x, 0.3)"), True),
     ("CELU-2", nn.CELU(2.0), True),
     ("celu-fn-0.2", Fn(lambda x: torch.celu(2 * x, 0.2), "torch.celu(2 x, 0.2)"), False),
+    # maximum / minimum of two input-dependent tensors: v + relu(u - v), u - relu(u - v) (hunt 27)
+    ("minimum-by-input", Fn(lambda x: torch.minimum(x, x.flip(1)), "min(x, flip(x))"), False),
+    ("maximum-leaky", Fn(lambda x: torch.maximum(x, 0.1 * x), "max(x, 0.1 x)"), True),
+    ("maximum-method-broadcast", Fn(lambda x: x.maximum(x.mean(1, keepdim=True)), "x.maximum(x.mean(1))"), True),
     # transposed convolutions: linear, with the output padding read off the traced shape
     ("ConvTranspose2d", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), True),
     ("ConvTranspose2d-groups-dilation", nn.ConvTranspose2d(2, 4, 2, stride=3, groups=2, dilation=2), True),

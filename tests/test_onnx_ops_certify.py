@@ -130,6 +130,28 @@ def smooth_activations(path: Path) -> Path:
     return g.save(path)
 
 
+def clip_constant_bounds(path: Path) -> Path:
+    """Clip with bounds from Constant nodes and an absent one (''), as torch's TorchScript-based exporter
+    writes `torch.clamp(x, min=...)` and `torch.clamp(x, max=...)` (hunt 27: onnx2torch refused the file)."""
+    g = _Graph(11)
+    low = g.node("Constant", [], "low", value=numpy_helper.from_array(np.array(-0.2, dtype=np.float32)))
+    high = g.node("Constant", [], "high", value=numpy_helper.from_array(np.array(0.3, dtype=np.float32)))
+    a = g.node("Clip", [g.conv("x", "a", 3, pads=[1, 1, 1, 1]), low, ""], "ca")
+    b = g.node("Clip", [g.conv("x", "b", 3, pads=[1, 1, 1, 1]), "", high], "cb")
+    g.head(g.node("Add", [a, b], "s"), 3 * 6 * 6)
+    return g.save(path)
+
+
+def max_min(path: Path) -> Path:
+    """ONNX Max of three inputs (two input-dependent, one constant) and Min of two input-dependent ones."""
+    g = _Graph(12)
+    a = g.conv("x", "a", 3, pads=[1, 1, 1, 1])
+    b = g.conv("x", "b", 3, pads=[1, 1, 1, 1])
+    m = g.node("Max", [a, b, g.const("floor", np.full((3, 1, 1), -0.1))], "m")
+    g.head(g.node("Min", [m, g.node("Mul", [a, g.const("k", np.array(0.5))], "half")], "n"), 3 * 6 * 6)
+    return g.save(path)
+
+
 FILES = {
     "conv-asymmetric-pads": conv_asymmetric_pads,
     "maxpool-asymmetric-pads": maxpool_asymmetric_pads,
@@ -137,6 +159,8 @@ FILES = {
     "dropout-sum-mean-reducesum": dropout_sum_mean,
     "prelu-per-channel": lambda path: prelu_per_channel(path, [0.1, 0.0, 1.5]),
     "elu-celu-hardsigmoid": smooth_activations,
+    "clip-constant-bounds": clip_constant_bounds,
+    "max-min": max_min,
 }
 
 

@@ -328,6 +328,28 @@ def test_transposed_convolutions_certify_alike_in_every_format(tmp_path) -> None
     assert_every_format_certifies_alike(fit(ConvTransposeCNN(), 120), x, y, tmp_path / "convt")
 
 
+class MaxMinMLP(nn.Module):
+    """torch.maximum / minimum of two hidden tensors and clamps with one bound: ONNX Max / Min and
+    Clip(x, Constant, '') / Clip(x, '', Constant), aten maximum / minimum / clamp (hunt 27: the
+    ONNX file did not load, and max(h, 0.1 h) was refused in every format)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x.flatten(1))
+        h = torch.maximum(h, 0.125 * h)  # a float32 constant: 0.1 is 0.1 in the module, 0.1f in a trace
+        g = self.fc2(h.clamp(min=0.0))
+        return self.head(torch.minimum(g, g.flip(1)).clamp(max=2.0))
+
+
+def test_max_min_and_one_sided_clamps_certify_alike_in_every_format(tmp_path) -> None:
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    assert_every_format_certifies_alike(fit(MaxMinMLP(), 120), x, y, tmp_path / "maxmin")
+
+
 class SeluMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -422,6 +422,36 @@ class _Builder:
         op = SelectOp(name, var.shape, tuple(out_shape), bias, True, index)
         return self.add(name, op, [var.index], out_shape)
 
+    def extremum(self, name: str, kind: str, items: list, out_shape: Shape) -> int:
+        """Elementwise maximum or minimum of several tensors, folded left to right, exactly.
+
+        Of two input-dependent tensors, max(u, v) = v + relu(u - v) and min(u, v) = u - relu(u - v)
+        (a ReLU and two sums, which every method bounds already); of one and a constant, a
+        one-sided clamp. Its float32 rounding is charged for those steps, more than an exact
+        float32 max ever rounds.
+        """
+        acc = items[0]
+        for k, item in enumerate(items[1:], 2):
+            label = f"{name} (term {k})"
+            shape = tuple(torch.broadcast_shapes(*(t.shape for t in (acc, item) if isinstance(t, _Var) or torch.is_tensor(t))))
+            if isinstance(acc, _Var) and isinstance(item, _Var):
+                gap = _Var(self.binary(f"{label}: u - v", "sub", acc, item, shape), shape)
+                gap = _Var(self.act(f"{label}: relu(u - v)", gap, "relu"), shape)
+                if kind == "maximum":
+                    acc = _Var(self.binary(label, "add", item, gap, shape), shape)
+                else:
+                    acc = _Var(self.binary(label, "sub", acc, gap, shape), shape)
+            elif isinstance(acc, _Var) or isinstance(item, _Var):
+                var, const = (acc, item) if isinstance(acc, _Var) else (item, acc)
+                bounds = (const, None) if kind == "maximum" else (None, const)
+                acc = _Var(self.clamp(label, var, *bounds, shape), shape)
+            else:
+                fold = torch.maximum if kind == "maximum" else torch.minimum
+                acc = fold(torch.as_tensor(acc).detach().to(F64), torch.as_tensor(item).detach().to(F64))
+        if not isinstance(acc, _Var) or acc.shape != tuple(out_shape):
+            raise CertificateUnavailable(f"{name}: {kind} whose result does not depend on the input as traced")
+        return acc.index
+
     def hard_sigmoid(self, name: str, var: _Var, alpha: float, beta: float, out_shape: Shape) -> int:
         """clamp(alpha x + beta, 0, 1) (torch's Hardsigmoid: alpha 1/6, beta 1/2): a scale, then a clamp."""
         scaled = _Var(self.scale(f"{name} (alpha x + beta)", var, float(alpha), float(beta), out_shape), var.shape)
@@ -1204,6 +1234,12 @@ def _structural_op(
             items.append(item)
         return b.concat(name, items, dim, out_shape)
     function = aten or (_CLAMP_FUNCTIONS.get(n.target) if n.op == "call_function" else None)
+    if n.op == "call_method" and n.target in ("minimum", "maximum"):
+        function = n.target
+    if function in ("minimum", "maximum") and len(args) == 2 and not kwargs and all(isinstance(a, _Var) for a in args):
+        return b.extremum(name, function, args, out_shape)  # of two input-dependent tensors
+    if type(module).__name__ == "OnnxMinMax" and args and not kwargs:  # ONNX Max / Min of any number of inputs
+        return b.extremum(name, "maximum" if module._op_type == "Max" else "minimum", args, out_shape)
     if function in ("minimum", "maximum") and len(args) == 2 and isinstance(args[1], _Var) and not isinstance(args[0], _Var):
         args = [args[1], args[0]]  # minimum(c, x) = minimum(x, c)
     var = _sole_input(args, kwargs)

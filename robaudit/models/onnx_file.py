@@ -172,6 +172,53 @@ def _fold_constant_casts(model: onnx.ModelProto) -> None:
         graph.node.extend(keep)
 
 
+def _absent_clip_bounds(model: onnx.ModelProto) -> None:
+    """Write a Clip's absent bounds (the empty input name '') the way onnx2torch reads them.
+
+    `torch.clamp(x, min=0.0)` is exported as Clip(x, min, ''): a trailing '' is dropped. In
+    `torch.clamp(x, max=1.0)`, Clip(x, '', max), the absent min becomes an initializer holding
+    -inf, which clips nothing. Both are exact (onnxruntime checks the translation anyway).
+    """
+    constants = _constants(model)
+    for k, node in enumerate(model.graph.node):
+        if node.op_type != "Clip":
+            continue
+        while len(node.input) > 1 and not node.input[-1]:
+            del node.input[-1]
+        if len(node.input) == 3 and not node.input[1] and node.input[2] in constants:
+            dtype = numpy_helper.to_array(constants[node.input[2]]).dtype
+            name = f"{node.output[0]}__no_min_{k}"
+            model.graph.initializer.append(numpy_helper.from_array(np.array(-np.inf, dtype=dtype), name))
+            node.input[1] = name
+
+
+def _clip_bounds_as_initializers(model: onnx.ModelProto) -> None:
+    """Turn the Constant nodes that give a Clip its min / max into initializers of the same name.
+
+    torch's TorchScript-based exporter writes `torch.clamp(x, min=0.0)` at opset 11+ as
+    Clip(x, Constant) (a Cast between them is folded above), and onnx2torch's Clip converter
+    takes only initializers ("Dynamic value of min/max is not implemented"). A Constant's
+    value is its output for every reader, so the move is exact.
+    """
+    graph = model.graph
+    _absent_clip_bounds(model)
+    bounds = {name for node in graph.node if node.op_type == "Clip" for name in node.input[1:3] if name}
+    outputs = {o.name for o in graph.output}
+    keep = []
+    for node in graph.node:
+        value = next((a.t for a in node.attribute if a.name == "value"), None) if node.op_type == "Constant" else None
+        if value is None or len(node.output) != 1 or node.output[0] not in bounds or node.output[0] in outputs:
+            keep.append(node)
+            continue
+        moved = onnx.TensorProto()
+        moved.CopyFrom(value)
+        moved.name = node.output[0]
+        graph.initializer.append(moved)
+    if len(keep) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(keep)
+
+
 def _pad_values_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto | None:
     """Move a graph with a filled Pad-2 to opset 11, or None when there is none.
 
@@ -493,6 +540,7 @@ def load_onnx(path: Path) -> RawModel:
     _drop_harmless_allowzero(model)
     _fold_initializer_identities(model)
     _fold_constant_casts(model)
+    _clip_bounds_as_initializers(model)
     notes = [chosen] if chosen else []
     try:
         upgraded = _pad_values_as_inputs(model)
