@@ -724,6 +724,9 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("minimum-by-input", Fn(lambda x: torch.minimum(x, x.flip(1)), "min(x, flip(x))"), False),
     ("maximum-leaky", Fn(lambda x: torch.maximum(x, 0.1 * x), "max(x, 0.1 x)"), True),
     ("maximum-method-broadcast", Fn(lambda x: x.maximum(x.mean(1, keepdim=True)), "x.maximum(x.mean(1))"), True),
+    ("max-pairwise", Fn(lambda x: torch.max(x, x.roll(1, 3)), "torch.max(x, roll(x))"), True),
+    ("min-pairwise-method", Fn(lambda x: x.min(-x), "x.min(-x)"), False),
+    ("max-pairwise-constant", Fn(lambda x: torch.max(x, torch.linspace(-0.3, 0.3, 4)), "torch.max(x, linspace)"), True),
     # transposed convolutions: linear, with the output padding read off the traced shape
     ("ConvTranspose2d", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), True),
     ("ConvTranspose2d-groups-dilation", nn.ConvTranspose2d(2, 4, 2, stride=3, groups=2, dilation=2), True),

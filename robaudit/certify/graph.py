@@ -433,7 +433,8 @@ class _Builder:
         acc = items[0]
         for k, item in enumerate(items[1:], 2):
             label = f"{name} (term {k})"
-            shape = tuple(torch.broadcast_shapes(*(t.shape for t in (acc, item) if isinstance(t, _Var) or torch.is_tensor(t))))
+            shapes = [t.shape for t in (acc, item) if isinstance(t, _Var) or torch.is_tensor(t)]
+            shape = tuple(torch.broadcast_shapes(*shapes))
             if isinstance(acc, _Var) and isinstance(item, _Var):
                 gap = _Var(self.binary(f"{label}: u - v", "sub", acc, item, shape), shape)
                 gap = _Var(self.act(f"{label}: relu(u - v)", gap, "relu"), shape)
@@ -1190,6 +1191,30 @@ def _clamp_bounds(n: fx.Node, module: nn.Module | None, aten: str | None, args: 
     return None
 
 
+def _extremum_kind(n: fx.Node, module: nn.Module | None, function: str | None, args: list, kwargs: dict) -> str | None:
+    """'maximum' / 'minimum' for an elementwise max / min that `_Builder.extremum` takes, else None.
+
+    Those are: of two input-dependent tensors (torch.maximum, x.minimum(y), aten), the
+    binary torch.max(a, b) / a.min(b) with a tensor second argument (not a reduction over a
+    dimension), and ONNX Max / Min of any number of inputs. A max / min of the input and a
+    constant is a clamp, which `_clamp_bounds` reads.
+    """
+    if kwargs:
+        return None
+    if type(module).__name__ == "OnnxMinMax" and args:
+        return "maximum" if module._op_type == "Max" else "minimum"
+    if n.op == "call_method" and n.target in ("minimum", "maximum"):
+        function = n.target
+    if function in ("minimum", "maximum") and len(args) == 2 and all(isinstance(a, _Var) for a in args):
+        return function
+    binary = (n.op == "call_function" and n.target in (torch.max, torch.min)) or (
+        n.op == "call_method" and n.target in ("max", "min")
+    )
+    if binary and len(args) == 2 and isinstance(args[0], _Var) and (isinstance(args[1], _Var) or torch.is_tensor(args[1])):
+        return "maximum" if getattr(n.target, "__name__", n.target) == "max" else "minimum"
+    return None
+
+
 def _moves_values(n: fx.Node, module: nn.Module | None, aten: str | None, args: list, kwargs: dict) -> bool:
     """Whether the op is data movement by definition (its arguments are checked by `_Builder.select`)."""
     if module is not None:
@@ -1234,12 +1259,9 @@ def _structural_op(
             items.append(item)
         return b.concat(name, items, dim, out_shape)
     function = aten or (_CLAMP_FUNCTIONS.get(n.target) if n.op == "call_function" else None)
-    if n.op == "call_method" and n.target in ("minimum", "maximum"):
-        function = n.target
-    if function in ("minimum", "maximum") and len(args) == 2 and not kwargs and all(isinstance(a, _Var) for a in args):
-        return b.extremum(name, function, args, out_shape)  # of two input-dependent tensors
-    if type(module).__name__ == "OnnxMinMax" and args and not kwargs:  # ONNX Max / Min of any number of inputs
-        return b.extremum(name, "maximum" if module._op_type == "Max" else "minimum", args, out_shape)
+    extremum = _extremum_kind(n, module, function, args, kwargs)
+    if extremum is not None:
+        return b.extremum(name, extremum, args, out_shape)
     if function in ("minimum", "maximum") and len(args) == 2 and isinstance(args[1], _Var) and not isinstance(args[0], _Var):
         args = [args[1], args[0]]  # minimum(c, x) = minimum(x, c)
     var = _sole_input(args, kwargs)
