@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
+import torch
 
 from conftest import ModelFiles, assert_one_line_error, load_json, run_cli
 
@@ -32,6 +33,34 @@ def test_indicator_in_the_report(model_files: ModelFiles, tmp_path) -> None:
         assert entry["piecewise_linear"] is True  # the test CNN is ReLU: curvature instead of a zero Hessian
         assert entry["curvature"] is not None and entry["jacobian_l2"] > 0
     assert report["timing"]["indicator_s"] >= 0
+
+
+class HardsigmoidCNN(torch.nn.Module):
+    """Hardsigmoid has no second derivative in torch (hunt 28: the scan crashed in the Hessian products)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv, self.head = torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Linear(4 * 64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.nn.functional.hardsigmoid(self.conv(x)).flatten(1))
+
+
+def test_a_model_without_second_derivatives_gets_the_indicator_without_a_hessian(model_files: ModelFiles, tmp_path) -> None:
+    path, out = tmp_path / "hsig.pt", tmp_path / "r.json"
+    torch.jit.trace(HardsigmoidCNN().eval(), torch.rand(2, 1, 8, 8)).save(str(path))
+    md = tmp_path / "r.md"
+    args = ("--indicator", "--json", out, "--markdown", md, "--preset", "quick", "--no-certify")
+    result = run_cli("scan", path, "--data", model_files.data_npz, "--n", "8", "-t", "l2:0.3", *args)
+    assert result.code == 0, result.stderr
+    assert "note: Hessian not measured" in result.stdout and "note: Hessian not measured" in md.read_text()
+    ind = load_json(out)["summary"]["indicator"]
+    assert any("hardsigmoid_backward" in note for note in ind["notes"]), ind["notes"]
+    for sample in load_json(out)["samples"]:
+        entry = sample["indicator"]
+        assert entry["hessian_max_abs"] is None and entry["piecewise_linear"] is False
+        assert entry["predicted_drop"]["l2:0.3"] > 0 and entry["curvature"] is not None  # the curvature alone
 
 
 def test_no_indicator(model_files: ModelFiles, tmp_path) -> None:

@@ -39,6 +39,10 @@ def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return grad.detach()
 
 
+class NoSecondDerivative(RobauditError):
+    """The model uses an op whose backward torch cannot differentiate (hardsigmoid, hardswish, ...)."""
+
+
 class LocalModel:
     """g and its gradient at a batch of points, keeping the graph for Hessian-vector products.
 
@@ -64,10 +68,15 @@ class LocalModel:
         """H v per sample, ``v`` shaped like x; exactly zero when grad g does not depend on x."""
         if not self._grad.requires_grad:
             return torch.zeros_like(self.x)
-        with torch.enable_grad():
-            (out,) = torch.autograd.grad(
-                self._grad, self.x, grad_outputs=v.to(self.x.dtype), retain_graph=True, allow_unused=True
-            )
+        try:
+            with torch.enable_grad():
+                (out,) = torch.autograd.grad(
+                    self._grad, self.x, grad_outputs=v.to(self.x.dtype), retain_graph=True, allow_unused=True
+                )
+        except (RuntimeError, NotImplementedError) as exc:  # "derivative for aten::hardsigmoid_backward is not implemented"
+            if "not implemented" not in str(exc):
+                raise
+            raise NoSecondDerivative(str(exc).strip().splitlines()[0][:300]) from None
         return torch.zeros_like(self.x) if out is None else out.detach()
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from robaudit.attacks.runner import NoProgress, ProgressSink
 from robaudit.errors import RobauditError
 from robaudit.measures.bounds import ball_probes, l2_radius, predicted_drop
-from robaudit.measures.decision import LocalModel, evaluate, fd_curvature
+from robaudit.measures.decision import LocalModel, NoSecondDerivative, evaluate, fd_curvature
 from robaudit.measures.lanczos import lanczos
 from robaudit.measures.score import aggregate
 from robaudit.threats import Threat
@@ -156,6 +156,7 @@ class _Cost:
     forwards: int = 0
     backwards: int = 0
     hvps: int = 0
+    no_hessian: str | None = None  # why no Hessian-vector product could be taken (an op without a second derivative)
 
 
 def _spectrum(local: LocalModel, x: torch.Tensor, s: _Settings, cost: _Cost) -> tuple[torch.Tensor, ...]:
@@ -178,10 +179,14 @@ def _spectrum(local: LocalModel, x: torch.Tensor, s: _Settings, cost: _Cost) -> 
         broken = broken | ~torch.isfinite(out).all(dim=1)
         return torch.where(broken[:, None], torch.zeros_like(out), out)
 
-    hv0 = matvec(v0)
-    piecewise = (hv0.norm(dim=1) <= PIECEWISE_RTOL * local.grad.flatten(1).double().norm(dim=1)) & ~broken
     zeros = torch.zeros(b, dtype=torch.float64, device=x.device)
     nan = torch.full_like(zeros, float("nan"))
+    try:
+        hv0 = matvec(v0)
+    except NoSecondDerivative as exc:  # the Hessian is unknown, not zero: NaN, and not piecewise linear
+        cost.no_hessian = str(exc)
+        return nan, nan, nan, nan, torch.zeros(b, dtype=torch.bool, device=x.device)
+    piecewise = (hv0.norm(dim=1) <= PIECEWISE_RTOL * local.grad.flatten(1).double().norm(dim=1)) & ~broken
     if piecewise.all():
         cost.hvps += b
         return zeros, zeros, zeros, nan, piecewise
@@ -214,7 +219,8 @@ def _measure_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: _Setti
     drops, observed = {}, {}
     for threat in s.threats:
         key = threat.canonical
-        drops[key] = predicted_drop(grad, torch.maximum(habs, curvature[s.scales[key]]), threat)
+        second = curvature[s.scales[key]]  # with an unknown Hessian, the finite-difference curvature alone
+        drops[key] = predicted_drop(grad, second if cost.no_hessian else torch.maximum(habs, second), threat)
         observed[key] = _probe(model, x, y, local.g, threat, s, cost)
     return _Batch(
         g=local.g.double(), j1=grad.abs().sum(1), j2=grad.norm(dim=1), jinf=grad.abs().amax(1),
@@ -340,4 +346,9 @@ def measure_indicator(
     model_level.forwards_per_sample = cost.forwards / n
     model_level.backwards_per_sample = cost.backwards / n
     model_level.seconds = time.perf_counter() - started
+    if cost.no_hessian:
+        model_level.notes.append(
+            f"Hessian not measured: torch cannot differentiate the model's backward twice ({cost.no_hessian}); "
+            "hessian_* are unknown (NaN) and the predicted drops use the finite-difference curvature alone"
+        )
     return samples, model_level

@@ -110,7 +110,9 @@ def surface_parts(samples: Sequence[SampleIndicator]) -> dict[str, float]:
 
 
 def _finite_derivatives(s: SampleIndicator) -> bool:
-    values = [s.jacobian_l2, s.hessian_max_abs, *s.curvature_by_threat.values(), *s.predicted_drop.values()]
+    """Gradient, curvature and predicted drops finite (a NaN Hessian makes the drop NaN too, unless it was not
+    measured at all: a model-level note says so, and the drops use the curvature alone)."""
+    values = [s.jacobian_l2, *s.curvature_by_threat.values(), *s.predicted_drop.values()]
     return all(math.isfinite(v) for v in values)
 
 

@@ -293,7 +293,8 @@ def _indicator(report: Report) -> str:
             rows.append([f"<code>{_e(with_threat_names(report, key))}</code>", _pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"])
     if ind.get("masking_suspected"):
         rows.append(["<strong>masking suspected</strong>", "the score is not meaningful"])
-    return "<h2>Decision-surface indicator</h2>" + _table(["metric", "value"], rows, {1})
+    notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in ind.get("notes") or [])
+    return "<h2>Decision-surface indicator</h2>" + _table(["metric", "value"], rows, {1}) + notes
 
 
 def _diagnostics(report: Report) -> str:

@@ -183,7 +183,8 @@ def _indicator(report: Report) -> list[str]:
             rows.append((code(with_threat_names(report, key)), shown))
     if ind.get("masking_suspected"):
         rows.append(("**masking suspected**", "the score is not meaningful"))
-    return ["### Decision-surface indicator", "", *table(("metric", "value"), rows, "lr")]
+    notes = [f"- note: {cell(n)}" for n in ind.get("notes") or []]
+    return ["### Decision-surface indicator", "", *table(("metric", "value"), rows, "lr"), *notes, *([""] if notes else [])]
 
 
 VERDICT_MARK = {"pass": "🟢 pass", "warn": "🟡 warn", "fail": "🔴 **fail**", "skipped": "⚪ skipped"}  # not the gate's marks

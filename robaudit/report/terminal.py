@@ -157,7 +157,7 @@ def _certificate(report: Report) -> Group | Text | None:
     return Group(table, Text("\n".join(f"note: {n}" for n in cert.notes), style="dim"))
 
 
-def _indicator(report: Report) -> Table | None:
+def _indicator(report: Report) -> Table | Group | None:
     ind = report.summary.indicator
     if not ind:
         return None
@@ -189,7 +189,10 @@ def _indicator(report: Report) -> Table | None:
             table.add_row(escape(with_threat_names(report, key)), _pct(value), "samples whose drop (predicted, or seen at random points in the ball where larger) stays below their margin (a prediction, not a bound)")
     if ind.get("masking_suspected"):
         table.add_row("[bold red]masking suspected[/bold red]", "yes", "random probes beat the predicted drop: the score is not meaningful")
-    return table
+    notes = ind.get("notes") or []
+    if not notes:
+        return table
+    return Group(table, Text("\n".join(f"note: {n}" for n in notes), style="dim"))  # what the score could not measure
 
 
 VERDICT_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
