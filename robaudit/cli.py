@@ -281,12 +281,17 @@ def scan(
             with Progress(*columns, console=stderr, transient=True) as progress:
                 result = run_scan(config, progress=lambda: RichProgress(progress), cluster=cluster)
     except Exception as exc:  # the ranks this one stops can then say why (`Cluster.stopped`)
+        reported = cluster.failure(exc)  # after the launcher's SIGTERM, whatever surfaced: the rank failure
+        if reported is not exc:
+            raise reported from exc
         if not isinstance(exc, RankFailure):
             said = str(exc) if isinstance(exc, RobauditError) else f"internal error ({type(exc).__name__}: {exc})"
             cluster.report_error(" ".join(said.split())[:500])
         raise
     finally:
         cluster.close()
+    if cluster.terminated is not None:  # the SIGTERM's exception was swallowed somewhere, and the scan went on
+        raise RankFailure(cluster.terminated)
     if result is None:  # another rank writes the report
         return
 

@@ -46,6 +46,7 @@ class Cluster:
     world: int = 1
     local_rank: int = 0
     peers: list[tuple[str, int]] = field(default_factory=list)  # (host, pid) of every rank, to name one that died
+    terminated: str | None = None  # why the launcher's SIGTERM stopped this rank, once it has
 
     @property
     def is_main(self) -> bool:
@@ -180,8 +181,20 @@ class Cluster:
         return f"another rank of {self.world} stopped, so rank {self.rank} stopped too"
 
     def on_terminate(self, signum: int, frame) -> None:
-        """torchrun ends the other ranks with SIGTERM when one fails: one line, no report, non-zero exit."""
-        raise RankFailure(f"{self.stopped()} (the launcher sent SIGTERM); no report written")
+        """torchrun ends the other ranks with SIGTERM when one fails: one line, no report, non-zero exit.
+
+        The exception is raised wherever the main thread is. Library code that swallows broad
+        exceptions (an import guard inside torch, say) may turn it into another error later,
+        so the reason is kept too: `failure` reports it whatever surfaces.
+        """
+        self.terminated = f"{self.stopped()} (the launcher sent SIGTERM); no report written"
+        raise RankFailure(self.terminated)
+
+    def failure(self, exc: BaseException) -> BaseException:
+        """The error to report for `exc`: the rank failure when the launcher has stopped this rank."""
+        if self.terminated is None or isinstance(exc, RankFailure):
+            return exc
+        return RankFailure(self.terminated)
 
     def close(self) -> None:
         if self.distributed and torch.distributed.is_initialized():

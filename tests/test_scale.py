@@ -218,6 +218,25 @@ def test_a_rank_that_dies_fails_the_run_without_a_report(tmp_path: Path) -> None
     assert len(ours) == 1 and "rank 1 (pid" in ours[0] and "died" in ours[0] and "no report written" in ours[0], stderr[-3000:]
 
 
+def test_the_launchers_sigterm_is_reported_even_where_library_code_swallowed_its_exception() -> None:
+    """CI once saw rank 0 end with "internal error: AttributeError: module 'triton.language' has no attribute
+    'core'": the SIGTERM's exception was raised inside an import that torch guards with a broad except, and a
+    half-imported module failed later. Whatever surfaces after the SIGTERM, the rank failure is reported."""
+    from robaudit.distributed import Cluster, RankFailure
+
+    cluster = Cluster(rank=0, world=2)
+    try:
+        cluster.on_terminate(signal.SIGTERM, None)
+    except RankFailure:
+        pass  # what a broad `except Exception` in library code does
+    assert cluster.terminated and "SIGTERM" in cluster.terminated and "no report written" in cluster.terminated
+    reported = cluster.failure(AttributeError("module 'triton.language' has no attribute 'core'"))  # the later symptom
+    assert isinstance(reported, RankFailure) and str(reported) == cluster.terminated
+    fresh = Cluster(rank=0, world=2)
+    error = ValueError("an error of this rank's own")
+    assert fresh.failure(error) is error  # without a SIGTERM, errors are this rank's own
+
+
 def test_a_rank_that_stops_on_an_error_is_named_with_its_error_by_the_others(tmp_path: Path) -> None:
     """Rank 1 cannot read its copy of the model: rank 0 says which rank stopped and why, not just "died"."""
     import torch
