@@ -19,6 +19,7 @@ fill constants): they add no rounding and have 0/1 weights.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 
@@ -85,8 +86,19 @@ class AffineOp:
         return math.prod(self.out_shape)
 
 
+class _SignedWeights:
+    """abs / pos of an op whose linear map applies its `weight` tensor: the same op with |W| or W+
+    (no bias, declared nonnegative), every other field (shapes, stride, padding, ...) kept."""
+
+    def abs(self):  # type: ignore[no-untyped-def]
+        return dataclasses.replace(self, weight=self.weight.abs(), bias=None, nonneg=True)
+
+    def pos(self):  # type: ignore[no-untyped-def]
+        return dataclasses.replace(self, weight=self.weight.clamp_min(0), bias=None, nonneg=True)
+
+
 @dataclass(eq=False)
-class DenseOp(AffineOp):
+class DenseOp(_SignedWeights, AffineOp):
     """``x @ W^T`` over the last dimension (nn.Linear, Gemm, MatMul with a constant matrix)."""
 
     weight: torch.Tensor = field(default=None)  # (out, in)
@@ -97,15 +109,9 @@ class DenseOp(AffineOp):
     def adjoint(self, g: torch.Tensor) -> torch.Tensor:
         return g @ self.weight
 
-    def abs(self) -> DenseOp:
-        return DenseOp(self.name, self.in_shape, self.out_shape, None, True, self.weight.abs())
-
-    def pos(self) -> DenseOp:
-        return DenseOp(self.name, self.in_shape, self.out_shape, None, True, self.weight.clamp_min(0))
-
 
 @dataclass(eq=False)
-class ConvOp(AffineOp):
+class ConvOp(_SignedWeights, AffineOp):
     """2-D convolution with zero padding (any stride, dilation and groups)."""
 
     weight: torch.Tensor = field(default=None)  # (C_out, C_in / groups, kh, kw)
@@ -125,19 +131,9 @@ class ConvOp(AffineOp):
         out = torch.nn.grad.conv2d_input(size, self.weight, rows, self.stride, self.padding, self.dilation, self.groups)
         return out.reshape(g.shape[0], *self.in_shape)
 
-    def _with(self, weight: torch.Tensor) -> ConvOp:
-        geometry = (self.stride, self.padding, self.dilation, self.groups)
-        return ConvOp(self.name, self.in_shape, self.out_shape, None, True, weight, *geometry)
-
-    def abs(self) -> ConvOp:
-        return self._with(self.weight.abs())
-
-    def pos(self) -> ConvOp:
-        return self._with(self.weight.clamp_min(0))
-
 
 @dataclass(eq=False)
-class ConvTransposeOp(AffineOp):
+class ConvTransposeOp(_SignedWeights, AffineOp):
     """2-D transposed convolution (zero padding, any stride, dilation, groups, output padding): linear.
 
     Its adjoint is the generic one (differentiating `linear`): the strided convolution with
@@ -157,21 +153,6 @@ class ConvTransposeOp(AffineOp):
         out = F.conv_transpose2d(rows, self.weight, None, *geometry)
         return out.reshape(x.shape[0], *self.out_shape)
 
-    def _with(self, weight: torch.Tensor) -> ConvTransposeOp:
-        geometry = (self.stride, self.padding, self.output_padding, self.dilation, self.groups)
-        return ConvTransposeOp(self.name, self.in_shape, self.out_shape, None, True, weight, *geometry)
-
-    def abs(self) -> ConvTransposeOp:
-        return self._with(self.weight.abs())
-
-    def pos(self) -> ConvTransposeOp:
-        return self._with(self.weight.clamp_min(0))
-
-    @property
-    def fan_in(self) -> int:
-        """Most products summed into one output: the kernel taps of every input channel of its group."""
-        return self.weight.shape[0] // self.groups * math.prod(self.weight.shape[2:])
-
 
 @dataclass(eq=False)
 class ScaleOp(AffineOp):
@@ -186,7 +167,7 @@ class ScaleOp(AffineOp):
     def adjoint(self, g: torch.Tensor) -> torch.Tensor:
         return g * self.weight
 
-    def abs(self) -> ScaleOp:
+    def abs(self) -> ScaleOp:  # not `_SignedWeights`: the copy drops `spread` too (only the op itself is rounded)
         return ScaleOp(self.name, self.in_shape, self.out_shape, None, True, self.weight.abs())
 
     def pos(self) -> ScaleOp:

@@ -148,8 +148,8 @@ def _fan_in(op: AffineOp) -> int:
         return int(op.weight.shape[1])
     if isinstance(op, ConvOp):
         return math.prod(op.weight.shape[1:])
-    if isinstance(op, ConvTransposeOp):
-        return op.fan_in
+    if isinstance(op, ConvTransposeOp):  # the kernel taps of every input channel of its group
+        return op.weight.shape[0] // op.groups * math.prod(op.weight.shape[2:])
     if isinstance(op, AvgPoolOp):
         return math.prod(op.kernel) + 1  # and the division
     if isinstance(op, MeanOp):

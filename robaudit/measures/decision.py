@@ -40,7 +40,7 @@ def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 class NoSecondDerivative(RobauditError):
-    """The model uses an op whose backward torch cannot differentiate (hardsigmoid, hardswish, ...)."""
+    """The model uses an op whose backward torch cannot differentiate (hardsigmoid, as of torch 2.14)."""
 
 
 class LocalModel:

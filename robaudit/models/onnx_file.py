@@ -196,12 +196,11 @@ def _clip_bounds_as_initializers(model: onnx.ModelProto) -> None:
     """Turn the Constant nodes that give a Clip its min / max into initializers of the same name.
 
     torch's TorchScript-based exporter writes `torch.clamp(x, min=0.0)` at opset 11+ as
-    Clip(x, Constant) (a Cast between them is folded above), and onnx2torch's Clip converter
+    Clip(x, Constant) (a Cast between them is folded first), and onnx2torch's Clip converter
     takes only initializers ("Dynamic value of min/max is not implemented"). A Constant's
     value is its output for every reader, so the move is exact.
     """
     graph = model.graph
-    _absent_clip_bounds(model)
     bounds = {name for node in graph.node if node.op_type == "Clip" for name in node.input[1:3] if name}
     outputs = {o.name for o in graph.output}
     keep = []
@@ -540,6 +539,7 @@ def load_onnx(path: Path) -> RawModel:
     _drop_harmless_allowzero(model)
     _fold_initializer_identities(model)
     _fold_constant_casts(model)
+    _absent_clip_bounds(model)
     _clip_bounds_as_initializers(model)
     notes = [chosen] if chosen else []
     try:
