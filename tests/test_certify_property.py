@@ -611,6 +611,9 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("SiLU", nn.SiLU(), False, ("SiLU",)),
     ("silu-fn", Fn(F.silu, "F.silu"), False, ("silu",)),
     ("Hardswish", nn.Hardswish(), False, ("Hardswish",)),
+    ("Hardshrink", nn.Hardshrink(0.25), True, ("Hardshrink",)),  # jumps at +-lambda
+    ("Threshold-jump", nn.Threshold(0.1, -1.0), False, ("Threshold",)),
+    ("threshold-fn-jump", Fn(lambda x: F.threshold(x, 0.0, 0.5), "F.threshold(x, 0, 0.5)"), True, ("threshold",)),
     ("Mish", nn.Mish(), False, ("Mish",)),
     ("abs", Fn(torch.abs, "torch.abs"), False, ("abs",)),
     ("abs-method", Fn(lambda x: x.abs(), "x.abs()"), True, ("abs",)),
@@ -727,6 +730,15 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("max-pairwise", Fn(lambda x: torch.max(x, x.roll(1, 3)), "torch.max(x, roll(x))"), True),
     ("min-pairwise-method", Fn(lambda x: x.min(-x), "x.min(-x)"), False),
     ("max-pairwise-constant", Fn(lambda x: torch.max(x, torch.linspace(-0.3, 0.3, 4)), "torch.max(x, linspace)"), True),
+    ("fmax-leaky", Fn(lambda x: torch.fmax(x, 0.2 * x), "fmax(x, 0.2 x)"), True),
+    ("fmin-method-constant", Fn(lambda x: x.fmin(torch.tensor(0.25)), "x.fmin(0.25)"), False),
+    # shrinks and a threshold at its own value: ReLUs and sums, exactly
+    ("Softshrink", nn.Softshrink(0.25), True),
+    ("softshrink-fn", Fn(lambda x: F.softshrink(4 * x, 1.5), "F.softshrink(4 x, 1.5)"), False),
+    ("Tanhshrink", nn.Tanhshrink(), False),
+    ("tanhshrink-fn", Fn(lambda x: F.tanhshrink(3 * x), "F.tanhshrink(3 x)"), True),
+    ("Threshold-at-value", nn.Threshold(0.125, 0.125), True),
+    ("threshold-fn", Fn(lambda x: F.threshold(x, -0.25, -0.25), "F.threshold(x, -0.25, -0.25)"), False),
     # transposed convolutions: linear, with the output padding read off the traced shape
     ("ConvTranspose2d", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), True),
     ("ConvTranspose2d-groups-dilation", nn.ConvTranspose2d(2, 4, 2, stride=3, groups=2, dilation=2), True),

@@ -235,17 +235,20 @@ def test_moves_clamps_and_concatenation_certify_alike_in_every_format(tmp_path) 
     assert_every_format_certifies_alike(net, x, y, tmp_path / "mobile")
 
 
-def assert_every_format_certifies_alike(net: nn.Module, x: torch.Tensor, y: torch.Tensor, stem: Path) -> None:
-    """`net` saved as ONNX by both of torch's exporters and as traced and scripted TorchScript: the radii of
-    the unsaved module, and random points at 0.999 of them keep the label."""
+def assert_every_format_certifies_alike(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, stem: Path, onnx: bool = True
+) -> None:
+    """`net` saved as ONNX by both of torch's exporters (unless not `onnx`) and as traced and scripted
+    TorchScript: the radii of the unsaved module, and random points at 0.999 of them keep the label."""
     reference = certify_l2(net, x, y, budget="fast")
     assert (reference.radius > 0).sum() >= 12, reference.radius
-    dynamo = stem.with_name(f"{stem.name}_dynamo.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (x[:2],), str(dynamo), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
-    files = [save(net, stem.with_suffix(".onnx"), "onnx"), dynamo]
-    files += [save(net, stem.with_name(f"{stem.name}_{kind}.pt"), kind) for kind in ("trace", "script")]
+    files = [save(net, stem.with_name(f"{stem.name}_{kind}.pt"), kind) for kind in ("trace", "script")]
+    if onnx:
+        dynamo = stem.with_name(f"{stem.name}_dynamo.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(net, (x[:2],), str(dynamo), dynamo=True, dynamic_shapes=({0: torch.export.Dim("batch")},))
+        files += [save(net, stem.with_suffix(".onnx"), "onnx"), dynamo]
     for path in files:
         model = loaded(path, x)
         cert = certify_l2(model, x, y, budget="fast")
@@ -348,6 +351,27 @@ def test_max_min_and_one_sided_clamps_certify_alike_in_every_format(tmp_path) ->
     x, y = digits()
     x, y = x[:24], y[:24]
     assert_every_format_certifies_alike(fit(MaxMinMLP(), 120), x, y, tmp_path / "maxmin")
+
+
+class ShrinkMLP(nn.Module):
+    """Softshrink, Tanhshrink, a Threshold at its own value and torch.fmax: ReLUs, a tanh and sums,
+    exactly; TorchScript writes aten softshrink / tanh and sub / threshold / fmax. (onnx2torch has no
+    ONNX Shrink, so the ONNX files of such a net do not load.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, 32), nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.softshrink(self.fc1(x.flatten(1)), 0.25)
+        h = torch.fmax(F.tanhshrink(h), 0.125 * h)
+        return self.head(F.threshold(self.fc2(h), -0.5, -0.5))
+
+
+def test_shrinks_threshold_and_fmax_certify_alike_in_torchscript(tmp_path) -> None:
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    assert_every_format_certifies_alike(fit(ShrinkMLP(), 120), x, y, tmp_path / "shrink", onnx=False)
 
 
 class SeluMLP(nn.Module):

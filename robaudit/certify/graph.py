@@ -458,6 +458,38 @@ class _Builder:
         scaled = _Var(self.scale(f"{name} (alpha x + beta)", var, float(alpha), float(beta), out_shape), var.shape)
         return self.clamp(name, scaled, 0.0, 1.0, out_shape)
 
+    def soft_shrink(self, name: str, var: _Var, lambd: Any, out_shape: Shape) -> int:
+        """softshrink(x) = relu(x - lambd) - relu(-x - lambd), exactly, for a constant lambd >= 0.
+
+        (x - lambd above lambd, x + lambd below -lambd, 0 between.) Two ReLUs and a
+        difference, as a clamp is: no new relaxation.
+        """
+        lam = float(lambd)
+        if not (math.isfinite(lam) and lam >= 0):
+            raise CertificateUnavailable(f"{name}: Softshrink with lambda {lambd!r} (only a finite lambda >= 0)")
+        shape = var.shape
+        if tuple(out_shape) != tuple(shape):
+            raise CertificateUnavailable(f"{name}: Softshrink that changes the shape")
+        parts = []
+        for sign, what in ((1.0, "x - lambda"), (-1.0, "-x - lambda")):
+            shifted = _Var(self.scale(f"{name} ({what})", var, sign, -lam, shape), shape)
+            parts.append(self.act(f"{name} (relu of {what})", shifted, "relu"))
+        return self.add(name, AddOp(name, shape, -1.0), parts, shape)
+
+    def tanh_shrink(self, name: str, var: _Var, out_shape: Shape) -> int:
+        """tanhshrink(x) = x - tanh(x): a tanh and a difference, as torch computes it."""
+        squashed = _Var(self.act(f"{name} (tanh)", var, "tanh"), var.shape)
+        return self.binary(name, "sub", var, squashed, out_shape)
+
+    def threshold(self, name: str, var: _Var, threshold: Any, value: Any, out_shape: Shape) -> int:
+        """threshold(x, t, v) = x above t, else v: max(x, t) when v == t; any other v jumps at t (refused)."""
+        if not float(threshold) == float(value):
+            raise CertificateUnavailable(
+                f"{name}: Threshold with threshold {threshold!r} and value {value!r} (jumps at the threshold: "
+                "only value == threshold, a clamp, is bounded)"
+            )
+        return self.clamp(name, var, threshold, None, out_shape)
+
     def clamp(self, name: str, var: _Var, lo: Any, hi: Any, out_shape: Shape) -> int:
         """clamp(x, lo, hi) = lo + relu(x - lo) - relu(x - hi), exactly, for constant bounds lo <= hi.
 
@@ -794,6 +826,12 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
     if isinstance(m, nn.Hardsigmoid) or kind == "OnnxHardSigmoid":
         alpha, beta = (1 / 6, 0.5) if isinstance(m, nn.Hardsigmoid) else (m.alpha, m.beta)
         return b.hard_sigmoid(name, var, alpha, beta, out_shape)
+    if isinstance(m, nn.Softshrink):
+        return b.soft_shrink(name, var, m.lambd, out_shape)
+    if isinstance(m, nn.Tanhshrink):
+        return b.tanh_shrink(name, var, out_shape)
+    if isinstance(m, nn.Threshold):
+        return b.threshold(name, var, m.threshold, m.value, out_shape)
     if isinstance(m, nn.Tanh):
         return b.act(name, var, "tanh")
     if isinstance(m, nn.Sigmoid):
@@ -887,6 +925,13 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
         return b.reshape(name, var, out_shape)
     if target is F.hardsigmoid:
         return b.hard_sigmoid(name, var, 1 / 6, 0.5, out_shape)
+    if target is F.softshrink:
+        return b.soft_shrink(name, var, _bind(["input", "lambd"], {"lambd": 0.5}, args, kwargs)["lambd"], out_shape)
+    if target is F.tanhshrink:
+        return b.tanh_shrink(name, var, out_shape)
+    if target in (F.threshold, F._threshold, torch.threshold):
+        p = _bind(["input", "threshold", "value"], {}, args, kwargs)
+        return b.threshold(name, var, p["threshold"], p["value"], out_shape)
     if target in _ACT_FUNCTIONS:
         return _activation(b, name, var, _ACT_FUNCTIONS[target], args, kwargs)
     if target is F.dropout:
@@ -1045,6 +1090,11 @@ def _aten_op(
         return b.reshape(name, var, out_shape)
     if op in ("hardsigmoid", "hardsigmoid_"):
         return b.hard_sigmoid(name, var, 1 / 6, 0.5, out_shape)
+    if op == "softshrink":
+        return b.soft_shrink(name, var, _bind(["input", "lambd"], {"lambd": 0.5}, args, kwargs)["lambd"], out_shape)
+    if op in ("threshold", "threshold_"):
+        p = _bind(["input", "threshold", "value"], {}, args, kwargs)
+        return b.threshold(name, var, p["threshold"], p["value"], out_shape)
     if op in _ATEN_IDENTITY:
         return var.index
     if op in _ATEN_DROPOUTS:
@@ -1137,7 +1187,10 @@ _SPLIT_FUNCTIONS = {torch.split, torch.chunk, torch.tensor_split, torch.unbind}
 _CLAMP_FUNCTIONS = {
     torch.clamp: "clamp", torch.clip: "clip", torch.clamp_min: "clamp_min", torch.clamp_max: "clamp_max",
     F.hardtanh: "hardtanh", F.relu6: "relu6", torch.minimum: "minimum", torch.maximum: "maximum",
+    torch.fmin: "minimum", torch.fmax: "maximum",
 }  # fmt: skip
+# fmax / fmin differ from maximum / minimum only where an operand is NaN, which no bounded value is
+_EXTREMA = {"minimum": "minimum", "maximum": "maximum", "fmin": "minimum", "fmax": "maximum"}
 
 
 def _sole_input(args: list, kwargs: dict) -> _Var | None:
@@ -1174,6 +1227,7 @@ def _clamp_bounds(n: fx.Node, module: nn.Module | None, aten: str | None, args: 
     else:
         key = _CLAMP_FUNCTIONS.get(n.target, "")
     key = key.rstrip("_")
+    key = _EXTREMA.get(key, key)
     if key in ("clamp", "clip"):
         p = _bind(["input", "min", "max"], {"min": None, "max": None}, args, kwargs)
         return p["min"], p["max"]
@@ -1203,8 +1257,9 @@ def _extremum_kind(n: fx.Node, module: nn.Module | None, function: str | None, a
         return None
     if type(module).__name__ == "OnnxMinMax" and args:
         return "maximum" if module._op_type == "Max" else "minimum"
-    if n.op == "call_method" and n.target in ("minimum", "maximum"):
+    if n.op == "call_method" and n.target in _EXTREMA:
         function = n.target
+    function = _EXTREMA.get(function or "", function)
     if function in ("minimum", "maximum") and len(args) == 2 and all(isinstance(a, _Var) for a in args):
         return function
     binary = (n.op == "call_function" and n.target in (torch.max, torch.min)) or (
@@ -1259,6 +1314,7 @@ def _structural_op(
             items.append(item)
         return b.concat(name, items, dim, out_shape)
     function = aten or (_CLAMP_FUNCTIONS.get(n.target) if n.op == "call_function" else None)
+    function = _EXTREMA.get(function or "", function)
     extremum = _extremum_kind(n, module, function, args, kwargs)
     if extremum is not None:
         return b.extremum(name, extremum, args, out_shape)
