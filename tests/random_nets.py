@@ -137,7 +137,8 @@ class GlobalMean(nn.Module):
 
 
 class Clamp(nn.Module):
-    """A clamp in one of its spellings (certified as a pair of ReLUs)."""
+    """A clamp in one of its spellings (certified as a pair of ReLUs), or another op written with ReLUs:
+    Softshrink, a Threshold at its own value, fmax / fmin."""
 
     def __init__(self, style: str, lo: float, hi: float) -> None:
         super().__init__()
@@ -155,6 +156,14 @@ class Clamp(nn.Module):
             return torch.clamp_max(x, self.hi)
         if self.style == "relu6":
             return F.relu6(x * 4)
+        if self.style == "softshrink":
+            return F.softshrink(x, (self.hi - self.lo) / 4)
+        if self.style == "threshold":
+            return F.threshold(x, self.lo, self.lo)  # max(x, lo)
+        if self.style == "fmax":
+            return torch.fmax(x, self.lo * x)  # max of two input-dependent tensors, not monotone for lo < 0
+        if self.style == "fmin":
+            return x.fmin(torch.tensor(self.hi))
         return F.hardtanh(x, self.lo, self.hi)
 
     def extra_repr(self) -> str:
@@ -250,6 +259,7 @@ def _extras(gen: _Gen, seed: int) -> None:
                 lo = round(r.uniform(-1.5, 0.5), 2)
                 hi = round(lo + r.uniform(0.2, 2.0), 2)
                 styles = ["ReLU6", "Hardtanh", "clamp", "clamp_min", "clamp_max", "relu6", "hardtanh"]
+                styles += ["softshrink", "threshold", "fmax", "fmin"]
                 layer: nn.Module = Clamp(r.choice(styles), lo, hi)
             elif kind == "concat":
                 layer = Concat(gen, shape)

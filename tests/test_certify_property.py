@@ -523,6 +523,7 @@ def test_random_nets_cover_every_supported_op() -> None:
     assert not missing, missing
     text = " ".join(random_net(seed, True).arch for seed in range(20_000, 20_000 + EXTRA_SEEDS))
     wanted = ["Concat(", "ReLU6", "Hardtanh", "clamp,", "clamp_min", "clamp_max", "relu6", "hardtanh"]
+    wanted += ["softshrink,", "threshold,", "fmax,", "fmin,"]
     wanted += [f"Move({s})" for s in ("flip", "roll", "transpose", "gather", "repeat-slice", "shuffle", "chunk-swap")]
     wanted += [f"Move(crop-pad-{m})" for m in ("constant", "replicate", "reflect")] + ["CeilPool("]
     missing = [w for w in wanted if w not in text]
@@ -612,6 +613,9 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("silu-fn", Fn(F.silu, "F.silu"), False, ("silu",)),
     ("Hardswish", nn.Hardswish(), False, ("Hardswish",)),
     ("Hardshrink", nn.Hardshrink(0.25), True, ("Hardshrink",)),  # jumps at +-lambda
+    ("where-input-mask", Fn(lambda x: torch.where(x > 0.1, x, 0.0), "where(x > 0.1, x, 0)"), True, ("gt",)),
+    ("matmul-two-inputs", Fn(lambda x: x @ x, "x @ x"), True, ("matmul",)),
+    ("einsum-two-inputs", Fn(lambda x: torch.einsum("bi,bi->bi", x, x), "einsum(x, x)"), False, ("einsum",)),
     ("Threshold-jump", nn.Threshold(0.1, -1.0), False, ("Threshold",)),
     ("threshold-fn-jump", Fn(lambda x: F.threshold(x, 0.0, 0.5), "F.threshold(x, 0, 0.5)"), True, ("threshold",)),
     ("Mish", nn.Mish(), False, ("Mish",)),
@@ -654,6 +658,21 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("log-softmax-method-float16-positional", Fn(lambda x: x, "identity"), False, ("log_softmax",)),
 ]
 
+class WithConstant(nn.Module):
+    """One op of the input and a constant tensor, kept as a buffer so the float64 reference copy has it in float64."""
+
+    def __init__(self, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], const: torch.Tensor, label: str) -> None:
+        super().__init__()
+        self.fn, self.label = fn, label
+        self.register_buffer("const", const.clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.const)
+
+    def extra_repr(self) -> str:
+        return self.label
+
+
 class Branches(nn.Module):
     """Two branches of the input joined by torch.cat (a constant block too, when `const`)."""
 
@@ -669,6 +688,10 @@ class Branches(nn.Module):
             parts.insert(1, self.const.expand(x.shape[0], -1, -1, -1))
         return torch.cat(parts, self.dim)
 
+
+LINEAR_W = torch.linspace(-1.0, 1.0, 16).reshape(4, 4).flip(1) ** 3  # a 4 x 4 constant matrix
+LINEAR_V = torch.linspace(-1.0, 1.0, 40).reshape(8, 5) ** 2  # an 8 x 5 one, for the linear layer's output
+LINEAR_MASK = torch.arange(16).reshape(4, 4) % 3 == 0  # a constant mask over the 4 x 4 image
 
 CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     # piecewise-linear clamps (as ReLUs), concatenation and data movement: exact, so certified,
@@ -739,6 +762,13 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("tanhshrink-fn", Fn(lambda x: F.tanhshrink(3 * x), "F.tanhshrink(3 x)"), True),
     ("Threshold-at-value", nn.Threshold(0.125, 0.125), True),
     ("threshold-fn", Fn(lambda x: F.threshold(x, -0.25, -0.25), "F.threshold(x, -0.25, -0.25)"), False),
+    # ops linear in their one input-dependent operand by definition: a matrix read off the op
+    ("einsum", WithConstant(lambda x, w: torch.einsum("bchw,wv->bchv", x, w), LINEAR_W, "einsum(bchw,wv->bchv)"), True),
+    ("einsum-list", WithConstant(lambda x, v: torch.einsum("bi,ij->bj", [x, v]), LINEAR_V, "einsum(bi,ij->bj)"), False),
+    ("matmul-constant-left", WithConstant(lambda x, w: w @ x, LINEAR_W, "W @ x"), True),
+    ("tensordot", WithConstant(lambda x, w: torch.tensordot(x, w, dims=([2], [1])), LINEAR_W, "tensordot"), True),
+    ("where-constant-mask", Fn(lambda x: torch.where(LINEAR_MASK, x, 0.5), "where(mask, x, 0.5)"), True),
+    ("where-constant-mask-right", Fn(lambda x: torch.where(LINEAR_MASK, -1.0, x), "where(mask, -1, x)"), True),
     # transposed convolutions: linear, with the output padding read off the traced shape
     ("ConvTranspose2d", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), True),
     ("ConvTranspose2d-groups-dilation", nn.ConvTranspose2d(2, 4, 2, stride=3, groups=2, dilation=2), True),

@@ -374,6 +374,31 @@ def test_shrinks_threshold_and_fmax_certify_alike_in_torchscript(tmp_path) -> No
     assert_every_format_certifies_alike(fit(ShrinkMLP(), 120), x, y, tmp_path / "shrink", onnx=False)
 
 
+class LinearMapsCNN(nn.Module):
+    """Ops linear in their one input-dependent operand: a matrix product by a constant on the left,
+    an einsum and a `where` with a constant mask. ONNX writes MatMul(W, x), Einsum and Where (the
+    dynamo exporter rewrites the einsum), TorchScript aten matmul, einsum and where."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows = nn.Parameter(torch.eye(8) + 0.1 * torch.randn(8, 8))
+        self.cols = nn.Parameter(torch.eye(8)[:, :6] + 0.1 * torch.randn(8, 6))
+        self.register_buffer("mask", torch.arange(48).reshape(8, 6) % 5 != 0)
+        self.head = nn.Linear(48, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.rows @ x)  # (B, 1, 8, 8)
+        h = torch.einsum("bchw,wv->bchv", h, self.cols)  # (B, 1, 8, 6)
+        return self.head(torch.where(self.mask, h, 0.25).flatten(1))
+
+
+def test_einsum_constant_left_matmul_and_masked_where_certify_alike_in_every_format(tmp_path) -> None:
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    torch.manual_seed(0)
+    assert_every_format_certifies_alike(fit(LinearMapsCNN(), 120), x, y, tmp_path / "linear_maps")
+
+
 class SeluMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -193,6 +193,7 @@ def _bind(names: list[str], defaults: dict[str, Any], args: tuple, kwargs: dict)
     return bound
 
 
+LINEAR_MAP_ELEMS = 1 << 22  # entries of a matrix `_Builder.linear_map` reads off an op (32 MiB in float64)
 TIE_ULPS = 256  # float32 units (at the scale of the closing softmax's values) a certified margin keeps above a tie
 SOFTPLUS_MIN_THRESHOLD = 10.0  # torch's softplus returns x above it: off the smooth curve by < 5e-5 / beta
 # below it torch computes log1p(exp(beta x)) / beta, and exp overflows float32 to inf past beta x = 88.72
@@ -421,6 +422,43 @@ class _Builder:
         bias = fill.reshape(out_shape) if bool((fill != 0).any()) else None
         op = SelectOp(name, var.shape, tuple(out_shape), bias, True, index)
         return self.add(name, op, [var.index], out_shape)
+
+    def linear_map(self, name: str, var: _Var, run: Callable[[torch.Tensor], Any], out_shape: Shape) -> int:
+        """An op linear in its one input-dependent operand by definition (einsum, a matrix product by a
+        constant on either side, `where` with a constant mask), as the matrix and offset the model's own
+        op gives in float64: run on zeros it gives the offset, on each unit vector a column (exact: every
+        product is by 0 or 1, and where an offset meets a column the other is 0). A run on random values
+        must then agree up to float64 rounding, so a misread op is refused, never approximated.
+        """
+        n, m = math.prod(var.shape), math.prod(out_shape)
+        if var.shape[:1] != (1,) or tuple(out_shape)[:1] != (1,):
+            raise CertificateUnavailable(f"{name}: a product across the batch dimension")
+        if n * m > LINEAR_MAP_ELEMS:
+            raise CertificateUnavailable(f"{name}: a {m} x {n} linear map, too large to read as a matrix")
+        probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
+        basis = torch.eye(n, dtype=F64)
+        try:
+            with torch.no_grad():
+                offset = run(torch.zeros(var.shape, dtype=F64))
+                columns = [run(basis[i].reshape(var.shape)) for i in range(n)]
+                moved = run(probe)
+        except Exception as exc:  # e.g. an op whose arguments hold only for the model's own dtype
+            raise CertificateUnavailable(f"{name}: could not be re-run in float64 ({type(exc).__name__})") from None
+        runs = [offset, moved, *columns]
+        if not all(torch.is_tensor(t) and t.dtype == F64 and tuple(t.shape) == tuple(out_shape) for t in runs):
+            raise CertificateUnavailable(f"{name}: a float64 re-run does not give the traced shape {tuple(out_shape)}")
+        offset = offset.reshape(-1)
+        weight = torch.stack([c.reshape(-1) for c in columns], 1) - offset[:, None]  # (m, n)
+        if not bool(torch.isfinite(weight).all() and torch.isfinite(offset).all()):
+            raise CertificateUnavailable(f"{name}: a linear map with non-finite coefficients")
+        flat = probe.reshape(-1)
+        size = weight.abs() @ flat.abs() + offset.abs()
+        if not bool(((moved.reshape(-1) - (weight @ flat + offset)).abs() <= 1e-12 * size).all()):
+            raise CertificateUnavailable(f"{name}: does not act as the linear map read off it")
+        row = _Var(self.reshape(f"{name} (flatten)", var, (1, n)), (1, n))
+        bias = offset if bool((offset != 0).any()) else None
+        dense = _Var(self.dense(name, row, weight, bias, (1, m)), (1, m))
+        return self.reshape(f"{name} (reshape)", dense, out_shape)
 
     def extremum(self, name: str, kind: str, items: list, out_shape: Shape) -> int:
         """Elementwise maximum or minimum of several tensors, folded left to right, exactly.
@@ -1200,11 +1238,17 @@ def _sole_input(args: list, kwargs: dict) -> _Var | None:
     return args[0] if len(found) == 1 and args and found[0] is args[0] else None
 
 
-def _rerun(n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict) -> Callable[[torch.Tensor], Any]:
-    """The node's own call with its one input-dependent argument replaced by a given tensor."""
+def _rerun(
+    n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict, dtype: torch.dtype | None = None
+) -> Callable[[torch.Tensor], Any]:
+    """The node's own call with its one input-dependent argument replaced by a given tensor (and its
+    floating-point constants converted to `dtype`, when given: float32 to float64 is exact)."""
+
+    def constant(v: Any) -> Any:
+        return v.to(dtype) if dtype is not None and torch.is_tensor(v) and v.is_floating_point() else v
 
     def run(t: torch.Tensor) -> Any:
-        a, k = fx.node.map_aggregate((args, kwargs), lambda v: t if isinstance(v, _Var) else v)
+        a, k = fx.node.map_aggregate((args, kwargs), lambda v: t if isinstance(v, _Var) else constant(v))
         if n.op == "call_module":
             return gm.get_submodule(n.target)(*a, **k)
         if n.op == "call_method":
@@ -1485,6 +1529,52 @@ def _refuse_rounded_constant(n: fx.Node, gm: fx.GraphModule, value: Any, b: _Bui
     )
 
 
+def _op_index(
+    b: _Builder, name: str, n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict, values: dict, out_shape: Shape,
+    dtypes: tuple[torch.dtype | None, torch.dtype] | None,
+) -> int:
+    """Emit the op of one node that depends on the input, by the kind of call it is."""
+    module = gm.get_submodule(n.target) if n.op == "call_module" else None
+    structural = _structural_op(b, name, n, gm, args, kwargs, out_shape)
+    if structural is not None:
+        return structural
+    if type(module) is nn.Sequential:
+        return _sequential(b, name, module, args, kwargs, values[n.args[0]], out_shape)
+    if module is not None:
+        return _module_op(b, name, module, args, kwargs, out_shape)
+    if n.op == "call_function" and _aten_name(n.target):
+        return _aten_op(b, name, _aten_name(n.target), args, kwargs, out_shape, dtypes)
+    if n.op in ("call_function", "call_method"):
+        return _function_op(b, name, n, args, kwargs, out_shape)
+    raise CertificateUnavailable(name)
+
+
+# Ops linear in each operand by definition: with one input-dependent operand (and a constant mask for
+# `where`) they are affine maps of it, which `_Builder.linear_map` reads off the op itself.
+_LINEAR_FUNCTIONS = {torch.einsum, torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.tensordot, torch.where}
+_LINEAR_METHODS = {"matmul", "mm", "bmm"}
+_ATEN_LINEAR = {"einsum", "matmul", "mm", "bmm", "tensordot", "where"}
+_ONNX_LINEAR = {"OnnxEinsum", "OnnxMatMul", "OnnxWhere"}
+
+
+def _linear_operand(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> _Var | None:
+    """The one input-dependent operand of an op linear in each operand (not a `where`'s mask), else None."""
+    if n.op == "call_module":
+        kind = type(gm.get_submodule(n.target)).__name__
+        linear, where = kind in _ONNX_LINEAR, kind == "OnnxWhere"
+    elif n.op == "call_method":
+        linear, where = n.target in _LINEAR_METHODS, False
+    else:
+        aten = _aten_name(n.target)
+        linear = n.target in _LINEAR_FUNCTIONS if aten is None else aten in _ATEN_LINEAR
+        where = n.target is torch.where or aten == "where"
+    if not linear or (where and (len(args) != 3 or kwargs or isinstance(args[0], _Var))):
+        return None  # torch.where(cond) alone is nonzero; a mask that depends on the input selects nonlinearly
+    found: list[_Var] = []
+    fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, _Var) else None)
+    return found[0] if len(found) == 1 else None
+
+
 def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int, nested: bool = False) -> int:
     """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node.
 
@@ -1569,20 +1659,13 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         if not torch.is_tensor(value) or not value.is_floating_point():
             raise CertificateUnavailable(f"{name} (returns {type(value).__name__}, not a float tensor)")
         out_shape = tuple(value.shape)
-        module = gm.get_submodule(n.target) if n.op == "call_module" else None
-        structural = _structural_op(b, name, n, gm, list(args), dict(kwargs), out_shape)
-        if structural is not None:
-            index = structural
-        elif type(module) is nn.Sequential:
-            index = _sequential(b, name, module, list(args), dict(kwargs), values[n.args[0]], out_shape)
-        elif module is not None:
-            index = _module_op(b, name, module, list(args), dict(kwargs), out_shape)
-        elif n.op == "call_function" and _aten_name(n.target):
-            index = _aten_op(b, name, _aten_name(n.target), list(args), dict(kwargs), out_shape, dtypes)
-        elif n.op in ("call_function", "call_method"):
-            index = _function_op(b, name, n, list(args), dict(kwargs), out_shape)
-        else:
-            raise CertificateUnavailable(name)
+        try:
+            index = _op_index(b, name, n, gm, list(args), dict(kwargs), values, out_shape, dtypes)
+        except CertificateUnavailable:
+            operand = _linear_operand(n, gm, args, kwargs)
+            if operand is None or value.dtype not in _FLOATS:
+                raise  # the bound reproduces float32 / float64 arithmetic only
+            index = b.linear_map(name, operand, _rerun(n, gm, list(args), dict(kwargs), F64), out_shape)
         if b.nodes[index].shape != out_shape:
             got = b.nodes[index].shape
             raise CertificateUnavailable(f"{name}: traced shape {out_shape} differs from the bound's {got}")
