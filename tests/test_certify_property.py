@@ -766,6 +766,8 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("einsum", WithConstant(lambda x, w: torch.einsum("bchw,wv->bchv", x, w), LINEAR_W, "einsum(bchw,wv->bchv)"), True),
     ("einsum-list", WithConstant(lambda x, v: torch.einsum("bi,ij->bj", [x, v]), LINEAR_V, "einsum(bi,ij->bj)"), False),
     ("matmul-constant-left", WithConstant(lambda x, w: w @ x, LINEAR_W, "W @ x"), True),
+    ("mm", WithConstant(lambda x, v: torch.mm(x, v), LINEAR_V, "torch.mm(x, V)"), False),
+    ("matmul-3d-constant", WithConstant(lambda x, w: x.flatten(2) @ w, LINEAR_W.reshape(1, 16, 1), "x @ W (3-D)"), True),
     ("tensordot", WithConstant(lambda x, w: torch.tensordot(x, w, dims=([2], [1])), LINEAR_W, "tensordot"), True),
     ("where-constant-mask", Fn(lambda x: torch.where(LINEAR_MASK, x, 0.5), "where(mask, x, 0.5)"), True),
     ("where-constant-mask-right", Fn(lambda x: torch.where(LINEAR_MASK, -1.0, x), "where(mask, -1, x)"), True),

@@ -1551,9 +1551,9 @@ def _op_index(
 
 # Ops linear in each operand by definition: with one input-dependent operand (and a constant mask for
 # `where`) they are affine maps of it, which `_Builder.linear_map` reads off the op itself.
-_LINEAR_FUNCTIONS = {torch.einsum, torch.matmul, operator.matmul, torch.mm, torch.bmm, torch.tensordot, torch.where}
-_LINEAR_METHODS = {"matmul", "mm", "bmm"}
-_ATEN_LINEAR = {"einsum", "matmul", "mm", "bmm", "tensordot", "where"}
+_LINEAR_FUNCTIONS = {torch.einsum, torch.matmul, operator.matmul, torch.mm, torch.tensordot, torch.where}
+_LINEAR_METHODS = {"matmul", "mm"}
+_ATEN_LINEAR = {"einsum", "matmul", "mm", "tensordot", "where"}
 _ONNX_LINEAR = {"OnnxEinsum", "OnnxMatMul", "OnnxWhere"}
 
 
