@@ -646,6 +646,9 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("bilinear-upsample", Fn(lambda x: F.interpolate(x, scale_factor=2, mode="bilinear"), "bilinear"), True,
      ("interpolate",)),
     ("clamp-min-above-max", Fn(lambda x: torch.clamp(x, 0.5, -0.5), "torch.clamp(x, 0.5, -0.5)"), False, ("min > max",)),
+    # the graph is one sample's (batch 1): a model that mixes the samples of a batch fails the graph check
+    ("batch-mixing-transpose", Fn(lambda x: x - x.transpose(0, 1).mean(1, keepdim=True).transpose(0, 1), "x - batch mean"),
+     True, ("batch- or data-dependent",)),
     ("stack-batch", Fn(lambda x: torch.stack([x, x], 0)[0], "stack on the batch"), True, ("batch",)),
     ("cat-batch", Fn(lambda x: torch.cat([x, x], 0)[: x.shape[0]], "cat on the batch"), True, ("batch",)),
     # a softmax anywhere but at the end, over the batch, or in other arithmetic

@@ -393,10 +393,14 @@ class _Builder:
         on random values must then equal that selection exactly, so an op that computes
         anything is refused, never approximated. Callers pass only ops that are data
         movement by definition; the runs check the arguments the model used.
+
+        The traced batch axis may move too (the dynamo ONNX exporter writes uneven adaptive
+        pools as a Transpose of it inward, a GatherND and a Transpose back): every node holds
+        one sample's values, traced at batch size 1, so that is a move within the sample. A
+        model whose batched run mixes samples fails `check_graph`, which compares a batch of
+        samples with the graph run on each alone.
         """
         n = math.prod(var.shape)
-        if var.shape[:1] != (1,) or tuple(out_shape)[:1] != (1,):
-            raise CertificateUnavailable(f"{name}: moves values across the batch dimension")
         probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
         try:
             with torch.no_grad():
@@ -425,35 +429,50 @@ class _Builder:
 
     def linear_map(self, name: str, var: _Var, run: Callable[[torch.Tensor], Any], out_shape: Shape) -> int:
         """An op linear in its one input-dependent operand by definition (einsum, a matrix product by a
-        constant on either side, `where` with a constant mask), as the matrix and offset the model's own
-        op gives in float64: run on zeros it gives the offset, on each unit vector a column (exact: every
-        product is by 0 or 1, and where an offset meets a column the other is 0). A run on random values
-        must then agree up to float64 rounding, so a misread op is refused, never approximated.
+        constant on either side, `where` with a constant mask), as the map the model's own op gives in
+        float64: run on zeros it gives the offset; an elementwise map (`where`, an einsum that scales) is
+        read on ones, any other on each unit vector, a column each (exact: every product is by 0 or 1,
+        and where an offset meets a coefficient the other is 0). Runs on two random inputs must then
+        agree up to float64 rounding, so a misread op is refused, never approximated.
         """
         n, m = math.prod(var.shape), math.prod(out_shape)
-        if var.shape[:1] != (1,) or tuple(out_shape)[:1] != (1,):
-            raise CertificateUnavailable(f"{name}: a product across the batch dimension")
+        gen = torch.Generator().manual_seed(0)
+        probes = [torch.randn(var.shape, dtype=F64, generator=gen) for _ in range(2)]
+
+        def runs(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+            try:
+                with torch.no_grad():
+                    got = [run(t) for t in inputs]
+            except Exception as exc:  # e.g. an op whose arguments hold only for the model's own dtype
+                raise CertificateUnavailable(f"{name}: could not be re-run in float64 ({type(exc).__name__})") from None
+            if not all(torch.is_tensor(t) and t.dtype == F64 and tuple(t.shape) == tuple(out_shape) for t in got):
+                raise CertificateUnavailable(f"{name}: a float64 re-run does not give the traced shape {tuple(out_shape)}")
+            return [t.reshape(-1) for t in got]
+
+        def agrees(apply: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], moved: list[torch.Tensor]) -> bool:
+            for probe, want in zip(probes, moved):
+                value, size = apply(probe.reshape(-1))
+                if not bool(((want - value).abs() <= 1e-12 * size).all()):
+                    return False
+            return True
+
+        offset, *moved = runs([torch.zeros(var.shape, dtype=F64), *probes])
+        if not bool(torch.isfinite(offset).all()):
+            raise CertificateUnavailable(f"{name}: a linear map with a non-finite offset")
+        if tuple(var.shape) == tuple(out_shape):
+            (ones,) = runs([torch.ones(var.shape, dtype=F64)])
+            diagonal = ones - offset
+            if bool(torch.isfinite(diagonal).all()) and agrees(
+                lambda p: (diagonal * p + offset, (diagonal * p).abs() + offset.abs()), moved
+            ):
+                return self.scale(name, var, diagonal.reshape(out_shape), offset.reshape(out_shape), out_shape)
         if n * m > LINEAR_MAP_ELEMS:
             raise CertificateUnavailable(f"{name}: a {m} x {n} linear map, too large to read as a matrix")
-        probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
         basis = torch.eye(n, dtype=F64)
-        try:
-            with torch.no_grad():
-                offset = run(torch.zeros(var.shape, dtype=F64))
-                columns = [run(basis[i].reshape(var.shape)) for i in range(n)]
-                moved = run(probe)
-        except Exception as exc:  # e.g. an op whose arguments hold only for the model's own dtype
-            raise CertificateUnavailable(f"{name}: could not be re-run in float64 ({type(exc).__name__})") from None
-        runs = [offset, moved, *columns]
-        if not all(torch.is_tensor(t) and t.dtype == F64 and tuple(t.shape) == tuple(out_shape) for t in runs):
-            raise CertificateUnavailable(f"{name}: a float64 re-run does not give the traced shape {tuple(out_shape)}")
-        offset = offset.reshape(-1)
-        weight = torch.stack([c.reshape(-1) for c in columns], 1) - offset[:, None]  # (m, n)
-        if not bool(torch.isfinite(weight).all() and torch.isfinite(offset).all()):
+        weight = torch.stack(runs([basis[i].reshape(var.shape) for i in range(n)]), 1) - offset[:, None]  # (m, n)
+        if not bool(torch.isfinite(weight).all()):
             raise CertificateUnavailable(f"{name}: a linear map with non-finite coefficients")
-        flat = probe.reshape(-1)
-        size = weight.abs() @ flat.abs() + offset.abs()
-        if not bool(((moved.reshape(-1) - (weight @ flat + offset)).abs() <= 1e-12 * size).all()):
+        if not agrees(lambda p: (weight @ p + offset, weight.abs() @ p.abs() + offset.abs()), moved):
             raise CertificateUnavailable(f"{name}: does not act as the linear map read off it")
         row = _Var(self.reshape(f"{name} (flatten)", var, (1, n)), (1, n))
         bias = offset if bool((offset != 0).any()) else None
@@ -1199,7 +1218,7 @@ _MOVE_MODULES = (
 )  # fmt: skip
 _ONNX_MOVES = {
     "OnnxSlice", "OnnxSliceV9", "OnnxTranspose", "OnnxExpand", "OnnxTile", "OnnxDepthToSpace", "OnnxGather",
-    "OnnxPadStatic", "OnnxPadDynamic",
+    "OnnxPadStatic", "OnnxPadDynamic", "OnnxGatherND",
 }  # fmt: skip
 _MOVE_FUNCTIONS = {
     operator.getitem, torch.transpose, torch.permute, torch.flip, torch.roll, torch.narrow, torch.select,
