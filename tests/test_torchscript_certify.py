@@ -400,6 +400,34 @@ def test_einsum_constant_left_matmul_and_masked_where_certify_alike_in_every_for
     assert_every_format_certifies_alike(fit(LinearMapsCNN(), 120), x, y, tmp_path / "linear_maps")
 
 
+class FusedGemmMLP(nn.Module):
+    """`h @ W + h`, which torch's TorchScript-based ONNX exporter fuses into one Gemm whose C input depends
+    on the input (hunt 30: refused), and `torch.where` of two hidden tensors under a constant mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.mix = nn.Parameter(torch.randn(32, 32) / 6)
+        self.register_buffer("mask", torch.arange(32) % 3 == 0)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(x.flatten(1)))
+        g = torch.relu(torch.mm(h, self.mix) + h)
+        return self.head(torch.where(self.mask, g, h))
+
+
+def test_fused_gemm_and_two_branch_where_certify_alike_in_every_format(tmp_path) -> None:
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    torch.manual_seed(0)
+    net = fit(FusedGemmMLP(), 120)
+    path = save(net, tmp_path / "fused_probe.onnx", "onnx")
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Gemm") == 3 and "Where" in ops, ops  # the residual sum went into a Gemm's C
+    assert_every_format_certifies_alike(net, x, y, tmp_path / "fused")
+
+
 class SeluMLP(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -448,10 +476,9 @@ def test_uneven_adaptive_pool_certifies_alike_in_torchscript_and_dynamo_onnx(tmp
     for kind in ("trace", "script", "dynamo"):
         model = loaded(dynamo if kind == "dynamo" else save(net, tmp_path / f"uneven_{kind}.pt", kind), x)
         cert = certify_l2(model, x, y, budget="fast")
-        if kind == "dynamo":  # a gather-and-sum map, bounded as one dense layer: a larger rounding allowance
-            assert (cert.radius <= reference.radius * (1 + 1e-6)).all(), kind
+        if kind == "dynamo":  # another graph (a gather-and-sum map as one dense layer): other, equally sound bounds
             ratio = (cert.radius / reference.radius)[reference.radius > 0]
-            assert ratio.median() >= 0.97 and ratio.min() >= 0.8, (ratio, kind)
+            assert 0.97 <= ratio.median() <= 1.03 and 0.8 <= ratio.min() and ratio.max() <= 1.05, (ratio, kind)
         else:
             torch.testing.assert_close(cert.radius, reference.radius, rtol=1e-6, atol=1e-12, msg=kind)
         right = cert.radius > 0

@@ -293,7 +293,8 @@ def _clamp_limit(name: str, v: Any, side: float) -> torch.Tensor | None:
     if t.numel() == 1 and float(t) == side * math.inf:
         return None
     if not bool(torch.isfinite(t).all()):
-        raise CertificateUnavailable(f"{name}: clamp bound {v!r}")
+        shown = f"{float(t):g}" if t.numel() == 1 else f"of shape {tuple(t.shape)} with non-finite entries"
+        raise CertificateUnavailable(f"{name}: clamp bound {shown}")
     return t
 
 
@@ -396,9 +397,11 @@ class _Builder:
 
         The traced batch axis may move too (the dynamo ONNX exporter writes uneven adaptive
         pools as a Transpose of it inward, a GatherND and a Transpose back): every node holds
-        one sample's values, traced at batch size 1, so that is a move within the sample. A
-        model whose batched run mixes samples fails `check_graph`, which compares a batch of
-        samples with the graph run on each alone.
+        one sample's values, traced at batch size 1, so that is a move within the sample, and
+        the radius is a claim about the model scoring that sample alone. A model whose batched
+        run mixes samples is scored one sample at a time by the scan (`wrap_model`), and a
+        plain module that does so fails `check_graph`, which compares a batch of samples with
+        the graph run on each alone.
         """
         n = math.prod(var.shape)
         probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
@@ -478,6 +481,20 @@ class _Builder:
         bias = offset if bool((offset != 0).any()) else None
         dense = _Var(self.dense(name, row, weight, bias, (1, m)), (1, m))
         return self.reshape(f"{name} (reshape)", dense, out_shape)
+
+    def masked_choice(self, name: str, mask: Any, a: _Var, b: _Var, out_shape: Shape) -> int:
+        """where(mask, a, b) of two input-dependent tensors and a constant mask: mask a + (1 - mask) b, exactly."""
+        if isinstance(mask, _Var) or not torch.is_tensor(mask) or mask.dtype != torch.bool:
+            raise CertificateUnavailable(f"{name}: where with a mask that depends on the input")
+        shape = tuple(out_shape)
+        if a.shape != shape or b.shape != shape:
+            raise CertificateUnavailable(f"{name}: where whose branches broadcast to a larger shape")
+        if tuple(torch.broadcast_shapes(mask.shape, shape)) != shape:
+            raise CertificateUnavailable(f"{name}: where whose mask broadcasts the sample to a larger shape")
+        keep = torch.broadcast_to(mask.detach().cpu(), shape).to(F64)
+        left = _Var(self.scale(f"{name} (mask a)", a, keep, 0.0, shape), shape)
+        right = _Var(self.scale(f"{name} ((1 - mask) b)", b, 1.0 - keep, 0.0, shape), shape)
+        return self.binary(name, "add", left, right, shape)
 
     def extremum(self, name: str, kind: str, items: list, out_shape: Shape) -> int:
         """Elementwise maximum or minimum of several tensors, folded left to right, exactly.
@@ -843,6 +860,15 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
     var = args[0]
     if type(m).__name__ in ("OnnxSum", "OnnxMean") and not kwargs:
         return _onnx_sum(b, name, type(m).__name__ == "OnnxMean", args, out_shape)
+    if type(m).__name__ == "OnnxGemm" and len(args) == 3 and isinstance(var, _Var) and isinstance(args[2], _Var):
+        if not m.trans_a and torch.is_tensor(args[1]) and len(var.shape) == 2 and not kwargs:
+            # alpha A B + beta C with C input-dependent (the exporter fuses `h @ W + g` into one Gemm)
+            weight = (args[1].T if m.trans_b else args[1]).T.to(F64) * m.alpha
+            product = _Var(b.dense(f"{name} (alpha A B)", var, weight, None, out_shape), tuple(out_shape))
+            c = args[2]
+            if m.beta != 1:
+                c = _Var(b.scale(f"{name} (beta C)", c, float(m.beta), 0.0, c.shape), c.shape)
+            return b.binary(name, "add", product, c, out_shape)
     if not isinstance(var, _Var) or any(isinstance(a, _Var) for a in args[1:]):
         if type(m).__name__ == "OnnxBinaryMathOperation" and getattr(m, "axis", None) is None:
             fn = getattr(m.math_op_function, "__name__", "")
@@ -1576,6 +1602,12 @@ _ATEN_LINEAR = {"einsum", "matmul", "mm", "tensordot", "where"}
 _ONNX_LINEAR = {"OnnxEinsum", "OnnxMatMul", "OnnxWhere"}
 
 
+def _is_where(n: fx.Node, gm: fx.GraphModule) -> bool:
+    if n.op == "call_module":
+        return type(gm.get_submodule(n.target)).__name__ == "OnnxWhere"
+    return n.op == "call_function" and (n.target is torch.where or _aten_name(n.target) == "where")
+
+
 def _linear_operand(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> _Var | None:
     """The one input-dependent operand of an op linear in each operand (not a `where`'s mask), else None."""
     if n.op == "call_module":
@@ -1681,10 +1713,15 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         try:
             index = _op_index(b, name, n, gm, list(args), dict(kwargs), values, out_shape, dtypes)
         except CertificateUnavailable:
-            operand = _linear_operand(n, gm, args, kwargs)
-            if operand is None or value.dtype not in _FLOATS:
+            if value.dtype not in _FLOATS:
                 raise  # the bound reproduces float32 / float64 arithmetic only
-            index = b.linear_map(name, operand, _rerun(n, gm, list(args), dict(kwargs), F64), out_shape)
+            operand = _linear_operand(n, gm, args, kwargs)
+            if operand is not None:
+                index = b.linear_map(name, operand, _rerun(n, gm, list(args), dict(kwargs), F64), out_shape)
+            elif _is_where(n, gm) and len(args) == 3 and not kwargs and all(isinstance(a, _Var) for a in args[1:]):
+                index = b.masked_choice(name, args[0], args[1], args[2], out_shape)
+            else:
+                raise
         if b.nodes[index].shape != out_shape:
             got = b.nodes[index].shape
             raise CertificateUnavailable(f"{name}: traced shape {out_shape} differs from the bound's {got}")
