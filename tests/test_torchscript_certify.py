@@ -356,8 +356,8 @@ def test_max_min_and_one_sided_clamps_certify_alike_in_every_format(tmp_path) ->
 
 class ShrinkMLP(nn.Module):
     """Softshrink, Tanhshrink, a Threshold at its own value and torch.fmax: ReLUs, a tanh and sums,
-    exactly; TorchScript writes aten softshrink / tanh and sub / threshold / fmax. (onnx2torch has no
-    ONNX Shrink, so the ONNX files of such a net do not load.)"""
+    exactly; TorchScript writes aten softshrink / tanh and sub / threshold / fmax. (torch's ONNX exporters
+    cannot write fmax, and write Softshrink and Threshold as comparisons and Where, which stay refused.)"""
 
     def __init__(self) -> None:
         super().__init__()
