@@ -774,6 +774,8 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("tensordot", WithConstant(lambda x, w: torch.tensordot(x, w, dims=([2], [1])), LINEAR_W, "tensordot"), True),
     ("where-constant-mask", Fn(lambda x: torch.where(LINEAR_MASK, x, 0.5), "where(mask, x, 0.5)"), True),
     ("where-two-branches", Fn(lambda x: torch.where(LINEAR_MASK, x, -0.5 * x.flip(3)), "where(mask, x, -flip(x) / 2)"), True),
+    ("where-two-branches-broadcast", Fn(lambda x: torch.where(LINEAR_MASK, x, x.mean(1, keepdim=True)), "where(mask, x, mean)"),
+     True),
     ("where-constant-mask-right", Fn(lambda x: torch.where(LINEAR_MASK, -1.0, x), "where(mask, -1, x)"), True),
     # transposed convolutions: linear, with the output padding read off the traced shape
     ("ConvTranspose2d", nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1), True),

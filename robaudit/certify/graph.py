@@ -487,8 +487,9 @@ class _Builder:
         if isinstance(mask, _Var) or not torch.is_tensor(mask) or mask.dtype != torch.bool:
             raise CertificateUnavailable(f"{name}: where with a mask that depends on the input")
         shape = tuple(out_shape)
+        a, b = self._broadcast(f"{name} (a)", a, shape), self._broadcast(f"{name} (b)", b, shape)
         if a.shape != shape or b.shape != shape:
-            raise CertificateUnavailable(f"{name}: where whose branches broadcast to a larger shape")
+            raise CertificateUnavailable(f"{name}: where whose branches have another rank than its result")
         if tuple(torch.broadcast_shapes(mask.shape, shape)) != shape:
             raise CertificateUnavailable(f"{name}: where whose mask broadcasts the sample to a larger shape")
         keep = torch.broadcast_to(mask.detach().cpu(), shape).to(F64)
