@@ -298,6 +298,21 @@ def _clamp_limit(name: str, v: Any, side: float) -> torch.Tensor | None:
     return t
 
 
+def _float64_runs(
+    name: str, run: Callable[[torch.Tensor], Any], inputs: list[torch.Tensor], out_shape: Shape
+) -> list[torch.Tensor]:
+    """The op re-run on float64 inputs (`_Builder.select`, `_Builder.linear_map`): float64 tensors of the
+    traced shape, or CertificateUnavailable naming why not."""
+    try:
+        with torch.no_grad():
+            got = [run(t) for t in inputs]
+    except Exception as exc:  # e.g. an op whose arguments hold only for the model's own dtype
+        raise CertificateUnavailable(f"{name}: could not be re-run in float64 ({type(exc).__name__})") from None
+    if not all(torch.is_tensor(t) and t.dtype == F64 and tuple(t.shape) == tuple(out_shape) for t in got):
+        raise CertificateUnavailable(f"{name}: a float64 re-run does not give the traced shape {tuple(out_shape)}")
+    return got
+
+
 def _pair(v: Any) -> tuple[int, int]:
     if isinstance(v, (list, tuple)):
         return (int(v[0]), int(v[-1])) if len(v) in (1, 2) else (int(v[0]), int(v[1]))
@@ -405,16 +420,8 @@ class _Builder:
         """
         n = math.prod(var.shape)
         probe = torch.randn(var.shape, dtype=F64, generator=torch.Generator().manual_seed(0))
-        try:
-            with torch.no_grad():
-                fill = run(torch.zeros(var.shape, dtype=F64))
-                where = run(torch.arange(1, n + 1, dtype=F64).reshape(var.shape))
-                moved = run(probe)
-        except Exception as exc:  # e.g. an op whose arguments hold only for the model's own dtype
-            raise CertificateUnavailable(f"{name}: could not be re-run in float64 ({type(exc).__name__})") from None
-        runs = (fill, where, moved)
-        if not all(torch.is_tensor(t) and t.dtype == F64 and tuple(t.shape) == tuple(out_shape) for t in runs):
-            raise CertificateUnavailable(f"{name}: a float64 re-run does not give the traced shape {tuple(out_shape)}")
+        positions = torch.arange(1, n + 1, dtype=F64).reshape(var.shape)
+        fill, where, moved = _float64_runs(name, run, [torch.zeros(var.shape, dtype=F64), positions, probe], out_shape)
         fill, position = fill.reshape(-1), (where - fill).reshape(-1)
         index = position - 1
         filled = position == 0
@@ -443,14 +450,7 @@ class _Builder:
         probes = [torch.randn(var.shape, dtype=F64, generator=gen) for _ in range(2)]
 
         def runs(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-            try:
-                with torch.no_grad():
-                    got = [run(t) for t in inputs]
-            except Exception as exc:  # e.g. an op whose arguments hold only for the model's own dtype
-                raise CertificateUnavailable(f"{name}: could not be re-run in float64 ({type(exc).__name__})") from None
-            if not all(torch.is_tensor(t) and t.dtype == F64 and tuple(t.shape) == tuple(out_shape) for t in got):
-                raise CertificateUnavailable(f"{name}: a float64 re-run does not give the traced shape {tuple(out_shape)}")
-            return [t.reshape(-1) for t in got]
+            return [t.reshape(-1) for t in _float64_runs(name, run, inputs, out_shape)]
 
         def agrees(apply: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]], moved: list[torch.Tensor]) -> bool:
             for probe, want in zip(probes, moved):
@@ -864,7 +864,7 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
     if type(m).__name__ == "OnnxGemm" and len(args) == 3 and isinstance(var, _Var) and isinstance(args[2], _Var):
         if not m.trans_a and torch.is_tensor(args[1]) and len(var.shape) == 2 and not kwargs:
             # alpha A B + beta C with C input-dependent (the exporter fuses `h @ W + g` into one Gemm)
-            weight = (args[1].T if m.trans_b else args[1]).T.to(F64) * m.alpha
+            weight = _gemm_weight(m, args[1])
             product = _Var(b.dense(f"{name} (alpha A B)", var, weight, None, out_shape), tuple(out_shape))
             c = args[2]
             if m.beta != 1:
@@ -956,10 +956,15 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
     if kind == "OnnxMatMul" and len(args) == 2 and torch.is_tensor(args[1]) and args[1].dim() == 2:
         return b.dense(name, var, args[1].T, None, out_shape)
     if kind == "OnnxGemm" and not m.trans_a and torch.is_tensor(args[1]) and len(var.shape) == 2:
-        weight = (args[1].T if m.trans_b else args[1]).T.to(F64) * m.alpha
+        weight = _gemm_weight(m, args[1])
         bias = None if len(args) < 3 or args[2] is None else torch.as_tensor(args[2]).detach().to(F64) * m.beta
         return b.dense(name, var, weight, bias, out_shape)
     raise CertificateUnavailable(name)
+
+
+def _gemm_weight(m: nn.Module, matrix: torch.Tensor) -> torch.Tensor:
+    """ONNX Gemm's alpha B (B transposed when transB) as the (out, in) weight of a dense layer."""
+    return (matrix.T if m.trans_b else matrix).T.to(F64) * m.alpha
 
 
 def _onnx_sum(b: _Builder, name: str, mean: bool, args: list, out_shape: Shape) -> int:
@@ -1348,8 +1353,7 @@ def _extremum_kind(n: fx.Node, module: nn.Module | None, function: str | None, a
     if type(module).__name__ == "OnnxMinMax" and args:
         return "maximum" if module._op_type == "Max" else "minimum"
     if n.op == "call_method" and n.target in _EXTREMA:
-        function = n.target
-    function = _EXTREMA.get(function or "", function)
+        function = _EXTREMA[n.target]
     if function in ("minimum", "maximum") and len(args) == 2 and all(isinstance(a, _Var) for a in args):
         return function
     binary = (n.op == "call_function" and n.target in (torch.max, torch.min)) or (
@@ -1604,6 +1608,7 @@ _ONNX_LINEAR = {"OnnxEinsum", "OnnxMatMul", "OnnxWhere"}
 
 
 def _is_where(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """Whether the node is torch.where / aten where / ONNX Where (a mask, then the two branches)."""
     if n.op == "call_module":
         return type(gm.get_submodule(n.target)).__name__ == "OnnxWhere"
     return n.op == "call_function" and (n.target is torch.where or _aten_name(n.target) == "where")
@@ -1612,15 +1617,13 @@ def _is_where(n: fx.Node, gm: fx.GraphModule) -> bool:
 def _linear_operand(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> _Var | None:
     """The one input-dependent operand of an op linear in each operand (not a `where`'s mask), else None."""
     if n.op == "call_module":
-        kind = type(gm.get_submodule(n.target)).__name__
-        linear, where = kind in _ONNX_LINEAR, kind == "OnnxWhere"
+        linear = type(gm.get_submodule(n.target)).__name__ in _ONNX_LINEAR
     elif n.op == "call_method":
-        linear, where = n.target in _LINEAR_METHODS, False
+        linear = n.target in _LINEAR_METHODS
     else:
         aten = _aten_name(n.target)
         linear = n.target in _LINEAR_FUNCTIONS if aten is None else aten in _ATEN_LINEAR
-        where = n.target is torch.where or aten == "where"
-    if not linear or (where and (len(args) != 3 or kwargs or isinstance(args[0], _Var))):
+    if not linear or (_is_where(n, gm) and (len(args) != 3 or kwargs or isinstance(args[0], _Var))):
         return None  # torch.where(cond) alone is nonzero; a mask that depends on the input selects nonlinearly
     found: list[_Var] = []
     fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, _Var) else None)
