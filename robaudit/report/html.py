@@ -279,8 +279,12 @@ def _certificate(report: Report) -> str:
         rows.append(["radius quantiles (correct samples)", _e(", ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items()))])
     if cert.median_ratio is not None:
         rows.append(["median certified / smallest adversarial L2", f"{floor_fixed(cert.median_ratio, 3)} ({cert.ratio_samples} samples)"])
-    notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in cert.notes)
-    return f"<h2>Certified L2 radii (budget {_e(cert.budget)})</h2>" + _table(["metric", "value"], rows, {1}) + notes
+    return f"<h2>Certified L2 radii (budget {_e(cert.budget)})</h2>" + _table(["metric", "value"], rows, {1}) + _notes(cert.notes)
+
+
+def _notes(notes: list[str]) -> str:
+    """Notes as paragraphs of class `note`."""
+    return "".join(f'<p class="note">note: {_e(n)}</p>' for n in notes)
 
 
 def _indicator(report: Report) -> str:
@@ -293,8 +297,7 @@ def _indicator(report: Report) -> str:
             rows.append([f"<code>{_e(with_threat_names(report, key))}</code>", _pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"])
     if ind.get("masking_suspected"):
         rows.append(["<strong>masking suspected</strong>", "the score is not meaningful"])
-    notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in ind.get("notes") or [])
-    return "<h2>Decision-surface indicator</h2>" + _table(["metric", "value"], rows, {1}) + notes
+    return "<h2>Decision-surface indicator</h2>" + _table(["metric", "value"], rows, {1}) + _notes(ind.get("notes") or [])
 
 
 def _diagnostics(report: Report) -> str:
@@ -323,7 +326,7 @@ def render_html(report: Report) -> str:
         headline += [[f"certified accuracy {_threat(report, k)}", _pct(v)] for k, v in s.certificate.certified_accuracy.items()]
     if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
         headline.append(["indicator score", f"{s.indicator['score']:.3f}"])
-    notes = "".join(f'<p class="note">note: {_e(n)}</p>' for n in [*m.notes, *d.notes])
+    notes = _notes([*m.notes, *d.notes])
     meta = (
         f"model <code>{_e(m.path)}</code> ({_e(m.format)}, sha256 <code>{_e(m.sha256[:12])}</code>) · "
         f"data <code>{_e(d.name)}</code>: {d.n} of {d.source_size} samples, seed {d.seed} · "

@@ -168,8 +168,12 @@ def _certificate(report: Report) -> list[str]:
         rows.append(("radius quantiles (correct samples)", ", ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items())))
     if cert.median_ratio is not None:
         rows.append(("median certified / smallest adversarial L2", f"{floor_fixed(cert.median_ratio, 3)} ({cert.ratio_samples} samples)"))
-    notes = [f"- note: {cell(n)}" for n in cert.notes]
-    return [f"### Certified L2 radii (budget {cell(cert.budget)})", "", *table(("metric", "value"), rows, "lr"), *notes, *([""] if notes else [])]
+    return [f"### Certified L2 radii (budget {cell(cert.budget)})", "", *table(("metric", "value"), rows, "lr"), *_section_notes(cert.notes)]
+
+
+def _section_notes(notes: list[str]) -> list[str]:
+    """A section's notes as list items under its table, then a blank line (nothing when there are none)."""
+    return [*(f"- note: {cell(n)}" for n in notes), ""] if notes else []
 
 
 def _indicator(report: Report) -> list[str]:
@@ -183,8 +187,7 @@ def _indicator(report: Report) -> list[str]:
             rows.append((code(with_threat_names(report, key)), shown))
     if ind.get("masking_suspected"):
         rows.append(("**masking suspected**", "the score is not meaningful"))
-    notes = [f"- note: {cell(n)}" for n in ind.get("notes") or []]
-    return ["### Decision-surface indicator", "", *table(("metric", "value"), rows, "lr"), *notes, *([""] if notes else [])]
+    return ["### Decision-surface indicator", "", *table(("metric", "value"), rows, "lr"), *_section_notes(ind.get("notes") or [])]
 
 
 VERDICT_MARK = {"pass": "🟢 pass", "warn": "🟡 warn", "fail": "🔴 **fail**", "skipped": "⚪ skipped"}  # not the gate's marks

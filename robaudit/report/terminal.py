@@ -151,10 +151,13 @@ def _certificate(report: Report) -> Group | Text | None:
             f"{floor_fixed(cert.median_ratio, 3)} [dim]({cert.ratio_samples} samples; 1 = pinned down exactly)[/dim]",
         )
     table.add_row("method that gave the radius", ", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")
-    if not cert.notes:
-        return Group(table)
     # what the radius covers (float32 rounding, precision) is part of the claim: show it with the table
-    return Group(table, Text("\n".join(f"note: {n}" for n in cert.notes), style="dim"))
+    return _with_notes(table, cert.notes)
+
+
+def _with_notes(table: Table, notes: list[str]) -> Group:
+    """A section's table with its notes under it, dimmed."""
+    return Group(table, Text("\n".join(f"note: {n}" for n in notes), style="dim")) if notes else Group(table)
 
 
 def _indicator(report: Report) -> Table | Group | None:
@@ -189,10 +192,8 @@ def _indicator(report: Report) -> Table | Group | None:
             table.add_row(escape(with_threat_names(report, key)), _pct(value), "samples whose drop (predicted, or seen at random points in the ball where larger) stays below their margin (a prediction, not a bound)")
     if ind.get("masking_suspected"):
         table.add_row("[bold red]masking suspected[/bold red]", "yes", "random probes beat the predicted drop: the score is not meaningful")
-    notes = ind.get("notes") or []
-    if not notes:
-        return table
-    return Group(table, Text("\n".join(f"note: {n}" for n in notes), style="dim"))  # what the score could not measure
+    notes = ind.get("notes") or []  # what the score could not measure
+    return _with_notes(table, notes) if notes else table
 
 
 VERDICT_STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red", "skipped": "dim"}
