@@ -1429,19 +1429,24 @@ _SPLITS = {"split", "chunk", "tensor_split", "unbind", "split_with_sizes", "unsa
 _ONNX_SPLITS = {"OnnxSplit", "OnnxSplit13"}
 
 
+def _in_family(n: fx.Node, gm: fx.GraphModule, onnx: set, methods: set, aten: set, functions: set) -> bool:
+    """Whether the node calls one of a family of ops, named per kind of call: onnx2torch module class names,
+    tensor method names, aten op names, Python functions."""
+    if n.op == "call_module":
+        return type(gm.get_submodule(n.target)).__name__ in onnx
+    if n.op == "call_method":
+        return n.target in methods
+    name = _aten_name(n.target)
+    return name in aten if name is not None else n.target in functions
+
+
 def _split_parts(
     b: _Builder, name: str, n: fx.Node, gm: fx.GraphModule, args: list, kwargs: dict, value: Any
 ) -> tuple | None:
     """split / chunk / unbind / ONNX Split: one data-movement op per part (None for any other op)."""
     if not (isinstance(value, (tuple, list)) and value and all(torch.is_tensor(v) for v in value)):
         return None
-    if n.op == "call_module":
-        known = type(gm.get_submodule(n.target)).__name__ in _ONNX_SPLITS
-    elif n.op == "call_method":
-        known = n.target in _SPLITS
-    else:
-        aten = _aten_name(n.target)
-        known = aten in _SPLITS if aten is not None else n.target in _SPLIT_FUNCTIONS
+    known = _in_family(n, gm, _ONNX_SPLITS, _SPLITS, _SPLITS, _SPLIT_FUNCTIONS)
     var = _sole_input(args, kwargs)
     if not known or var is None:
         return None
@@ -1616,13 +1621,7 @@ def _is_where(n: fx.Node, gm: fx.GraphModule) -> bool:
 
 def _linear_operand(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> _Var | None:
     """The one input-dependent operand of an op linear in each operand (not a `where`'s mask), else None."""
-    if n.op == "call_module":
-        linear = type(gm.get_submodule(n.target)).__name__ in _ONNX_LINEAR
-    elif n.op == "call_method":
-        linear = n.target in _LINEAR_METHODS
-    else:
-        aten = _aten_name(n.target)
-        linear = n.target in _LINEAR_FUNCTIONS if aten is None else aten in _ATEN_LINEAR
+    linear = _in_family(n, gm, _ONNX_LINEAR, _LINEAR_METHODS, _ATEN_LINEAR, _LINEAR_FUNCTIONS)
     if not linear or (_is_where(n, gm) and (len(args) != 3 or kwargs or isinstance(args[0], _Var))):
         return None  # torch.where(cond) alone is nonzero; a mask that depends on the input selects nonlinearly
     found: list[_Var] = []
