@@ -617,6 +617,8 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("matmul-two-inputs", Fn(lambda x: x @ x, "x @ x"), True, ("matmul",)),
     ("einsum-two-inputs", Fn(lambda x: torch.einsum("bi,bi->bi", x, x), "einsum(x, x)"), False, ("einsum",)),
     ("Threshold-jump", nn.Threshold(0.1, -1.0), False, ("Threshold",)),
+    # a finite bound this large would cancel x in the clamp's ReLUs (x - 1e30 rounds x away in float64)
+    ("clamp-huge-bound", Fn(lambda x: x.clamp(min=-1e30), "x.clamp(min=-1e30)"), True, ("round x away",)),
     ("threshold-fn-jump", Fn(lambda x: F.threshold(x, 0.0, 0.5), "F.threshold(x, 0, 0.5)"), True, ("threshold",)),
     ("Mish", nn.Mish(), False, ("Mish",)),
     ("abs", Fn(torch.abs, "torch.abs"), False, ("abs",)),
@@ -702,6 +704,11 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     ("clamp", Fn(lambda x: torch.clamp(x, -0.5, 0.5), "torch.clamp(x, -0.5, 0.5)"), False),
     ("clamp-min-method", Fn(lambda x: x.clamp(min=-0.2), "x.clamp(min=-0.2)"), True),
     ("clamp-max-fn", Fn(lambda x: torch.clamp_max(x, 0.3), "torch.clamp_max(x, 0.3)"), True),
+    (  # a bound at the float32 range clips nothing: left out, not written as a ReLU around 3.4e38
+        "clamp-float32-range",
+        Fn(lambda x: torch.clamp(x, torch.finfo(torch.float32).min, 0.4), "torch.clamp(x, -FLT_MAX, 0.4)"),
+        True,
+    ),
     ("clamp-tensor", Fn(lambda x: x.clamp(torch.linspace(-1, 0, 4), torch.linspace(0.1, 0.4, 4)), "tensor bounds"), True),
     ("minimum-full-like", Fn(lambda x: torch.minimum(x, torch.full_like(x, 0.3)), "torch.minimum(x, full_like(x, 0.3))"), True),
     ("maximum-const-first", Fn(lambda x: torch.maximum(torch.zeros_like(x) - 0.2, x), "torch.maximum(zeros_like(x) - 0.2, x)"), True),

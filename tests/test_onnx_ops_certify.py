@@ -142,6 +142,21 @@ def clip_constant_bounds(path: Path) -> Path:
     return g.save(path)
 
 
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+def clip_float32_range(path: Path, absent: float | None = FLT_MAX) -> Path:
+    """Clip whose absent bound is written as the float32 range (-FLT_MAX / FLT_MAX, as some converters
+    do; attributes at opset 6 default to it), or left out when `absent` is None."""
+    g = _Graph(11)
+    side = (lambda name, sign: "" if absent is None else g.const(name, np.array(sign * absent)))
+    a = g.node("Clip", [g.conv("x", "a", 3, pads=[1, 1, 1, 1]), g.const("zero", np.array(0.0)), side("top", 1)], "ca")
+    b = g.node("Clip", [g.conv("x", "b", 3, pads=[1, 1, 1, 1]), side("bottom", -1), g.const("cap", np.array(0.3))], "cb")
+    c = g.node("Clip", [g.conv("x", "c", 3, pads=[1, 1, 1, 1]), side("low", -1), side("high", 1)], "cc")
+    g.head(g.node("Sum", [a, b, c], "s"), 3 * 6 * 6)
+    return g.save(path)
+
+
 def max_min(path: Path) -> Path:
     """ONNX Max of three inputs (two input-dependent, one constant) and Min of two input-dependent ones."""
     g = _Graph(12)
@@ -161,6 +176,7 @@ FILES = {
     "elu-celu-hardsigmoid": smooth_activations,
     "clip-constant-bounds": clip_constant_bounds,
     "max-min": max_min,
+    "clip-float32-range": clip_float32_range,
 }
 
 
@@ -183,6 +199,20 @@ def _refusal(path: Path) -> str:
     with pytest.raises(CertificateUnavailable) as info:
         certify_l2(model, x, model(x).argmax(1), budget="fast")
     return str(info.value)
+
+
+def test_a_clip_bound_at_the_float32_range_certifies_as_an_absent_bound(tmp_path) -> None:
+    """Clip(x, 0, FLT_MAX) clips no float32 value. It got radius 0 everywhere (the ReLU at FLT_MAX made
+    every ball look like a float32 overflow), and Clip(x, -FLT_MAX, c) was refused (written as ReLUs,
+    x - (-FLT_MAX) rounds x away in float64): both now bound exactly as the Clip without that bound."""
+    x = torch.rand((12, *SHAPE), generator=torch.Generator().manual_seed(5))
+    radii = []
+    for absent in (FLT_MAX, None):
+        _, model = _load(clip_float32_range(tmp_path / f"clip-{absent}.onnx", absent))
+        cert = certify_l2(model, x, model(x).argmax(1), budget="fast")
+        radii.append(cert.radius)
+    assert (radii[0] > 0).sum() >= 8, radii[0]
+    torch.testing.assert_close(radii[0], radii[1], rtol=0, atol=0)
 
 
 def test_prelu_with_a_negative_slope_is_refused_as_non_monotone(tmp_path) -> None:

@@ -285,16 +285,35 @@ def _cast(name: str, var, dtype: torch.dtype | None) -> int:
     raise CertificateUnavailable(f"{name}: cast to {what} rounds the values (the bound covers float32/float64 only)")
 
 
+HUGE_CLAMP_BOUND = 2.0**40  # a clamp bound this large cancels the input in `clamp`'s ReLUs (float64)
+
+
 def _clamp_limit(name: str, v: Any, side: float) -> torch.Tensor | None:
-    """One bound of a clamp as a float64 tensor, or None where it does not clip (None, or +-inf on its side)."""
+    """One bound of a clamp as a float64 tensor, or None where it does not clip on a certified ball.
+
+    None, +-inf on its side, and bounds at or beyond `rounding.OVERFLOW` on their side (an
+    exporter's +-FLT_MAX for an absent bound) do not clip: a ball where any value could reach
+    OVERFLOW certifies nothing (`overflow_possible`), and written as ReLUs around such a bound
+    the clamp would cancel the input in float64 (x - 3.4e38 rounds x away).
+    """
+    from robaudit.certify.rounding import OVERFLOW  # here: rounding imports this module
+
     if v is None:
         return None
     t = torch.as_tensor(v).detach().to(F64)
     if t.numel() == 1 and float(t) == side * math.inf:
         return None
+    if t.numel() and bool((side * t >= OVERFLOW).all()):
+        return None
     if not bool(torch.isfinite(t).all()):
         shown = f"{float(t):g}" if t.numel() == 1 else f"of shape {tuple(t.shape)} with non-finite entries"
         raise CertificateUnavailable(f"{name}: clamp bound {shown}")
+    if bool((t.abs() >= HUGE_CLAMP_BOUND).any()):
+        shown = f"{float(t):g}" if t.numel() == 1 else f"of shape {tuple(t.shape)} with entries up to {float(t.abs().max()):g}"
+        raise CertificateUnavailable(
+            f"{name}: clamp bound {shown} (as ReLUs around it, x - bound would round x away in float64; "
+            f"bounds beyond {OVERFLOW:.3g} on their side count as absent)"
+        )
     return t
 
 
