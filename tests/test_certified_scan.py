@@ -124,3 +124,47 @@ def test_a_model_computing_in_half_precision_inside_its_forward_gets_no_certific
     assert result.code == 0, result.stderr
     cert = load_json(out)["summary"]["certificate"]
     assert not cert["available"] and "half precision inside its forward" in cert["reason"], cert
+
+
+class CountingMLP(nn.Module):
+    """A small ReLU MLP that counts the batches it is run on (the certificate checks its prediction per batch)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.net(x)
+
+
+def _auto_pilot(attack_seconds: float, correct: int) -> tuple[str | None, int]:
+    from robaudit.stages.certify import certify_skip_reason
+
+    model = CountingMLP().eval()
+    x = torch.rand(12, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model.net(x).argmax(1)
+    model.calls = 0
+    reason = certify_skip_reason(
+        model, x, y, budget="fast", correct=correct, ranks=1, attack_seconds=attack_seconds, device=CPU
+    )
+    return reason, model.calls
+
+
+def test_auto_mode_certifies_when_the_pilot_projects_within_the_attack_time() -> None:
+    reason, calls = _auto_pilot(attack_seconds=3600.0, correct=12)
+    assert reason is None
+    assert calls >= 8  # the whole pilot ran: eight samples, one at a time
+
+
+def test_auto_mode_pilot_stops_after_one_sample_when_the_run_is_hopeless() -> None:
+    """A billion samples at any measurable time per sample project far past the 10 s minimum budget: the
+    pilot stops after its first sample (on a large network that saves minutes per sample) and says why."""
+    reason, calls = _auto_pilot(attack_seconds=0.0, correct=10**9)
+    assert reason is not None and reason.startswith("certificate skipped: projected"), reason
+    assert "exceeds the automatic budget of 10 s" in reason
+    _, whole = _auto_pilot(attack_seconds=3600.0, correct=12)
+    assert calls < whole / 4, (calls, whole)  # one sample's checks against the whole pilot's

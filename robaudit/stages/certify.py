@@ -27,6 +27,7 @@ from robaudit.report.schema import CertificateSummary
 from robaudit.threats import distances
 
 PILOT = 8  # samples certified first to project the cost in "auto" mode
+PILOT_STOP = 4.0  # ... one at a time; it stops as soon as the samples so far project this many times the budget
 MIN_BUDGET_S = 10.0  # auto mode may always spend this long
 INSIDE = 0.999  # test points at this fraction of the certified radius
 RANDOM_PROBES = 8  # random directions per certified sample in the self-check
@@ -210,6 +211,10 @@ def file_mismatch_in_balls(
     )
 
 
+class _PilotOverBudget(Exception):
+    """Raised from the pilot's progress callback to stop it early (`certify_skip_reason`)."""
+
+
 def certify_skip_reason(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, budget: str, correct: int, ranks: int, attack_seconds: float,
     device: torch.device,
@@ -217,21 +222,39 @@ def certify_skip_reason(
     """"auto" mode: certify a pilot of PILOT samples and say why the whole run would take too long (None: run it).
 
     The projection spreads the `correct` samples over the `ranks`; the budget is as long
-    as the attacks took (wall time, at least MIN_BUDGET_S).
+    as the attacks took (wall time, at least MIN_BUDGET_S). The pilot certifies one sample
+    at a time and stops once the samples so far project PILOT_STOP times the budget: on a
+    large network (minutes per sample) a hopeless pilot costs one sample, not PILOT.
     """
     from robaudit.certify import CertificateUnavailable, certify_l2
 
     if len(x) == 0:
         return None
+    limit = max(MIN_BUDGET_S, attack_seconds)
+    size = min(PILOT, len(x))
+    started = time.perf_counter()
+
+    def projection(done: int) -> float:
+        return (time.perf_counter() - started) / done * correct / max(1, ranks)
+
+    finished = 0
+
+    def tick(count: int) -> None:
+        nonlocal finished
+        finished += count
+        if finished < size and projection(finished) > PILOT_STOP * limit:
+            raise _PilotOverBudget
+
     with full_precision():
         try:
-            pilot = certify_l2(model.to("cpu"), x[:PILOT], y[:PILOT], budget=budget)
+            certify_l2(model.to("cpu"), x[:size], y[:size], budget=budget, batch_size=1, progress=tick)
         except CertificateUnavailable:
             return None  # every chunk will say why, at no cost
+        except _PilotOverBudget:
+            pass
         finally:
             model.to(device)
-    limit = max(MIN_BUDGET_S, attack_seconds)
-    projected = pilot.seconds / min(PILOT, len(x)) * correct / max(1, ranks)
+    projected = projection(finished)
     if projected <= limit:
         return None
     return (
