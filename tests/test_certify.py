@@ -464,3 +464,13 @@ def test_outclassed_rule():
     lost = crown.clone()
     lost[0] = 0.0  # crown certified nothing there
     assert outclassed({"interval": torch.zeros_like(crown), "crown": lost}) == []
+
+
+def test_step_names_each_method_as_it_starts_on_a_batch():
+    x, y = digits()
+    net = fit(mlp(nn.ReLU(), 16, 2), steps=100)
+    steps: list[str] = []
+    cert = certify_l2(net, x[:10], y[:10], batch_size=4, budget="fast", step=steps.append)
+    tried = next(note for note in cert.notes if note.startswith("methods tried: ")).removeprefix("methods tried: ")
+    batches = 3  # 4 + 4 + 2 samples, every method on each (nothing skipped with so few samples)
+    assert steps == tried.split(", ") * batches, steps

@@ -120,3 +120,15 @@ def test_native_torch_warnings_about_the_users_model_stay_out_of_the_log(tmp_pat
     assert result.code == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert lines and all(re.match(r"^\[\d+:\d\d\] .+: done in \d+\.\d s$", line) for line in lines), lines
+
+
+def test_the_certificate_line_names_the_methods_that_ran() -> None:
+    """The certificate's bar is labelled with the method running on each batch (a batch of a large network can
+    take an hour); in a log its one line lists them."""
+    result = run_cli("scan", DEMO, "--n", "8", "--threat", "l2:0.5", "--preset", "quick", "--certify",
+                     "--certify-budget", "fast")  # fmt: skip
+    assert result.code == 0, result.stderr
+    line = next((line for line in result.stderr.splitlines() if "certifying L2 radii" in line), None)
+    assert line is not None and re.search(r"certifying L2 radii \((interval|crown)(, [a-z-]+)+\): done in", line), (
+        result.stderr
+    )

@@ -113,14 +113,19 @@ def certify_l2(
     batch_size: int = 64,
     budget: str = "default",
     progress: Callable[[int], None] | None = None,
+    step: Callable[[str], None] | None = None,
 ) -> Certificate:
     """Certified L2 radius of every sample of `x` (pixel space) under `model`.
 
     `model` is an AuditModel or any module mapping (B, *sample_shape) to (B, K) logits.
     Raises CertificateUnavailable (naming the layer) when no sound bound exists for it.
-    `progress` is called with the number of samples finished after each batch.
+    `progress` is called with the number of samples finished after each batch, and `step`
+    with the name of each method as it starts on a batch: on a large network one batch can
+    take an hour, and a progress label can show what it is doing meanwhile.
     """
-    return certify_with(model, x, y, default_methods, batch_size=batch_size, budget=budget, progress=progress)
+    return certify_with(
+        model, x, y, default_methods, batch_size=batch_size, budget=budget, progress=progress, step=step
+    )
 
 
 def certify_with(
@@ -132,13 +137,14 @@ def certify_with(
     batch_size: int = 64,
     budget: str | Budget = "default",
     progress: Callable[[int], None] | None = None,
+    step: Callable[[str], None] | None = None,
 ) -> Certificate:
     """`certify_l2` with a chosen set of methods (tests compare methods one by one)."""
     with torch.no_grad():
-        return _certify(model, x, y, make_methods, batch_size, budget, progress)
+        return _certify(model, x, y, make_methods, batch_size, budget, progress, step)
 
 
-def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certificate:
+def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> Certificate:
     start = time.perf_counter()
     plan = get_budget(budget)
     x = torch.as_tensor(x).detach().cpu()
@@ -169,7 +175,7 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress) -> Certifi
         for s, e in _batches(n, first, batch_size):
             xb, yb = x[s:e], y[s:e]
             check_graph(graph, model, xb)  # on every sample certified, before any bound: no branch left unseen
-            best, chosen, per_method = _certify_batch(model, graph, methods, xb, yb, plan)
+            best, chosen, per_method = _certify_batch(model, graph, methods, xb, yb, plan, step)
             radius[s:e] = best
             method[s:e] = chosen
             for name in chosen:
@@ -231,7 +237,8 @@ def outclassed(per_method: dict[str, torch.Tensor]) -> list[str]:
 
 
 def _certify_batch(
-    model: nn.Module, graph: Graph, methods: list, x: torch.Tensor, y: torch.Tensor, plan: Budget
+    model: nn.Module, graph: Graph, methods: list, x: torch.Tensor, y: torch.Tensor, plan: Budget,
+    step: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
     """Best radius and its method for one batch (0 and "none" where misclassified), and each method's radii."""
     radius = torch.zeros(len(x), dtype=torch.float64)
@@ -253,6 +260,8 @@ def _certify_batch(
         batch = _batch(graph, x64[idx], y[idx])
     best = torch.zeros(len(idx), dtype=torch.float64)
     for m in methods:
+        if step is not None:
+            step(m.name)
         if isinstance(m, (LinearExact, GlobalLipschitz)):
             r = m.radius(batch.margins, batch.labels, batch.others, batch.error)
         elif isinstance(m, CrownBound):  # bisects above what the others proved, from the first-order radius

@@ -296,7 +296,10 @@ def certify_stage(
     progress.start("certifying L2 radii", max(1, len(todo)))
     with full_precision():  # the certificate's own prediction checks: no TF32 (restored after)
         try:
-            parts = [(todo, certify_l2(cpu_model, x[todo], y[todo], budget=budget, progress=progress.advance))]
+            parts = [(todo, certify_l2(
+                cpu_model, x[todo], y[todo], budget=budget, progress=progress.advance,
+                step=getattr(progress, "step", None),  # the bar names the method and batch now running
+            ))]  # fmt: skip
         except CertificateUnavailable as exc:
             return unavailable(str(exc), budget, adversarial_l2, time.perf_counter() - started)
         finally:
