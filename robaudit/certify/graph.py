@@ -306,15 +306,19 @@ def _clamp_limit(name: str, v: Any, side: float) -> torch.Tensor | None:
     if t.numel() and bool((side * t >= OVERFLOW).all()):
         return None
     if not bool(torch.isfinite(t).all()):
-        shown = f"{float(t):g}" if t.numel() == 1 else f"of shape {tuple(t.shape)} with non-finite entries"
-        raise CertificateUnavailable(f"{name}: clamp bound {shown}")
+        raise CertificateUnavailable(f"{name}: clamp bound {_bound_text(t, 'non-finite entries')}")
     if bool((t.abs() >= HUGE_CLAMP_BOUND).any()):
-        shown = f"{float(t):g}" if t.numel() == 1 else f"of shape {tuple(t.shape)} with entries up to {float(t.abs().max()):g}"
+        largest = f"entries up to {float(t.abs().max()):g}"
         raise CertificateUnavailable(
-            f"{name}: clamp bound {shown} (as ReLUs around it, x - bound would round x away in float64; "
+            f"{name}: clamp bound {_bound_text(t, largest)} (as ReLUs around it, x - bound would round x away in float64; "
             f"bounds beyond {OVERFLOW:.3g} on their side count as absent)"
         )
     return t
+
+
+def _bound_text(t: torch.Tensor, entries: str) -> str:
+    """A clamp bound for a refusal: its value, or for a tensor its shape and what is wrong with its `entries`."""
+    return f"{float(t):g}" if t.numel() == 1 else f"of shape {tuple(t.shape)} with {entries}"
 
 
 def _float64_runs(

@@ -298,7 +298,7 @@ def certify_stage(
         try:
             parts = [(todo, certify_l2(
                 cpu_model, x[todo], y[todo], budget=budget, progress=progress.advance,
-                step=getattr(progress, "step", None),  # the bar names the method and batch now running
+                step=getattr(progress, "step", None),  # the bar names the method now running
             ))]  # fmt: skip
         except CertificateUnavailable as exc:
             return unavailable(str(exc), budget, adversarial_l2, time.perf_counter() - started)
