@@ -263,6 +263,36 @@ def test_auto_pad_same_is_written_as_the_explicit_pads_onnxruntime_uses(mode: st
     assert (cert.radius > 0).all()
 
 
+@pytest.mark.parametrize(
+    "attrs",
+    [
+        {"auto_pad": "SAME_UPPER", "strides": [2, 2]},  # 12 x 12: total 1 (odd) per dim
+        {"auto_pad": "SAME_LOWER", "strides": [2, 2]},
+        {"output_shape": [11, 12], "strides": [2, 2]},  # totals 2 and 1: pads (1, 1) and (1, 0)
+        {"output_shape": [10, 11], "strides": [2, 2], "auto_pad": "SAME_UPPER", "dilations": [1, 2]},
+    ],
+    ids=["same-upper", "same-lower", "output-shape", "output-shape-upper-dilated"],
+)
+def test_conv_transpose_output_shape_and_auto_pad_are_written_as_explicit_pads(attrs: dict, tmp_path) -> None:
+    """onnx2torch ignores ConvTranspose's output_shape (the layer computed another size: the translation check
+    refused the file) and refuses auto_pad SAME_*: the loader writes both as symmetric pads plus a crop, matching
+    onnxruntime, and the file certifies with radii no attack breaks."""
+    import onnxruntime
+
+    g = _Graph(9)
+    t = g.node("ConvTranspose", ["x", g.weight("t_w", (2, 2, 3, 3))], "t", **attrs)
+    out = attrs.get("output_shape", [12, 12])
+    g.head(g.node("Relu", [t], "r"), 2 * out[0] * out[1])
+    path = g.save(tmp_path / "convt.onnx")
+    raw, model = _load(path)
+    assert any("ConvTranspose" in note for note in raw.notes), raw.notes
+    x = torch.rand((16, *SHAPE), generator=torch.Generator().manual_seed(3))
+    want = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "ConvTranspose (ONNX file)", copy.deepcopy(raw.net).double()))
+
+
 def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
     """onnx2torch has no GlobalMaxPool: the loader writes it as a MaxPool with the image as its one window,
     matching onnxruntime, and the file certifies with radii no attack breaks."""

@@ -423,6 +423,93 @@ def _explicit_auto_pads(model: onnx.ModelProto) -> int:
     return done
 
 
+def _explicit_conv_transpose_pads(model: onnx.ModelProto) -> int:
+    """Write ConvTranspose's `output_shape` and `auto_pad` SAME_* as explicit pads; returns how many nodes.
+
+    onnx2torch ignores `output_shape` (the layer then computes another size) and refuses
+    SAME_*. ONNX derives the pads from the sizes: total = stride (in - 1) + output_padding
+    + (k - 1) dilation + 1 - out, with out the given `output_shape` or, for SAME_*,
+    in x stride; SAME_UPPER puts the odd cell at the end, otherwise it goes at the
+    beginning. torch pads a transposed convolution by p on both sides, so the node keeps
+    the smaller pad p and a Slice after it crops the difference from one side (exact: it
+    drops output cells). Nodes whose sizes shape inference cannot give, and a negative
+    total (an output larger than the full transposed convolution), are left for the
+    converter and the translation check (`wrap_model`) to refuse.
+    """
+    nodes = [
+        n for n in model.graph.node
+        if n.op_type == "ConvTranspose" and n.domain in ("", "ai.onnx")
+        and any(
+            (a.name == "auto_pad" and a.s in (b"SAME_UPPER", b"SAME_LOWER")) or a.name == "output_shape"
+            for a in n.attribute
+        )
+    ]  # fmt: skip
+    if not nodes:
+        return 0
+    shapes = _inferred_dims(model)
+    if shapes is None:
+        return 0
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    opset = _default_opset(model) or 0
+    done = 0
+    for node in nodes:
+        attributes = {a.name: a for a in node.attribute}
+        spatial = (shapes.get(node.input[0]) or [])[2:]
+        rank = len(spatial)
+        if "kernel_shape" in attributes:
+            kernel = list(attributes["kernel_shape"].ints)
+        else:
+            kernel = (weights.get(node.input[1]) or shapes.get(node.input[1]) or [])[2:]
+        if not rank or None in spatial or len(kernel) != rank or None in kernel:
+            continue
+        strides = list(attributes["strides"].ints) if "strides" in attributes else [1] * rank
+        dilations = list(attributes["dilations"].ints) if "dilations" in attributes else [1] * rank
+        extra = list(attributes["output_padding"].ints) if "output_padding" in attributes else [0] * rank
+        auto = attributes["auto_pad"].s if "auto_pad" in attributes else b"NOTSET"
+        if "output_shape" in attributes:
+            out = list(attributes["output_shape"].ints)[-rank:]
+        elif auto in (b"SAME_UPPER", b"SAME_LOWER"):
+            out = [size * stride for size, stride in zip(spatial, strides)]
+        else:
+            continue
+        totals = [
+            stride * (size - 1) + e + (k - 1) * dilation + 1 - o
+            for size, k, stride, dilation, e, o in zip(spatial, kernel, strides, dilations, extra, out)
+        ]
+        if len(out) != rank or any(t < 0 for t in totals):
+            continue
+        upper = auto == b"SAME_UPPER"
+        begin = [t // 2 if upper else t - t // 2 for t in totals]
+        end = [t - b for t, b in zip(totals, begin)]
+        both = [min(b, e) for b, e in zip(begin, end)]
+        for name in ("auto_pad", "output_shape", "pads"):
+            if name in attributes:
+                node.attribute.remove(attributes[name])
+        node.attribute.append(onnx.helper.make_attribute("pads", both + both))
+        if begin != end:
+            _crop_after(model, node, [b - p for b, p in zip(begin, both)], [e - p for e, p in zip(end, both)], opset)
+        done += 1
+    return done
+
+
+def _crop_after(model: onnx.ModelProto, node: onnx.NodeProto, start: list[int], stop: list[int], opset: int) -> None:
+    """Insert a Slice after `node` that drops `start` / `stop` cells at each spatial axis's ends."""
+    produced = node.output[0]
+    inner = f"_robaudit_uncropped_{produced}"
+    node.output[0] = inner
+    axes = list(range(2, 2 + len(start)))
+    ends = [-s if s else np.iinfo(np.int64).max for s in stop]
+    if opset >= 10:
+        names = [f"_robaudit_crop_{kind}_{produced}" for kind in ("starts", "ends", "axes")]
+        for name, values in zip(names, (start, ends, axes)):
+            model.graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+        crop = onnx.helper.make_node("Slice", [inner, *names], [produced])
+    else:
+        crop = onnx.helper.make_node("Slice", [inner], [produced], starts=start, ends=ends, axes=axes)
+    position = list(model.graph.node).index(node)
+    model.graph.node.insert(position + 1, crop)
+
+
 def _global_max_pools(model: onnx.ModelProto) -> int:
     """Write GlobalMaxPool (which onnx2torch lacks) as a MaxPool whose one window is the whole image; returns how many.
 
@@ -556,6 +643,11 @@ def load_onnx(path: Path) -> RawModel:
     if gelus:
         notes.append(f"{gelus} ONNX Gelu op(s) rewritten as their Erf/Tanh formula for onnx2torch")
     same = _explicit_auto_pads(model)
+    transposed = _explicit_conv_transpose_pads(model)
+    if transposed:
+        notes.append(
+            f"{transposed} ONNX ConvTranspose output_shape / auto_pad setting(s) written as explicit pads for onnx2torch"
+        )
     if same:
         notes.append(f"{same} ONNX auto_pad SAME_UPPER / SAME_LOWER padding(s) written as explicit pads for onnx2torch")
     pools = _global_max_pools(model)
