@@ -238,12 +238,20 @@ def test_dilated_max_pool_after_minus_inf_padding_is_refused(tmp_path) -> None:
     assert "MaxPool" in message and "dilated" in message, message
 
 
+def _assert_computes_like_onnxruntime(path: Path, net: torch.nn.Module) -> None:
+    """The loaded module's scores equal onnxruntime's run of the file on random inputs."""
+    import onnxruntime
+
+    x = torch.rand((16, *SHAPE), generator=torch.Generator().manual_seed(3))
+    want = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER"])
 def test_auto_pad_same_is_written_as_the_explicit_pads_onnxruntime_uses(mode: str, tmp_path) -> None:
     """onnx2torch refuses auto_pad SAME_* (torch's exporter writes SAME_UPPER for padding="same"): the loader
     writes the pads out (odd totals: stride 2 and even kernels), matching onnxruntime, and the file certifies."""
-    import onnxruntime
-
     g = _Graph(6)
     w = g.weight("c_w", (3, 2, 2, 4))
     c = g.node("Conv", ["x", w], "c", auto_pad=mode, strides=[2, 1])  # 3 x 3 x 6, pads odd in both dims
@@ -254,11 +262,8 @@ def test_auto_pad_same_is_written_as_the_explicit_pads_onnxruntime_uses(mode: st
     path = g.save(tmp_path / f"{mode}.onnx")
     raw, model = _load(path)
     assert any("auto_pad" in note for note in raw.notes), raw.notes
+    _assert_computes_like_onnxruntime(path, raw.net)
     x = torch.rand((16, *SHAPE), generator=torch.Generator().manual_seed(3))
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    want = session.run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
     cert = certify_l2(model, x, model(x).argmax(1), budget="fast")
     assert (cert.radius > 0).all()
 
@@ -277,8 +282,6 @@ def test_conv_transpose_output_shape_and_auto_pad_are_written_as_explicit_pads(a
     """onnx2torch ignores ConvTranspose's output_shape (the layer computed another size: the translation check
     refused the file) and refuses auto_pad SAME_*: the loader writes both as symmetric pads plus a crop, matching
     onnxruntime, and the file certifies with radii no attack breaks."""
-    import onnxruntime
-
     g = _Graph(9)
     t = g.node("ConvTranspose", ["x", g.weight("t_w", (2, 2, 3, 3))], "t", **attrs)
     out = attrs.get("output_shape", [12, 12])
@@ -286,18 +289,13 @@ def test_conv_transpose_output_shape_and_auto_pad_are_written_as_explicit_pads(a
     path = g.save(tmp_path / "convt.onnx")
     raw, model = _load(path)
     assert any("ConvTranspose" in note for note in raw.notes), raw.notes
-    x = torch.rand((16, *SHAPE), generator=torch.Generator().manual_seed(3))
-    want = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    _assert_computes_like_onnxruntime(path, raw.net)
     assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "ConvTranspose (ONNX file)", copy.deepcopy(raw.net).double()))
 
 
 def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
     """onnx2torch has no GlobalMaxPool: the loader writes it as a MaxPool with the image as its one window,
     matching onnxruntime, and the file certifies with radii no attack breaks."""
-    import onnxruntime
-
     g = _Graph(7)
     c = g.node("Relu", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "r")
     p = g.node("GlobalMaxPool", [c], "p")
@@ -305,10 +303,7 @@ def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
     path = g.save(tmp_path / "gmp.onnx")
     raw, model = _load(path)
     assert any("GlobalMaxPool" in note for note in raw.notes), raw.notes
-    x = torch.rand((16, *SHAPE), generator=torch.Generator().manual_seed(3))
-    want = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
-    with torch.no_grad():
-        torch.testing.assert_close(raw.net(x), torch.from_numpy(want), rtol=1e-5, atol=1e-5)
+    _assert_computes_like_onnxruntime(path, raw.net)
     assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "GlobalMaxPool (ONNX file)", copy.deepcopy(raw.net).double()))
 
 

@@ -373,6 +373,39 @@ def _explicit_split_sizes(model: onnx.ModelProto) -> None:
 _AUTO_PAD_OPS = ("Conv", "MaxPool", "AveragePool")
 
 
+def _sized_windows(model: onnx.ModelProto, wanted) -> list[tuple[onnx.NodeProto, dict, tuple[list[int], ...]]]:
+    """The default-domain nodes `wanted` picks, each with its attributes and (input sizes, kernel, strides, dilations).
+
+    Sizes come from ONNX shape inference; nodes with a size it cannot give are left out
+    (the converter then says what it lacks). The kernel is `kernel_shape`, else the
+    weight's trailing dims (Conv, ConvTranspose).
+    """
+    nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and wanted(n)]
+    shapes = _inferred_dims(model) if nodes else None
+    if shapes is None:
+        return []
+    weights = {init.name: list(init.dims) for init in model.graph.initializer}
+    found = []
+    for node in nodes:
+        attributes = {a.name: a for a in node.attribute}
+        spatial = (shapes.get(node.input[0]) or [])[2:]
+        if "kernel_shape" in attributes:
+            kernel = list(attributes["kernel_shape"].ints)
+        else:
+            kernel = (weights.get(node.input[1]) or shapes.get(node.input[1]) or [])[2:] if len(node.input) > 1 else []
+        if not spatial or None in spatial or len(kernel) != len(spatial) or None in kernel:
+            continue
+        rank = len(spatial)
+        strides = list(attributes["strides"].ints) if "strides" in attributes else [1] * rank
+        dilations = list(attributes["dilations"].ints) if "dilations" in attributes else [1] * rank
+        found.append((node, attributes, (spatial, kernel, strides, dilations)))
+    return found
+
+
+def _is_same_padded(node: onnx.NodeProto) -> bool:
+    return any(a.name == "auto_pad" and a.s in (b"SAME_UPPER", b"SAME_LOWER") for a in node.attribute)
+
+
 def _explicit_auto_pads(model: onnx.ModelProto) -> int:
     """Write `auto_pad` SAME_UPPER / SAME_LOWER as the explicit `pads` it stands for; returns how many.
 
@@ -382,31 +415,10 @@ def _explicit_auto_pads(model: onnx.ModelProto) -> int:
     the beginning (LOWER). Nodes whose input sizes shape inference cannot give are left
     for the converter to refuse.
     """
-    nodes = [
-        n for n in model.graph.node
-        if n.op_type in _AUTO_PAD_OPS and n.domain in ("", "ai.onnx")
-        and any(a.name == "auto_pad" and a.s in (b"SAME_UPPER", b"SAME_LOWER") for a in n.attribute)
-    ]  # fmt: skip
-    if not nodes:
-        return 0
-    shapes = _inferred_dims(model)
-    if shapes is None:
-        return 0
-    weights = {init.name: list(init.dims) for init in model.graph.initializer}
     done = 0
-    for node in nodes:
-        attributes = {a.name: a for a in node.attribute}
-        dims = shapes.get(node.input[0]) or []
-        spatial = dims[2:]
-        if "kernel_shape" in attributes:
-            kernel = list(attributes["kernel_shape"].ints)
-        else:  # Conv: the weight's trailing dims
-            kernel = (weights.get(node.input[1]) or shapes.get(node.input[1]) or [])[2:] if len(node.input) > 1 else []
-        if not spatial or None in spatial or len(kernel) != len(spatial) or None in kernel:
-            continue
-        rank = len(spatial)
-        strides = list(attributes["strides"].ints) if "strides" in attributes else [1] * rank
-        dilations = list(attributes["dilations"].ints) if "dilations" in attributes else [1] * rank
+    for node, attributes, (spatial, kernel, strides, dilations) in _sized_windows(
+        model, lambda n: n.op_type in _AUTO_PAD_OPS and _is_same_padded(n)
+    ):
         upper = attributes["auto_pad"].s == b"SAME_UPPER"  # the odd cell at the end (else at the beginning)
         begin, end = [], []
         for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
@@ -436,34 +448,13 @@ def _explicit_conv_transpose_pads(model: onnx.ModelProto) -> int:
     total (an output larger than the full transposed convolution), are left for the
     converter and the translation check (`wrap_model`) to refuse.
     """
-    nodes = [
-        n for n in model.graph.node
-        if n.op_type == "ConvTranspose" and n.domain in ("", "ai.onnx")
-        and any(
-            (a.name == "auto_pad" and a.s in (b"SAME_UPPER", b"SAME_LOWER")) or a.name == "output_shape"
-            for a in n.attribute
-        )
-    ]  # fmt: skip
-    if not nodes:
-        return 0
-    shapes = _inferred_dims(model)
-    if shapes is None:
-        return 0
-    weights = {init.name: list(init.dims) for init in model.graph.initializer}
     opset = _default_opset(model) or 0
     done = 0
-    for node in nodes:
-        attributes = {a.name: a for a in node.attribute}
-        spatial = (shapes.get(node.input[0]) or [])[2:]
+    for node, attributes, (spatial, kernel, strides, dilations) in _sized_windows(
+        model,
+        lambda n: n.op_type == "ConvTranspose" and (_is_same_padded(n) or any(a.name == "output_shape" for a in n.attribute)),
+    ):
         rank = len(spatial)
-        if "kernel_shape" in attributes:
-            kernel = list(attributes["kernel_shape"].ints)
-        else:
-            kernel = (weights.get(node.input[1]) or shapes.get(node.input[1]) or [])[2:]
-        if not rank or None in spatial or len(kernel) != rank or None in kernel:
-            continue
-        strides = list(attributes["strides"].ints) if "strides" in attributes else [1] * rank
-        dilations = list(attributes["dilations"].ints) if "dilations" in attributes else [1] * rank
         extra = list(attributes["output_padding"].ints) if "output_padding" in attributes else [0] * rank
         auto = attributes["auto_pad"].s if "auto_pad" in attributes else b"NOTSET"
         if "output_shape" in attributes:
