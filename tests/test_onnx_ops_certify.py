@@ -293,6 +293,26 @@ def test_conv_transpose_output_shape_and_auto_pad_are_written_as_explicit_pads(a
     assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "ConvTranspose (ONNX file)", copy.deepcopy(raw.net).double()))
 
 
+@pytest.mark.parametrize("axes", [None, [3, -2]], ids=["all-axes", "axes-input"])
+def test_wrap_pad_is_written_as_slices_and_concats(axes: list[int] | None, tmp_path) -> None:
+    """Circular padding from torch's dynamo exporter is Pad(mode='wrap') at opset 19, which onnx2torch lacks (the
+    file was refused): the loader writes it as slices and concatenations, matching onnxruntime, and the file
+    certifies with radii no attack breaks."""
+    g = _Graph(11)
+    if axes is None:
+        pads = g.ints("pads", [0, 0, 1, 2, 0, 0, 2, 1])
+        padded = g.node("Pad", ["x", pads], "padded", mode="wrap")
+    else:  # width (axis 3) by 2 then 1, height (axis -2) by 1 then 2
+        padded = g.node("Pad", ["x", g.ints("pads", [2, 1, 1, 2]), "", g.ints("axes", axes)], "padded", mode="wrap")
+    c = g.node("Relu", [g.conv(padded, "c", 3)], "r")  # 3 x 7 x 7
+    g.head(c, 3 * 7 * 7)
+    path = g.save(tmp_path / "wrap.onnx", opset=19)
+    raw, model = _load(path)
+    assert any("wrap" in note for note in raw.notes), raw.notes
+    _assert_computes_like_onnxruntime(path, raw.net)
+    assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "wrap Pad (ONNX file)", copy.deepcopy(raw.net).double()))
+
+
 def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
     """onnx2torch has no GlobalMaxPool: the loader writes it as a MaxPool with the image as its one window,
     matching onnxruntime, and the file certifies with radii no attack breaks."""

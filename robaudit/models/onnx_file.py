@@ -280,6 +280,85 @@ def _decompose_gelu(model: onnx.ModelProto, elem: int) -> int:
     return count
 
 
+def _wrap_pads_as_concats(model: onnx.ModelProto) -> int:
+    """Write Pad with mode 'wrap' (opset 19; torch's dynamo exporter writes circular padding so) as Slices and Concats.
+
+    onnx2torch has no 'wrap' mode and the version converter cannot move it below opset 19.
+    Along each padded axis, in order (as numpy's pad, which ONNX defines 'wrap' by), the
+    result is the last `begin` entries, the tensor, then its first `end` entries: data
+    movement, exact. Pads and axes must be constants, every pad nonnegative and at most
+    the axis' length (shape inference gives it); other Pads are left for the converter
+    to refuse.
+    """
+    graph = model.graph
+    wrapped = [
+        n for n in graph.node
+        if n.op_type == "Pad" and n.domain in ("", "ai.onnx") and any(a.name == "mode" and a.s == b"wrap" for a in n.attribute)
+    ]  # fmt: skip
+    shapes = _inferred_dims(model) if wrapped else None
+    if shapes is None:
+        return 0
+    consts = _constants(model)
+    nodes, count = [], 0
+    for node in graph.node:
+        plan = _wrap_plan(node, consts, shapes) if node in wrapped else None
+        if plan is None:
+            nodes.append(node)
+            continue
+        count += 1
+        current, stem = node.input[0], f"_robaudit_wrap{count}_"
+        for step, (axis, begin, end) in enumerate(plan):
+            parts = []
+            for kind, (start, stop, size) in (("head", (-begin, _INT64_MAX, begin)), ("tail", (0, end, end))):
+                if not size:
+                    continue
+                names = [f"{stem}{step}_{kind}_{field}" for field in ("starts", "ends", "axes")]
+                for name, value in zip(names, (start, stop, axis)):
+                    graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
+                parts.append((kind, onnx.helper.make_node("Slice", [current, *names], [f"{stem}{step}_{kind}"])))
+            last = step == len(plan) - 1
+            out = node.output[0] if last else f"{stem}{step}"
+            order = [n.output[0] for k, n in parts if k == "head"] + [current] + [n.output[0] for k, n in parts if k == "tail"]
+            nodes += [n for _, n in parts] + [onnx.helper.make_node("Concat", order, [out], axis=axis)]
+            current = out
+        if not plan:
+            nodes.append(onnx.helper.make_node("Identity", [node.input[0]], [node.output[0]]))
+    if count:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return count
+
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _wrap_plan(node: onnx.NodeProto, consts: dict, shapes: dict) -> list[tuple[int, int, int]] | None:
+    """(axis, begin, end) per padded axis of a 'wrap' Pad, or None where the rewrite does not apply."""
+    dims = shapes.get(node.input[0])
+    pads_in = node.input[1] if len(node.input) > 1 else ""
+    if not dims or pads_in not in consts:  # the fill value (input 2) plays no part in 'wrap'
+        return None
+    pads = [int(v) for v in numpy_helper.to_array(consts[pads_in]).reshape(-1)]
+    rank = len(dims)
+    if len(node.input) > 3 and node.input[3]:
+        if node.input[3] not in consts:
+            return None
+        axes = [int(a) % rank for a in numpy_helper.to_array(consts[node.input[3]]).reshape(-1)]
+    else:
+        axes = list(range(rank))
+    if len(pads) != 2 * len(axes) or len(set(axes)) != len(axes):
+        return None
+    plan = []
+    for axis, begin, end in zip(axes, pads[: len(axes)], pads[len(axes) :]):
+        if not (begin or end):
+            continue
+        size = dims[axis]
+        if begin < 0 or end < 0 or size is None or max(begin, end) > size:
+            return None
+        plan.append((axis, begin, end))
+    return plan
+
+
 _SHIELD_DOMAIN = "robaudit.unchanged"  # where `_convert_version` hides the nodes it carries over
 _CONSTANT_OF_SHAPE_9_TYPES = {t for t in range(1, 14) if t != onnx.TensorProto.STRING}  # float, ints, bool, half, double
 
@@ -630,6 +709,9 @@ def load_onnx(path: Path) -> RawModel:
     if upgraded is not None:
         model = upgraded
         notes.append("ONNX graph converted to opset 11 so that onnx2torch reads Pad's fill value")
+    wraps = _wrap_pads_as_concats(model)
+    if wraps:
+        notes.append(f"{wraps} ONNX Pad(s) in 'wrap' mode (circular padding) written as slices and concatenations for onnx2torch")
     gelus = _decompose_gelu(model, elem)
     if gelus:
         notes.append(f"{gelus} ONNX Gelu op(s) rewritten as their Erf/Tanh formula for onnx2torch")
