@@ -313,6 +313,59 @@ def test_wrap_pad_is_written_as_slices_and_concats(axes: list[int] | None, tmp_p
     assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "wrap Pad (ONNX file)", copy.deepcopy(raw.net).double()))
 
 
+class _SoftplusNet(torch.nn.Module):
+    """Two softplus layers (beta 1 and 2): torch's dynamo exporter writes each as Where(Greater, x, Softplus / beta)."""
+
+    def __init__(self, threshold: float = 20.0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(12)
+        self.conv = torch.nn.Conv2d(2, 3, 3, padding=1)
+        self.fc = torch.nn.Linear(3 * 6 * 6, CLASSES)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        self.act1, self.act2 = torch.nn.Softplus(), torch.nn.Softplus(beta=2.0, threshold=threshold)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(self.act1(self.conv(x)).flatten(1))
+        return z * 0.5 + self.act2(z)
+
+
+def _dynamo_export(net: torch.nn.Module, path: Path) -> Path:
+    import contextlib
+    import io
+
+    with contextlib.redirect_stdout(io.StringIO()):  # the exporter's progress lines
+        torch.onnx.export(net.eval(), (torch.zeros(2, *SHAPE),), str(path), dynamo=True, verbose=False,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))  # fmt: skip
+    return path
+
+
+def test_softplus_from_the_dynamo_exporter_is_read_as_torch_softplus(tmp_path) -> None:
+    """torch's default exporter writes softplus as Where(Greater(x beta, threshold), x, Softplus(x beta) / beta),
+    whose input-dependent mask the certificate refused: the loader reads the pattern as one softplus, checked
+    node by node against onnxruntime, and the file gets the radii of the torch module, which no attack breaks."""
+    net = _SoftplusNet()
+    path = _dynamo_export(net, tmp_path / "softplus.onnx")
+    assert sum(n.op_type == "Where" for n in onnx.load(str(path)).graph.node) == 2, "the exporter's pattern changed"
+    raw, model = _load(path)
+    assert any("softplus" in note for note in raw.notes), raw.notes
+    assert model.inexact is None, model.inexact
+    x = torch.rand((8, *SHAPE), generator=torch.Generator().manual_seed(4))
+    y = net(x).argmax(1)
+    from_file = certify_l2(model, x, y, budget="fast")
+    from_module = certify_l2(net, x, y, budget="fast")
+    assert (from_module.radius > 0).all()
+    torch.testing.assert_close(from_file.radius, from_module.radius, rtol=1e-6, atol=0.0)
+    assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "softplus (dynamo ONNX file)", copy.deepcopy(raw.net).double()))
+
+
+def test_softplus_with_a_low_threshold_is_refused_from_the_file_as_from_the_module(tmp_path) -> None:
+    """A threshold of 5 switches to x far from the smooth curve: refused for the module, so for the file too."""
+    message = _refusal(_dynamo_export(_SoftplusNet(threshold=5.0), tmp_path / "softplus5.onnx"))
+    assert "threshold 5" in message, message
+
+
 def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
     """onnx2torch has no GlobalMaxPool: the loader writes it as a MaxPool with the image as its one window,
     matching onnxruntime, and the file certifies with radii no attack breaks."""

@@ -19,6 +19,7 @@ from onnx import numpy_helper, version_converter
 from robaudit.errors import RobauditError
 from robaudit.models.detect import RawModel, freeze, one_line
 from robaudit.models.onnx_reference import OnnxReference
+from robaudit.models.onnx_torch_ops import SOFTPLUS, TORCH_DOMAIN, function_at, register_converters
 
 # onnx2torch's Slice indexes with a list, which torch deprecates on every forward pass: a
 # warning about onnx2torch's code that the user can do nothing about, printed mid-scan.
@@ -280,6 +281,73 @@ def _decompose_gelu(model: onnx.ModelProto, elem: int) -> int:
     return count
 
 
+def _fuse_thresholded_softplus(model: onnx.ModelProto) -> int:
+    """Read torch's softplus, as torch's dynamo exporter writes it, as one node; returns how many.
+
+    torch's softplus is x where beta x > threshold, else log(1 + exp(beta x)) / beta, and
+    the exporter writes exactly that: Where(Greater(s, threshold), x, Softplus(s) / beta)
+    with s = x beta (s = x, without the Mul and Div, when beta is 1). onnx2torch reads it
+    op by op, and the certificate refuses the Where's input-dependent mask. The pattern
+    becomes one `robaudit_torch` Softplus node (`onnx_torch_ops`), defined by an ONNX
+    function of the same ops, which onnx2torch converts into `nn.Softplus(beta,
+    threshold)`: the same function. Pattern nodes whose values are read elsewhere stay.
+    """
+    graph = model.graph
+    consts = _constants(model)
+    producer = {o: n for n in graph.node for o in n.output}
+
+    def scalar(name: str) -> np.ndarray | None:
+        value = numpy_helper.to_array(consts[name]) if name in consts else None
+        return value.reshape(()) if value is not None and value.size == 1 and value.dtype.kind == "f" else None
+
+    def made(name: str, op: str) -> onnx.NodeProto | None:
+        node = producer.get(name)
+        return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
+
+    fused: dict[int, onnx.NodeProto] = {}  # id of a Where -> the node replacing it
+    pattern: set[int] = set()  # ids of the nodes feeding fused Wheres: dropped once nothing else reads them
+    for where in [n for n in graph.node if n.op_type == "Where" and n.domain in ("", "ai.onnx")]:
+        test, x, soft = where.input
+        greater = made(test, "Greater")
+        threshold = scalar(greater.input[1]) if greater is not None else None
+        if threshold is None:
+            continue
+        scaled, parts, beta = greater.input[0], [greater], np.ones((), threshold.dtype)
+        if (div := made(soft, "Div")) is not None:  # Softplus(x beta) / beta
+            spl, mul = made(div.input[0], "Softplus"), made(scaled, "Mul")
+            if spl is None or mul is None or spl.input[0] != scaled or x not in mul.input:
+                continue
+            beta = scalar(mul.input[1] if mul.input[0] == x else mul.input[0])
+            if beta is None or beta.dtype != threshold.dtype or scalar(div.input[1]) != beta:
+                continue
+            parts += [div, spl, mul]
+        else:  # beta 1: Softplus(x)
+            spl = made(soft, "Softplus")
+            if spl is None or spl.input[0] != x or scaled != x:
+                continue
+            parts.append(spl)
+        stem = f"_robaudit_softplus{len(fused)}_"
+        graph.initializer.extend([numpy_helper.from_array(beta, stem + "beta"), numpy_helper.from_array(threshold, stem + "threshold")])
+        fused[id(where)] = onnx.helper.make_node(
+            SOFTPLUS, [x, stem + "beta", stem + "threshold"], list(where.output), domain=TORCH_DOMAIN
+        )
+        pattern |= {id(n) for n in parts}
+    if not fused:
+        return 0
+    nodes = [fused.get(id(n), n) for n in graph.node]
+    while True:
+        read = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
+        keep = [n for n in nodes if id(n) not in pattern or any(o in read for o in n.output)]
+        if len(keep) == len(nodes):
+            break
+        nodes = keep
+    del graph.node[:]
+    graph.node.extend(nodes)
+    model.functions.append(function_at(SOFTPLUS, _default_opset(model) or 13))
+    model.opset_import.append(onnx.helper.make_opsetid(TORCH_DOMAIN, 1))
+    return len(fused)
+
+
 def _wrap_pads_as_concats(model: onnx.ModelProto) -> int:
     """Write Pad with mode 'wrap' (opset 19; torch's dynamo exporter writes circular padding so) as Slices and Concats.
 
@@ -392,6 +460,8 @@ def _convert_version(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     kept = [entry for entry in out.opset_import if entry.domain != _SHIELD_DOMAIN]
     del out.opset_import[:]
     out.opset_import.extend(kept)
+    # the converter drops functions: robaudit's own are redefined at the target opset
+    out.functions.extend(function_at(f.name, target) for f in model.functions if f.domain == TORCH_DOMAIN)
     return out
 
 
@@ -606,6 +676,7 @@ def _convert(model: onnx.ModelProto, hints: list[str]):
     """onnx2torch's module; its warnings (inexact translations it admits to) go to `hints`, not the terminal."""
     import onnx2torch
 
+    register_converters()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         net = onnx2torch.convert(model)
@@ -709,6 +780,9 @@ def load_onnx(path: Path) -> RawModel:
     if upgraded is not None:
         model = upgraded
         notes.append("ONNX graph converted to opset 11 so that onnx2torch reads Pad's fill value")
+    softplus = _fuse_thresholded_softplus(model)
+    if softplus:
+        notes.append(f"{softplus} softplus pattern(s) of torch's exporter (Where, Greater, Softplus) read as one Softplus")
     wraps = _wrap_pads_as_concats(model)
     if wraps:
         notes.append(f"{wraps} ONNX Pad(s) in 'wrap' mode (circular padding) written as slices and concatenations for onnx2torch")

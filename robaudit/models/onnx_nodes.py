@@ -78,7 +78,7 @@ def check_nodes(
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
             return f"{what} holds a subgraph, whose translation cannot be checked on its own"
         try:
-            mini, feeds = _cut_out(node, inits, constants, values, data, opsets[0], model.ir_version)
+            mini, feeds = _cut_out(node, inits, constants, values, data, opsets[0], model.ir_version, model.functions)
             net = convert(mini).eval()  # inference: batch norm with its running statistics, no dropout
             session, ref_feeds = _reference(mini, feeds, opsets, twins.get(node.output[0]), values, data)
             for _ in range(DRAWS):
@@ -142,8 +142,13 @@ def _intermediates(model: onnx.ModelProto, image: str, z: np.ndarray) -> dict[st
     return values
 
 
-def _cut_out(node: onnx.NodeProto, inits: dict, constants: dict, values: dict, data: set, opset: list, ir_version: int):
-    """The one-node model and its feeds {input name: (real value, randomize?)}, in graph-input order."""
+def _cut_out(
+    node: onnx.NodeProto, inits: dict, constants: dict, values: dict, data: set, opset: list, ir_version: int, functions=()
+):
+    """The one-node model and its feeds {input name: (real value, randomize?)}, in graph-input order.
+
+    `functions`: the model's own ONNX functions, which define ops of custom domains (`onnx_torch_ops`).
+    """
     nodes, initializers, inputs, feeds = [], [], [], {}
     for name in dict.fromkeys(n for n in node.input if n):
         if name in inits:
@@ -158,7 +163,7 @@ def _cut_out(node: onnx.NodeProto, inits: dict, constants: dict, values: dict, d
     nodes.append(node)
     outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
     graph = helper.make_graph(nodes, "node", inputs, outputs, initializer=initializers)
-    mini = helper.make_model(graph, opset_imports=list(opset), ir_version=ir_version)
+    mini = helper.make_model(graph, opset_imports=list(opset), ir_version=ir_version, functions=list(functions))
     return mini, feeds
 
 
