@@ -39,6 +39,7 @@ from robaudit.certify.budget import BUDGETS as CERTIFY_BUDGETS
 from robaudit.battery import DEFAULT_PRESET, RANDOMIZED, REPEATS, Spec, build_battery, override, preset_specs
 from robaudit.data import check_compatible, load_data
 from robaudit.data.files import FLAT_INPUT
+from robaudit.layout import image_channels
 from robaudit.data.dataset import Dataset
 from robaudit.batching import AdaptiveBatch
 from robaudit.errors import RobauditError
@@ -585,7 +586,7 @@ def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset
         raw = load_model(
             config.model, fmt=config.format, arch=config.arch, num_classes=config.num_classes, trust_pickle=config.trust_pickle
         )
-    channels = raw.input_shape[0] if raw.input_shape and len(raw.input_shape) == 3 else None
+    channels = image_channels(raw.input_shape)
     if raw.input_shape and len(raw.input_shape) == 1:
         channels = FLAT_INPUT  # data flatten in their stored order, never transposed first
 

@@ -705,7 +705,8 @@ def test_a_reshape_that_would_scramble_the_pixels_is_refused() -> None:
     assert "flat input (1, 3072, 1)" in check_compatible(rgb, (1, 3072, 1), 10)
     flat = make_dataset((3072,), [0, 1])
     assert check_compatible(flat, (3, 32, 32), 10) == "flat samples (3072,) reshaped to the model's input (3, 32, 32)"
+    assert check_compatible(rgb, (32, 32, 3), 10) is None  # a channel-last net: permuted, not reshaped (`AuditModel`)
     with raises_one_line(r"another arrangement, which a reshape would scramble\. The model takes channel-last"):
-        check_compatible(rgb, (32, 32, 3), 10)
-    with raises_one_line(r"model expects \(16, 4, 4\): the same number of values in another arrangement"):
-        check_compatible(make_dataset((4, 16, 4), [0]), (16, 4, 4), 10)
+        check_compatible(rgb, (1, 32, 32, 3), 10)
+    with raises_one_line(r"model expects \(4, 4, 16\): the same number of values in another arrangement"):
+        check_compatible(make_dataset((4, 16, 4), [0]), (4, 4, 16), 10)

@@ -1128,3 +1128,48 @@ def test_batch_statistics_are_named_as_such_and_evaluated_per_sample_or_refused(
                         nn.Linear(16, 10))
     with pytest.raises(RobauditError, match="depending on the other samples of its batch"):
         wrap(RawModel(net=net, format="pickle", input_shape=None, num_classes=None))
+
+
+class _HWC(nn.Module):
+    """A channel-first net behind TensorFlow's image layout (H, W, C)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+def test_a_channel_last_onnx_file_is_scanned_on_channel_first_and_channel_last_data(tmp_path: Path) -> None:
+    """A file taking (H, W, C) images, as tf2onnx writes them, was refused (its channel count was read as the
+    height and the data scrambled, or a reshape refused). Its samples are now permuted into its layout: a real CLI
+    scan of it gives the predictions of the same net taking (C, H, W) images, from NCHW and from NHWC data files,
+    and its certificate is available."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 4, 5)).eval()
+    torch.onnx.export(_HWC(net).eval(), (torch.zeros(1, 8, 6, 3),), str(tmp_path / "hwc.onnx"), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})  # fmt: skip
+    torch.onnx.export(net, (torch.zeros(1, 3, 8, 6),), str(tmp_path / "chw.onnx"), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})  # fmt: skip
+    x = torch.rand(20, 3, 8, 6, generator=torch.Generator().manual_seed(1))
+    y = net(x).argmax(1)
+    y[::3] = (y[::3] + 1) % 5  # some wrong labels: accuracy below 1, so a scrambled input would show
+    np.savez(tmp_path / "nchw.npz", x=x.numpy(), y=y.numpy())
+    np.savez(tmp_path / "nhwc.npz", x=x.permute(0, 2, 3, 1).numpy(), y=y.numpy())
+    reports = {}
+    for model, data in [("chw", "nchw"), ("hwc", "nchw"), ("hwc", "nhwc")]:
+        out = tmp_path / f"{model}_{data}.json"
+        result = run_cli("scan", tmp_path / f"{model}.onnx", "--data", tmp_path / f"{data}.npz", "--preset", "quick",
+                         "--threat", "l2:0.05", "--certify", "--threads", "1", "--json", out)  # fmt: skip
+        assert result.code == 0, result.stderr
+        reports[model, data] = json.loads(out.read_text())
+    want = reports["chw", "nchw"]
+    assert want["summary"]["clean_accuracy"] == pytest.approx(13 / 20)
+    for key in [("hwc", "nchw"), ("hwc", "nhwc")]:
+        got = reports[key]
+        assert got["data"]["sample_shape"] == [3, 8, 6]
+        assert any("channel-last" in note for note in got["model"]["notes"]), got["model"]["notes"]
+        assert got["summary"]["clean_accuracy"] == want["summary"]["clean_accuracy"]
+        assert got["summary"]["certificate"]["available"], got["summary"]["certificate"]
+        assert got["summary"]["certificate"]["radius_quantiles"] == pytest.approx(want["summary"]["certificate"]["radius_quantiles"], rel=1e-6)

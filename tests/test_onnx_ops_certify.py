@@ -366,6 +366,44 @@ def test_softplus_with_a_low_threshold_is_refused_from_the_file_as_from_the_modu
     assert "threshold 5" in message, message
 
 
+class _ChannelLast(torch.nn.Module):
+    """A (C, H, W) net behind TensorFlow's layout: it takes (H, W, C) images, as tf2onnx files do."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+def test_a_channel_last_file_gets_its_samples_permuted_and_the_radii_of_its_channel_first_twin(tmp_path) -> None:
+    """A file taking (H, W, C) images was refused ("a reshape would scramble"): the samples are now permuted into
+    that layout, which moves values and changes no distance, so the file's radii are those of the same network
+    taking (C, H, W) images, and no attack breaks them."""
+    gen = torch.Generator().manual_seed(13)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, stride=2), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 2 * 2, CLASSES),
+    ).eval()  # fmt: skip
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.6)
+    path = tmp_path / "nhwc.onnx"
+    torch.onnx.export(_ChannelLast(net).eval(), (torch.zeros(1, 6, 6, 2),), str(path), dynamo=False,
+                      input_names=["x"], dynamic_axes={"x": {0: "n"}})  # fmt: skip
+    raw, model = _load(path)
+    assert raw.input_shape == (6, 6, 2) and model.channels_last
+    x = torch.rand((8, *SHAPE), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+    y = net(x).argmax(1)
+    from_file, from_net = certify_l2(model, x, y, budget="fast"), certify_l2(net, x, y, budget="fast")
+    assert (from_net.radius > 0).all()
+    torch.testing.assert_close(from_file.radius, from_net.radius, rtol=1e-6, atol=0.0)
+    assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "channel-last ONNX file", copy.deepcopy(net).double()))
+
+
 def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:
     """onnx2torch has no GlobalMaxPool: the loader writes it as a MaxPool with the image as its one window,
     matching onnxruntime, and the file certifies with radii no attack breaks."""

@@ -1850,6 +1850,12 @@ def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
             index = b.scale("normalization (x - mean) / std", var, w, bias, sample_shape)
             var = _Var(index, sample_shape)
         net_shape = (1, *(model.model_shape or sample_shape))
+        if getattr(model, "channels_last", False):  # (C, H, W) -> (H, W, C): data movement
+            order = torch.arange(math.prod(sample_shape)).reshape(sample_shape).permute(1, 2, 0).reshape(-1)
+            moved = net_shape[1:]
+            name = "permute to the model's channel-last input"
+            index = b.add(name, SelectOp(name, sample_shape, moved, None, True, order), [index], moved)
+            var = _Var(index, moved)
         index = b.reshape("reshape to the model's input shape", var, net_shape)
         b.prefix, net = "net.", model.net
     else:
@@ -1859,6 +1865,8 @@ def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
     if b.prefix:  # AuditModel preprocessing, in the model's own arithmetic
         if model.mean is not None:
             example = (example - model.mean.to(dtype)) / model.std.to(dtype)
+        if getattr(model, "channels_last", False):
+            example = example.permute(0, 2, 3, 1).contiguous()
         example = example.reshape(1, *(model.model_shape or sample_shape))
     gm = _trace(net, example)  # TorchScript is converted on this very input (batch 1)
     out = _walk(b, gm, example, index)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from robaudit.data.dataset import Dataset
 from robaudit.errors import RobauditError
+from robaudit.layout import is_channel_last
 
 
 def _known(dim: object) -> bool:
@@ -57,6 +58,8 @@ def _check_shape(data: Dataset, input_shape: tuple[int, ...] | None) -> str | No
             return f"flat samples {sample} reshaped to the model's input {model}"
         if [d for d in model if d != 1] == [d for d in sample if d != 1]:  # only size-1 dimensions differ
             return f"{kind} {sample} reshaped to the model's input {model}"
+        if is_channel_last(model, sample):  # permuted, not reshaped (`AuditModel.channels_last`)
+            return None
         hint = ""
         if len(sample) == 3 and tuple(model[-3:]) == (sample[1], sample[2], sample[0]):
             hint = (" The model takes channel-last (H, W, C) images and robaudit feeds channel-first (C, H, W) "

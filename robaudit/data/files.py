@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from robaudit.data.dataset import RawData
+from robaudit.layout import CHANNEL_AXIS_SIZES
 from robaudit.errors import RobauditError
 
 SUPPORTED_FORMATS = (
@@ -30,7 +31,6 @@ GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # 16-bit, 32-bit integer and float images: PIL's conversion to 8 bits clips them instead of scaling
 DEEP_MODES = {"I": "32-bit integer", "I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit",
               "F": "32-bit float"}  # fmt: skip
-CHANNEL_AXIS_SIZES = {1, 3, 4}
 
 
 def short_reason(exc: BaseException, limit: int = 160) -> str:

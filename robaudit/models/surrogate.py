@@ -491,7 +491,7 @@ def build_surrogate(model: AuditModel) -> Surrogate | None:
     net = fx.GraphModule(traced, graph)
     surrogate = AuditModel(
         net, sample_shape=model.sample_shape, model_shape=model.model_shape, mean=model.mean, std=model.std,
-        dtype=model.dtype,
+        dtype=model.dtype, channels_last=model.channels_last,
     )  # fmt: skip
     surrogate.batching, surrogate.chunk, surrogate.num_classes = model.batching, model.chunk, model.num_classes
     # Without the final squash the net returns scores, which must not go through the log of probabilities.

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from robaudit.errors import RobauditError
+from robaudit.layout import is_channel_last
 from robaudit.models.detect import RawModel, one_line
 from robaudit.models.outputs import select_output
 
@@ -74,11 +75,13 @@ class AuditModel(torch.nn.Module):
         mean: torch.Tensor | None,
         std: torch.Tensor | None,
         dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.net = net
         self.sample_shape = tuple(sample_shape)
         self.model_shape = tuple(model_shape) if model_shape is not None else None
+        self.channels_last = channels_last  # (C, H, W) samples go to the net as (H, W, C): a permutation, not a reshape
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         self.dtype = dtype
@@ -120,7 +123,8 @@ class AuditModel(torch.nn.Module):
         return self._run(z)[:n]
 
     def net_input(self, x: torch.Tensor) -> torch.Tensor:
-        """What the net itself receives for pixels `x`: normalized (--mean/--std) and reshaped.
+        """What the net itself receives for pixels `x`: normalized (--mean/--std) and reshaped (or, for a
+        channel-last net, permuted from (C, H, W) to (H, W, C)).
 
         Always a new tensor: a net that changes its input in place (`x.clamp_()`,
         `x.data.sub_()`) must not change the caller's clean inputs or candidates.
@@ -128,7 +132,9 @@ class AuditModel(torch.nn.Module):
         z = x.to(self.dtype, copy=self.mean is None)
         if self.mean is not None:
             z = (z - self.mean) / self.std
-        if self.model_shape is not None:
+        if self.channels_last:
+            z = z.permute(0, 2, 3, 1).contiguous()
+        elif self.model_shape is not None:
             z = z.reshape(x.shape[0], *self.model_shape)
         return z
 
@@ -252,7 +258,7 @@ def _twin(model: AuditModel, net: torch.nn.Module, dtype: torch.dtype = torch.fl
     """`net` behind `model`'s preprocessing and batching, in `dtype` (`AuditModel.file_twin`)."""
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731 - normalization in the net's own precision
     twin = AuditModel(net, sample_shape=model.sample_shape, model_shape=model.model_shape,
-                      mean=cast(model.mean), std=cast(model.std), dtype=dtype)  # fmt: skip
+                      mean=cast(model.mean), std=cast(model.std), dtype=dtype, channels_last=model.channels_last)  # fmt: skip
     twin.batching, twin.chunk = model.batching, model.chunk
     return twin
 
@@ -401,10 +407,16 @@ def wrap_model(
             )
         if tuple(raw.input_shape) != sample_shape:
             model_shape = tuple(raw.input_shape)
-            notes.append(
-                f"data samples of shape {_shape_text(sample_shape)} reshaped to the model's input shape "
-                f"{_shape_text(model_shape)}"
-            )
+            if is_channel_last(model_shape, sample_shape):
+                notes.append(
+                    f"the model takes channel-last images {_shape_text(model_shape)}: samples "
+                    f"{_shape_text(sample_shape)} are permuted to that layout (not reshaped)"
+                )
+            else:
+                notes.append(
+                    f"data samples of shape {_shape_text(sample_shape)} reshaped to the model's input shape "
+                    f"{_shape_text(model_shape)}"
+                )
 
     net = raw.net.to("cpu")
     dtypes = {t.dtype for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()}
@@ -416,7 +428,10 @@ def wrap_model(
             native = copy.deepcopy(net)
         net = net.float()
         notes.append(f"model weights converted from {found} to float32 for gradient attacks")
-    model = AuditModel(net, sample_shape=sample_shape, model_shape=model_shape, mean=mean_t, std=std_t)
+    channels_last = model_shape is not None and is_channel_last(model_shape, sample_shape)
+    model = AuditModel(
+        net, sample_shape=sample_shape, model_shape=model_shape, mean=mean_t, std=std_t, channels_last=channels_last
+    )
     if lossy:
         model.inexact = (
             f"the model's weights are {found}: radii would bound its float32 copy, not the model's own arithmetic"
