@@ -167,7 +167,26 @@ def max_min(path: Path) -> Path:
     return g.save(path)
 
 
+def reduce_max_min(path: Path, opset: int = 17) -> Path:
+    """ReduceMax over the image (global max pooling, as torch's exporters write AdaptiveMaxPool2d(1) and amax)
+    and ReduceMin over its rows (axes an attribute before opset 18, an input from it)."""
+    g = _Graph(13)
+    a = g.node("Relu", [g.conv("x", "a", 3, pads=[1, 1, 1, 1])], "ra")
+    if opset >= 18:
+        top = g.node("ReduceMax", [a, g.ints("axes_max", [2, 3])], "top", keepdims=1)  # 3 x 1 x 1
+        low = g.node("ReduceMin", [g.conv("x", "b", 3, pads=[1, 1, 1, 1]), g.ints("axes_min", [-1])], "low", keepdims=0)
+    else:
+        top = g.node("ReduceMax", [a], "top", axes=[2, 3], keepdims=1)
+        low = g.node("ReduceMin", [g.conv("x", "b", 3, pads=[1, 1, 1, 1])], "low", axes=[-1], keepdims=0)  # 3 x 6
+    flat = g.node("Concat", [g.node("Flatten", [top], "ft"), g.node("Flatten", [low], "fl")], "cat", axis=1)
+    weight, bias = g.weight("head_w", (CLASSES, 3 + 18), 0.3), g.weight("head_b", (CLASSES,), 0.1)
+    g.node("Gemm", [flat, weight, bias], "y", transB=1)
+    return g.save(path, opset)
+
+
 FILES = {
+    "reduce-max-min": reduce_max_min,
+    "reduce-max-min-opset18": lambda path: reduce_max_min(path, 18),
     "conv-asymmetric-pads": conv_asymmetric_pads,
     "maxpool-asymmetric-pads": maxpool_asymmetric_pads,
     "maxpool-ceil-asymmetric-pads": maxpool_ceil_asymmetric_pads,

@@ -814,6 +814,34 @@ class _Builder:
         index = self.select(f"{name} (ceil_mode edge)", var, lambda t: F.pad(t, pads, mode="replicate"), extended)
         return _Var(index, extended)
 
+    def spatial_max(self, name: str, var: _Var, dims: Any, out_shape: Shape, sign: float = 1.0) -> int:
+        """A max (a min where `sign` is -1) over an image's height and / or width: a max pool whose window spans them.
+
+        The min is -max(-x), negation being exact. Reductions over the channels or the
+        batch, and over tensors that are not images, are refused.
+        """
+        rank = len(var.shape)
+        dims = sorted({int(d) % rank for d in ([dims] if isinstance(dims, int) else dims)}) if rank else []
+        if rank != 4 or not dims or any(d not in (2, 3) for d in dims):
+            raise CertificateUnavailable(f"{name}: a {'max' if sign > 0 else 'min'} over dimensions other than the image's height and width")
+        _, c, h, w = var.shape
+        kernel = (h if 2 in dims else 1, w if 3 in dims else 1)
+        pooled = (1, c, h // kernel[0], w // kernel[1])
+        if sign < 0:
+            var = _Var(self.scale(f"{name} (negated)", var, -1.0, 0.0, var.shape), var.shape)
+        index = self.add(name, MaxPoolOp(name, var.shape, pooled, kernel, kernel, (0, 0), (1, 1)), [var.index], pooled)
+        if sign < 0:
+            index = self.scale(f"{name} (negated back)", _Var(index, pooled), -1.0, 0.0, pooled)
+        return self.reshape(name, _Var(index, pooled), out_shape)
+
+    def adaptive_max(self, name: str, var: _Var, out_shape: Shape) -> int:
+        """Adaptive max pooling to a size that divides the input: windows of one size, a max pool (else refused)."""
+        (h, w), (oh, ow) = var.shape[-2:], tuple(out_shape)[-2:]
+        if len(var.shape) != 4 or h % oh or w % ow:
+            raise CertificateUnavailable(f"{name}: adaptive max pooling from {h}x{w} to {oh}x{ow} (windows of several sizes)")
+        k = (h // oh, w // ow)
+        return self.maxpool(name, var, {"kernel_size": k, "stride": k}, out_shape)
+
     def adaptive_avg(self, name: str, var: _Var, out_shape: Shape) -> int:
         (h, w), (oh, ow) = var.shape[-2:], tuple(out_shape)[-2:]
         if not (h % oh or w % ow):
@@ -949,6 +977,8 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return b.avgpool(name, var, p, out_shape)
     if isinstance(m, nn.AdaptiveAvgPool2d):
         return b.adaptive_avg(name, var, out_shape)
+    if isinstance(m, nn.AdaptiveMaxPool2d) and not m.return_indices:
+        return b.adaptive_max(name, var, out_shape)
     if isinstance(m, nn.MaxPool2d):
         return b.maxpool(name, var, {k: getattr(m, k) for k in _MAXPOOL_KEYS}, out_shape)
     if isinstance(m, (nn.Flatten, nn.Unflatten)) or kind in _ONNX_RESHAPES:
@@ -969,6 +999,8 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return b.scale(name, var, -1.0, 0.0, out_shape)
     if kind == "OnnxReduceStaticAxes" and m.operation_type in ("ReduceMean", "ReduceSum") and m.axes:
         return (b.mean if m.operation_type == "ReduceMean" else b.total)(name, var, m.axes, out_shape)
+    if kind == "OnnxReduceStaticAxes" and m.operation_type in ("ReduceMax", "ReduceMin") and m.axes:
+        return b.spatial_max(name, var, m.axes, out_shape, 1.0 if m.operation_type == "ReduceMax" else -1.0)
     if kind == "OnnxReduceSumStaticAxes":  # opset 13: axes given, or none (noop_with_empty_axes: the identity)
         if m._axes:
             return b.total(name, var, m._axes, out_shape)
@@ -1026,6 +1058,9 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
             if dims is None:
                 raise CertificateUnavailable(f"{name} over every dimension (batch included)")
             return (b.mean if target == "mean" else b.total)(name, var, dims, out_shape)
+        if target in ("amax", "amin"):
+            dims = _bind(["input", "dim", "keepdim"], {"dim": ()}, args, kwargs)["dim"]
+            return b.spatial_max(name, var, dims, out_shape, 1.0 if target == "amax" else -1.0)
         raise CertificateUnavailable(name)
     if target in _BINARY and not (kwargs.get("alpha") not in (None, 1) or kwargs.get("rounding_mode")):
         return b.binary(name, _BINARY[target], args[0], args[1], out_shape)
@@ -1083,10 +1118,17 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
         return b.maxpool(name, var, _bind(names, {}, args, kwargs), out_shape)
     if target is F.adaptive_avg_pool2d:
         return b.adaptive_avg(name, var, out_shape)
+    if target in (F.adaptive_max_pool2d, F.adaptive_max_pool2d_with_indices) and not kwargs.get("return_indices"):
+        if len(args) > 2 and args[2]:
+            raise CertificateUnavailable(f"{name}: adaptive max pooling with return_indices")
+        return b.adaptive_max(name, var, out_shape)
+    if target in (torch.amax, torch.amin):
+        dims = _bind(["input", "dim", "keepdim"], {"dim": ()}, args, kwargs)["dim"]
+        return b.spatial_max(name, var, dims, out_shape, 1.0 if target is torch.amax else -1.0)
     raise CertificateUnavailable(name)
 
 
-_ATEN_TUPLE = {"_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit"}
+_ATEN_TUPLE = {"_native_batch_norm_legit_no_training", "native_batch_norm", "_native_batch_norm_legit", "adaptive_max_pool2d"}
 _ATEN_RESHAPES = {"view", "reshape", "_unsafe_view", "_reshape_alias", "flatten", "unflatten", "squeeze", "unsqueeze"}
 _ATEN_IDENTITY = {"clone", "contiguous", "alias", "detach", "lift_fresh_copy"}
 _ATEN_CASTS = {"_to_copy", "to", "type_as", "_cast_Float", "_cast_Double"}  # identity only when exact: `_aten_cast`
@@ -1245,6 +1287,11 @@ def _aten_op(
         return b.avgpool(name, var, _bind(names, {}, args, kwargs), out_shape)
     if op in ("adaptive_avg_pool2d", "_adaptive_avg_pool2d"):
         return b.adaptive_avg(name, var, out_shape)
+    if op == "adaptive_max_pool2d":  # (values, indices): the indices are not tracked
+        return b.adaptive_max(name, var, out_shape)
+    if op in ("amax", "amin"):
+        dims = _bind(["input", "dim", "keepdim"], {"dim": ()}, args, kwargs)["dim"]
+        return b.spatial_max(name, var, dims, out_shape, 1.0 if op == "amax" else -1.0)
     if op in ("mean", "sum"):
         dims = _bind(["input", "dim", "keepdim"], {"dim": None}, args, kwargs)["dim"]
         if dims is None or (isinstance(dims, (list, tuple)) and not dims):
@@ -1716,7 +1763,10 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
             env[n] = None  # torch.export's input guards and metadata asserts: checks only, no value
             continue
         if n.op == "call_function" and n.target is operator.getitem and isinstance(args[0], (tuple, list)):
-            item = args[0][args[1]]  # one output of a multi-output op (aten batch norm)
+            item = args[0][args[1]]  # one output of a multi-output op (aten batch norm, adaptive max pooling)
+            if item is None and not n.users:  # an output nothing reads (max pooling's indices)
+                env[n] = None
+                continue
             if not isinstance(item, _Var):
                 raise CertificateUnavailable(f"{name}: an output the bound does not track")
             env[n] = item
