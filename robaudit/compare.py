@@ -21,7 +21,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from robaudit.errors import RobauditError
-from robaudit.gate import MaxDrop, data_mismatch, drop_checks, expand, metric_name, metric_value, report_threats, threat_mismatch
+from robaudit.gate import (
+    MaxDrop, data_mismatch, drop_checks, expand, metric_name, metric_value, report_threats, threat_mismatch, why_missing,
+)
 from robaudit.report.files import write_text
 from robaudit.report.numbers import floor_pct, floor_sig
 from robaudit.report.schema import GateCheck, Report
@@ -227,9 +229,13 @@ def compare(
         if not targets:
             raise RobauditError(f"{rule.source} '{rule.expression}': the two reports share no threat for {rule.metric}")
         for metric, threat in targets:
-            for report, path in ((base, base_path), (new, new_path)):
-                if metric_value(report, metric, threat) is None:
-                    raise RobauditError(f"{rule.source} '{rule.expression}': {path} has no {metric_name(metric, threat)}")
+            # a metric the new report lacks (its certificate unavailable, say) fails the gate, as in `scan --baseline`;
+            # one the base lacks leaves nothing to compare with: a setup error
+            if metric_value(base, metric, threat) is None:
+                raise RobauditError(
+                    f"{rule.source} '{rule.expression}': {base_path} has no {metric_name(metric, threat)}"
+                    + why_missing(base, metric)
+                )
             checks += drop_checks(rule, new, base, metric, threat, base_label="base")
     return Comparison(
         base_path=base_path, new_path=new_path, base=base, new=new, metrics=_metrics(base, new, pairs),

@@ -306,11 +306,11 @@ def check_baseline(baseline: Baseline | None, max_drops: Sequence[MaxDrop], thre
             if metric_value(baseline.report, metric, threat) is None:
                 raise RobauditError(
                     f"{rule.source} '{rule.expression}': the baseline {baseline.path} has no {metric_name(metric, threat)}"
-                    + _why_missing(baseline.report, metric)
+                    + why_missing(baseline.report, metric)
                 )
 
 
-def _why_missing(report: Report, metric: str) -> str:
+def why_missing(report: Report, metric: str) -> str:
     if metric == "certified_accuracy":
         cert = report.summary.certificate
         return f" ({cert.reason})" if cert is not None and cert.reason else " (its scan ran no certificate)"
@@ -368,7 +368,7 @@ def _minimum_check(report: Report, threshold: Threshold) -> GateCheck:
     value = metric_value(report, threshold.metric, threshold.threat)
     name = threshold.name
     if value is None:
-        message = f"{name} is not in the report{_why_missing(report, threshold.metric)}, so it cannot meet its minimum {threshold.minimum:.4g}"
+        message = f"{name} is not in the report{why_missing(report, threshold.metric)}, so it cannot meet its minimum {threshold.minimum:.4g}"
         passed = False
     else:
         passed = value >= threshold.minimum
@@ -402,7 +402,7 @@ def drop_checks(rule: MaxDrop, new: Report, base: Report, metric: str, threat: T
         said = f"{allowed:.4g}" if kind == "max_drop_absolute" else f"{100 * allowed:.4g}% of {fixed(before)} = {fixed(limit)}"
         if value is None:
             passed = False
-            message = f"{name} is not in the report{_why_missing(new, metric)}; the {base_label} had {fixed(before)}"
+            message = f"{name} is not in the report{why_missing(new, metric)}; the {base_label} had {fixed(before)}"
         else:
             drop = before - value
             passed = drop <= limit + _SLACK

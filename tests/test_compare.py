@@ -148,3 +148,34 @@ def test_reports_on_other_pixels_with_the_same_name_indices_and_labels_are_not_c
         "pixels differ at the same indices and labels",
     )
     assert run_cli("compare", a, a, "-q").code == 0
+
+
+def _without_certificate(report: Path, target: Path, reason: str | None) -> Path:
+    """A copy of `report` whose scan got no certificate: unavailable for `reason`, or not run (None)."""
+    data = load_json(report)
+    cert = data["summary"]["certificate"]
+    data["summary"]["certificate"] = None if reason is None else {
+        **cert, "available": False, "reason": reason, "certified_accuracy": {}, "radius_quantiles": {},
+        "median_ratio": None, "ratio_samples": 0, "methods": {}, "notes": [],
+    }  # fmt: skip
+    for sample in data["samples"]:
+        sample["certified_l2"], sample["certified_method"] = None, None
+    target.write_text(json.dumps(data))
+    return target
+
+
+@pytest.mark.parametrize("reason", ["certificate unavailable: net.Erf: OnnxErf", None], ids=["unavailable", "not-run"])
+def test_a_certified_drop_rule_fails_when_the_new_report_has_no_certificate(ci_base: CiScan, tmp_path, reason) -> None:
+    """A model change that loses its certificate fails the drop rule (exit 1, outputs written, the reason given), as
+    `scan --baseline` does; it was an input error (exit 2) with no output. A base without it is still an input error."""
+    new = _without_certificate(ci_base.json, tmp_path / "new.json", reason)
+    junit, out = tmp_path / "cmp.xml", tmp_path / "cmp.json"
+    rule = "certified_accuracy[l2:0.5]=0.1"
+    result = run_cli("compare", ci_base.json, new, "--max-drop", rule, "--junit", junit, "--json", out)
+    assert result.code == 1, (result.stdout, result.stderr)
+    why = reason or "its scan ran no certificate"
+    assert why in " ".join(result.stdout.split()), result.stdout
+    assert junit.exists() and why in junit.read_text()
+    (check,) = [c for c in load_json(out)["gate"] if c["metric"] == "certified_accuracy[l2:0.5]"]
+    assert check["passed"] is False and check["value"] is None
+    assert_one_line_error(run_cli("compare", new, ci_base.json, "--max-drop", rule), f"has no certified_accuracy[l2:0.5] ({why})")
