@@ -474,3 +474,11 @@ def test_step_names_each_method_as_it_starts_on_a_batch():
     tried = next(note for note in cert.notes if note.startswith("methods tried: ")).removeprefix("methods tried: ")
     batches = 3  # 4 + 4 + 2 samples, every method on each (nothing skipped with so few samples)
     assert steps == tried.split(", ") * batches, steps
+
+
+def test_the_report_reader_knows_every_certificate_method() -> None:
+    """The report reader refuses a sample whose method is unknown: its list must be the certificate's own."""
+    from robaudit.certify import METHODS
+    from robaudit.report.schema import CERTIFIED_METHODS
+
+    assert CERTIFIED_METHODS == (*METHODS, "none")

@@ -219,6 +219,23 @@ def _duplicate_sample(raw: dict) -> None:
     raw["samples"][1] = raw["samples"][0]
 
 
+def _certified_accuracy_off_by_a_tenth(raw: dict) -> None:
+    table = raw["summary"]["certificate"]["certified_accuracy"]
+    key = next(iter(table))
+    table[key] = table[key] + 0.1 if table[key] < 0.9 else table[key] - 0.1
+
+
+def _radius_beyond_its_adversarial_example(raw: dict) -> None:
+    sample = next(s for s in raw["samples"] if s["adversarial_l2"] is not None and s["label"] == s["clean_pred"])
+    sample["certified_l2"] = 2 * sample["adversarial_l2"]
+
+
+def _certificate_unavailable_with_figures(raw: dict) -> None:
+    raw["summary"]["certificate"].update(available=False, reason="certificate unavailable: x")
+    for sample in raw["samples"]:
+        sample["certified_l2"] = sample["certified_method"] = None
+
+
 @pytest.mark.parametrize(
     ("edit", "fragment"),
     [
@@ -232,6 +249,14 @@ def _duplicate_sample(raw: dict) -> None:
         (lambda r: r["gate"][0].update(value="x"), "gate[0].value is str 'x', not a number"),
         (lambda r: r["samples"][0].pop("label"), "samples[0].label"),
         (_duplicate_sample, "each once, in order"),
+        # the certificate's figures are checked against the samples as the accuracies are (a CLI review found none)
+        (_certified_accuracy_off_by_a_tenth, "differs from its samples'"),
+        (lambda r: r["samples"][0].update(certified_l2=-0.5), "is not a radius"),
+        (lambda r: r["samples"][0].update(certified_method="bogus"), "certified_method 'bogus' is none of"),
+        (_radius_beyond_its_adversarial_example, "exceeds its adversarial example's distance"),
+        (lambda r: r["summary"]["certificate"]["methods"].update(crown=99), "methods"),
+        (lambda r: r["summary"]["certificate"]["certified_accuracy"].update({"linf:0.1": 0.0}), "not an L2 threat"),
+        (_certificate_unavailable_with_figures, "unavailable but gives figures"),
     ],
 )
 def test_hand_edited_reports_are_refused_not_rendered(ci_base: CiScan, tmp_path, edit, fragment: str) -> None:

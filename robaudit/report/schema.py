@@ -336,6 +336,59 @@ def _diagnostics_problem(diag: dict[str, Any] | None) -> str | None:
     return None
 
 
+CERTIFIED_METHODS = ("linear", "closed-form", "interval", "global-lipschitz", "crown", "none")  # certify.METHODS, "none"
+
+
+def _certificate_problem(report: Report) -> str | None:
+    """What the certificate's figures say that its samples contradict, or None.
+
+    A radius is a finite number >= 0, 0 for a misclassified sample, never above the
+    sample's closest adversarial example (that would be a broken certificate), from a
+    known method; certified accuracies are of L2 threats and are the samples' own; the
+    method counts are those of the correctly classified samples; an unavailable (or
+    absent) certificate gives no figures.
+    """
+    cert, samples = report.summary.certificate, report.samples
+    if cert is None or not cert.available:
+        if any(r.certified_l2 is not None or r.certified_method is not None for r in samples):
+            return "samples carry certified radii, but the summary has no certificate"
+        if cert is not None and (cert.certified_accuracy or cert.radius_quantiles or cert.methods or cert.median_ratio is not None):
+            return "summary.certificate is unavailable but gives figures"
+        return None
+    for r in samples:
+        radius = r.certified_l2
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not (math.isfinite(radius) and radius >= 0):
+            return f"sample {r.index}: certified_l2 {radius!r} is not a radius (a finite number >= 0)"
+        if r.certified_method not in CERTIFIED_METHODS:
+            return f"sample {r.index}: certified_method {r.certified_method!r} is none of {', '.join(CERTIFIED_METHODS)}"
+        if r.clean_pred != r.label and radius != 0:
+            return f"sample {r.index} is misclassified but has certified radius {radius!r}"
+        if r.adversarial_l2 is not None and radius > r.adversarial_l2 * (1 + 1e-9):
+            return f"sample {r.index}: certified radius {radius!r} exceeds its adversarial example's distance {r.adversarial_l2!r}"
+    from robaudit.threats import parse_threat  # here: the module imports the error types only
+
+    n = len(samples)
+    for key, value in cert.certified_accuracy.items():
+        try:
+            threat = parse_threat(key)
+        except Exception:  # noqa: BLE001 - RobauditError: not a threat at all
+            threat = None
+        if threat is None or threat.norm != "l2":
+            return f"summary.certificate.certified_accuracy has {key!r}, not an L2 threat"
+        # the key spells eps to 6 digits: count the radii at eps give or take that much
+        most = sum(r.certified_l2 >= threat.eps * (1 - 1e-6) for r in samples)
+        least = sum(r.certified_l2 >= threat.eps * (1 + 1e-6) for r in samples)
+        if n and not least - 1e-6 <= value * n <= most + 1e-6:
+            return f"certified_accuracy[{key}] {value!r} differs from its samples' {least / n!r}"
+    counts: dict[str, int] = {}
+    for r in samples:
+        if r.clean_pred == r.label:
+            counts[r.certified_method] = counts.get(r.certified_method, 0) + 1
+    if counts != dict(cert.methods):
+        return f"summary.certificate.methods {dict(cert.methods)!r} differs from its samples' {counts!r}"
+    return None
+
+
 def inconsistency(report: Report) -> str | None:
     """What a hand-edited or corrupted report says that a scan could not have written, or None.
 
@@ -373,6 +426,9 @@ def inconsistency(report: Report) -> str | None:
             robust = sum(bool(e.robust) for e in entries if e is not None) / n
             if abs(robust - t.robust_accuracy) > 1e-9:
                 return f"robust_accuracy[{t.threat}] {t.robust_accuracy!r} differs from its samples' {robust!r}"
+    problem = _certificate_problem(report)
+    if problem:
+        return problem
     for check in report.gate:
         if check.kind in ("minimum", "max_drop_absolute", "max_drop_relative"):
             holds = check.value is not None and math.isfinite(check.value) and check.value >= check.threshold
