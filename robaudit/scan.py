@@ -682,7 +682,7 @@ def _curve(norm: str, clean_correct: torch.Tensor, found: MinimalOutcome, outcom
     grid = torch.linspace(0.0, top, CURVE_POINTS, dtype=torch.float64)
     n = len(fall)
     accuracy = [float(((fall > e) & clean_correct).sum()) / n for e in grid.tolist()]
-    median = float(finite.median()) if len(finite) else None
+    median = float(torch.quantile(finite, 0.5)) if len(finite) else None  # the mean of the middle two when even
     return Curve(
         norm=norm,
         eps=grid.tolist(),  # exact: rounded to 8 decimals, radii below 1e-6 were shown up to 20% off

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,12 @@ def test_scan_reports_sound_radii_beside_attack_distances(model_files: ModelFile
     assert 0 <= cert["certified_accuracy"]["l2:0.3"] <= l2["robust_accuracy"]
     assert list(cert["certified_accuracy"]) == ["l2:0.3"]  # only L2 threats get a certified accuracy
     assert cert["median_ratio"] is None or 0 < cert["median_ratio"] <= 1
+    ratios = [
+        s["certified_l2"] / s["adversarial_l2"] for s in report["samples"]
+        if s["clean_pred"] == s["label"] and s["adversarial_l2"]
+    ]  # fmt: skip
+    assert cert["ratio_samples"] == len(ratios)
+    assert cert["median_ratio"] == (pytest.approx(statistics.median(ratios), rel=1e-12) if ratios else None)
     assert sum(cert["methods"].values()) == sum(s["clean_pred"] == s["label"] for s in report["samples"])
     for s in report["samples"]:
         if s["clean_pred"] != s["label"]:
@@ -168,3 +175,13 @@ def test_auto_mode_pilot_stops_after_one_sample_when_the_run_is_hopeless() -> No
     assert "exceeds the automatic budget of 10 s" in reason
     _, whole = _auto_pilot(attack_seconds=3600.0, correct=12)
     assert calls < whole / 4, (calls, whole)  # one sample's checks against the whole pilot's
+
+
+def test_the_median_ratio_of_an_even_count_is_the_mean_of_the_middle_two() -> None:
+    """A CLI review: median_ratio was torch.median's lower middle value (0.6156 where the median is 0.6351)."""
+    from robaudit.stages.certify import _summary_of
+
+    radius = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    summary = _summary_of(radius, ["crown"] * 4, torch.ones(4, dtype=torch.bool), torch.full((4,), 2.0, dtype=torch.float64),
+                          [("l2:1", 1.0)], "fast", [])  # fmt: skip
+    assert summary.median_ratio == 1.25 and summary.ratio_samples == 4
