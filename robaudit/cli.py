@@ -256,9 +256,14 @@ def scan(
         checks=checks, format=format, arch=arch, num_classes=num_classes, trust_pickle=trust_pickle,
         mean=_floats(mean, "--mean"), std=_floats(std, "--std"), input_range=(lo_hi[0], lo_hi[1]), n=n, first=first, seed=seed,
         data_dir=data_dir, steps=steps, restarts=restarts, step_sizes=_floats(step_sizes, "--step-sizes"),
-        batch_size=batch_size, device=device, certify_budget=certify_budget or "default", plots=plots, strict=strict,
+        batch_size=batch_size, device=device, certify_budget="default" if certify_budget is None else certify_budget, plots=plots, strict=strict,
         chunk_size=chunk_size, checkpoint=checkpoint, keep_adversarial=save_adversarial is not None,
     )  # fmt: skip
+    if certify_budget is not None and config.certify == "auto" and not any(t.norm == "l2" for t in config.threats):
+        raise RobauditError(
+            f"--certify-budget {certify_budget} sets the certificate's work, but without an L2 threat the certificate "
+            "runs only with --certify; add --certify or an L2 threat (-t l2:EPS)"
+        )
     baseline_path = config.baseline.path if config.baseline is not None else None
     inputs = [model, Path(data), *([config_file] if config_file else []), *([Path(baseline_path)] if baseline_path else [])]
     _guard_outputs([json_path, save_adversarial, junit, markdown, html_path], inputs)

@@ -120,6 +120,9 @@ def test_unknown_dataset_name(model_files: ModelFiles) -> None:
         (("--arch", "resnet18"), "applies to weights-only files"),
         (("--force-baseline",), "--force-baseline needs a baseline report"),
         (("--no-certify", "--certify-budget", "tight"), "--no-certify turns the certificate off"),
+        # a CLI review: an empty budget was read as default, and one without an L2 threat was ignored in silence
+        (("--certify", "--certify-budget", ""), "--certify-budget must be one of fast, default, tight, not ''"),
+        (("--threat", "linf:0.1", "--certify-budget", "tight"), "without an L2 threat the certificate runs only with --certify"),
     ],
 )
 def test_bad_flags(model_files: ModelFiles, flags: tuple[str, ...], fragment: str) -> None:
