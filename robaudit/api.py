@@ -64,10 +64,13 @@ def build_config(
     if force_baseline and not baseline_path:
         raise RobauditError("--force-baseline needs a baseline report: pass --baseline BASE.json or set baseline in [gate]")
     # a gate on the certificate or the indicator turns the stage on (unless it was switched off: a usage error)
+    gated: list[str] = []
     if certify is None and any(r.metric == "certified_accuracy" for r in [*thresholds, *max_drops]):
         certify = True
+        gated.append("certify")
     if indicator is None and any(r.metric == "indicator_score" for r in [*thresholds, *max_drops]):
         indicator = True
+        gated.append("indicator")
     for key in ("data_dir", "plots", "checkpoint"):
         if settings.get(key) is not None:
             settings[key] = Path(settings[key])
@@ -85,6 +88,7 @@ def build_config(
         certify="auto" if certify is None else ("on" if certify else "off"),
         indicator="auto" if indicator is None else ("on" if indicator else "off"),
         checks="on" if checks else "off",
+        gated_stages=tuple(gated),
         **settings,
     )
 

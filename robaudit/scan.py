@@ -110,6 +110,7 @@ class ScanConfig:
     certify: str = "auto"  # "auto" (when cheap enough: robaudit.stages.certify), "on" or "off"
     certify_budget: str = "default"
     indicator: str = "auto"  # "auto" (when it costs less than the attacks: robaudit.stages.measure), "on" or "off"
+    gated_stages: tuple[str, ...] = ()  # "certify" / "indicator" that a gate turned on from "auto" (not the user's flag)
     plots: Path | None = None  # folder for decision-surface and curve PNGs
     checks: str = "on"  # trust checks and adaptation (robaudit.stages.trust): "on" or "off"
     strict: bool = False  # any failed trust check fails the gate
@@ -481,6 +482,8 @@ def _fingerprint(
     settings = _config_dict(config, battery, batch_size)
     for key in ("fail_under", "max_drop", "baseline", "strict", "plots", "n"):
         settings.pop(key, None)
+    for stage in config.gated_stages:  # gates are not part of it, so neither is the stage a gate turned on:
+        settings[stage] = "auto"  # a resumed scan keeps the checkpoint's decision (`_decide`)
     return {
         "robaudit": __version__,
         "robaudit_code_sha256": robaudit_digest(),

@@ -104,6 +104,25 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path: Path) -> None:
     assert same.code == 0, same.stderr
 
 
+def test_a_gate_that_turns_the_certificate_on_may_come_and_go_on_resume(tmp_path: Path) -> None:
+    """Gates are not part of a checkpoint, nor is the stage a gate turns on: a CLI review found the checkpoint of a
+    scan with a certified gate refused without it ("it differs in: certify"), and the reverse. The resumed scan
+    keeps the checkpoint's decision, so its certificate is the first run's."""
+    ckpt = tmp_path / "ckpt"
+    base = [*SCAN[:5], "8", "--chunk-size", "8", "--threat", "l2:0.3", "--preset", "quick", "--no-checks", "--no-indicator",
+            "--certify-budget", "fast", "-q", "--checkpoint", ckpt]  # fmt: skip
+    gate = ["--fail-under", "certified_accuracy[l2:0.3]=0"]
+    reports = []
+    for k, extra in enumerate([gate, [], gate]):
+        out = tmp_path / f"run{k}.json"
+        result = run_cli(*base, *extra, "--json", out, env={"OMP_NUM_THREADS": "1"})
+        assert result.code == 0, result.stderr
+        reports.append(json.loads(out.read_text())["summary"]["certificate"])
+    assert reports[0]["available"] and reports[0] == reports[1] == reports[2]
+    turned_on = run_cli(*base, "--certify", env={"OMP_NUM_THREADS": "1"})  # the user's own flag is part of it
+    assert_one_line_error(turned_on, "it differs in: certify")
+
+
 def test_a_checkpoint_written_by_other_robaudit_code_is_refused(tmp_path: Path) -> None:
     """An edited checkout keeps its version string: its chunks were audited by other attack code."""
     import shutil
