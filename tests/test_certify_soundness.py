@@ -430,10 +430,15 @@ def test_every_renderer_shows_the_certificate_notes(ci_base: CiScan) -> None:
     terminal = run_cli("report", ci_base.json)
     assert terminal.code == 0, terminal.stderr
     flat = " ".join(terminal.stdout.split())
+    junit = html.unescape(ci_base.junit.read_text())  # JUnit's system-out, which CI systems show (a CLI review)
     for note in notes:
         assert f"- note: {html.escape(note, quote=False)}" in markdown
         assert f"note: {html.escape(note, quote=True)}" in page
         assert " ".join(f"note: {note}".split()) in flat, note
+        assert f"note: {note}" in junit, note
+    methods = ", ".join(f"{k} {v}" for k, v in report["summary"]["certificate"]["methods"].items())
+    for shown in (markdown, page, flat, junit):  # which bound gave the radii, in every renderer
+        assert "method that gave the radius" in shown and methods in shown, shown[-2000:]
     assert math.isfinite(report["summary"]["certificate"]["radius_quantiles"]["max"])
 
 

@@ -279,6 +279,7 @@ def _certificate(report: Report) -> str:
         rows.append(["radius quantiles (correct samples)", _e(", ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items()))])
     if cert.median_ratio is not None:
         rows.append(["median certified / smallest adversarial L2", f"{floor_fixed(cert.median_ratio, 3)} ({cert.ratio_samples} samples)"])
+    rows.append(["method that gave the radius", _e(", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")])
     return f"<h2>Certified L2 radii (budget {_e(cert.budget)})</h2>" + _table(["metric", "value"], rows, {1}) + _notes(cert.notes)
 
 

@@ -148,10 +148,14 @@ def _summary_text(report: Report) -> str:
     lines.append(f"clean accuracy {floor_pct(s.clean_accuracy)}")
     lines += [f"robust accuracy {t.threat}: {floor_pct(t.robust_accuracy)}" for t in s.threats]
     if s.certificate is not None:
-        if s.certificate.available:
-            lines += [f"certified accuracy {k}: {floor_pct(v)}" for k, v in s.certificate.certified_accuracy.items()]
+        cert = s.certificate
+        if cert.available:
+            lines += [f"certified accuracy {k}: {floor_pct(v)}" for k, v in cert.certified_accuracy.items()]
+            lines.append(f"certificate budget {cert.budget}; method that gave the radius: "
+                         + (", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-"))
+            lines += [f"  note: {n}" for n in cert.notes]  # the certificate's caveats, as every renderer shows them
         else:
-            lines.append(f"certificate: {s.certificate.reason}")
+            lines.append(f"certificate: {cert.reason}")
     if s.indicator and "score" in s.indicator:
         lines.append(f"indicator score {s.indicator['score']:.3f}")
     if s.diagnostics:

@@ -168,6 +168,7 @@ def _certificate(report: Report) -> list[str]:
         rows.append(("radius quantiles (correct samples)", ", ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items())))
     if cert.median_ratio is not None:
         rows.append(("median certified / smallest adversarial L2", f"{floor_fixed(cert.median_ratio, 3)} ({cert.ratio_samples} samples)"))
+    rows.append(("method that gave the radius", cell(", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")))
     return [f"### Certified L2 radii (budget {cell(cert.budget)})", "", *table(("metric", "value"), rows, "lr"), *_section_notes(cert.notes)]
 
 
