@@ -196,6 +196,12 @@ def _notes(base: Report, new: Report) -> list[str]:
         notes.append(f"{what}: a weaker battery raises robust accuracy without the model getting more robust")
     if base.model.mean != new.model.mean or base.model.std != new.model.std:
         notes.append("the preprocessing (--mean/--std) differs")
+    budgets = [r.summary.certificate.budget if r.summary.certificate and r.summary.certificate.available else None for r in (base, new)]
+    if None not in budgets and budgets[0] != budgets[1]:
+        notes.append(
+            f"the certificate budgets differ (base: {budgets[0]}; new: {budgets[1]}): a smaller budget proves smaller "
+            "radii without the model getting less robust"
+        )
     return notes
 
 

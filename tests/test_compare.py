@@ -179,3 +179,18 @@ def test_a_certified_drop_rule_fails_when_the_new_report_has_no_certificate(ci_b
     (check,) = [c for c in load_json(out)["gate"] if c["metric"] == "certified_accuracy[l2:0.5]"]
     assert check["passed"] is False and check["value"] is None
     assert_one_line_error(run_cli("compare", new, ci_base.json, "--max-drop", rule), f"has no certified_accuracy[l2:0.5] ({why})")
+
+
+def test_certificate_budgets_that_differ_are_noted(ci_base: CiScan, tmp_path) -> None:
+    """A CLI review: certified accuracy fell from 56% to 0% between budgets default and fast with no word of why."""
+    data = load_json(ci_base.json)
+    data["summary"]["certificate"]["budget"] = "tight"
+    other = tmp_path / "tight.json"
+    other.write_text(json.dumps(data))
+    out = tmp_path / "cmp.json"
+    result = run_cli("compare", ci_base.json, other, "--json", out, "-q")
+    assert result.code == 0, result.stderr
+    assert any("certificate budgets differ (base: fast; new: tight)" in n for n in load_json(out)["notes"])
+    same = tmp_path / "same.json"
+    assert run_cli("compare", ci_base.json, ci_base.json, "--json", same, "-q").code == 0
+    assert not any("budgets" in n for n in load_json(same)["notes"])
