@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from robaudit.measures.streams import SampleStreams, exponential, normal, signs
 from robaudit.threats import Threat
 
 
@@ -42,7 +43,7 @@ def predicted_drop(grad_flat: torch.Tensor, curvature: torch.Tensor, threat: Thr
     return first + 0.5 * curvature.double() * l2_radius(threat, dim) ** 2
 
 
-def ball_probes(x: torch.Tensor, threat: Threat, count: int, generator: torch.Generator) -> torch.Tensor:
+def ball_probes(x: torch.Tensor, threat: Threat, count: int, generator: torch.Generator | SampleStreams) -> torch.Tensor:
     """``count`` random perturbations on the surface of the ball per sample, shape (count, B, ...).
 
     Linf: random corners (every pixel moved by +-eps); L2: a uniform direction of norm
@@ -50,11 +51,11 @@ def ball_probes(x: torch.Tensor, threat: Threat, count: int, generator: torch.Ge
     """
     shape = (count, *x.shape)
     if threat.norm == "linf":
-        delta = (torch.randint(0, 2, shape, generator=generator) * 2 - 1).to(x.dtype) * threat.eps
+        delta = signs(generator, shape, axis=1).to(x.dtype) * threat.eps
     else:
-        raw = torch.randn(shape, generator=generator, dtype=x.dtype)
+        raw = normal(generator, shape, x.dtype, axis=1)
         if threat.norm == "l1":
-            raw = raw.sign() * torch.empty(shape, dtype=x.dtype).exponential_(generator=generator)
+            raw = raw.sign() * exponential(generator, shape, x.dtype, axis=1)
         p = 2 if threat.norm == "l2" else 1
         sizes = raw.flatten(2).norm(p=p, dim=2).clamp_min(1e-12)
         delta = raw / sizes.view(count, -1, *([1] * (x.dim() - 1))) * threat.eps

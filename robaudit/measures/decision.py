@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from robaudit.errors import RobauditError
+from robaudit.measures.streams import SampleStreams, normal
 
 
 def decision(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,7 @@ def fd_curvature(
     h: float,
     norm: str,
     n_random: int,
-    generator: torch.Generator,
+    generator: torch.Generator | SampleStreams,
     box: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """max over directions u of ||grad g(x') - grad g(x)||_2 / ||x' - x||_2 with x' = x + h u (CURE-style).
@@ -128,7 +129,7 @@ def fd_curvature(
     """
 
     def random_direction() -> torch.Tensor:
-        return unit_rows(torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device))
+        return unit_rows(normal(generator, tuple(x.shape), x.dtype).to(x.device))
 
     zero = (grad.flatten(1).norm(dim=1) == 0).view(-1, *([1] * (x.dim() - 1)))
     along = torch.where(zero, random_direction(), attack_direction(grad, norm))  # no gradient: random

@@ -18,6 +18,7 @@ score (`score.py`) takes the larger of the two and reports how often that happen
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from robaudit.errors import RobauditError
 from robaudit.measures.bounds import ball_probes, l2_radius, predicted_drop
 from robaudit.measures.decision import LocalModel, NoSecondDerivative, evaluate, fd_curvature
 from robaudit.measures.lanczos import lanczos
+from robaudit.measures.streams import SampleStreams, normal
 from robaudit.measures.score import aggregate
 from robaudit.threats import Threat
 
@@ -146,7 +148,7 @@ class _Settings:
     zero_threshold: float
     scales: dict[str, tuple[str, float]]  # threat key (and HEADLINE) -> (attack-direction norm, scale h)
     box: tuple[float, float] | None
-    generator: torch.Generator
+    generator: torch.Generator | SampleStreams  # one stream per sample of the batch being measured
 
 
 @dataclass
@@ -166,7 +168,7 @@ def _spectrum(local: LocalModel, x: torch.Tensor, s: _Settings, cost: _Cost) -> 
     piecewise-linear net and no more products are spent on it.
     """
     b = len(x)
-    v0 = torch.randn((b, x[0].numel()), generator=s.generator, dtype=torch.float64).to(x.device)
+    v0 = normal(s.generator, (b, x[0].numel()), torch.float64).to(x.device)
     v0 = v0 / v0.norm(dim=1, keepdim=True)
     # A sample whose gradient or any Hessian-vector product is not finite (a probability that
     # underflows, sqrt at 0) has no Hessian to speak of: its values are NaN (unknown), and its
@@ -323,7 +325,7 @@ def measure_indicator(
         spent = Budget(lanczos_steps, spent.curvature_random, spent.probes)
     dim = math.prod(x.shape[1:])
     scales = _scales(threats, dim, curvature_scale)
-    settings = _Settings(list(threats), spent, zero_threshold, scales, box, torch.Generator().manual_seed(seed))
+    settings = _Settings(list(threats), spent, zero_threshold, scales, box, torch.Generator())
     sink = progress or NoProgress()
     device = next((p.device for p in model.parameters()), x.device)
     started = time.perf_counter()
@@ -333,7 +335,8 @@ def measure_indicator(
     parts = []
     for i in range(0, len(x), chunk):
         xb, yb = x[i : i + chunk].to(device), y[i : i + chunk].to(device).long()
-        parts.append(_measure_batch(model, xb, yb, settings, cost))
+        streams = SampleStreams.for_samples(seed, i, len(xb))  # a sample's draws do not depend on its batch
+        parts.append(_measure_batch(model, xb, yb, dataclasses.replace(settings, generator=streams), cost))
         sink.advance(len(xb))
     sink.finish()
     samples = _samples(parts, settings.threats)

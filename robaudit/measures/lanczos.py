@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from robaudit.measures.streams import SampleStreams, normal
+
 MatVec = Callable[[torch.Tensor], torch.Tensor]  # (B, d) float64 -> (B, d) float64
 
 # A new vector is "no longer new" below this fraction of the largest T entry seen: the
@@ -68,7 +70,7 @@ def lanczos(
     v0: torch.Tensor,
     steps: int,
     *,
-    generator: torch.Generator,
+    generator: torch.Generator | SampleStreams,
     first_product: torch.Tensor | None = None,
     noise_eps: float = torch.finfo(torch.float32).eps,
 ) -> LanczosResult:
@@ -98,8 +100,13 @@ def lanczos(
         beta = w.norm(dim=1)
         scale = torch.maximum(scale, beta)
         exhausted = beta <= BREAKDOWN_RTOL * noise_eps * scale
-        if exhausted.any():
-            fresh = torch.randn(b, d, generator=generator, dtype=torch.float64).to(v.device)
+        if exhausted.any():  # per-sample streams draw for the exhausted samples only (`streams.py`)
+            if isinstance(generator, SampleStreams):
+                fresh = torch.zeros(b, d, dtype=torch.float64)
+                fresh[exhausted.cpu()] = normal(generator.rows(exhausted.cpu()), (int(exhausted.sum()), d), torch.float64)
+                fresh = fresh.to(v.device)
+            else:
+                fresh = torch.randn(b, d, generator=generator, dtype=torch.float64).to(v.device)
             fresh = _unit(_orthogonalize(_unit(fresh), basis))
             w = torch.where(exhausted[:, None], fresh, w)
             beta = torch.where(exhausted, torch.zeros_like(beta), beta)
