@@ -39,3 +39,17 @@ def image_channels(input_shape: Sequence[int | None] | None) -> int | None:
     if last in CHANNEL_AXIS_SIZES and first not in CHANNEL_AXIS_SIZES:
         return int(last)
     return first
+
+
+def free_channel_last(dims: Sequence[int | None] | None, sample_shape: Sequence[int]) -> tuple[int, int, int] | None:
+    """(H, W, C) for a channel-last net whose stated dims leave the image size free ((None, None, 3)), else None.
+
+    The last stated dim must be the samples' channel count (1, 3 or 4); the others free or
+    equal to the samples' height and width.
+    """
+    if dims is None or len(dims) != 3 or len(sample_shape) != 3:
+        return None
+    c, h, w = (int(d) for d in sample_shape)
+    if dims[2] != c or c not in CHANNEL_AXIS_SIZES or dims[0] not in (None, h) or dims[1] not in (None, w):
+        return None
+    return (h, w, c)

@@ -402,7 +402,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
             std=config.std,
             input_range=[lower, upper],
             notes=[
-                *raw.notes, *info.notes, *([reshape_note] if reshape_note else []), *_randomized_notes(randomized),
+                *raw.notes, *info.notes, *([reshape_note] if reshape_note and not _says_reshaped(info.notes) else []), *_randomized_notes(randomized),
                 *batch_notes,
                 PRECISION_NOTE,
             ],  # fmt: skip
@@ -536,6 +536,11 @@ def _decide(
     return decision
 
 
+def _says_reshaped(notes: list[str]) -> bool:
+    """Whether the wrapper's notes already say how the samples reach the model (the data check's would repeat it)."""
+    return any("reshaped to the model's input shape" in n or "permuted to that layout" in n for n in notes)
+
+
 def config_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are (CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -589,7 +594,7 @@ def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset
         raw = load_model(
             config.model, fmt=config.format, arch=config.arch, num_classes=config.num_classes, trust_pickle=config.trust_pickle
         )
-    channels = image_channels(raw.input_shape)
+    channels = image_channels(raw.input_shape or raw.input_dims)
     if raw.input_shape and len(raw.input_shape) == 1:
         channels = FLAT_INPUT  # data flatten in their stored order, never transposed first
 

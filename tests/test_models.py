@@ -1173,3 +1173,26 @@ def test_a_channel_last_onnx_file_is_scanned_on_channel_first_and_channel_last_d
         assert got["summary"]["clean_accuracy"] == want["summary"]["clean_accuracy"]
         assert got["summary"]["certificate"]["available"], got["summary"]["certificate"]
         assert got["summary"]["certificate"]["radius_quantiles"] == pytest.approx(want["summary"]["certificate"]["radius_quantiles"], rel=1e-6)
+
+
+def test_a_channel_last_onnx_file_of_any_image_size_gets_its_samples_permuted(tmp_path: Path) -> None:
+    """A Keras input of free height and width gives an ONNX input (N, ?, ?, 3): the wrapper fed it (C, H, W)
+    images as they were ("output has shape (8, 10), not (batch, classes)"). The stated channel axis decides: the
+    samples are permuted to (H, W, C), and the file certifies with its channel-first twin's radii."""
+    from robaudit.certify import certify_l2
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    path = tmp_path / "hwc_free.onnx"
+    torch.onnx.export(_HWC(net).eval(), (torch.zeros(1, 8, 6, 3),), str(path), dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "n", 1: "h", 2: "w"}})  # fmt: skip
+    raw = load_model(path)
+    assert raw.input_shape is None and raw.input_dims == (None, None, 3)
+    x = torch.rand(6, 3, 8, 6, generator=torch.Generator().manual_seed(2))
+    model, info = wrap_model(raw, sample_shape=(3, 8, 6), probe=x)
+    assert model.channels_last and any("channel-last" in note for note in info.notes), info.notes
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+    y = net(x).argmax(1)
+    torch.testing.assert_close(certify_l2(model, x, y, budget="fast").radius, certify_l2(net, x, y, budget="fast").radius,
+                               rtol=1e-6, atol=0.0)  # fmt: skip

@@ -19,6 +19,7 @@ import torch
 
 from random_nets import RandomNet
 from robaudit.certify import CertificateUnavailable, certify_l2
+from robaudit.errors import RobauditError
 from robaudit.models import load_model, wrap_model
 from test_certify_property import assert_radii_survive
 
@@ -421,6 +422,33 @@ def test_a_channel_last_file_gets_its_samples_permuted_and_the_radii_of_its_chan
     assert (from_net.radius > 0).all()
     torch.testing.assert_close(from_file.radius, from_net.radius, rtol=1e-6, atol=0.0)
     assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "channel-last ONNX file", copy.deepcopy(net).double()))
+
+
+def test_same_padding_of_a_graph_of_any_image_size_is_written_out_at_stride_one(tmp_path) -> None:
+    """tf2onnx writes Keras' padding="same" as auto_pad SAME_UPPER, and a Keras input of free height and width
+    leaves the sizes unknown, so the rewrite left the file for onnx2torch to refuse. At stride 1 the pads are
+    (k - 1) dilation whatever the size: written out, matching onnxruntime; a stride of 2 on a free size stays
+    refused."""
+    def graph(path: Path, stride: int) -> Path:
+        g = _Graph(14)
+        c = g.node("Conv", ["x", g.weight("c_w", (3, 2, 4, 3))], "c", auto_pad="SAME_UPPER", strides=[stride, stride])
+        p = g.node("MaxPool", [g.node("Relu", [c], "r")], "p", kernel_shape=[2, 2], auto_pad="SAME_LOWER")
+        g.node("GlobalAveragePool", [p], "gap")
+        g.head("gap", 3)
+        graph = helper.make_graph(
+            g.nodes, "free", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])], initializer=g.inits,
+        )  # fmt: skip
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        return path
+
+    path = graph(tmp_path / "free.onnx", 1)
+    raw, model = _load(path)
+    assert raw.input_shape is None and any("auto_pad" in note for note in raw.notes), raw.notes
+    _assert_computes_like_onnxruntime(path, raw.net)
+    assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "SAME padding, free size", copy.deepcopy(raw.net).double()))
+    with pytest.raises(RobauditError, match="auto_pad"):
+        load_model(graph(tmp_path / "free_stride2.onnx", 2))
 
 
 def test_global_max_pool_is_read_as_a_max_pool_over_the_image(tmp_path) -> None:

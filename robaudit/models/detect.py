@@ -43,6 +43,9 @@ class RawModel:
     # The file's own semantics where the net is a translation of it (ONNX via onnx2torch):
     # `wrap_model` checks the net against it on the first data samples.
     reference: torch.nn.Module | None = None
+    # The per-sample dims the file states where some are free (None), as an ONNX graph taking
+    # images of any size: (None, None, 3) is a channel-last net (`layout.free_channel_last`).
+    input_dims: tuple[int | None, ...] | None = None
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

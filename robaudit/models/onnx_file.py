@@ -522,12 +522,15 @@ def _explicit_split_sizes(model: onnx.ModelProto) -> None:
 _AUTO_PAD_OPS = ("Conv", "MaxPool", "AveragePool")
 
 
-def _sized_windows(model: onnx.ModelProto, wanted) -> list[tuple[onnx.NodeProto, dict, tuple[list[int], ...]]]:
+def _sized_windows(
+    model: onnx.ModelProto, wanted, unknown_sizes: bool = False
+) -> list[tuple[onnx.NodeProto, dict, tuple[list[int], ...]]]:
     """The default-domain nodes `wanted` picks, each with its attributes and (input sizes, kernel, strides, dilations).
 
     Sizes come from ONNX shape inference; nodes with a size it cannot give are left out
-    (the converter then says what it lacks). The kernel is `kernel_shape`, else the
-    weight's trailing dims (Conv, ConvTranspose).
+    (the converter then says what it lacks), unless `unknown_sizes`, where such sizes are
+    None (the rank must still be known). The kernel is `kernel_shape`, else the weight's
+    trailing dims (Conv, ConvTranspose).
     """
     nodes = [n for n in model.graph.node if n.domain in ("", "ai.onnx") and wanted(n)]
     shapes = _inferred_dims(model) if nodes else None
@@ -542,7 +545,7 @@ def _sized_windows(model: onnx.ModelProto, wanted) -> list[tuple[onnx.NodeProto,
             kernel = list(attributes["kernel_shape"].ints)
         else:
             kernel = (weights.get(node.input[1]) or shapes.get(node.input[1]) or [])[2:] if len(node.input) > 1 else []
-        if not spatial or None in spatial or len(kernel) != len(spatial) or None in kernel:
+        if not spatial or (None in spatial and not unknown_sizes) or len(kernel) != len(spatial) or None in kernel:
             continue
         rank = len(spatial)
         strides = list(attributes["strides"].ints) if "strides" in attributes else [1] * rank
@@ -561,18 +564,25 @@ def _explicit_auto_pads(model: onnx.ModelProto) -> int:
     onnx2torch refuses those modes (torch's exporter writes SAME_UPPER for padding="same").
     ONNX defines them by the input size: output ceil(in / stride), total padding
     max(0, (out - 1) stride + (k - 1) dilation + 1 - in), the odd one at the end (UPPER) or
-    the beginning (LOWER). Nodes whose input sizes shape inference cannot give are left
-    for the converter to refuse.
+    the beginning (LOWER). At stride 1 the total is (k - 1) dilation whatever the size, so
+    a graph of any image size (tf2onnx writes SAME for Keras' padding="same" when the
+    input's height and width are free) is rewritten too. Nodes with a stride above 1 on an
+    axis whose size shape inference cannot give are left for the converter to refuse.
     """
     done = 0
     for node, attributes, (spatial, kernel, strides, dilations) in _sized_windows(
-        model, lambda n: n.op_type in _AUTO_PAD_OPS and _is_same_padded(n)
+        model, lambda n: n.op_type in _AUTO_PAD_OPS and _is_same_padded(n), unknown_sizes=True
     ):
+        if any(size is None and stride != 1 for size, stride in zip(spatial, strides)):
+            continue
         upper = attributes["auto_pad"].s == b"SAME_UPPER"  # the odd cell at the end (else at the beginning)
         begin, end = [], []
         for size, k, stride, dilation in zip(spatial, kernel, strides, dilations):
-            out = -(-size // stride)
-            total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
+            if size is None:  # stride 1: out = in
+                total = (k - 1) * dilation
+            else:
+                out = -(-size // stride)
+                total = max(0, (out - 1) * stride + (k - 1) * dilation + 1 - size)
             small, large = total // 2, total - total // 2
             begin.append(small if upper else large)
             end.append(large if upper else small)
@@ -809,6 +819,7 @@ def load_onnx(path: Path) -> RawModel:
         net=freeze(net),
         format="onnx",
         input_shape=input_shape,  # type: ignore[arg-type]
+        input_dims=tuple(dims[1:]) if len(dims) >= 2 and input_shape is None else None,
         num_classes=num_classes,
         notes=notes,
         fixed_batch=fixed_batch,

@@ -10,6 +10,7 @@ samples once, decides how to bridge each difference, and records it in notes.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from robaudit.errors import RobauditError
-from robaudit.layout import is_channel_last
+from robaudit.layout import free_channel_last, is_channel_last
 from robaudit.models.detect import RawModel, one_line
 from robaudit.models.outputs import select_output
 
@@ -398,6 +399,9 @@ def wrap_model(
         mean_t = torch.zeros_like(std_t)
 
     model_shape = None
+    free = free_channel_last(raw.input_dims, sample_shape) if raw.input_shape is None else None
+    if free is not None:  # a channel-last graph of any image size: these images' (H, W, C)
+        raw = dataclasses.replace(raw, input_shape=free)
     if raw.input_shape is not None:
         want, have = math.prod(raw.input_shape), math.prod(sample_shape)
         if want != have:
