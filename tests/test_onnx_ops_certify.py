@@ -380,6 +380,40 @@ def test_softplus_from_the_dynamo_exporter_is_read_as_torch_softplus(tmp_path) -
     assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "softplus (dynamo ONNX file)", copy.deepcopy(raw.net).double()))
 
 
+class _ShrinkNet(torch.nn.Module):
+    """A conv, then `act`, then a linear head: the dynamo exporter writes Softshrink and Threshold as a Where."""
+
+    def __init__(self, act: torch.nn.Module) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(15)
+        self.conv, self.act, self.fc = torch.nn.Conv2d(2, 3, 3, padding=1), act, torch.nn.Linear(3 * 6 * 6, CLASSES)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.conv(x)).flatten(1))
+
+
+@pytest.mark.parametrize("act", [torch.nn.Softshrink(0.2), torch.nn.Threshold(0.1, 0.1)], ids=["softshrink", "threshold"])
+def test_softshrink_and_threshold_from_the_dynamo_exporter_get_the_modules_radii(act, tmp_path) -> None:
+    """Softshrink (Where(Greater(Abs(x), l), x - Sign(x) l, x 0)) and Threshold (Where(LessOrEqual(x, t), v, x))
+    were refused at the Where's mask: read as the torch op, their radii are the module's, and no attack breaks them."""
+    net = _ShrinkNet(act).eval()
+    raw, model = _load(_dynamo_export(net, tmp_path / "shrink.onnx"))
+    assert model.inexact is None and any("a Where of a comparison" in note for note in raw.notes), raw.notes
+    x = torch.rand((8, *SHAPE), generator=torch.Generator().manual_seed(4))
+    y = net(x).argmax(1)
+    torch.testing.assert_close(certify_l2(model, x, y, budget="fast").radius, certify_l2(net, x, y, budget="fast").radius,
+                               rtol=1e-6, atol=0.0)  # fmt: skip
+    assert_radii_survive(RandomNet(-1, model, SHAPE, CLASSES, "shrink (dynamo ONNX file)", copy.deepcopy(raw.net).double()))
+
+
+def test_a_threshold_that_jumps_is_refused_from_the_file_by_name(tmp_path) -> None:
+    message = _refusal(_dynamo_export(_ShrinkNet(torch.nn.Threshold(0.1, -1.0)), tmp_path / "jump.onnx"))
+    assert "Threshold" in message, message
+
+
 def test_softplus_with_a_low_threshold_is_refused_from_the_file_as_from_the_module(tmp_path) -> None:
     """A threshold of 5 switches to x far from the smooth curve: refused for the module, so for the file too."""
     message = _refusal(_dynamo_export(_SoftplusNet(threshold=5.0), tmp_path / "softplus5.onnx"))

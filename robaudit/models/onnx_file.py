@@ -19,7 +19,7 @@ from onnx import numpy_helper, version_converter
 from robaudit.errors import RobauditError
 from robaudit.models.detect import RawModel, freeze, one_line
 from robaudit.models.onnx_reference import OnnxReference
-from robaudit.models.onnx_torch_ops import SOFTPLUS, TORCH_DOMAIN, function_at, register_converters
+from robaudit.models.onnx_torch_ops import SOFTPLUS, SOFTSHRINK, THRESHOLD, TORCH_DOMAIN, function_at, register_converters
 
 # onnx2torch's Slice indexes with a list, which torch deprecates on every forward pass: a
 # warning about onnx2torch's code that the user can do nothing about, printed mid-scan.
@@ -281,16 +281,18 @@ def _decompose_gelu(model: onnx.ModelProto, elem: int) -> int:
     return count
 
 
-def _fuse_thresholded_softplus(model: onnx.ModelProto) -> int:
-    """Read torch's softplus, as torch's dynamo exporter writes it, as one node; returns how many.
+def _fuse_torch_patterns(model: onnx.ModelProto) -> list[str]:
+    """Read torch ops that the dynamo exporter writes as a Where of a comparison as one node each; returns their names.
 
-    torch's softplus is x where beta x > threshold, else log(1 + exp(beta x)) / beta, and
-    the exporter writes exactly that: Where(Greater(s, threshold), x, Softplus(s) / beta)
-    with s = x beta (s = x, without the Mul and Div, when beta is 1). onnx2torch reads it
-    op by op, and the certificate refuses the Where's input-dependent mask. The pattern
-    becomes one `robaudit_torch` Softplus node (`onnx_torch_ops`), defined by an ONNX
-    function of the same ops, which onnx2torch converts into `nn.Softplus(beta,
-    threshold)`: the same function. Pattern nodes whose values are read elsewhere stay.
+    onnx2torch reads such a pattern op by op, and the certificate refuses the Where's
+    input-dependent mask, though the op is one function it bounds exactly (or refuses by
+    name). Each pattern becomes one `robaudit_torch` node (`onnx_torch_ops`), defined by an
+    ONNX function of the same ops, which onnx2torch converts into the torch module:
+    - softplus: Where(Greater(s, threshold), x, Softplus(s) / beta), s = x beta (s = x,
+      without the Mul and Div, when beta is 1): `nn.Softplus(beta, threshold)`;
+    - softshrink: Where(Greater(Abs(x), lambd), x - Sign(x) lambd, x 0): `nn.Softshrink(lambd)`;
+    - threshold: Where(LessOrEqual(x, threshold), value, x): `nn.Threshold(threshold, value)`.
+    Pattern nodes whose values are read elsewhere stay.
     """
     graph = model.graph
     consts = _constants(model)
@@ -304,36 +306,69 @@ def _fuse_thresholded_softplus(model: onnx.ModelProto) -> int:
         node = producer.get(name)
         return node if node is not None and node.op_type == op and node.domain in ("", "ai.onnx") else None
 
-    fused: dict[int, onnx.NodeProto] = {}  # id of a Where -> the node replacing it
-    pattern: set[int] = set()  # ids of the nodes feeding fused Wheres: dropped once nothing else reads them
-    for where in [n for n in graph.node if n.op_type == "Where" and n.domain in ("", "ai.onnx")]:
-        test, x, soft = where.input
+    def other(node: onnx.NodeProto, name: str) -> str | None:
+        """The input of a binary node beside `name`."""
+        return node.input[1] if node.input[0] == name else node.input[0] if node.input[1] == name else None
+
+    def softplus(test: str, x: str, soft: str):
         greater = made(test, "Greater")
         threshold = scalar(greater.input[1]) if greater is not None else None
         if threshold is None:
-            continue
+            return None
         scaled, parts, beta = greater.input[0], [greater], np.ones((), threshold.dtype)
         if (div := made(soft, "Div")) is not None:  # Softplus(x beta) / beta
             spl, mul = made(div.input[0], "Softplus"), made(scaled, "Mul")
             if spl is None or mul is None or spl.input[0] != scaled or x not in mul.input:
-                continue
-            beta = scalar(mul.input[1] if mul.input[0] == x else mul.input[0])
+                return None
+            beta = scalar(other(mul, x) or "")
             if beta is None or beta.dtype != threshold.dtype or scalar(div.input[1]) != beta:
-                continue
+                return None
             parts += [div, spl, mul]
         else:  # beta 1: Softplus(x)
             spl = made(soft, "Softplus")
             if spl is None or spl.input[0] != x or scaled != x:
-                continue
+                return None
             parts.append(spl)
-        stem = f"_robaudit_softplus{len(fused)}_"
-        graph.initializer.extend([numpy_helper.from_array(beta, stem + "beta"), numpy_helper.from_array(threshold, stem + "threshold")])
-        fused[id(where)] = onnx.helper.make_node(
-            SOFTPLUS, [x, stem + "beta", stem + "threshold"], list(where.output), domain=TORCH_DOMAIN
-        )
+        return SOFTPLUS, x, [beta, threshold], parts
+
+    def softshrink(test: str, shrunk: str, zeroed: str):
+        greater, sub, times = made(test, "Greater"), made(shrunk, "Sub"), made(zeroed, "Mul")
+        magnitude = made(greater.input[0], "Abs") if greater is not None else None
+        if magnitude is None or sub is None or times is None:
+            return None
+        x, lambd = magnitude.input[0], scalar(greater.input[1])
+        step = made(sub.input[1], "Mul") if sub.input[0] == x else None
+        sign = made(other(step, greater.input[1]) or "", "Sign") if step is not None else None
+        zero = scalar(other(times, x) or "")
+        if lambd is None or sign is None or sign.input[0] != x or zero is None or zero != 0 or zero.dtype != lambd.dtype:
+            return None
+        return SOFTSHRINK, x, [lambd, zero], [greater, magnitude, sub, step, sign, times]
+
+    def threshold_op(test: str, fill: str, x: str):
+        below = made(test, "LessOrEqual")
+        threshold, value = (scalar(below.input[1]), scalar(fill)) if below is not None else (None, None)
+        if threshold is None or value is None or below.input[0] != x or value.dtype != threshold.dtype:
+            return None
+        return THRESHOLD, x, [threshold, value], [below]
+
+    fused: dict[int, onnx.NodeProto] = {}  # id of a Where -> the node replacing it
+    pattern: set[int] = set()  # ids of the nodes feeding fused Wheres: dropped once nothing else reads them
+    names: list[str] = []
+    for where in [n for n in graph.node if n.op_type == "Where" and n.domain in ("", "ai.onnx")]:
+        found = softplus(*where.input) or softshrink(*where.input) or threshold_op(*where.input)
+        if found is None:
+            continue
+        op, x, params, parts = found
+        stem = f"_robaudit_{op.lower()}{len(fused)}_"
+        inputs = [x]
+        for k, value in enumerate(params):
+            graph.initializer.append(numpy_helper.from_array(value, f"{stem}{k}"))
+            inputs.append(f"{stem}{k}")
+        fused[id(where)] = onnx.helper.make_node(op, inputs, list(where.output), domain=TORCH_DOMAIN)
         pattern |= {id(n) for n in parts}
+        names.append(op)
     if not fused:
-        return 0
+        return []
     nodes = [fused.get(id(n), n) for n in graph.node]
     while True:
         read = {name for n in nodes for name in n.input} | {o.name for o in graph.output}
@@ -343,9 +378,9 @@ def _fuse_thresholded_softplus(model: onnx.ModelProto) -> int:
         nodes = keep
     del graph.node[:]
     graph.node.extend(nodes)
-    model.functions.append(function_at(SOFTPLUS, _default_opset(model) or 13))
+    model.functions.extend(function_at(op, _default_opset(model) or 13) for op in dict.fromkeys(names))
     model.opset_import.append(onnx.helper.make_opsetid(TORCH_DOMAIN, 1))
-    return len(fused)
+    return names
 
 
 def _wrap_pads_as_concats(model: onnx.ModelProto) -> int:
@@ -790,9 +825,10 @@ def load_onnx(path: Path) -> RawModel:
     if upgraded is not None:
         model = upgraded
         notes.append("ONNX graph converted to opset 11 so that onnx2torch reads Pad's fill value")
-    softplus = _fuse_thresholded_softplus(model)
-    if softplus:
-        notes.append(f"{softplus} softplus pattern(s) of torch's exporter (Where, Greater, Softplus) read as one Softplus")
+    fused = _fuse_torch_patterns(model)
+    if fused:
+        kinds = ", ".join(f"{fused.count(op)} {op.lower()}" for op in dict.fromkeys(fused))
+        notes.append(f"torch ops that the exporter wrote as a Where of a comparison read as one op each ({kinds})")
     wraps = _wrap_pads_as_concats(model)
     if wraps:
         notes.append(f"{wraps} ONNX Pad(s) in 'wrap' mode (circular padding) written as slices and concatenations for onnx2torch")

@@ -19,6 +19,8 @@ from torch import nn
 
 TORCH_DOMAIN = "robaudit_torch"  # no dot: onnx2torch names its modules after the domain
 SOFTPLUS = "Softplus"  # inputs x, beta, threshold (scalar constants); torch's nn.Softplus(beta, threshold)
+SOFTSHRINK = "Softshrink"  # inputs x, lambd, zero; torch's nn.Softshrink(lambd)
+THRESHOLD = "Threshold"  # inputs x, threshold, value; torch's nn.Threshold(threshold, value)
 
 
 def softplus_function(opset: int) -> onnx.FunctionProto:
@@ -35,9 +37,36 @@ def softplus_function(opset: int) -> onnx.FunctionProto:
     )
 
 
+def softshrink_function(opset: int) -> onnx.FunctionProto:
+    """torch's softshrink, x - sign(x) lambd where |x| > lambd else 0, as the dynamo exporter writes it."""
+    body = [
+        helper.make_node("Abs", ["x"], ["magnitude"]),
+        helper.make_node("Greater", ["magnitude", "lambd"], ["outside"]),
+        helper.make_node("Sign", ["x"], ["sign"]),
+        helper.make_node("Mul", ["sign", "lambd"], ["step"]),
+        helper.make_node("Sub", ["x", "step"], ["shrunk"]),
+        helper.make_node("Mul", ["x", "zero"], ["zeroed"]),
+        helper.make_node("Where", ["outside", "shrunk", "zeroed"], ["y"]),
+    ]
+    return helper.make_function(
+        TORCH_DOMAIN, SOFTSHRINK, ["x", "lambd", "zero"], ["y"], body, [helper.make_opsetid("", opset)]
+    )
+
+
+def threshold_function(opset: int) -> onnx.FunctionProto:
+    """torch's threshold, x where x > threshold else value, as the dynamo exporter writes it."""
+    body = [
+        helper.make_node("LessOrEqual", ["x", "threshold"], ["below"]),
+        helper.make_node("Where", ["below", "value", "x"], ["y"]),
+    ]
+    return helper.make_function(
+        TORCH_DOMAIN, THRESHOLD, ["x", "threshold", "value"], ["y"], body, [helper.make_opsetid("", max(opset, 12))]
+    )
+
+
 def function_at(name: str, opset: int) -> onnx.FunctionProto:
-    """The definition of this domain's op `name`, its body at `opset` (its ops are the same at every opset from 9 on)."""
-    return {SOFTPLUS: softplus_function}[name](opset)
+    """The definition of this domain's op `name`, its body at `opset` (its ops are the same at every opset robaudit uses)."""
+    return {SOFTPLUS: softplus_function, SOFTSHRINK: softshrink_function, THRESHOLD: threshold_function}[name](opset)
 
 
 _registered = False
@@ -51,12 +80,20 @@ def register_converters() -> None:
     from onnx2torch.node_converters.registry import add_converter
     from onnx2torch.utils.common import OnnxMapping, OperationConverterResult
 
-    @add_converter(operation_type=SOFTPLUS, version=1, domain=TORCH_DOMAIN)
-    def _softplus(node, graph) -> OperationConverterResult:  # type: ignore[no-untyped-def]
-        beta, threshold = (float(graph.initializers[name].to_torch()) for name in node.input_values[1:3])
-        return OperationConverterResult(
-            torch_module=nn.Softplus(beta=beta, threshold=threshold),
-            onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
-        )
+    modules = {
+        SOFTPLUS: lambda beta, threshold: nn.Softplus(beta=beta, threshold=threshold),
+        SOFTSHRINK: lambda lambd, zero: nn.Softshrink(lambd),
+        THRESHOLD: lambda threshold, value: nn.Threshold(threshold, value),
+    }
+    for op, make in modules.items():
+
+        def convert(node, graph, make=make) -> OperationConverterResult:  # type: ignore[no-untyped-def]
+            params = (float(graph.initializers[name].to_torch()) for name in node.input_values[1:])
+            return OperationConverterResult(
+                torch_module=make(*params),
+                onnx_mapping=OnnxMapping(inputs=(node.input_values[0],), outputs=node.output_values),
+            )
+
+        add_converter(operation_type=op, version=1, domain=TORCH_DOMAIN)(convert)
 
     _registered = True
