@@ -1,10 +1,11 @@
 """ONNX ops of robaudit's own domain: torch ops that ONNX spells as several nodes, read as one.
 
-torch's exporters write some torch ops as small subgraphs, among them a comparison and a
-Where (softplus, with its switch to x above a threshold). onnx2torch translates such a
-subgraph node by node, and the certificate refuses a Where whose mask depends on the
-input, though the subgraph is one monotone function it bounds exactly. The loader
-(`onnx_file._fuse_thresholded_softplus`) replaces the subgraph by one node of this domain
+torch's dynamo exporter writes some torch ops as small subgraphs around a comparison and
+a Where: softplus (with its switch to x above a threshold), softshrink and threshold.
+onnx2torch translates such a subgraph node by node, and the certificate refuses a Where
+whose mask depends on the input, though the subgraph is one function it bounds exactly
+(or refuses by name: a threshold that jumps). The loader
+(`onnx_file._fuse_torch_patterns`) replaces the subgraph by one node of this domain
 and adds the node's definition to the model as an ONNX function whose body is the
 subgraph as written, so onnxruntime, which checks the translation (the whole network,
 and node by node, `onnx_nodes.check_nodes`), runs exactly what the file runs, while
