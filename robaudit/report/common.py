@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robaudit.report.schema import Curve, Report
+from robaudit.report.schema import CertificateSummary, Curve, Report
 
 
 def count(value: int | float) -> str:
@@ -34,6 +34,11 @@ def duration(seconds: float) -> str:
 def total_seconds(report: Report) -> float | None:
     total = report.timing.get("total_s")
     return float(total) if isinstance(total, (int, float)) else None
+
+
+def certificate_methods(cert: CertificateSummary) -> str:
+    """Which bound gave how many radii ("interval 12, crown 18"), as every renderer shows it."""
+    return ", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-"
 
 
 def threat_names(report: Report) -> dict[str, str]:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from robaudit.errors import RobauditError
 from robaudit.report.common import (
-    canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, unproven_fractions, verdict,
-    with_threat_names,
+    canonical_aside, certificate_methods, count, duration, per_sample, threat_name, total_seconds, unproven,
+    unproven_fractions, verdict, with_threat_names,
 )  # fmt: skip
 from robaudit.report.files import write_text
 from robaudit.report.numbers import fixed, floor_fixed, floor_pct, floor_sig, gate_figures
@@ -279,7 +279,7 @@ def _certificate(report: Report) -> str:
         rows.append(["radius quantiles (correct samples)", _e(", ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items()))])
     if cert.median_ratio is not None:
         rows.append(["median certified / smallest adversarial L2", f"{floor_fixed(cert.median_ratio, 3)} ({cert.ratio_samples} samples)"])
-    rows.append(["method that gave the radius", _e(", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")])
+    rows.append(["method that gave the radius", _e(certificate_methods(cert))])
     return f"<h2>Certified L2 radii (budget {_e(cert.budget)})</h2>" + _table(["metric", "value"], rows, {1}) + _notes(cert.notes)
 
 

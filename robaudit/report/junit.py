@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from robaudit.report.common import certificate_methods
 from robaudit.report.files import write_text
 from robaudit.report.numbers import floor_pct
 from robaudit.report.schema import GateCheck, Report
@@ -151,8 +152,7 @@ def _summary_text(report: Report) -> str:
         cert = s.certificate
         if cert.available:
             lines += [f"certified accuracy {k}: {floor_pct(v)}" for k, v in cert.certified_accuracy.items()]
-            lines.append(f"certificate budget {cert.budget}; method that gave the radius: "
-                         + (", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-"))
+            lines.append(f"certificate budget {cert.budget}; method that gave the radius: {certificate_methods(cert)}")
             lines += [f"  note: {n}" for n in cert.notes]  # the certificate's caveats, as every renderer shows them
         else:
             lines.append(f"certificate: {cert.reason}")

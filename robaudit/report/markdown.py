@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from robaudit.report.common import canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, with_threat_names
+from robaudit.report.common import canonical_aside, certificate_methods, count, duration, per_sample, threat_name, total_seconds, unproven, with_threat_names
 from robaudit.report.common import verdict as scan_verdict
 from robaudit.report.files import write_text
 from robaudit.report.numbers import fixed, floor_fixed, floor_pct, floor_sig, gate_figures
@@ -168,7 +168,7 @@ def _certificate(report: Report) -> list[str]:
         rows.append(("radius quantiles (correct samples)", ", ".join(f"{k}: {floor_sig(v)}" for k, v in cert.radius_quantiles.items())))
     if cert.median_ratio is not None:
         rows.append(("median certified / smallest adversarial L2", f"{floor_fixed(cert.median_ratio, 3)} ({cert.ratio_samples} samples)"))
-    rows.append(("method that gave the radius", cell(", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")))
+    rows.append(("method that gave the radius", cell(certificate_methods(cert))))
     return [f"### Certified L2 radii (budget {cell(cert.budget)})", "", *table(("metric", "value"), rows, "lr"), *_section_notes(cert.notes)]
 
 

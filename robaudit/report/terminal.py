@@ -9,7 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from robaudit.report.common import (
-    canonical_aside, count, duration, per_sample, threat_name, total_seconds, unproven, verdict, with_threat_names,
+    canonical_aside, certificate_methods, count, duration, per_sample, threat_name, total_seconds, unproven, verdict,
+    with_threat_names,
 )  # fmt: skip
 from robaudit.report.schema import Report
 from robaudit.report.numbers import floor_fixed, floor_pct, floor_sig
@@ -150,7 +151,7 @@ def _certificate(report: Report) -> Group | Text | None:
             "median certified / smallest adversarial L2",
             f"{floor_fixed(cert.median_ratio, 3)} [dim]({cert.ratio_samples} samples; 1 = pinned down exactly)[/dim]",
         )
-    table.add_row("method that gave the radius", ", ".join(f"{k} {v}" for k, v in cert.methods.items()) or "-")
+    table.add_row("method that gave the radius", certificate_methods(cert))
     # what the radius covers (float32 rounding, precision) is part of the claim: show it with the table
     return _with_notes(table, cert.notes)
 
