@@ -402,7 +402,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
             std=config.std,
             input_range=[lower, upper],
             notes=[
-                *raw.notes, *info.notes, *([reshape_note] if reshape_note and not _says_reshaped(info.notes) else []), *_randomized_notes(randomized),
+                *raw.notes, *info.notes, *([reshape_note] if reshape_note else []), *_randomized_notes(randomized),
                 *batch_notes,
                 PRECISION_NOTE,
             ],  # fmt: skip
@@ -536,11 +536,6 @@ def _decide(
     return decision
 
 
-def _says_reshaped(notes: list[str]) -> bool:
-    """Whether the wrapper's notes already say how the samples reach the model (the data check's would repeat it)."""
-    return any("reshaped to the model's input shape" in n or "permuted to that layout" in n for n in notes)
-
-
 def config_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights are (CPU for a model without any)."""
     return next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -608,6 +603,8 @@ def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset
         raw, sample_shape=sample_shape, probe=data.take(0, PROBE_SIZE), mean=config.mean, std=config.std, device=device
     )
     check_compatible(data, raw.input_shape, info.num_classes)
+    if model.model_shape is not None:  # the wrapper's own note says how the samples reach the net
+        reshape_note = None
     for threat in config.threats:
         if threat.is_spatial and (len(sample_shape) != 3 or min(sample_shape[1:]) < 2):
             shape = "x".join(map(str, sample_shape))

@@ -10,7 +10,6 @@ samples once, decides how to bridge each difference, and records it in notes.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -398,20 +397,20 @@ def wrap_model(
     if std_t is not None and mean_t is None:
         mean_t = torch.zeros_like(std_t)
 
-    model_shape = None
-    free = free_channel_last(raw.input_dims, sample_shape) if raw.input_shape is None else None
-    if free is not None:  # a channel-last graph of any image size: these images' (H, W, C)
-        raw = dataclasses.replace(raw, input_shape=free)
-    if raw.input_shape is not None:
-        want, have = math.prod(raw.input_shape), math.prod(sample_shape)
+    model_shape, channels_last = None, False
+    # a channel-last graph of any image size takes these images' (H, W, C)
+    input_shape = raw.input_shape or free_channel_last(raw.input_dims, sample_shape)
+    if input_shape is not None:
+        want, have = math.prod(input_shape), math.prod(sample_shape)
         if want != have:
             raise RobauditError(
-                f"model {name} expects samples of shape {_shape_text(raw.input_shape)} ({want} values) but the data "
+                f"model {name} expects samples of shape {_shape_text(input_shape)} ({want} values) but the data "
                 f"has samples of shape {_shape_text(sample_shape)} ({have} values)"
             )
-        if tuple(raw.input_shape) != sample_shape:
-            model_shape = tuple(raw.input_shape)
-            if is_channel_last(model_shape, sample_shape):
+        if tuple(input_shape) != sample_shape:
+            model_shape = tuple(input_shape)
+            channels_last = is_channel_last(model_shape, sample_shape)
+            if channels_last:
                 notes.append(
                     f"the model takes channel-last images {_shape_text(model_shape)}: samples "
                     f"{_shape_text(sample_shape)} are permuted to that layout (not reshaped)"
@@ -432,7 +431,6 @@ def wrap_model(
             native = copy.deepcopy(net)
         net = net.float()
         notes.append(f"model weights converted from {found} to float32 for gradient attacks")
-    channels_last = model_shape is not None and is_channel_last(model_shape, sample_shape)
     model = AuditModel(
         net, sample_shape=sample_shape, model_shape=model_shape, mean=mean_t, std=std_t, channels_last=channels_last
     )
