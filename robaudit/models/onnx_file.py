@@ -415,10 +415,7 @@ def _wrap_pads_as_concats(model: onnx.ModelProto) -> int:
             for kind, (start, stop, size) in (("head", (-begin, _INT64_MAX, begin)), ("tail", (0, end, end))):
                 if not size:
                     continue
-                names = [f"{stem}{step}_{kind}_{field}" for field in ("starts", "ends", "axes")]
-                for name, value in zip(names, (start, stop, axis)):
-                    graph.initializer.append(numpy_helper.from_array(np.array([value], dtype=np.int64), name))
-                parts.append((kind, onnx.helper.make_node("Slice", [current, *names], [f"{stem}{step}_{kind}"])))
+                parts.append((kind, _slice_node(model, current, f"{stem}{step}_{kind}", [start], [stop], [axis])))
             last = step == len(plan) - 1
             out = node.output[0] if last else f"{stem}{step}"
             order = [n.output[0] for k, n in parts if k == "head"] + [current] + [n.output[0] for k, n in parts if k == "tail"]
@@ -433,6 +430,14 @@ def _wrap_pads_as_concats(model: onnx.ModelProto) -> int:
 
 
 _INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _slice_node(model: onnx.ModelProto, source: str, output: str, starts: list[int], ends: list[int], axes: list[int]) -> onnx.NodeProto:
+    """A Slice of `source` (opset 10+: bounds and axes as int64 initializers named after `output`)."""
+    names = [f"_robaudit_{output}_{field}" for field in ("starts", "ends", "axes")]
+    for name, values in zip(names, (starts, ends, axes)):
+        model.graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
+    return onnx.helper.make_node("Slice", [source, *names], [output])
 
 
 def _wrap_plan(node: onnx.NodeProto, consts: dict, shapes: dict) -> list[tuple[int, int, int]] | None:
@@ -683,12 +688,9 @@ def _crop_after(model: onnx.ModelProto, node: onnx.NodeProto, start: list[int], 
     inner = f"_robaudit_uncropped_{produced}"
     node.output[0] = inner
     axes = list(range(2, 2 + len(start)))
-    ends = [-s if s else np.iinfo(np.int64).max for s in stop]
+    ends = [-s if s else _INT64_MAX for s in stop]
     if opset >= 10:
-        names = [f"_robaudit_crop_{kind}_{produced}" for kind in ("starts", "ends", "axes")]
-        for name, values in zip(names, (start, ends, axes)):
-            model.graph.initializer.append(numpy_helper.from_array(np.array(values, dtype=np.int64), name))
-        crop = onnx.helper.make_node("Slice", [inner, *names], [produced])
+        crop = _slice_node(model, inner, produced, start, ends, axes)
     else:
         crop = onnx.helper.make_node("Slice", [inner], [produced], starts=start, ends=ends, axes=axes)
     position = list(model.graph.node).index(node)

@@ -24,6 +24,11 @@ SOFTSHRINK = "Softshrink"  # inputs x, lambd, zero; torch's nn.Softshrink(lambd)
 THRESHOLD = "Threshold"  # inputs x, threshold, value; torch's nn.Threshold(threshold, value)
 
 
+def _function(name: str, params: list[str], body: list[onnx.NodeProto], opset: int) -> onnx.FunctionProto:
+    """This domain's op `name`, of x and its scalar `params`, defined by `body` at `opset` (output y)."""
+    return helper.make_function(TORCH_DOMAIN, name, ["x", *params], ["y"], body, [helper.make_opsetid("", opset)])
+
+
 def softplus_function(opset: int) -> onnx.FunctionProto:
     """torch's softplus, x where beta x > threshold else Softplus(beta x) / beta, as the dynamo exporter writes it."""
     body = [
@@ -33,9 +38,7 @@ def softplus_function(opset: int) -> onnx.FunctionProto:
         helper.make_node("Greater", ["scaled", "threshold"], ["linear"]),
         helper.make_node("Where", ["linear", "x", "curve"], ["y"]),
     ]
-    return helper.make_function(
-        TORCH_DOMAIN, SOFTPLUS, ["x", "beta", "threshold"], ["y"], body, [helper.make_opsetid("", opset)]
-    )
+    return _function(SOFTPLUS, ["beta", "threshold"], body, opset)
 
 
 def softshrink_function(opset: int) -> onnx.FunctionProto:
@@ -49,9 +52,7 @@ def softshrink_function(opset: int) -> onnx.FunctionProto:
         helper.make_node("Mul", ["x", "zero"], ["zeroed"]),
         helper.make_node("Where", ["outside", "shrunk", "zeroed"], ["y"]),
     ]
-    return helper.make_function(
-        TORCH_DOMAIN, SOFTSHRINK, ["x", "lambd", "zero"], ["y"], body, [helper.make_opsetid("", opset)]
-    )
+    return _function(SOFTSHRINK, ["lambd", "zero"], body, opset)
 
 
 def threshold_function(opset: int) -> onnx.FunctionProto:
@@ -60,9 +61,7 @@ def threshold_function(opset: int) -> onnx.FunctionProto:
         helper.make_node("LessOrEqual", ["x", "threshold"], ["below"]),
         helper.make_node("Where", ["below", "value", "x"], ["y"]),
     ]
-    return helper.make_function(
-        TORCH_DOMAIN, THRESHOLD, ["x", "threshold", "value"], ["y"], body, [helper.make_opsetid("", max(opset, 12))]
-    )
+    return _function(THRESHOLD, ["threshold", "value"], body, max(opset, 12))  # LessOrEqual: opset 12
 
 
 def function_at(name: str, opset: int) -> onnx.FunctionProto:
