@@ -148,7 +148,7 @@ class _Settings:
     zero_threshold: float
     scales: dict[str, tuple[str, float]]  # threat key (and HEADLINE) -> (attack-direction norm, scale h)
     box: tuple[float, float] | None
-    generator: torch.Generator | SampleStreams  # one stream per sample of the batch being measured
+    generator: SampleStreams | None = None  # one stream per sample of the batch being measured (set per batch)
 
 
 @dataclass
@@ -325,7 +325,7 @@ def measure_indicator(
         spent = Budget(lanczos_steps, spent.curvature_random, spent.probes)
     dim = math.prod(x.shape[1:])
     scales = _scales(threats, dim, curvature_scale)
-    settings = _Settings(list(threats), spent, zero_threshold, scales, box, torch.Generator())
+    settings = _Settings(list(threats), spent, zero_threshold, scales, box)
     sink = progress or NoProgress()
     device = next((p.device for p in model.parameters()), x.device)
     started = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from robaudit.atomic import write_output
+from robaudit.threats import parse_threat
 from robaudit.errors import RobauditError
 from robaudit.report.numbers import distinct
 
@@ -365,8 +366,6 @@ def _certificate_problem(report: Report) -> str | None:
             return f"sample {r.index} is misclassified but has certified radius {radius!r}"
         if r.adversarial_l2 is not None and radius > r.adversarial_l2 * (1 + 1e-9):
             return f"sample {r.index}: certified radius {radius!r} exceeds its adversarial example's distance {r.adversarial_l2!r}"
-    from robaudit.threats import parse_threat  # here: the module imports the error types only
-
     n = len(samples)
     for key, value in cert.certified_accuracy.items():
         try:
