@@ -174,7 +174,7 @@ def test_auto_mode_pilot_stops_after_one_sample_when_the_run_is_hopeless() -> No
     assert reason is not None and reason.startswith("certificate skipped: projected"), reason
     assert "exceeds the automatic budget of 10 s" in reason
     _, whole = _auto_pilot(attack_seconds=3600.0, correct=12)
-    assert calls < whole / 4, (calls, whole)  # one sample's checks against the whole pilot's
+    assert whole - calls >= 7, (calls, whole)  # at least one model call per sample of the pilot left out
 
 
 def test_the_median_ratio_of_an_even_count_is_the_mean_of_the_middle_two() -> None:

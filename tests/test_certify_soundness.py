@@ -596,3 +596,159 @@ def test_weights_computed_by_exact_ops_are_certified(tmp_path) -> None:
                       do_constant_folding=False, dynamic_axes={"x": {0: "batch"}})  # fmt: skip
     model, _ = wrap_model(load_model(path), sample_shape=(1, 8, 8), probe=x[:4])
     assert (certify_l2(model, x[:8], y).radius > 0).any()
+
+
+# --------------------------------------------------------------------------- values fixed while tracing
+
+
+class _ScaledByPixel(nn.Module):
+    """Linear scores times a factor read from the first pixel through full_like (a soundness hunt of 2026-12-06)."""
+
+    def __init__(self, method: bool = False) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.method = method
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x.flatten(1))
+        fill = x[0, 0, 0, 0] - 0.5
+        return z * (z.new_full(z.shape, fill) if self.method else torch.full_like(z, fill))
+
+
+@pytest.mark.parametrize("method", [False, True])
+def test_a_fill_value_computed_from_the_input_is_refused(method: bool) -> None:
+    """full_like / new_full were read as 'depends on the shape only', so the fill was frozen at the traced
+    sample's value and the bound certified a linear model: moving the first pixel past 0.5 flips every
+    score's sign inside the certified ball. A constant fill stays certified (test_certify_property)."""
+    torch.manual_seed(0)
+    assert "a tensor filled with a value computed from the input" in _refused(_ScaledByPixel(method))
+
+
+class _Noisy(nn.Module):
+    def __init__(self, draw) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.draw = draw
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x.flatten(1))
+        return z + 1e-4 * self.draw(z)
+
+
+@pytest.mark.parametrize(
+    "draw",
+    [lambda z: torch.randn(1, 10), lambda z: torch.rand(10) - 0.5, lambda z: torch.empty(1, 10).normal_()],
+    ids=["randn", "rand", "normal_"],
+)
+def test_noise_drawn_inside_forward_is_refused(draw) -> None:
+    """torch.fx runs a call with no input-dependent argument while tracing and keeps its result as a constant:
+    noise at 1e-4 of the scores (under the graph check's tolerance) was certified as one fixed draw, and points
+    inside the certified ball were misclassified on most later runs. The caller's RNG is left as it was."""
+    torch.manual_seed(0)
+    net = _Noisy(draw)
+    state = torch.random.get_rng_state()
+    assert "changes from run to run on the same input (random draws" in _refused(net)
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_a_model_passed_in_training_mode_is_certified_in_eval_mode_and_says_so() -> None:
+    """Dropout and batch statistics make a training-mode output random or batch-dependent: the radii are the
+    eval-mode model's, the notes say so, and each submodule's mode is given back exactly as it was."""
+    x, y = digits()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 10))
+    evaluated = certify_l2(net.eval(), x[:8], y[:8], budget="fast")
+    assert not any("training mode" in note for note in evaluated.notes)
+    net.train()
+    net[1].eval()  # a mixed state the caller set up
+    cert = certify_l2(net, x[:8], y[:8], budget="fast")
+    assert torch.equal(cert.radius, evaluated.radius)
+    assert any("passed in training mode (the whole model)" in note and "eval mode" in note for note in cert.notes)
+    assert net.training and not net[1].training and net[3].training
+    net.eval()
+    net[3].train()
+    notes = certify_l2(net, x[:8], y[:8], budget="fast").notes
+    assert any("passed in training mode (3)" in note for note in notes), notes
+    assert not net.training and net[3].training
+
+
+class _EmaAtInference(nn.Module):
+    """Averaged weights without gradients (inference), the raw ones with them (training and attacks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.ema = nn.Linear(64, 10), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.fc if torch.is_grad_enabled() else self.ema)(x.flatten(1))
+
+
+class _ScaleCache(nn.Module):
+    """Scores scaled by the previous call's largest pixel: state kept between calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.last = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1)) * self.last
+        self.last = float(x.detach().abs().max()) + self.last
+        return out
+
+
+class _GradientInForward(nn.Module):
+    """A step against its own input gradient (torch.enable_grad, which fx leaves out of the graph)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            xi = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.net(xi).logsumexp(1).sum(), xi)
+        return self.net(x - 0.1 * g)
+
+
+@pytest.mark.parametrize(
+    "make, fragment",
+    [
+        (_EmaAtInference, "its output with gradients on differs from its output without them"),
+        (_ScaleCache, "state kept between calls"),
+        (_GradientInForward, "the traced graph does not run as the network does (RuntimeError"),
+    ],
+    ids=["grad-mode-branch", "state", "autograd-in-forward"],
+)
+def test_forwards_that_depend_on_more_than_their_input_are_refused(make, fragment: str) -> None:
+    """Found by the soundness hunt of 2026-12-06. The bound is built without gradients and the attacks run with
+    them: a branch on torch.is_grad_enabled() was certified for the branch no attack sees (7 of 12 radii of a
+    scan broken). A gradient step inside forward raised a bare RuntimeError (the scan's exit 3)."""
+    torch.manual_seed(0)
+    assert fragment in _refused(make())
+
+
+def test_torch_layer_subclasses_with_their_own_forward_are_refused() -> None:
+    """torch.ao.nn.qat.Linear / Conv2d are kept by fx as single calls and are instances of nn.Linear /
+    nn.Conv2d, so they were read by their float weights, while their forward uses the weights rounded to the
+    int8 grid (the soundness hunt of 2026-12-06 broke 12 of 23 radii of a scan). A torch layer subclass that
+    keeps torch's forward (LazyLinear once materialized) is read as before."""
+    import torch.ao.nn.qat as nnqat
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    x, y = digits()
+    torch.manual_seed(0)
+    qconfig = get_default_qat_qconfig("x86")
+    for layer, fragment in (
+        (nnqat.Linear(64, 10, qconfig=qconfig), "torch.ao.nn.qat.modules.linear.Linear replaces Linear.forward"),
+    ):
+        net = nn.Sequential(nn.Flatten(), layer).train()
+        net(x[:32])  # the observers see data, as in quantization-aware training
+        assert fragment in _refused(net)
+    conv = nnqat.Conv2d(1, 4, 3, qconfig=qconfig)
+    net = nn.Sequential(conv, nn.Flatten(), nn.Linear(144, 10)).train()
+    net(x[:32])
+    assert "torch.ao.nn.qat.modules.conv.Conv2d replaces Conv2d.forward" in _refused(net)
+    lazy = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
+    lazy(x[:1])
+    certify_l2(lazy.eval(), x[:4], y[:4], budget="fast")

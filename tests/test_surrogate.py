@@ -515,3 +515,32 @@ def test_detach_is_the_identity_in_the_surrogate(digits, tmp_path, save) -> None
     n = int((model(x).argmax(1) == y).sum())
     on_model, transferred = broken(model, surrogate.module, x, y, 0.2)
     assert transferred >= 0.9 * n and transferred > on_model, (on_model, transferred, n)
+
+
+class _DetachedFill(nn.Module):
+    """The CNN's scores times a factor passed to full_like as a number (`.detach()`): removing the detach
+    (BPDA) leaves a tensor that requires grad where torch wants a number."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.net(x)
+        return z * torch.full_like(z, (x[0, 0, 0, 0] + 1.0).detach())
+
+
+def test_a_surrogate_that_cannot_run_backward_is_no_surrogate(digits, capsys) -> None:
+    """Found by the soundness hunt of 2026-12-06: the surrogate built, then the transfer attack crashed the
+    scan (exit 3, an internal TypeError, with fx's listing of the failing code on stderr). The surrogate is
+    now run forward and backward once when built; the trust stage notes why there is none, quietly."""
+    from robaudit.stages.trust import _surrogate
+
+    x, _ = digits
+    model = torch_model(_DetachedFill(demo_classifier()).eval(), x)
+    with pytest.raises(RuntimeError, match="does not run with gradients .*full_like"):
+        build_surrogate(model)
+    surrogate, why = _surrogate(model)
+    assert surrogate is None and why.startswith("no surrogate: RuntimeError: the rewritten graph does not run")
+    assert "full_like" in why and "\n" not in why
+    assert capsys.readouterr().err == ""

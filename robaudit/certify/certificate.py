@@ -160,7 +160,8 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
         return Certificate(radius, method, time.perf_counter() - start, [])
 
     model = _on_cpu(model)
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # restored one by one: the caller's module as it was
+    training = sorted(name for name, m in model.named_modules() if m.training)
     model.eval()
     try:
         graph = build_graph(model, x[:1])
@@ -187,7 +188,8 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
             if progress is not None:
                 progress(len(xb))
     finally:
-        model.train(was_training)
+        for m, mode in modes.items():
+            m.training = mode
 
     notes = [
         f"budget {plan.name}: at most {plan.max_evals} bound evaluations per batch of {batch_size} samples",
@@ -200,12 +202,25 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
         "radii certify the float32 model in pixel space: every margin must exceed a rigorous bound on its "
         "float32 rounding error over the ball (Winograd/FFT convolutions and TF32 are outside that bound)",
     ]
+    if training:
+        notes.append(
+            f"the model was passed in training mode ({_named(training)}): radii certify it in eval mode "
+            "(dropout off, batch norm on its running statistics), the mode a saved model is audited in; "
+            "in training mode its output is random or depends on the batch, and no radius holds for it"
+        )
     if graph.final is not None:
         notes.append(
             f"the network ends in a {graph.final.replace('_', '-')}, which picks the class its input scores pick: "
             f"radii bound those scores, each margin kept {graph.tie_margin:.1g} above a float32 tie"
         )
     return Certificate(radius, method, time.perf_counter() - start, notes)
+
+
+def _named(modules: list[str]) -> str:
+    """'the whole model' or the first few submodules in training mode."""
+    if "" in modules:
+        return "the whole model"
+    return ", ".join(modules[:3]) + (f" and {len(modules) - 3} more" if len(modules) > 3 else "")
 
 
 def _batches(n: int, first: int, size: int) -> list[tuple[int, int]]:

@@ -907,8 +907,36 @@ def _adaptive_windows(n: int, out: int) -> tuple[torch.Tensor, int, torch.Tensor
 _MAXPOOL_KEYS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")  # nn.MaxPool2d's
 
 
+_CALL_METHODS = ("forward", "_conv_forward", "__call__", "_call_impl")  # what runs when a layer is called
+
+
+def _replaced_layer_code(m: nn.Module) -> str | None:
+    """Why a torch layer's subclass cannot be read as the layer (its weights by its type), or None.
+
+    torch.fx keeps modules of torch's own namespaces (``torch.nn``, ``torch.ao.nn``) as
+    single calls, and the bound reads such a call by the torch layer class it is an
+    instance of. A subclass that brings its own ``forward`` computes something else:
+    ``torch.ao.nn.qat.Linear`` multiplies by its weight rounded to the int8 grid, and was
+    certified as the float ``nn.Linear`` (a soundness hunt of 2026-12-06 broke its radii).
+    """
+    cls = type(m)
+    stock = next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn.modules.") and c is not nn.Module), None)
+    if stock is None or stock is cls:
+        return None
+    for c in cls.__mro__:
+        if c is stock:
+            return None
+        replaced = [a for a in _CALL_METHODS if a in vars(c)]
+        if replaced:
+            return f"{cls.__module__}.{cls.__qualname__} replaces {stock.__name__}.{replaced[0]} (it computes something else)"
+    return None
+
+
 def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, out_shape: Shape) -> int:
     """Emit the op of one call_module node whose first argument depends on the input."""
+    replaced = _replaced_layer_code(m)
+    if replaced is not None:
+        raise CertificateUnavailable(f"{name}: {replaced}")
     var = args[0]
     if type(m).__name__ in ("OnnxSum", "OnnxMean") and not kwargs:
         return _onnx_sum(b, name, type(m).__name__ == "OnnxMean", args, out_shape)
@@ -1699,14 +1727,41 @@ def _linear_operand(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> _
     return found[0] if len(found) == 1 else None
 
 
+RUN_SEEDS = (20261206, 1)  # the RNG seeds of `_walk`'s two runs of a graph: what differs between them is random
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two runs gave one node the same value (tensors bit for bit, NaN equal to NaN)."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        return bool(((a == b) | (a != a) & (b != b)).all()) if a.numel() else True
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(u, v) for u, v in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float):
+        return a == b or (a != a and b != b)
+    if isinstance(a, (int, bool)) and isinstance(b, (int, bool)):
+        return a == b
+    return True  # modules, dtypes, None: not values the bound reads as numbers
+
+
 def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: int, nested: bool = False) -> int:
     """Add the ops of `gm` (traced at batch 1 on `example`) after node `input_index`; return the output node.
 
     `nested`: `gm` is one module inside the network (`_sequential`), so a softmax at its end does not close the network.
     """
-    recorder = _Recorder(gm)
-    with torch.no_grad():
-        recorder.run(example)
+    recorder, again = _Recorder(gm), _Recorder(gm)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):  # two runs on two seeds; the caller's RNG untouched
+            for seed, run in enumerate((recorder, again)):
+                torch.manual_seed(RUN_SEEDS[seed])
+                run.run(example)
+    except Exception as exc:  # noqa: BLE001 - fx leaves out what it cannot record (a torch.enable_grad block)
+        raise CertificateUnavailable(
+            f"{b.prefix}graph: the traced graph does not run as the network does ({_first_line(exc)})"
+        ) from None
     values = recorder.values
     env: dict[fx.Node, Any] = {}
     final = None if nested else _final_softmax(gm, values)
@@ -1737,6 +1792,8 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
             output = out.index
             continue
         if n.op == "get_attr" or not has_var((n.args, n.kwargs)):
+            if not _same(values[n], again.values.get(n)):  # torch.randn(...) in forward: not a constant
+                raise CertificateUnavailable(f"{b.where(n, gm)}: a value that changes from run to run (random)")
             env[n] = values[n]  # a constant: parameters, ONNX constants, folded shape arithmetic
             _refuse_rounded_constant(n, gm, values[n], b)
             continue
@@ -1749,11 +1806,14 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
                 "in the model's own float arithmetic)"
             )
         args, kwargs = resolve(n.args), resolve(n.kwargs)
-        shape_only = (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
-            n.op == "call_function" and n.target is getattr and args[1] in ("shape", "ndim", "dtype", "device")
-        ) or (n.op == "call_function" and _aten_name(n.target) in _ATEN_SHAPE | _FILLED_LIKE) or (
+        filled = (n.op == "call_function" and _aten_name(n.target) in _FILLED_LIKE) or (
             n.op == "call_method" and n.target in _FILLED_LIKE
         ) or (n.op == "call_function" and n.target in _FILLED_FUNCTIONS)
+        if filled and has_var((n.args[1:], n.kwargs)):  # full_like(h, x[0, 0]): the fill is not a constant
+            raise CertificateUnavailable(f"{b.where(n, gm)}: a tensor filled with a value computed from the input")
+        shape_only = filled or (n.op == "call_method" and n.target in _SHAPE_METHODS) or (
+            n.op == "call_function" and n.target is getattr and args[1] in ("shape", "ndim", "dtype", "device")
+        ) or (n.op == "call_function" and _aten_name(n.target) in _ATEN_SHAPE)
         if shape_only or (n.op == "call_module" and type(gm.get_submodule(n.target)).__name__ == "OnnxShape"):
             env[n] = values[n]  # depends on the input's shape only, fixed at batch 1
             continue
@@ -1870,10 +1930,59 @@ def _padded_max_pool(
 
 def _trace(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """The fx graph of `net` run on `example` (the net's own input), or why there is none."""
+    _refuse_random(net, example)
     try:
         return to_fx(net, example)
     except NotTraceable as exc:
         raise CertificateUnavailable(f"{type(net).__name__}: {exc}") from None
+
+
+def _refuse_random(net: nn.Module, example: torch.Tensor) -> None:
+    """Refuse a network whose output on one input changes with the RNG's seed.
+
+    torch.fx runs a call without input-dependent arguments (``torch.randn(1, 3)`` in
+    ``forward``) while tracing and keeps its result as a constant of the graph, so the
+    bound would certify one draw of the noise. Two runs of the network itself on two seeds
+    (the caller's RNG left as it was) must agree bit for bit, and so must a third with
+    gradients on: the bound is built without them and the attacks run with them, so a
+    forward that branches on ``torch.is_grad_enabled()`` (EMA weights under no_grad) would
+    be certified for the branch the attacks never see.
+    """
+    outs = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for seed, grad in ((RUN_SEEDS[0], False), (RUN_SEEDS[1], False), (RUN_SEEDS[0], True)):
+                torch.manual_seed(seed)
+                with torch.set_grad_enabled(grad):
+                    outs.append(_detached(net(example)))
+    except Exception as exc:  # noqa: BLE001 - the user's code, run on one sample at batch 1
+        raise CertificateUnavailable(f"{type(net).__name__}: fails on one sample ({_first_line(exc)})") from None
+    if not _same(outs[0], outs[1]):
+        raise CertificateUnavailable(
+            f"{type(net).__name__}: its output changes from run to run on the same input (random draws, or "
+            "state kept between calls), so no radius holds for every run"
+        )
+    if not _same(outs[0], outs[2]):  # forward branches on torch.is_grad_enabled(): attacks run the other branch
+        raise CertificateUnavailable(
+            f"{type(net).__name__}: its output with gradients on differs from its output without them "
+            "(a forward that branches on the autograd mode)"
+        )
+
+
+def _detached(value: Any) -> Any:
+    """`value` with every tensor detached (outputs of a run with gradients on)."""
+    if torch.is_tensor(value):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value) if isinstance(value, list) else tuple(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:

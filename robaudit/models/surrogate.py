@@ -17,7 +17,9 @@ built around it (sharing the frozen weights, which nothing here writes to).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import itertools
 import operator
 from collections.abc import Callable
@@ -498,4 +500,17 @@ def build_surrogate(model: AuditModel) -> Surrogate | None:
     surrogate.output_kind = "logits" if squash else model.output_kind
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     surrogate.to(device).eval().requires_grad_(False)
+    _probe(surrogate, device)
     return Surrogate(module=surrogate, changes=lines)
+
+
+def _probe(surrogate: AuditModel, device: torch.device) -> None:
+    """Run the surrogate forward and backward once: a rewrite can break the net's own code (a removed
+    detach leaves a tensor that requires grad where the net passes it as a number, e.g. a fill value)."""
+    x = torch.zeros((2, *surrogate.sample_shape), device=device, requires_grad=True)
+    try:
+        with torch.enable_grad(), contextlib.redirect_stderr(io.StringIO()):  # fx prints the failing code there
+            torch.autograd.grad(surrogate(x).sum(), x, allow_unused=True)
+    except Exception as exc:  # noqa: BLE001 - whatever the net raises, there is no usable surrogate
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1]
+        raise RuntimeError(f"the rewritten graph does not run with gradients ({message})") from None
