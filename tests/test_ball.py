@@ -194,3 +194,24 @@ def test_every_coupled_layer_ball_holds_the_layer_on_random_nets() -> None:
     print(f"coupled layers checked: {checked}, largest share of R reached: {reach:.3f}")
     assert checked >= 20, checked
     assert reach > 0.8, reach
+
+
+@pytest.mark.parametrize("scale", [1e-50, 1e-30, 1e-6, 1e6, 1e30, 1e50])
+def test_the_float32_search_for_mu_stays_sound_at_extreme_scales(scale: float) -> None:
+    """The search for mu runs in float32 (every mu is sound; only the final bound is float64): slopes far outside
+    float32's range must still give a finite bound below the true minimum, which scales with them."""
+    gen = torch.Generator().manual_seed(7)
+    m = 4
+    lo = -torch.rand(m, generator=gen, dtype=F64) * 2
+    hi = torch.rand(m, generator=gen, dtype=F64) * 2
+    centre = lo + (hi - lo) * torch.rand(m, generator=gen, dtype=F64)
+    radius = 0.4 * float((hi - lo).norm())
+    lam = torch.randn(m, generator=gen, dtype=F64)
+    g = lam * torch.rand(m, generator=gen, dtype=F64)
+    truth = true_minimum(lam, g, 0.0, lo, hi, centre, radius, gen)
+    bound, _ = ball_of(lo, hi, centre, radius).offset((lam * scale)[None, None], (g * scale)[None, None], 0.0)
+    assert math.isfinite(float(bound))
+    assert float(bound) <= truth * scale + 1e-9 * abs(truth) * scale
+    unscaled, _ = ball_of(lo, hi, centre, radius).offset(lam[None, None], g[None, None], 0.0)
+    if 1e-30 <= scale <= 1e30:  # beyond float32's range the search steers blind, and stays sound
+        assert float(bound) / scale == pytest.approx(float(unscaled), rel=1e-3)  # as tight as at scale 1

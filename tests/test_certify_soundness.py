@@ -752,3 +752,33 @@ def test_torch_layer_subclasses_with_their_own_forward_are_refused() -> None:
     lazy = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
     lazy(x[:1])
     certify_l2(lazy.eval(), x[:4], y[:4], budget="fast")
+
+
+@pytest.mark.parametrize(
+    "c_in, c_out, kernel, stride, padding, dilation, groups, fast",
+    [
+        (16, 16, 3, 1, 1, 1, 1, True), (8, 32, (3, 5), 1, (1, 2), 1, 1, True), (4, 8, 3, 1, 0, 1, 1, True),
+        (16, 8, 5, 1, 2, 1, 1, True), (3, 16, 3, 1, 1, 1, 1, False), (16, 16, 1, 1, 0, 1, 1, False),
+        (16, 16, 3, 2, 1, 1, 1, False), (16, 16, 3, 1, 2, 2, 1, False), (16, 16, 3, 1, 1, 1, 4, False),
+        (8, 8, 3, 1, 3, 1, 1, False),  # padding above k - 1: no transposed form
+    ],
+)
+def test_the_faster_float64_convolution_computes_the_convolution(c_in, c_out, kernel, stride, padding, dilation, groups, fast) -> None:
+    """ConvOp computes stride-1 convolutions as the input gradient of the transposed kernel (torch's float64 conv2d
+    is several times slower): the same values up to float64 rounding, on exactly the geometries it claims."""
+    from robaudit.certify.ops import ConvOp
+
+    gen = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation, groups).double()
+    x = torch.randn(5, c_in, 7, 9, dtype=torch.float64, generator=gen)
+    out = conv._conv_forward(x, conv.weight, None)
+    pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
+    op = ConvOp("conv", (1, c_in, 7, 9), (1, *out.shape[1:]), None, False, conv.weight.detach(), pair(stride),
+                pair(padding), pair(dilation), groups)  # fmt: skip
+    assert (op._transposed is not None) == fast
+    got = op.linear(x[:, None]).reshape(out.shape)
+    assert torch.allclose(got, out, rtol=1e-12, atol=1e-12 * float(out.abs().max()))
+    back = torch.randn(out.shape, dtype=torch.float64, generator=gen)  # the adjoint: <A x, v> = <x, A^T v>
+    lhs = (got * back).sum()
+    rhs = (x * op.adjoint(back[:, None]).reshape(x.shape)).sum()
+    assert float(lhs) == pytest.approx(float(rhs), rel=1e-10)

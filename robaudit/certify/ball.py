@@ -75,16 +75,18 @@ class Ball:
         index = self.index[:, None].expand(n, s, -1)
         lam, g = lam.gather(2, index), g.gather(2, index)
         r2 = self.radius**2
-        with torch.no_grad():
+        with torch.no_grad():  # every mu gives a sound bound: the search runs in float32, on the slopes once
             lam_, g_ = lam.detach(), g.detach()
-            size = (torch.maximum((lam_ * neg_slope - g_).abs(), (lam_ - g_).abs()) * self.valid).norm(dim=2)
+            s_n, s_p = lam_ * neg_slope - g_, lam_ - g_
+            size = (torch.maximum(s_n.abs(), s_p.abs()) * self.valid).norm(dim=2)
             guess = (size / self.radius.clamp_min(1e-300)).clamp_min(1e-300).log()  # the optimum for c = 0, no box
             low, high = guess - MU_BRACKET, guess + MU_BRACKET
             h_low = h_high = torch.full_like(guess, torch.nan)  # ||z* - c||^2 - R^2 at the bracket's ends
+            pieces = [t.float() for t in (s_n, s_p, self.centre, self.lo, self.hi)]
             for _ in range(MU_STEPS):
                 mid = (low + high) / 2
-                z, _ = self._inner(lam_, g_, neg_slope, mid.exp())
-                h = ((z - self.centre) ** 2).sum(2) - r2
+                z = _minimizer(*pieces, mid.exp())
+                h = ((z - pieces[2]) ** 2).sum(2) - r2
                 outside = h > 0
                 low, high = torch.where(outside, mid, low), torch.where(outside, high, mid)
                 h_low, h_high = torch.where(outside, h, h_low), torch.where(outside, h_high, h)
@@ -114,3 +116,18 @@ class Ball:
         v_p = s_p * z_p + 0.5 * mu * (z_p - c) ** 2
         better = v_n <= v_p
         return torch.where(better, z_n, z_p), torch.minimum(v_n, v_p)
+
+
+_F32_BIG = 1e38  # mu and 1 / mu kept below this in float32 (finite; an overflow further on is an inf, never a NaN)
+
+
+def _minimizer(s_n, s_p, c, lo, hi, mu: torch.Tensor) -> torch.Tensor:
+    """Per unit the minimizer of `Ball._inner`'s piecewise quadratic, in float32 (it only steers the search for mu)."""
+    mu64 = mu[..., None]
+    m = mu64.clamp(max=_F32_BIG).float()
+    inv = (1 / mu64.clamp_min(1 / _F32_BIG)).float()
+    zero = torch.zeros_like(c)
+    z_n = torch.minimum(torch.maximum(c - s_n * inv, lo), zero)
+    z_p = torch.minimum(torch.maximum(c - s_p * inv, zero), hi)
+    better = s_n * z_n + 0.5 * m * (z_n - c) ** 2 <= s_p * z_p + 0.5 * m * (z_p - c) ** 2
+    return torch.where(better, z_n, z_p)
