@@ -107,15 +107,19 @@ class Ball:
         quadratics minimized in closed form; the smaller minimum wins.
         """
         mu = mu[..., None]
-        c = self.centre
-        s_n, s_p = lam * neg_slope - g, lam - g
         inv = 1 / mu.clamp_min(1e-300)  # mu = 0: the ends of each piece (a zero slope keeps z = c)
-        z_n = torch.minimum(torch.maximum(c - s_n * inv, self.lo), torch.zeros_like(c))
-        z_p = torch.minimum(torch.maximum(c - s_p * inv, torch.zeros_like(c)), self.hi)
-        v_n = s_n * z_n + 0.5 * mu * (z_n - c) ** 2
-        v_p = s_p * z_p + 0.5 * mu * (z_p - c) ** 2
-        better = v_n <= v_p
-        return torch.where(better, z_n, z_p), torch.minimum(v_n, v_p)
+        s_n, s_p = lam * neg_slope - g, lam - g
+        z_n, z_p, v_n, v_p = _pieces(s_n, s_p, self.centre, self.lo, self.hi, mu, inv)
+        return torch.where(v_n <= v_p, z_n, z_p), torch.minimum(v_n, v_p)
+
+
+def _pieces(s_n, s_p, c, lo, hi, mu: torch.Tensor, inv: torch.Tensor):
+    """Per unit the minimizers and minima of s z + mu/2 (z - c)^2 on [lo, 0] (slope s_n) and [0, hi] (s_p),
+    given mu and its inverse (the caller picks how mu = 0 and the float range are handled)."""
+    zero = torch.zeros_like(c)
+    z_n = torch.minimum(torch.maximum(c - s_n * inv, lo), zero)
+    z_p = torch.minimum(torch.maximum(c - s_p * inv, zero), hi)
+    return z_n, z_p, s_n * z_n + 0.5 * mu * (z_n - c) ** 2, s_p * z_p + 0.5 * mu * (z_p - c) ** 2
 
 
 _F32_BIG = 1e38  # mu and 1 / mu kept below this in float32 (finite; an overflow further on is an inf, never a NaN)
@@ -126,8 +130,5 @@ def _minimizer(s_n, s_p, c, lo, hi, mu: torch.Tensor) -> torch.Tensor:
     mu64 = mu[..., None]
     m = mu64.clamp(max=_F32_BIG).float()
     inv = (1 / mu64.clamp_min(1 / _F32_BIG)).float()
-    zero = torch.zeros_like(c)
-    z_n = torch.minimum(torch.maximum(c - s_n * inv, lo), zero)
-    z_p = torch.minimum(torch.maximum(c - s_p * inv, zero), hi)
-    better = s_n * z_n + 0.5 * m * (z_n - c) ** 2 <= s_p * z_p + 0.5 * m * (z_p - c) ** 2
-    return torch.where(better, z_n, z_p)
+    z_n, z_p, v_n, v_p = _pieces(s_n, s_p, c, lo, hi, m, inv)
+    return torch.where(v_n <= v_p, z_n, z_p)
