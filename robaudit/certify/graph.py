@@ -29,7 +29,7 @@ from torch import nn
 from torch.fx.node import _get_qualified_name
 
 from robaudit.certify.errors import CertificateUnavailable
-from robaudit.models.fx_graph import NotTraceable, to_fx
+from robaudit.models.fx_graph import NotTraceable, error_line, to_fx
 from robaudit.models.outputs import select_output
 from robaudit.certify.ops import (
     ActOp,
@@ -1760,7 +1760,7 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
                 run.run(example)
     except Exception as exc:  # noqa: BLE001 - fx leaves out what it cannot record (a torch.enable_grad block)
         raise CertificateUnavailable(
-            f"{b.prefix}graph: the traced graph does not run as the network does ({_first_line(exc)})"
+            f"{b.prefix}graph: the traced graph does not run as the network does ({error_line(exc)})"
         ) from None
     values = recorder.values
     env: dict[fx.Node, Any] = {}
@@ -1956,7 +1956,7 @@ def _refuse_random(net: nn.Module, example: torch.Tensor) -> None:
                 with torch.set_grad_enabled(grad):
                     outs.append(_detached(net(example)))
     except Exception as exc:  # noqa: BLE001 - the user's code, run on one sample at batch 1
-        raise CertificateUnavailable(f"{type(net).__name__}: fails on one sample ({_first_line(exc)})") from None
+        raise CertificateUnavailable(f"{type(net).__name__}: fails on one sample ({error_line(exc)})") from None
     if not _same(outs[0], outs[1]):
         raise CertificateUnavailable(
             f"{type(net).__name__}: its output changes from run to run on the same input (random draws, or "
@@ -1978,11 +1978,6 @@ def _detached(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _detached(v) for k, v in value.items()}
     return value
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:

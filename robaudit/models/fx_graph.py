@@ -110,7 +110,7 @@ def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
         try:
             gm = fx.symbolic_trace(net)
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow and friends
-            raise NotTraceable(f"the network cannot be traced by torch.fx ({_one_line(exc)})") from None
+            raise NotTraceable(f"the network cannot be traced by torch.fx ({error_line(exc)})") from None
     _refuse_hidden_mutation(gm)
     return _scores_only(gm, net, example)
 
@@ -174,7 +174,7 @@ def _scores_only(gm: fx.GraphModule, net: nn.Module, example: torch.Tensor) -> f
         with torch.no_grad():
             runtime = net(example)
     except Exception as exc:  # noqa: BLE001 - whatever the net raises: no graph to match its output with
-        raise NotTraceable(f"the network fails on the tracing input ({_one_line(exc)})") from None
+        raise NotTraceable(f"the network fails on the tracing input ({error_line(exc)})") from None
     if torch.is_tensor(runtime):
         return gm
     chosen = select_output(runtime)
@@ -204,7 +204,7 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
         with _quiet():
             module = TS2EPConverter(_private_copy(net), (example,)).convert().module()
     except Exception as exc:  # noqa: BLE001 - unsupported TorchScript IR, data-dependent control flow, ...
-        why = f"torch's TorchScript converter cannot translate the network to aten ops ({_one_line(exc)})"
+        why = f"torch's TorchScript converter cannot translate the network to aten ops ({error_line(exc)})"
         raise NotTraceable(why) from None
     if not isinstance(module, fx.GraphModule):
         raise NotTraceable(f"torch's TorchScript converter returned a {type(module).__name__}, not an fx graph")
@@ -225,6 +225,7 @@ def _private_copy(net: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
     return torch.jit.load(buffer, map_location=device)
 
 
-def _one_line(exc: Exception) -> str:
+def error_line(exc: BaseException) -> str:
+    """'TypeError: <the message's first line>' (the type alone for an empty message): one line for a refusal."""
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")

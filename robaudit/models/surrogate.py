@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from robaudit.models.fx_graph import is_torchscript, to_fx
+from robaudit.models.fx_graph import error_line, is_torchscript, to_fx
 from robaudit.models.outputs import select_output
 from robaudit.models.wrapper import AuditModel
 
@@ -512,5 +512,4 @@ def _probe(surrogate: AuditModel, device: torch.device) -> None:
         with torch.enable_grad(), contextlib.redirect_stderr(io.StringIO()):  # fx prints the failing code there
             torch.autograd.grad(surrogate(x).sum(), x, allow_unused=True)
     except Exception as exc:  # noqa: BLE001 - whatever the net raises, there is no usable surrogate
-        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[-1]
-        raise RuntimeError(f"the rewritten graph does not run with gradients ({message})") from None
+        raise RuntimeError(f"the rewritten graph does not run with gradients ({error_line(exc)})") from None
