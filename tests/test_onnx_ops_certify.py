@@ -531,3 +531,44 @@ def test_a_file_whose_runtime_returns_no_scores_is_a_clear_error(tmp_path) -> No
     raw = load_model(path)
     with pytest.raises(RobauditError, match=r"shape \(\d+, 2\), onnxruntime's \(\d+, 0\)"):
         wrap_model(raw, sample_shape=(2, 1, 2), probe=torch.rand((4, 2, 1, 2)))
+
+
+def _reserved_domain_file(path: Path, domain: str, op: str, opset: int) -> Path:
+    """A classifier whose hidden activation is the file's own `domain::op`: ReLU plus 20 on 0.3 < x < 0.3001.
+
+    robaudit writes its own rewrites in that domain, and would read the node as its op
+    (a plain ReLU), not by the body the file gives it, which onnxruntime runs.
+    """
+    g = _Graph(11)
+    hidden = g.node("Gemm", [g.node("Flatten", ["x"], "flat0"), g.weight("w0", (8, 72)), g.weight("b0", (8,), 0.1)], "h", transB=1)
+    g.nodes.append(helper.make_node(op, [hidden], ["a"], domain=domain))
+    g.node("Gemm", ["a", g.weight("w1", (CLASSES, 8)), g.weight("b1", (CLASSES,), 0.1)], "y", transB=1)
+    scalar = lambda name, v: helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.FLOAT, [], [v]))  # noqa: E731
+    body = [
+        helper.make_node("Relu", ["x"], ["plain"]), scalar("lo", 0.3), scalar("hi", 0.3001), scalar("bump", 20.0),
+        helper.make_node("Greater", ["x", "lo"], ["above"]), helper.make_node("Less", ["x", "hi"], ["below"]),
+        helper.make_node("And", ["above", "below"], ["band"]), helper.make_node("Add", ["plain", "bump"], ["bumped"]),
+        helper.make_node("Where", ["band", "bumped", "plain"], ["y"]),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        g.nodes, path.stem, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *SHAPE])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", CLASSES])], initializer=g.inits,
+    )  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(domain, 1)],
+        functions=[helper.make_function(domain, op, ["x"], ["y"], body, [helper.make_opsetid("", opset)])],
+    )  # fmt: skip
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("domain", "op", "opset"),
+    [("robaudit_torch", "Threshold", 17), ("robaudit.unchanged", "Relu", 19)],  # 19: converted to 17 when loaded
+)
+def test_a_file_that_uses_a_domain_robaudit_writes_its_rewrites_in_is_refused(domain, op, opset, tmp_path) -> None:
+    """Read as robaudit's own op, the file's node was certified as a plain ReLU while its band broke every radius."""
+    path = _reserved_domain_file(tmp_path / "reserved.onnx", domain, op, opset)
+    with pytest.raises(RobauditError, match=f"operator domain '{domain}', which robaudit reserves"):
+        load_model(path)

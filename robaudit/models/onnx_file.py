@@ -30,6 +30,7 @@ warnings.filterwarnings(
 # Opsets that onnx2torch covers well, best first; tried in this order when conversion fails.
 FALLBACK_OPSETS = (17, 16, 15, 13, 11)
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+_SHIELD_DOMAIN = "robaudit.unchanged"  # where `_convert_version` hides the nodes it carries over
 _OP_RE = re.compile(r"domain='([^']*)', operation_type='([^']+)', version=(\d+)")
 
 
@@ -63,6 +64,36 @@ def _read(path: Path) -> onnx.ModelProto:
     except Exception as exc:  # noqa: BLE001 - onnx.checker.ValidationError and friends
         raise RobauditError(f"cannot read ONNX file {path}: {one_line(exc)}") from None
     return model
+
+
+def _nodes(graph: onnx.GraphProto):
+    """Every node of `graph` and of the subgraphs its nodes hold (If / Loop / Scan bodies)."""
+    for node in graph.node:
+        yield node
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+                yield from _nodes(sub)
+
+
+def _refuse_reserved_domains(model: onnx.ModelProto, path: Path) -> None:
+    """Stop at a file that uses one of the ONNX domains robaudit writes its own rewrites in.
+
+    Those nodes are read by what robaudit means by them (its converters, or put back into
+    the default domain), not by the file's own definition, so a file of its own with the
+    same domain name would be translated into another network, and its radii would be
+    about that network.
+    """
+    reserved = (TORCH_DOMAIN, _SHIELD_DOMAIN)
+    used = [entry.domain for entry in model.opset_import]
+    used += [f.domain for f in model.functions]
+    used += [n.domain for n in _nodes(model.graph)]
+    used += [n.domain for f in model.functions for n in f.node]
+    clash = next((domain for domain in used if domain in reserved), None)
+    if clash is not None:
+        raise RobauditError(
+            f"ONNX file {path} uses the operator domain '{clash}', which robaudit reserves for its own rewrites "
+            "of the graph; rename that domain in the file"
+        )
 
 
 def external_data_files(path: Path) -> list[Path]:
@@ -467,7 +498,6 @@ def _wrap_plan(node: onnx.NodeProto, consts: dict, shapes: dict) -> list[tuple[i
     return plan
 
 
-_SHIELD_DOMAIN = "robaudit.unchanged"  # where `_convert_version` hides the nodes it carries over
 _CONSTANT_OF_SHAPE_9_TYPES = {t for t in range(1, 14) if t != onnx.TensorProto.STRING}  # float, ints, bool, half, double
 
 
@@ -785,6 +815,7 @@ def _keep_scores_output(model: onnx.ModelProto) -> str | None:
 def load_onnx(path: Path) -> RawModel:
     """Read, check and convert an ONNX classifier with a single float image input."""
     model = _read(path)
+    _refuse_reserved_domains(model, path)
     chosen = _keep_scores_output(model)
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
