@@ -710,3 +710,13 @@ def test_a_reshape_that_would_scramble_the_pixels_is_refused() -> None:
         check_compatible(rgb, (1, 32, 32, 3), 10)
     with raises_one_line(r"model expects \(4, 4, 16\): the same number of values in another arrangement"):
         check_compatible(make_dataset((4, 16, 4), [0]), (4, 4, 16), 10)
+
+
+def test_uint8_pixels_are_the_values_torchvision_to_tensor_gives(tmp_path: Path) -> None:
+    """x / 255 correctly rounded, as ToTensor: times float32(1/255) was one float32 step off for 126 of 256
+    values, so an adversarial example at exactly eps from robaudit's pixels lay beyond eps from the user's."""
+    values = np.arange(256, dtype=np.uint8).reshape(16, 1, 4, 4)
+    np.savez(tmp_path / "all_bytes.npz", x=values, y=np.zeros(16, dtype=np.int64))
+    data = load_data(str(tmp_path / "all_bytes.npz"), n=None, seed=0)
+    to_tensor = torch.from_numpy(values).float().div(255)  # torchvision.transforms.functional.to_tensor's arithmetic
+    assert torch.equal(data.x, to_tensor)

@@ -246,7 +246,12 @@ def scale_pixels(x: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     so every extra temporary shows up in peak memory and page-fault time.
     """
     out = x.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-    if x.dtype == torch.uint8:
+    if x.dtype == torch.uint8 and (lo, hi) == (0.0, 1.0):
+        # divided, as torchvision's ToTensor does: times float32(1/255) is one float32 step
+        # off for 126 of the 256 values, so a point at exactly eps from robaudit's pixels
+        # could lie a hair beyond eps from the pixels the user's own loader gives
+        out.div_(255.0)
+    elif x.dtype == torch.uint8:
         out.mul_((hi - lo) / 255.0).add_(lo)
     # Values within the tolerance may sit a hair outside; attacks assume exact bounds.
     return out.clamp_(lo, hi)
