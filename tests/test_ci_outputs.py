@@ -277,3 +277,29 @@ def test_keys_a_later_minor_version_adds_are_ignored(ci_base: CiScan, tmp_path) 
     result = run_cli("report", newer, "--markdown", tmp_path / "o.md", "-q")
     assert result.code == 0, result.stderr
     assert (tmp_path / "o.md").read_text() == ci_base.markdown.read_text()
+
+
+def test_every_renderer_rounds_the_indicator_score_and_the_curve_radii_down(ci_base: CiScan) -> None:
+    """A score of 1.23386 read 1.234 beside a gate that failed it at 1.234; a curve radius of 0.15065 read 0.151."""
+    import io
+
+    from rich.console import Console
+
+    from robaudit.report.html import render_html
+    from robaudit.report.junit import render_junit
+    from robaudit.report.markdown import render_markdown
+    from robaudit.report.schema import read_report
+    from robaudit.report.terminal import render
+
+    report = read_report(ci_base.json)
+    assert report.summary.indicator and report.summary.curves
+    report.summary.indicator["score"] = 1.2338625609617275
+    report.summary.curves[0].eps[0] = 0.15065
+    out = io.StringIO()
+    render(report, Console(file=out, width=400, color_system=None))
+    texts = {"terminal": out.getvalue(), "markdown": render_markdown(report), "html": render_html(report),
+             "junit": render_junit(report)}  # fmt: skip
+    for name, text in texts.items():
+        assert "1.233" in text and "1.234" not in text, name
+    for name in ("terminal", "markdown"):
+        assert "0.15:" in texts[name] and "0.151" not in texts[name], name

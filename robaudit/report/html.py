@@ -292,7 +292,7 @@ def _indicator(report: Report) -> str:
     ind = report.summary.indicator
     if not ind or "score" not in ind:
         return ""
-    rows = [["score (higher = flatter decision surface = more robust)", f"{ind['score']:.3f}"]]
+    rows = [["score (higher = flatter decision surface = more robust)", fixed(ind['score'], 3)]]
     for key, value in (ind.get("parts") or {}).items():
         if isinstance(value, (int, float)) and key.startswith(INDICATOR_PARTS):
             rows.append([f"<code>{_e(with_threat_names(report, key))}</code>", _pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"])
@@ -326,7 +326,7 @@ def render_html(report: Report) -> str:
     if s.certificate is not None and s.certificate.available:
         headline += [[f"certified accuracy {_threat(report, k)}", _pct(v)] for k, v in s.certificate.certified_accuracy.items()]
     if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
-        headline.append(["indicator score", f"{s.indicator['score']:.3f}"])
+        headline.append(["indicator score", fixed(s.indicator['score'], 3)])
     notes = _notes([*m.notes, *d.notes])
     meta = (
         f"model <code>{_e(m.path)}</code> ({_e(m.format)}, sha256 <code>{_e(m.sha256[:12])}</code>) · "

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from robaudit.report.common import certificate_methods
 from robaudit.report.files import write_text
-from robaudit.report.numbers import floor_pct
+from robaudit.report.numbers import fixed, floor_pct
 from robaudit.report.schema import GateCheck, Report
 
 _KIND_CLASS = {
@@ -157,7 +157,7 @@ def _summary_text(report: Report) -> str:
         else:
             lines.append(f"certificate: {cert.reason}")
     if s.indicator and "score" in s.indicator:
-        lines.append(f"indicator score {s.indicator['score']:.3f}")
+        lines.append(f"indicator score {fixed(s.indicator['score'], 3)}")
     if s.diagnostics:
         lines.append(f"trust checks: {s.diagnostics['verdict']}")
         lines += [f"  {c['verdict'].upper()} {c['name']}" + (f" [{c['threat']}]" if c["threat"] else "") + f": {c['summary']}" for c in s.diagnostics["checks"]]

@@ -84,7 +84,7 @@ def _headline(report: Report) -> list[str]:
     if s.certificate is not None and s.certificate.available:
         rows += [(f"certified accuracy {_threat(report, k)}", pct(v)) for k, v in s.certificate.certified_accuracy.items()]
     if s.indicator and isinstance(s.indicator.get("score"), (int, float)):
-        rows.append(("indicator score", f"{s.indicator['score']:.3f}"))
+        rows.append(("indicator score", fixed(s.indicator['score'], 3)))
     lines = [f"## robaudit: {verdict(report.gate)}", ""]
     warning = scan_verdict(report)
     if warning.level == "warn":  # the gate passed (or there is none) but the trust checks say the figures may be too high
@@ -150,7 +150,7 @@ def _curves(report: Report) -> list[str]:
     rows = []
     for c in report.summary.curves:
         step = max(1, (len(c.eps) - 1) // 6)
-        points = ", ".join(f"{c.eps[i]:.3g}: {pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
+        points = ", ".join(f"{floor_sig(c.eps[i], 3)}: {pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
         rows.append((cell(c.norm), "-" if c.median_distance is None else floor_sig(c.median_distance), points))
     caveats = [u for u in (unproven(report, c) for c in report.summary.curves) if u.count]
     notes = [line for u in caveats for line in (f"> **Upper bound**: {cell(u.sentence())}", "")]
@@ -181,7 +181,7 @@ def _indicator(report: Report) -> list[str]:
     ind = report.summary.indicator
     if not ind or "score" not in ind:
         return []
-    rows = [("score (higher = flatter decision surface = more robust)", f"{ind['score']:.3f}")]
+    rows = [("score (higher = flatter decision surface = more robust)", fixed(ind['score'], 3))]
     for key, value in (ind.get("parts") or {}).items():
         if isinstance(value, (int, float)) and key.startswith(INDICATOR_PARTS):
             shown = pct(value) if key.startswith("predicted_robust_accuracy") else f"{value:.4g}"

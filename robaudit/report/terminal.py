@@ -13,7 +13,7 @@ from robaudit.report.common import (
     with_threat_names,
 )  # fmt: skip
 from robaudit.report.schema import Report
-from robaudit.report.numbers import floor_fixed, floor_pct, floor_sig
+from robaudit.report.numbers import fixed, floor_fixed, floor_pct, floor_sig
 
 
 def _pct(value: float) -> str:
@@ -116,7 +116,7 @@ def _curves(report: Report) -> Group | Table | None:
     table.add_column("radius -> robust accuracy")
     for c in report.summary.curves:
         step = max(1, (len(c.eps) - 1) // 6)
-        points = "  ".join(f"{c.eps[i]:.3g}: {_pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
+        points = "  ".join(f"{floor_sig(c.eps[i], 3)}: {_pct(c.robust_accuracy[i])}" for i in range(0, len(c.eps), step))
         median = floor_sig(c.median_distance) if c.median_distance is not None else "-"
         table.add_row(c.norm, median, points)
     caveats = [unproven(report, c) for c in report.summary.curves]
@@ -177,7 +177,7 @@ def _indicator(report: Report) -> Table | Group | None:
     table.add_column("value", justify="right")
     table.add_column("meaning")
     table.add_row(
-        "score", f"{ind['score']:.3f}",
+        "score", fixed(ind['score'], 3),
         "median margin / predicted worst drop in the ball; higher = flatter, wider plateau = more robust; "
         "above 1 the second-order bound predicts most decisions hold",
     )  # fmt: skip
