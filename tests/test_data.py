@@ -720,3 +720,40 @@ def test_uint8_pixels_are_the_values_torchvision_to_tensor_gives(tmp_path: Path)
     data = load_data(str(tmp_path / "all_bytes.npz"), n=None, seed=0)
     to_tensor = torch.from_numpy(values).float().div(255)  # torchvision.transforms.functional.to_tensor's arithmetic
     assert torch.equal(data.x, to_tensor)
+
+
+def test_gray_images_for_a_three_channel_model_are_refused(tmp_path: Path) -> None:
+    """Repeated into 3 channels, a gray change counts sqrt(3) times in L2: radii were up to 1.73x the gray files'."""
+    for label in (0, 1):
+        write_png(tmp_path / "imgs" / str(label) / "a.png", np.full((4, 4), 60 * label, dtype=np.uint8))
+    with pytest.raises(RobauditError, match="holds grayscale images only, but the model takes 3 channels") as info:
+        load_data(str(tmp_path / "imgs"), n=None, seed=0, channels=3)
+    assert "\n" not in str(info.value)
+    assert load_data(str(tmp_path / "imgs"), n=None, seed=0, channels=1).x.shape == (2, 1, 4, 4)
+    write_png(tmp_path / "imgs" / "1" / "b.png", np.full((4, 4, 3), 90, dtype=np.uint8))  # one colour image: RGB data
+    assert load_data(str(tmp_path / "imgs"), n=None, seed=0, channels=3).x.shape == (3, 3, 4, 4)
+
+
+def _png_16_bit_rgb(path: Path, pixels: np.ndarray) -> None:
+    """A 16-bit-per-channel RGB PNG, written chunk by chunk (PIL cannot write one)."""
+    import struct
+    import zlib
+
+    height, width, _ = pixels.shape
+    raw = b"".join(b"\x00" + pixels[i].astype(">u2").tobytes() for i in range(height))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_sixteen_bit_colour_images_are_refused_as_sixteen_bit_gray_ones_are(tmp_path: Path) -> None:
+    """PIL decodes 16-bit RGB as 8-bit 'RGB', keeping the high byte: read silently, though the docs said refused."""
+    _png_16_bit_rgb(tmp_path / "imgs" / "0" / "deep.png", np.random.default_rng(0).integers(0, 65536, (4, 4, 3)))
+    write_png(tmp_path / "imgs" / "1" / "plain.png", np.zeros((4, 4, 3), dtype=np.uint8))
+    with pytest.raises(RobauditError, match=r"deep\.png has 16-bit colour pixels") as info:
+        load_data(str(tmp_path / "imgs"), n=None, seed=0)
+    assert "\n" not in str(info.value)

@@ -30,7 +30,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # 16-bit, 32-bit integer and float images: PIL's conversion to 8 bits clips them instead of scaling
 DEEP_MODES = {"I": "32-bit integer", "I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit",
-              "F": "32-bit float"}  # fmt: skip
+              "F": "32-bit float", "RGB;16": "16-bit colour"}  # fmt: skip
 
 
 def short_reason(exc: BaseException, limit: int = 160) -> str:
@@ -280,6 +280,13 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
     paths = [file for file, _ in files]
     shown = [Path(spec) / file.relative_to(root) for file in paths]
     size, all_gray = _check_headers(paths, shown)
+    if all_gray and channels == 3:
+        raise RobauditError(
+            f"image folder {spec} holds grayscale images only, but the model takes 3 channels: repeating each gray "
+            "level into 3 channels would measure L2 sizes sqrt(3) times (L1 sizes 3 times) those of the gray images, "
+            "so radii and L2 robust accuracy would not be about these files; convert the images to RGB first "
+            "(every figure is then about the RGB files), or audit a model that takes 1 channel."
+        )
     mode = {1: "L", 3: "RGB"}.get(channels or 0)
     # Grayscale converted to RGB repeats the channel: keep one copy.
     one_channel = mode == "L" or (mode is None and all_gray)
@@ -290,6 +297,16 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
         notes.append(_skipped_note(skipped))
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
     return RawData(x=images, y=labels, notes=notes, class_names=None if numeric else classes)
+
+
+def _decoded_from_16_bits(img) -> bool:
+    """Whether PIL decodes the image from 16 bits per channel (its tiles' raw mode, e.g. 'RGB;16B')."""
+    for tile in getattr(img, "tile", None) or []:
+        args = tile[3] if len(tile) > 3 else None
+        raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args and isinstance(args[0], str) else ""
+        if ";16" in raw:
+            return True
+    return False
 
 
 def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int], bool]:
@@ -307,6 +324,8 @@ def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int
             with Image.open(file) as img:
                 all_gray = all_gray and img.mode in GRAY_MODES
                 size, mode = img.size, img.mode
+                if mode not in DEEP_MODES and _decoded_from_16_bits(img):
+                    mode = "RGB;16"  # PIL reads 16-bit colour as 8-bit "RGB", dropping the low byte
         except Exception as exc:
             raise RobauditError(f"cannot read image {name}: {short_reason(exc)}.") from exc
         if mode in DEEP_MODES:
