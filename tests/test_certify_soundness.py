@@ -468,15 +468,25 @@ class _InPlace(nn.Module):
             g = h + 0.0
             g += 2.0
             return self.fc2(self.act(g + h))
+        if self.kind == "view relu_":  # changes h through a view: fc2 reads h, half rectified, which fx names unchanged
+            h[:, :8].relu_()
+            return self.fc2(h)
+        if self.kind == "view module":
+            self.act(h[:, 8:])
+            return self.fc2(h)
+        if self.kind == "view after":  # a view of the changed value, taken after the change: nothing hidden
+            a = self.act(h)
+            return self.fc2(a.view(-1, 16))
         return self.fc2(self.act(h))
 
 
-@pytest.mark.parametrize("kind", ["clamp_", "mul_"])
+@pytest.mark.parametrize("kind", ["clamp_", "mul_", "view relu_", "view module"])
 def test_in_place_changes_that_later_nodes_read_are_refused(kind: str) -> None:
+    """Through a view the change reaches h, which fc2 reads: the bound read fc2(fc1(x)) with no ReLU, and broke."""
     assert "in place" in _refused(_InPlace(kind))
 
 
-@pytest.mark.parametrize("kind", ["relu", "iadd"])
+@pytest.mark.parametrize("kind", ["relu", "iadd", "view after"])
 def test_in_place_ops_whose_old_value_nothing_reads_are_certified(kind: str) -> None:
     """nn.ReLU(inplace=True) after a layer (torchvision's nets) and `g += 2` (fx traces a plain add) change nothing hidden."""
     x, y = digits()
@@ -782,3 +792,27 @@ def test_the_faster_float64_convolution_computes_the_convolution(c_in, c_out, ke
     lhs = (got * back).sum()
     rhs = (x * op.adjoint(back[:, None]).reshape(x.shape)).sum()
     assert float(lhs) == pytest.approx(float(rhs), rel=1e-10)
+
+
+class _OwnCall(nn.Module):
+    """A class whose `__call__` negates the scores of inputs with a bright pixel: fx traces `forward` alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        z = super().__call__(x)
+        return torch.where((x.flatten(1).amax(1) > 0.995)[:, None], -z, z)
+
+
+def test_a_class_with_its_own_call_is_refused() -> None:
+    """Certified as `forward`, a red team broke 17 of 24 such radii (pickled module, CLI exit 0 on 4 of 24)."""
+    assert "__call__ replaced" in _refused(_OwnCall())
+    inner = nn.Sequential(nn.Flatten(), _OwnCall().fc1, nn.ReLU(), nn.Linear(16, 10))
+    holder = nn.Sequential(inner)
+    holder[0].__class__ = type("Called", (nn.Sequential,), {"__call__": lambda self, x: -nn.Sequential.__call__(self, x)})
+    assert "__call__ replaced" in _refused(holder)

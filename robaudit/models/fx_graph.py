@@ -52,7 +52,8 @@ def is_torchscript(net: nn.Module) -> bool:
 
 def untraced_modules(net: nn.Module) -> list[str]:
     """Names of the modules of `net` whose calls run more than their class's code: forward
-    (pre-)hooks, "every module" for global ones, or a method replaced on the instance.
+    (pre-)hooks, "every module" for global ones, a method replaced on the instance, or a
+    class's own `__call__` (fx traces `forward` and nothing around it).
 
     fx traces `forward` and records calls of leaf modules as plain calls, which robaudit
     reads by the module's type and weights: a hook that edits a layer's input or output
@@ -71,6 +72,8 @@ def untraced_modules(net: nn.Module) -> list[str]:
     for name, m in net.named_modules():
         hooks = [*getattr(m, "_forward_hooks", {}).values(), *getattr(m, "_forward_pre_hooks", {}).values()]
         patched = [a for a, v in vars(m).items() if callable(v) and callable(getattr(type(m), a, None)) and _changes_values(v)]
+        if _own_call(type(m)):  # fx traces `forward`; a class's own `__call__` runs around it, untraced
+            patched.append("__call__")
         if any(_changes_values(h) for h in hooks) or patched:
             found.append((name or type(m).__name__) + (f" ({', '.join(patched)} replaced)" if patched else ""))
     return found
@@ -81,6 +84,12 @@ def untraced_modules(net: nn.Module) -> list[str]:
 # each call, the same for every input (the graph reads that weight, and `check_graph` compares outputs)
 _TORCH_OWN = ("torch.export.", "torch._export.", "torch._dynamo.", "torch.nn.utils.prune",
               "torch.nn.utils.weight_norm", "torch.nn.utils.spectral_norm")  # fmt: skip
+
+
+def _own_call(cls: type) -> bool:
+    """Whether `cls` (or a class it inherits from, outside torch) defines a `__call__` of its own."""
+    call = getattr(cls, "__call__", None)
+    return call is not nn.Module.__call__ and not str(getattr(call, "__module__", None) or "").startswith("torch.")
 
 
 def _changes_values(hook) -> bool:
@@ -111,7 +120,7 @@ def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
             gm = fx.symbolic_trace(net)
         except Exception as exc:  # noqa: BLE001 - data-dependent control flow and friends
             raise NotTraceable(f"the network cannot be traced by torch.fx ({error_line(exc)})") from None
-    _refuse_hidden_mutation(gm)
+    _refuse_hidden_mutation(gm, example)
     return _scores_only(gm, net, example)
 
 
@@ -138,7 +147,7 @@ def _inplace(node: fx.Node, gm: fx.GraphModule) -> bool:
     return name.endswith("_") and not name.startswith("_")
 
 
-def _refuse_hidden_mutation(gm: fx.GraphModule) -> None:
+def _refuse_hidden_mutation(gm: fx.GraphModule, example: torch.Tensor) -> None:
     """Raise NotTraceable where an in-place op changes a value that a later node reads.
 
     A graph node names a value, but an in-place op (`with torch.no_grad(): x.clamp_(0, 0.5)`)
@@ -146,18 +155,48 @@ def _refuse_hidden_mutation(gm: fx.GraphModule) -> None:
     values in the network, the old ones in any bound or surrogate walking the graph. An
     in-place op on a value nothing else reads afterwards (`nn.ReLU(inplace=True)` after a
     convolution) changes nothing the graph does not show, and is accepted.
+
+    The tensor behind a name may be shared: an in-place op on a view (`h[:, :1].relu_()`)
+    changes `h` too. Which values share memory is read off one run of the graph on
+    `example` (every value kept alive, so equal storages mean real aliases): any value
+    computed before the op that shares the changed tensor's storage must not be read after it.
     """
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    for node in gm.graph.nodes:
-        if not _inplace(node, gm) or not node.args or not isinstance(node.args[0], fx.Node):
-            continue
+    inplace = [n for n in gm.graph.nodes if _inplace(n, gm) and n.args and isinstance(n.args[0], fx.Node)]
+    if not inplace:
+        return
+    storages = _storages(gm, example)
+    for node in inplace:
         target = node.args[0]
-        later = [u for u in target.users if u is not node and order[u] > order[node]]
+        shared = storages.get(target, set())
+        earlier = [target, *(n for n, s in storages.items() if n is not target and order[n] < order[node] and s & shared)]
+        later = [(a, u) for a in earlier for u in a.users if u is not node and order[u] > order[node]]
         if later:
+            alias, reader = later[0]
+            via = "" if alias is target else f" (which shares its memory with {alias.name})"
             raise NotTraceable(
-                f"{node.name} changes {target.name} in place and {later[0].name} reads it afterwards: a traced graph does not "
-                "follow in-place changes"
+                f"{node.name} changes {target.name} in place{via} and {reader.name} reads "
+                f"{alias.name} afterwards: a traced graph does not follow in-place changes"
             )
+
+
+def _storages(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, set[int]]:
+    """The storages (data pointers) each node's tensors live in, from one run of `gm` that keeps every value."""
+    seen: dict[fx.Node, set[int]] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node):
+            out = super().run_node(n)
+            leaves = tree_flatten(out)[0]
+            seen[n] = {t.untyped_storage().data_ptr() for t in leaves if torch.is_tensor(t) and t.numel()}
+            return out
+
+    try:
+        with torch.no_grad():
+            Recorder(gm, garbage_collect_values=False).run(example.detach().clone())
+    except Exception as exc:  # noqa: BLE001 - whatever the graph raises: its in-place changes cannot be checked
+        raise NotTraceable(f"the traced graph, which changes values in place, does not run ({error_line(exc)})") from None
+    return seen
 
 
 def _scores_only(gm: fx.GraphModule, net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
