@@ -757,3 +757,22 @@ def test_sixteen_bit_colour_images_are_refused_as_sixteen_bit_gray_ones_are(tmp_
     with pytest.raises(RobauditError, match=r"deep\.png has 16-bit colour pixels") as info:
         load_data(str(tmp_path / "imgs"), n=None, seed=0)
     assert "\n" not in str(info.value)
+
+
+def test_two_class_folders_for_one_label_are_refused(tmp_path: Path) -> None:
+    """'2' and '02' were both read as label 2: two classes merged without a word."""
+    for name in ("0", "2", "02"):
+        write_png(tmp_path / "imgs" / name / "a.png", np.zeros((4, 4), dtype=np.uint8))
+    with pytest.raises(RobauditError, match="has class folders 02, 2 for the same label") as info:
+        load_data(str(tmp_path / "imgs"), n=None, seed=0)
+    assert "\n" not in str(info.value)
+
+
+def test_images_with_an_alpha_channel_say_it_was_dropped(tmp_path: Path) -> None:
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 10  # nearly transparent red: read as red
+    write_png(tmp_path / "imgs" / "0" / "a.png", rgba)
+    write_png(tmp_path / "imgs" / "1" / "b.png", np.zeros((4, 4, 3), dtype=np.uint8))
+    data = load_data(str(tmp_path / "imgs"), n=None, seed=0)
+    assert "dropped the alpha (transparency) channel of 1 image:" in " ".join(data.notes)
+    assert torch.equal(data.x[0, 0], torch.full((4, 4), 200 / 255))

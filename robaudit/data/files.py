@@ -27,6 +27,7 @@ SUPPORTED_FORMATS = (
 )
 FLAT_INPUT = 0  # `channels` for a model whose input is a flat vector: keep 4-D data as stored (`_to_nchw`)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 # 16-bit, 32-bit integer and float images: PIL's conversion to 8 bits clips them instead of scaling
 DEEP_MODES = {"I": "32-bit integer", "I;16": "16-bit", "I;16L": "16-bit", "I;16B": "16-bit", "I;16N": "16-bit",
@@ -265,6 +266,12 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
     # Integer folder names are the labels themselves (e.g. 0..9); otherwise sorted index.
     numbered = [c for c in classes if re.fullmatch(r"[0-9]+", c)]
     numeric = len(numbered) == len(classes)
+    same = [c for c in numbered if any(d != c and int(d) == int(c) for d in numbered)]
+    if numeric and same:  # "2" and "02" would both be label 2: two classes merged silently
+        raise RobauditError(
+            f"image folder {spec} has class folders {', '.join(sorted(same, key=lambda c: (int(c), c))[:2])} for the same "
+            "label; rename them so that each number names one folder."
+        )
     if numbered and not numeric:  # sorted as text, "10" would come before "2": labels would move silently
         others = [c for c in classes if c not in numbered]
         raise RobauditError(
@@ -279,7 +286,7 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
         )
     paths = [file for file, _ in files]
     shown = [Path(spec) / file.relative_to(root) for file in paths]
-    size, all_gray = _check_headers(paths, shown)
+    size, all_gray, with_alpha = _check_headers(paths, shown)
     if all_gray and channels == 3:
         raise RobauditError(
             f"image folder {spec} holds grayscale images only, but the model takes 3 channels: repeating each gray "
@@ -293,6 +300,11 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
     images = FolderImages(paths, shown, size, mode or "RGB", one_channel)
     kind = "grayscale (1 channel)" if one_channel else "RGB (3 channels)"
     notes = [f"read {len(files)} images from {len(classes)} class folders as {kind}"]
+    if with_alpha:
+        notes.append(
+            f"dropped the alpha (transparency) channel of {_files(with_alpha).replace('file', 'image')}: pixels are "
+            "read as stored, not blended over a background"
+        )
     if skipped:
         notes.append(_skipped_note(skipped))
     labels = torch.tensor([label for _, label in files], dtype=torch.int64)
@@ -309,8 +321,8 @@ def _decoded_from_16_bits(img) -> bool:
     return False
 
 
-def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int], bool]:
-    """The common (width, height) and whether every image is grayscale, from headers only.
+def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int], bool, int]:
+    """The common (width, height), whether every image is grayscale, and how many have an alpha channel, from headers only.
 
     PIL's `Image.open` parses the header and defers decoding, so this stays cheap for
     thousands of files; errors come in file order, as a full read would give them.
@@ -318,11 +330,13 @@ def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int
     from PIL import Image
 
     all_gray = True
+    with_alpha = 0
     first: tuple[Path, tuple[int, int]] | None = None
     for file, name in zip(files, shown, strict=True):
         try:
             with Image.open(file) as img:
                 all_gray = all_gray and img.mode in GRAY_MODES
+                with_alpha += img.mode in ALPHA_MODES or "transparency" in img.info
                 size, mode = img.size, img.mode
                 if mode not in DEEP_MODES and _decoded_from_16_bits(img):
                     mode = "RGB;16"  # PIL reads 16-bit colour as 8-bit "RGB", dropping the low byte
@@ -341,7 +355,7 @@ def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int
                 f"{first[1][0]}x{first[1][1]}; all images in a folder must have the same size."
             )
     assert first is not None  # the caller checked that there are files
-    return first[1], all_gray
+    return first[1], all_gray, with_alpha
 
 
 class FolderImages:
