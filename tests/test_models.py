@@ -1196,3 +1196,20 @@ def test_a_channel_last_onnx_file_of_any_image_size_gets_its_samples_permuted(tm
     y = net(x).argmax(1)
     torch.testing.assert_close(certify_l2(model, x, y, budget="fast").radius, certify_l2(net, x, y, budget="fast").radius,
                                rtol=1e-6, atol=0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_safetensors_weights_build_the_architecture_in_their_own_precision(zoo: Zoo, tmp_path: Path, dtype) -> None:
+    """Loaded into float32 tensors, float64 weights were rounded and float16 ones certified as a float32 model."""
+    from robaudit.certify import CertificateUnavailable, certify_l2
+
+    path = tmp_path / "cnn.safetensors"
+    save_file({k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in zoo.cnn.state_dict().items()}, str(path))
+    raw = load_model(path, arch="model_zoo:tiny_cnn")
+    name = str(dtype).removeprefix("torch.")
+    assert f"built --arch model_zoo:tiny_cnn in {name}" in " ".join(raw.notes)
+    assert {p.dtype for p in raw.net.parameters()} == {dtype}
+    model, _ = wrap(raw)
+    x = torch.rand((4, *SHAPE), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CertificateUnavailable, match=f"weights are {name}"):
+        certify_l2(model, x, model(x).argmax(1), budget="fast")
