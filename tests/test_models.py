@@ -212,8 +212,15 @@ def test_fixed_batch_export_pads_last_chunk(zoo: Zoo) -> None:
 
 
 def test_trainmode_export_switched_to_inference(zoo: Zoo) -> None:
+    """Attacked as the inference-mode rewrite, but not certified: the file's program normalizes over the batch."""
+    from robaudit.certify import CertificateUnavailable, certify_l2
+
     raw = load_model(zoo.files["cnn_trainmode.pt2"])
     assert any("training mode" in note for note in raw.notes)
+    model, _ = wrap(raw)
+    x = torch.rand((4, *SHAPE), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CertificateUnavailable, match="saved in training mode"):
+        certify_l2(model, x, model(x).argmax(1), budget="fast")
 
 
 def test_flat_onnx_input_reshaped(zoo: Zoo) -> None:

@@ -46,6 +46,8 @@ class RawModel:
     # The per-sample dims the file states where some are free (None), as an ONNX graph taking
     # images of any size: (None, None, 3) is a channel-last net (`layout.free_channel_last`).
     input_dims: tuple[int | None, ...] | None = None
+    # Why the net computes something other than the file, where the loader rewrote it (no certificate).
+    inexact: str | None = None
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:

@@ -125,10 +125,17 @@ def load_export(path: Path) -> RawModel:
         module.__dict__.pop(name, None)
     notes = []
     flipped = _to_inference(module)
+    inexact = None
     if flipped:
         notes.append(
             f"torch.export graph was saved in training mode; switched {flipped} batch-norm/dropout "
             "op(s) to inference behaviour"
+        )
+        # the file's own graph normalizes with batch statistics (and drops units at random):
+        # radii of the rewrite would not be about the program the file holds
+        inexact = (
+            f"the torch.export program was saved in training mode, and robaudit switched {flipped} batch-norm/dropout "
+            "op(s) to inference: radii would be about that rewrite, not the program in the file"
         )
     module = module.to("cpu")
     return RawModel(
@@ -139,4 +146,5 @@ def load_export(path: Path) -> RawModel:
         notes=notes,
         fixed_batch=fixed_batch,
         name=str(path),
+        inexact=inexact,
     )

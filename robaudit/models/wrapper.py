@@ -438,6 +438,7 @@ def wrap_model(
         model.inexact = (
             f"the model's weights are {found}: radii would bound its float32 copy, not the model's own arithmetic"
         )
+    model.inexact = model.inexact or raw.inexact
     model.eval()
     model.requires_grad_(False)
 
