@@ -796,6 +796,7 @@ def save_adversarial(path: Path, result: ScanResult) -> None:
         key = outcome.threat.canonical
         arrays[f"{key}__x"] = outcome.x_adv[idx].to(torch.float32).numpy()
         arrays[f"{key}__index"] = indices[idx.numpy()]
+        arrays[f"{key}__label"] = result.data.y[idx].to(torch.int64).numpy()  # the true class, which x no longer gets
     try:
         write_output(path, lambda handle: np.savez_compressed(handle, **arrays))
     except OSError as exc:

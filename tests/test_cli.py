@@ -123,6 +123,7 @@ def test_saved_adversarial_examples_reverify_independently(model_files: ModelFil
         key = t["threat"]
         x_adv = torch.from_numpy(saved[f"{key}__x"])
         index = torch.from_numpy(saved[f"{key}__index"])
+        assert torch.equal(torch.from_numpy(saved[f"{key}__label"]), y_all[index])
         broken = [s["index"] for s in report["samples"] if s["threats"][key]["broken_by"]]
         assert sorted(index.tolist()) == sorted(broken) and len(broken) > 0
         delta = (x_adv - x_all[index]).flatten(1).double()
