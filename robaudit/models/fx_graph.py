@@ -195,7 +195,7 @@ def _storages(gm: fx.GraphModule, example: torch.Tensor) -> dict[fx.Node, set[in
         with torch.no_grad():
             Recorder(gm, garbage_collect_values=False).run(example.detach().clone())
     except Exception as exc:  # noqa: BLE001 - whatever the graph raises: its in-place changes cannot be checked
-        raise NotTraceable(f"the traced graph, which changes values in place, does not run ({error_line(exc)})") from None
+        raise NotTraceable(f"the traced graph does not run as the network does ({error_line(exc)})") from None
     return seen
 
 
