@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import pytest
@@ -195,3 +196,37 @@ def test_a_distance_is_the_float64_norm_of_the_difference_never_above_eps() -> N
     )  # fmt: skip
     assert bool(outcome.broken[0]) and float(outcome.distance[0]) <= 0.05
     assert float(outcome.distance[0]) == float(outcome.x_adv.double()[0, 0] - x.double()[0, 0])
+
+
+class _BroadcastGradient(nn.Module):
+    """Scores computed without gradients, plus 0 * x.sum(): autograd's input gradient is one zero broadcast to
+    the input's shape (stride 0), which the attacks' in-place `sign_` and indexed writes refused (exit 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(20, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            scores = self.lin(x)
+        return scores + 0 * x.sum(1, keepdim=True)
+
+
+@pytest.mark.parametrize("name", ["fgsm", "pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fmn", "deepfool", "fab-t"])
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_gradient_attacks_take_a_broadcast_zero_gradient(name: str, norm: str) -> None:
+    from robaudit.battery import build_battery
+
+    torch.manual_seed(0)
+    model = _BroadcastGradient().eval()
+    x = torch.rand(6, 20)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    with warnings.catch_warnings():  # torch deprecates writing into expanded tensors (apgd did)
+        warnings.filterwarnings("error", message=".*expanded tensors.*")
+        outcome = run_threat(
+            model, x, y, torch.ones(len(x), dtype=torch.bool), parse_threat(f"{norm}:0.1"),
+            build_battery([{"attack": name, "steps": 3} if name != "fgsm" else {"attack": name}]),
+            lower=0.0, upper=1.0, num_classes=5, batch_size=8, device=torch.device("cpu"), seed=0,
+        )  # fmt: skip
+    assert outcome.broken.shape == (6,)

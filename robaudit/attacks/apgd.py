@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from robaudit.attacks.apgd_l1 import LossFn, apgd_l1_run
-from robaudit.attacks.base import DUAL, Attack, AttackContext, normalized_step, project, within_rounding
+from robaudit.attacks.base import DUAL, Attack, AttackContext, input_gradient, normalized_step, project, within_rounding
 from robaudit.attacks.losses import dlr_targeted, get_loss
 from robaudit.threats import Threat
 
@@ -120,7 +120,7 @@ def _evaluate(
     with torch.set_grad_enabled(need_grad):
         logits = model(point)
         losses = loss_fn(logits, idx)
-    grad = torch.autograd.grad(losses.sum(), point)[0].detach() if need_grad else None
+    grad = input_gradient(losses.sum(), point).detach() if need_grad else None
     return logits.detach(), losses.detach(), grad
 
 
@@ -306,7 +306,7 @@ def linear_ranking(
         distance = torch.empty(len(y), m, device=x.device, dtype=logits.dtype)
         for k in range(m):
             margin = true - logits.gather(1, others[:, k : k + 1]).squeeze(1)
-            (grad,) = torch.autograd.grad(margin.sum(), point, retain_graph=k < m - 1)
+            grad = input_gradient(margin.sum(), point, retain_graph=k < m - 1)
             size = grad.flatten(1).norm(p=DUAL[threat.norm], dim=1)
             distance[:, k] = margin.detach() / size.clamp_min(1e-12)
     order = distance.argsort(dim=1, stable=True)

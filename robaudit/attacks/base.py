@@ -76,6 +76,17 @@ L1_BOX_BISECTIONS = 20  # halvings of the threshold's bracket before the linear 
 L1_BOX_SOLVES = 2  # linear solves inside the bracket: each is exact unless a breakpoint lies in it
 
 
+def input_gradient(total: torch.Tensor, point: torch.Tensor, *, retain_graph: bool | None = None) -> torch.Tensor:
+    """d total / d point as a dense tensor of its own.
+
+    autograd may hand back a broadcast view (the gradient of `0 * x.sum()` is one value
+    expanded to the input's shape, stride 0), and the attacks write into gradients in
+    place (`sign_`, indexed assignment), which such a view refuses.
+    """
+    (grad,) = torch.autograd.grad(total, point, retain_graph=retain_graph)
+    return grad if grad.is_contiguous() else grad.contiguous()
+
+
 def _l1_box_size(size: torch.Tensor, room: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
     """Per row, the L1 size of the box-capped soft threshold at lam: sum min(max(size - lam, 0), room)."""
     kept = size - lam

@@ -43,7 +43,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import DUAL, Attack, AttackContext
+from robaudit.attacks.base import DUAL, Attack, AttackContext, input_gradient
 from robaudit.attacks.fmn import decisively_misclassified
 from robaudit.threats import Threat
 
@@ -149,7 +149,7 @@ class DeepFool(Attack):
             picked = logits if rows is None else logits[rows]
             f = picked.gather(1, candidates) - picked.gather(1, ys[:, None])  # (m, K-1), < 0 while robust
             grads = [
-                torch.autograd.grad(f[:, k].sum(), current, retain_graph=k + 1 < f.shape[1])[0]
+                input_gradient(f[:, k].sum(), current, retain_graph=k + 1 < f.shape[1])
                 for k in range(f.shape[1])
             ]
             w, current, f = torch.stack(grads, dim=1), current.detach(), f.detach()

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import Attack, AttackContext
+from robaudit.attacks.base import Attack, AttackContext, input_gradient
 from robaudit.attacks.deepfool import l1_step
 from robaudit.threats import Threat, distances
 
@@ -101,7 +101,7 @@ class FABTargeted(Attack):
             with torch.enable_grad():
                 logits = model(point)
                 gap = logits.gather(1, target[active, None])[:, 0] - logits.gather(1, y[active, None])[:, 0]
-                (grad,) = torch.autograd.grad(gap.sum(), point)
+                grad = input_gradient(gap.sum(), point)
             point, gap, grad = point.detach(), gap.detach(), grad.detach()
             start = x0[active]
             adversarial = logits.detach().argmax(dim=1) != y[active]

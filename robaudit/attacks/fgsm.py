@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import Attack, AttackContext, normalized_step, project
+from robaudit.attacks.base import Attack, AttackContext, input_gradient, normalized_step, project
 from robaudit.attacks.losses import cross_entropy
 from robaudit.threats import Threat
 
@@ -34,6 +34,6 @@ class FGSM(Attack):
         point = x.detach().clone().requires_grad_(True)
         with torch.enable_grad():
             loss = cross_entropy(model(point), y)
-        grad = torch.autograd.grad(loss.sum(), point)[0]
+        grad = input_gradient(loss.sum(), point)
         stepped = x.detach() + threat.eps * normalized_step(grad, threat.norm)
         return project(stepped, x, threat, ctx.lower, ctx.upper)

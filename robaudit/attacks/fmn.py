@@ -53,7 +53,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import DUAL, Attack, AttackContext, project_l1_box
+from robaudit.attacks.base import DUAL, Attack, AttackContext, input_gradient, project_l1_box
 from robaudit.threats import Threat
 
 # Default initial step sizes per norm (Pintor et al. 2021; the authors' and adv-lib's
@@ -199,7 +199,7 @@ class FMN(Attack):
             adv_found |= is_adv
             if last:
                 break
-            grad = torch.autograd.grad(loss.sum(), delta)[0]
+            grad = input_gradient(loss.sum(), delta)
             delta, loss = delta.detach(), loss.detach()
 
             # A sample misclassified at its clean input cannot improve on distance 0: drop it.

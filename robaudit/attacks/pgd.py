@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robaudit.attacks.base import Attack, AttackContext, normalized_step, project, random_start
+from robaudit.attacks.base import Attack, AttackContext, input_gradient, normalized_step, project, random_start
 from robaudit.attacks.losses import get_loss
 from robaudit.threats import Threat
 
@@ -85,7 +85,7 @@ class PGD(Attack):
                 best_loss[active] = torch.maximum(seen, losses.detach())
             if last:
                 break
-            grad = torch.autograd.grad(losses.sum(), point)[0]
+            grad = input_gradient(losses.sum(), point)
             keep = ~broken
             if not keep.any():
                 break
