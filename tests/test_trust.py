@@ -263,3 +263,46 @@ def test_the_gradient_comparison_stays_small_at_a_large_eps(one_thread):
     (check,) = [c for c in report.summary.diagnostics["checks"] if c["name"] == "gradients"]
     assert check["verdict"] == "pass" and check["evidence"]["compare_step"] == pytest.approx(0.02), check
     assert not report.summary.diagnostics["masking_suspected"]
+
+
+def test_one_label_only_break_fails_the_decision_check_under_the_long_batteries() -> None:
+    """A decoy gradient behind an untraceable branch (no surrogate) let RayS break 1-3 of 32 points the `standard`
+    battery missed: a warning, so 5 of 64 points stayed counted robust. A long battery leaves none on healthy models."""
+    from robaudit.checks.attack_checks import decision
+
+    assert decision(1, 32, "rays (500 queries)", "", "linf:0.1").verdict == "warn"  # `quick`: a short battery's miss
+    strict = decision(1, 32, "rays (500 queries)", "", "linf:0.1", strict=True)
+    assert strict.verdict == "fail" and "leaves none on healthy models" in strict.summary
+    assert decision(0, 32, "rays (500 queries)", "", "linf:0.1", strict=True).verdict == "pass"
+
+
+class _UntraceableDecoy(torch.nn.Module):
+    """The source's scores with the gradient of a perturbed copy; a Python branch on a value stops torch.fx."""
+
+    def __init__(self, net: torch.nn.Module, decoy: torch.nn.Module) -> None:
+        super().__init__()
+        self.net, self.decoy = net, decoy
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.detach().sum()) < -1e9:  # never taken; fx cannot trace past it, so there is no surrogate
+            return self.net(-x)
+        d = self.decoy(x)
+        return d + (self.net(x) - d).detach()
+
+
+def test_a_decoy_gradient_without_a_surrogate_is_flagged_under_standard(tmp_path, one_thread) -> None:
+    import copy
+
+    net = mm._torch_net(mm.DEMO_ONNX)
+    decoy = copy.deepcopy(net)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in decoy.parameters():
+            p.add_(0.5 * p.std() * torch.randn(p.shape, generator=gen))
+    path = tmp_path / "decoy.pt"
+    torch.save(_UntraceableDecoy(net, decoy).eval(), path)
+    report = _scan(path, preset="standard", trust_pickle=True)
+    checks = _checks(report)
+    assert report.summary.diagnostics["masking_suspected"], report.summary.diagnostics["checks"]
+    assert checks["transfer"] == "skipped"
+    assert _robust(report) <= _robust(_scan(mm.DEMO_ONNX, preset="standard")) + 0.04

@@ -45,17 +45,25 @@ def black_box(found: int, attacked: int, attacks: list[str], threat: str, reache
     return result
 
 
-def decision(found: int, attacked: int, attack: str | None, why_not: str, threat: str) -> CheckResult:
+def decision(found: int, attacked: int, attack: str | None, why_not: str, threat: str, strict: bool = False) -> CheckResult:
     """Check 10: an attack that reads labels only broke points the battery left robust.
 
     Gradient tricks (a detached smooth copy, high-frequency terms) and score tricks (decoy
     scores over the true decisions) mislead every gradient- and score-based attack, the
-    probes above included; a label-only attack sees only the decisions.
+    probes above included; a label-only attack sees only the decisions. ``strict`` (the
+    long batteries of `standard` and `thorough`): one such point fails. A 500-query
+    label-only attack that beats those batteries at all is no short battery's miss: it
+    broke none of the healthy controls' points, and a decoy gradient whose probe broke
+    1-3 of 32 (a warning below the share) left 5 of 64 points counted robust.
     """
     if attack is None:
         return CheckResult("decision", SKIPPED, why_not, {"attack": None}, threat)
     text = f"{attack}, reading labels only, broke {found} of {attacked} points the battery left robust"
-    return _extra_breaks("decision", found, attacked, DECISION_FAIL_SHARE, text, {"attack": attack}, threat)
+    result = _extra_breaks("decision", found, attacked, DECISION_FAIL_SHARE, text, {"attack": attack}, threat)
+    if strict and found and result.verdict == WARN:
+        result = CheckResult("decision", FAIL, text + " (the full battery leaves none on healthy models)",
+                             result.evidence, threat)  # fmt: skip
+    return result
 
 
 def single_step(found: int, attacked: int, threat: str) -> CheckResult:

@@ -281,7 +281,8 @@ class TrustStage:
         sample = _sample(clean_correct & ~outcome.broken, PROBE_POINTS, self.seed + 4)
         runs = build_battery([{"attack": attack, "max_queries": PROBE_DECISION_QUERIES}])
         found, attacked = self._run(model, x, y, clean_correct, outcome, runs, sample, "probe", progress)
-        return attack_checks.decision(found, attacked, f"{attack} ({PROBE_DECISION_QUERIES} queries)", "", name)
+        return attack_checks.decision(found, attacked, f"{attack} ({PROBE_DECISION_QUERIES} queries)", "", name,
+                                      strict=self.preset != "quick")  # fmt: skip
 
     def _unbounded(self, model, x, y, clean_correct, threat: Threat, progress) -> CheckResult:
         lower, upper = self.kw["lower"], self.kw["upper"]
