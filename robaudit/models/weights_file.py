@@ -123,20 +123,21 @@ def weights_model(
             f"the weights in {path} do not fit --arch {arch}: {key} has shape {file_shape} in the file but "
             f"{model_shape} in the model{more}; if the model has a different number of classes, pass --num-classes"
         )
-    try:
-        net.load_state_dict(weights, strict=True)
-    except Exception as exc:  # noqa: BLE001 - dtype/device oddities the comparison above cannot see
-        raise RobauditError(f"the weights in {path} do not fit --arch {arch}: {one_line(exc)}") from None
     stored = {v.dtype for v in weights.values() if v.is_floating_point()}
     if len(stored) == 1 and stored != {torch.float32}:
-        # load_state_dict casts into the architecture's float32 tensors: the model is then not the
-        # file's (float64 rounds), and a float16 / bfloat16 file is as often run in its own precision
+        # built in the file's precision before loading: load_state_dict casts into the architecture's
+        # tensors, so float32 ones would round float64 weights, and a float16 / bfloat16 file is as
+        # often run in its own precision
         (dtype,) = stored
         net = net.to(dtype)
         notes.append(f"built --arch {arch} in {str(dtype).removeprefix('torch.')}, the precision of the weights in the file")
     elif stored - {torch.float32}:
         kinds = ", ".join(sorted(str(d).removeprefix("torch.") for d in stored))
         notes.append(f"the weights in the file mix {kinds}: loaded into --arch {arch}'s float32 tensors")
+    try:
+        net.load_state_dict(weights, strict=True)
+    except Exception as exc:  # noqa: BLE001 - dtype/device oddities the comparison above cannot see
+        raise RobauditError(f"the weights in {path} do not fit --arch {arch}: {one_line(exc)}") from None
     return RawModel(
         net=freeze(net), format=fmt, input_shape=None, num_classes=num_classes, notes=notes, name=str(path)
     )
