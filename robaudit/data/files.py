@@ -302,7 +302,7 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
     notes = [f"read {len(files)} images from {len(classes)} class folders as {kind}"]
     if with_alpha:
         notes.append(
-            f"dropped the alpha (transparency) channel of {_files(with_alpha).replace('file', 'image')}: pixels are "
+            f"dropped the alpha (transparency) channel of {with_alpha} image{'s' if with_alpha != 1 else ''}: pixels are "
             "read as stored, not blended over a background"
         )
     if skipped:
