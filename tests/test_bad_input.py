@@ -253,3 +253,13 @@ def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path, model_files: Model
     path = tmp_path / "cache"
     path.write_text("not a folder")
     _scan_expect_error(model_files.onnx, "mnist", "--data-dir", str(path), fragment="is a file, not a folder")
+
+
+@pytest.mark.parametrize("save", ["script", "trace"])
+def test_torchscript_wrong_channels_names_the_error(tmp_path, save: str) -> None:
+    """A TorchScript failure is cut down to torch's own error line, not the serialized code's traceback."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10)).eval()
+    path = tmp_path / f"rgb_{save}.pt"
+    saved = torch.jit.script(net) if save == "script" else torch.jit.trace(net, torch.zeros(1, 3, 8, 8))
+    torch.jit.save(saved, path)
+    _scan_expect_error(path, "digits", fragment="expected input[1, 1, 8, 8] to have 3 channels, but got 1")

@@ -51,8 +51,15 @@ class RawModel:
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
-    """A low-level exception as a short single line, for embedding in a RobauditError."""
-    text = " ".join(str(exc).split())
+    """A low-level exception as a short single line, for embedding in a RobauditError.
+
+    A TorchScript interpreter error carries the file's serialized code and the tracer's
+    Python stack before the actual error on its last line; only that line is kept.
+    """
+    raw = str(exc)
+    if raw.startswith("The following operation failed in the TorchScript interpreter"):
+        raw = next((line for line in reversed(raw.splitlines()) if line.strip()), raw)
+    text = " ".join(raw.split())
     if not text or isinstance(exc, (KeyError, IndexError, AttributeError, TypeError)):
         text = f"{type(exc).__name__}: {text}".rstrip(": ")
     if len(text) > limit:
