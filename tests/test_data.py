@@ -130,8 +130,12 @@ def test_float_out_of_range_is_refused_and_input_range_fixes_it(tmp_path: Path) 
 
 def test_tiny_range_overshoot_is_tolerated_and_clamped(tmp_path: Path) -> None:
     x = np.full((2, 1, 2, 2), 1.0 + 5e-7, dtype=np.float32)
+    x[0, 0, 0, 0] = 0.5
     data = load_data(str(save_npz(tmp_path / "d.npz", x=x, y=np.array([0, 1]))), n=None, seed=0)
     assert float(data.x.max()) == 1.0
+    assert any(note.startswith("7 value(s) of the data lie less than 1e-06 outside [0, 1]") for note in data.notes), data.notes
+    inside = load_data(str(save_npz(tmp_path / "e.npz", x=np.clip(x, 0, 1), y=np.array([0, 1]))), n=None, seed=0)
+    assert not any("clamped" in note for note in inside.notes), inside.notes
 
 
 # ----------------------------------------------------------------- safetensors and .pt

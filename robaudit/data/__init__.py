@@ -56,9 +56,9 @@ def load_data(
         raise RobauditError(f"the number of samples must be positive, got {n}.")
     raw, name, default_n = _read(spec, data_dir, channels)
     labels = validate(raw, name)
-    check_range(raw.x, name, lo, hi)
+    clamped = check_range(raw.x, name, lo, hi)
     total = int(raw.x.shape[0])
-    notes = list(raw.notes)
+    notes = list(raw.notes) + ([clamped] if clamped else [])
     want = default_n if n is None else n
     if first is not None:  # the first N of the source, in its own order (RobustBench / AutoAttack evaluations)
         if first <= 0:

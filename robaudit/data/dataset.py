@@ -218,10 +218,15 @@ def _check_finite(x: torch.Tensor, name: str) -> None:
         raise RobauditError(f"data {name} has {bad} NaN or infinite values in x.")
 
 
-def check_range(x: Source, name: str, lo: float, hi: float) -> None:
-    """Refuse non-uint8 data outside the model's input range: attacks clamp to it."""
+def check_range(x: Source, name: str, lo: float, hi: float) -> str | None:
+    """Refuse non-uint8 data outside the model's input range: attacks clamp to it.
+
+    Values within `RANGE_TOLERANCE` outside are accepted and clamped by `scale_pixels`;
+    the returned note says how many, since every distance is then measured from the
+    clamped pixels rather than the file's.
+    """
     if x.dtype == torch.uint8:
-        return
+        return None
     if not isinstance(x, torch.Tensor):  # lazy sources are uint8 images
         raise TypeError(f"lazy source of dtype {x.dtype} cannot be range-checked")
     xmin, xmax = float(x.min()), float(x.max())
@@ -232,6 +237,11 @@ def check_range(x: Source, name: str, lo: float, hi: float) -> None:
             f"[{lo:g}, {hi:g}]; pass --input-range to match the range the model "
             f"expects{hint}."
         )
+    outside = int((x < lo).sum()) + int((x > hi).sum())
+    if not outside:
+        return None
+    return (f"{outside} value(s) of the data lie less than {RANGE_TOLERANCE:g} outside [{lo:g}, {hi:g}] and were "
+            "clamped into it; distances, examples and radii are measured from the clamped pixels")
 
 
 def pixel_note(dtype: torch.dtype, lo: float, hi: float) -> str | None:
