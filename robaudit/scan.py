@@ -416,6 +416,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
             sample_shape=list(data.sample_shape),
             notes=list(data.notes),
             sha256=data.digest(config.chunk_size),
+            files=data.files,
         ),
         config=_config_dict(config, battery, batch_size),
         environment={

@@ -264,3 +264,26 @@ def test_config_file_and_preset_flags(model_files: ModelFiles, tmp_path) -> None
         run_cli("scan", model_files.onnx, "--data", model_files.data_npz, "--n", "5", "--config", empty, no_certify),
         "skip_targets 9 leaves no target class to attack on a 10-class model",
     )
+
+
+def test_image_folder_report_names_each_file(model_files: ModelFiles, tmp_path) -> None:
+    """`data.files[i]` is the image behind `samples[i]`: its true class and clean prediction are the file's."""
+    from PIL import Image
+
+    with np.load(model_files.data_npz) as stored:
+        x, y = stored["x"][:12], stored["y"][:12]  # uint8 pixels
+    for i in range(12):
+        folder = tmp_path / "imgs" / str(int(y[i]))
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i].reshape(8, 8)).save(folder / f"{i:02d}.png")
+    out = tmp_path / "r.json"
+    result = run_cli("scan", model_files.onnx, "--data", tmp_path / "imgs", "--n", "6", *FAST, "--json", out)
+    assert result.code in (0, 1), result.stderr
+    report = load_json(out)
+    net = digits_cnn()
+    net.load_state_dict(load_file(model_files.safetensors))
+    assert len(report["data"]["files"]) == 6
+    for name, sample in zip(report["data"]["files"], report["samples"], strict=True):
+        pixels = torch.from_numpy(np.asarray(Image.open(name), dtype=np.float32) / 255)[None, None]
+        assert int(name.split("/")[-2]) == sample["label"]
+        assert int(net(pixels).argmax()) == sample["clean_pred"]

@@ -335,6 +335,24 @@ def test_image_folder_mixing_numbered_and_named_classes_is_refused(tmp_path: Pat
         load_data(str(tmp_path / "imgs"), n=None, seed=0)
 
 
+def test_image_folder_names_each_sampled_file(tmp_path: Path) -> None:
+    """`files` names each sample's image; the index alone cannot (numbered folders sort by label here, not as text)."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "imgs"
+    for label in (2, 10):
+        for i in range(5):
+            write_png(root / str(label) / f"{i}.png", rng.integers(0, 256, (4, 4), dtype=np.uint8))
+    write_png(root / "2" / ".hidden.png", np.zeros((4, 4), dtype=np.uint8))
+    data = load_data(str(root), n=4, seed=3)
+    from PIL import Image
+
+    assert len(data.files) == 4
+    for k, name in enumerate(data.files):
+        assert Path(name).parent.name == str(int(data.y[k]))
+        assert torch.equal(data.x[k, 0], torch.from_numpy(np.asarray(Image.open(name))).float() / 255)
+    assert load_data("digits", n=5, seed=0).files is None
+
+
 def test_image_folder_walks_a_symlink_loop_once_and_skips_hidden_folders(tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     write_png(root / "0" / "a.png", np.zeros((4, 4), dtype=np.uint8))

@@ -112,6 +112,16 @@ class Dataset:
                 f"sample_shape={self.sample_shape}, source_size={self.source_size})")
 
     @property
+    def files(self) -> list[str] | None:
+        """Each sample's file as the user would write it, in order; None unless the source is an image folder.
+
+        An index alone cannot name the file: robaudit's folder order (numbered class
+        folders by label, hidden files skipped) differs from `ImageFolder`'s.
+        """
+        shown = getattr(self._reader.source, "shown", None) if self._reader is not None else None
+        return None if shown is None else [str(shown[i]) for i in self.indices]
+
+    @property
     def sample_shape(self) -> tuple[int, ...]:
         """Shape of one sample, e.g. (C, H, W); known without reading any pixels."""
         if self._x is not None:

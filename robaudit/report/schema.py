@@ -50,6 +50,7 @@ class DataInfo:
     sample_shape: list[int]
     notes: list[str] = field(default_factory=list)
     sha256: str | None = None  # of the audited samples' float32 pixels in the order of `indices` (1.5)
+    files: list[str] | None = None  # image folders: each audited sample's file, in the order of `indices`
 
 
 @dataclass
