@@ -260,6 +260,8 @@ class Squashed(nn.Module):
         z = self.net(x)
         if self.kind == "log_softmax":
             return F.log_softmax(z, dim=1)
+        if self.kind == "safe_log":  # every unlikely class floors at log(1e-12): no gradient
+            return torch.log(torch.softmax(z * 10, dim=1) + 1e-12) - 1.0
         if self.kind == "sigmoid":
             return 2 * torch.sigmoid(z).clamp(0.01, 0.99)
         shifted = z - z.amax(dim=1, keepdim=True)
@@ -273,6 +275,8 @@ class Squashed(nn.Module):
     [
         ("softmax-opset11", True, "final Softmax removed", 100.0),  # onnx2torch's OnnxSoftmaxV1V11
         ("log_softmax", False, "final LogSoftmax removed", 1.0),
+        ("safe_log", False, "final Softmax, Add, Log, Sub removed", 10.0),
+        ("safe_log", True, "final Softmax, Add, Log, Sub removed", 10.0),
         ("sigmoid", False, "final Sigmoid, Clamp [0.01, 0.99], Mul removed", 1.0),
         ("tanh", True, "final Tanh removed", None),
         ("max", True, "final Max removed", None),

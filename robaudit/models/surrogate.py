@@ -106,6 +106,7 @@ _FUNCTIONS: dict[Any, str] = {
     F.alpha_dropout: "dropout", F.feature_alpha_dropout: "dropout", torch.dropout: "dropout",
     torch.alpha_dropout: "dropout", torch.feature_dropout: "dropout", torch.feature_alpha_dropout: "dropout",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.log: "log",
+    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
     torch.detach: "detach",
 }  # fmt: skip
 # aten names (torch.export graphs) and Tensor method names that mean the same ops.
@@ -117,12 +118,13 @@ _ATEN = {
     "randn_like": "randn_like", "rand_like": "rand_like", "randn": "randn", "rand": "rand", "normal": "normal",
     "bernoulli": "bernoulli", "dropout": "dropout", "alpha_dropout": "dropout", "feature_dropout": "dropout",
     "feature_alpha_dropout": "dropout", "mul": "mul", "div": "div", "log": "log", "detach": "detach",
+    "add": "add", "sub": "sub",
 }  # fmt: skip
 _METHODS = {
     name: _ATEN[name]
     for name in ("round", "floor", "ceil", "trunc", "fix", "sign", "clamp", "clip", "clamp_min", "clamp_max",
                  "maximum", "minimum", "sigmoid", "tanh", "softmax", "log_softmax", "bernoulli", "mul", "div", "log",
-                 "detach")
+                 "detach", "add", "sub")
 }  # fmt: skip
 # F.dropout-style functions whose `training` argument has a default (the rest require it).
 _DROPOUT_DEFAULT = {
@@ -176,8 +178,8 @@ def _module_key(module: nn.Module) -> str | None:
     if kind == "OnnxSoftmaxV1V11":
         return "log_softmax" if module.is_log else "softmax"
     if kind == "OnnxBinaryMathOperation":
-        fn = module.math_op_function
-        return "mul" if fn is torch.mul else "div" if getattr(fn, "__name__", "") == "_onnx_div" else None
+        name = getattr(module.math_op_function, "__name__", "")  # torch.add / sub / mul, or onnx2torch's _onnx_div
+        return {"mul": "mul", "_onnx_div": "div", "add": "add", "sub": "sub"}.get(name)
     if kind == "OnnxMinMax":  # elementwise Max/Min of its inputs
         return module._op_type.lower()
     if kind == "OnnxDropoutDynamic" or isinstance(module, nn.modules.dropout._DropoutNd):
@@ -346,13 +348,17 @@ def _is_reshape(node: fx.Node, root: nn.Module) -> bool:
 
 def _final_source(node: fx.Node, root: nn.Module, key: str | None) -> fx.Node | None:
     """The tensor input of a monotone op that may end a classifier (a squash, a clamp, a max/min
-    with a constant, a positive scaling, a log); None for any other op."""
-    if key in ("mul", "max", "min") and len(node.args) == 2:
+    with a constant, a positive scaling, a shift by a constant, a log); None for any other op.
+
+    The shift is there for the "safe log" of probabilities, log(softmax(z) + 1e-12), which
+    floors every unlikely class at log(1e-12) and leaves attacks no gradient.
+    """
+    if key in ("mul", "max", "min", "add") and len(node.args) == 2 and not node.kwargs:
         const = _positive_scalar if key == "mul" else _scalar
         a, b = node.args
         source = b if const(a, root) else a if const(b, root) else None
-    elif key == "div" and len(node.args) == 2:
-        source = node.args[0] if _positive_scalar(node.args[1], root) else None
+    elif key in ("div", "sub") and len(node.args) == 2 and not node.kwargs:
+        source = node.args[0] if (_positive_scalar if key == "div" else _scalar)(node.args[1], root) else None
     elif key in _SQUASHES or key in _FINAL_CLAMPS or key == "log":
         source = _tensor_input(node)
     else:
