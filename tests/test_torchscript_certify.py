@@ -595,6 +595,86 @@ def test_unconvertible_torchscript_is_unavailable_not_an_error(tmp_path) -> None
     assert build_surrogate(model) is None
 
 
+class HiddenRamp(nn.Module):
+    """A steep ramp on pixel 0 written in place through a tensor that `h` shares (red team, 2026-12-06).
+
+    In TorchScript `h[:, 0:1].to(float32)` is `h`'s own view, and so is a view a branch
+    passes through; torch's converter copied both, so its graph left out the ramp, which
+    is 0 on the digits (pixel 0 is always 0) and flips classes at pixel 0 = 0.21.
+    """
+
+    def __init__(self, via: str) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.via = nn.Linear(64, 32), nn.Linear(32, 10), via
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.reshape(-1, 64) + 0.0
+        v = h[:, 0:1]
+        if self.via == "cast":
+            v = v.to(torch.float32)
+        elif x.size(2) > 100:  # never taken for 8x8 inputs: the branch passes v through
+            v = v * 2.0
+        v.sub_(0.2).clamp_(0.0, 0.01).mul_(3000.0)
+        return self.fc2(torch.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize("kind", ["script", "trace"])
+@pytest.mark.parametrize("via", ["cast", "branch"])
+def test_in_place_writes_into_a_shared_tensor_are_refused(tmp_path, via, kind) -> None:
+    x, y = digits()
+    net = HiddenRamp(via).eval()
+    path = save(net, tmp_path / "m.pt", kind)
+    ramp = x[:4].clone()
+    ramp[:, 0, 0, 0] = 0.25
+    with torch.no_grad():  # the file computes the ramp: its scores move with pixel 0 past 0.2
+        assert (torch.jit.load(path)(ramp) - torch.jit.load(path)(x[:4])).abs().amax() > 1.0
+    with pytest.raises(CertificateUnavailable) as info:
+        certify_l2(loaded(path, x), x[:4], y[:4])
+    assert "writes in place into a tensor that other values may share" in str(info.value)
+
+
+class InPlaceResidual(nn.Module):
+    """torchvision's in-place forms: ReLU(inplace=True) after batch norm, `out += identity`, in-place dropout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.relu, self.drop, self.fc = nn.ReLU(inplace=True), nn.Dropout(0.2, inplace=True), nn.Linear(64, 10)
+        self.use_res = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(identity))
+        if self.use_res:
+            out += identity
+        return self.fc(self.drop(torch.flatten(F.avg_pool2d(self.relu(out), 2), 1)))
+
+
+@pytest.mark.parametrize("kind", ["script", "trace"])
+def test_fresh_in_place_writes_certify_like_the_module(tmp_path, kind) -> None:
+    x, y = digits()
+    net = fit(InPlaceResidual(), 30)
+    model = loaded(save(net, tmp_path / "m.pt", kind), x)
+    torch.testing.assert_close(certify_l2(model, x[:8], y[:8]).radius, certify_l2(net, x[:8], y[:8]).radius)
+
+
+def test_a_scripted_module_saved_in_training_mode_gets_no_certificate(tmp_path) -> None:
+    """`torch.jit.load` returns it in training mode (dropout draws): radii of its eval mode are not about it."""
+    x, y = digits()
+    dropout = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 10))
+    path = save(fit(dropout, 30).train(), tmp_path / "drop.pt", "script")
+    assert "TorchScript module was saved in training mode; robaudit evaluates it in inference mode (.eval())" in (
+        load_model(path).notes
+    )
+    model = loaded(path, x)
+    with pytest.raises(CertificateUnavailable, match="saved in training mode, and its code depends on the mode"):
+        certify_l2(model, x[:4], y[:4])
+    plain = fit(mlp(), 30).train()  # nothing in its code reads the mode: certified as before
+    model = loaded(save(plain, tmp_path / "plain.pt", "script"), x)
+    torch.testing.assert_close(certify_l2(model, x[:8], y[:8]).radius, certify_l2(plain.eval(), x[:8], y[:8]).radius)
+
+
 # --------------------------------------------------------------------------- (d) the BPDA surrogate
 
 

@@ -236,9 +236,118 @@ def _scores_only(gm: fx.GraphModule, net: nn.Module, example: torch.Tensor) -> f
     return scores
 
 
+def _schema(node: torch._C.Node) -> torch._C.FunctionSchema | None:
+    """The operator schema of a TorchScript IR node (aten ops); None for prim nodes (If, GetAttr, Constant, ...)."""
+    text = node.schema()
+    return None if text == "(no schema)" else torch._C.parse_schema(text)
+
+
+_DROPOUTS_IN_PLACE = {"aten::dropout_", "aten::feature_dropout_", "aten::alpha_dropout_", "aten::feature_alpha_dropout_"}
+
+
+def _written(node: torch._C.Node, schema: torch._C.FunctionSchema) -> list[tuple[int, torch._C.Value]]:
+    """The tensor inputs `node` writes into (`Tensor(a!)` in its schema), with their positions.
+
+    An in-place dropout with a constant `train=False` (eval mode) writes nothing.
+    """
+    inputs = list(node.inputs())
+    if node.kind() in _DROPOUTS_IN_PLACE and inputs[-1].toIValue() is False:
+        return []
+    return [
+        (i, inputs[i]) for i, arg in enumerate(schema.arguments)
+        if i < len(inputs) and arg.alias_info is not None and arg.alias_info.is_write
+        and inputs[i].type().isSubtypeOf(torch._C.TensorType.get())
+    ]  # fmt: skip
+
+
+def _fresh(value: torch._C.Value) -> bool:
+    """Whether `value` is a tensor of its own: an op's new result, or an in-place op's result on one.
+
+    Schemas say which results may share memory with an input (`-> Tensor(a)`: views, and
+    casts such as `to` that may return their input). Values out of prim nodes (a branch's
+    or loop's result, an unpacked list, a constant, a weight) are taken as shared.
+    """
+    node = value.node()
+    schema = _schema(node)
+    if schema is None or value.offset() >= len(schema.returns):
+        return False
+    alias = schema.returns[value.offset()].alias_info
+    if alias is None:
+        return True
+    if not alias.is_write:
+        return False
+    inputs = list(node.inputs())
+    target = next((inputs[i] for i, arg in enumerate(schema.arguments)
+                   if i < len(inputs) and arg.alias_info is not None and arg.alias_info.before_set == alias.before_set), None)  # fmt: skip
+    return target is not None and _owned(target, node)
+
+
+def _owned(value: torch._C.Value, writer: torch._C.Node) -> bool:
+    """Whether `writer` may change `value` in place with nothing else seeing it: a fresh tensor,
+    read by `writer` alone, made in the same block (not before a branch that writes it)."""
+    return (
+        _fresh(value)
+        and [use.user for use in value.uses()] == [writer]
+        and value.node().owningBlock() == writer.owningBlock()
+    )
+
+
+def _refuse_torchscript_aliasing(net: torch.jit.ScriptModule) -> None:
+    """Raise NotTraceable where the TorchScript writes in place into a tensor something else may share.
+
+    torch's converter does not keep TorchScript's aliasing: it copies the result of a cast
+    that returns its input (`h.float()`, `.to(float32)`) and a value a branch passes
+    through, so in-place ops after them change a copy in its graph and the shared tensor
+    in the file (a radius certified for the graph was broken by the file). The graph's own
+    check (`_refuse_hidden_mutation`) cannot see what the converter already hid, so the
+    TorchScript IR is checked first: every in-place op must write into a tensor that only
+    it reads and that no other value shares (`relu_` after a convolution, `out += identity`
+    on a batch norm's result). Anything else is refused.
+    """
+    def walk(block: torch._C.Block) -> None:
+        for node in block.nodes():
+            for inner in node.blocks():
+                walk(inner)
+            schema = _schema(node)
+            for _, value in _written(node, schema) if schema is not None else []:
+                if not _owned(value, node):
+                    raise NotTraceable(
+                        f"{node.kind()} writes in place into a tensor that other values may share (a view, a cast "
+                        "that may return its input, a branch's result, an input or a weight), and torch's TorchScript "
+                        "converter does not keep such sharing"
+                    )
+
+    walk(_constant_folded_graph(net))
+
+
+def _constant_folded_graph(net: torch.jit.ScriptModule) -> torch._C.Graph:
+    """The forward graph with every call inlined and the module's attributes as constants, folded.
+
+    Scripted code branches on attributes: `F.relu(x, self.inplace)`, batch norm on
+    `self.training`, torchvision's `if self.use_res_connect: result += input`. Freezing a
+    private copy turns them into constants (the net is in eval mode here), and constant
+    propagation drops the branches not taken. Where freezing fails, the plain inlined graph
+    is used, with `training` alone read as False: more branches stay, and more is refused.
+    """
+    try:
+        with _quiet():
+            graph = torch._C._freeze_module(_private_copy(net)._c)._get_method("forward").graph
+    except Exception:  # noqa: BLE001 - interfaces and other code freezing does not handle
+        graph = net.inlined_graph  # a copy, which the passes below may change
+        first = next(iter(graph.nodes()), None)
+        for node in graph.findAllNodes("prim::GetAttr", True) if first is not None else []:
+            if node.s("name") == "training" and not any(module.training for module in net.modules()):
+                with graph.insert_point_guard(first):
+                    node.output().replaceAllUsesWith(graph.insertConstant(False))
+    torch._C._jit_pass_constant_propagation(graph)
+    torch._C._jit_pass_dce(graph)
+    return graph
+
+
 def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     from torch._export.converter import TS2EPConverter  # private but torch's own; imported late (slow)
 
+    _refuse_torchscript_aliasing(net)
     try:
         with _quiet():
             module = TS2EPConverter(_private_copy(net), (example,)).convert().module()

@@ -116,22 +116,25 @@ def check_radii(
     batch_size: int,
     device: torch.device,
     seed: int,
-) -> None:
-    """Refuse to print a radius that the scan's own evidence contradicts.
+) -> str | None:
+    """Why no radius may be printed: the scan's own evidence contradicts the bound (None: it does not).
 
     1. No verified adversarial example (any threat, any stage) lies strictly inside a
        certified ball.
     2. Points at 0.999 of the radius, towards the closest adversarial example found and
        along random directions (clipped to the box, which only moves them closer), keep
        the model's decision.
+
+    A contradiction means the bound does not describe this model (a robaudit bug): every
+    radius is withdrawn, and the rest of the report, verified on its own, still stands.
     """
     inside = radius > adversarial_l2 * (1 + 1e-9)
     if bool(inside.any()):
         bad = torch.nonzero(inside).flatten().tolist()[:5]
-        raise RuntimeError(f"internal error: certified L2 radius exceeds a verified adversarial distance for samples {bad}")
+        return _contradicted(f"a certified L2 radius exceeds an adversarial distance this scan verified (samples {bad})")
     idx = torch.nonzero(radius > 0).flatten()
     if len(idx) == 0:
-        return
+        return None
     generator = torch.Generator().manual_seed(seed)
     xs, ys, rs = x[idx], y[idx], radius[idx]
     directions = [closest[idx] - xs]
@@ -142,7 +145,13 @@ def check_radii(
             flipped = judge(model, probes, ys, batch_size, device, claim="correct") != ys
         if bool(flipped.any()):
             bad = idx[flipped].tolist()[:5]
-            raise RuntimeError(f"internal error: a point inside the certified L2 ball changes the decision (samples {bad})")
+            return _contradicted(f"a point inside a certified L2 ball changes the decision (samples {bad})")
+    return None
+
+
+def _contradicted(evidence: str) -> str:
+    return (f"{evidence}, so robaudit's bound does not describe this model and no radius is printed; this is a "
+            "robaudit bug: please report it with the model")
 
 
 def _ball_points(
@@ -319,10 +328,12 @@ def certify_stage(
         return unavailable(mismatch, budget, adversarial_l2, time.perf_counter() - started)
     if isinstance(model, AuditModel) and model.file_twin is not None:
         notes.append(f"the ONNX file and its PyTorch translation agree at {FILE_PROBES} points inside every certified ball")
-    check_radii(
+    contradiction = check_radii(
         model, x, y, radius, adversarial_l2, closest,
         lower=lower, upper=upper, batch_size=batch_size, device=device, seed=seed,
     )  # fmt: skip
+    if contradiction is not None:
+        return unavailable(contradiction, budget, adversarial_l2, time.perf_counter() - started)
     summary = _summary_of(radius, method, clean_correct, adversarial_l2, l2_threats, budget, notes)
     return CertifyResult(
         summary=summary, radius=radius, method=method, adversarial_l2=adversarial_l2, seconds=time.perf_counter() - started
