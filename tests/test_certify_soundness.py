@@ -816,3 +816,30 @@ def test_a_class_with_its_own_call_is_refused() -> None:
     holder = nn.Sequential(inner)
     holder[0].__class__ = type("Called", (nn.Sequential,), {"__call__": lambda self, x: -nn.Sequential.__call__(self, x)})
     assert "__call__ replaced" in _refused(holder)
+
+
+class Ramp(nn.Module):
+    """`net` plus a steep ramp on pixel 0 past 0.2: the same scores on the digits (pixel 0 is 0), others off them."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ramp = 3000 * (x.flatten(1)[:, :1] - 0.2).clamp(0, 0.01)
+        return self.net(x) + ramp * torch.arange(10.0)
+
+
+def test_a_graph_that_leaves_the_model_off_its_centre_is_refused_inside_the_ball() -> None:
+    """What torch's TorchScript converter once did: a graph equal to the model on the data, not in the balls."""
+    from robaudit.certify.certificate import check_graph_in_balls
+
+    x, y = digits()
+    net = fit(mlp(nn.ReLU()), 30).eval()
+    graph = build_graph(net, x[:1])
+    keep = net(x[:16]).argmax(1) == y[:16]
+    radius = certify_l2(net, x[:16][keep], y[:16][keep]).radius
+    assert bool((radius > 0.3).any())  # balls wide enough to reach pixel 0 past 0.2 along some direction
+    check_graph_in_balls(graph, net, x[:16][keep], radius)  # the model the graph was built from: no complaint
+    with pytest.raises(CertificateUnavailable, match="inside the certified balls .* does not reproduce the model's outputs"):
+        check_graph_in_balls(graph, Ramp(net), x[:16][keep], radius)
