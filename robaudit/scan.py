@@ -616,7 +616,7 @@ def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset
 def _config_dict(config: ScanConfig, battery: list[AttackRun], batch_size: int) -> dict:
     return {
         "threats": [t.canonical for t in config.threats],
-        "preset": config.preset if config.attacks is None else None,
+        "preset": config.preset,  # with [[attacks]] too: it still sets the trust checks (and the checkpoint's fingerprint)
         "attacks": [
             {"name": r.label, "attack": r.attack.name, "kind": r.attack.kind, "restarts": r.restarts,
              "near": r.near, "close": r.close, "stalled": r.stalled,

@@ -124,7 +124,7 @@ def test_bad_inputs_are_one_line_errors(ci_base: CiScan, tmp_path) -> None:
     no_gate = tmp_path / "audit.toml"
     no_gate.write_text('threats = ["linf:0.1"]\n')
     assert_one_line_error(run_cli("compare", ci_base.json, ci_base.json, "--config", no_gate), "has no [gate] table")
-    assert json.loads(Path(ci_base.json).read_text())["schema_version"] == "1.5"
+    assert json.loads(Path(ci_base.json).read_text())["schema_version"] == "1.6"
 
 
 def test_reports_on_other_pixels_with_the_same_name_indices_and_labels_are_not_compared(

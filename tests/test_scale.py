@@ -104,6 +104,18 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path: Path) -> None:
     assert same.code == 0, same.stderr
 
 
+def test_an_audit_file_with_another_preset_does_not_resume_from_the_checkpoint(tmp_path: Path) -> None:
+    """With [[attacks]] the preset still sets the trust checks (a strict decision check under standard)."""
+    ckpt = tmp_path / "ckpt"
+    for preset in ("quick", "standard"):
+        (tmp_path / f"{preset}.toml").write_text(f'preset = "{preset}"\n\n[[attacks]]\nattack = "fgsm"\n')
+    scan = [*SCAN[:5], "8", "--chunk-size", "8", "--threat", "linf:0.1", "-q", "--checkpoint", ckpt]
+    first = run_cli(*scan, "--config", tmp_path / "quick.toml", "--json", tmp_path / "quick.json")
+    assert first.code == 0, first.stderr
+    assert json.loads((tmp_path / "quick.json").read_text())["config"]["preset"] == "quick"
+    assert_one_line_error(run_cli(*scan, "--config", tmp_path / "standard.toml"), "differs in: preset")
+
+
 def test_a_gate_that_turns_the_certificate_on_may_come_and_go_on_resume(tmp_path: Path) -> None:
     """Gates are not part of a checkpoint, nor is the stage a gate turns on: a CLI review found the checkpoint of a
     scan with a certified gate refused without it ("it differs in: certify"), and the reverse. The resumed scan

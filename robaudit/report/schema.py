@@ -22,7 +22,7 @@ from robaudit.threats import parse_threat
 from robaudit.errors import RobauditError
 from robaudit.report.numbers import distinct
 
-SCHEMA_VERSION = "1.5"
+SCHEMA_VERSION = "1.6"
 
 
 @dataclass
