@@ -23,7 +23,8 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 
@@ -47,6 +48,8 @@ PROBE_KEY = "model_probe"  # the network's scores on fixed random inputs, compar
 PROBE_ROWS = 8
 PROBE_RTOL = 1e-5  # of the largest score: above float32 reordering (other thread counts), in full float32 precision
 PIXELS = "pixels"  # per-chunk file stage: the digest of the chunk's pixels
+DECISION_KEYS = {"indicator", "certify", "certify_reason", "masking"}  # what `scan._decide` stores
+T = TypeVar("T")
 
 
 class ChunkStore:
@@ -85,6 +88,25 @@ class ChunkStore:
             raise RobauditError(f"checkpoint file {path} holds chunk {held + 1}, not chunk {k + 1}; delete it to redo that chunk")
         return data
 
+    def read(self, k: int, stage: str, parse: Callable[[dict[str, Any]], T]) -> T:
+        """`parse` of a stored chunk file; a file robaudit did not write that way is a one-line error."""
+        data = self.load(k, stage)
+        try:
+            return parse(data)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            raise RobauditError(
+                f"checkpoint file {self._path(k, stage)} does not hold what robaudit writes there "
+                f"({type(exc).__name__}); delete it to redo that chunk"
+            ) from None
+
+    def discard(self, k: int, stage: str) -> None:
+        """Remove a chunk file that no longer matches the others (a final pass of attacks being redone)."""
+        self._path(k, stage).unlink(missing_ok=True)
+
+    def missing(self, k: int) -> bool:
+        """Whether chunk `k`'s attacks must run (again): no attacks file, or, in a checkpoint, no pixel digest for it."""
+        return not self.has(k, "attacks") or (self.keep and not self.has(k, PIXELS))
+
     def save_pixels(self, k: int, x: torch.Tensor) -> None:
         """Written before the chunk's results, so every stored result has the digest of the pixels it came from."""
         if self.keep:
@@ -98,7 +120,8 @@ class ChunkStore:
         if stored != pixel_digest(x):
             why = "holds no digest of its pixels" if stored is None else "was computed on other pixels (the data changed)"
             raise RobauditError(
-                f"--checkpoint {self.root}: chunk {k + 1} {why}; use a new folder, or delete this one to start over"
+                f"--checkpoint {self.root}: chunk {k + 1} ({self._path(k, 'attacks').name}) {why}; use a new folder, "
+                "or delete this one to start over"
             )
 
     def decisions(self) -> dict[str, Any] | None:
@@ -109,7 +132,7 @@ class ChunkStore:
             found = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise RobauditError(f"--checkpoint {self.root}: {DECISIONS} cannot be read ({exc}); use a new folder") from None
-        if not isinstance(found, dict):
+        if not isinstance(found, dict) or not DECISION_KEYS <= set(found):
             raise RobauditError(f"--checkpoint {self.root}: {DECISIONS} is not robaudit's; use a new folder")
         return found
 

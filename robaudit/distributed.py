@@ -83,13 +83,6 @@ class Cluster:
         self._exchange(lambda: torch.distributed.all_reduce(tensor), "summing the ranks' costs")
         return tensor.tolist()
 
-    def all_max(self, values: list[float]) -> list[float]:
-        if not self.distributed:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64)
-        self._exchange(lambda: torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX), "comparing the ranks")
-        return tensor.tolist()
-
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's `obj` on every rank."""
         if not self.distributed:

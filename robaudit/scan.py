@@ -7,6 +7,7 @@ layer over it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import platform
@@ -31,7 +32,7 @@ from robaudit.checkpoint import (
 from robaudit.distributed import Cluster
 from robaudit.progress import prefixed
 from robaudit.stages.certify import CertifyResult, certify_skip_reason
-from robaudit.stages.chunk import ChunkSetup, adapt_chunk, attack_chunk, finish_chunk
+from robaudit.stages.chunk import ChunkAttacks, ChunkSetup, adapt_chunk, attack_chunk, finish_chunk
 from robaudit.stages.measure import INDICATOR_PASSES, PLOT_SAMPLES, IndicatorResult, check_plot_dir, write_plots
 from robaudit.stages.merge import merge_certified, merge_indicator, merge_minimal, merge_outcomes, merge_trust
 from robaudit.stages.trust import PROBE_POINTS, TrustStage
@@ -320,26 +321,27 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     try:
         mine = cluster.shard(len(chunks))
         costs = [0.0] * 5  # battery passes, samples, attack seconds, correctly classified samples, chunks with masking
-        reused = sum(store.has(k, "attacks") for k in mine)  # chunks a checkpoint already held (a resumed scan)
+        reused = sum(not store.missing(k) for k in mine)  # chunks a checkpoint already held (a resumed scan)
         for k in mine:
             start, stop = chunks[k]
-            if not store.has(k, "attacks"):
+            if store.missing(k):
                 x = data.take(start, stop)
+                store.discard(k, "final")  # a final pass of the attacks being redone would not be about them
                 store.save_pixels(k, x)
                 part = attack_chunk(setup, model, k, start, x, y[start:stop], _in_chunk(progress, k, chunks))
                 store.save(k, "attacks", attacks_to_plain(part))
             else:  # a resumed chunk: only if its pixels are the ones it was attacked on
                 store.check_pixels(k, data.take(start, stop))
-            part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape, dense=False)
+            part = store.read(k, "attacks", functools.partial(_attacks, config, data, dense=False))
             masked = float(part.trust is not None and part.trust.masking)
             costs = [a + b for a, b in zip(costs, [part.battery_passes, part.n, part.seconds, float((part.clean_pred == y[start:stop]).sum()), masked])]
         # the attack seconds stored with the chunks, not this run's wall time: a resumed scan decides the same
-        decisions = _decide(config, store, cluster, costs, costs[2], model, data, chunks, randomized)
+        decisions = _decide(config, store, cluster, costs, model, data, chunks, randomized)
 
         for k in mine:
             start, stop = chunks[k]
             if not store.has(k, "final"):
-                part = attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape)
+                part = store.read(k, "attacks", functools.partial(_attacks, config, data, dense=True))
                 x = data.take(start, stop)
                 if decisions.get("masking") and part.trust is not None and not part.trust.masking:
                     adapt_chunk(setup, model, part, x, y[start:stop], _in_chunk(progress, k, chunks))
@@ -352,8 +354,8 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
                 store.save(k, "final", final_to_plain(final))
         dense = config.keep_adversarial or config.plots is not None
         results = [
-            (attacks_from_plain(store.load(k, "attacks"), config.threats, data.sample_shape, dense=dense),
-             final_from_plain(store.load(k, "final")))
+            (store.read(k, "attacks", functools.partial(_attacks, config, data, dense=dense)),
+             store.read(k, "final", final_from_plain))
             for k in mine
         ]  # fmt: skip
         gathered = cluster.gather((results, batch.note, reused))
@@ -501,9 +503,14 @@ def _fingerprint(
     }
 
 
+def _attacks(config: ScanConfig, data: Dataset, stored: dict, dense: bool) -> ChunkAttacks:
+    """A stored chunk's attack results (`ChunkStore.read` turns a malformed file into a one-line error)."""
+    return attacks_from_plain(stored, config.threats, data.sample_shape, dense=dense)
+
+
 def _decide(
-    config: ScanConfig, store: ChunkStore, cluster: Cluster, costs: list[float], attack_seconds: float,
-    model: torch.nn.Module, data: Dataset, chunks: list[tuple[int, int]], randomized: bool,
+    config: ScanConfig, store: ChunkStore, cluster: Cluster, costs: list[float], model: torch.nn.Module,
+    data: Dataset, chunks: list[tuple[int, int]], randomized: bool,
 ) -> dict:  # fmt: skip
     """Whether the indicator and the certificate run: one decision for the whole scan, from every rank's costs.
 
@@ -512,8 +519,7 @@ def _decide(
     kept = store.decisions() if store.keep else None
     if kept is not None:
         return kept
-    passes, n, _, correct, masked = cluster.all_sum(costs)
-    (wall,) = cluster.all_max([attack_seconds])
+    passes, n, attack_total, correct, masked = cluster.all_sum(costs)  # attack seconds of every rank together
     indicator_mode = _deterministic_only(config.indicator, randomized, "--indicator")
     indicator = indicator_mode == "on" or (indicator_mode == "auto" and passes / max(1.0, n) >= INDICATOR_PASSES)
     certify_mode = _deterministic_only(config.certify, randomized, "--certify")
@@ -526,10 +532,10 @@ def _decide(
         reason = None
         if cluster.is_main:  # a pilot on the first chunk's samples projects the cost over every rank
             start, stop = chunks[0]
-            pilot = store.load(0, "attacks")["clean_pred"] == data.y[start:stop]
+            pilot = store.read(0, "attacks", lambda stored: stored["clean_pred"] == data.y[start:stop])
             reason = certify_skip_reason(
                 model, data.take(start, stop)[pilot], data.y[start:stop][pilot], budget=config.certify_budget,
-                correct=int(correct), ranks=cluster.world, attack_seconds=wall, device=config_device(model),
+                correct=int(correct), attack_seconds=attack_total, device=config_device(model),
             )  # fmt: skip
         decision["certify_reason"] = cluster.broadcast(reason)
     if store.keep and cluster.is_main:

@@ -157,7 +157,7 @@ def _auto_pilot(attack_seconds: float, correct: int) -> tuple[str | None, int]:
         y = model.net(x).argmax(1)
     model.calls = 0
     reason = certify_skip_reason(
-        model, x, y, budget="fast", correct=correct, ranks=1, attack_seconds=attack_seconds, device=CPU
+        model, x, y, budget="fast", correct=correct, attack_seconds=attack_seconds, device=CPU
     )
     return reason, model.calls
 

@@ -385,3 +385,38 @@ def test_a_resumed_report_says_how_many_chunks_it_reused(tmp_path: Path) -> None
     assert json.loads(first.read_text())["timing"]["chunks_resumed"] == 0
     assert json.loads(second.read_text())["timing"]["chunks_resumed"] == 2
     assert comparable(first) == comparable(second)
+
+
+def test_redoing_a_chunks_attacks_redoes_its_final_pass_and_adaptation(tmp_path: Path) -> None:
+    """Red team 2026-12-06: after "delete it to redo that chunk" on an attacks file, the chunk's old final pass was
+    kept, so its adaptive battery (masking seen in another chunk) was silently dropped from the resumed report."""
+    import numpy as np
+
+    import robaudit
+    from tests.conftest import bundled_digits
+
+    x, y = bundled_digits()
+    x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
+    data = (np.concatenate([x[:8] * 0.5, np.clip(x[8:16] * 0.5 + 0.5, 0, 1)]), np.concatenate([y[:8], y[8:16]]))
+    settings = dict(threats=["linf:8/255"], preset="quick", chunk_size=8, certify=False, indicator=False,
+                    checkpoint=tmp_path / "ck")  # fmt: skip
+    first = robaudit.audit(_MaskedWhenBright(), data, **settings)
+    assert any("in another chunk" in a for a in first.summary.diagnostics["adaptations"])
+    (tmp_path / "ck" / "chunk-000000.attacks.pt").unlink()
+    (tmp_path / "ck" / "chunk-000001.pixels.pt").unlink()  # a chunk without its pixel digest is redone too
+    again = robaudit.audit(_MaskedWhenBright(), data, **settings)
+    assert again.summary.diagnostics["adaptations"] == first.summary.diagnostics["adaptations"]
+    assert again.timing["chunks_resumed"] == 0
+    assert [s.threats for s in again.samples] == [s.threats for s in first.samples]
+
+
+@pytest.mark.parametrize("stage", ["final", "attacks"])
+def test_a_chunk_file_of_the_wrong_shape_is_a_one_line_error(tmp_path: Path, stage: str) -> None:
+    ckpt, scan = tmp_path / "ck", [*SCAN[:-4], "-q"]
+    assert run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}).code == 0
+    torch.save({"k": 1, "stop": 16}, ckpt / f"chunk-000001.{stage}.pt")
+    result = run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"})
+    assert_one_line_error(result, f"chunk-000001.{stage}.pt does not hold what robaudit writes there")
+    (ckpt / f"chunk-000001.{stage}.pt").unlink()  # as the message says: that chunk is redone
+    (ckpt / "decisions.json").write_text("{}")
+    assert_one_line_error(run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}), "decisions.json is not robaudit's")

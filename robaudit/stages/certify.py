@@ -225,13 +225,16 @@ class _PilotOverBudget(Exception):
 
 
 def certify_skip_reason(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, budget: str, correct: int, ranks: int, attack_seconds: float,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, budget: str, correct: int, attack_seconds: float,
     device: torch.device,
 ) -> str | None:
     """"auto" mode: certify a pilot of PILOT samples and say why the whole run would take too long (None: run it).
 
-    The projection spreads the `correct` samples over the `ranks`; the budget is as long
-    as the attacks took (wall time, at least MIN_BUDGET_S). The pilot certifies one sample
+    The projection is the time for all `correct` samples, and the budget as long as the
+    attacks took (`attack_seconds`, summed over every rank; at least MIN_BUDGET_S): both
+    are totals over the ranks, so the decision does not depend on how many ran the scan
+    (a budget of the slowest rank's time against a projection split over the ranks
+    certified on 2 ranks what it skipped on 1). The pilot certifies one sample
     at a time and stops once the samples so far project PILOT_STOP times the budget: on a
     large network (minutes per sample) a hopeless pilot costs one sample, not PILOT.
     """
@@ -244,7 +247,7 @@ def certify_skip_reason(
     started = time.perf_counter()
 
     def projection(done: int) -> float:
-        return (time.perf_counter() - started) / done * correct / max(1, ranks)
+        return (time.perf_counter() - started) / done * correct
 
     finished = 0
 
@@ -268,7 +271,7 @@ def certify_skip_reason(
         return None
     return (
         f"certificate skipped: projected {projected:.0f} s exceeds the automatic budget of {limit:.0f} s "
-        "(as long as the attacks took, at least 10 s); pass --certify to run it"
+        "(as long as the attacks took, at least 10 s; CPU seconds of all processes together); pass --certify to run it"
     )
 
 
