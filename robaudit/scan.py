@@ -483,7 +483,8 @@ def _fingerprint(
     network computes.
     """
     settings = _config_dict(config, battery, batch_size)
-    for key in ("fail_under", "max_drop", "baseline", "strict", "plots", "n"):
+    # "device" as asked ("auto") gives way to the device it resolved to, which the results depend on
+    for key in ("fail_under", "max_drop", "baseline", "strict", "plots", "n", "device"):
         settings.pop(key, None)
     for stage in config.gated_stages:  # gates are not part of it, so neither is the stage a gate turned on:
         settings[stage] = "auto"  # a resumed scan keeps the checkpoint's decision (`_decide`)

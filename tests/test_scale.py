@@ -97,6 +97,9 @@ def test_a_checkpoint_of_another_scan_is_refused(tmp_path: Path) -> None:
         result = run_cli(*SCAN[:5], "8", "--chunk-size", "8", "--preset", "quick", "--no-checks", "-q", "--checkpoint", ckpt,
                          *change)  # fmt: skip
         assert_one_line_error(result, "was written by another scan")
+    cpu = run_cli(*SCAN[:5], "8", "--chunk-size", "8", "--preset", "quick", "--no-checks", "-q", "--checkpoint", ckpt,
+                  "--device", "cpu")  # fmt: skip
+    assert cpu.code == 0, cpu.stderr  # "auto" resolved to the CPU here: the same device, the same results
     other = tmp_path / "other.onnx"
     other.write_bytes(DEMO.read_bytes())  # the same model under another path: its checkpoint is this one
     same = run_cli("scan", other, *SCAN[2:5], "8", "--chunk-size", "8", "--preset", "quick", "--no-checks", "-q",
