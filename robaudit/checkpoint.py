@@ -24,9 +24,14 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: checkpoint folders are then not locked
+    fcntl = None
 
 from robaudit.atomic import write_atomic
 from robaudit.precision import full_precision
@@ -48,6 +53,7 @@ PROBE_KEY = "model_probe"  # the network's scores on fixed random inputs, compar
 PROBE_ROWS = 8
 PROBE_RTOL = 1e-5  # of the largest score: above float32 reordering (other thread counts), in full float32 precision
 PIXELS = "pixels"  # per-chunk file stage: the digest of the chunk's pixels
+LOCK = ".lock"  # rank 0 holds an advisory lock on it while the scan runs (`_hold`)
 DECISION_KEYS = {"indicator", "certify", "certify_reason", "masking"}  # what `scan._decide` stores
 T = TypeVar("T")
 
@@ -55,15 +61,19 @@ T = TypeVar("T")
 class ChunkStore:
     """Where a scan keeps its finished chunk passes: a checkpoint folder or a private spool."""
 
-    def __init__(self, root: Path, keep: bool) -> None:
+    def __init__(self, root: Path, keep: bool, lock: IO[bytes] | None = None) -> None:
         self.root = root
         self.keep = keep  # a user's checkpoint folder stays; a spool is removed by `close`
+        self._lock = lock  # rank 0's hold on the folder (`_hold`), released by `close`
 
     @classmethod
     def spool(cls) -> ChunkStore:
         return cls(Path(tempfile.mkdtemp(prefix="robaudit-spool-")), keep=False)
 
     def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases its lock
+            self._lock = None
         if not self.keep:
             shutil.rmtree(self.root, ignore_errors=True)
 
@@ -75,7 +85,13 @@ class ChunkStore:
         return self._path(k, stage).exists()
 
     def save(self, k: int, stage: str, payload: dict[str, Any]) -> None:
-        write_atomic(self._path(k, stage), lambda handle: torch.save(payload, handle))
+        try:
+            write_atomic(self._path(k, stage), lambda handle: torch.save(payload, handle))
+        except OSError as exc:
+            raise RobauditError(
+                f"--checkpoint {self.root}: cannot write {self._path(k, stage).name} ({exc.strerror or exc}; was the "
+                "folder removed or its disk filled?)"
+            ) from None
 
     def load(self, k: int, stage: str) -> dict[str, Any]:
         path = self._path(k, stage)
@@ -236,9 +252,22 @@ def _same_probe(found: Any, mine: Any) -> bool:
 
 def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> ChunkStore:
     """Create the checkpoint folder (rank 0) or check that it belongs to this very scan."""
-    manifest = root / MANIFEST
     if root.exists() and not root.is_dir():
         raise RobauditError(f"--checkpoint {root} exists and is not a folder")
+    if is_main and not (root / MANIFEST).exists():
+        _refuse_foreign(root)  # before the lock file is made: a folder of the user's own stays as it is
+    lock = _hold(root) if is_main else None
+    try:
+        _check_or_create(root, fingerprint, is_main)
+    except BaseException:
+        if lock is not None:
+            lock.close()
+        raise
+    return ChunkStore(root, keep=True, lock=lock)
+
+
+def _check_or_create(root: Path, fingerprint: dict[str, Any], is_main: bool) -> None:
+    manifest = root / MANIFEST
     if manifest.exists():
         try:
             found = json.loads(manifest.read_text())
@@ -257,14 +286,40 @@ def open_checkpoint(root: Path, fingerprint: dict[str, Any], is_main: bool) -> C
                 "use a new folder, or delete this one to start over"
             )
     elif is_main:
-        if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
-            raise RobauditError(f"--checkpoint {root} is not empty and holds no robaudit checkpoint; use a new folder")
+        _refuse_foreign(root)
         try:
-            root.mkdir(parents=True, exist_ok=True)
             write_atomic(manifest, lambda handle: handle.write(json.dumps(fingerprint, indent=1).encode()))
         except OSError as exc:
             raise RobauditError(f"--checkpoint {root} cannot be written: {exc.strerror or exc}") from exc
-    return ChunkStore(root, keep=True)
+
+
+def _refuse_foreign(root: Path) -> None:
+    if root.exists() and any(p for p in root.iterdir() if not p.name.startswith(".")):
+        raise RobauditError(f"--checkpoint {root} is not empty and holds no robaudit checkpoint; use a new folder")
+
+
+def _hold(root: Path) -> IO[bytes] | None:
+    """Rank 0's exclusive hold on a checkpoint folder (an advisory lock on `.lock` in it).
+
+    Two scans on one folder would write each other's chunks; the second is refused while
+    the first runs. The other ranks of the same scan read and write under rank 0's hold.
+    None where the system has no such locks (the folder is then used unguarded, as before).
+    """
+    if fcntl is None:
+        return None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        handle = open(root / LOCK, "ab")  # noqa: SIM115 - held open for the whole scan
+    except OSError as exc:
+        raise RobauditError(f"--checkpoint {root} cannot be written: {exc.strerror or exc}") from exc
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise RobauditError(
+            f"--checkpoint {root} is in use by another robaudit scan right now; wait for it to finish, or use another folder"
+        ) from None
+    return handle
 
 
 # ---------------------------------------------------------------------- chunk <-> plain data

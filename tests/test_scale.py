@@ -423,3 +423,30 @@ def test_a_chunk_file_of_the_wrong_shape_is_a_one_line_error(tmp_path: Path, sta
     (ckpt / f"chunk-000001.{stage}.pt").unlink()  # as the message says: that chunk is redone
     (ckpt / "decisions.json").write_text("{}")
     assert_one_line_error(run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}), "decisions.json is not robaudit's")
+
+
+def test_a_checkpoint_folder_in_use_by_another_scan_is_refused(tmp_path: Path) -> None:
+    """Red team 2026-12-06: two scans on one folder wrote into each other's chunks; the second now waits its turn."""
+    ckpt, scan = tmp_path / "ck", [*SCAN[:-4], "-q"]
+    assert run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}).code == 0
+    holder = subprocess.Popen(  # a process holding the folder as a running scan's rank 0 does
+        [sys.executable, "-c", f"import fcntl, sys, time; h = open({str(ckpt / '.lock')!r}, 'ab'); "
+         "fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"})
+        assert_one_line_error(result, "is in use by another robaudit scan right now")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}).code == 0  # free again: resumed
+
+
+def test_a_foreign_folder_gets_no_lock_file(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's")
+    assert_one_line_error(run_cli(*SCAN[:-4], "-q", "--checkpoint", folder), "holds no robaudit checkpoint")
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
