@@ -242,30 +242,54 @@ def _schema(node: torch._C.Node) -> torch._C.FunctionSchema | None:
     return None if text == "(no schema)" else torch._C.parse_schema(text)
 
 
+_STATISTICS = {"aten::batch_norm": 5, "aten::instance_norm": 5}  # the position of `training` / `use_input_stats`
 _DROPOUTS_IN_PLACE = {"aten::dropout_", "aten::feature_dropout_", "aten::alpha_dropout_", "aten::feature_alpha_dropout_"}
 
 
 def _written(node: torch._C.Node, schema: torch._C.FunctionSchema) -> list[tuple[int, torch._C.Value]]:
-    """The tensor inputs `node` writes into (`Tensor(a!)` in its schema), with their positions.
+    """The inputs `node` writes into (`Tensor(a!)`, `Tensor(a!)[]` in its schema), with their positions.
 
-    An in-place dropout with a constant `train=False` (eval mode) writes nothing.
+    An in-place dropout with a constant `train=False` (eval mode) writes nothing; batch or
+    instance norm using batch statistics writes its running mean and variance.
     """
     inputs = list(node.inputs())
     if node.kind() in _DROPOUTS_IN_PLACE and inputs[-1].toIValue() is False:
         return []
+    if node.kind() in _STATISTICS and inputs[_STATISTICS[node.kind()]].toIValue() is not False:
+        # batch statistics update the running buffers, which the schema does not mark as written
+        return [(i, inputs[i]) for i in (3, 4) if not isinstance(inputs[i].type(), torch._C.NoneType)]
+    tensor = torch._C.TensorType.get()
     return [
         (i, inputs[i]) for i, arg in enumerate(schema.arguments)
         if i < len(inputs) and arg.alias_info is not None and arg.alias_info.is_write
-        and inputs[i].type().isSubtypeOf(torch._C.TensorType.get())
+        and (inputs[i].type().isSubtypeOf(tensor) or node.kind().startswith("aten::_foreach_"))  # not list append & co.
     ]  # fmt: skip
 
 
+# Ops whose result is always newly allocated memory: convolutions, products, normalizations,
+# arithmetic, activations, pooling, joins, reductions and factories. A schema without an
+# alias annotation is not enough: `dropout(x, p, False)`, `type_as`, `_cast_Float` and
+# others return their very input under TorchScript while their schemas say `-> Tensor`.
+_ALLOCATING = frozenset(
+    "aten::" + name for name in (
+        "_convolution conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution linear "
+        "matmul mm bmm addmm einsum batch_norm layer_norm group_norm instance_norm add sub mul div rsub neg "
+        "relu relu6 hardtanh leaky_relu prelu elu celu selu gelu silu mish sigmoid tanh hardsigmoid hardswish "
+        "softplus clamp clamp_min clamp_max abs exp log sqrt pow max_pool1d max_pool2d max_pool3d avg_pool1d "
+        "avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool2d "
+        "upsample_nearest2d upsample_bilinear2d cat stack mean sum amax amin softmax log_softmax clone "
+        "zeros ones full empty zeros_like ones_like full_like empty_like arange rand randn rand_like randn_like"
+    ).split()
+)
+
+
 def _fresh(value: torch._C.Value) -> bool:
-    """Whether `value` is a tensor of its own: an op's new result, or an in-place op's result on one.
+    """Whether `value` is a tensor of its own: an allocating op's result, or an in-place op's result on one.
 
     Schemas say which results may share memory with an input (`-> Tensor(a)`: views, and
-    casts such as `to` that may return their input). Values out of prim nodes (a branch's
-    or loop's result, an unpacked list, a constant, a weight) are taken as shared.
+    casts such as `to` that may return their input), but not all of them: only the ops of
+    `_ALLOCATING` count as making new memory. Values out of prim nodes (a branch's or
+    loop's result, an unpacked list, a constant, a weight) are taken as shared.
     """
     node = value.node()
     schema = _schema(node)
@@ -273,7 +297,7 @@ def _fresh(value: torch._C.Value) -> bool:
         return False
     alias = schema.returns[value.offset()].alias_info
     if alias is None:
-        return True
+        return node.kind() in _ALLOCATING
     if not alias.is_write:
         return False
     inputs = list(node.inputs())
