@@ -617,12 +617,14 @@ class HiddenRamp(nn.Module):
             v = v * 2.0
         if self.via == "dropout":  # eval-mode dropout returns its input, though its schema says `-> Tensor`
             v = F.dropout(v, 0.5, False)
+        if self.via == "einsum":  # so does a one-operand einsum (a view)
+            v = torch.einsum("ij->ij", v)
         v.sub_(0.2).clamp_(0.0, 0.01).mul_(3000.0)
         return self.fc2(torch.relu(self.fc1(h))) + 0.0 * v  # v read: TorchScript keeps the writes
 
 
 @pytest.mark.parametrize("kind", ["script", "trace"])
-@pytest.mark.parametrize("via", ["cast", "branch", "dropout"])
+@pytest.mark.parametrize("via", ["cast", "branch", "dropout", "einsum"])
 def test_in_place_writes_into_a_shared_tensor_are_refused(tmp_path, via, kind) -> None:
     x, y = digits()
     net = HiddenRamp(via).eval()
@@ -636,6 +638,35 @@ def test_in_place_writes_into_a_shared_tensor_are_refused(tmp_path, via, kind) -
     with pytest.raises(CertificateUnavailable) as info:
         certify_l2(loaded(path, x), x[:4], y[:4])
     assert "writes in place into a tensor that other values may share" in str(info.value)
+
+
+class Hooked(nn.Module):
+    """An MLP whose root carries a compiled forward hook: `torch.jit.load(path)(x)` runs it, the converter's graph not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.reshape(-1, 64))))
+
+
+def _bump(module: Hooked, inputs: tuple[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    return out + torch.relu(inputs[0].reshape(-1, 64)[:, :1] - 0.3) * 1000.0
+
+
+def test_a_compiled_forward_hook_is_refused(tmp_path) -> None:
+    x, y = digits()
+    net = fit(Hooked(), 30).eval()
+    net.register_forward_hook(_bump)
+    path = tmp_path / "hooked.pt"
+    torch.jit.save(torch.jit.script(net), str(path))
+    bright = x[:4].clone()
+    bright[:, 0, 0, 0] = 0.5
+    with torch.no_grad():  # the file runs the hook
+        assert (torch.jit.load(path)(bright) - net.fc2(torch.relu(net.fc1(bright.reshape(-1, 64))))).abs().amax() > 100
+    with pytest.raises(CertificateUnavailable, match="a compiled forward hook"):
+        certify_l2(loaded(path, x), x[:4], y[:4])
 
 
 class InPlaceResidual(nn.Module):

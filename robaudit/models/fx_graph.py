@@ -67,7 +67,14 @@ def untraced_modules(net: nn.Module) -> list[str]:
     if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
         return ["every module (a global forward hook)"]
     if is_torchscript(net):
-        return []  # TorchScript compiles its hooks into the code the converter reads
+        # A submodule's compiled hooks are inlined into its caller's code, which the converter reads, but
+        # the root's run around `forward` and the converter leaves them out (red team: a root forward hook
+        # broke printed radii). Any compiled hook is refused, the root's and (to be safe) a submodule's.
+        return [
+            (name or type(m).__name__) + " (a compiled forward hook)"
+            for name, m in net.named_modules()
+            if hasattr(m, "_c") and (m._c._get_forward_hooks() or m._c._get_forward_pre_hooks())
+        ]
     found = []
     for name, m in net.named_modules():
         hooks = [*getattr(m, "_forward_hooks", {}).values(), *getattr(m, "_forward_pre_hooks", {}).values()]
@@ -242,7 +249,12 @@ def _schema(node: torch._C.Node) -> torch._C.FunctionSchema | None:
     return None if text == "(no schema)" else torch._C.parse_schema(text)
 
 
-_STATISTICS = {"aten::batch_norm": 5, "aten::instance_norm": 5}  # the position of `training` / `use_input_stats`
+# Ops that update running statistics without a `Tensor(a!)` in their schema: the position of their
+# `training` / `use_input_stats` flag (None: always) and of the buffers they write.
+_STATISTICS: dict[str, tuple[int | None, tuple[int, ...]]] = {
+    "aten::batch_norm": (5, (3, 4)), "aten::instance_norm": (5, (3, 4)), "aten::native_batch_norm": (5, (3, 4)),
+    "aten::_batch_norm_impl_index": (5, (3, 4)), "aten::batch_norm_update_stats": (None, (1, 2)),
+}  # fmt: skip
 _DROPOUTS_IN_PLACE = {"aten::dropout_", "aten::feature_dropout_", "aten::alpha_dropout_", "aten::feature_alpha_dropout_"}
 
 
@@ -255,9 +267,10 @@ def _written(node: torch._C.Node, schema: torch._C.FunctionSchema) -> list[tuple
     inputs = list(node.inputs())
     if node.kind() in _DROPOUTS_IN_PLACE and inputs[-1].toIValue() is False:
         return []
-    if node.kind() in _STATISTICS and inputs[_STATISTICS[node.kind()]].toIValue() is not False:
+    flag, buffers = _STATISTICS.get(node.kind(), (None, ()))
+    if buffers and (flag is None or inputs[flag].toIValue() is not False):
         # batch statistics update the running buffers, which the schema does not mark as written
-        return [(i, inputs[i]) for i in (3, 4) if not isinstance(inputs[i].type(), torch._C.NoneType)]
+        return [(i, inputs[i]) for i in buffers if not isinstance(inputs[i].type(), torch._C.NoneType)]
     tensor = torch._C.TensorType.get()
     return [
         (i, inputs[i]) for i, arg in enumerate(schema.arguments)
@@ -268,12 +281,13 @@ def _written(node: torch._C.Node, schema: torch._C.FunctionSchema) -> list[tuple
 
 # Ops whose result is always newly allocated memory: convolutions, products, normalizations,
 # arithmetic, activations, pooling, joins, reductions and factories. A schema without an
-# alias annotation is not enough: `dropout(x, p, False)`, `type_as`, `_cast_Float` and
-# others return their very input under TorchScript while their schemas say `-> Tensor`.
+# alias annotation is not enough: `dropout(x, p, False)`, `type_as`, `_cast_Float`, a
+# one-operand `einsum("ij->ij", x)` and others return their very input (or a view of it)
+# while their schemas say `-> Tensor`.
 _ALLOCATING = frozenset(
     "aten::" + name for name in (
         "_convolution conv1d conv2d conv3d conv_transpose1d conv_transpose2d conv_transpose3d convolution linear "
-        "matmul mm bmm addmm einsum batch_norm layer_norm group_norm instance_norm add sub mul div rsub neg "
+        "matmul mm bmm addmm batch_norm layer_norm group_norm instance_norm add sub mul div rsub neg "
         "relu relu6 hardtanh leaky_relu prelu elu celu selu gelu silu mish sigmoid tanh hardsigmoid hardswish "
         "softplus clamp clamp_min clamp_max abs exp log sqrt pow max_pool1d max_pool2d max_pool3d avg_pool1d "
         "avg_pool2d avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d adaptive_avg_pool3d adaptive_max_pool2d "
