@@ -821,40 +821,40 @@ def test_a_class_with_its_own_call_is_refused() -> None:
 class Shifted(nn.Module):
     """`net` plus `offset` on every score: the same decisions and margins."""
 
-    def __init__(self, net: nn.Module, offset: float) -> None:
+    def __init__(self, net: nn.Module, offset: float, scale: float = 1.0) -> None:
         super().__init__()
-        self.net, self.offset = net, offset
+        self.net, self.offset, self.scale = net, offset, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x) + self.offset
+        return self.scale * self.net(x) + self.offset
 
 
 class Ramp(nn.Module):
     """`net` plus `offset` on every score and a ramp of height `height` on pixel 0 past 0.2: the same scores on
     the digits (pixel 0 is 0), others off them."""
 
-    def __init__(self, net: nn.Module, height: float, offset: float = 0.0) -> None:
+    def __init__(self, net: nn.Module, height: float, offset: float = 0.0, scale: float = 1.0) -> None:
         super().__init__()
-        self.net, self.height, self.offset = net, height, offset
+        self.net, self.height, self.offset, self.scale = net, height, offset, scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ramp = self.height * ((x.flatten(1)[:, :1] - 0.2) / 0.01).clamp(0, 1)
-        return self.net(x) + self.offset + ramp * torch.arange(10.0) / 9
+        return self.scale * self.net(x) + self.offset + ramp * torch.arange(10.0) / 9
 
 
-@pytest.mark.parametrize(("height", "offset"), [(270.0, 0.0), (0.9, 1000.0)])
-def test_a_graph_that_leaves_the_model_off_its_centre_is_refused_inside_the_ball(height, offset) -> None:
+@pytest.mark.parametrize(("height", "offset", "scale"), [(270.0, 0.0, 1.0), (0.9, 1000.0, 1.0)])
+def test_a_graph_that_leaves_the_model_off_its_centre_is_refused_inside_the_ball(height, offset, scale) -> None:
     """What torch's TorchScript converter once did: a graph equal to the model on the data, not in the balls.
     A constant added to every score must not widen the tolerance (it once was relative to the largest score)."""
     from robaudit.certify.certificate import check_graph_in_balls
 
     x, y = digits()
     net = fit(mlp(nn.ReLU()), 30).eval()
-    plain = Shifted(net, offset)
+    plain = Shifted(net, offset, scale)
     graph = build_graph(plain, x[:1])
     keep = net(x[:16]).argmax(1) == y[:16]
     radius = certify_l2(plain, x[:16][keep], y[:16][keep]).radius
     assert bool((radius > 0.3).any())  # balls wide enough to reach pixel 0 past 0.2 along some direction
     check_graph_in_balls(graph, plain, x[:16][keep], radius)  # the model the graph was built from: no complaint
     with pytest.raises(CertificateUnavailable, match="inside the certified balls .* does not reproduce the model's outputs"):
-        check_graph_in_balls(graph, Ramp(net, height, offset), x[:16][keep], radius)
+        check_graph_in_balls(graph, Ramp(net, height, offset, scale), x[:16][keep], radius)

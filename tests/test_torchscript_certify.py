@@ -590,8 +590,9 @@ def test_unconvertible_torchscript_is_unavailable_not_an_error(tmp_path) -> None
     model = loaded(save(DataDependentLoop().eval(), tmp_path / "m.pt", "script"), x)
     with pytest.raises(CertificateUnavailable) as info:
         certify_l2(model, x[:4], y[:4])
-    assert str(info.value).startswith("certificate unavailable: RecursiveScriptModule: torch's TorchScript converter")
-    assert "prim::Loop" in str(info.value)
+    # refused before the converter runs: `.item()` turns the scores into a Python number (the converter
+    # itself, reached without that rule, cannot translate the prim::Loop)
+    assert str(info.value).startswith("certificate unavailable: RecursiveScriptModule: aten::item turns a tensor")
     assert build_surrogate(model) is None
 
 
@@ -638,6 +639,49 @@ def test_in_place_writes_into_a_shared_tensor_are_refused(tmp_path, via, kind) -
     with pytest.raises(CertificateUnavailable) as info:
         certify_l2(loaded(path, x), x[:4], y[:4])
     assert "writes in place into a tensor that other values may share" in str(info.value)
+
+
+class ScalarGain(nn.Module):
+    """Scores times `float(self.gain)` (or gated by `bool(self.on)`): torch's converter reads a buffer's
+    `bool()` as the tensor itself and `float()` through float32, so its graph computes other scores."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.fc, self.how = nn.Linear(64, 10), how
+        self.register_buffer("gain", torch.tensor(3.0))
+        self.register_buffer("on", torch.tensor(1e-30))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.fc(x.flatten(1))
+        if self.how == "float":
+            return z * (float(self.gain) - 2.0)
+        return z + float(bool(self.on)) * z[:, :1]
+
+
+class SizeArithmetic(nn.Module):
+    """A trace's `x.view(x.size(0) // 1, -1)`: sizes turned into numbers, which is exact and allowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x.view(x.size(0) // 1, -1))))
+
+
+@pytest.mark.parametrize("how", ["float", "bool"])
+def test_tensors_turned_into_numbers_are_refused(tmp_path, how) -> None:
+    x, y = digits()
+    model = loaded(save(ScalarGain(how).eval(), tmp_path / "m.pt", "script"), x)
+    with pytest.raises(CertificateUnavailable, match="aten::(Float|Bool) turns a tensor into a Python number"):
+        certify_l2(model, x[:4], y[:4])
+
+
+def test_a_traces_size_arithmetic_still_certifies(tmp_path) -> None:
+    x, y = digits()
+    net = fit(SizeArithmetic(), 30).eval()
+    model = loaded(save(net, tmp_path / "m.pt", "trace"), x)
+    torch.testing.assert_close(certify_l2(model, x[:8], y[:8]).radius, certify_l2(net, x[:8], y[:8]).radius)
 
 
 class Hooked(nn.Module):

@@ -358,6 +358,61 @@ def _refuse_torchscript_aliasing(net: torch.jit.ScriptModule) -> None:
     walk(_constant_folded_graph(net))
 
 
+# Tensor-to-Python-number conversions torch's converter translates wrongly for constant tensors
+# (red team round 4): `bool(t)` becomes `t` itself, `float(t)` goes through float32, `int(t)` through int32.
+_SCALAR_CONVERSIONS = {"aten::Bool", "aten::Float", "aten::Int", "aten::ScalarImplicit", "aten::FloatImplicit",
+                       "aten::IntImplicit", "aten::item"}  # fmt: skip
+
+
+def _refuse_scalar_conversions(net: torch.jit.ScriptModule) -> None:
+    """Raise NotTraceable where the TorchScript turns a tensor into a Python number, other than a size.
+
+    A traced net's shape arithmetic (`prim::NumToTensor` of `aten::size`, small integer
+    constants, then `aten::Int`) is exact in int32 and stays allowed; any other conversion
+    is refused rather than trusted to the converter.
+    """
+    graph = net.inlined_graph  # the code the converter reads: nothing folded away
+    for node in _all_nodes(graph):
+        if node.kind() in _SCALAR_CONVERSIONS:
+            source = next(iter(node.inputs()), None)
+            sizes = node.kind() in ("aten::Int", "aten::IntImplicit") and source is not None and _from_sizes(source)
+            if source is not None and source.type().isSubtypeOf(torch._C.TensorType.get()) and not sizes:
+                raise NotTraceable(
+                    f"{node.kind()} turns a tensor into a Python number, which torch's TorchScript converter "
+                    "does not translate exactly"
+                )
+
+
+def _from_sizes(value: torch._C.Value, depth: int = 0) -> bool:
+    """Whether a tensor is computed from sizes alone (a trace's `x.size(1) // 2` as `prim::NumToTensor` & co.)."""
+    node = value.node()
+    if node.kind() == "prim::NumToTensor":
+        return True
+    if node.kind() == "prim::Constant":  # a number, or a trace's 0-dim integer that int32 holds exactly
+        if not value.type().isSubtypeOf(torch._C.TensorType.get()):
+            return True
+        t = node.t("value") if node.hasAttribute("value") else None
+        return t is not None and t.dim() == 0 and not t.is_floating_point() and abs(int(t)) < 2**31
+    tensors = [v for v in node.inputs() if v.type().isSubtypeOf(torch._C.TensorType.get())]
+    if depth > 16 or not node.kind().startswith("aten::") or not tensors:
+        return False
+    return all(_from_sizes(v, depth + 1) for v in tensors)
+
+
+def _all_nodes(graph: torch._C.Graph) -> list[torch._C.Node]:
+    """Every node of `graph`, inside branches and loops too."""
+    found: list[torch._C.Node] = []
+
+    def walk(block) -> None:
+        for node in block.nodes():
+            found.append(node)
+            for inner in node.blocks():
+                walk(inner)
+
+    walk(graph)
+    return found
+
+
 def _constant_folded_graph(net: torch.jit.ScriptModule) -> torch._C.Graph:
     """The forward graph with every call inlined and the module's attributes as constants, folded.
 
@@ -386,6 +441,7 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
     from torch._export.converter import TS2EPConverter  # private but torch's own; imported late (slow)
 
     _refuse_torchscript_aliasing(net)
+    _refuse_scalar_conversions(net)
     try:
         with _quiet():
             module = TS2EPConverter(_private_copy(net), (example,)).convert().module()
