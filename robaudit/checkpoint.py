@@ -301,14 +301,15 @@ def _refuse_foreign(root: Path) -> None:
 def _hold(root: Path) -> IO[bytes] | None:
     """Rank 0's exclusive hold on a checkpoint folder (an advisory lock on `.lock` in it).
 
-    Two scans on one folder would write each other's chunks; the second is refused while
-    the first runs. The other ranks of the same scan read and write under rank 0's hold.
-    None where the system has no such locks (the folder is then used unguarded, as before).
+    Makes the folder. Two scans on one folder would write each other's chunks; the second
+    is refused while the first runs. The other ranks of the same scan read and write under
+    rank 0's hold. None where the system has no such locks (the folder is then used
+    unguarded, as before).
     """
-    if fcntl is None:
-        return None
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        root.mkdir(parents=True, exist_ok=True)  # also where there are no locks: the manifest goes in it next
+        if fcntl is None:
+            return None
         handle = open(root / LOCK, "ab")  # noqa: SIM115 - held open for the whole scan
     except OSError as exc:
         raise RobauditError(f"--checkpoint {root} cannot be written: {exc.strerror or exc}") from exc

@@ -450,3 +450,14 @@ def test_a_foreign_folder_gets_no_lock_file(tmp_path: Path) -> None:
     (folder / "notes.txt").write_text("the user's")
     assert_one_line_error(run_cli(*SCAN[:-4], "-q", "--checkpoint", folder), "holds no robaudit checkpoint")
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_a_new_checkpoint_folder_is_made_where_the_system_has_no_file_locks(tmp_path: Path, monkeypatch) -> None:
+    """Without fcntl (Windows) the lock is skipped, but the folder must still be made before the manifest."""
+    import robaudit.checkpoint as checkpoint
+
+    monkeypatch.setattr(checkpoint, "fcntl", None)
+    root = tmp_path / "new" / "ck"
+    store = checkpoint.open_checkpoint(root, {"robaudit": "test"}, is_main=True)
+    assert (root / checkpoint.MANIFEST).exists() and not (root / checkpoint.LOCK).exists()
+    store.close()
