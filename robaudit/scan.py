@@ -321,6 +321,11 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
     try:
         mine = cluster.shard(len(chunks))
         costs = [0.0] * 5  # battery passes, samples, attack seconds, correctly classified samples, chunks with masking
+
+        def stored_attacks(k: int, dense: bool) -> ChunkAttacks:  # a malformed file is a one-line error (`read`)
+            parse = functools.partial(attacks_from_plain, threats=config.threats, sample_shape=data.sample_shape, dense=dense)
+            return store.read(k, "attacks", parse)
+
         reused = sum(not store.missing(k) for k in mine)  # chunks a checkpoint already held (a resumed scan)
         for k in mine:
             start, stop = chunks[k]
@@ -332,7 +337,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
                 store.save(k, "attacks", attacks_to_plain(part))
             else:  # a resumed chunk: only if its pixels are the ones it was attacked on
                 store.check_pixels(k, data.take(start, stop))
-            part = store.read(k, "attacks", functools.partial(_attacks, config, data, dense=False))
+            part = stored_attacks(k, dense=False)
             masked = float(part.trust is not None and part.trust.masking)
             costs = [a + b for a, b in zip(costs, [part.battery_passes, part.n, part.seconds, float((part.clean_pred == y[start:stop]).sum()), masked])]
         # the attack seconds stored with the chunks, not this run's wall time: a resumed scan decides the same
@@ -341,7 +346,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
         for k in mine:
             start, stop = chunks[k]
             if not store.has(k, "final"):
-                part = store.read(k, "attacks", functools.partial(_attacks, config, data, dense=True))
+                part = stored_attacks(k, dense=True)
                 x = data.take(start, stop)
                 if decisions.get("masking") and part.trust is not None and not part.trust.masking:
                     adapt_chunk(setup, model, part, x, y[start:stop], _in_chunk(progress, k, chunks))
@@ -354,7 +359,7 @@ def _scan(config: ScanConfig, progress: ProgressFactory, cluster: Cluster) -> Sc
                 store.save(k, "final", final_to_plain(final))
         dense = config.keep_adversarial or config.plots is not None
         results = [
-            (store.read(k, "attacks", functools.partial(_attacks, config, data, dense=dense)),
+            (stored_attacks(k, dense),
              store.read(k, "final", final_from_plain))
             for k in mine
         ]  # fmt: skip
@@ -502,11 +507,6 @@ def _fingerprint(
         **settings,
         PROBE_KEY: None if randomized or config.checkpoint is None else model_probe(model, data.sample_shape, config.input_range, device),
     }
-
-
-def _attacks(config: ScanConfig, data: Dataset, stored: dict, dense: bool) -> ChunkAttacks:
-    """A stored chunk's attack results (`ChunkStore.read` turns a malformed file into a one-line error)."""
-    return attacks_from_plain(stored, config.threats, data.sample_shape, dense=dense)
 
 
 def _decide(

@@ -342,20 +342,16 @@ def _refuse_torchscript_aliasing(net: torch.jit.ScriptModule) -> None:
     it reads and that no other value shares (`relu_` after a convolution, `out += identity`
     on a batch norm's result). Anything else is refused.
     """
-    def walk(block: torch._C.Block) -> None:
-        for node in block.nodes():
-            for inner in node.blocks():
-                walk(inner)
-            schema = _schema(node)
-            for _, value in _written(node, schema) if schema is not None else []:
-                if not _owned(value, node):
-                    raise NotTraceable(
-                        f"{node.kind()} writes in place into a tensor that other values may share (a view, a cast "
-                        "that may return its input, a branch's result, an input or a weight), and torch's TorchScript "
-                        "converter does not keep such sharing"
-                    )
-
-    walk(_constant_folded_graph(net))
+    graph = _constant_folded_graph(net)  # kept alive while its nodes are read
+    for node in _all_nodes(graph):
+        schema = _schema(node)
+        for _, value in _written(node, schema) if schema is not None else []:
+            if not _owned(value, node):
+                raise NotTraceable(
+                    f"{node.kind()} writes in place into a tensor that other values may share (a view, a cast "
+                    "that may return its input, a branch's result, an input or a weight), and torch's TorchScript "
+                    "converter does not keep such sharing"
+                )
 
 
 # Tensor-to-Python-number conversions torch's converter translates wrongly for constant tensors
@@ -413,6 +409,11 @@ def _all_nodes(graph: torch._C.Graph) -> list[torch._C.Node]:
     return found
 
 
+def training_reads(graph: torch._C.Graph) -> list[torch._C.Node]:
+    """The nodes of a TorchScript graph that read a module's `training` flag (scripted dropout, batch norm)."""
+    return [node for node in graph.findAllNodes("prim::GetAttr", True) if node.s("name") == "training"]
+
+
 def _constant_folded_graph(net: torch.jit.ScriptModule) -> torch._C.Graph:
     """The forward graph with every call inlined and the module's attributes as constants, folded.
 
@@ -428,8 +429,8 @@ def _constant_folded_graph(net: torch.jit.ScriptModule) -> torch._C.Graph:
     except Exception:  # noqa: BLE001 - interfaces and other code freezing does not handle
         graph = net.inlined_graph  # a copy, which the passes below may change
         first = next(iter(graph.nodes()), None)
-        for node in graph.findAllNodes("prim::GetAttr", True) if first is not None else []:
-            if node.s("name") == "training" and not any(module.training for module in net.modules()):
+        if first is not None and not any(module.training for module in net.modules()):
+            for node in training_reads(graph):
                 with graph.insert_point_guard(first):
                     node.output().replaceAllUsesWith(graph.insertConstant(False))
     torch._C._jit_pass_constant_propagation(graph)

@@ -13,6 +13,7 @@ import torch
 
 from robaudit.errors import RobauditError
 from robaudit.models.detect import RawModel, freeze, one_line
+from robaudit.models.fx_graph import training_reads
 
 
 def load_torchscript(path: Path) -> RawModel:
@@ -43,4 +44,4 @@ def _reads_training(net: torch.jit.ScriptModule) -> bool:
         graph = net.inlined_graph  # kept alive while its nodes are read
     except Exception:  # noqa: BLE001 - a module without a forward graph: assume it does
         return True
-    return any(node.s("name") == "training" for node in graph.findAllNodes("prim::GetAttr", True))
+    return bool(training_reads(graph))
