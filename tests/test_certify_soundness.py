@@ -294,6 +294,122 @@ def test_onnx_cast_to_float16_is_refused(tmp_path) -> None:
 # --------------------------------------------------------------------------- float32 rounding
 
 
+@pytest.mark.parametrize("name", ["mlp", "cnn", "residual-bn"])
+def test_the_graph_checks_yardstick_covers_float32_margins_and_is_tighter_than_the_forward_bound(name: str) -> None:
+    """`point_rounding` (what the graph checks allow) must hold for a faithful graph: every float32 margin within
+    it of the exact one; and it must be much tighter than the forward bound, or deep nets' checks would see nothing."""
+    from robaudit.certify.rounding import float32_values, pair_error, point_rounding
+
+    x, _ = digits()
+    net = _nets()[name]
+    graph = build_graph(net, x[:1])
+    gen = torch.Generator().manual_seed(1)
+    points = torch.cat([x[:16], torch.rand((16, 1, 8, 8), generator=gen)])
+    with torch.no_grad():
+        f32, f64 = net(points).double(), double(net)(points.double())
+    top = f64.argmax(1, keepdim=True)
+    seen = ((f32.gather(1, top) - f32) - (f64.gather(1, top) - f64)).abs()
+    charge = point_rounding(graph, points, top)
+    assert (seen <= charge).all(), (seen / charge).max()
+    assert all(v is not None for v in float32_values(graph, points))  # the graph runs in float32 (kink estimates)
+    assert seen.max() > 0  # not vacuous: float32 rounds these margins
+    lo, hi = ball_bounds(graph, points.double(), torch.zeros(len(points), dtype=torch.float64))
+    forward = float32_error(graph, interval_magnitudes(lo, hi), (lo, hi))
+    others = torch.arange(10).repeat(len(points), 1)
+    assert (charge <= pair_error(forward, top.flatten(), others) + 1e-30).all()
+
+
+class _TiePool(nn.Module):
+    """Max pooling over a = x0 and b = x0 + x1 - x2, equal when x1 == x2: b rounds with x1's size, a barely."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(3, 2, bias=False), nn.Linear(1, 3)
+        with torch.no_grad():
+            self.fc.weight.copy_(torch.tensor([[1.0, 0, 0], [1.0, 1.0, -1.0]]))
+            self.head.weight.copy_(torch.tensor([[1.0], [-1.0], [0.5]]))
+            self.head.bias.copy_(torch.tensor([0.0, 0.0, 0.1]))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.max_pool2d(self.fc(x.flatten(1)).view(-1, 1, 1, 2), (1, 2)).flatten(1))
+
+
+def _on_a_kink(net: nn.Sequential, x: torch.Tensor, unit: int, count: int, gen: torch.Generator) -> torch.Tensor:
+    """`count` float32 points within a few ulps of where hidden unit `unit`'s pre-activation is 0 (float64)."""
+    layer = double(net)[1]
+    w = layer.weight[unit]
+    x64 = x.double().flatten(1)
+    x64 = x64 - (x64 @ w + layer.bias[unit])[:, None] * w / (w @ w)
+    x32 = x64.float().view_as(x)
+    ulp = torch.nextafter(x32, torch.full_like(x32, math.inf)) - x32
+    return x32 + torch.randint(-3, 4, (count, *x.shape[1:]), generator=gen).float() * ulp
+
+
+def test_the_graph_check_allows_float32_rounding_across_a_kink_or_a_max_pool_tie() -> None:
+    """A faithful graph, refused (a red team's sweep): float32 rounding put a ReLU's input on the other side of 0
+    than float64 (31x the first-order allowance, a tiny net on inputs in [0, 255]), or made the other entry of a
+    max-pool tie win (695x). Such units are now charged the jump in slope times their input's error bound.
+    And all-zero scores gave 0 / 0."""
+    from robaudit.certify.fidelity import check_graph
+
+    gen = torch.Generator().manual_seed(0)
+    for hidden in (1, 2, 4):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10)).eval()
+        x = torch.rand(1, 1, 8, 8, generator=gen) * 255
+        points = _on_a_kink(net, x, 0, 256, gen)
+        with torch.no_grad():  # the premise: float32 puts some of them on the other side of the kink
+            z32, z64 = net[1](points.flatten(1))[:, 0], double(net)[1](points.flatten(1).double())[:, 0]
+        assert bool(((z32 > 0) != (z64 > 0)).any())
+        check_graph(build_graph(net, x), net, points)
+    tie = _TiePool()
+    x = torch.stack([torch.rand(64, generator=gen), *[torch.full((64,), 1000.0)] * 2], 1).view(64, 1, 1, 3)
+    check_graph(build_graph(tie, x[:1]), tie, x)
+    # every score exactly 0 (no biases, a black image): nothing rounds and nothing differs (was 0 / 0, refused)
+    blank = nn.Sequential(nn.Flatten(), nn.Linear(64, 16, bias=False), nn.ReLU(), nn.Linear(16, 10, bias=False)).eval()
+    x = torch.cat([torch.zeros(1, 1, 8, 8), torch.rand(3, 1, 8, 8, generator=gen)])
+    check_graph(build_graph(blank, x[:1]), blank, x)
+
+
+class _TinyVarianceNorm(nn.Module):
+    """Scores through a batch norm whose `var + eps` is not a normal float32 (a red team's nets): the float32 model
+    then loses 5e-4 of a margin of 1 (eps 1e-42) or a whole region flips (a negative variance that cancels eps)."""
+
+    def __init__(self, eps: float, variance: float, weight: float) -> None:
+        super().__init__()
+        self.fc, self.bn = nn.Linear(64, 2), nn.BatchNorm1d(2, eps=eps)
+        with torch.no_grad():
+            self.fc.weight.zero_()
+            self.fc.bias.zero_()
+            self.fc.weight[0, 0] = weight
+            self.bn.running_var.copy_(torch.tensor([variance, 1.0]))
+            self.bn.bias.copy_(torch.tensor([0.0, 1.0]))
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.fc(x.flatten(1)))
+
+
+def test_batch_norm_whose_variance_plus_eps_is_not_a_normal_float32_is_refused() -> None:
+    """The graph added eps in float64 where torch adds float32(eps): radii of 0.99997 broken at 0.99997 and below."""
+    eps32 = float(torch.tensor(1e-5, dtype=torch.float32))
+    ulp = eps32 * 2.0**-23
+    cases = {
+        "below float32's normal range": _TinyVarianceNorm(1e-42, 0.0, 1e-21),
+        "negative running variance": _TinyVarianceNorm(1e-5, -eps32 + 128 * ulp, (128 * ulp) ** 0.5),
+    }
+    for why, net in cases.items():
+        x = torch.zeros(1, 1, 8, 8)
+        x[0, 0, 0, 0] = 2.0 if "normal range" in why else 0.0
+        y = net(x).argmax(1)
+        with pytest.raises(CertificateUnavailable, match=f"batch norm .*{why}"):
+            certify_l2(net, x, y)
+    fine = _TinyVarianceNorm(1e-5, 0.0, 1e-3)  # var 0 and an ordinary eps: certified as before
+    x = torch.rand(4, 1, 8, 8)
+    assert bool((certify_l2(fine, x, fine(x).argmax(1)).radius > 0).all())
+
+
 def _nets() -> dict[str, nn.Module]:
     return {"mlp": fit(mlp(nn.ReLU(), 48, 2), 100), "cnn": fit(cnn(), 80), "residual-bn": fit(Residual(), 100)}
 
@@ -842,11 +958,12 @@ class Ramp(nn.Module):
         return self.scale * self.net(x) + self.offset + ramp * torch.arange(10.0) / 9
 
 
-@pytest.mark.parametrize(("height", "offset", "scale"), [(270.0, 0.0, 1.0), (0.9, 1000.0, 1.0)])
+@pytest.mark.parametrize(("height", "offset", "scale"), [(270.0, 0.0, 1.0), (0.9, 1000.0, 1.0), (2e-5, 0.0, 1e-4)])
 def test_a_graph_that_leaves_the_model_off_its_centre_is_refused_inside_the_ball(height, offset, scale) -> None:
     """What torch's TorchScript converter once did: a graph equal to the model on the data, not in the balls.
-    A constant added to every score must not widen the tolerance (it once was relative to the largest score)."""
-    from robaudit.certify.certificate import check_graph_in_balls
+    A constant added to every score must not widen the tolerance (it once was relative to the largest score), nor
+    must small scores (a fixed floor of 1e-3 let a ramp of 2e-5 on scores of 1e-3 through)."""
+    from robaudit.certify.fidelity import check_graph_in_balls
 
     x, y = digits()
     net = fit(mlp(nn.ReLU()), 30).eval()

@@ -32,10 +32,10 @@ from robaudit.certify.affine import AffinePrefix, exact_magnitudes
 from robaudit.certify.budget import Budget, get_budget
 from robaudit.certify.closed_form import ClosedFormBound, hidden_layer
 from robaudit.certify.global_lipschitz import GlobalLipschitz
-from robaudit.certify.graph import Graph, build_graph, check_graph
+from robaudit.certify.graph import Graph, build_graph
+from robaudit.certify.fidelity import check_graph, check_graph_in_balls
 from robaudit.certify.interval import Batch, IntervalBound
 from robaudit.certify.crown import CrownBound, first_order_radius
-from robaudit.certify.errors import CertificateUnavailable
 from robaudit.certify.radius import ErrorFn, ratio_radius, search_radius
 from robaudit.certify.rounding import BallError, overflow_possible
 
@@ -45,8 +45,6 @@ LINEAR_RTOL = 1e-9  # the exact linear distance is computed in float64 up to ~1e
 OUTCLASSED = 1.25  # a cross-Lipschitz method whose radius crown beats by this factor everywhere ...
 OUTCLASSED_MIN = 16  # ... on at least this many samples of the first batch is skipped on the others
 FIRST_BATCH = 32  # the first batch, which decides that, is at most this large (it runs every method)
-BALL_PAIRS = 8  # random directions (and their opposites) along which the graph is checked inside each ball ...
-BALL_FRACTIONS = (0.5, 0.999)  # ... at these fractions of the radius
 
 
 @dataclass
@@ -218,37 +216,6 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
             f"radii bound those scores, each margin kept {graph.tie_margin:.1g} above a float32 tie"
         )
     return Certificate(radius, method, time.perf_counter() - start, notes)
-
-
-def check_graph_in_balls(graph: Graph, model: nn.Module, x: torch.Tensor, radius: torch.Tensor, seed: int = 0) -> None:
-    """The graph must reproduce the model inside each certified ball too, not only at its centre.
-
-    The bound is about the graph: a translation (TorchScript through torch's converter, an fx
-    trace) that agrees with the model at the sample but not off it would be certified in
-    the model's name. Points along random directions and their opposites, at half and
-    0.999 of the radius and not clipped to any box (the radius covers the whole ball),
-    catch a difference that switches on in a half-space near the centre. Sampling, not a proof.
-    """
-    idx = torch.nonzero(radius > 0).flatten()
-    if len(idx) == 0:
-        return
-    xs, rs = x[idx], radius[idx].view(-1, *([1] * (x.dim() - 1)))
-    generator = torch.Generator().manual_seed(seed)
-    points = []
-    for _ in range(BALL_PAIRS):
-        d = torch.randn(xs.shape, generator=generator, dtype=torch.float64)
-        d = d / d.flatten(1).norm(dim=1).view_as(rs)
-        points += [(xs.double() + sign * fraction * rs * d).float() for sign in (1, -1) for fraction in BALL_FRACTIONS]
-    try:
-        for batch in points:  # one batch's worth at a time: large images stay within memory
-            check_graph(graph, model, batch)
-    except CertificateUnavailable as exc:
-        raise CertificateUnavailable(f"inside the certified balls (random points within their radii), {exc.what}") from None
-    except Exception as exc:  # noqa: BLE001 - the model itself fails off its data: nothing to compare the graph with
-        raise CertificateUnavailable(
-            f"the model fails on points inside the certified balls ({type(exc).__name__}), so the graph the bound "
-            "walks cannot be checked against it there"
-        ) from None
 
 
 def _named(modules: list[str]) -> str:

@@ -10,8 +10,8 @@ per-sample function the certificate is about (the wrapper checked that batching 
 not change results), and it makes a Reshape to ``(1, -1)`` an ordinary flatten.
 
 Any op outside the supported set raises `CertificateUnavailable` naming its module path
-and type, never a silent approximation. As a last guard, `build_graph` checks that the
-float64 graph reproduces the model's own outputs.
+and type, never a silent approximation. As a last guard, `fidelity.py` checks that the
+float64 graph reproduces the model's own outputs, at the samples and inside every ball.
 """
 
 from __future__ import annotations
@@ -95,21 +95,27 @@ class Graph:
     def input_dim(self) -> int:
         return math.prod(self.sample_shape)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every node's value for a float64 batch (B, *sample_shape)."""
+    def forward(self, x: torch.Tensor, shift: list[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
+        """Every node's value for a float64 batch (B, *sample_shape).
+
+        `shift[i]`, where given, is added to node i's value before later nodes read it: the
+        rounding a float32 model adds there, whose effect on the scores `point_rounding`
+        differentiates.
+        """
         values: list[torch.Tensor] = []
-        for node in self.nodes:
-            if node.op is None:
-                values.append(x)
-                continue
-            args = [values[j] for j in node.inputs]
+        for i, node in enumerate(self.nodes):
             op = node.op
-            if isinstance(op, AffineOp):
-                values.append(op.apply(args[0]))
+            if op is None:
+                value = x
+            elif isinstance(op, AffineOp):
+                value = op.apply(values[node.inputs[0]])
             elif isinstance(op, (ActOp, MaxPoolOp)):
-                values.append(op.value(args[0]))
+                value = op.value(values[node.inputs[0]])
             else:
-                values.append(args[0] + op.sign * args[1])
+                value = values[node.inputs[0]] + op.sign * values[node.inputs[1]]
+            if shift is not None and shift[i] is not None:
+                value = value + shift[i]
+            values.append(value)
         return values
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -719,10 +725,24 @@ class _Builder:
     def batchnorm_tensors(
         self, name: str, var: _Var, weight, bias, mean, variance, eps: float, out_shape: Shape
     ) -> int:
-        """Batch norm in eval mode: a per-channel (dim 1) scale and shift."""
+        """Batch norm in eval mode: a per-channel (dim 1) scale and shift.
+
+        The float32 model adds eps as a float32 (torch and onnxruntime alike), so the graph
+        does too. ``var + eps`` must be a normal float32: below, its rounding is absolute and
+        can be any fraction of it (eps = 1e-42 made a margin of 1 lose 5e-4); a negative
+        running variance (no batch gives one) could cancel eps to anything.
+        """
         if len(var.shape) < 2:
             raise CertificateUnavailable(f"{name}: batch norm on a tensor of shape {var.shape}")
-        inv = 1.0 / torch.sqrt(variance.detach().to(F64) + eps)
+        variance = variance.detach()
+        eps32 = float(torch.tensor(eps, dtype=torch.float32))
+        if bool((variance < 0).any()):
+            raise CertificateUnavailable(f"{name}: batch norm with a negative running variance")
+        if not bool((variance.float() + eps32 >= torch.finfo(torch.float32).tiny).all()):
+            raise CertificateUnavailable(
+                f"{name}: batch norm whose running variance plus eps ({eps:g}) is below float32's normal range"
+            )
+        inv = 1.0 / torch.sqrt(variance.to(F64) + eps32)
         gamma = weight.detach().to(F64) if weight is not None else torch.ones_like(inv)
         beta = bias.detach().to(F64) if bias is not None else torch.zeros_like(inv)
         scale = gamma * inv
@@ -2059,28 +2079,3 @@ def _prune(nodes: list[Node], out: int) -> list[Node]:
     order = sorted(keep)
     new_index = {old: new for new, old in enumerate(order)}
     return [Node(nodes[i].name, nodes[i].op, [new_index[j] for j in nodes[i].inputs], nodes[i].shape) for i in order]
-
-
-def check_graph(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
-    """The float64 graph must reproduce the model's logits (guards against any tracing slip)."""
-    with torch.no_grad():
-        want = select_output(model(x)).detach().to("cpu", F64).reshape(len(x), -1)
-    if not bool(torch.isfinite(want).all()):
-        raise CertificateUnavailable("the model returns NaN or infinite scores on some of the samples")
-    got = graph.returned(graph.logits(x.detach().to("cpu", F64)))
-    if graph.returns == "log_softmax" and got.shape == want.shape:  # tiny probabilities are clamped or lose digits
-        keep = (want > math.log(1e-20)) | (got > math.log(1e-20))
-        got, want = torch.where(keep, got, 0.0), torch.where(keep, want, 0.0)
-    err = 0.0
-    if want.numel() and got.shape == want.shape:
-        # Margins to the model's top class, each relative to its own size (at least 1): a constant added
-        # to every score changes no decision, and must not widen the tolerance (relative to the largest
-        # score, an offset of 1e5 let differences of 50 through); a small margin gets a tight one.
-        top = want.argmax(dim=1, keepdim=True)
-        want_margin, got_margin = want.gather(1, top) - want, got.gather(1, top) - got
-        err = ((got_margin - want_margin).abs() / want_margin.abs().clamp_min(1.0)).max().item()
-    if want.shape != got.shape or not math.isfinite(err) or err > 1e-3:
-        raise CertificateUnavailable(
-            f"the traced graph does not reproduce the model's outputs (relative difference {err:.2g}); "
-            "the model probably has batch- or data-dependent behaviour"
-        )
