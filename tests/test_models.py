@@ -485,6 +485,54 @@ def _cumsum(path: Path) -> None:
     _graph_before_gemm(path, [helper.make_node("CumSum", ["x", "ax"], ["pre"])], [axis], 64)
 
 
+def test_onnx_file_that_runs_but_whose_translation_fails_says_so(tmp_path: Path) -> None:
+    """Edge padding of the channel axis: onnxruntime runs it, onnx2torch's replicate padding cannot. The error must
+    blame the translation, not the file or the data (it once read "model ... failed on input of shape ...")."""
+    path = tmp_path / "pad_channels.onnx"
+    pads = numpy_helper.from_array(np.array([0, 1, 0, 0, 0, 1, 0, 0], np.int64), "pads")
+    weight = numpy_helper.from_array(np.random.default_rng(0).standard_normal((10, 192)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["pre"], mode="edge"),
+        helper.make_node("Flatten", ["pre"], ["f"]),
+        helper.make_node("Gemm", ["f", "W"], ["y"], transB=1),
+    ]
+    _save_digits_graph(path, nodes, [pads, weight])
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.run(None, {"x": np.zeros((2, *SHAPE), np.float32)})[0].shape == (2, 10)  # the file runs
+    result = run_cli("scan", path, "--data", "digits", "--first", "4", "--preset", "quick")
+    assert_one_line_error(result, "onnxruntime runs the file, but onnx2torch's PyTorch translation of it fails")
+
+
+def test_onnx_translation_check_sees_a_wrong_translation_on_tiny_scores(tmp_path: Path) -> None:
+    """The same CumSum on inputs scaled by 1e-7: every score is tiny, and an absolute floor of 1e-5 in the
+    translation checks once let it through (a red team's scan exited 0 on a translation that picked another
+    class than onnxruntime on 30 of 64 inputs)."""
+    path = tmp_path / "cumsum_tiny.onnx"
+    axis = numpy_helper.from_array(np.array(3, np.int64), "ax")
+    tiny = numpy_helper.from_array(np.array(1e-7, np.float32), "s")
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.standard_normal((10, 64)).astype(np.float32), "W")
+    nodes = [
+        helper.make_node("Mul", ["x", "s"], ["xs"]),
+        helper.make_node("CumSum", ["xs", "ax"], ["pre"]),
+        helper.make_node("Flatten", ["pre"], ["f"]),
+        helper.make_node("Gemm", ["f", "W"], ["y"], transB=1),
+    ]
+    _save_digits_graph(path, nodes, [axis, tiny, weight])
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(16, *SHAPE)
+    raw = load_model(path)
+    with torch.no_grad():  # the premise: other classes, on scores far below 1e-5 apart
+        got, want = raw.net(x).numpy(), session.run(None, {"x": x.numpy()})[0]
+    assert (got.argmax(1) != want.argmax(1)).any() and np.abs(got - want).max() < 1e-5
+    with pytest.raises(RobauditError, match="does not compute what the ONNX file computes"):
+        wrap(raw)
+
+
 @pytest.mark.parametrize(("case", "fragment"), [("resize", "nearest_mode"), ("cumsum", "class scores differ")])
 def test_onnx_file_that_onnx2torch_translates_into_another_model_is_refused(tmp_path: Path, case: str, fragment: str) -> None:
     """onnx2torch maps Resize (half_pixel, 8 -> 5 pixels) to torch's asymmetric floor interpolation,

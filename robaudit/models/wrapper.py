@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 BATCH_RTOL, BATCH_ATOL = 1e-4, 1e-5
 PROB_ATOL = 1e-4
+SCORE_FLOOR = 1e-30  # of a score, below any float32 rounding of ordinary scores: rows of zeros agree
 REFERENCE_SAMPLES = 8  # probe samples the ONNX translation is checked on, with as many random and noisy inputs
 LOG_FLOOR = 1e-30
 
@@ -196,8 +197,7 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     `REFERENCE_SAMPLES` probe samples, as many uniform random inputs within the probe's
     value range and as many noisy copies of the samples (so a branch that the first
     samples leave dead is exercised too), through the same preprocessing and batching;
-    scores may differ by rounding (`OnnxReference.rtol` of the largest score, plus
-    `BATCH_ATOL`), not more. A graph whose own evaluator differs from run to run (random
+    scores may differ by rounding (`OnnxReference.rtol` of the largest score), not more. A graph whose own evaluator differs from run to run (random
     ops) cannot be checked. Where onnx2torch itself warned that its translation may
     differ, no sample can prove it exact everywhere, and where no evaluator runs the file
     nothing was checked: certificates are refused then (`AuditModel.inexact`). So are
@@ -362,15 +362,16 @@ def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -
 
 
 def within_rounding(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
-    """Same shape and every score within `rtol` of the sample's largest one (plus `BATCH_ATOL`)."""
+    """Same shape and every score within `rtol` of the sample's largest one (plus `SCORE_FLOOR`)."""
     return got.shape == ref.shape and bool(rounding_agreement(got, ref, rtol).all())
 
 
 def rounding_agreement(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> torch.Tensor:
-    """Per row (same shapes): every score within `rtol` of the row's largest one (plus `BATCH_ATOL`)."""
+    """Per row (same shapes): every score within `rtol` of the row's largest one (plus `SCORE_FLOOR`)."""
     if ref.dim() < 2 or ref.shape[1] == 0:  # no scores (an evaluator's empty output): nothing differs
         return (got == ref).reshape(len(ref), -1).all(dim=1)
-    scale = rtol * ref.nan_to_num(0.0, 0.0, 0.0).abs().amax(dim=1, keepdim=True) + BATCH_ATOL
+    # relative only: an absolute floor (once 1e-5) let a translation that picks other classes through on scores of 1e-6
+    scale = rtol * ref.nan_to_num(0.0, 0.0, 0.0).abs().amax(dim=1, keepdim=True) + SCORE_FLOOR
     return (((got - ref).abs() <= scale) | (got == ref) | (got.isnan() & ref.isnan())).all(dim=1)
 
 
@@ -485,6 +486,14 @@ def wrap_model(
                 "inside the file, fixed when it was traced or exported, would explain it; save the model in float32)"
                 if dtypes and dtypes != {torch.float32} else ""
             )
+            file_runs = raw.format == "onnx" and raw.reference is not None and _try(_twin(model, raw.reference), x[:1])[1] is None
+            if file_runs:  # onnxruntime runs the file on that input: the translation is what fails
+                raise RobauditError(
+                    f"model {name}: onnxruntime runs the file, but onnx2torch's PyTorch translation of it fails on "
+                    f"input of shape ({', '.join(map(str, shape))}): {one_line(single_err)}; robaudit attacks and "
+                    "certifies through that translation, so it cannot audit this file (re-export it with other op "
+                    "settings, or save it as TorchScript or torch.export (.pt2))"
+                )
             raise RobauditError(
                 f"model {name} failed on input of shape ({', '.join(map(str, shape))}){converted}: {one_line(single_err)}"
             )
