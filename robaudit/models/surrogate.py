@@ -51,6 +51,18 @@ def _straight_through(y: Any, x: Any) -> Any:
     return y.detach() + _zero_with_grad(x)
 
 
+def _integer_through(y: Any, x: Any) -> Any:
+    """``y = x`` cast to an integer type, as float values of ``x``'s type with the identity's gradient.
+
+    An integer cast truncates (a floor on positive values): a step function, like `trunc`,
+    whose integer result carries no gradient at all. Every use of it reads the same values
+    as floats (only casts and + - * / are allowed after it, see `_rewrite`).
+    """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not isinstance(y, torch.Tensor):
+        return y
+    return y.to(x.dtype).detach() + _zero_with_grad(x)
+
+
 def _fixed_slope(y: Any, x: Any, slope: float) -> Any:
     """Value of ``y = f(x)``, gradient ``slope`` w.r.t. ``x`` (f's slope at 0)."""
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or not isinstance(y, torch.Tensor):
@@ -107,7 +119,7 @@ _FUNCTIONS: dict[Any, str] = {
     torch.alpha_dropout: "dropout", torch.feature_dropout: "dropout", torch.feature_alpha_dropout: "dropout",
     operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div", torch.log: "log",
     operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
-    torch.detach: "detach",
+    torch.detach: "detach", torch.fmod: "fmod", torch.remainder: "fmod", operator.mod: "fmod",
 }  # fmt: skip
 # aten names (torch.export graphs) and Tensor method names that mean the same ops.
 _ATEN = {
@@ -118,14 +130,17 @@ _ATEN = {
     "randn_like": "randn_like", "rand_like": "rand_like", "randn": "randn", "rand": "rand", "normal": "normal",
     "bernoulli": "bernoulli", "dropout": "dropout", "alpha_dropout": "dropout", "feature_dropout": "dropout",
     "feature_alpha_dropout": "dropout", "mul": "mul", "div": "div", "log": "log", "detach": "detach",
-    "add": "add", "sub": "sub",
+    "add": "add", "sub": "sub", "fmod": "fmod", "remainder": "fmod", "_to_copy": "cast", "to": "cast",
 }  # fmt: skip
 _METHODS = {
     name: _ATEN[name]
     for name in ("round", "floor", "ceil", "trunc", "fix", "sign", "clamp", "clip", "clamp_min", "clamp_max",
                  "maximum", "minimum", "sigmoid", "tanh", "softmax", "log_softmax", "bernoulli", "mul", "div", "log",
-                 "detach", "add", "sub")
-}  # fmt: skip
+                 "detach", "add", "sub", "fmod", "remainder", "to")
+} | {"__mod__": "fmod", "type": "cast", "float": "cast", "double": "cast", "half": "cast", "long": "cast", "int": "cast",
+     "short": "cast", "char": "cast", "byte": "cast"}  # fmt: skip
+_INTEGER_METHODS = {"long": torch.int64, "int": torch.int32, "short": torch.int16, "char": torch.int8, "byte": torch.uint8}
+_ARITHMETIC = {"add", "sub", "mul", "div"}  # what may read an integer cast that the surrogate turns into floats
 # F.dropout-style functions whose `training` argument has a default (the rest require it).
 _DROPOUT_DEFAULT = {
     F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True, F.alpha_dropout: False,
@@ -175,6 +190,8 @@ def _module_key(module: nn.Module) -> str | None:
         return name if name in ("sign", "tanh", "log") else None
     if kind == "OnnxClip":
         return "clamp"
+    if kind == "OnnxCast":
+        return "cast"
     if kind == "OnnxSoftmaxV1V11":
         return "log_softmax" if module.is_log else "softmax"
     if kind == "OnnxBinaryMathOperation":
@@ -281,6 +298,29 @@ def _depends_on_input(graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
         if any(n in found for n in node.all_input_nodes):
             found.add(node)
     return found
+
+
+def _cast_dtype(node: fx.Node, root: nn.Module) -> torch.dtype | None:
+    """The dtype a cast node (key "cast") converts to, where it says."""
+    if node.op == "call_module":
+        return getattr(_module(root, node), "torch_dtype", None)
+    if node.op == "call_method" and str(node.target) in _INTEGER_METHODS:
+        return _INTEGER_METHODS[str(node.target)]
+    if node.op == "call_method" and str(node.target) in ("float", "double", "half"):
+        return getattr(torch, str(node.target))
+    found = node.kwargs.get("dtype")
+    if found is None:
+        found = next((a for a in node.args[1:] if isinstance(a, torch.dtype)), None)
+    return found if isinstance(found, torch.dtype) else None
+
+
+def _integer_cast(node: fx.Node, root: nn.Module) -> bool:
+    """A cast to an integer type whose every use reads its values as numbers (casts, + - * /)."""
+    dtype = _cast_dtype(node, root)
+    if dtype is None or dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+        return False
+    users = [user for user in node.users if not _asserts_metadata(user)]
+    return bool(users) and all(_key(user, root) in _ARITHMETIC | {"cast"} for user in users)
 
 
 def _tensor_input(node: fx.Node) -> fx.Node | None:
@@ -403,11 +443,18 @@ def _gates_its_input(node: fx.Node, root: nn.Module) -> bool:
     return any(_key(user, root) == "mul" and source in user.args for user in node.users)
 
 
-def _reroute(graph: fx.Graph, node: fx.Node, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    """Make every user of `node` read `fn(*args)` instead (args may include `node` itself)."""
+def _reroute(
+    graph: fx.Graph, node: fx.Node, fn: Callable[..., Any], args: tuple[Any, ...], keep: Callable[[fx.Node], bool] = lambda _: True
+) -> None:
+    """Make every user of `node` read `fn(*args)` instead (args may include `node` itself), but those `keep` refuses."""
     with graph.inserting_after(node):
         new = graph.call_function(fn, args)
-    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new and keep(user))
+
+
+def _asserts_metadata(node: fx.Node) -> bool:
+    """torch.export's check of a tensor's dtype and device: it must keep reading the original tensor."""
+    return _aten_name(node.target) == "_assert_tensor_metadata"
 
 
 def _rewrite(graph: fx.Graph, root: nn.Module, changes: _Changes) -> None:
@@ -438,6 +485,14 @@ def _rewrite(graph: fx.Graph, root: nn.Module, changes: _Changes) -> None:
         elif key in _STEPS:
             _reroute(graph, node, _straight_through, (node, source))
             changes.add(_label(key, node, root), where, "straight-through gradient")
+        elif key == "cast" and _integer_cast(node, root):
+            _reroute(graph, node, _integer_through, (node, source), keep=lambda user: not _asserts_metadata(user))
+            changes.add("Integer cast", where, "straight-through gradient (its values read as floats)")
+        elif key == "fmod":  # x - fmod(x, c) is c trunc(x / c) (remainder: floor), a step: straight-through
+            for user in list(node.users):
+                if _key(user, root) == "sub" and user.args[:2] == (source, node):
+                    _reroute(graph, user, _straight_through, (user, source))
+                    changes.add("x - fmod(x, c)", _where(user), "straight-through gradient (a step)")
         elif key in _SATURATORS:
             lo, hi = _bounds(node, root, key)
             if lo is None or hi is None or (lo, hi) == (0, 6):  # one-sided clamps and ReLU6 are activations
