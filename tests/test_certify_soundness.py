@@ -298,7 +298,7 @@ def test_onnx_cast_to_float16_is_refused(tmp_path) -> None:
 def test_the_graph_checks_yardstick_covers_float32_margins_and_is_tighter_than_the_forward_bound(name: str) -> None:
     """`point_rounding` (what the graph checks allow) must hold for a faithful graph: every float32 margin within
     it of the exact one; and it must be much tighter than the forward bound, or deep nets' checks would see nothing."""
-    from robaudit.certify.rounding import float32_values, pair_error, point_rounding
+    from robaudit.certify.rounding import float32_values, pair_error, point_rounding, score_rounding
 
     x, _ = digits()
     net = _nets()[name]
@@ -312,6 +312,9 @@ def test_the_graph_checks_yardstick_covers_float32_margins_and_is_tighter_than_t
     charge = point_rounding(graph, points, top)
     assert (seen <= charge).all(), (seen / charge).max()
     assert all(v is not None for v in float32_values(graph, points))  # the graph runs in float32 (kink estimates)
+    own = score_rounding(graph, graph.forward(points.double()))  # the checks' quick pass: one term of the charge
+    pairs = torch.ones_like(charge, dtype=torch.bool).scatter(1, top, False)
+    assert ((own.gather(1, top) + own) <= charge * (1 + 1e-12))[pairs].all()
     assert seen.max() > 0  # not vacuous: float32 rounds these margins
     lo, hi = ball_bounds(graph, points.double(), torch.zeros(len(points), dtype=torch.float64))
     forward = float32_error(graph, interval_magnitudes(lo, hi), (lo, hi))

@@ -308,6 +308,23 @@ def point_rounding(graph: Graph, x: torch.Tensor, top: torch.Tensor) -> torch.Te
     return out
 
 
+def score_rounding(graph: Graph, values: list[torch.Tensor]) -> torch.Tensor | None:
+    """(B, K): the rounding the node that forms the scores adds to each of them, alone (None: no such node).
+
+    Its two scores' shares are one term of every margin's `point_rounding`, for the price
+    of one |W| product: a check that its differences stay below them needs nothing more.
+    """
+    i = len(graph.nodes) - 1
+    while i > 0 and isinstance(graph.nodes[i].op, ReshapeOp):  # the scores' own values, reshaped
+        i = graph.nodes[i].inputs[0]
+    node = graph.nodes[i]
+    if node.op is None or math.prod(node.shape) != graph.num_classes:
+        return None
+    magnitudes = [v.abs() if j in node.inputs or j == i else None for j, v in enumerate(values)]
+    own = local_rounding(graph, i, magnitudes)
+    return own.reshape(len(values[0]), -1) if torch.is_tensor(own) else None
+
+
 def float32_values(graph: Graph, x: torch.Tensor) -> list[torch.Tensor | None]:
     """Every node's value with the graph's own ops run in float32 (weights rounded to float32), as float64.
 
