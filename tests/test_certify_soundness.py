@@ -937,6 +937,46 @@ def test_a_class_with_its_own_call_is_refused() -> None:
     assert "__call__ replaced" in _refused(holder)
 
 
+class _ForgedHook:
+    """A forward hook that says it is torch's pruning code (its own `__module__`), and moves scores in a region."""
+
+    def __init__(self) -> None:
+        self.__module__ = "torch.nn.utils.prune"
+
+    def __call__(self, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return out - 100.0 * (args[0].flatten(1)[:, :1] > 0.99).to(out.dtype)
+
+
+class _RegionWeight(torch.Tensor):
+    """A weight whose linear layer computes something else in one region (tensor subclasses can: torchao)."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        out = super().__torch_function__(func, types, args, kwargs or {})
+        if func is F.linear and isinstance(out, torch.Tensor):
+            return out.as_subclass(torch.Tensor) - 100.0 * (args[0][:, :1] > 0.99).to(out.dtype)
+        return out
+
+
+def test_forged_torch_hooks_and_tensor_subclass_weights_are_refused() -> None:
+    """A red team's nets, radii broken where their change switches on (2 of 24, away from every probe): a hook
+    whose `__module__` claimed torch's pruning code was trusted as torch's own, and a tensor-subclass weight read
+    as plain numbers. Torch's real pruning hook still certifies."""
+    hooked = mlp(nn.ReLU())
+    hooked.register_forward_hook(_ForgedHook())
+    assert "forward hooks" in _refused(hooked)
+    region = mlp(nn.ReLU())
+    region[1].weight = nn.Parameter(region[1].weight.detach().as_subclass(_RegionWeight), requires_grad=False)
+    assert "tensor subclass" in _refused(region)
+    pruned = mlp(nn.ReLU())
+    import torch.nn.utils.prune as prune
+
+    prune.l1_unstructured(pruned[1], "weight", amount=0.3)
+    x, y = digits()
+    keep = pruned(x[:8]).argmax(1) == y[:8]
+    assert bool((certify_l2(pruned.eval(), x[:8][keep], y[:8][keep]).radius >= 0).all())
+
+
 class Shifted(nn.Module):
     """`net` plus `offset` on every score: the same decisions and margins."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.torch import save_file
 import model_zoo
 from conftest import assert_one_line_error, bundled_digits, run_cli
 from robaudit.errors import RobauditError
+from robaudit.models.detect import freeze
 from robaudit.models import FORMATS, AuditModel, RawModel, WrapInfo, detect_format, load_model, wrap_model
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
@@ -992,6 +994,55 @@ def test_bad_wrap_arguments(zoo: Zoo, shape: tuple, kwargs: dict, fragment: str)
     with pytest.raises(RobauditError) as caught:
         wrap(raw, shape, **kwargs)
     assert "\n" not in str(caught.value) and fragment in str(caught.value)
+
+
+class _Switched(nn.Module):
+    """Scores plus 3 on class 0 while a setting robaudit chooses is at its value for users (a red team's nets):
+    parameters requiring gradients, torch's default TF32 flag, or outside inference mode."""
+
+    def __init__(self, switch: str) -> None:
+        super().__init__()
+        self.fc, self.switch = nn.Linear(64, 10), switch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1))
+        on = {
+            "requires_grad": lambda: any(p.requires_grad for p in self.parameters()),
+            "tf32": lambda: torch.backends.cudnn.allow_tf32,
+            "inference_mode": lambda: not torch.is_inference_mode_enabled(),
+        }[self.switch]()
+        return out + 3.0 * F.one_hot(torch.zeros(len(x), dtype=torch.long), 10) if on else out
+
+
+@pytest.mark.parametrize(
+    ("switch", "fragment"),
+    [("requires_grad", "with its parameters requiring gradients (as saved) than frozen"),
+     ("tf32", "in full float32 precision (TF32 off, as robaudit judges verdicts)"),
+     ("inference_mode", "under torch.inference_mode() than outside it")],
+)  # fmt: skip
+def test_a_model_whose_scores_follow_a_setting_robaudit_chooses_is_refused(switch: str, fragment: str) -> None:
+    """Radii and accuracies were about the branch robaudit's own settings select (frozen parameters, TF32 off
+    for verdicts), 5 of 10 printed radii broken in the users' branch; inference mode, which robaudit never uses,
+    likewise. A plain net passes the same check."""
+    raw = RawModel(net=freeze(_Switched(switch)), format="pickle", input_shape=None, num_classes=None, name="switched")
+    with pytest.raises(RobauditError, match=re.escape(fragment)):
+        wrap(raw)
+    plain = RawModel(net=freeze(nn.Sequential(nn.Flatten(), nn.Linear(64, 10))), format="pickle", input_shape=None,
+                     num_classes=None, name="plain")  # fmt: skip
+    wrap(plain)
+
+
+class _SubclassWeight(torch.Tensor):
+    pass
+
+
+def test_a_weight_computed_from_another_tensor_is_a_load_error_not_a_crash() -> None:
+    """A tensor-subclass weight saved requiring gradients loads as a non-leaf: freezing it was an internal error."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    base = torch.randn(10, 64, requires_grad=True)
+    net[1]._parameters["weight"] = (base * 1.0).as_subclass(_SubclassWeight)  # not a leaf
+    with pytest.raises(RobauditError, match="parameter 1.weight .* cannot be frozen"):
+        freeze(net)
 
 
 def test_wrong_channels_fails_with_shape(zoo: Zoo) -> None:

@@ -2000,12 +2000,24 @@ def _detached(value: Any) -> Any:
     return value
 
 
+def _refuse_tensor_subclasses(model: nn.Module) -> None:
+    """Weights the bound reads as numbers must be plain tensors: a tensor subclass (as torchao stores
+    quantized weights) can make every op on it compute something else (a red team's changed F.linear
+    in one region of the input space), which no sample need see."""
+    named = [*model.named_parameters(), *model.named_buffers()]
+    odd = [(name, type(t).__name__) for name, t in named if type(t) not in (torch.Tensor, nn.Parameter)]
+    if odd:
+        name, kind = odd[0]
+        raise CertificateUnavailable(f"{name}: a {kind} (a tensor subclass), whose ops the bound cannot read as numbers")
+
+
 def build_graph(model: nn.Module, sample: torch.Tensor) -> Graph:
     """The primitive-op graph of `model` (an AuditModel or a plain (B, *sample_shape) -> (B, K) module).
 
     `sample` is one real input (1, *sample_shape) used to trace shapes and fold constants.
     """
     sample_shape = tuple(sample.shape[1:])
+    _refuse_tensor_subclasses(model)
     b = _Builder("")
     index = b.add("input", None, [], sample_shape)
     net = model

@@ -70,8 +70,14 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 def freeze(net: torch.nn.Module) -> torch.nn.Module:
     """Inference mode, no parameter gradients: attacks only need gradients w.r.t. the input."""
     net.eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
+    for name, p in net.named_parameters():
+        try:
+            p.requires_grad_(False)
+        except RuntimeError:  # a parameter computed from another tensor (not a leaf): not the model's own weight
+            raise RobauditError(
+                f"the model's parameter {name} ({type(p).__name__}) is computed from another tensor rather than "
+                "stored, and cannot be frozen; save the model with plain tensors as its weights"
+            ) from None
     return net
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import warnings
 from collections.abc import Iterator
 
@@ -100,8 +101,24 @@ def _own_call(cls: type) -> bool:
 
 
 def _changes_values(hook) -> bool:
-    """Any hook or replacement method but the ones torch's own machinery installs (`_TORCH_OWN`)."""
-    return not str(getattr(hook, "__module__", None) or "").startswith(_TORCH_OWN)
+    """Any hook or replacement method but the ones torch's own machinery installs (`_TORCH_OWN`).
+
+    The module a hook names can be forged (an object's own `__module__` attribute): its code
+    must also come from torch's own files.
+    """
+    named = str(getattr(hook, "__module__", None) or "").startswith(_TORCH_OWN)
+    return not (named and _code_in_torch(hook))
+
+
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+
+
+def _code_in_torch(fn) -> bool:
+    """Whether the code `fn` runs (a function, bound method, partial or callable object) is torch's."""
+    fn = getattr(fn, "func", fn)  # functools.partial
+    fn = getattr(fn, "__func__", fn)  # a bound method
+    code = getattr(fn, "__code__", None) or getattr(getattr(type(fn), "__call__", None), "__code__", None)
+    return code is not None and os.path.abspath(code.co_filename).startswith(_TORCH_DIR)
 
 
 def to_fx(net: nn.Module, example: torch.Tensor) -> fx.GraphModule:

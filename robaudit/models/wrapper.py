@@ -22,12 +22,14 @@ from robaudit.errors import RobauditError
 from robaudit.layout import free_channel_last, is_channel_last
 from robaudit.models.detect import RawModel, one_line
 from robaudit.models.outputs import select_output
+from robaudit.precision import full_precision
 
 if TYPE_CHECKING:
     from robaudit.models.onnx_reference import OnnxReference
 
 BATCH_RTOL, BATCH_ATOL = 1e-4, 1e-5
 PROB_ATOL = 1e-4
+SWITCH_RTOL = 1e-4  # of the largest score: runs under robaudit's settings and the model's defaults agree within it
 SCORE_FLOOR = 1e-30  # of a score, below any float32 rounding of ordinary scores: rows of zeros agree
 REFERENCE_SAMPLES = 8  # probe samples the ONNX translation is checked on, with as many random and noisy inputs
 LOG_FLOOR = 1e-30
@@ -361,6 +363,42 @@ def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -
     return f", but not node by node ({reason}: no certificate)"
 
 
+def _refuse_hidden_switches(model: AuditModel, x: torch.Tensor, name: str) -> None:
+    """Refuse a net whose scores change with a setting robaudit itself chooses (a red team's nets did).
+
+    robaudit runs the net with its parameters frozen (no parameter gradients), judges
+    verdicts in full float32 precision (TF32 off) and never in `torch.inference_mode`;
+    the net as saved and deployed runs with its parameters requiring gradients, the
+    backends' defaults, often under inference mode. A forward that reads any of these
+    would be audited (and certified) for a branch its users never run. A net whose runs
+    differ anyway (random ops) is left to the checks that see randomness.
+    """
+    with torch.no_grad():
+        base, again = _try(model, x)[0], _try(model, x)[0]
+    if base is None or again is None or not within_rounding(again, base, SWITCH_RTOL):
+        return
+    runs: dict[str, torch.Tensor | None] = {}
+    params = [p for p in model.parameters() if p.is_leaf and p.is_floating_point()]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.no_grad():
+            runs["with its parameters requiring gradients (as saved) than frozen (as robaudit runs it)"] = _try(model, x)[0]
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+    with torch.no_grad(), full_precision():
+        runs["in full float32 precision (TF32 off, as robaudit judges verdicts) than with torch's defaults"] = _try(model, x)[0]
+    with torch.inference_mode():
+        runs["under torch.inference_mode() than outside it"] = _try(model, x)[0]
+    for what, out in runs.items():
+        if out is not None and not within_rounding(out.clone(), base, SWITCH_RTOL):
+            raise RobauditError(
+                f"model {name} returns other scores {what}: its forward reads a setting robaudit chooses, so "
+                "robaudit would audit a branch the model's users may not run"
+            )
+
+
 def within_rounding(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
     """Same shape and every score within `rtol` of the sample's largest one (plus `SCORE_FLOOR`)."""
     return got.shape == ref.shape and bool(rounding_agreement(got, ref, rtol).all())
@@ -506,6 +544,7 @@ def wrap_model(
         raise RobauditError(
             f"model {name} returned NaN or infinite scores on the first data samples; check the data range and --mean/--std"
         )
+    _refuse_hidden_switches(model, x, name)
     model.half_precision_ops = _half_precision_ops(model, x[:1])  # the certificate refuses them (`build_graph`)
     if raw.reference is not None:
         notes.append(_check_translation(model, raw, x))
