@@ -64,6 +64,25 @@ def tiny_mlp(num_classes: int = 10) -> TinyMLP:
     return TinyMLP(num_classes)
 
 
+class NoisyMLP(TinyMLP):
+    """A fixed random offset drawn when built and not saved (a non-persistent buffer): each build differs."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes)
+        self.register_buffer("noise", 3 * torch.randn(num_classes), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) + self.noise
+
+
+def noisy_mlp(num_classes: int = 10) -> NoisyMLP:
+    return NoisyMLP(num_classes)
+
+
+def lazy_mlp(num_classes: int = 10) -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+
 def not_a_model() -> str:
     return "nope"
 

@@ -1032,6 +1032,43 @@ def test_a_model_whose_scores_follow_a_setting_robaudit_chooses_is_refused(switc
     wrap(plain)
 
 
+class _FirstCall(nn.Module):
+    """Scores plus 3 on class 0 on its first call only (a gate buffer it switches off), or a cache that changes
+    no score (`cache`)."""
+
+    def __init__(self, cache: bool = False) -> None:
+        super().__init__()
+        self.fc, self.cache = nn.Linear(64, 10), cache
+        self.register_buffer("gate", torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1))
+        if not self.cache:
+            out = out + 3.0 * self.gate * F.one_hot(torch.zeros(len(x), dtype=torch.long), 10)
+        self.gate.fill_(0)
+        return out
+
+
+def test_a_model_that_changes_its_own_state_or_is_drawn_anew_on_each_load_is_refused(tmp_path: Path) -> None:
+    """A red team's nets: a gate buffer switched off by the first call was audited in the state robaudit's calls
+    left it in (every sample another class on a fresh load, radii certified for the other state); an --arch
+    factory drawing a buffer the file does not hold gave each load another network (11 of 11 radii broken).
+    A cache that changes no score passes; lazy layers are a one-line error, not an internal one."""
+    with pytest.raises(RobauditError, match="changes its own gate when it runs, and scores otherwise on its first"):
+        wrap(RawModel(net=freeze(_FirstCall()), format="pickle", input_shape=None, num_classes=None, name="m"))
+    wrap(RawModel(net=freeze(_FirstCall(cache=True)), format="pickle", input_shape=None, num_classes=None, name="m"))
+    path = tmp_path / "noisy.safetensors"
+    save_file({k: v.contiguous() for k, v in model_zoo.noisy_mlp().state_dict().items()}, str(path))
+    with pytest.raises(RobauditError, match="comes out of its --arch factory as another network each time"):
+        wrap(load_model(path, arch="model_zoo:noisy_mlp"))
+    save_file({k: v.contiguous() for k, v in model_zoo.tiny_mlp().state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    wrap(load_model(tmp_path / "plain.safetensors", arch="model_zoo:tiny_mlp"))
+    with pytest.raises(RobauditError, match="uninitialized lazy parameters"):
+        load_model(path, arch="model_zoo:lazy_mlp")
+    with pytest.raises(RobauditError, match="uninitialized lazy parameters"):
+        freeze(model_zoo.lazy_mlp())
+
+
 class _SubclassWeight(torch.Tensor):
     pass
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from robaudit.errors import RobauditError
-from robaudit.models.detect import one_line
+from robaudit.models.detect import one_line, refuse_lazy
 
 FACTORY_HINT = "or --arch package.module:factory for your own model code"
 
@@ -112,4 +112,5 @@ def build_arch(arch: str, num_classes: int | None) -> torch.nn.Module:
         raise RobauditError(f"building {what}{args} failed: {one_line(exc)}") from None
     if not isinstance(net, torch.nn.Module):
         raise RobauditError(f"{what} returned {type(net).__name__}, not a torch.nn.Module")
+    refuse_lazy(net, what)
     return net

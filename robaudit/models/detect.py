@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import struct
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +49,9 @@ class RawModel:
     input_dims: tuple[int | None, ...] | None = None
     # Why the net computes something other than the file, where the loader rewrote it (no certificate).
     inexact: str | None = None
+    # Builds the same network again from its source (an --arch factory and the weights): values the
+    # factory draws at random and the file does not hold would differ (`wrap_model` compares the two).
+    rebuild: Callable[[], torch.nn.Module] | None = None
 
 
 def one_line(exc: BaseException, limit: int = 300) -> str:
@@ -70,6 +74,7 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 def freeze(net: torch.nn.Module) -> torch.nn.Module:
     """Inference mode, no parameter gradients: attacks only need gradients w.r.t. the input."""
     net.eval()
+    refuse_lazy(net, "the model")
     for name, p in net.named_parameters():
         try:
             p.requires_grad_(False)
@@ -79,6 +84,17 @@ def freeze(net: torch.nn.Module) -> torch.nn.Module:
                 "stored, and cannot be frozen; save the model with plain tensors as its weights"
             ) from None
     return net
+
+
+def refuse_lazy(net: torch.nn.Module, what: str) -> None:
+    """Lazy layers (nn.LazyLinear, ...) take their shapes from the first input: nothing can be loaded into or
+    frozen in them before (an internal error once)."""
+    lazy = [name for name, t in [*net.named_parameters(), *net.named_buffers()] if torch.nn.parameter.is_lazy(t)]
+    if lazy:
+        raise RobauditError(
+            f"{what} has uninitialized lazy parameters ({', '.join(lazy[:3])}; e.g. nn.LazyLinear): run it once on a "
+            "sample so they take their shapes, then save it (or build it with plain layers)"
+        )
 
 
 def check_format(fmt: str) -> str:

@@ -20,6 +20,9 @@ _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 _KEY_PREFIXES = ("module.", "_orig_mod.", "model.", "net.")
 
 
+REBUILD_SEED = 20261206  # the second build of an --arch factory, whose random draws must not matter
+
+
 def no_arch(path: Path) -> RobauditError:
     return RobauditError(
         f"{path} holds only weights; pass --arch NAME (a torchvision model) or --arch package.module:factory"
@@ -138,6 +141,16 @@ def weights_model(
         net.load_state_dict(weights, strict=True)
     except Exception as exc:  # noqa: BLE001 - dtype/device oddities the comparison above cannot see
         raise RobauditError(f"the weights in {path} do not fit --arch {arch}: {one_line(exc)}") from None
+    dtype = next((t.dtype for t in net.parameters() if t.is_floating_point()), torch.float32)
+
+    def rebuild() -> torch.nn.Module:  # the same factory and weights, under another seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(REBUILD_SEED)
+            again = build_arch(arch, num_classes).to(dtype)
+        again.load_state_dict(weights, strict=True)
+        return freeze(again)
+
     return RawModel(
-        net=freeze(net), format=fmt, input_shape=None, num_classes=num_classes, notes=notes, name=str(path)
-    )
+        net=freeze(net), format=fmt, input_shape=None, num_classes=num_classes, notes=notes, name=str(path),
+        rebuild=rebuild,
+    )  # fmt: skip

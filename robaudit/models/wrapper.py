@@ -399,6 +399,44 @@ def _refuse_hidden_switches(model: AuditModel, x: torch.Tensor, name: str) -> No
             )
 
 
+def _refuse_state_changes(
+    model: AuditModel, raw: RawModel, x: torch.Tensor, state: dict[str, torch.Tensor], name: str
+) -> None:
+    """Refuse a net whose scores depend on how often it ran, or on random values its source draws.
+
+    A forward that updates its own buffers (a gate switched off after the first call) was audited in the
+    state robaudit's own calls left it in, while users run it fresh (a red team: every sample another class
+    on a fresh load); a cache that changes no score passes. An --arch factory that draws values the weights
+    file does not hold (a non-persistent buffer, a plain tensor attribute) gives each load another network.
+    """
+    with torch.no_grad():
+        now = _try(model, x)[0]
+    if now is None:
+        return
+    after = model.net.state_dict()
+    changed = [k for k, v in state.items() if k in after and not torch.equal(after[k].detach().cpu(), v)]
+    fresh = None
+    if changed:
+        what = f"changes its own {', '.join(changed[:3])} when it runs, and scores otherwise on its first call"
+        try:
+            fresh = copy.deepcopy(model.net)
+            fresh.load_state_dict(state)
+        except Exception:  # noqa: BLE001 - no fresh copy to compare with: the change cannot be shown harmless
+            raise RobauditError(f"model {name} changes its own {', '.join(changed[:3])} when it runs") from None
+    elif raw.rebuild is not None:
+        try:
+            fresh = raw.rebuild().float()
+        except Exception:  # noqa: BLE001 - the first build worked: a second that fails says nothing of the scores
+            fresh = None
+        what = "comes out of its --arch factory as another network each time (values drawn at random that the weights file does not hold)"
+    if fresh is None:
+        return
+    with torch.no_grad():
+        other = _try(_twin(model, fresh), x)[0]
+    if other is not None and not within_rounding(other, now, SWITCH_RTOL):
+        raise RobauditError(f"model {name} {what}, so no audit of it holds for the next run")
+
+
 def within_rounding(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
     """Same shape and every score within `rtol` of the sample's largest one (plus `SCORE_FLOOR`)."""
     return got.shape == ref.shape and bool(rounding_agreement(got, ref, rtol).all())
@@ -470,6 +508,7 @@ def wrap_model(
             native = copy.deepcopy(net)
         net = net.float()
         notes.append(f"model weights converted from {found} to float32 for gradient attacks")
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}  # before any call: `_refuse_state_changes`
     model = AuditModel(
         net, sample_shape=sample_shape, model_shape=model_shape, mean=mean_t, std=std_t, channels_last=channels_last
     )
@@ -545,6 +584,7 @@ def wrap_model(
             f"model {name} returned NaN or infinite scores on the first data samples; check the data range and --mean/--std"
         )
     _refuse_hidden_switches(model, x, name)
+    _refuse_state_changes(model, raw, x, state, name)
     model.half_precision_ops = _half_precision_ops(model, x[:1])  # the certificate refuses them (`build_graph`)
     if raw.reference is not None:
         notes.append(_check_translation(model, raw, x))
