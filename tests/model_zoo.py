@@ -79,6 +79,17 @@ def noisy_mlp(num_classes: int = 10) -> NoisyMLP:
     return NoisyMLP(num_classes)
 
 
+class RandomizedMLP(TinyMLP):
+    """Noise on the input at every call (a randomized defense): each run differs, each build is the same."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x + 0.3 * torch.randn_like(x))
+
+
+def randomized_mlp(num_classes: int = 10) -> RandomizedMLP:
+    return RandomizedMLP(num_classes)
+
+
 def lazy_mlp(num_classes: int = 10) -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
 

@@ -1053,7 +1053,8 @@ def test_a_model_that_changes_its_own_state_or_is_drawn_anew_on_each_load_is_ref
     """A red team's nets: a gate buffer switched off by the first call was audited in the state robaudit's calls
     left it in (every sample another class on a fresh load, radii certified for the other state); an --arch
     factory drawing a buffer the file does not hold gave each load another network (11 of 11 radii broken).
-    A cache that changes no score passes; lazy layers are a one-line error, not an internal one."""
+    A cache that changes no score passes, and so does a net random at every run (its runs differ anyway; it was
+    once refused as drawn anew); lazy layers are a one-line error, not an internal one."""
     with pytest.raises(RobauditError, match="changes its own gate when it runs, and scores otherwise on its first"):
         wrap(RawModel(net=freeze(_FirstCall()), format="pickle", input_shape=None, num_classes=None, name="m"))
     wrap(RawModel(net=freeze(_FirstCall(cache=True)), format="pickle", input_shape=None, num_classes=None, name="m"))
@@ -1063,6 +1064,7 @@ def test_a_model_that_changes_its_own_state_or_is_drawn_anew_on_each_load_is_ref
         wrap(load_model(path, arch="model_zoo:noisy_mlp"))
     save_file({k: v.contiguous() for k, v in model_zoo.tiny_mlp().state_dict().items()}, str(tmp_path / "plain.safetensors"))
     wrap(load_model(tmp_path / "plain.safetensors", arch="model_zoo:tiny_mlp"))
+    wrap(load_model(tmp_path / "plain.safetensors", arch="model_zoo:randomized_mlp"))  # random runs: not a new draw
     with pytest.raises(RobauditError, match="uninitialized lazy parameters"):
         load_model(path, arch="model_zoo:lazy_mlp")
     with pytest.raises(RobauditError, match="uninitialized lazy parameters"):

@@ -56,7 +56,7 @@ def check_graph(graph: Graph, model: nn.Module, x: torch.Tensor) -> None:
     own = score_rounding(graph, values)
     if own is not None and bool((differ <= allowed + own.gather(1, top) + own).all()):
         return  # within the last layer's own share of the allowance: no need for the whole (a backward pass per class)
-    allowed = allowed + point_rounding(graph, x64, top)
+    allowed = allowed + point_rounding(graph, x64, top, values)
     excess = torch.where(differ == 0, 0.0, differ / allowed)  # equal margins pass, even where nothing rounds
     worst = excess.max().item()
     if not math.isfinite(worst) or worst > 1:

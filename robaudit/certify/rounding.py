@@ -267,7 +267,9 @@ def float32_error(
     return out.reshape(out.shape[0], -1) * (1 + OUT_RTOL) + 0.5 * graph.tie_margin
 
 
-def point_rounding(graph: Graph, x: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+def point_rounding(
+    graph: Graph, x: torch.Tensor, top: torch.Tensor, values: list[torch.Tensor] | None = None
+) -> torch.Tensor:
     """(B, K): how far float32 rounding can move each margin f_top - f_j at the points x, to first order.
 
     Each node's own rounding (`local_rounding`, from the magnitudes of its values at x)
@@ -282,11 +284,12 @@ def point_rounding(graph: Graph, x: torch.Tensor, top: torch.Tensor) -> torch.Te
     their input's error besides (`_crossings`). That error is estimated, not bounded (a
     rigorous forward bound compounds |W| per layer: 1e3 on a 9-layer MLP whose float32
     errors are 1e-5): the node's own worst-case rounding plus `OBSERVED` times what the
-    graph itself, run in float32, rounds there (`float32_values`).
+    graph itself, run in float32, rounds there (`float32_values`). `values`: the graph's
+    forward values at x where the caller has them.
     """
     x = x.detach().to(torch.float64)
     with torch.no_grad():
-        values = graph.forward(x)
+        values = values if values is not None else graph.forward(x)
         observed = float32_values(graph, x)
     magnitudes = [v.abs() for v in values]
     rho = [local_rounding(graph, i, magnitudes) for i in range(len(graph.nodes))]

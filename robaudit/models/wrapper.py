@@ -199,8 +199,8 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     `REFERENCE_SAMPLES` probe samples, as many uniform random inputs within the probe's
     value range and as many noisy copies of the samples (so a branch that the first
     samples leave dead is exercised too), through the same preprocessing and batching;
-    scores may differ by rounding (`OnnxReference.rtol` of the largest score), not more. A graph whose own evaluator differs from run to run (random
-    ops) cannot be checked. Where onnx2torch itself warned that its translation may
+    scores may differ by rounding (`OnnxReference.rtol` of the largest score), not more.
+    A graph whose own evaluator differs from run to run (random ops) cannot be checked. Where onnx2torch itself warned that its translation may
     differ, no sample can prove it exact everywhere, and where no evaluator runs the file
     nothing was checked: certificates are refused then (`AuditModel.inexact`). So are
     they where a node, checked on its own on random inputs (`onnx_nodes.check_nodes`),
@@ -363,20 +363,16 @@ def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -
     return f", but not node by node ({reason}: no certificate)"
 
 
-def _refuse_hidden_switches(model: AuditModel, x: torch.Tensor, name: str) -> None:
+def _refuse_hidden_switches(model: AuditModel, x: torch.Tensor, base: torch.Tensor, name: str) -> None:
     """Refuse a net whose scores change with a setting robaudit itself chooses (a red team's nets did).
 
     robaudit runs the net with its parameters frozen (no parameter gradients), judges
     verdicts in full float32 precision (TF32 off) and never in `torch.inference_mode`;
     the net as saved and deployed runs with its parameters requiring gradients, the
     backends' defaults, often under inference mode. A forward that reads any of these
-    would be audited (and certified) for a branch its users never run. A net whose runs
-    differ anyway (random ops) is left to the checks that see randomness.
+    would be audited (and certified) for a branch its users never run. `base`: the net's
+    scores on x as robaudit runs it (a deterministic net).
     """
-    with torch.no_grad():
-        base, again = _try(model, x)[0], _try(model, x)[0]
-    if base is None or again is None or not within_rounding(again, base, SWITCH_RTOL):
-        return
     runs: dict[str, torch.Tensor | None] = {}
     params = [p for p in model.parameters() if p.is_leaf and p.is_floating_point()]
     try:
@@ -400,7 +396,7 @@ def _refuse_hidden_switches(model: AuditModel, x: torch.Tensor, name: str) -> No
 
 
 def _refuse_state_changes(
-    model: AuditModel, raw: RawModel, x: torch.Tensor, state: dict[str, torch.Tensor], name: str
+    model: AuditModel, raw: RawModel, x: torch.Tensor, now: torch.Tensor, state: dict[str, torch.Tensor], name: str
 ) -> None:
     """Refuse a net whose scores depend on how often it ran, or on random values its source draws.
 
@@ -408,21 +404,19 @@ def _refuse_state_changes(
     state robaudit's own calls left it in, while users run it fresh (a red team: every sample another class
     on a fresh load); a cache that changes no score passes. An --arch factory that draws values the weights
     file does not hold (a non-persistent buffer, a plain tensor attribute) gives each load another network.
+    `now`: the net's scores on x after robaudit's calls (a deterministic net).
     """
-    with torch.no_grad():
-        now = _try(model, x)[0]
-    if now is None:
-        return
     after = model.net.state_dict()
     changed = [k for k, v in state.items() if k in after and not torch.equal(after[k].detach().cpu(), v)]
     fresh = None
     if changed:
-        what = f"changes its own {', '.join(changed[:3])} when it runs, and scores otherwise on its first call"
+        what = f"changes its own {', '.join(changed[:3])} when it runs"
         try:
             fresh = copy.deepcopy(model.net)
             fresh.load_state_dict(state)
         except Exception:  # noqa: BLE001 - no fresh copy to compare with: the change cannot be shown harmless
-            raise RobauditError(f"model {name} changes its own {', '.join(changed[:3])} when it runs") from None
+            raise RobauditError(f"model {name} {what}") from None
+        what += ", and scores otherwise on its first call"
     elif raw.rebuild is not None:
         try:
             fresh = raw.rebuild().float()
@@ -583,8 +577,12 @@ def wrap_model(
         raise RobauditError(
             f"model {name} returned NaN or infinite scores on the first data samples; check the data range and --mean/--std"
         )
-    _refuse_hidden_switches(model, x, name)
-    _refuse_state_changes(model, raw, x, state, name)
+    with torch.no_grad():
+        base, again = _try(model, x)[0], _try(model, x)[0]
+    if base is not None and again is not None and within_rounding(again, base, SWITCH_RTOL):
+        # deterministic: a net whose runs differ anyway (random ops) is left to the checks that see randomness
+        _refuse_hidden_switches(model, x, base, name)
+        _refuse_state_changes(model, raw, x, base, state, name)
     model.half_precision_ops = _half_precision_ops(model, x[:1])  # the certificate refuses them (`build_graph`)
     if raw.reference is not None:
         notes.append(_check_translation(model, raw, x))
