@@ -867,6 +867,64 @@ def test_certificate_refused_where_the_translation_differs_from_the_file_inside_
     assert file_mismatch_in_balls(model, x, cert.radius, x.clone(), **check) is None
 
 
+def _offset_linear_graph(path: Path, digits: np.ndarray, labels: np.ndarray, shift: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A least-squares linear digits classifier, scores x100, plus 1e5 + `shift` on every score. Returns W, b."""
+    flat = digits.reshape(len(digits), -1)
+    design = np.hstack([flat, np.ones((len(flat), 1), np.float32)])
+    weights = 100 * np.linalg.lstsq(design, np.eye(10, dtype=np.float32)[labels], rcond=None)[0]
+    W, b = weights[:64].T.astype(np.float32), (weights[64] + 1e5 + shift).astype(np.float32)
+    inits = [numpy_helper.from_array(W, "W"), numpy_helper.from_array(b, "b")]
+    nodes = [helper.make_node("Flatten", ["x"], ["xf"]), helper.make_node("Gemm", ["xf", "W", "b"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "offset", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", *SHAPE])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)  # fmt: skip
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return W.astype(np.float64), b.astype(np.float64)
+
+
+def test_certificate_holds_the_file_itself_to_float32_rounding_not_to_the_translation_checks_tolerance(
+    tmp_path: Path,
+) -> None:
+    """The translation checks allow 1e-4 of the largest score, so an offset common to every score
+    (1e5 here: 10 of slack) hides a slip of the translation several times larger than the margins'
+    float32 rounding. The file's own engine is held to the graph the bounds walk with the certificate's
+    rounding yardstick instead, at the samples and inside every ball. As in the test above, the
+    translation is that of a real file whose scores differ from those of the file that judges it:
+    here by +-4 per class (4e-5 of the scores), under the translation checks' tolerance, while the
+    radii the translation gets are ones the linear file itself breaks."""
+    from robaudit.certify import CertificateUnavailable, certify_l2
+    from robaudit.models.onnx_reference import OnnxReference
+    from robaudit.models.wrapper import within_rounding
+    from robaudit.stages.certify import file_mismatch_in_balls
+
+    x_all, y_all = bundled_digits()
+    digits = (x_all.astype(np.float32) / 255).reshape(-1, *SHAPE)
+    W, b = _offset_linear_graph(tmp_path / "translated.onnx", digits, y_all, np.zeros(10))
+    shift = 4.0 * (-1.0) ** np.arange(10)
+    Wf, bf = _offset_linear_graph(tmp_path / "file.onnx", digits, y_all, shift)
+    x, y = torch.from_numpy(digits[:16]), torch.from_numpy(y_all[:16]).long()
+    model, _ = wrap_model(load_model(tmp_path / "translated.onnx"), sample_shape=SHAPE, probe=x)
+    with torch.no_grad():
+        right = model(x).argmax(1) == y
+    x, y = x[right], y[right]
+    cert = certify_l2(model, x, y)  # the offset alone is no reason to refuse: its own file agrees
+    assert bool((cert.radius > 0).all()) and set(cert.method) == {"linear"}
+    # the premise: on the linear file, the exact distance to its boundary is below some radius printed for the translation
+    flat = x.reshape(len(x), -1).double().numpy()
+    scores = flat @ Wf.T + bf
+    exact = [min((scores[i, c] - scores[i, j]) / np.linalg.norm(Wf[c] - Wf[j]) for j in range(10) if j != c)
+             for i, c in enumerate(y.tolist())]  # fmt: skip
+    assert bool((cert.radius > torch.tensor(exact) * 1.05).any())
+    other = AuditModel(OnnxReference(onnx.load(str(tmp_path / "file.onnx")), []), sample_shape=SHAPE, model_shape=None,
+                       mean=None, std=None)  # fmt: skip
+    with torch.no_grad():  # ... and the translation's own checks would pass the pair
+        assert within_rounding(model(x), other(x), other.net.rtol)
+    model._file = (other,)
+    check = dict(lower=0.0, upper=1.0, batch_size=64, device=torch.device("cpu"), seed=0)
+    assert file_mismatch_in_balls(model, x, cert.radius, x.clone(), **check) is None
+    with pytest.raises(CertificateUnavailable, match="against the file as onnxruntime runs it, the traced graph does not"):
+        certify_l2(model, x, y)
+
+
 def test_randomized_onnx_graph_is_not_checked_but_says_so(tmp_path: Path) -> None:
     """A Dropout told to train (training_mode = true) makes the file itself random: no run of it can
     confirm or refute the translation, so the note says the check was not made."""

@@ -33,7 +33,7 @@ from robaudit.certify.budget import Budget, get_budget
 from robaudit.certify.closed_form import ClosedFormBound, hidden_layer
 from robaudit.certify.global_lipschitz import GlobalLipschitz
 from robaudit.certify.graph import Graph, build_graph
-from robaudit.certify.fidelity import check_graph, check_graph_in_balls
+from robaudit.certify.fidelity import check_graph, check_graph_in_balls, references
 from robaudit.certify.interval import Batch, IntervalBound
 from robaudit.certify.crown import CrownBound, first_order_radius
 from robaudit.certify.radius import ErrorFn, ratio_radius, search_radius
@@ -170,15 +170,16 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
         if k < 2 or bool(((y < 0) | (y >= k)).any()):
             raise ValueError(f"labels must be class indices in [0, {k})")
         methods = make_methods(graph, plan)
+        models = references(model)  # the model, and an ONNX file's own engine: both must match the graph
         tried = [m.name for m in methods]  # every method, including one later skipped
         wins = {name: 0 for name in tried}
         dropped: list[str] = []
         first = min(batch_size, FIRST_BATCH) if n > batch_size else n
         for s, e in _batches(n, first, batch_size):
             xb, yb = x[s:e], y[s:e]
-            check_graph(graph, model, xb)  # on every sample certified, before any bound: no branch left unseen
+            check_graph(graph, models, xb)  # on every sample certified, before any bound: no branch left unseen
             best, chosen, per_method = _certify_batch(model, graph, methods, xb, yb, plan, step)
-            check_graph_in_balls(graph, model, xb, best, seed=s)
+            check_graph_in_balls(graph, models, xb, best, seed=s)
             radius[s:e] = best
             method[s:e] = chosen
             for name in chosen:
