@@ -227,6 +227,72 @@ def test_a_closing_softmax_certifies_like_the_scores_in_every_format(tmp_path, l
         assert_ball_keeps_decision(model, x[sure], y[sure], cert.radius[sure])
 
 
+class GatedUpsampling(nn.Module):
+    """relu(x - 1) (off on data in [0, 1]), nearest upsampling by `scale`, and class 1 reading one output
+    pixel: class 0 wins by 0.05 until the input pixel behind that output pixel passes 1.05."""
+
+    def __init__(self, scale: float, out_index: int, side: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.gate = nn.Conv2d(1, 1, 1)
+        self.fc = nn.Linear(side * side, 2)
+        with torch.no_grad():
+            self.gate.weight.fill_(1.0)
+            self.gate.bias.fill_(-1.0)
+            self.fc.weight.zero_()
+            self.fc.weight[1, out_index] = 1.0
+            self.fc.bias.copy_(torch.tensor([0.05, 0.0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.interpolate(F.relu(self.gate(x)), scale_factor=self.scale, mode="nearest").flatten(1))
+
+
+def test_scripted_upsampling_by_a_scale_is_refused_where_the_converter_picks_other_pixels(tmp_path) -> None:
+    """torch's TorchScript converter rewrites a scripted `F.interpolate(scale_factor=0.7)` (48 -> 33) as an
+    upsampling to size 33, which reads other rows and columns (13 where the model reads 12). Where the
+    pixel that differs only matters off the data, the graph checks' random probes (which move any one of
+    2,304 pixels little) miss it: radii of about 0.8 were printed that moving one pixel by 0.16 breaks
+    (red team). Refused now; a scale whose sizes are whole (1.5: 48 -> 72, 2: 48 -> 96) picks the same
+    pixels and certifies as the traced file does."""
+    side, shape = 48, (1, 48, 48)
+    rows = torch.arange(float(side)).expand(1, 1, side, side)
+    eager = F.interpolate(rows, scale_factor=0.7, mode="nearest")[0, 0, 0].long()
+    by_size = torch.arange(33) * side // 33
+    i = int((eager != by_size).nonzero()[0])
+    assert (int(eager[i]), int(by_size[i])) == (12, 13)
+    net = GatedUpsampling(0.7, out_index=i * 33 + i, side=33).eval()
+    x = torch.rand(8, *shape, generator=torch.Generator().manual_seed(0)) * 0.3
+    x[:, 0, 12, 12] = 0.9  # the pixel the model reads: off, 0.15 from switching class 1 on
+    y = torch.zeros(8, dtype=torch.long)
+
+    def certify(path: Path):
+        model = wrap_model(load_model(path), sample_shape=shape, probe=x)[0]
+        return certify_l2(model, x, y, budget="fast")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.script(net).save(str(tmp_path / "scripted.pt"))
+        torch.jit.trace(net, x[:2]).save(str(tmp_path / "traced.pt"))
+    moved = x.clone()
+    moved[:, 0, 12, 12] = 1.06
+    with torch.no_grad():  # the premise: the file itself changes its class 0.16 away from every sample
+        assert torch.jit.load(str(tmp_path / "scripted.pt"))(moved).argmax(1).tolist() == [1] * 8
+    with pytest.raises(CertificateUnavailable, match="TorchScript converter rewrites upsample_nearest2d with arguments"):
+        certify(tmp_path / "scripted.pt")
+    traced = certify(tmp_path / "traced.pt").radius
+    assert bool((traced > 0).all()) and bool((traced < 0.16).all())
+    for scale in (1.5, 2.0):
+        out = int(side * scale)
+        whole = GatedUpsampling(scale, out_index=3 * out + 3, side=out).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(whole, x[:2]).save(str(tmp_path / "t.pt"))
+            torch.jit.script(whole).save(str(tmp_path / "s.pt"))
+        radii = [certify(tmp_path / "t.pt").radius, certify(tmp_path / "s.pt").radius]
+        assert bool((radii[0] > 0).all())
+        torch.testing.assert_close(radii[1], radii[0], rtol=1e-9, atol=0)
+
+
 def test_moves_clamps_and_concatenation_certify_alike_in_every_format(tmp_path) -> None:
     """The same MobileCNN as ONNX (both of torch's exporters), traced and scripted TorchScript and the
     unsaved module: the same radii, and random points at 0.999 of them keep the label."""

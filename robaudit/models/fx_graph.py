@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import warnings
 from collections.abc import Iterator
@@ -468,11 +469,79 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
         raise NotTraceable(why) from None
     if not isinstance(module, fx.GraphModule):
         raise NotTraceable(f"torch's TorchScript converter returned a {type(module).__name__}, not an fx graph")
+    _refuse_moved_resampling(net, module, example)
     for node in module.graph.nodes:  # a module stack naming only export's internal wrapper would name every op
         stack = node.meta.get("nn_module_stack") or {}
         if all(path == "" for path, _ in stack.values()):
             node.meta.pop("nn_module_stack", None)
     return module
+
+
+def _resampling_calls(module: nn.Module, example: torch.Tensor) -> list[tuple] | None:
+    """The upsampling ops `module` runs on `example`, in order: (op, input shape, other arguments); None if unwatchable.
+
+    Read off the dispatcher, which the TorchScript interpreter calls as eager code does, so
+    the arguments are the ones each op really gets (a scripted `F.interpolate`'s scales
+    are computed in TorchScript code that no static pass of its graph folds).
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls: list[tuple] = []
+
+    class Watch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "upsample" in str(func) and args and isinstance(args[0], torch.Tensor):
+                calls.append((func, tuple(args[0].shape), args[1:], dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with _quiet(), torch.no_grad(), Watch():
+            module(example)
+    except Exception:  # noqa: BLE001 - a net the mode cannot run
+        return None
+    return calls
+
+
+def _same_resampling(a: tuple, b: tuple) -> bool:
+    """Whether two recorded upsampling calls pick the same input for every output (run on positions, float64)."""
+    if a[1] != b[1]:
+        return False
+    positions = torch.arange(1, math.prod(a[1]) + 1, dtype=torch.float64).reshape(a[1])
+    try:
+        with torch.no_grad():
+            first, second = (func(positions, *rest, **kwargs) for func, _, rest, kwargs in (a, b))
+    except Exception:  # noqa: BLE001 - arguments an op rejects on float64: not shown equal
+        return False
+    return first.shape == second.shape and torch.equal(first, second)
+
+
+def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule, example: torch.Tensor) -> None:
+    """Raise NotTraceable where the converter's upsampling picks other pixels than the TorchScript's own.
+
+    torch's converter rewrites a scripted nearest upsampling by a scale factor to one by the
+    output size, dropping the scale: where size x scale is not whole, output pixels come
+    from other input pixels (48 -> 33 at scale 0.7 reads row 13 where the model reads 12).
+    A bound on that graph is about another network, and a branch that the moved pixels
+    switch on away from the data escapes the graph checks' random probes (red team: radii
+    of 0.77-0.93 broken at 0.16). Each upsampling call of the converted graph must pick
+    the same input for every output as the model's own call, on this input's shape.
+    """
+    want, got = _resampling_calls(net, example), _resampling_calls(module, example)
+    if want == [] and got == []:
+        return
+    if want is None or got is None or len(want) != len(got):
+        raise NotTraceable("torch's TorchScript converter's upsampling could not be matched with the model's own")
+    for a, b in zip(want, got):
+        if not _same_resampling(a, b):
+            op = getattr(a[0], "__name__", str(a[0])).split(".")[0]
+            raise NotTraceable(
+                f"torch's TorchScript converter rewrites {op} with arguments {_args_text(a)} as {_args_text(b)}, "
+                "which picks other input pixels"
+            )
+
+
+def _args_text(call: tuple) -> str:
+    return ", ".join([*map(repr, call[2]), *(f"{k}={v!r}" for k, v in call[3].items())])
 
 
 def _private_copy(net: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
