@@ -1018,3 +1018,50 @@ def test_a_graph_that_leaves_the_model_off_its_centre_is_refused_inside_the_ball
     check_graph_in_balls(graph, plain, x[:16][keep], radius)  # the model the graph was built from: no complaint
     with pytest.raises(CertificateUnavailable, match="inside the certified balls .* does not reproduce the model's outputs"):
         check_graph_in_balls(graph, Ramp(net, height, offset, scale), x[:16][keep], radius)
+
+
+class AlphaOps(nn.Module):
+    """The same network written with `alpha` arguments, `rsub` and `unflatten` (`alpha=True`) or plain ops."""
+
+    def __init__(self, alpha: bool) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.a, self.b, self.head = nn.Linear(64, 16), nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        u, v = self.a(x), self.b(x)
+        if self.alpha:
+            h = torch.rsub(torch.add(u, v, alpha=0.5).sub(u, alpha=2), 1.0)
+            return self.head(F.relu(h).unflatten(1, (2, 8)).flatten(1))
+        h = 1.0 - ((u + 0.5 * v) - 2 * u)
+        return self.head(F.relu(h).view(-1, 2, 8).flatten(1))
+
+
+class AlphaConstant(nn.Module):
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.alpha, self.fc = alpha, nn.Linear(64, 10)
+        self.register_buffer("shift", torch.linspace(0.1, 0.7, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.add(self.fc(x.flatten(1)), self.shift, alpha=self.alpha)
+
+
+def test_alpha_arguments_rsub_and_unflatten_certify_like_the_plain_ops() -> None:
+    """torch.add / sub with alpha, torch.rsub and unflatten were refused in plain modules (only their aten
+    forms were read). They certify now, with the radii of the network written with plain ops; a constant
+    times an alpha that float32 rounds is refused, since the sum the graph adds cannot show that rounding."""
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    plain = fit(AlphaOps(alpha=False), 60)
+    written = AlphaOps(alpha=True)
+    written.load_state_dict(plain.state_dict())
+    reference = certify_l2(plain, x, y, budget="fast").radius
+    assert int((reference > 0).sum()) >= 12
+    cert = certify_l2(written, x, y, budget="fast")
+    torch.testing.assert_close(cert.radius, reference, rtol=1e-9, atol=0)
+    check_sound(written.eval(), x, y, cert)
+    assert (certify_l2(AlphaConstant(2.0), x, y, budget="fast").radius >= 0).all()  # 2 x a float32 is a float32
+    with pytest.raises(CertificateUnavailable, match="times alpha 0.1.*which float32 rounds"):
+        certify_l2(AlphaConstant(0.1), x, y, budget="fast")

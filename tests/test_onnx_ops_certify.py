@@ -44,7 +44,7 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.float32), name))
         return name
 
-    def ints(self, name: str, value: list[int]) -> str:
+    def ints(self, name: str, value: list[int] | np.ndarray) -> str:
         self.inits.append(numpy_helper.from_array(np.asarray(value, dtype=np.int64), name))
         return name
 
@@ -131,6 +131,19 @@ def smooth_activations(path: Path) -> Path:
     return g.save(path)
 
 
+def gather_elements(path: Path) -> Path:
+    """GatherElements with constant indices, as both torch exporters write `torch.gather`: data movement."""
+    g = _Graph(10)
+    c = g.node("Relu", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "r")  # 3 x 6 x 6
+    index = g.gen.integers(0, 6, (1, 3, 4, 6))  # torch.gather takes no negative index, nor does onnx2torch
+    batch = g.node("Slice", [g.node("Shape", [c], "shape"), g.ints("zero", [0]), g.ints("one", [1])], "batch")
+    size = g.node("Concat", [batch, g.ints("rest", [3, 4, 6])], "size", axis=0)
+    every = g.node("Expand", [g.ints("index", index), size], "every")  # the index repeated over the batch
+    picked = g.node("GatherElements", [c, every], "g", axis=2)
+    g.head(picked, 3 * 4 * 6)
+    return g.save(path)
+
+
 def clip_constant_bounds(path: Path) -> Path:
     """Clip with bounds from Constant nodes and an absent one (''), as torch's TorchScript-based exporter
     writes `torch.clamp(x, min=...)` and `torch.clamp(x, max=...)` (hunt 27: onnx2torch refused the file)."""
@@ -197,6 +210,7 @@ FILES = {
     "clip-constant-bounds": clip_constant_bounds,
     "max-min": max_min,
     "clip-float32-range": clip_float32_range,
+    "gather-elements": gather_elements,
 }
 
 

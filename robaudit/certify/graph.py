@@ -169,8 +169,8 @@ _SHAPE_METHODS = {"size", "dim", "numel"}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _CAST_METHODS = {"to", "type", "type_as", "float", "double", "half", "bfloat16"}  # checked by `_cast`
 _EXACT_DTYPES = (torch.float32, torch.float64)  # casts the bound may treat as identity (the values are float32)
-_RESHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"}
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"flatten", "unflatten", "view", "reshape", "squeeze", "unsqueeze", "view_as", "reshape_as"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.unflatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _ACT_FUNCTIONS = {
     torch.relu: "relu", F.relu: "relu", torch.tanh: "tanh", F.tanh: "tanh", torch.sigmoid: "sigmoid",
     F.sigmoid: "sigmoid", F.leaky_relu: "leaky_relu", F.softplus: "softplus", F.elu: "elu", F.celu: "celu",
@@ -182,6 +182,7 @@ _BINARY = {
     torch.mul: "mul", operator.truediv: "div", torch.div: "div", operator.iadd: "add", operator.isub: "sub",
     operator.imul: "mul", operator.itruediv: "div",
 }  # fmt: skip
+_ALPHA_FUNCTIONS = {torch.add: "add", torch.sub: "sub", torch.subtract: "sub", torch.rsub: "rsub"}  # with alpha
 _BINARY_METHODS = {k: k.rstrip("_") for k in ("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_")}
 _ONNX_BINARY = {"add": "add", "sub": "sub", "mul": "mul", "_onnx_div": "div", "div": "div"}
 _ONNX_RESHAPES = {
@@ -1089,6 +1090,8 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
     if n.op == "call_method":
         if target in _BINARY_METHODS and not kwargs:
             return b.binary(name, _BINARY_METHODS[target], args[0], args[1], out_shape)
+        if target in ("add", "add_", "sub", "sub_") and set(kwargs) == {"alpha"}:  # x.add(y, alpha=2)
+            return _aten_binary(b, name, target, args, kwargs, out_shape)
         if var is None or any(isinstance(a, _Var) for a in args[1:]):
             raise CertificateUnavailable(name)
         if target in _CAST_METHODS:
@@ -1112,6 +1115,8 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
         raise CertificateUnavailable(name)
     if target in _BINARY and not (kwargs.get("alpha") not in (None, 1) or kwargs.get("rounding_mode")):
         return b.binary(name, _BINARY[target], args[0], args[1], out_shape)
+    if target in _ALPHA_FUNCTIONS and set(kwargs) <= {"alpha"}:  # torch.add(x, y, alpha=2), torch.rsub(x, y)
+        return _aten_binary(b, name, _ALPHA_FUNCTIONS[target], args, kwargs, out_shape)
     if var is None or any(isinstance(a, _Var) for a in list(args[1:]) + list(kwargs.values())):
         raise CertificateUnavailable(name)
     if target in (operator.neg, torch.neg):
@@ -1240,6 +1245,8 @@ def _aten_binary(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_
         return b.binary(name, kind, a, c, out_shape)
     if isinstance(alpha, _Var) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise CertificateUnavailable(f"{name}: {kind} with alpha {alpha!r}")
+    if alpha not in (1, -1):
+        alpha = float(torch.tensor(alpha, dtype=torch.float32))  # torch multiplies float32 tensors by alpha as a float32
     if kind == "rsub":  # other - alpha * input
         a, c, kind = c, a, "sub"
     sign = -1.0 if kind == "sub" else 1.0
@@ -1249,7 +1256,11 @@ def _aten_binary(b: _Builder, name: str, op: str, args: list, kwargs: dict, out_
             alpha, sign = 1, 1.0
         return b.binary(name, "add" if sign * alpha > 0 else "sub", a, c, out_shape)
     if isinstance(a, _Var):
-        return b.binary(name, "add", a, torch.as_tensor(c).detach().to(F64) * (sign * alpha), out_shape)
+        other = torch.as_tensor(c).detach().to(F64) * (sign * alpha)
+        if alpha not in (1, -1) and not torch.equal(other.float().to(F64), other):
+            # torch rounds alpha * constant (or fuses it into the sum): a rounding the added constant cannot show
+            raise CertificateUnavailable(f"{name}: {kind} of a constant times alpha {alpha!r}, which float32 rounds")
+        return b.binary(name, "add", a, other, out_shape)
     if isinstance(c, _Var):  # constant + sign * alpha * var
         return b.scale(name, c, sign * float(alpha), torch.as_tensor(a).detach().to(F64), out_shape)
     raise CertificateUnavailable(name)
@@ -1368,7 +1379,7 @@ _MOVE_MODULES = (
 )  # fmt: skip
 _ONNX_MOVES = {
     "OnnxSlice", "OnnxSliceV9", "OnnxTranspose", "OnnxExpand", "OnnxTile", "OnnxDepthToSpace", "OnnxGather",
-    "OnnxPadStatic", "OnnxPadDynamic", "OnnxGatherND",
+    "OnnxPadStatic", "OnnxPadDynamic", "OnnxGatherND", "OnnxGatherElements",
 }  # fmt: skip
 _MOVE_FUNCTIONS = {
     operator.getitem, torch.transpose, torch.permute, torch.flip, torch.roll, torch.narrow, torch.select,
