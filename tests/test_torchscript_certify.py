@@ -900,3 +900,67 @@ def test_scan_of_a_torchscript_file_reports_a_certificate(model_files, tmp_path)
             assert s["certified_l2"] > 0
             if s["adversarial_l2"] is not None:
                 assert s["certified_l2"] <= s["adversarial_l2"]
+
+
+class WrappedMask(nn.Module):
+    """A traced `torch.arange(28) * 0.1 < 0.30000001` mask: column 3 is off in TorchScript (float32, as
+    eager torch computes with a Python number) and on where 0.1 is a float64 tensor. Class 1 reads
+    relu(pixel (5, 3) - 1), zero on data in [0, 1], and moving that pixel is what breaks a radius."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.gate = nn.Linear(784, 2), nn.Linear(1, 2)
+        with torch.no_grad():
+            w = torch.linspace(-1.0, 1.0, 784)
+            w = w / w.norm() * 0.25
+            self.lin.weight.copy_(torch.stack([w, -w]))
+            self.lin.bias.copy_(torch.tensor([0.5, -0.5]))
+            self.gate.weight.copy_(torch.tensor([[0.0], [100.0]]))
+            self.gate.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = torch.arange(28) * 0.1 < 0.30000001
+        y = torch.where(m, torch.zeros_like(x), x)
+        p = torch.relu(y[:, :, 5:6, 3:4].flatten(1) - 1.0)
+        return self.lin(x.flatten(1)) + self.gate(p)
+
+
+class SizePad(nn.Module):
+    """Pads computed from the input's size (a trace's size arithmetic, wrapped numbers in TorchScript)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(10 * 12, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.size(2)
+        return self.fc(F.pad(x * 0.5 + 0.1, [h // 5, h // 7, 1, h % 5], value=0.3).flatten(1))
+
+
+def test_a_traced_python_number_that_the_converter_makes_float64_is_refused(tmp_path) -> None:
+    """torch.jit.trace records `* 0.1` as a float64 constant flagged as a wrapped number, which TorchScript
+    computes in float32 like eager torch; torch's converter folds it as a plain float64 tensor, so the mask
+    above flips a column and the certified graph reads a pixel the file ignores (red team: radii of
+    2.1-2.4 broken at 0.5). Refused now; Python numbers on activations and a trace's size arithmetic
+    (which freezing compares as wrapped numbers) still certify."""
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.5
+    net = WrappedMask().eval()
+    with torch.no_grad():
+        assert torch.equal(net(x).argmax(1), torch.zeros(8, dtype=torch.long))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(net, x[:2]).save(str(tmp_path / "mask.pt"))
+    moved = x.clone()
+    moved[:, 0, 5, 3] = 1.02
+    with torch.no_grad():  # the premise: column 3 counts in the file (float32 mask), at most 1.02 away
+        assert torch.jit.load(str(tmp_path / "mask.pt"))(moved).argmax(1).tolist() == [1] * 8
+    model = wrap_model(load_model(tmp_path / "mask.pt"), sample_shape=(1, 28, 28), probe=x)[0]
+    with pytest.raises(CertificateUnavailable, match="computes aten.mul.Tensor in float64 because of a 0-dim float64"):
+        certify_l2(model, x, torch.zeros(8, dtype=torch.long), budget="fast")
+    sized = fit(SizePad(), 40)
+    x, y = digits()
+    x, y = x[:24], y[:24]
+    reference = certify_l2(sized, x, y, budget="fast").radius
+    assert int((reference > 0).sum()) >= 12
+    traced = certify_l2(loaded(save(sized, tmp_path / "sized.pt", "trace"), x), x, y, budget="fast").radius
+    torch.testing.assert_close(traced, reference, rtol=1e-6, atol=1e-8)  # its graph spells x * 0.5 + 0.1 otherwise

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from robaudit.models.outputs import select_output
@@ -461,12 +462,19 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
 
     _refuse_torchscript_aliasing(net)
     _refuse_scalar_conversions(net)
+    watch = _PromotionWatch()
     try:
-        with _quiet():
+        with _quiet(), watch:  # freezing folds constant subexpressions through the dispatcher
             module = TS2EPConverter(_private_copy(net), (example,)).convert().module()
     except Exception as exc:  # noqa: BLE001 - unsupported TorchScript IR, data-dependent control flow, ...
         why = f"torch's TorchScript converter cannot translate the network to aten ops ({error_line(exc)})"
         raise NotTraceable(why) from None
+    if watch.found:
+        raise NotTraceable(
+            f"torch's TorchScript converter computes {watch.found[0]} in float64 because of a 0-dim float64 constant, "
+            "which in a traced file is usually a Python number that TorchScript computes in the other operand's "
+            "precision (float32)"
+        )
     if not isinstance(module, fx.GraphModule):
         raise NotTraceable(f"torch's TorchScript converter returned a {type(module).__name__}, not an fx graph")
     _refuse_moved_resampling(net, module, example)
@@ -477,6 +485,46 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
     return module
 
 
+class _PromotionWatch(TorchDispatchMode):
+    """Ops (during conversion, constant folding included) whose float64 result comes from a 0-dim float64 operand.
+
+    `torch.jit.trace` records a Python number (`torch.arange(28) * 0.1`) as a 0-dim float64
+    constant flagged as a wrapped number: TorchScript computes with it in the other operand's
+    precision, as eager torch does with the number. torch's converter lifts it into a plain
+    float64 tensor, so an integer or 0-dim operand is promoted to float64 instead, and the
+    converter folds that into constants (a mask `< 0.30000001` flips a column: red team,
+    radii of 2.1-2.4 broken at 0.5). Python cannot read the flag, so every such promotion
+    is refused: a real float64 constant meeting an integer tensor is rare in a classifier.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        try:
+            out = func(*args, **kwargs)
+        except (RuntimeError, TypeError):
+            # Python dispatch hands TorchScript's wrapped numbers over as Python numbers, which an op such as
+            # `equal` (freezing compares its constants) takes as tensors only: give them back as tensors
+            out = func(*(torch.tensor(a) if _number(a) else a for a in args), **kwargs)
+        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        double = torch.float64
+        if (
+            any(t.dtype == double for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+            and any(t.dim() == 0 and t.dtype == double for t in tensors)
+            and not any(t.dim() > 0 and t.dtype == double for t in tensors)
+            and any(t.dtype != double for t in tensors)
+        ):
+            self.found.append(str(func))
+        return out
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (bool, int, float)) and not isinstance(value, torch.Tensor)
+
+
 def _resampling_calls(module: nn.Module, example: torch.Tensor) -> list[tuple] | None:
     """The upsampling ops `module` runs on `example`, in order: (op, input shape, other arguments); None if unwatchable.
 
@@ -484,8 +532,6 @@ def _resampling_calls(module: nn.Module, example: torch.Tensor) -> list[tuple] |
     the arguments are the ones each op really gets (a scripted `F.interpolate`'s scales
     are computed in TorchScript code that no static pass of its graph folds).
     """
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     calls: list[tuple] = []
 
     class Watch(TorchDispatchMode):
@@ -527,10 +573,15 @@ def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule
     the same input for every output as the model's own call, on this input's shape.
     """
     want, got = _resampling_calls(net, example), _resampling_calls(module, example)
+    if want is None and not any("upsample" in n.kind() or "interpolate" in n.kind() for n in _all_nodes(net.inlined_graph)):
+        want = []  # a graph the dispatcher watch cannot run (a trace's size arithmetic) but with no upsampling at all
     if want == [] and got == []:
         return
     if want is None or got is None or len(want) != len(got):
-        raise NotTraceable("torch's TorchScript converter's upsampling could not be matched with the model's own")
+        raise NotTraceable(
+            "the network upsamples, and torch's TorchScript converter's upsampling could not be matched with the "
+            "model's own"
+        )
     for a, b in zip(want, got):
         if not _same_resampling(a, b):
             op = getattr(a[0], "__name__", str(a[0])).split(".")[0]
