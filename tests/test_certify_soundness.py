@@ -1020,6 +1020,38 @@ def test_a_graph_that_leaves_the_model_off_its_centre_is_refused_inside_the_ball
         check_graph_in_balls(graph, Ramp(net, height, offset, scale), x[:16][keep], radius)
 
 
+class LogSoftmaxOf(nn.Module):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.net(x), dim=1)
+
+
+def test_a_closing_log_softmax_of_large_scores_is_compared_in_full() -> None:
+    """The graph checks skipped every log-probability below log(1e-20), which only returned probabilities
+    need (the wrapper clamps them). On a closing log-softmax of scores x1000 every class but the top one
+    is far below that, so a graph off by a ramp of 270 that keeps the top class passed (a helper's sweep).
+    A log-softmax keeps its digits: it is compared in full now."""
+    from robaudit.certify.fidelity import check_graph_in_balls
+
+    x, y = digits()
+    net = fit(mlp(nn.ReLU()), 30).eval()
+    plain = LogSoftmaxOf(Shifted(net, 0.0, 1000.0))
+    graph = build_graph(plain, x[:1])
+    keep = net(x[:16]).argmax(1) == y[:16]
+    radius = certify_l2(plain, x[:16][keep], y[:16][keep]).radius
+    assert bool((radius > 0.3).any())
+    check_graph_in_balls(graph, plain, x[:16][keep], radius)
+    slipped = LogSoftmaxOf(Ramp(net, 270.0, 0.0, 1000.0))
+    with torch.no_grad():  # the premise: the slip keeps the top class and every other log-probability below -46
+        points = x[:16][keep]
+        assert torch.equal(plain(points).argmax(1), slipped(points).argmax(1))
+    with pytest.raises(CertificateUnavailable, match="inside the certified balls .* does not reproduce the model's outputs"):
+        check_graph_in_balls(graph, slipped, x[:16][keep], radius)
+
+
 class AlphaOps(nn.Module):
     """The same network written with `alpha` arguments, `rsub` and `unflatten` (`alpha=True`) or plain ops."""
 

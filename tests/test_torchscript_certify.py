@@ -905,7 +905,8 @@ def test_scan_of_a_torchscript_file_reports_a_certificate(model_files, tmp_path)
 class WrappedMask(nn.Module):
     """A traced `torch.arange(28) * 0.1 < 0.30000001` mask: column 3 is off in TorchScript (float32, as
     eager torch computes with a Python number) and on where 0.1 is a float64 tensor. Class 1 reads
-    relu(pixel (5, 3) - 1), zero on data in [0, 1], and moving that pixel is what breaks a radius."""
+    relu(pixel (5, 3) - 1), zero on data in [0, 1], and moving that pixel is what breaks a radius.
+    With `column`, the mask keeps only that column (a uint8 `2 - 255`: 3 in TorchScript, -253 in int64)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -918,8 +919,13 @@ class WrappedMask(nn.Module):
             self.gate.weight.copy_(torch.tensor([[0.0], [100.0]]))
             self.gate.bias.zero_()
 
+        self.column = None  # or a function of nothing giving the column to keep
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = torch.arange(28) * 0.1 < 0.30000001
+        if self.column is None:
+            m = torch.arange(28) * 0.1 < 0.30000001  # column 3 off: zeroed
+        else:
+            m = torch.arange(28) != self.column()  # every column but that one zeroed
         y = torch.where(m, torch.zeros_like(x), x)
         p = torch.relu(y[:, :, 5:6, 3:4].flatten(1) - 1.0)
         return self.lin(x.flatten(1)) + self.gate(p)
@@ -955,7 +961,16 @@ def test_a_traced_python_number_that_the_converter_makes_float64_is_refused(tmp_
     with torch.no_grad():  # the premise: column 3 counts in the file (float32 mask), at most 1.02 away
         assert torch.jit.load(str(tmp_path / "mask.pt"))(moved).argmax(1).tolist() == [1] * 8
     model = wrap_model(load_model(tmp_path / "mask.pt"), sample_shape=(1, 28, 28), probe=x)[0]
-    with pytest.raises(CertificateUnavailable, match="computes aten.mul.Tensor in float64 because of a 0-dim float64"):
+    with pytest.raises(CertificateUnavailable, match=r"computes aten.mul.Tensor in float64 \(TorchScript: float32\)"):
+        certify_l2(model, x, torch.zeros(8, dtype=torch.long), budget="fast")
+    net.column = lambda: torch.arange(28, dtype=torch.uint8)[2] - 255  # noqa: E731 - 3 in uint8, -253 in int64
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(net, x[:2]).save(str(tmp_path / "uint8.pt"))
+    with torch.no_grad():  # the same premise: the file's mask picks column 3
+        assert torch.jit.load(str(tmp_path / "uint8.pt"))(moved).argmax(1).tolist() == [1] * 8
+    model = wrap_model(load_model(tmp_path / "uint8.pt"), sample_shape=(1, 28, 28), probe=x)[0]
+    with pytest.raises(CertificateUnavailable, match=r"computes aten.sub.Tensor in int64 \(TorchScript: uint8\)"):
         certify_l2(model, x, torch.zeros(8, dtype=torch.long), budget="fast")
     sized = fit(SizePad(), 40)
     x, y = digits()

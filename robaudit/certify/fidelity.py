@@ -25,7 +25,7 @@ from robaudit.models.outputs import select_output
 F64 = torch.float64
 BALL_PAIRS = 8  # random directions (and their opposites) along which the graph is checked inside each ball ...
 BALL_FRACTIONS = (0.5, 0.999)  # ... at these fractions of the radius
-TINY_LOG = math.log(1e-20)  # log-probabilities below it are clamped or have lost their digits: not compared
+TINY_LOG = math.log(1e-25)  # returned probabilities below it may be clamped (wrapper.LOG_FLOOR): not compared
 F64_RTOL = 1e-12  # the float64 graph's own rounding, relative to the scores it subtracts
 
 
@@ -82,7 +82,8 @@ def _compare(
     allowed = F64_RTOL * scores + graph.tie_margin
     if graph.returns != "logits":  # a closing softmax (compared as log-probabilities): a few ulps of each
         allowed = allowed + ACT_ULPS * U * (scores + 2)
-        kept = (want > TINY_LOG) | (got > TINY_LOG)  # tiny probabilities are clamped or lose digits
+    if graph.final == "softmax":  # probabilities: tiny ones are clamped or lose digits (a log-softmax keeps them)
+        kept = (want > TINY_LOG) | (got > TINY_LOG)
         want_margin, got_margin = torch.where(kept, want_margin, 0.0), torch.where(kept, got_margin, 0.0)
     differ = (got_margin - want_margin).abs()
     own = score_rounding(graph, values)

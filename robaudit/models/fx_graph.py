@@ -471,9 +471,8 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
         raise NotTraceable(why) from None
     if watch.found:
         raise NotTraceable(
-            f"torch's TorchScript converter computes {watch.found[0]} in float64 because of a 0-dim float64 constant, "
-            "which in a traced file is usually a Python number that TorchScript computes in the other operand's "
-            "precision (float32)"
+            f"torch's TorchScript converter computes {watch.found[0]} because of a 0-dim int64 / float64 constant, "
+            "which in a traced file is usually a Python number that TorchScript computes in the other operand's dtype"
         )
     if not isinstance(module, fx.GraphModule):
         raise NotTraceable(f"torch's TorchScript converter returned a {type(module).__name__}, not an fx graph")
@@ -486,15 +485,18 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
 
 
 class _PromotionWatch(TorchDispatchMode):
-    """Ops (during conversion, constant folding included) whose float64 result comes from a 0-dim float64 operand.
+    """Ops (during conversion, constant folding included) whose dtype a 0-dim int64 / float64 operand decides.
 
-    `torch.jit.trace` records a Python number (`torch.arange(28) * 0.1`) as a 0-dim float64
-    constant flagged as a wrapped number: TorchScript computes with it in the other operand's
-    precision, as eager torch does with the number. torch's converter lifts it into a plain
-    float64 tensor, so an integer or 0-dim operand is promoted to float64 instead, and the
-    converter folds that into constants (a mask `< 0.30000001` flips a column: red team,
-    radii of 2.1-2.4 broken at 0.5). Python cannot read the flag, so every such promotion
-    is refused: a real float64 constant meeting an integer tensor is rare in a classifier.
+    `torch.jit.trace` records a Python number (`torch.arange(28) * 0.1`, `t - 255`) as a 0-dim
+    int64 / float64 constant flagged as a wrapped number: TorchScript computes with it in the
+    other operand's dtype, as eager torch does with the number. torch's converter lifts it
+    into a plain tensor, so an integer or 0-dim operand is promoted to float64 or int64
+    instead, and the converter folds that into constants (a mask `< 0.30000001` flips a
+    column; a uint8 `2 - 255` is -253 instead of 3: red teams, radii of 2.1-2.4 broken at
+    0.5). Python cannot read the flag, so every op whose dtype would change were its 0-dim
+    int64 / float64 operands Python numbers is refused, and so is a float64 result that
+    such an operand alone brings about: a real constant of that kind meeting an integer or
+    0-dim tensor is rare in a classifier.
     """
 
     def __init__(self) -> None:
@@ -507,18 +509,69 @@ class _PromotionWatch(TorchDispatchMode):
             out = func(*args, **kwargs)
         except (RuntimeError, TypeError):
             # Python dispatch hands TorchScript's wrapped numbers over as Python numbers, which an op such as
-            # `equal` (freezing compares its constants) takes as tensors only: give them back as tensors
+            # `equal` (freezing compares its constants) takes as tensors only: give them back as tensors. As plain
+            # tensors they promote otherwise, so an op that computes in the promoted dtype is refused
             out = func(*(torch.tensor(a) if _number(a) else a for a in args), **kwargs)
-        tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        double = torch.float64
-        if (
-            any(t.dtype == double for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
-            and any(t.dim() == 0 and t.dtype == double for t in tensors)
-            and not any(t.dim() > 0 and t.dtype == double for t in tensors)
-            and any(t.dtype != double for t in tensors)
-        ):
-            self.found.append(str(func))
+            if _op_name(func) in _PROMOTING:
+                self.found.append(f"{func} on numbers that TorchScript passes as tensors")
+                return out
+        promoted = _wrapped_promotion(func, args) or _float64_from_0dim(args, kwargs, out)
+        if promoted:
+            self.found.append(f"{func} in {promoted}")
         return out
+
+
+_CANDIDATES = (torch.int64, torch.float64)  # the dtypes of a traced Python number
+_PROMOTING = {  # aten ops that compute in their operands' promoted dtype (`equal`, which freezing runs, only compares)
+    "add", "sub", "rsub", "mul", "div", "true_divide", "floor_divide", "remainder", "fmod", "pow", "atan2", "lt", "le",
+    "gt", "ge", "eq", "ne", "where", "maximum", "minimum", "fmax", "fmin", "bitwise_and", "bitwise_or", "bitwise_xor",
+    "logical_and", "logical_or", "logical_xor", "copysign", "hypot", "xlogy", "lerp",
+}  # fmt: skip
+
+
+def _wrapped_promotion(func, args: tuple) -> str | None:
+    """'<dtype> (TorchScript: <dtype>)' where the two operands' result dtype changes with their 0-dim int64 /
+    float64 tensors read as Python numbers."""
+    name = _op_name(func)
+    if name not in _PROMOTING:
+        return None
+    operands = [a for a in (args[1:3] if name == "where" else args[:2]) if isinstance(a, torch.Tensor) or _number(a)]
+    if len(operands) != 2 or not all(isinstance(a, torch.Tensor) or _number(a) for a in operands):
+        return None
+    candidate = [isinstance(a, torch.Tensor) and a.dim() == 0 and a.dtype in _CANDIDATES for a in operands]
+    if not any(candidate) or not any(isinstance(a, torch.Tensor) for a in operands):
+        return None
+    numbers = [(1.0 if a.is_floating_point() else 1) if c else a for a, c in zip(operands, candidate)]  # no .item():
+    # the tensors may be export's fake ones, and only the number's kind decides the dtype
+    try:
+        actual = torch.result_type(*operands)
+        if all(_number(a) for a in numbers):  # two Python numbers: an integer stays int64, a float is float32
+            wrapped = torch.get_default_dtype() if any(isinstance(a, float) for a in numbers) else actual
+        else:
+            wrapped = torch.result_type(*numbers)
+    except (RuntimeError, TypeError):
+        return None
+    return None if actual == wrapped else f"{str(actual).removeprefix('torch.')} (TorchScript: {str(wrapped).removeprefix('torch.')})"
+
+
+def _op_name(func) -> str:
+    """'add' for aten.add.Tensor and aten.add_.Tensor; '' for what is not an aten op."""
+    text = str(func)
+    return text.split(".")[1].rstrip("_") if text.startswith("aten.") and text.count(".") >= 1 else ""
+
+
+def _float64_from_0dim(args: tuple, kwargs: dict, out: object) -> str | None:
+    """'float64' where the only float64 inputs of an op with a float64 result are 0-dim (and others are not float64)."""
+    double = torch.float64
+    tensors = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    if (
+        any(t.dtype == double for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+        and any(t.dim() == 0 and t.dtype == double for t in tensors)
+        and not any(t.dim() > 0 and t.dtype == double for t in tensors)
+        and any(t.dtype != double for t in tensors)
+    ):
+        return "float64"
+    return None
 
 
 def _number(value: object) -> bool:
