@@ -979,3 +979,68 @@ def test_a_traced_python_number_that_the_converter_makes_float64_is_refused(tmp_
     assert int((reference > 0).sum()) >= 12
     traced = certify_l2(loaded(save(sized, tmp_path / "sized.pt", "trace"), x), x, y, budget="fast").radius
     torch.testing.assert_close(traced, reference, rtol=1e-6, atol=1e-8)  # its graph spells x * 0.5 + 0.1 otherwise
+
+
+def test_the_converted_graph_must_match_the_file_on_random_inputs_off_the_data(tmp_path, monkeypatch) -> None:
+    """Behind the targeted checks (upsampling, traced Python numbers), a generic one: the converter's graph and
+    the TorchScript must agree on random inputs of several scales, well off the data. The masked net above,
+    with the targeted check of traced numbers switched off, is refused by it alone: its gate opens on a pixel
+    past 1, which no data sample and no random point of a ball reaches."""
+    import robaudit.models.fx_graph as fx_graph
+
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.5
+    net = WrappedMask().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.trace(net, x[:2]).save(str(tmp_path / "mask.pt"))
+    monkeypatch.setattr(fx_graph, "_wrapped_promotion", lambda *args: None)
+    monkeypatch.setattr(fx_graph, "_float64_from_0dim", lambda *args: None)
+    model = wrap_model(load_model(tmp_path / "mask.pt"), sample_shape=(1, 28, 28), probe=x)[0]
+    with pytest.raises(CertificateUnavailable, match="converter's graph computes otherwise than the model on random inputs"):
+        certify_l2(model, x, torch.zeros(8, dtype=torch.long), budget="fast")
+
+
+class DividedMask(nn.Module):
+    """A column mask from `floor(arange / c)` on a parameter (freezing keeps it, so the division runs in the
+    graph): with c a float64 tensor of shape [1] TorchScript computes in float64 (floor(3 / 0.3) = 10, column
+    3 kept); torch's converter divides by the number c.item() in float32 (9: no column). Class 1 reads
+    relu(pixel (5, 3) - 1) of the masked image. With `number`, the divisor is the Python number 0.3."""
+
+    def __init__(self, number: bool) -> None:
+        super().__init__()
+        self.number = number
+        self.pos = nn.Parameter(torch.arange(28.0))
+        self.lin, self.gate = nn.Linear(784, 2), nn.Linear(1, 2)
+        with torch.no_grad():
+            w = torch.linspace(-1.0, 1.0, 784)
+            self.lin.weight.copy_(torch.stack([w, -w]) / w.norm() * 0.25)
+            self.lin.bias.copy_(torch.tensor([0.5, -0.5]))
+            self.gate.weight.copy_(torch.tensor([[0.0], [100.0]]))
+            self.gate.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        divisor = 0.3 if self.number else torch.tensor([0.3], dtype=torch.float64)
+        m = (torch.div(self.pos, divisor, rounding_mode="floor") == 10).to(x.dtype)
+        p = torch.relu((x * m)[:, :, 5:6, 3:4].flatten(1) - 1.0)
+        return self.lin(x.flatten(1)) + self.gate(p)
+
+
+def test_a_rounded_division_the_converter_rewrites_as_one_by_a_number_is_refused(tmp_path) -> None:
+    """torch's converter turns `div(x, c, rounding_mode=...)` by a one-element tensor constant into a division
+    by c.item(), which promotes otherwise (red team: radii of 2.1-2.4 broken at 0.5). The divisions of the
+    converted graph must return what the file's return; a traced Python number divisor (a wrapped number,
+    the same arithmetic either way) still converts."""
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 0.5
+    for number in (False, True):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(DividedMask(number).eval(), x[:2]).save(str(tmp_path / f"div_{number}.pt"))
+    moved = x.clone()
+    moved[:, 0, 5, 3] = 1.02
+    with torch.no_grad():  # the premise: the file keeps column 3 and its gate opens past 1
+        assert torch.jit.load(str(tmp_path / "div_False.pt"))(moved).argmax(1).tolist() == [1] * 8
+    model = wrap_model(load_model(tmp_path / "div_False.pt"), sample_shape=(1, 28, 28), probe=x)[0]
+    with pytest.raises(CertificateUnavailable, match=r"rewrites aten.div.Tensor_mode .* as aten.div.Scalar_mode"):
+        certify_l2(model, x, torch.zeros(8, dtype=torch.long), budget="fast")
+    model = wrap_model(load_model(tmp_path / "div_True.pt"), sample_shape=(1, 28, 28), probe=x)[0]
+    assert bool((certify_l2(model, x, torch.zeros(8, dtype=torch.long), budget="fast").radius > 0).all())

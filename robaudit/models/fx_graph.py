@@ -477,6 +477,8 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
     if not isinstance(module, fx.GraphModule):
         raise NotTraceable(f"torch's TorchScript converter returned a {type(module).__name__}, not an fx graph")
     _refuse_moved_resampling(net, module, example)
+    _refuse_rewritten_divisions(net, module, example)
+    _refuse_random_mismatch(net, module, example)
     for node in module.graph.nodes:  # a module stack naming only export's internal wrapper would name every op
         stack = node.meta.get("nn_module_stack") or {}
         if all(path == "" for path, _ in stack.values()):
@@ -574,12 +576,58 @@ def _float64_from_0dim(args: tuple, kwargs: dict, out: object) -> str | None:
     return None
 
 
+RANDOM_PROBES = 16  # random inputs on which the converted graph must compute what the TorchScript does
+RANDOM_RTOL = 1e-4  # of the largest score: the same float32 ops, up to the order of a sum
+
+
+def _refuse_random_mismatch(net: torch.jit.ScriptModule, module: fx.GraphModule, example: torch.Tensor) -> None:
+    """Raise NotTraceable where the converted graph and the TorchScript differ on random inputs of several scales.
+
+    The graph checks of the certificate compare at the data and at random points of each
+    ball, which move any one pixel of a large image little: a converter rewrite whose
+    effect a gate confines to values the data never reach (a pixel past 1) escapes them
+    (red teams on the converter's upsampling and its traced Python numbers). Like ONNX
+    files' translation check, this compares the two on inputs well off the data too:
+    uniform in [0, 1] and [-3, 3], normal x 3, and the example plus noise.
+    """
+    generator = torch.Generator().manual_seed(0)
+    shape, quarter = tuple(example.shape), RANDOM_PROBES // 4
+    draws = [torch.rand(shape, generator=generator) for _ in range(quarter)]
+    draws += [torch.rand(shape, generator=generator) * 6 - 3 for _ in range(quarter)]
+    draws += [torch.randn(shape, generator=generator) * 3 for _ in range(quarter)]
+    draws += [example.detach().cpu().float() + torch.randn(shape, generator=generator) for _ in range(quarter)]
+    for z in draws:
+        z = z.to(example.device, example.dtype)
+        try:
+            with _quiet(), torch.no_grad():
+                want, again, got = (select_output(f(z)) for f in (net, net, module))
+        except Exception:  # noqa: BLE001 - a model that fails on this input: the other inputs still count
+            continue
+        tensors = all(isinstance(t, torch.Tensor) for t in (want, again, got))
+        if tensors and not torch.equal(want.nan_to_num(), again.nan_to_num()):
+            continue  # random on this input: the certificate's randomness checks judge that, the others still count
+        if not tensors or want.shape != got.shape:
+            raise NotTraceable("torch's TorchScript converter's graph returns another shape than the model on a random input")
+        want, got = want.detach().double(), got.detach().double()
+        finite = torch.isfinite(want)
+        if not torch.equal(finite, torch.isfinite(got)) or not torch.equal(want[~finite].nan_to_num(), got[~finite].nan_to_num()):
+            raise NotTraceable("torch's TorchScript converter's graph returns other non-finite scores than the model")
+        scale = want[finite].abs().max().item() if bool(finite.any()) else 0.0
+        worst = (want[finite] - got[finite]).abs().max().item() if bool(finite.any()) else 0.0
+        if worst > RANDOM_RTOL * scale:
+            raise NotTraceable(
+                f"torch's TorchScript converter's graph computes otherwise than the model on random inputs (scores "
+                f"differ by up to {worst:.3g}, {worst / max(scale, 1e-300):.3g} of the largest)"
+            )
+
+
 def _number(value: object) -> bool:
     return isinstance(value, (bool, int, float)) and not isinstance(value, torch.Tensor)
 
 
-def _resampling_calls(module: nn.Module, example: torch.Tensor) -> list[tuple] | None:
-    """The upsampling ops `module` runs on `example`, in order: (op, input shape, other arguments); None if unwatchable.
+def _watched_calls(module: nn.Module, example: torch.Tensor, kind: str) -> list[tuple] | None:
+    """The `kind` ops ("upsample", "div") `module` runs on `example`, in order: (op, input shape, other arguments,
+    keyword arguments, output); None if the dispatcher watch cannot run it.
 
     Read off the dispatcher, which the TorchScript interpreter calls as eager code does, so
     the arguments are the ones each op really gets (a scripted `F.interpolate`'s scales
@@ -589,9 +637,14 @@ def _resampling_calls(module: nn.Module, example: torch.Tensor) -> list[tuple] |
 
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if "upsample" in str(func) and args and isinstance(args[0], torch.Tensor):
-                calls.append((func, tuple(args[0].shape), args[1:], dict(kwargs or {})))
-            return func(*args, **(kwargs or {}))
+            kwargs = kwargs or {}
+            try:
+                out = func(*args, **kwargs)
+            except (RuntimeError, TypeError):  # wrapped numbers handed over as Python numbers (`_PromotionWatch`)
+                out = func(*(torch.tensor(a) if _number(a) else a for a in args), **kwargs)
+            if _watched(func, kind) and args and isinstance(args[0], torch.Tensor):
+                calls.append((func, tuple(args[0].shape), args[1:], dict(kwargs), out))
+            return out
 
     try:
         with _quiet(), torch.no_grad(), Watch():
@@ -601,6 +654,12 @@ def _resampling_calls(module: nn.Module, example: torch.Tensor) -> list[tuple] |
     return calls
 
 
+def _watched(func, kind: str) -> bool:
+    if kind == "div":  # a division with a rounding mode: the converter rewrites a tensor divisor as a number
+        return str(func) in ("aten.div.Tensor_mode", "aten.div.Scalar_mode", "aten.div_.Tensor_mode", "aten.div_.Scalar_mode")
+    return "upsample" in str(func)
+
+
 def _same_resampling(a: tuple, b: tuple) -> bool:
     """Whether two recorded upsampling calls pick the same input for every output (run on positions, float64)."""
     if a[1] != b[1]:
@@ -608,7 +667,7 @@ def _same_resampling(a: tuple, b: tuple) -> bool:
     positions = torch.arange(1, math.prod(a[1]) + 1, dtype=torch.float64).reshape(a[1])
     try:
         with torch.no_grad():
-            first, second = (func(positions, *rest, **kwargs) for func, _, rest, kwargs in (a, b))
+            first, second = (func(positions, *rest, **kwargs) for func, _, rest, kwargs, _ in (a, b))
     except Exception:  # noqa: BLE001 - arguments an op rejects on float64: not shown equal
         return False
     return first.shape == second.shape and torch.equal(first, second)
@@ -625,7 +684,7 @@ def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule
     of 0.77-0.93 broken at 0.16). Each upsampling call of the converted graph must pick
     the same input for every output as the model's own call, on this input's shape.
     """
-    want, got = _resampling_calls(net, example), _resampling_calls(module, example)
+    want, got = _watched_calls(net, example, "upsample"), _watched_calls(module, example, "upsample")
     if want is None and not any("upsample" in n.kind() or "interpolate" in n.kind() for n in _all_nodes(net.inlined_graph)):
         want = []  # a graph the dispatcher watch cannot run (a trace's size arithmetic) but with no upsampling at all
     if want == [] and got == []:
@@ -641,6 +700,38 @@ def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule
             raise NotTraceable(
                 f"torch's TorchScript converter rewrites {op} with arguments {_args_text(a)} as {_args_text(b)}, "
                 "which picks other input pixels"
+            )
+
+
+def _refuse_rewritten_divisions(net: torch.jit.ScriptModule, module: fx.GraphModule, example: torch.Tensor) -> None:
+    """Raise NotTraceable where a division with a rounding mode gives other values in the converted graph.
+
+    torch's converter rewrites `div(x, c, rounding_mode=...)` by a one-element tensor constant
+    c as a division by the Python number `c.item()`: a float64 c of shape [1] no longer
+    promotes a float32 x, so `floor(3 / 0.3)` is 9 instead of 10, and a mask built from it
+    picks another column (red team: radii of 2.1-2.4 broken at 0.5 through a gate that no
+    random probe reached). Each such division of the converted graph must return what the
+    model's own returns on the sample.
+    """
+    want, got = _watched_calls(net, example, "div"), _watched_calls(module, example, "div")
+    if want is None and not any(n.kind() == "aten::div" and n.inputsSize() == 3 for n in _all_nodes(net.inlined_graph)):
+        want = []
+    if want == [] and got == []:
+        return
+    if want is None or got is None or len(want) != len(got):
+        raise NotTraceable(
+            "the network divides with a rounding mode, and torch's TorchScript converter's divisions could not be "
+            "matched with the model's own"
+        )
+    for a, b in zip(want, got):
+        first, second = a[4], b[4]
+        same = first.shape == second.shape and torch.equal(
+            first.detach().double().nan_to_num(), second.detach().double().nan_to_num()
+        )
+        if not same:
+            raise NotTraceable(
+                f"torch's TorchScript converter rewrites {a[0]} with arguments {_args_text(a)} as {b[0]} with "
+                f"{_args_text(b)}, which gives other values"
             )
 
 
