@@ -673,6 +673,23 @@ def _same_resampling(a: tuple, b: tuple) -> bool:
     return first.shape == second.shape and torch.equal(first, second)
 
 
+def _paired_calls(net, module, example, kind: str, present, what: str) -> list[tuple[tuple, tuple]]:
+    """The `kind` calls of the TorchScript and of the converted graph on `example`, paired in order.
+
+    A TorchScript the dispatcher watch cannot run counts as making none when no node of its
+    graph is `present`; otherwise calls that cannot be paired one to one are refused.
+    """
+    want, got = _watched_calls(net, example, kind), _watched_calls(module, example, kind)
+    if want is None and not any(present(n) for n in _all_nodes(net.inlined_graph)):
+        want = []  # a graph the watch cannot run (a trace's size arithmetic) but without such an op
+    if want is None or got is None or len(want) != len(got):
+        raise NotTraceable(
+            f"the network {what}, and torch's TorchScript converter's {kind} calls could not be matched with the "
+            "model's own"
+        )
+    return list(zip(want, got))
+
+
 def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule, example: torch.Tensor) -> None:
     """Raise NotTraceable where the converter's upsampling picks other pixels than the TorchScript's own.
 
@@ -684,17 +701,8 @@ def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule
     of 0.77-0.93 broken at 0.16). Each upsampling call of the converted graph must pick
     the same input for every output as the model's own call, on this input's shape.
     """
-    want, got = _watched_calls(net, example, "upsample"), _watched_calls(module, example, "upsample")
-    if want is None and not any("upsample" in n.kind() or "interpolate" in n.kind() for n in _all_nodes(net.inlined_graph)):
-        want = []  # a graph the dispatcher watch cannot run (a trace's size arithmetic) but with no upsampling at all
-    if want == [] and got == []:
-        return
-    if want is None or got is None or len(want) != len(got):
-        raise NotTraceable(
-            "the network upsamples, and torch's TorchScript converter's upsampling could not be matched with the "
-            "model's own"
-        )
-    for a, b in zip(want, got):
+    present = lambda n: "upsample" in n.kind() or "interpolate" in n.kind()  # noqa: E731
+    for a, b in _paired_calls(net, module, example, "upsample", present, "upsamples"):
         if not _same_resampling(a, b):
             op = getattr(a[0], "__name__", str(a[0])).split(".")[0]
             raise NotTraceable(
@@ -713,17 +721,8 @@ def _refuse_rewritten_divisions(net: torch.jit.ScriptModule, module: fx.GraphMod
     random probe reached). Each such division of the converted graph must return what the
     model's own returns on the sample.
     """
-    want, got = _watched_calls(net, example, "div"), _watched_calls(module, example, "div")
-    if want is None and not any(n.kind() == "aten::div" and n.inputsSize() == 3 for n in _all_nodes(net.inlined_graph)):
-        want = []
-    if want == [] and got == []:
-        return
-    if want is None or got is None or len(want) != len(got):
-        raise NotTraceable(
-            "the network divides with a rounding mode, and torch's TorchScript converter's divisions could not be "
-            "matched with the model's own"
-        )
-    for a, b in zip(want, got):
+    present = lambda n: n.kind() == "aten::div" and n.inputsSize() == 3  # noqa: E731
+    for a, b in _paired_calls(net, module, example, "div", present, "divides with a rounding mode"):
         first, second = a[4], b[4]
         same = first.shape == second.shape and torch.equal(
             first.detach().double().nan_to_num(), second.detach().double().nan_to_num()
