@@ -144,6 +144,23 @@ def gather_elements(path: Path) -> Path:
     return g.save(path)
 
 
+def constant_nodes(path: Path) -> Path:
+    """Weights in Constant nodes, as verification benchmarks store them: a Conv, a BatchNormalization and the
+    Gemm head read their parameters from Constant nodes (value tensors and value_floats), which onnx2torch
+    takes only as initializers (the Conv file was refused at load, the batch norm had no certificate)."""
+    g = _Graph(11)
+    c = g.conv("x", "c", 3, pads=[1, 1, 1, 1])
+    stats = {"scale": g.gen.uniform(0.5, 1.5, 3), "bias": g.gen.normal(0.0, 0.1, 3), "mean": g.gen.normal(0.0, 0.1, 3),
+             "var": g.gen.uniform(0.5, 1.5, 3)}  # fmt: skip
+    names = [g.node("Constant", [], f"bn_{k}", value_floats=[float(v) for v in stats[k]]) for k in stats]
+    b = g.node("Relu", [g.node("BatchNormalization", [c, *names], "bn")], "r")
+    g.head(b, 3 * 6 * 6)
+    for init in list(g.inits):  # every initializer written as a Constant node instead
+        g.nodes.insert(0, helper.make_node("Constant", [], [init.name], value=init))
+    del g.inits[:]
+    return g.save(path)
+
+
 def clip_constant_bounds(path: Path) -> Path:
     """Clip with bounds from Constant nodes and an absent one (''), as torch's TorchScript-based exporter
     writes `torch.clamp(x, min=...)` and `torch.clamp(x, max=...)` (hunt 27: onnx2torch refused the file)."""
@@ -211,6 +228,7 @@ FILES = {
     "max-min": max_min,
     "clip-float32-range": clip_float32_range,
     "gather-elements": gather_elements,
+    "constant-nodes": constant_nodes,
 }
 
 

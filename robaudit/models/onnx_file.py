@@ -145,6 +145,42 @@ def _drop_harmless_allowzero(model: onnx.ModelProto) -> None:
                 break
 
 
+_CONSTANT_LISTS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
+def _constant_nodes_as_initializers(model: onnx.ModelProto) -> int:
+    """Replace each numeric Constant node of the main graph by an initializer holding its value; the count.
+
+    Verification benchmarks often store weights as Constant nodes; onnx2torch takes a
+    Conv's or a BatchNormalization's parameters only from initializers. A Constant node is
+    its value, so the rewrite is exact (string and sparse constants are left alone).
+    """
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    keep, folded = [], 0
+    for node in graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is None or not node.output or node.output[0] in outputs or node.domain not in ("", "ai.onnx"):
+            keep.append(node)
+            continue
+        if attr.name == "value":
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attr.t)
+            tensor.name = node.output[0]
+        elif attr.name in _CONSTANT_LISTS:
+            value = onnx.helper.get_attribute_value(attr)
+            tensor = numpy_helper.from_array(np.asarray(value, dtype=_CONSTANT_LISTS[attr.name]), node.output[0])
+        else:
+            keep.append(node)
+            continue
+        graph.initializer.append(tensor)
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
+
+
 def _fold_initializer_identities(model: onnx.ModelProto) -> None:
     """Replace `Identity(initializer)` nodes by a copy of the initializer.
 
@@ -843,6 +879,7 @@ def load_onnx(path: Path) -> RawModel:
     original.CopyFrom(model)  # the file's own semantics, to check the translation against (`wrap_model`)
     # Exact rewrites of what today's exporters write and onnx2torch cannot take (in memory only).
     _drop_harmless_allowzero(model)
+    _constant_nodes_as_initializers(model)
     _fold_initializer_identities(model)
     _fold_constant_casts(model)
     _absent_clip_bounds(model)
