@@ -476,8 +476,9 @@ def _convert_torchscript(net: nn.Module, example: torch.Tensor) -> fx.GraphModul
         )
     if not isinstance(module, fx.GraphModule):
         raise NotTraceable(f"torch's TorchScript converter returned a {type(module).__name__}, not an fx graph")
-    _refuse_moved_resampling(net, module, example)
-    _refuse_rewritten_divisions(net, module, example)
+    calls = (_watched_calls(net, example), _watched_calls(module, example))  # one watched run of each
+    _refuse_moved_resampling(net, calls)
+    _refuse_rewritten_divisions(net, calls)
     _refuse_random_mismatch(net, module, example)
     for node in module.graph.nodes:  # a module stack naming only export's internal wrapper would name every op
         stack = node.meta.get("nn_module_stack") or {}
@@ -507,16 +508,10 @@ class _PromotionWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        try:
-            out = func(*args, **kwargs)
-        except (RuntimeError, TypeError):
-            # Python dispatch hands TorchScript's wrapped numbers over as Python numbers, which an op such as
-            # `equal` (freezing compares its constants) takes as tensors only: give them back as tensors. As plain
-            # tensors they promote otherwise, so an op that computes in the promoted dtype is refused
-            out = func(*(torch.tensor(a) if _number(a) else a for a in args), **kwargs)
-            if _op_name(func) in _PROMOTING:
-                self.found.append(f"{func} on numbers that TorchScript passes as tensors")
-                return out
+        out, rerun = _run_op(func, args, kwargs)
+        if rerun and _op_name(func) in _PROMOTING:  # as plain tensors the numbers promote otherwise
+            self.found.append(f"{func} on numbers that TorchScript passes as tensors")
+            return out
         promoted = _wrapped_promotion(func, args) or _float64_from_0dim(args, kwargs, out)
         if promoted:
             self.found.append(f"{func} in {promoted}")
@@ -621,29 +616,42 @@ def _refuse_random_mismatch(net: torch.jit.ScriptModule, module: fx.GraphModule,
             )
 
 
+def _run_op(func, args: tuple, kwargs: dict) -> tuple[object, bool]:
+    """Run a dispatched op; (output, whether it had to be rerun with Python numbers given back as tensors).
+
+    Python dispatch hands TorchScript's wrapped numbers over as Python numbers, which an op
+    such as `equal` (freezing compares its constants) takes as tensors only.
+    """
+    try:
+        return func(*args, **kwargs), False
+    except (RuntimeError, TypeError):
+        return func(*(torch.tensor(a) if _number(a) else a for a in args), **kwargs), True
+
+
 def _number(value: object) -> bool:
     return isinstance(value, (bool, int, float)) and not isinstance(value, torch.Tensor)
 
 
-def _watched_calls(module: nn.Module, example: torch.Tensor, kind: str) -> list[tuple] | None:
-    """The `kind` ops ("upsample", "div") `module` runs on `example`, in order: (op, input shape, other arguments,
+WATCHED = ("upsample", "div")  # the ops whose calls the converted graph must match: `_watched`
+
+
+def _watched_calls(module: nn.Module, example: torch.Tensor) -> dict[str, list[tuple]] | None:
+    """Per kind of `WATCHED`, the ops `module` runs on `example`, in order: (op, input shape, other arguments,
     keyword arguments, output); None if the dispatcher watch cannot run it.
 
     Read off the dispatcher, which the TorchScript interpreter calls as eager code does, so
     the arguments are the ones each op really gets (a scripted `F.interpolate`'s scales
     are computed in TorchScript code that no static pass of its graph folds).
     """
-    calls: list[tuple] = []
+    calls: dict[str, list[tuple]] = {kind: [] for kind in WATCHED}
 
     class Watch(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
-            try:
-                out = func(*args, **kwargs)
-            except (RuntimeError, TypeError):  # wrapped numbers handed over as Python numbers (`_PromotionWatch`)
-                out = func(*(torch.tensor(a) if _number(a) else a for a in args), **kwargs)
-            if _watched(func, kind) and args and isinstance(args[0], torch.Tensor):
-                calls.append((func, tuple(args[0].shape), args[1:], dict(kwargs), out))
+            out, _ = _run_op(func, args, kwargs)
+            kind = _watched(func)
+            if kind and args and isinstance(args[0], torch.Tensor):
+                calls[kind].append((func, tuple(args[0].shape), args[1:], dict(kwargs), out))
             return out
 
     try:
@@ -654,10 +662,12 @@ def _watched_calls(module: nn.Module, example: torch.Tensor, kind: str) -> list[
     return calls
 
 
-def _watched(func, kind: str) -> bool:
-    if kind == "div":  # a division with a rounding mode: the converter rewrites a tensor divisor as a number
-        return str(func) in ("aten.div.Tensor_mode", "aten.div.Scalar_mode", "aten.div_.Tensor_mode", "aten.div_.Scalar_mode")
-    return "upsample" in str(func)
+def _watched(func) -> str | None:
+    """The `WATCHED` kind of an op: a division with a rounding mode (the converter rewrites a tensor divisor as a
+    number), an upsampling; None for any other op."""
+    if str(func) in ("aten.div.Tensor_mode", "aten.div.Scalar_mode", "aten.div_.Tensor_mode", "aten.div_.Scalar_mode"):
+        return "div"
+    return "upsample" if "upsample" in str(func) else None
 
 
 def _same_resampling(a: tuple, b: tuple) -> bool:
@@ -673,13 +683,13 @@ def _same_resampling(a: tuple, b: tuple) -> bool:
     return first.shape == second.shape and torch.equal(first, second)
 
 
-def _paired_calls(net, module, example, kind: str, present, what: str) -> list[tuple[tuple, tuple]]:
-    """The `kind` calls of the TorchScript and of the converted graph on `example`, paired in order.
+def _paired_calls(net, calls: tuple, kind: str, present, what: str) -> list[tuple[tuple, tuple]]:
+    """The `kind` calls of the TorchScript and of the converted graph (`calls`: their `_watched_calls`), paired.
 
     A TorchScript the dispatcher watch cannot run counts as making none when no node of its
     graph is `present`; otherwise calls that cannot be paired one to one are refused.
     """
-    want, got = _watched_calls(net, example, kind), _watched_calls(module, example, kind)
+    want, got = (None if c is None else c[kind] for c in calls)
     if want is None and not any(present(n) for n in _all_nodes(net.inlined_graph)):
         want = []  # a graph the watch cannot run (a trace's size arithmetic) but without such an op
     if want is None or got is None or len(want) != len(got):
@@ -690,7 +700,7 @@ def _paired_calls(net, module, example, kind: str, present, what: str) -> list[t
     return list(zip(want, got))
 
 
-def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule, example: torch.Tensor) -> None:
+def _refuse_moved_resampling(net: torch.jit.ScriptModule, calls: tuple) -> None:
     """Raise NotTraceable where the converter's upsampling picks other pixels than the TorchScript's own.
 
     torch's converter rewrites a scripted nearest upsampling by a scale factor to one by the
@@ -702,7 +712,7 @@ def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule
     the same input for every output as the model's own call, on this input's shape.
     """
     present = lambda n: "upsample" in n.kind() or "interpolate" in n.kind()  # noqa: E731
-    for a, b in _paired_calls(net, module, example, "upsample", present, "upsamples"):
+    for a, b in _paired_calls(net, calls, "upsample", present, "upsamples"):
         if not _same_resampling(a, b):
             op = getattr(a[0], "__name__", str(a[0])).split(".")[0]
             raise NotTraceable(
@@ -711,7 +721,7 @@ def _refuse_moved_resampling(net: torch.jit.ScriptModule, module: fx.GraphModule
             )
 
 
-def _refuse_rewritten_divisions(net: torch.jit.ScriptModule, module: fx.GraphModule, example: torch.Tensor) -> None:
+def _refuse_rewritten_divisions(net: torch.jit.ScriptModule, calls: tuple) -> None:
     """Raise NotTraceable where a division with a rounding mode gives other values in the converted graph.
 
     torch's converter rewrites `div(x, c, rounding_mode=...)` by a one-element tensor constant
@@ -722,7 +732,7 @@ def _refuse_rewritten_divisions(net: torch.jit.ScriptModule, module: fx.GraphMod
     model's own returns on the sample.
     """
     present = lambda n: n.kind() == "aten::div" and n.inputsSize() == 3  # noqa: E731
-    for a, b in _paired_calls(net, module, example, "div", present, "divides with a rounding mode"):
+    for a, b in _paired_calls(net, calls, "div", present, "divides with a rounding mode"):
         first, second = a[4], b[4]
         same = first.shape == second.shape and torch.equal(
             first.detach().double().nan_to_num(), second.detach().double().nan_to_num()
