@@ -44,6 +44,27 @@ def torchrun(*args: str | Path, nproc: int = 2, timeout: float = 300) -> subproc
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=ENV, cwd=REPO)
 
 
+# The checkpoint tests below need 3 finished chunks, not their certificate or indicator (a default-budget
+# certificate of 24 samples took 30 s of each of their scans)
+PLAIN = [*SCAN[:12], "--no-certify", "--no-indicator", "-q"]
+
+
+@pytest.fixture(scope="module")
+def plain_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A finished checkpoint of PLAIN and its report; tests copy it (`finished_checkpoint`) and tamper with the copy."""
+    root = tmp_path_factory.mktemp("plain")
+    result = run_cli(*PLAIN, "--checkpoint", root / "ck", "--json", root / "report.json", env={"OMP_NUM_THREADS": "1"})
+    assert result.code == 0, result.stderr
+    return root / "ck", root / "report.json"
+
+
+def finished_checkpoint(plain_checkpoint: tuple[Path, Path], tmp_path: Path) -> Path:
+    """A private copy of the module's finished checkpoint."""
+    import shutil
+
+    return Path(shutil.copytree(plain_checkpoint[0], tmp_path / "ck"))
+
+
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The reference: one process, no checkpoint."""
@@ -367,21 +388,19 @@ def test_ranks_that_loaded_other_pixels_stop_with_one_line(tmp_path: Path) -> No
 
 
 @pytest.mark.parametrize("stage", ["final", "attacks"])
-def test_a_chunk_file_copied_over_another_chunks_is_refused(tmp_path: Path, stage: str) -> None:
+def test_a_chunk_file_copied_over_another_chunks_is_refused(plain_checkpoint, tmp_path: Path, stage: str) -> None:
     """Hunt 18: chunk 2's final file copied over chunk 3's was merged (the indicator of 8 samples was another 8's);
     a copied attacks file ended in an internal error. The file says which chunk it holds."""
-    ckpt, scan = tmp_path / "ck", [*SCAN[:-4], "-q"]  # no certificate or indicator: quicker
-    assert run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}).code == 0
+    ckpt, scan = finished_checkpoint(plain_checkpoint, tmp_path), PLAIN
     (ckpt / f"chunk-000002.{stage}.pt").write_bytes((ckpt / f"chunk-000001.{stage}.pt").read_bytes())
     result = run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"})
     assert_one_line_error(result, "holds chunk 2, not chunk 3")
 
 
-def test_a_resumed_report_says_how_many_chunks_it_reused(tmp_path: Path) -> None:
+def test_a_resumed_report_says_how_many_chunks_it_reused(plain_checkpoint, tmp_path: Path) -> None:
     """Hunt 18: nothing in a resumed report said so, and its attack seconds mixed two runs without a word."""
-    ckpt, scan = tmp_path / "ck", [*SCAN[:-4], "-q"]
-    first, second = tmp_path / "first.json", tmp_path / "second.json"
-    assert run_cli(*scan, "--checkpoint", ckpt, "--json", first, env={"OMP_NUM_THREADS": "1"}).code == 0
+    ckpt, scan = finished_checkpoint(plain_checkpoint, tmp_path), PLAIN
+    first, second = plain_checkpoint[1], tmp_path / "second.json"
     for path in ckpt.glob("chunk-000002.*"):
         path.unlink()
     assert run_cli(*scan, "--checkpoint", ckpt, "--json", second, env={"OMP_NUM_THREADS": "1"}).code == 0
@@ -414,9 +433,8 @@ def test_redoing_a_chunks_attacks_redoes_its_final_pass_and_adaptation(tmp_path:
 
 
 @pytest.mark.parametrize("stage", ["final", "attacks"])
-def test_a_chunk_file_of_the_wrong_shape_is_a_one_line_error(tmp_path: Path, stage: str) -> None:
-    ckpt, scan = tmp_path / "ck", [*SCAN[:-4], "-q"]
-    assert run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}).code == 0
+def test_a_chunk_file_of_the_wrong_shape_is_a_one_line_error(plain_checkpoint, tmp_path: Path, stage: str) -> None:
+    ckpt, scan = finished_checkpoint(plain_checkpoint, tmp_path), PLAIN
     torch.save({"k": 1, "stop": 16}, ckpt / f"chunk-000001.{stage}.pt")
     result = run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"})
     assert_one_line_error(result, f"chunk-000001.{stage}.pt does not hold what robaudit writes there")
@@ -425,10 +443,9 @@ def test_a_chunk_file_of_the_wrong_shape_is_a_one_line_error(tmp_path: Path, sta
     assert_one_line_error(run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}), "decisions.json is not robaudit's")
 
 
-def test_a_checkpoint_folder_in_use_by_another_scan_is_refused(tmp_path: Path) -> None:
+def test_a_checkpoint_folder_in_use_by_another_scan_is_refused(plain_checkpoint, tmp_path: Path) -> None:
     """Red team 2026-12-06: two scans on one folder wrote into each other's chunks; the second now waits its turn."""
-    ckpt, scan = tmp_path / "ck", [*SCAN[:-4], "-q"]
-    assert run_cli(*scan, "--checkpoint", ckpt, env={"OMP_NUM_THREADS": "1"}).code == 0
+    ckpt, scan = finished_checkpoint(plain_checkpoint, tmp_path), PLAIN
     holder = subprocess.Popen(  # a process holding the folder as a running scan's rank 0 does
         [sys.executable, "-c", f"import fcntl, sys, time; h = open({str(ckpt / '.lock')!r}, 'ab'); "
          "fcntl.flock(h, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"],
@@ -448,7 +465,7 @@ def test_a_foreign_folder_gets_no_lock_file(tmp_path: Path) -> None:
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("the user's")
-    assert_one_line_error(run_cli(*SCAN[:-4], "-q", "--checkpoint", folder), "holds no robaudit checkpoint")
+    assert_one_line_error(run_cli(*PLAIN, "--checkpoint", folder), "holds no robaudit checkpoint")
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
 
 
