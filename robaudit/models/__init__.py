@@ -23,7 +23,7 @@ def module_model(module) -> RawModel:
 
     import torch
 
-    from robaudit.models.detect import freeze
+    from robaudit.models.detect import few, freeze, mode_readers
 
     if not isinstance(module, torch.nn.Module):
         raise RobauditError(f"model must be a path or a torch.nn.Module, not {type(module).__name__}")
@@ -32,8 +32,13 @@ def module_model(module) -> RawModel:
     except Exception as exc:  # noqa: BLE001 - any failure to copy is the same user-facing problem
         raise RobauditError(f"cannot copy the model {type(module).__name__} ({type(exc).__name__}: {exc})") from exc
     name = type(module).__qualname__
-    return RawModel(net=freeze(net), format="module", input_shape=None, num_classes=None,
-                    notes=[f"in-memory torch.nn.Module {name} (a copy was audited)"], name=name)  # fmt: skip
+    notes = [f"in-memory torch.nn.Module {name} (a copy was audited)"]
+    reading = mode_readers(net)
+    if reading:  # the caller's own module in memory: audited, and certified, as it runs in inference mode
+        notes.append(f"the module was passed in training mode and its code reads the mode ({few(reading)}); "
+                     "robaudit audits its copy in inference mode (.eval())")  # fmt: skip
+    return RawModel(net=freeze(net), format="module", input_shape=None, num_classes=None, notes=notes,
+                    name=name)  # fmt: skip
 
 
 def load_model(

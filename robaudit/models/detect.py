@@ -71,6 +71,49 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return text
 
 
+def mode_readers(net: torch.nn.Module) -> list[str]:
+    """The submodules in training mode whose class code reads `training` (dropout, batch norm, a user's branch).
+
+    A module's mode matters only where its code reads it; an MLP saved without `.eval()`
+    computes the same in both modes. Every method of the class and its bases (torch's own
+    layers included, `nn.Module` itself excluded) is read, nested functions too.
+    """
+    return [f"{name}: {type(m).__name__}" if name else type(m).__name__
+            for name, m in net.named_modules() if m.training and _reads_mode(type(m)) and not _same_in_both(m)]  # fmt: skip
+
+
+def _same_in_both(m: torch.nn.Module) -> bool:
+    """torch layers that read the mode but compute the same in both: norms without running statistics (they
+    normalize with the input's own in both), dropout that drops nothing."""
+    from torch.nn.modules.batchnorm import _NormBase
+    from torch.nn.modules.dropout import _DropoutNd
+
+    if isinstance(m, _NormBase):
+        return m.running_mean is None
+    return isinstance(m, _DropoutNd) and m.p == 0
+
+
+def _reads_mode(cls: type) -> bool:
+    for base in cls.__mro__:
+        if base in (torch.nn.Module, object):
+            continue
+        for value in vars(base).values():
+            function = getattr(value, "__func__", value)  # staticmethod / classmethod
+            code = getattr(function, "__code__", None)
+            if code is not None and _code_reads(code, "training"):
+                return True
+    return False
+
+
+def _code_reads(code, name: str) -> bool:
+    return name in code.co_names or any(_code_reads(c, name) for c in code.co_consts if hasattr(c, "co_names"))
+
+
+def few(names: list[str]) -> str:
+    """The first three names, and how many more."""
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def freeze(net: torch.nn.Module) -> torch.nn.Module:
     """Inference mode, no parameter gradients: attacks only need gradients w.r.t. the input."""
     net.eval()

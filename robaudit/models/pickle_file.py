@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from robaudit.errors import RobauditError
-from robaudit.models.detect import RawModel, freeze, one_line
+from robaudit.models.detect import RawModel, few, freeze, mode_readers, one_line
 
 _GLOBAL_RE = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
@@ -70,7 +70,25 @@ def find_module(obj: object) -> torch.nn.Module | None:
 
 
 def pickle_model(path: Path, net: torch.nn.Module, arch: str | None) -> RawModel:
-    """A whole module from a trusted pickle; the file carries its own architecture."""
+    """A whole module from a trusted pickle; the file carries its own architecture, and its mode.
+
+    `torch.load` gives the module back in the mode it was saved in. Saved in training mode
+    with code that reads the mode (dropout, batch norm), the file computes something else
+    than the inference mode robaudit audits (batch statistics, random drops): that is said,
+    and no certificate is given, as for TorchScript and torch.export files.
+    """
     notes = [f"--arch {arch} ignored: {path.name} holds a whole model"] if arch else []
+    inexact = None
+    reading = mode_readers(net)
+    if reading:
+        notes.append(
+            f"pickled module was saved in training mode and its code reads the mode ({few(reading)}); robaudit "
+            "evaluates it in inference mode (.eval())"
+        )
+        inexact = (
+            f"the pickled module was saved in training mode, and its code depends on the mode ({few(reading)}): "
+            "radii would be about inference mode, not the module as the file loads"
+        )
     net = net.to("cpu")
-    return RawModel(net=freeze(net), format="pickle", input_shape=None, num_classes=None, notes=notes, name=str(path))
+    return RawModel(net=freeze(net), format="pickle", input_shape=None, num_classes=None, notes=notes, name=str(path),
+                    inexact=inexact)  # fmt: skip
