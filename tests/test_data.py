@@ -208,9 +208,17 @@ def test_image_folder_named_classes_rgb(tmp_path: Path) -> None:
     assert data.x.shape == (4, 3, 4, 4)
     assert data.class_names == ["cat", "dog"]
     assert data.y.tolist() == [0, 0, 1, 1]
-    # The channel hint from the model forces grayscale.
+    # The channel hint from the model forces grayscale, by luminance, and the notes say the colour went (a red team:
+    # "read as grayscale" alone did not say these were colour files).
     gray = load_data(str(tmp_path / "imgs"), n=None, seed=0, channels=1)
     assert gray.x.shape == (4, 1, 4, 4)
+    assert any(n.startswith("converted 4 colour images to grayscale") for n in gray.notes), gray.notes
+    assert not any("converted" in n for n in data.notes), data.notes
+    from PIL import Image
+
+    rgb = torch.from_numpy(np.asarray(Image.open(tmp_path / "imgs" / "cat" / "0.png").convert("RGB"))).float()
+    luma = (0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]) / 255
+    assert torch.allclose(gray.x[0, 0], luma, atol=1 / 255)
 
 
 def test_image_folder_mixed_modes_become_rgb(tmp_path: Path) -> None:

@@ -225,6 +225,11 @@ def test_trainmode_export_switched_to_inference(zoo: Zoo) -> None:
         certify_l2(model, x, model(x).argmax(1), budget="fast")
 
 
+def _saved(net: nn.Module, path: Path) -> Path:
+    torch.save(net, path)
+    return path
+
+
 class _NoisyInTraining(nn.Module):
     """A user's layer whose own code reads the mode: noise while training."""
 
@@ -256,6 +261,11 @@ def test_a_pickled_module_saved_in_training_mode_gets_no_certificate(tmp_path: P
     raw = module_model(net.train())
     assert any("passed in training mode" in n and "1: " in n for n in raw.notes) and raw.inexact is None, raw.notes
     assert net.training  # the caller's module is left as it was
+
+    from torch.nn.utils import spectral_norm  # torch's old spectral norm: a hook that iterates while training
+
+    assert any("(a hook)" in n for n in load_model(_saved(spectral_norm(nn.Linear(64, 10)).train(), tmp_path / "sn.pt"),
+                                                    trust_pickle=True).notes)  # fmt: skip
 
     plain = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Dropout(0.0), nn.Linear(32, 10))
     torch.save(plain.train(), tmp_path / "plain.pt")

@@ -286,7 +286,8 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
         )
     paths = [file for file, _ in files]
     shown = [Path(spec) / file.relative_to(root) for file in paths]
-    size, all_gray, with_alpha = _check_headers(paths, shown)
+    size, colour, with_alpha = _check_headers(paths, shown)
+    all_gray = colour == 0
     if all_gray and channels == 3:
         raise RobauditError(
             f"image folder {spec} holds grayscale images only, but the model takes 3 channels: repeating each gray "
@@ -300,6 +301,12 @@ def load_image_folder(root: Path, spec: str, channels: int | None) -> RawData:
     images = FolderImages(paths, shown, size, mode or "RGB", one_channel)
     kind = "grayscale (1 channel)" if one_channel else "RGB (3 channels)"
     notes = [f"read {len(files)} images from {len(classes)} class folders as {kind}"]
+    if mode == "L" and colour:  # the model takes 1 channel: PIL's luminance, the figures are about the gray images
+        notes.append(
+            f"converted {colour} colour image{'s' if colour != 1 else ''} to grayscale, as the model takes 1 channel "
+            "(PIL's luminance L = 0.299 R + 0.587 G + 0.114 B): every figure is about those gray images, not the "
+            "colour files"
+        )
     if with_alpha:
         notes.append(
             f"dropped the alpha (transparency) channel of {with_alpha} image{'s' if with_alpha != 1 else ''}: pixels are "
@@ -321,21 +328,21 @@ def _decoded_from_16_bits(img) -> bool:
     return False
 
 
-def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int], bool, int]:
-    """The common (width, height), whether every image is grayscale, and how many have an alpha channel, from headers only.
+def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int], int, int]:
+    """The common (width, height), how many images are in colour and how many have an alpha channel, from headers only.
 
     PIL's `Image.open` parses the header and defers decoding, so this stays cheap for
     thousands of files; errors come in file order, as a full read would give them.
     """
     from PIL import Image
 
-    all_gray = True
+    colour = 0
     with_alpha = 0
     first: tuple[Path, tuple[int, int]] | None = None
     for file, name in zip(files, shown, strict=True):
         try:
             with Image.open(file) as img:
-                all_gray = all_gray and img.mode in GRAY_MODES
+                colour += img.mode not in GRAY_MODES
                 with_alpha += img.mode in ALPHA_MODES or "transparency" in img.info
                 size, mode = img.size, img.mode
                 if mode not in DEEP_MODES and _decoded_from_16_bits(img):
@@ -355,7 +362,7 @@ def _check_headers(files: list[Path], shown: list[Path]) -> tuple[tuple[int, int
                 f"{first[1][0]}x{first[1][1]}; all images in a folder must have the same size."
             )
     assert first is not None  # the caller checked that there are files
-    return first[1], all_gray, with_alpha
+    return first[1], colour, with_alpha
 
 
 class FolderImages:

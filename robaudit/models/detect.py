@@ -78,8 +78,25 @@ def mode_readers(net: torch.nn.Module) -> list[str]:
     computes the same in both modes. Every method of the class and its bases (torch's own
     layers included, `nn.Module` itself excluded) is read, nested functions too.
     """
-    return [f"{name}: {type(m).__name__}" if name else type(m).__name__
-            for name, m in net.named_modules() if m.training and _reads_mode(type(m)) and not _same_in_both(m)]  # fmt: skip
+    found = []
+    for name, m in net.named_modules():
+        if not m.training:
+            continue
+        label = f"{name}: {type(m).__name__}" if name else type(m).__name__
+        if _reads_mode(type(m)) and not _same_in_both(m):
+            found.append(label)
+        elif any(_hook_reads_mode(hook) for hook in _hooks(m)):  # torch's old spectral_norm iterates while training
+            found.append(f"{label} (a hook)")
+    return found
+
+
+def _hooks(m: torch.nn.Module) -> list:
+    return [hook for table in ("_forward_pre_hooks", "_forward_hooks") for hook in getattr(m, table, {}).values()]
+
+
+def _hook_reads_mode(hook) -> bool:
+    code = getattr(getattr(hook, "__func__", hook), "__code__", None)
+    return _code_reads(code, "training") if code is not None else _reads_mode(type(hook))
 
 
 def _same_in_both(m: torch.nn.Module) -> bool:
@@ -94,6 +111,7 @@ def _same_in_both(m: torch.nn.Module) -> bool:
 
 
 def _reads_mode(cls: type) -> bool:
+    """Whether a method of `cls` or of its bases (`nn.Module` and `object` aside) reads `training`."""
     for base in cls.__mro__:
         if base in (torch.nn.Module, object):
             continue
