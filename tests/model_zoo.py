@@ -60,6 +60,11 @@ def tiny_cnn(num_classes: int = 10) -> TinyCNN:
     return _randomize_bn(TinyCNN(num_classes))
 
 
+def flat_linear(num_classes: int = 10) -> nn.Sequential:
+    """One linear layer on the flattened digits (checkpoint-entry tests)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes))
+
+
 def tiny_mlp(num_classes: int = 10) -> TinyMLP:
     return TinyMLP(num_classes)
 

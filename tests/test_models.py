@@ -276,6 +276,30 @@ def test_a_pickled_module_saved_in_training_mode_gets_no_certificate(tmp_path: P
     torch.testing.assert_close(certify_l2(model, x, y, budget="fast").radius, certify_l2(plain.eval(), x, y, budget="fast").radius)
 
 
+def test_the_checkpoint_entry_audited_is_named_with_the_others_left_out(tmp_path: Path) -> None:
+    """A checkpoint holding the network and its EMA copy was audited under 'model' / 'state_dict' without a word:
+    a user who deploys the EMA weights read figures about another network."""
+    torch.manual_seed(0)
+    net, ema = (nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval() for _ in range(2))
+    torch.save({"model": net, "ema": ema, "epoch": 3}, tmp_path / "whole.pt")
+    raw = load_model(tmp_path / "whole.pt", trust_pickle=True)
+    assert "audited the module under 'model' of the checkpoint; it also holds 'ema', not audited" in raw.notes[0]
+    x = torch.rand(4, *SHAPE)
+    torch.testing.assert_close(raw.net(x), net(x))
+    torch.save({"ema": ema, "epoch": 3}, tmp_path / "ema.pt")
+    assert load_model(tmp_path / "ema.pt", trust_pickle=True).notes == ["audited the module under 'ema' of the checkpoint"]
+    torch.save(net, tmp_path / "plain.pt")
+    assert not load_model(tmp_path / "plain.pt", trust_pickle=True).notes
+
+    torch.save({"state_dict": {f"1.{k}": v for k, v in net[1].state_dict().items()},
+                "ema_state_dict": {f"1.{k}": v for k, v in ema[1].state_dict().items()},
+                "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]}}, tmp_path / "weights.pt")  # fmt: skip
+    raw = load_model(tmp_path / "weights.pt", arch="model_zoo:flat_linear")
+    assert any(n.startswith("audited the weights under 'state_dict' of the checkpoint; it also holds "
+                            "'ema_state_dict', not audited") for n in raw.notes), raw.notes  # fmt: skip
+    torch.testing.assert_close(raw.net(x), net(x))
+
+
 def test_flat_onnx_input_reshaped(zoo: Zoo) -> None:
     """Images (1, 8, 8) fed to a graph that takes (64, 1), like mnistfc_256x2."""
     raw = load_model(zoo.files["mlp_flat.onnx"])

@@ -89,7 +89,9 @@ def load_model(
     from robaudit.models.pickle_file import find_module, pickle_model, read_torch_save
 
     obj = read_torch_save(path, trust_pickle=trust_pickle)
-    module = find_module(obj)
+    module, entry = find_module(obj)
     if module is not None:
-        return pickle_model(path, module, arch)
-    return weights_model(path, state_dict_from(obj, path), fmt="state-dict", arch=arch, num_classes=num_classes)
+        return pickle_model(path, module, arch, entry)
+    notes: list[str] = []
+    weights = state_dict_from(obj, path, notes)
+    return weights_model(path, weights, fmt="state-dict", arch=arch, num_classes=num_classes, notes=notes)

@@ -58,18 +58,20 @@ def read_torch_save(path: Path, *, trust_pickle: bool) -> object:
         raise RobauditError(f"cannot unpickle {path}: {one_line(exc)}") from None
 
 
-def find_module(obj: object) -> torch.nn.Module | None:
-    """The nn.Module in a trusted load: the object itself or a checkpoint entry holding one."""
+def find_module(obj: object) -> tuple[torch.nn.Module | None, str | None]:
+    """The nn.Module in a trusted load and the note naming its checkpoint entry: the object itself or an entry."""
+    from robaudit.models.weights_file import checkpoint_note
+
     if isinstance(obj, torch.nn.Module):
-        return obj
+        return obj, None
     if isinstance(obj, dict):
         for key in ("model", "net", "module", "ema"):
             if isinstance(obj.get(key), torch.nn.Module):
-                return obj[key]
-    return None
+                return obj[key], checkpoint_note(obj, key, "module")
+    return None, None
 
 
-def pickle_model(path: Path, net: torch.nn.Module, arch: str | None) -> RawModel:
+def pickle_model(path: Path, net: torch.nn.Module, arch: str | None, entry: str | None = None) -> RawModel:
     """A whole module from a trusted pickle; the file carries its own architecture, and its mode.
 
     `torch.load` gives the module back in the mode it was saved in. Saved in training mode
@@ -78,6 +80,8 @@ def pickle_model(path: Path, net: torch.nn.Module, arch: str | None) -> RawModel
     and no certificate is given, as for TorchScript and torch.export files.
     """
     notes = [f"--arch {arch} ignored: {path.name} holds a whole model"] if arch else []
+    if entry:
+        notes.append(entry)
     inexact = None
     reading = mode_readers(net)
     if reading:

@@ -39,12 +39,18 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise RobauditError(f"cannot read safetensors file {path}: {one_line(exc)}") from None
 
 
-def state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a state dict, unwrapping the usual checkpoint layouts."""
+def state_dict_from(obj: object, path: Path, notes: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a state dict, unwrapping the usual checkpoint layouts.
+
+    The entry read is named in `notes`, with every other entry that holds weights too (an
+    EMA copy, a second network): the report must say which network it is about.
+    """
     if isinstance(obj, dict):
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
-            if isinstance(inner, dict) and any(isinstance(v, torch.Tensor) for v in inner.values()):
+            if _holds_weights(inner):
+                if notes is not None:
+                    notes.append(checkpoint_note(obj, key, "weights"))
                 obj = inner
                 break
     if not isinstance(obj, dict) or not obj:
@@ -54,6 +60,20 @@ def state_dict_from(obj: object, path: Path) -> dict[str, torch.Tensor]:
         keys = ", ".join(map(str, list(obj)[:5]))
         raise RobauditError(f"{path} holds a dict without tensors (keys: {keys}), not a state dict")
     return tensors
+
+
+def _holds_weights(value: object) -> bool:
+    return isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def checkpoint_note(checkpoint: dict, key: str, what: str) -> str:
+    """Which entry of a checkpoint was audited, and which others hold a network too (not audited)."""
+    others = [repr(k) for k, v in checkpoint.items() if k != key and (isinstance(v, torch.nn.Module) or _holds_weights(v))]
+    note = f"audited the {what} under {key!r} of the checkpoint"
+    if others:
+        note += (f"; it also holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, not audited "
+                 "(save the network to audit on its own to choose another)")  # fmt: skip
+    return note
 
 
 def _compare(model_sd: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> tuple[list, list, list]:
@@ -82,12 +102,13 @@ def _listing(keys: list[str]) -> str:
 
 
 def weights_model(
-    path: Path, weights: dict[str, torch.Tensor], *, fmt: str, arch: str | None, num_classes: int | None
+    path: Path, weights: dict[str, torch.Tensor], *, fmt: str, arch: str | None, num_classes: int | None,
+    notes: list[str] | None = None,
 ) -> RawModel:
-    """Build `arch` and load `weights` into it strictly."""
+    """Build `arch` and load `weights` into it strictly; `notes` say where the weights came from."""
     if not arch:
         raise no_arch(path)
-    notes: list[str] = []
+    notes = list(notes or [])
     net = build_arch(arch, num_classes)
     model_sd = net.state_dict()
     missing, unexpected, shapes = _compare(model_sd, weights)
