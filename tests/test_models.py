@@ -300,6 +300,68 @@ def test_the_checkpoint_entry_audited_is_named_with_the_others_left_out(tmp_path
     torch.testing.assert_close(raw.net(x), net(x))
 
 
+class _AuxFirst(nn.Module):
+    """An auxiliary head's scores first, the classifier's second: (aux, logits), or a dict of both."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.body, self.aux, self.head, self.as_dict = nn.Flatten(), nn.Linear(64, 10), nn.Linear(64, 10), as_dict
+
+    def forward(self, x: torch.Tensor):
+        z = self.body(x)
+        return {"aux": self.aux(z), "out": self.head(z)} if self.as_dict else (self.aux(z), self.head(z))
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_a_torch_model_with_several_outputs_names_the_one_read(tmp_path: Path, as_dict: bool) -> None:
+    """An ONNX file's several outputs were named in the notes; a pickled, TorchScript or --arch model returning
+    (aux, logits) was audited on aux without a word (a red team: clean accuracy 0.0 against its head's 0.975)."""
+    torch.manual_seed(0)
+    torch.save(_AuxFirst(as_dict).eval(), tmp_path / "two.pt")
+    _, info = wrap(load_model(tmp_path / "two.pt", trust_pickle=True))
+    want = ("the model returns a dict of 2 tensors (aux, out): classes are read from 'aux', the first (none is named "
+            "'logits') of shape (N, 10)" if as_dict else
+            "the model returns a tuple of 2 tensors (shapes (N, 10), (N, 10)): classes are read from item 0, the first")  # fmt: skip
+    assert want in info.notes, info.notes
+    torch.save(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval(), tmp_path / "one.pt")
+    assert not any("the model returns" in n for n in wrap(load_model(tmp_path / "one.pt", trust_pickle=True))[1].notes)
+
+
+def _is_training(module: nn.Module) -> bool:
+    return module.training
+
+
+class _DropsThroughAHelper(nn.Module):
+    """Dropout whose mode a module-level helper reads: nothing in the class's own code names `training`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.dropout(torch.relu(self.fc1(x.flatten(1))), 0.5, _is_training(self)))
+
+
+def test_a_pickled_module_whose_helper_reads_the_mode_is_run_in_it_to_see(tmp_path: Path) -> None:
+    """A red team: dropout through a helper function escaped the reading of the class code, and the file as loaded
+    (training mode) drops units while robaudit certified its inference mode. A copy is now run in the saved mode."""
+    from robaudit.certify import CertificateUnavailable, certify_l2
+
+    torch.manual_seed(0)
+    torch.save(_DropsThroughAHelper().train(), tmp_path / "helper.pt")
+    raw = load_model(tmp_path / "helper.pt", trust_pickle=True)
+    assert not any("training mode" in n for n in raw.notes) and raw.saved_modes  # the code reading found nothing
+    model, info = wrap(raw)
+    assert any(n.startswith("pickled module was saved in training mode, and in that mode it scores the first samples "
+                            "otherwise") for n in info.notes), info.notes  # fmt: skip
+    x = torch.rand((4, *SHAPE), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(CertificateUnavailable, match="saved in training mode"):
+        certify_l2(model, x, model(x).argmax(1), budget="fast")
+    torch.save(_DropsThroughAHelper().eval(), tmp_path / "eval.pt")  # saved in inference mode: as before
+    model, info = wrap(load_model(tmp_path / "eval.pt", trust_pickle=True))
+    assert not any("training mode" in n for n in info.notes) and model.inexact is None
+
+
 def test_flat_onnx_input_reshaped(zoo: Zoo) -> None:
     """Images (1, 8, 8) fed to a graph that takes (64, 1), like mnistfc_256x2."""
     raw = load_model(zoo.files["mlp_flat.onnx"])

@@ -49,6 +49,9 @@ class RawModel:
     input_dims: tuple[int | None, ...] | None = None
     # Why the net computes something other than the file, where the loader rewrote it (no certificate).
     inexact: str | None = None
+    # Each submodule's `training` flag as the file holds it, where some was saved in training mode and no class
+    # code read the mode: `wrap_model` runs a copy in those modes and compares (a helper may read it).
+    saved_modes: dict[str, bool] | None = None
     # Builds the same network again from its source (an --arch factory and the weights): values the
     # factory draws at random and the file does not hold would differ (`wrap_model` compares the two).
     rebuild: Callable[[], torch.nn.Module] | None = None

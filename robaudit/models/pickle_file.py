@@ -93,6 +93,8 @@ def pickle_model(path: Path, net: torch.nn.Module, arch: str | None, entry: str 
             f"the pickled module was saved in training mode, and its code depends on the mode ({few(reading)}): "
             "radii would be about inference mode, not the module as the file loads"
         )
+    modes = {name: m.training for name, m in net.named_modules()}
+    saved = modes if not reading and any(modes.values()) else None  # the code read no mode: run it to see
     net = net.to("cpu")
     return RawModel(net=freeze(net), format="pickle", input_shape=None, num_classes=None, notes=notes, name=str(path),
-                    inexact=inexact)  # fmt: skip
+                    inexact=inexact, saved_modes=saved)  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 from robaudit.errors import RobauditError
 from robaudit.layout import free_channel_last, is_channel_last
 from robaudit.models.detect import RawModel, one_line
-from robaudit.models.outputs import select_output
+from robaudit.models.outputs import output_note, select_output
 from robaudit.precision import full_precision
 
 if TYPE_CHECKING:
@@ -55,6 +55,35 @@ def _select_output(out: object) -> torch.Tensor:
     if scores is None:
         raise ValueError(f"the model returned {type(out).__name__}, not a tensor of class scores")
     return scores
+
+
+def _output_note(model: "AuditModel", x: torch.Tensor) -> str | None:
+    """Names the output read where the net returns several tensors (a tuple, a dict), as ONNX files get."""
+    n = model.chunk or min(2, x.shape[0])
+    try:
+        with torch.no_grad():
+            return output_note(model.net(model.net_input(x[:n])))
+    except Exception:  # noqa: BLE001 - the net ran through `model` already; a second failure says nothing new
+        return None
+
+
+def _saved_mode_differs(model: "AuditModel", saved: dict[str, bool], x: torch.Tensor, eval_out: torch.Tensor) -> str | None:
+    """Why the net in the mode it was saved in scores the probe otherwise than in inference mode, or None.
+
+    The class code was read for the mode already (`detect.mode_readers`); this runs a copy in
+    the saved mode, so a helper function or a dynamic attribute that reads it is caught too.
+    """
+    twin = copy.deepcopy(model)
+    for name, module in twin.net.named_modules():
+        module.training = saved.get(name, False)
+    try:
+        with torch.no_grad():
+            got = twin(x)
+    except Exception as exc:  # noqa: BLE001 - e.g. batch norm refusing a batch of 1 in training mode
+        return f"in that mode it fails on the first samples ({one_line(exc, 120)})"
+    if got.shape == eval_out.shape and within_rounding(got, eval_out, SWITCH_RTOL):
+        return None
+    return "in that mode it scores the first samples otherwise (dropout or batch statistics)"
 
 
 def _class_scores(out: object, batch: int) -> torch.Tensor:
@@ -579,7 +608,8 @@ def wrap_model(
         )
     with torch.no_grad():
         base, again = _try(model, x)[0], _try(model, x)[0]
-    if base is not None and again is not None and within_rounding(again, base, SWITCH_RTOL):
+    deterministic = base is not None and again is not None and within_rounding(again, base, SWITCH_RTOL)
+    if deterministic:
         # deterministic: a net whose runs differ anyway (random ops) is left to the checks that see randomness
         _refuse_hidden_switches(model, x, base, name)
         _refuse_state_changes(model, raw, x, base, state, name)
@@ -594,6 +624,18 @@ def wrap_model(
             model.file_twin.output_kind = "probabilities"
         notes.append("model outputs probabilities (rows sum to 1); attacks use log-probabilities")
     model.num_classes = k
+    several = _output_note(model, x)
+    if several:
+        notes.append(several)
+    if raw.saved_modes and deterministic:  # a randomized net differs from itself anyway (its own checks)
+        mode_note = _saved_mode_differs(model, raw.saved_modes, x, base)
+        if mode_note:
+            notes.append(f"pickled module was saved in training mode, and {mode_note}; robaudit evaluates it in "
+                         "inference mode (.eval())")  # fmt: skip
+            model.inexact = model.inexact or (
+                f"the pickled module was saved in training mode, and {mode_note}: radii would be about inference mode, "
+                "not the module as the file loads"
+            )
     if raw.num_classes is not None and raw.num_classes != k:
         notes.append(f"the file declares {raw.num_classes} outputs but the model returns {k} class scores")
 
