@@ -362,6 +362,32 @@ def test_a_pickled_module_whose_helper_reads_the_mode_is_run_in_it_to_see(tmp_pa
     assert not any("training mode" in n for n in info.notes) and model.inexact is None
 
 
+def test_stacked_wrapper_prefixes_and_an_old_batch_norm_state_dict_load(tmp_path: Path) -> None:
+    """A red team: `module._orig_mod.` keys (DDP around torch.compile) and a batch norm state dict without
+    num_batches_tracked (older torch; torch itself loads it) were refused; and a wrong --num-classes got the advice
+    to pass --num-classes."""
+    import model_zoo
+
+    torch.manual_seed(0)
+    net = model_zoo.tiny_cnn().eval()
+    x = torch.rand(4, *SHAPE)
+    stacked = {f"module._orig_mod.{k}": v for k, v in net.state_dict().items()}
+    torch.save(stacked, tmp_path / "stacked.pt")
+    raw = load_model(tmp_path / "stacked.pt", arch="model_zoo:tiny_cnn")
+    assert "removed the prefixes 'module.' and '_orig_mod.' (added by a training wrapper) from the weight names" in raw.notes
+    torch.testing.assert_close(raw.net(x), net(x))
+
+    old = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(old, tmp_path / "old.pt")
+    raw = load_model(tmp_path / "old.pt", arch="model_zoo:tiny_cnn")
+    assert any("no num_batches_tracked" in n for n in raw.notes), raw.notes
+    torch.testing.assert_close(raw.net(x), net(x))
+
+    torch.save(model_zoo.flat_linear().state_dict(), tmp_path / "ten.pt")
+    with pytest.raises(RobauditError, match="--num-classes 5 built it that way"):
+        load_model(tmp_path / "ten.pt", arch="model_zoo:flat_linear", num_classes=5)
+
+
 def test_flat_onnx_input_reshaped(zoo: Zoo) -> None:
     """Images (1, 8, 8) fed to a graph that takes (64, 1), like mnistfc_256x2."""
     raw = load_model(zoo.files["mlp_flat.onnx"])

@@ -76,6 +76,23 @@ def checkpoint_note(checkpoint: dict, key: str, what: str) -> str:
     return note
 
 
+def _strip_prefixes(model_sd: dict, weights: dict, depth: int = 3) -> tuple[dict, list[str]] | None:
+    """The weights with training-wrapper prefixes removed (stacked too: `module._orig_mod.`) so that every key
+    fits the model, and the prefixes removed; None where no sequence of them makes the keys fit."""
+    frontier: list[tuple[dict, list[str]]] = [(weights, [])]
+    for _ in range(depth):
+        deeper = []
+        for current, used in frontier:
+            for prefix in _KEY_PREFIXES:
+                if current and all(k.startswith(prefix) for k in current):
+                    stripped = {k.removeprefix(prefix): v for k, v in current.items()}
+                    if not any(_compare(model_sd, stripped)[:2]):
+                        return stripped, [*used, prefix]
+                    deeper.append((stripped, [*used, prefix]))
+        frontier = deeper
+    return None
+
+
 def _compare(model_sd: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> tuple[list, list, list]:
     missing = [k for k in model_sd if k not in weights]
     unexpected = [k for k in weights if k not in model_sd]
@@ -112,14 +129,21 @@ def weights_model(
     net = build_arch(arch, num_classes)
     model_sd = net.state_dict()
     missing, unexpected, shapes = _compare(model_sd, weights)
-    for prefix in _KEY_PREFIXES if missing or unexpected else ():
-        if all(k.startswith(prefix) for k in weights):
-            stripped = {k.removeprefix(prefix): v for k, v in weights.items()}
-            if not any(_compare(model_sd, stripped)[:2]):
-                weights = stripped
-                missing, unexpected, shapes = _compare(model_sd, weights)
-                notes.append(f"removed the prefix {prefix!r} (added by a training wrapper) from the weight names")
-                break
+    if missing or unexpected:
+        found = _strip_prefixes(model_sd, weights)
+        if found is not None:
+            weights, used = found
+            missing, unexpected, shapes = _compare(model_sd, weights)
+            named = " and ".join(repr(prefix) for prefix in used)
+            notes.append(f"removed the prefix{'es' if len(used) > 1 else ''} {named} (added by a training wrapper) "
+                         "from the weight names")  # fmt: skip
+    untracked = [k for k in missing if k.endswith("num_batches_tracked")]
+    if untracked and not unexpected and len(untracked) == len(missing):
+        # batch norm's step counter (torch < 0.4.1 state dicts have none): inference never reads it
+        weights = {**weights, **{k: model_sd[k] for k in untracked}}
+        missing = []
+        notes.append(f"the file has no num_batches_tracked for {len(untracked)} batch norm layer(s) (an older "
+                     "torch's state dict): their counters are left at the built model's, which inference does not read")  # fmt: skip
 
     if num_classes is None and not missing and not unexpected and shapes:
         classes = _head_classes(model_sd, shapes)
@@ -143,9 +167,12 @@ def weights_model(
     if shapes:
         key, file_shape, model_shape = shapes[0]
         more = f" (and {len(shapes) - 1} more mismatched tensors)" if len(shapes) > 1 else ""
+        advice = (f"--num-classes {num_classes} built it that way; pass the number of classes the weights have, or "
+                  "leave --num-classes out to take it from them") if num_classes is not None else (
+                  "if the model has a different number of classes, pass --num-classes")  # fmt: skip
         raise RobauditError(
             f"the weights in {path} do not fit --arch {arch}: {key} has shape {file_shape} in the file but "
-            f"{model_shape} in the model{more}; if the model has a different number of classes, pass --num-classes"
+            f"{model_shape} in the model{more}; {advice}"
         )
     stored = {v.dtype for v in weights.values() if v.is_floating_point()}
     if len(stored) == 1 and stored != {torch.float32}:
