@@ -130,6 +130,31 @@ def _code_reads(code, name: str) -> bool:
     return name in code.co_names or any(_code_reads(c, name) for c in code.co_consts if hasattr(c, "co_names"))
 
 
+def saved_in_training(why: str) -> tuple[str, str]:
+    """The note and the no-certificate reason for a pickled module saved in training mode, where `why` says how
+    its output depends on the mode (the class code read, or a copy run in that mode: `wrapper._saved_mode_differs`)."""
+    return (
+        f"pickled module was saved in training mode, and {why}; robaudit evaluates it in inference mode (.eval())",
+        f"the pickled module was saved in training mode, and {why}: radii would be about inference mode, not the "
+        "module as the file loads",
+    )
+
+
+def holds_weights(value: object) -> bool:
+    """A state dict: a dict with tensor values."""
+    return isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values())
+
+
+def checkpoint_note(checkpoint: dict, key: str, what: str) -> str:
+    """Which entry of a checkpoint was audited, and which others hold a network too (not audited)."""
+    others = [repr(k) for k, v in checkpoint.items() if k != key and (isinstance(v, torch.nn.Module) or holds_weights(v))]
+    note = f"audited the {what} under {key!r} of the checkpoint"
+    if others:
+        note += (f"; it also holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, not audited "
+                 "(save the network to audit on its own to choose another)")  # fmt: skip
+    return note
+
+
 def few(names: list[str]) -> str:
     """The first three names, and how many more."""
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")

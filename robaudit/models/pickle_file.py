@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from robaudit.errors import RobauditError
-from robaudit.models.detect import RawModel, few, freeze, mode_readers, one_line
+from robaudit.models.detect import RawModel, checkpoint_note, few, freeze, mode_readers, one_line, saved_in_training
 
 _GLOBAL_RE = re.compile(r"GLOBAL (\S+) was not an allowed global")
 
@@ -60,8 +60,6 @@ def read_torch_save(path: Path, *, trust_pickle: bool) -> object:
 
 def find_module(obj: object) -> tuple[torch.nn.Module | None, str | None]:
     """The nn.Module in a trusted load and the note naming its checkpoint entry: the object itself or an entry."""
-    from robaudit.models.weights_file import checkpoint_note
-
     if isinstance(obj, torch.nn.Module):
         return obj, None
     if isinstance(obj, dict):
@@ -85,14 +83,8 @@ def pickle_model(path: Path, net: torch.nn.Module, arch: str | None, entry: str 
     inexact = None
     reading = mode_readers(net)
     if reading:
-        notes.append(
-            f"pickled module was saved in training mode and its code reads the mode ({few(reading)}); robaudit "
-            "evaluates it in inference mode (.eval())"
-        )
-        inexact = (
-            f"the pickled module was saved in training mode, and its code depends on the mode ({few(reading)}): "
-            "radii would be about inference mode, not the module as the file loads"
-        )
+        note, inexact = saved_in_training(f"its code depends on the mode ({few(reading)})")
+        notes.append(note)
     modes = {name: m.training for name, m in net.named_modules()}
     saved = modes if not reading and any(modes.values()) else None  # the code read no mode: run it to see
     net = net.to("cpu")

@@ -13,7 +13,7 @@ import torch
 
 from robaudit.errors import RobauditError
 from robaudit.models.arch import build_arch
-from robaudit.models.detect import RawModel, freeze, one_line, safetensors_header
+from robaudit.models.detect import RawModel, checkpoint_note, freeze, holds_weights, one_line, safetensors_header
 
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "weights")
 # Prefixes training wrappers add to every key: DataParallel/DDP, torch.compile, Lightning.
@@ -48,7 +48,7 @@ def state_dict_from(obj: object, path: Path, notes: list[str] | None = None) -> 
     if isinstance(obj, dict):
         for key in _WRAPPER_KEYS:
             inner = obj.get(key)
-            if _holds_weights(inner):
+            if holds_weights(inner):
                 if notes is not None:
                     notes.append(checkpoint_note(obj, key, "weights"))
                 obj = inner
@@ -60,20 +60,6 @@ def state_dict_from(obj: object, path: Path, notes: list[str] | None = None) -> 
         keys = ", ".join(map(str, list(obj)[:5]))
         raise RobauditError(f"{path} holds a dict without tensors (keys: {keys}), not a state dict")
     return tensors
-
-
-def _holds_weights(value: object) -> bool:
-    return isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values())
-
-
-def checkpoint_note(checkpoint: dict, key: str, what: str) -> str:
-    """Which entry of a checkpoint was audited, and which others hold a network too (not audited)."""
-    others = [repr(k) for k, v in checkpoint.items() if k != key and (isinstance(v, torch.nn.Module) or _holds_weights(v))]
-    note = f"audited the {what} under {key!r} of the checkpoint"
-    if others:
-        note += (f"; it also holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}, not audited "
-                 "(save the network to audit on its own to choose another)")  # fmt: skip
-    return note
 
 
 def _strip_prefixes(model_sd: dict, weights: dict, depth: int = 3) -> tuple[dict, list[str]] | None:

@@ -20,7 +20,7 @@ import torch
 
 from robaudit.errors import RobauditError
 from robaudit.layout import free_channel_last, is_channel_last
-from robaudit.models.detect import RawModel, one_line
+from robaudit.models.detect import RawModel, one_line, saved_in_training
 from robaudit.models.outputs import output_note, select_output
 from robaudit.precision import full_precision
 
@@ -630,12 +630,9 @@ def wrap_model(
     if raw.saved_modes and deterministic:  # a randomized net differs from itself anyway (its own checks)
         mode_note = _saved_mode_differs(model, raw.saved_modes, x, base)
         if mode_note:
-            notes.append(f"pickled module was saved in training mode, and {mode_note}; robaudit evaluates it in "
-                         "inference mode (.eval())")  # fmt: skip
-            model.inexact = model.inexact or (
-                f"the pickled module was saved in training mode, and {mode_note}: radii would be about inference mode, "
-                "not the module as the file loads"
-            )
+            note, inexact = saved_in_training(mode_note)
+            notes.append(note)
+            model.inexact = model.inexact or inexact
     if raw.num_classes is not None and raw.num_classes != k:
         notes.append(f"the file declares {raw.num_classes} outputs but the model returns {k} class scores")
 
