@@ -760,6 +760,52 @@ def test_mistranslated_branch_that_the_data_samples_leave_dead_is_still_found(tm
         wrap_model(raw, sample_shape=SHAPE, probe=digits)
 
 
+def test_an_onnx_graph_listed_out_of_running_order_is_read_in_it(tmp_path: Path) -> None:
+    """onnx's checker refuses nodes listed before the values they read; onnxruntime sorts and runs
+    them. robaudit reads the file in running order (same function: checked against onnxruntime,
+    certified), says so, and still refuses a graph with no such order (a cycle) in one line."""
+    rng = np.random.default_rng(1)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((32, 64)) / 8).astype(np.float32), "W1"),
+        numpy_helper.from_array((rng.standard_normal((10, 32)) / 4).astype(np.float32), "W2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["r", "W2"], ["y"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["f", "W1"], ["h"], transB=1),
+        helper.make_node("Flatten", ["x"], ["f"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "unsorted",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+        initializer=inits,
+    )  # fmt: skip
+    path = tmp_path / "unsorted.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8), str(path))
+    with pytest.raises(onnx.checker.ValidationError, match="topologically sorted"):
+        onnx.checker.check_model(onnx.load(str(path)))
+    digest = sha256(path)
+    raw = load_model(path)
+    assert any("lists nodes before the values they read" in n for n in raw.notes), raw.notes
+    model, _ = wrap(raw)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = torch.rand(5, *SHAPE)
+    np.testing.assert_allclose(model(x).numpy(), session.run(None, {"x": x.numpy()})[0], atol=1e-5, rtol=1e-5)
+    from robaudit.certify import certify_l2
+
+    assert certify_l2(model, x, model(x).argmax(1)).radius.gt(0).all()
+    assert sha256(path) == digest
+
+    cyclic = onnx.load(str(path))
+    cyclic.graph.node[3].input[0] = "y"  # Flatten now reads the output: no order runs this graph
+    cycle = tmp_path / "cycle.onnx"
+    onnx.save(cyclic, str(cycle))
+    assert_one_line_error(run_cli("scan", cycle, "--data", "digits", "--n", "8"), "topologically sorted")
+
+
 def test_exact_onnx_translation_is_checked_and_noted(tmp_path: Path) -> None:
     """At scale 2 the same Resize modes pick the same pixels as torch's (onnx2torch warns all the same):
     the translation matches the file, robaudit says it checked, and audits it. Samples cannot prove a

@@ -7,6 +7,7 @@ the graph is rewritten to an older opset with ONNX's own version converter and r
 
 from __future__ import annotations
 
+import heapq
 import math
 import re
 import warnings
@@ -47,13 +48,50 @@ def _default_opset(model: onnx.ModelProto) -> int | None:
     return None
 
 
-def _read(path: Path) -> onnx.ModelProto:
-    try:
-        model = onnx.load(str(path))
-    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, missing external data, ...
-        raise RobauditError(f"cannot read ONNX file {path}: {one_line(exc)}") from None
-    if not model.graph.node or not model.graph.output or _default_opset(model) is None:
-        raise RobauditError(f"cannot read ONNX file {path}: it holds no ONNX graph (truncated or not an ONNX file?)")
+def _used_names(node: onnx.NodeProto) -> set[str]:
+    """The values `node` reads: its inputs and those its subgraphs read from outside them."""
+    names = set(node.input)
+    for attr in node.attribute:
+        for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
+            for inner in sub.node:
+                names |= _used_names(inner)
+    return names
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put `graph`'s nodes in an order where each comes after the nodes it reads from.
+
+    The ONNX standard asks for that order and onnx's checker refuses a file without it,
+    but onnxruntime runs such a file (it sorts the graph itself): reordering computes the
+    same function. Ties keep the file's order. False (nothing changed) where no order
+    exists (a cycle, or a value that no node makes): the checker then says why.
+    """
+    producer = {name: i for i, node in enumerate(graph.node) for name in node.output if name}
+    waits = [{producer[name] for name in _used_names(node) if name in producer} - {i} for i, node in enumerate(graph.node)]
+    readers: dict[int, list[int]] = {}
+    for i, needs in enumerate(waits):
+        for j in needs:
+            readers.setdefault(j, []).append(i)
+    left = [len(needs) for needs in waits]
+    ready = [i for i, n in enumerate(left) if n == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for k in readers.get(i, []):
+            left[k] -= 1
+            if left[k] == 0:
+                heapq.heappush(ready, k)
+    if len(order) < len(graph.node) or order == sorted(order):
+        return False
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return True
+
+
+def _check(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(model)
     except ValueError:  # protos over 2 GB can only be checked from the file
@@ -63,6 +101,21 @@ def _read(path: Path) -> onnx.ModelProto:
             raise RobauditError(f"cannot read ONNX file {path}: {one_line(exc)}") from None
     except Exception as exc:  # noqa: BLE001 - onnx.checker.ValidationError and friends
         raise RobauditError(f"cannot read ONNX file {path}: {one_line(exc)}") from None
+
+
+def _read(path: Path, notes: list[str]) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # noqa: BLE001 - protobuf DecodeError, missing external data, ...
+        raise RobauditError(f"cannot read ONNX file {path}: {one_line(exc)}") from None
+    if not model.graph.node or not model.graph.output or _default_opset(model) is None:
+        raise RobauditError(f"cannot read ONNX file {path}: it holds no ONNX graph (truncated or not an ONNX file?)")
+    if _sort_nodes(model.graph):
+        notes.append(
+            "the file's graph lists nodes before the values they read (the ONNX standard asks for the order "
+            "they run in, onnxruntime sorts them itself): read in that order"
+        )
+    _check(model, path)
     return model
 
 
@@ -850,7 +903,8 @@ def _keep_scores_output(model: onnx.ModelProto) -> str | None:
 
 def load_onnx(path: Path) -> RawModel:
     """Read, check and convert an ONNX classifier with a single float image input."""
-    model = _read(path)
+    notes: list[str] = []
+    model = _read(path, notes)
     _refuse_reserved_domains(model, path)
     chosen = _keep_scores_output(model)
     initializers = {init.name for init in model.graph.initializer}
@@ -884,7 +938,7 @@ def load_onnx(path: Path) -> RawModel:
     _fold_constant_casts(model)
     _absent_clip_bounds(model)
     _clip_bounds_as_initializers(model)
-    notes = [chosen] if chosen else []
+    notes += [chosen] if chosen else []
     try:
         upgraded = _pad_values_as_inputs(model)
     except Exception as exc:  # noqa: BLE001 - the converter's own errors
