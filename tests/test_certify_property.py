@@ -713,6 +713,11 @@ CERTIFIED: list[tuple[str, nn.Module, bool]] = [
         Fn(lambda x: torch.clamp(x, torch.finfo(torch.float32).min, 0.4), "torch.clamp(x, -FLT_MAX, 0.4)"),
         True,
     ),
+    (  # float16's range, as fp16-safe models clamp: clips nothing here, rounds nothing in float32
+        "clamp-float16-range",
+        Fn(lambda x: torch.clamp(x, -65504.0, 65504.0), "torch.clamp(x, -65504, 65504)"),
+        False,
+    ),
     ("clamp-tensor", Fn(lambda x: x.clamp(torch.linspace(-1, 0, 4), torch.linspace(0.1, 0.4, 4)), "tensor bounds"), True),
     ("minimum-full-like", Fn(lambda x: torch.minimum(x, torch.full_like(x, 0.3)), "torch.minimum(x, full_like(x, 0.3))"), True),
     ("maximum-const-first", Fn(lambda x: torch.maximum(torch.zeros_like(x) - 0.2, x), "torch.maximum(zeros_like(x) - 0.2, x)"), True),
@@ -904,6 +909,30 @@ def test_exact_rewrite_is_certified_soundly(case: str, op: nn.Module, image: boo
     net = _refusal_model(case, op, image).requires_grad_(False)
     certify_l2(net, x, net(x).argmax(1), budget="fast")  # raises if refused
     assert_radii_survive(RandomNet(-1, net, (1, 4, 4), 3, f"{case}: {' '.join(repr(net).split())}", copy.deepcopy(net).double()))
+
+
+def test_a_clamp_or_max_adds_no_float32_rounding_of_its_own() -> None:
+    """float32 computes clamp(x, lo, hi) and max(u, v) exactly; the ReLUs and sums the bound writes
+    them as are not what the model runs. Charged as if they were, a clamp at float16's range
+    (x - (-65504) rounds x to 2^-8) took every radius to 0, as did max(u, v) with v far below u.
+    Such ops, which pick u here, now certify what the net without them certifies."""
+    x, _ = _inputs()
+    torch.manual_seed(0)
+    plain = _sandwich(nn.ReLU(), True).requires_grad_(False)
+    y = plain(x).argmax(1)
+    base = certify_l2(plain, x, y).radius
+    assert base.gt(0).all()
+    ops = {
+        "clamp": Fn(lambda h: torch.clamp(h, -65504.0, 65504.0), "clamp(h, -65504, 65504)"),
+        "hardtanh": nn.Hardtanh(-1e5, 1e5),
+        "max-far-below": Fn(lambda h: torch.maximum(h, h.flip(3) - 1e5), "max(h, flip(h) - 1e5)"),
+    }
+    for case, op in ops.items():
+        net = copy.deepcopy(plain)
+        net.insert(2, op)  # after the convolution's ReLU (`_sandwich`)
+        assert torch.equal(net(x), plain(x)), case
+        radius = certify_l2(net, x, y).radius
+        assert (radius >= 0.9 * base).all(), (case, radius, base)
 
 
 def assert_radii_survive(rn: RandomNet, budgets: tuple[str, ...] = ("fast", "default")) -> None:

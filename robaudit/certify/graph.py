@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from collections.abc import Callable
 from typing import Any
 
@@ -59,6 +60,9 @@ class Node:
     op: Op | None  # None: the network input (pixel space)
     inputs: list[int]
     shape: Shape
+    # False for the steps the bound writes an exactly rounded op as (a clamp or an elementwise
+    # max as ReLUs and sums): the deployed model computes no such step, so none adds rounding.
+    rounds: bool = True
 
 
 @dataclass(eq=False)
@@ -356,10 +360,26 @@ class _Builder:
         self.prefix = prefix
         self.nodes: list[Node] = []
         self.final: str | None = None  # 'softmax' / 'log_softmax' that closed the network and was left out
+        self.exact_steps = False  # inside `rounding_free`
 
     def add(self, name: str, op: Op | None, inputs: list[int], shape: Shape) -> int:
-        self.nodes.append(Node(name, op, inputs, tuple(int(d) for d in shape)))
+        self.nodes.append(Node(name, op, inputs, tuple(int(d) for d in shape), rounds=not self.exact_steps))
         return len(self.nodes) - 1
+
+    @contextmanager
+    def rounding_free(self):
+        """Nodes made inside are steps of an op that float32 computes exactly (clamp, max).
+
+        clamp(x) and max(u, v) return one of their operands or a constant, so the deployed
+        model rounds nothing there; the ReLUs and sums the bound writes them as would be
+        charged float32 rounding for sums the model never forms (x - lo with lo = -65504
+        rounds x to 2^-8 and certified nothing). Errors of the operands still pass through.
+        """
+        outer, self.exact_steps = self.exact_steps, True
+        try:
+            yield
+        finally:
+            self.exact_steps = outer
 
     # ---- naming for messages
     def where(self, n: fx.Node, gm: fx.GraphModule) -> str:
@@ -532,8 +552,8 @@ class _Builder:
 
         Of two input-dependent tensors, max(u, v) = v + relu(u - v) and min(u, v) = u - relu(u - v)
         (a ReLU and two sums, which every method bounds already); of one and a constant, a
-        one-sided clamp. Its float32 rounding is charged for those steps, more than an exact
-        float32 max ever rounds.
+        one-sided clamp. float32 computes the max exactly, so those steps add no rounding
+        (`rounding_free`).
         """
         acc = items[0]
         for k, item in enumerate(items[1:], 2):
@@ -541,12 +561,13 @@ class _Builder:
             shapes = [t.shape for t in (acc, item) if isinstance(t, _Var) or torch.is_tensor(t)]
             shape = tuple(torch.broadcast_shapes(*shapes))
             if isinstance(acc, _Var) and isinstance(item, _Var):
-                gap = _Var(self.binary(f"{label}: u - v", "sub", acc, item, shape), shape)
-                gap = _Var(self.act(f"{label}: relu(u - v)", gap, "relu"), shape)
-                if kind == "maximum":
-                    acc = _Var(self.binary(label, "add", item, gap, shape), shape)
-                else:
-                    acc = _Var(self.binary(label, "sub", acc, gap, shape), shape)
+                with self.rounding_free():
+                    gap = _Var(self.binary(f"{label}: u - v", "sub", acc, item, shape), shape)
+                    gap = _Var(self.act(f"{label}: relu(u - v)", gap, "relu"), shape)
+                    if kind == "maximum":
+                        acc = _Var(self.binary(label, "add", item, gap, shape), shape)
+                    else:
+                        acc = _Var(self.binary(label, "sub", acc, gap, shape), shape)
             elif isinstance(acc, _Var) or isinstance(item, _Var):
                 var, const = (acc, item) if isinstance(acc, _Var) else (item, acc)
                 bounds = (const, None) if kind == "maximum" else (None, const)
@@ -608,14 +629,19 @@ class _Builder:
         lo, hi = _clamp_limit(name, lo, -1.0), _clamp_limit(name, hi, 1.0)
         if lo is not None and hi is not None and bool((lo > hi).any()):
             raise CertificateUnavailable(f"{name}: clamp with min > max")
+        if lo is None and hi is None:
+            return var.index
+        with self.rounding_free():
+            return self._clamp_steps(name, var, lo, hi)
+
+    def _clamp_steps(self, name: str, var: _Var, lo: torch.Tensor | None, hi: torch.Tensor | None) -> int:
+        shape = var.shape
 
         def relu_of(v: _Var, sign: float, shift: torch.Tensor, what: str) -> _Var:  # relu(sign * v + shift)
             if sign != 1.0 or bool((shift != 0).any()):
                 v = _Var(self.scale(f"{name} ({what})", v, sign, shift, shape), shape)
             return _Var(self.act(f"{name} (relu of {what})", v, "relu"), shape)
 
-        if lo is None and hi is None:
-            return var.index
         if hi is None:  # max(x, lo) = lo + relu(x - lo)
             out = relu_of(var, 1.0, -lo, "x - min")
             return self.scale(name, out, 1.0, lo, shape) if bool((lo != 0).any()) else out.index
@@ -2101,4 +2127,4 @@ def _prune(nodes: list[Node], out: int) -> list[Node]:
     keep.add(0)
     order = sorted(keep)
     new_index = {old: new for new, old in enumerate(order)}
-    return [Node(nodes[i].name, nodes[i].op, [new_index[j] for j in nodes[i].inputs], nodes[i].shape) for i in order]
+    return [replace(nodes[i], inputs=[new_index[j] for j in nodes[i].inputs]) for i in order]

@@ -22,6 +22,9 @@ Algorithms*, ch. 3), with u = 2^-24 and gamma_k = k u / (1 - k u):
   computed by the deployed model in several float32 steps (subtract the mean, divide,
   scale, shift): ``2 gamma_8 (|w| (m_in + e_in) + |b| + s)`` with s the size of the
   constants the shift is formed from (batch norm: |beta| + |mean * scale|);
+- clamps and elementwise maxima return an operand or a constant: exact. The bound writes
+  them as ReLUs, sums and shifts (`_Builder.rounding_free`) that the deployed model never
+  forms, so those steps add no rounding; the operands' errors pass through them;
 - ReLU and max pooling are exact (but for underflow, below): the error passes through (max pooling takes the window
   maximum of the errors); LeakyReLU multiplies by its slope: ``slope * e_in + 4 u slope m``;
 - a residual sum: ``e_a + e_b + 2 u (m_a + e_a + m_b + e_b)``;
@@ -50,12 +53,13 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from dataclasses import replace
 
 import torch
 
 from robaudit.certify.affine import AffinePrefix, exact_magnitudes
 from robaudit.certify.box import exact_box, node_box
-from robaudit.certify.graph import Graph, Node
+from robaudit.certify.graph import Graph
 from robaudit.certify.ops import (
     ActOp,
     AddOp,
@@ -215,6 +219,10 @@ def local_rounding(graph: Graph, i: int, magnitudes: list[torch.Tensor | None]) 
     if op is None:
         return 0.0
     m_in = magnitudes[node.inputs[0]]
+    if not node.rounds and isinstance(op, AddOp):
+        return _underflow(m_in + magnitudes[node.inputs[1]])
+    if not node.rounds and isinstance(op, AffineOp):
+        return op.abs().linear(_underflow(m_in))
     if isinstance(op, AffineOp):
         return _affine_error(op, torch.zeros_like(m_in), m_in)
     if isinstance(op, ActOp):
@@ -248,7 +256,12 @@ def float32_error(
         j = node.inputs[0]
         e_in = errs[j]
         m_in = magnitudes[j] + e_in  # the float32 value's size
-        if isinstance(op, AffineOp):
+        if not node.rounds and isinstance(op, AddOp):  # a step of a clamp or max: the operands' errors only
+            k = node.inputs[1]
+            errs.append(e_in + errs[k] + _underflow(m_in + magnitudes[k] + errs[k]))
+        elif not node.rounds and isinstance(op, AffineOp):  # shifts and moves (a ReLU rounds nothing anyway)
+            errs.append(op.abs().linear(e_in + _underflow(m_in)))
+        elif isinstance(op, AffineOp):
             errs.append(_affine_error(op, e_in, m_in))
         elif isinstance(op, ActOp):
             local = None if bounds is None else (bounds[0][j], bounds[1][j])
@@ -349,7 +362,7 @@ def _float32_copy(graph: Graph) -> Graph:
             if op is not None:  # float64 tensors (and tuples of them) to float32; cached properties recomputed
                 op.__dict__.update({k: _single(v) for k, v in vars(node.op).items()})
                 op.__dict__.pop("_transposed", None)
-            nodes.append(Node(node.name, op, node.inputs, node.shape))
+            nodes.append(replace(node, op=op))
         _FLOAT32[graph] = Graph(nodes, graph.sample_shape, graph.num_classes, final=graph.final, returns=graph.returns)
     return _FLOAT32[graph]
 
