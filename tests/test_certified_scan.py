@@ -62,6 +62,7 @@ def test_scan_reports_sound_radii_beside_attack_distances(model_files: ModelFile
     cert = report["summary"]["certificate"]
     assert cert["available"], cert["reason"]
     assert "the ONNX file and its PyTorch translation agree at 51 points inside every certified ball" in cert["notes"]
+    assert any(n.startswith("no minimal-norm L2 attack ran") for n in cert["notes"])  # quick: PGD at eps only
     l2 = next(t for t in report["summary"]["threats"] if t["threat"] == "l2:0.3")
     assert 0 <= cert["certified_accuracy"]["l2:0.3"] <= l2["robust_accuracy"]
     assert list(cert["certified_accuracy"]) == ["l2:0.3"]  # only L2 threats get a certified accuracy
@@ -186,3 +187,40 @@ def test_the_median_ratio_of_an_even_count_is_the_mean_of_the_middle_two() -> No
     summary = _summary_of(radius, ["crown"] * 4, torch.ones(4, dtype=torch.bool), torch.full((4,), 2.0, dtype=torch.float64),
                           [("l2:1", 1.0)], "fast", [])  # fmt: skip
     assert summary.median_ratio == 1.25 and summary.ratio_samples == 4
+
+
+class _FarOffScores(nn.Module):
+    """Scores 0.01 x a trained CNN's, plus 1e5: margins of about 0.01 where float32 steps by 2^-7."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * 0.01 + 1e5
+
+
+def test_a_scan_where_no_radius_is_proved_says_why(model_files: ModelFiles, tmp_path) -> None:
+    """Radius 0 on every sample, with nothing said, reads like a fragile model. The notes count the
+    correctly classified samples left at 0 and those whose margin is below the float32 rounding
+    allowance at the sample itself, and claim no check 'inside every certified ball' when none was."""
+    from conftest import demo_classifier
+
+    path = tmp_path / "far_off.onnx"
+    torch.onnx.export(_FarOffScores(demo_classifier()), (torch.rand(2, 1, 8, 8),), str(path), input_names=["x"],
+                      dynamo=False, opset_version=17, dynamic_axes={"x": {0: "batch"}})  # fmt: skip
+    out = tmp_path / "r.json"
+    result = run_cli(
+        "scan", path, "--data", model_files.data_npz, "--n", "12", "-t", "l2:0.3", "--preset", "quick", "--certify",
+        "--certify-budget", "fast", "--no-indicator", "--json", out, "--quiet",
+    )  # fmt: skip
+    assert result.code == 0, result.stderr
+    report = load_json(out)
+    cert = report["summary"]["certificate"]
+    correct = sum(s["clean_pred"] == s["label"] for s in report["samples"])
+    assert correct >= 8 and all(s["certified_l2"] == 0 for s in report["samples"])
+    assert (
+        f"{correct} of the correctly classified samples got radius 0: no bound proved a larger one; on {correct} "
+        "of them the margin at the sample itself is below the interval bound's rigorous float32 rounding allowance"
+    ) in " ".join(cert["notes"]), cert["notes"]
+    assert not any("inside every certified ball" in note for note in cert["notes"]), cert["notes"]

@@ -280,6 +280,17 @@ def test_an_elu_whose_slope_drops_at_zero_is_refused_as_not_convex(op: str, attr
     assert "SELU" in message or "ELU with alpha 2" in message, message
 
 
+@pytest.mark.parametrize("op, function", [("Sign", "torch.sign"), ("Sin", "torch.sin"), ("Exp", "torch.exp")])
+def test_an_elementwise_function_is_refused_naming_it_whatever_the_node_is_called(op: str, function: str, tmp_path) -> None:
+    """onnx2torch runs Sign, Sin, Exp, ... through one class, OnnxFunction: a refusal naming that class
+    alone told nothing where a file's node names do not name their op (node_7)."""
+    g = _Graph(6)
+    g.head(g.node(op, [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "a"), 3 * 6 * 6)
+    g.nodes[1].name = "node_7"
+    message = _refusal(g.save(tmp_path / f"{op}.onnx"))
+    assert f"node_7: OnnxFunction ({function})" in message, message
+
+
 def test_dilated_max_pool_after_minus_inf_padding_is_refused(tmp_path) -> None:
     """A dilated window can skip the edge cell, so edge copies could change its maximum: refused, not rewritten."""
     g = _Graph(5)

@@ -174,11 +174,14 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
         tried = [m.name for m in methods]  # every method, including one later skipped
         wins = {name: 0 for name in tried}
         dropped: list[str] = []
+        unproved = rounding_bound = 0  # correctly classified samples at radius 0; of them, ruled out by rounding
         first = min(batch_size, FIRST_BATCH) if n > batch_size else n
         for s, e in _batches(n, first, batch_size):
             xb, yb = x[s:e], y[s:e]
             check_graph(graph, models, xb)  # on every sample certified, before any bound: no branch left unseen
-            best, chosen, per_method = _certify_batch(model, graph, methods, xb, yb, plan, step)
+            best, chosen, per_method, zero, swamped = _certify_batch(model, graph, methods, xb, yb, plan, step)
+            unproved += int(zero.sum())
+            rounding_bound += int(swamped.sum())
             check_graph_in_balls(graph, models, xb, best, seed=s)
             radius[s:e] = best
             method[s:e] = chosen
@@ -205,6 +208,15 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
         "radii certify the float32 model in pixel space: every margin must exceed a rigorous bound on its "
         "float32 rounding error over the ball (Winograd/FFT convolutions and TF32 are outside that bound)",
     ]
+    if unproved:
+        why = (
+            f"; on {rounding_bound} of them the margin at the sample itself is below the interval bound's rigorous "
+            "float32 rounding allowance, which compounds layer by layer through |W| and on deep networks can be "
+            "orders of magnitude above the rounding seen (docs/certify.md#known-limitations)"
+            if rounding_bound
+            else " (bounds loosen with depth and width; --certify-budget tight refines more units)"
+        )
+        notes.append(f"{unproved} of the correctly classified samples got radius 0: no bound proved a larger one{why}")
     if training:
         notes.append(
             f"the model was passed in training mode ({_named(training)}): radii certify it in eval mode "
@@ -257,8 +269,10 @@ def outclassed(per_method: dict[str, torch.Tensor]) -> list[str]:
 def _certify_batch(
     model: nn.Module, graph: Graph, methods: list, x: torch.Tensor, y: torch.Tensor, plan: Budget,
     step: Callable[[str], None] | None = None,
-) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor]]:
-    """Best radius and its method for one batch (0 and "none" where misclassified), and each method's radii."""
+) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Best radius and its method for one batch (0 and "none" where misclassified), each method's radii,
+    the correctly classified samples left at radius 0, and those of them whose float32 rounding
+    allowance at x alone reaches a margin (no bound can prove a radius there)."""
     radius = torch.zeros(len(x), dtype=torch.float64)
     chosen = ["none"] * len(x)
     per_method: dict[str, torch.Tensor] = {}
@@ -267,14 +281,15 @@ def _certify_batch(
     x64 = x.to(torch.float64)
     correct = (pred == y) & (graph.logits(x64).argmax(dim=1) == y)
     idx = torch.nonzero(correct).flatten()
+    swamped = torch.zeros(len(x), dtype=torch.bool)  # the rounding allowance at x alone reaches a margin
     if len(idx) == 0:
-        return radius, chosen, per_method
+        return radius, chosen, per_method, correct, swamped
     batch = _batch(graph, x64[idx], y[idx])
     positive = batch.margins.amin(dim=1) > 0  # a tie (after deflation) certifies nothing
     if not positive.all():
         idx = idx[positive]
         if len(idx) == 0:
-            return radius, chosen, per_method
+            return radius, chosen, per_method, correct, swamped
         batch = _batch(graph, x64[idx], y[idx])
     best = torch.zeros(len(idx), dtype=torch.float64)
     for m in methods:
@@ -299,4 +314,8 @@ def _certify_batch(
         for t in void.tolist():
             chosen[int(idx[t])] = "none"
     radius[idx] = best
-    return radius, chosen, per_method
+    none = torch.nonzero(best == 0).flatten()
+    if len(none):  # why: a note says how often the rounding allowance alone rules out every radius
+        at_x = batch.margins[none] - batch.error(none, torch.zeros(len(none), dtype=torch.float64))
+        swamped[idx[none]] = (at_x <= 0).any(dim=1)
+    return radius, chosen, per_method, correct & (radius == 0), swamped

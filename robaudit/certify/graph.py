@@ -384,7 +384,12 @@ class _Builder:
     # ---- naming for messages
     def where(self, n: fx.Node, gm: fx.GraphModule) -> str:
         if n.op == "call_module":
-            return f"{self.prefix}{n.target}: {type(gm.get_submodule(n.target)).__name__}"
+            module = gm.get_submodule(n.target)
+            what = type(module).__name__
+            function = getattr(module, "function", None)  # onnx2torch's one class for Sign, Sin, Exp, Log, ...
+            if what == "OnnxFunction" and callable(function):
+                what += f" (torch.{getattr(function, '__name__', function)})"
+            return f"{self.prefix}{n.target}: {what}"
         stack = n.meta.get("nn_module_stack")
         if stack:
             path, cls = list(stack.values())[-1]

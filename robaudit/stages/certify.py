@@ -329,7 +329,13 @@ def certify_stage(
     )
     if mismatch is not None:
         return unavailable(mismatch, budget, adversarial_l2, time.perf_counter() - started)
-    if isinstance(model, AuditModel) and model.file_twin is not None:
+    if "l2" not in minimal and bool(torch.isfinite(adversarial_l2).any()):
+        notes.append(
+            "no minimal-norm L2 attack ran (the preset or config has none), so the adversarial L2 distances are "
+            "those of examples found at fixed eps, not the smallest: the median certified / adversarial ratio "
+            "understates how close the radii are (the standard preset runs FMN)"
+        )
+    if isinstance(model, AuditModel) and model.file_twin is not None and bool((radius > 0).any()):
         notes.append(f"the ONNX file and its PyTorch translation agree at {FILE_PROBES} points inside every certified ball")
     contradiction = check_radii(
         model, x, y, radius, adversarial_l2, closest,
