@@ -935,6 +935,37 @@ def test_a_clamp_or_max_adds_no_float32_rounding_of_its_own() -> None:
         assert (radius >= 0.9 * base).all(), (case, radius, base)
 
 
+CLAMP_SPELLINGS = {
+    "clamp": Fn(lambda h: torch.clamp(h, 0.1, 0.3), "torch.clamp(h, 0.1, 0.3)"),
+    "clamp-min-method": Fn(lambda h: h.clamp_min(0.1), "h.clamp_min(0.1)"),
+    "Hardtanh": nn.Hardtanh(-0.1, 0.7),
+    "Threshold": nn.Threshold(0.1, 0.1),
+    "minimum-full-like": Fn(lambda h: torch.minimum(h, torch.full_like(h, 0.3)), "minimum(h, full_like(h, 0.3))"),
+    "Hardsigmoid": nn.Hardsigmoid(),
+}
+
+
+@pytest.mark.parametrize("case", CLAMP_SPELLINGS)
+def test_a_clamp_in_the_graph_clips_at_the_float32_bound_the_model_clips_at(case: str) -> None:
+    """The clamp's steps charge no rounding (`_Builder.rounding_free`): sound only if the float32
+    model's clamp returns exactly the bound the graph holds. torch rounds a Python 0.1 to
+    float32(0.1), 1.5e-9 away from 0.1: the graph must hold float32(0.1), in every spelling."""
+    from robaudit.certify.rounding import local_rounding
+
+    x = torch.rand((2, 1, 4, 4), generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 4), CLAMP_SPELLINGS[case], nn.Linear(4, 3)).eval()
+    graph = build_graph(net, x[:1])
+    steps = [i for i, node in enumerate(graph.nodes) if not node.rounds]
+    assert steps, graph.nodes
+    shifts = [graph.nodes[i].op.bias for i in steps if getattr(graph.nodes[i].op, "bias", None) is not None]
+    assert shifts and all(torch.equal(b, b.float().double()) for b in shifts), shifts
+    magnitudes = [v.abs() for v in graph.forward(x.to(torch.float64))]
+    assert max(float(torch.as_tensor(local_rounding(graph, i, magnitudes)).max()) for i in steps) < 1e-30
+    with torch.no_grad():  # and the graph computes the float32 model's clamp exactly
+        torch.testing.assert_close(graph.forward(x.to(torch.float64))[-1].float(), net(x), rtol=1e-6, atol=1e-6)
+
+
 def assert_radii_survive(rn: RandomNet, budgets: tuple[str, ...] = ("fast", "default")) -> None:
     """Certify a few inputs of one net under each budget (every method alone too) and attack every radius."""
     outcome = Outcome()
