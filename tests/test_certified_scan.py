@@ -51,6 +51,57 @@ def test_check_refuses_a_radius_that_a_probe_inside_the_ball_breaks() -> None:
     assert reason.startswith("a point inside a certified L2 ball changes the decision (samples [")
 
 
+class _ClampedPixels(nn.Module):
+    """Scores min(x, c) of two pixels: at x = (0.5 - 2^-25, 0.5 + 2^-24), class 1 wins by 2^-25 + 2^-24
+    and one float32 step in x0 (to 0.5) ties the scores at c = 0.5 (argmax: class 0)."""
+
+    def __init__(self, c: torch.Tensor | float) -> None:
+        super().__init__()
+        self.register_buffer("c", torch.as_tensor(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x.flatten(1), max=self.c)
+
+
+ULP_BELOW_HALF = 2.0**-25  # float32 spacing just below 0.5
+
+
+def _near_the_clamp() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three samples below 0.5, their labels (1) and, for each, the float32 point x0 = 0.5 that ties."""
+    x = torch.tensor([[[[0.5 - k * ULP_BELOW_HALF, 0.5 + 2.0**-24]]] for k in (1, 2, 3)], dtype=torch.float32)
+    tie = x.clone()
+    tie[:, 0, 0, 0] = 0.5
+    return x, torch.ones(3, dtype=torch.long), tie
+
+
+def test_a_clamp_at_a_float64_bound_is_certified_where_float32_clips() -> None:
+    """A red team's break: torch clamps float32 scores at float32(c) for a bound c held as a 0-dim float64
+    buffer (0-dim tensors do not promote), while the bound's graph held c. With the clamp's steps
+    charged no rounding, radii of 6e-8 to 1e-7 covered float32 points one ulp away whose scores tie."""
+    from robaudit.certify import certify_l2
+
+    net = _ClampedPixels(torch.tensor(0.5 + 2.0**-25 - 2.0**-45, dtype=torch.float64)).eval()
+    x, y, tie = _near_the_clamp()
+    assert net(x).dtype == torch.float32 and torch.equal(net(x).argmax(1), y)
+    assert torch.equal(net(tie).argmax(1), torch.zeros(3, dtype=torch.long))  # (0.5, 0.5): a tie, class 0
+    distance = (tie - x).flatten(1).norm(dim=1).double()
+    for budget in ("fast", "default"):
+        radius = certify_l2(net, x, y, budget=budget).radius
+        assert (radius < distance).all(), (budget, radius, distance)
+
+
+def test_the_check_ignores_a_probe_that_float32_rounds_out_of_the_ball() -> None:
+    """Probes at 0.999 of a radius of under one ulp round to the data's float32 grid, maybe outside the
+    ball: a misclassified point there contradicts nothing (it withdrew sound radii as a robaudit bug)."""
+    net = _ClampedPixels(0.5).eval()
+    x, y, tie = _near_the_clamp()
+    x, y, tie = x[:1], y[:1], tie[:1]
+    radius = torch.tensor([0.9 * ULP_BELOW_HALF], dtype=torch.float64)  # no float32 point but x in the ball
+    far = torch.tensor([ULP_BELOW_HALF], dtype=torch.float64)
+    assert check_radii(net, x, y, radius, far, tie, **CHECK) is None
+    assert check_radii(net, x, y, radius * 1.2, far * 2, tie, **CHECK) is not None  # the tie inside: caught
+
+
 def test_scan_reports_sound_radii_beside_attack_distances(model_files: ModelFiles, tmp_path) -> None:
     out = tmp_path / "r.json"
     result = run_cli(

@@ -22,9 +22,11 @@ Algorithms*, ch. 3), with u = 2^-24 and gamma_k = k u / (1 - k u):
   computed by the deployed model in several float32 steps (subtract the mean, divide,
   scale, shift): ``2 gamma_8 (|w| (m_in + e_in) + |b| + s)`` with s the size of the
   constants the shift is formed from (batch norm: |beta| + |mean * scale|);
-- clamps and elementwise maxima return an operand or a constant: exact. The bound writes
-  them as ReLUs, sums and shifts (`_Builder.rounding_free`) that the deployed model never
-  forms, so those steps add no rounding; the operands' errors pass through them;
+- clamps and elementwise maxima return an operand or a constant: exact but for the bound
+  itself, which float32 may hold rounded (a 0-dim float64 bound c clips at float32(c)). The
+  bound writes them as ReLUs, sums and shifts (`_Builder.rounding_free`) that the deployed
+  model never forms, so those steps add only ``|b - float32(b)|`` per shift b; the
+  operands' errors pass through them;
 - ReLU and max pooling are exact (but for underflow, below): the error passes through (max pooling takes the window
   maximum of the errors); LeakyReLU multiplies by its slope: ``slope * e_in + 4 u slope m``;
 - a residual sum: ``e_a + e_b + 2 u (m_a + e_a + m_b + e_b)``;
@@ -169,6 +171,19 @@ def _underflow(m_in: torch.Tensor) -> torch.Tensor:
     return SAFETY * ETA * (m_in + 1)
 
 
+def _bound_rounding(op: AffineOp) -> torch.Tensor | float:
+    """|b - float32(b)| for the shift b a step of a clamp adds: where the float32 model clips.
+
+    torch clamps a float32 tensor at float32(c) for a bound c held as a 0-dim float64 tensor
+    (a buffer: 0-dim tensors do not promote), while the graph holds c itself; a red team
+    broke radii of 6e-8 there by one ulp. 0 where the bound is a float32 value (Python
+    numbers, which the graph rounds as torch does, ONNX Clip, 65504).
+    """
+    if op.bias is None:
+        return 0.0
+    return (op.bias - op.bias.to(torch.float32).to(torch.float64)).abs()
+
+
 def _affine_error(op: AffineOp, e_in: torch.Tensor, m_in: torch.Tensor) -> torch.Tensor:
     if isinstance(op, (ReshapeOp, PadOp, SelectOp)):  # moves values; a constant pad value is rounded once
         out = op.linear(e_in)  # copies do not flush: the op that reads the value charges its underflow
@@ -222,7 +237,7 @@ def local_rounding(graph: Graph, i: int, magnitudes: list[torch.Tensor | None]) 
     if not node.rounds and isinstance(op, AddOp):
         return _underflow(m_in + magnitudes[node.inputs[1]])
     if not node.rounds and isinstance(op, AffineOp):
-        return op.abs().linear(_underflow(m_in))
+        return op.abs().linear(_underflow(m_in)) + _bound_rounding(op)
     if isinstance(op, AffineOp):
         return _affine_error(op, torch.zeros_like(m_in), m_in)
     if isinstance(op, ActOp):
@@ -260,7 +275,7 @@ def float32_error(
             k = node.inputs[1]
             errs.append(e_in + errs[k] + _underflow(m_in + magnitudes[k] + errs[k]))
         elif not node.rounds and isinstance(op, AffineOp):  # shifts and moves (a ReLU rounds nothing anyway)
-            errs.append(op.abs().linear(e_in + _underflow(m_in)))
+            errs.append(op.abs().linear(e_in + _underflow(m_in)) + _bound_rounding(op))
         elif isinstance(op, AffineOp):
             errs.append(_affine_error(op, e_in, m_in))
         elif isinstance(op, ActOp):
