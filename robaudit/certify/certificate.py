@@ -271,8 +271,8 @@ def _certify_batch(
     step: Callable[[str], None] | None = None,
 ) -> tuple[torch.Tensor, list[str], dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Best radius and its method for one batch (0 and "none" where misclassified), each method's radii,
-    the correctly classified samples left at radius 0, and those of them whose float32 rounding
-    allowance at x alone reaches a margin (no bound can prove a radius there)."""
+    the correctly classified samples left at radius 0, and those of them whose margin at x itself
+    is below the interval bound's float32 rounding allowance there (for the notes: why)."""
     radius = torch.zeros(len(x), dtype=torch.float64)
     chosen = ["none"] * len(x)
     per_method: dict[str, torch.Tensor] = {}

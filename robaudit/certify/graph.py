@@ -61,7 +61,8 @@ class Node:
     inputs: list[int]
     shape: Shape
     # False for the steps the bound writes an exactly rounded op as (a clamp or an elementwise
-    # max as ReLUs and sums): the deployed model computes no such step, so none adds rounding.
+    # max as ReLUs and sums): the deployed model computes no such step, so none adds rounding
+    # but a clamp bound's own (`rounding._bound_rounding`).
     rounds: bool = True
 
 
