@@ -966,6 +966,21 @@ def test_a_clamp_in_the_graph_clips_at_the_float32_bound_the_model_clips_at(case
         torch.testing.assert_close(graph.forward(x.to(torch.float64))[-1].float(), net(x), rtol=1e-6, atol=1e-6)
 
 
+def test_a_decision_that_never_changes_gets_the_capped_radius() -> None:
+    """Random net 300142 clamps its input to [-0.05, 0.85], so every score is bounded and class 3 wins
+    everywhere. crown proved radii up to 6e32 there, where the float64 graph's clamp (x - lo at
+    |x| ~ 1e31) cancels to nonsense, and the checks inside those balls refused the net. Radii stop at
+    10^6 pixel units, as the Lipschitz bounds' do for a margin that cannot change."""
+    from robaudit.certify.radius import RADIUS_CAP
+
+    rn = random_net(300_142, True)
+    x, y = pick_inputs(rn, 3, torch.Generator().manual_seed(10_000 + 300_142))
+    far = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)) * 1e8
+    assert (rn.model(torch.cat([x, far])).argmax(1) == 3).all() and (y == 3).all()
+    radius = certify_l2(rn.model, x, y, budget="fast").radius  # refused before the cap
+    assert (radius > 0).all() and (radius <= RADIUS_CAP).all() and (radius == RADIUS_CAP).any(), radius
+
+
 def assert_radii_survive(rn: RandomNet, budgets: tuple[str, ...] = ("fast", "default")) -> None:
     """Certify a few inputs of one net under each budget (every method alone too) and attack every radius."""
     outcome = Outcome()

@@ -36,7 +36,7 @@ from robaudit.certify.graph import Graph, build_graph
 from robaudit.certify.fidelity import check_graph, check_graph_in_balls, references
 from robaudit.certify.interval import Batch, IntervalBound
 from robaudit.certify.crown import CrownBound, first_order_radius
-from robaudit.certify.radius import ErrorFn, ratio_radius, search_radius
+from robaudit.certify.radius import RADIUS_CAP, ErrorFn, ratio_radius, search_radius
 from robaudit.certify.rounding import BallError, overflow_possible
 
 METHODS = ("linear", "closed-form", "interval", "global-lipschitz", "crown")
@@ -302,7 +302,7 @@ def _certify_batch(
         else:
             error = (lambda i, a, m=m: m.ball_error(batch, i, a)) if hasattr(m, "ball_error") else batch.error
             r = search_radius(lambda i, a, m=m: m.lipschitz(batch, i, a), batch.margins, plan, error)
-        r = r.clamp_min(0)
+        r = r.clamp(0, RADIUS_CAP)  # beyond it a clamp's ReLUs cancel in the float64 graph (x - lo at |x| ~ 1e16)
         per_method[m.name] = r
         for t in torch.nonzero(r > best).flatten().tolist():
             chosen[int(idx[t])] = m.name

@@ -31,7 +31,10 @@ from robaudit.certify.budget import Budget
 
 LipschitzFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sample indices, radii) -> (n, P)
 ErrorFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (sample indices, radii) -> (n, P) margin error
-RADIUS_CAP = 1e6  # the ball the error is bounded on when a margin cannot change at all (zero Lipschitz bound)
+# The largest radius printed, and the ball the error is bounded on when a margin cannot change at
+# all (zero Lipschitz bound): a million pixel units says the decision holds wherever data lives,
+# and far beyond it the float64 graph loses the digits the bounds reason about.
+RADIUS_CAP = 1e6
 
 
 def _reach(slack: torch.Tensor, lips: torch.Tensor) -> torch.Tensor:
