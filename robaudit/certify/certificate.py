@@ -21,6 +21,7 @@ exceeds a rigorous bound on the float32 rounding of the two logits there (`round
 from __future__ import annotations
 
 import copy
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -209,14 +210,7 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
         "float32 rounding error over the ball (Winograd/FFT convolutions and TF32 are outside that bound)",
     ]
     if unproved:
-        why = (
-            f"; on {rounding_bound} of them the margin at the sample itself is below the interval bound's rigorous "
-            "float32 rounding allowance, which compounds layer by layer through |W| and on deep networks can be "
-            "orders of magnitude above the rounding seen (docs/certify.md#known-limitations)"
-            if rounding_bound
-            else " (bounds loosen with depth and width; --certify-budget tight refines more units)"
-        )
-        notes.append(f"{unproved} of the correctly classified samples got radius 0: no bound proved a larger one{why}")
+        notes.append(radius_zero_note(unproved, rounding_bound))
     if training:
         notes.append(
             f"the model was passed in training mode ({_named(training)}): radii certify it in eval mode "
@@ -229,6 +223,27 @@ def _certify(model, x, y, make_methods, batch_size, budget, progress, step) -> C
             f"radii bound those scores, each margin kept {graph.tie_margin:.1g} above a float32 tie"
         )
     return Certificate(radius, method, time.perf_counter() - start, notes)
+
+
+_ZERO = re.compile(r"(\d+) of the correctly classified samples got radius 0: no bound proved a larger one(?:; on (\d+) of)?")
+
+
+def radius_zero_note(unproved: int, rounding_bound: int) -> str:
+    """Why `unproved` correctly classified samples got radius 0 (`rounding_bound` of them: rounding at x alone)."""
+    why = (
+        f"; on {rounding_bound} of them the margin at the sample itself is below the interval bound's rigorous "
+        "float32 rounding allowance, which compounds layer by layer through |W| and on deep networks can be "
+        "orders of magnitude above the rounding seen (docs/certify.md#known-limitations)"
+        if rounding_bound
+        else " (bounds loosen with depth and width; --certify-budget tight refines more units)"
+    )
+    return f"{unproved} of the correctly classified samples got radius 0: no bound proved a larger one{why}"
+
+
+def radius_zero_counts(note: str) -> tuple[int, int] | None:
+    """The two counts of a `radius_zero_note` (None for another note): a scan in chunks sums them."""
+    found = _ZERO.match(note)
+    return None if found is None else (int(found.group(1)), int(found.group(2) or 0))
 
 
 def _named(modules: list[str]) -> str:
