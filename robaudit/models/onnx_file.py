@@ -53,8 +53,7 @@ def _used_names(node: onnx.NodeProto) -> set[str]:
     names = set(node.input)
     for attr in node.attribute:
         for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else attr.graphs:
-            for inner in sub.node:
-                names |= _used_names(inner)
+            names.update(name for inner in _nodes(sub) for name in inner.input)
     return names
 
 

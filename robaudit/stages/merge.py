@@ -159,17 +159,18 @@ def merge_certified(
         return results[0]
     radius = _cat([r.radius for r in results])  # type: ignore[union-attr, misc]
     method = [m for r in results for m in r.method]  # type: ignore[union-attr]
-    notes = _summed_radius_zero_notes([r.summary.notes for r in results])  # type: ignore[union-attr]
+    notes = _chunk_notes([r.summary.notes for r in results])  # type: ignore[union-attr]
     summary = _summary_of(radius, method, clean_correct, adversarial_l2, l2_threats, budget, notes)
     return CertifyResult(summary=summary, radius=radius, method=method, adversarial_l2=adversarial_l2, seconds=seconds)
 
 
-def _summed_radius_zero_notes(chunk_notes: list[list[str]]) -> list[str]:
-    """The first chunk's certificate notes, with the count of samples at radius 0 summed over every chunk."""
+def _chunk_notes(chunk_notes: list[list[str]]) -> list[str]:
+    """Every chunk's certificate notes in order, each once (one chunk alone may have certified a ball its
+    ONNX check notes), with the count of samples at radius 0 summed over the chunks."""
     from robaudit.certify.certificate import radius_zero_counts, radius_zero_note
 
     counts = [c for notes in chunk_notes for c in map(radius_zero_counts, notes) if c is not None]
-    notes = [n for n in chunk_notes[0] if radius_zero_counts(n) is None]
+    notes = list(dict.fromkeys(n for chunk in chunk_notes for n in chunk if radius_zero_counts(n) is None))
     if counts:
         notes.append(radius_zero_note(sum(c[0] for c in counts), sum(c[1] for c in counts)))
     return notes
