@@ -38,7 +38,7 @@ from robaudit.stages.merge import merge_certified, merge_indicator, merge_minima
 from robaudit.stages.trust import PROBE_POINTS, TrustStage
 from robaudit.certify.budget import BUDGETS as CERTIFY_BUDGETS
 from robaudit.battery import DEFAULT_PRESET, RANDOMIZED, REPEATS, Spec, build_battery, override, preset_specs
-from robaudit.data import check_compatible, load_data
+from robaudit.data import check_compatible, class_count_note, load_data
 from robaudit.data.files import FLAT_INPUT
 from robaudit.layout import image_channels
 from robaudit.data.dataset import Dataset
@@ -611,6 +611,8 @@ def prepare(config: ScanConfig, device: torch.device) -> tuple[RawModel, Dataset
         raw, sample_shape=sample_shape, probe=data.take(0, PROBE_SIZE), mean=config.mean, std=config.std, device=device
     )
     check_compatible(data, raw.input_shape, info.num_classes)
+    if (classes_note := class_count_note(data, info.num_classes)) is not None:
+        data.notes.append(classes_note)
     if model.model_shape is not None:  # the wrapper's own note says how the samples reach the net
         reshape_note = None
     for threat in config.threats:

@@ -72,6 +72,17 @@ def test_a_gate_on_the_certificate_turns_it_on_in_the_api_too() -> None:
     assert [c.passed for c in report.gate] == [True]
 
 
+def test_an_audit_notes_classes_the_data_never_uses() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12)).eval()
+    x, y = _data()
+    report = robaudit.audit(model, (x, y), threats=["linf:8/255"], preset="quick", n=8, checks=False, indicator=False)
+    top = int(y.max())
+    assert f"the model scores 12 classes and the data's labels run 0 to {top}" in " ".join(report.data.notes)
+    assert not any("scores" in n for n in robaudit.audit(demo_classifier(), (x, y), threats=["linf:8/255"],
+                                                          preset="quick", n=8, checks=False, indicator=False).data.notes)
+
+
 def test_the_report_is_written_to_a_path_given_as_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/api.md writes `report.write_json("report.json")` (hunt 19: AttributeError on a str)."""
     x, y = _data()

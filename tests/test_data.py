@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from robaudit.data import BUILTIN_NAMES, Dataset, check_compatible, default_cache_dir, load_data
+from robaudit.data import BUILTIN_NAMES, Dataset, check_compatible, class_count_note, default_cache_dir, load_data
 from robaudit.data.sampling import allocate, stratified_indices
 from robaudit.errors import RobauditError
 
@@ -726,6 +726,18 @@ def test_check_compatible() -> None:
         check_compatible(data, (3, 32, 32), 10)
     with raises_one_line("label 9 .*out of range for a model with 5 classes"):
         check_compatible(data, (1, 28, 28), 5)
+
+
+def test_a_model_scoring_classes_the_data_never_uses_gets_a_note() -> None:
+    """Not an error (a 1000-class model on a few of its classes is a fair audit), but the report says why it errs."""
+    data = make_dataset((1, 4, 4), [0, 9, 3])
+    assert class_count_note(data, 10) is None
+    assert class_count_note(data, 11).endswith("labels run 0 to 9: a prediction of class 10 counts as a mistake")
+    assert "classes 10 to 999" in class_count_note(data, 1000)
+    data.class_names = [str(i) for i in range(12)]  # the source names 12 classes, the sample uses 10
+    assert class_count_note(data, 12) is None
+    data.class_names, data.source_top = None, 11  # the whole source's largest label, not the sample's
+    assert class_count_note(data, 12) is None and "run 0 to 11" in class_count_note(data, 13)
 
 
 def test_a_reshape_that_would_scramble_the_pixels_is_refused() -> None:

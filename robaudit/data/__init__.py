@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from robaudit.data.builtin import BUILTIN_NAMES, default_cache_dir, load_builtin
-from robaudit.data.checks import check_compatible
+from robaudit.data.checks import check_compatible, class_count_note
 from robaudit.data.dataset import (
     Dataset,
     PixelReader,
@@ -31,6 +31,7 @@ __all__ = [
     "BUILTIN_NAMES",
     "Dataset",
     "check_compatible",
+    "class_count_note",
     "default_cache_dir",
     "load_data",
 ]

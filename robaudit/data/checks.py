@@ -41,6 +41,30 @@ def check_compatible(
     return note
 
 
+def class_count_note(data: Dataset, num_classes: int) -> str | None:
+    """A note where the model scores more classes than the data can name, else None.
+
+    Not an error (an ImageNet model on a folder of a few of its classes is a fair audit),
+    but a prediction of a class the data never uses counts as a mistake, and a user who
+    pointed robaudit at the wrong model or data should see why accuracy is low.
+    """
+    if data.class_names:
+        known = len(data.class_names)
+    elif data.source_top is not None:
+        known = data.source_top + 1
+    elif len(data) and data.y.numel():
+        known = int(data.y.max()) + 1
+    else:
+        return None
+    if num_classes <= known:
+        return None
+    extra = f"class {known}" if num_classes == known + 1 else f"classes {known} to {num_classes - 1}"
+    return (
+        f"the model scores {num_classes} classes and the data's labels run 0 to {known - 1}: "
+        f"a prediction of {extra} counts as a mistake"
+    )
+
+
 def _check_shape(data: Dataset, input_shape: tuple[int, ...] | None) -> str | None:
     if input_shape is None:
         return None
