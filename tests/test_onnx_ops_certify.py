@@ -291,6 +291,18 @@ def test_an_elementwise_function_is_refused_naming_it_whatever_the_node_is_calle
     assert f"node_7: OnnxFunction ({function})" in message, message
 
 
+def test_a_product_of_two_input_dependent_tensors_is_refused_saying_why(tmp_path) -> None:
+    """Attention's query-key MatMul (two operands that both depend on the input) was refused as
+    `MatMul: OnnxMatMul` alone (red team 68, VNN-COMP 2023 ViTs), which did not say what is wrong with it."""
+    g = _Graph(11)
+    c = g.conv("x", "c", 2, pads=[1, 1, 1, 1])  # (N, 2, 6, 6)
+    t = g.node("Transpose", [c], "t", perm=[0, 1, 3, 2])
+    scores = g.node("MatMul", [c, t], "qk")  # (N, 2, 6, 6): bilinear in the input
+    g.head(scores, 2 * 6 * 6)
+    message = _refusal(g.save(tmp_path / "qk.onnx"))
+    assert "OnnxMatMul: a product of two input-dependent tensors" in message, message
+
+
 def test_dilated_max_pool_after_minus_inf_padding_is_refused(tmp_path) -> None:
     """A dilated window can skip the edge cell, so edge copies could change its maximum: refused, not rewritten."""
     g = _Graph(5)

@@ -1790,6 +1790,15 @@ def _linear_operand(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> _
     return found[0] if len(found) == 1 else None
 
 
+def _bilinear(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> bool:
+    """Whether the node is a product (matmul, einsum, ...) of two or more input-dependent operands."""
+    if not _in_family(n, gm, _ONNX_LINEAR, _LINEAR_METHODS, _ATEN_LINEAR, _LINEAR_FUNCTIONS) or _is_where(n, gm):
+        return False
+    found: list[_Var] = []
+    fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, _Var) else None)
+    return len(found) >= 2
+
+
 RUN_SEEDS = (20261206, 1)  # the RNG seeds of `_walk`'s two runs of a graph: what differs between them is random
 
 
@@ -1911,7 +1920,7 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
         out_shape = tuple(value.shape)
         try:
             index = _op_index(b, name, n, gm, list(args), dict(kwargs), values, out_shape, dtypes)
-        except CertificateUnavailable:
+        except CertificateUnavailable as exc:
             if value.dtype not in _FLOATS:
                 raise  # the bound reproduces float32 / float64 arithmetic only
             operand = _linear_operand(n, gm, args, kwargs)
@@ -1919,6 +1928,11 @@ def _walk(b: _Builder, gm: fx.GraphModule, example: torch.Tensor, input_index: i
                 index = b.linear_map(name, operand, _rerun(n, gm, list(args), dict(kwargs), F64), out_shape)
             elif _is_where(n, gm) and len(args) == 3 and not kwargs and all(isinstance(a, _Var) for a in args[1:]):
                 index = b.masked_choice(name, args[0], args[1], args[2], out_shape)
+            elif _bilinear(n, gm, args, kwargs):
+                raise CertificateUnavailable(
+                    f"{exc.what}: a product of two input-dependent tensors (bilinear, as attention's query-key "
+                    "product); the bounds handle products with one constant operand only"
+                ) from None
             else:
                 raise
         if b.nodes[index].shape != out_shape:
