@@ -844,28 +844,53 @@ def test_an_onnx_graph_listed_out_of_running_order_is_read_in_it(tmp_path: Path)
 
 
 def test_exact_onnx_translation_is_checked_and_noted(tmp_path: Path) -> None:
-    """At scale 2 the same Resize modes pick the same pixels as torch's (onnx2torch warns all the same):
-    the translation matches the file, robaudit says it checked, and audits it. Samples cannot prove a
-    translation that onnx2torch itself calls inexact exact on a whole ball, so no certificate."""
+    """At scale 2 ONNX's default nearest modes pick the same pixels as torch's (onnx2torch warns all the
+    same). A nearest Resize copies pixels by a map the shapes fix, so the node check, bit for bit on an
+    input whose values are all distinct, proves the maps equal: the warning is settled, the note says so,
+    and the file is certified (red team 68: a VNN-COMP cGAN with Upsample x2 got no certificate)."""
     path = tmp_path / "resize2.onnx"
     _resize(path, 2.0)
     raw = load_model(path)
     assert any("nearest_mode" in hint for hint in raw.reference.hints)
     model, info = wrap(raw)
-    assert _checked_note("onnxruntime") in info.notes
+    assert any("nearest-neighbour Resize may pick other pixels is settled" in n for n in info.notes), info.notes
+    assert model.inexact is None
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     x = torch.rand(3, *SHAPE)
     np.testing.assert_allclose(model(x).numpy(), session.run(None, {"x": x.numpy()})[0], atol=1e-5, rtol=1e-5)
-    from robaudit.certify import CertificateUnavailable, certify_l2
+    from robaudit.certify import certify_l2
 
-    with pytest.raises(CertificateUnavailable, match="onnx2torch warned that its translation may differ"):
-        certify_l2(model, x, model(x).argmax(1))
-    path = tmp_path / "relu.onnx"  # no warning: the checked translation is certified
-    _graph_before_gemm(path, [helper.make_node("Relu", ["x"], ["pre"])], [], 64)
-    model, _ = wrap(load_model(path))
     assert certify_l2(model, x, model(x).argmax(1)).radius.gt(0).all()
+    path = tmp_path / "relu.onnx"  # no warning: the checked translation is certified, with the plain note
+    _graph_before_gemm(path, [helper.make_node("Relu", ["x"], ["pre"])], [], 64)
+    model, info = wrap(load_model(path))
+    assert _checked_note("onnxruntime") in info.notes
+    assert certify_l2(model, x, model(x).argmax(1)).radius.gt(0).all()
+
+
+@pytest.mark.parametrize(("modes", "exact"), [
+    ({}, True),  # half_pixel, round_prefer_floor: pixels 0 0 1 1 ..., as torch's floor
+    ({"coordinate_transformation_mode": "asymmetric", "nearest_mode": "floor"}, True),
+    ({"nearest_mode": "floor"}, False),  # floor(x / 2 - 0.25): pixels 0 0 0 1 ..., one off torch's
+    ({"coordinate_transformation_mode": "align_corners"}, True),  # 8 -> 16: round(7 x / 15) is floor(x / 2) too
+    ({"coordinate_transformation_mode": "asymmetric", "nearest_mode": "round_prefer_ceil"}, False),  # 0 1 1 2 ...
+])  # fmt: skip
+def test_the_node_check_tells_a_nearest_resize_that_picks_other_pixels(modes: dict, exact: bool, tmp_path: Path) -> None:
+    """The node check compares a nearest Resize bit for bit on distinct values: equal outputs mean
+    equal index maps, and a map one pixel off is found (what lets the check settle onnx2torch's warning)."""
+    from robaudit.models.onnx_file import _convert
+    from robaudit.models.onnx_nodes import check_nodes
+
+    path = tmp_path / "resize.onnx"
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "sc")
+    _graph_before_gemm(path, [helper.make_node("Resize", ["x", "", "sc"], ["pre"], mode="nearest", **modes)], [scales], 256)
+    graph = onnx.load(str(path))
+    reason = check_nodes(graph, np.random.default_rng(0).random((2, *SHAPE), dtype=np.float32), lambda m: _convert(m, []))
+    assert (reason is None) == exact, reason
+    if not exact:
+        assert "Resize" in reason and "into something else" in reason
 
 
 def test_translation_check_falls_back_to_onnx_reference_then_says_it_could_not_check(

@@ -31,6 +31,27 @@ from robaudit.models.onnx_reference import ort_session
 DRAWS = 3  # random inputs per node
 RTOL, ATOL = 1e-4, 1e-30  # of the largest output magnitude, as in the whole-network check (no absolute floor: tiny values)
 _SHAPE_ONLY = {"Shape", "Size"}  # their outputs depend on the shape of the image, not on its values
+# onnx2torch's warnings that its nearest-neighbour Resize may pick other pixels than the file's modes
+# (nearest_mode, coordinate_transformation_mode): `check_nodes` settles them exactly
+_NEAREST_WARNINGS = ("Pytorch's nearest neighbor interpolate uses", "Pytorch's nearest neighbor interpolation uses")
+
+
+def nearest_warnings_only(hints: list[str]) -> bool:
+    """Whether every onnx2torch warning is about the pixels a nearest-neighbour Resize picks.
+
+    Such a Resize copies input pixels by an index map fixed by the shapes alone. On an input
+    whose values are all distinct, equal outputs mean equal maps, so a node check that compares
+    it exactly on such an input (`check_nodes`) proves the translation exact on every input.
+    """
+    return bool(hints) and all(h.startswith(_NEAREST_WARNINGS) for h in hints)
+
+
+def _nearest(node: onnx.NodeProto) -> bool:
+    """A Resize or Upsample in nearest-neighbour mode (ONNX's default mode)."""
+    if node.op_type not in ("Resize", "Upsample"):
+        return False
+    mode = next((a.s for a in node.attribute if a.name == "mode"), b"nearest")
+    return mode == b"nearest"
 
 
 def check_nodes(
@@ -81,13 +102,15 @@ def check_nodes(
             mini, feeds = _cut_out(node, inits, constants, values, data, opsets[0], model.ir_version, model.functions)
             net = convert(mini).eval()  # inference: batch norm with its running statistics, no dropout
             session, ref_feeds = _reference(mini, feeds, opsets, twins.get(node.output[0]), values, data)
-            for _ in range(DRAWS):
-                feed = {name: _draw(value, rng) if random else value for name, (value, random) in feeds.items()}
+            exact = _nearest(node)  # copies pixels: compared bit for bit, first on distinct values
+            for draw in range(DRAWS):
+                pick = _distinct if exact and draw == 0 else _draw
+                feed = {name: pick(value, rng) if random else value for name, (value, random) in feeds.items()}
                 want = session.run(None, {name: feed.get(name, value) for name, (value, _) in ref_feeds.items()})
                 with torch.no_grad():
                     got = net(*[torch.from_numpy(np.array(feed[name])) for name in feeds])
                 got = list(got) if isinstance(got, (tuple, list)) else [got]
-                size = _difference(got, want, rtol)
+                size = _difference(got, want, 0.0 if exact else rtol)
                 if size is not None:
                     return f"onnx2torch translates {what} into something else (outputs differ by up to {size:.3g} on random inputs)"
         except Exception as exc:  # noqa: BLE001 - an op that cannot stand alone: unchecked, so not certified
@@ -172,6 +195,15 @@ def _draw(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     scale = float(np.abs(value).max()) if value.size else 1.0
     scale = scale if np.isfinite(scale) and scale > 0 else 1.0
     return (value + scale * rng.standard_normal(value.shape)).astype(value.dtype)
+
+
+def _distinct(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A tensor of the same shape and dtype whose values are all distinct (a shuffled range; random
+    draws beyond the integers the dtype holds exactly), spread like `_draw`'s."""
+    exact_up_to = 2 ** (np.finfo(value.dtype).nmant + 1) if value.dtype.kind == "f" else 0
+    if not 0 < value.size <= exact_up_to:
+        return _draw(value, rng)
+    return (rng.permutation(value.size).reshape(value.shape) - value.size / 2).astype(value.dtype)
 
 
 def _difference(got: list, want: list, rtol: float) -> float | None:

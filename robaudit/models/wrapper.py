@@ -253,13 +253,16 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
         model.inexact = model.inexact or (
             f"the ONNX file takes {np.dtype(reference.dtype).name} input: radii would bound float32 inputs, not the file's own"
         )
-    if hints:
-        model.inexact = f"onnx2torch warned that its translation may differ from the ONNX file ({hints[0]})"
+    from robaudit.models.onnx_nodes import nearest_warnings_only
+
+    warned = f"onnx2torch warned that its translation may differ from the ONNX file ({hints[0]})" if hints else None
+    if warned and not nearest_warnings_only(hints):  # else settled by the node-by-node check, or not (`_check_nodes`)
+        model.inexact = warned
     try:
         with torch.no_grad():
             ref = twin(z).double()
     except Exception as exc:  # noqa: BLE001 - no evaluator can run the graph
-        model.inexact = model.inexact or "the ONNX-to-PyTorch translation could not be checked against the file"
+        model.inexact = model.inexact or warned or "the ONNX-to-PyTorch translation could not be checked against the file"
         return f"the ONNX-to-PyTorch translation could not be checked against the file ({one_line(exc, 200)})"
     with torch.no_grad():
         got = model(z).double()
@@ -274,7 +277,7 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     with torch.no_grad():
         again = twin(z).double()
     if not within_rounding(again, ref, rtol):  # no radius can hold for every draw of the file's own run
-        model.inexact = model.inexact or f"the ONNX graph is randomized ({engine} gives other scores on every run)"
+        model.inexact = model.inexact or warned or f"the ONNX graph is randomized ({engine} gives other scores on every run)"
         return f"the ONNX graph is randomized ({engine} gives other scores on every run): its translation was not checked"
     explained = _float32_explains(model, got, ref, z, rtol)
     if explained is not None:
@@ -422,15 +425,21 @@ def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -
     """Each node of the converted graph against onnxruntime on its own (`onnx_nodes`): a node that is not
     translated exactly, or could not be checked, leaves the translation `inexact` (no certificate).
     Returns the clause for the note."""
-    from robaudit.models.onnx_nodes import check_nodes
+    from robaudit.models.onnx_nodes import check_nodes, nearest_warnings_only
 
     if reference.translated is None or reference.convert is None:
+        if reference.hints:
+            model.inexact = model.inexact or f"onnx2torch warned that its translation may differ ({reference.hints[0]})"
         return ""
     n = reference.batch or (1 if model.batching == "per-sample" else 2)  # a batch size the graph takes
     with torch.no_grad():
         z = model.net_input(x[torch.arange(n) % len(x)].cpu()).numpy().astype(reference.dtype)
     reason = check_nodes(reference.translated, z, reference.convert, reference.rtol, original=reference.model)
     if reason is None:
+        if reference.hints and nearest_warnings_only(reference.hints):  # all about nearest-neighbour Resize (else `inexact` is set already), which
+            # check_nodes compared exactly on inputs with distinct values: same pixels picked everywhere
+            return (", and node by node on random inputs (onnx2torch's warning that its nearest-neighbour Resize "
+                    "may pick other pixels is settled: on inputs with distinct values it picks the file's own)")
         return ", and node by node on random inputs"
     model.inexact = model.inexact or f"the ONNX-to-PyTorch translation is not known to be exact: {reason}"
     return f", but not node by node ({reason}: no certificate)"
