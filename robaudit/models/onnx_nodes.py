@@ -46,6 +46,11 @@ def nearest_warnings_only(hints: list[str]) -> bool:
     return bool(hints) and all(h.startswith(_NEAREST_WARNINGS) for h in hints)
 
 
+def nearest_nodes(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """The graph's nearest-neighbour Resize and Upsample nodes (subgraphs hold none: `check_nodes` refuses them)."""
+    return [n for n in model.graph.node if _nearest(n)]
+
+
 def _nearest(node: onnx.NodeProto) -> bool:
     """A Resize or Upsample in nearest-neighbour mode (ONNX's default mode)."""
     if node.op_type not in ("Resize", "Upsample"):
@@ -55,7 +60,8 @@ def _nearest(node: onnx.NodeProto) -> bool:
 
 
 def check_nodes(
-    model: onnx.ModelProto, z: np.ndarray, convert, rtol: float = RTOL, original: onnx.ModelProto | None = None
+    model: onnx.ModelProto, z: np.ndarray, convert, rtol: float = RTOL, original: onnx.ModelProto | None = None,
+    compared: set[str] | None = None,
 ) -> str | None:
     """Why some node of `model` (the graph onnx2torch converted) is not translated exactly, or None.
 
@@ -66,7 +72,8 @@ def check_nodes(
     `original` is the file as written where robaudit converted it to an older opset for
     onnx2torch: nodes the converter carried over unchanged are only valid at the file's own
     opset, so onnxruntime runs the values and such nodes at that opset where it rejects the
-    converted one.
+    converted one. `compared` collects the first output of every node checked and found exact
+    (nodes computed from constants alone are not checked here).
     """
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
@@ -113,6 +120,8 @@ def check_nodes(
                 size = _difference(got, want, 0.0 if exact else rtol)
                 if size is not None:
                     return f"onnx2torch translates {what} into something else (outputs differ by up to {size:.3g} on random inputs)"
+            if compared is not None and node.output:
+                compared.add(node.output[0])
         except Exception as exc:  # noqa: BLE001 - an op that cannot stand alone: unchecked, so not certified
             return f"the translation of {what} could not be checked on its own ({one_line(exc, 160)})"
     return None

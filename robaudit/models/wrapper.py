@@ -30,9 +30,6 @@ if TYPE_CHECKING:
 BATCH_RTOL, BATCH_ATOL = 1e-4, 1e-5
 PROB_ATOL = 1e-4
 SWITCH_RTOL = 1e-4  # of the largest score: runs under robaudit's settings and the model's defaults agree within it
-ENGINE_SPREAD = 16.0  # the file's engine may stray from a float64 run of the translation this many times as far as
-# the float32 translation does (other summation orders, blocking, fused multiply-adds; 7x seen): `_float32_explains`
-FLOAT32_CEILING = 1e-3  # ... while neither strays farther than this (of the largest score)
 SCORE_FLOOR = 1e-30  # of a score, below any float32 rounding of ordinary scores: rows of zeros agree
 REFERENCE_SAMPLES = 8  # probe samples the ONNX translation is checked on, with as many random and noisy inputs
 LOG_FLOOR = 1e-30
@@ -267,7 +264,7 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     with torch.no_grad():
         got = model(z).double()
     engine, rtol = reference.engine, reference.rtol
-    if within_rounding(got, ref, rtol):
+    if within_rounding(got, ref, rtol) and margins_agree(got, ref, rtol):
         model._file = (twin,)
         nodes = _check_nodes(model, reference, x)
         return (
@@ -279,13 +276,15 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     if not within_rounding(again, ref, rtol):  # no radius can hold for every draw of the file's own run
         model.inexact = model.inexact or warned or f"the ONNX graph is randomized ({engine} gives other scores on every run)"
         return f"the ONNX graph is randomized ({engine} gives other scores on every run): its translation was not checked"
-    explained = _float32_explains(model, got, ref, z, rtol)
-    if explained is not None:
+    nodes = _check_nodes(model, reference, x)  # a node translated into something else leaves `inexact` set
+    if model.inexact is None and _float32_explains(model, twin, z):
         model._file = (twin,)
-        nodes = _check_nodes(model, reference, x)
         return (
             f"ONNX-to-PyTorch translation checked against {engine} on {len(z)} inputs ({m} data samples){nodes}: "
-            f"{explained}; clean predictions, adversarial examples and certificate probes are confirmed in {engine} too"
+            f"their scores differ by up to {float((got - ref).abs().amax()):.3g}, more than {rtol:g} of the largest "
+            "score, but every margin of both is within a rigorous bound of its float32 rounding from the float64 "
+            f"graph of the translation; clean predictions, adversarial examples and certificate probes are "
+            f"confirmed in {engine} too"
         )
     if ref.shape == got.shape:
         differ = f"class scores differ by up to {float((got - ref).abs().amax()):.3g} from {engine}"
@@ -299,37 +298,32 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
     )
 
 
-def _float32_explains(model: AuditModel, got: torch.Tensor, ref: torch.Tensor, z: torch.Tensor, rtol: float) -> str | None:
-    """Whether float32 rounding of one function explains scores of the translation (`got`) and the
-    file's engine (`ref`) that differ by more than `rtol`; the clause for the note if so, else None.
+def _float32_explains(model: AuditModel, twin: AuditModel, z: torch.Tensor) -> bool:
+    """Whether float32 rounding of one function explains translation and file scores that differ
+    by more than the relative tolerance: an ill-conditioned net (scores formed as differences of
+    far larger sums; a VNN-COMP generator fed latent values near -150).
 
-    On an ill-conditioned net (large activations summed over wide layers: a VNN-COMP generator
-    fed latent values near -150) both float32 evaluations can stray from the exact function by
-    more than `rtol` of the largest score. A float64 copy of the translation stands for that
-    function: if the engine lies no farther from it than `ENGINE_SPREAD` times the float32
-    translation does, and neither distance exceeds `FLOAT32_CEILING` of the largest score, both
-    compute the translated function, each with its own rounding. An op translated wrongly moves
-    the engine's scores by far more on these inputs. None where the
-    float64 copy does not run (a translated op that makes float32 constants at run time).
+    The yardstick is the certificate's (`certify.fidelity.check_graph`): the float64 graph of
+    the translation must reproduce every margin to the top class of both the translation and
+    the file within a rigorous bound of that margin's float32 rounding at that input
+    (`rounding.point_rounding`). A comparison of worst cases relative to the largest score let
+    a mistranslation as large as that bound on the worst entry through on every entry
+    (red team 69). False wherever the graph cannot be built (an op the bound does not read,
+    a translation already known to be inexact): the file is then refused.
     """
+    from robaudit.certify.errors import CertificateUnavailable
+    from robaudit.certify.fidelity import check_graph
+    from robaudit.certify.graph import build_graph
+
     try:
-        exact_twin = _twin(model, copy.deepcopy(model.net).double(), torch.float64)
         with torch.no_grad():
-            exact = exact_twin(z.double()).double()
-    except Exception:  # noqa: BLE001 - the translation does not run in float64: no yardstick
-        return None
-    if exact.shape != ref.shape or exact.shape != got.shape or not bool(torch.isfinite(exact).all()):
-        return None
-    scale = exact.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
-    own = float(((got - exact).abs() / scale).amax())  # the translation's float32 rounding, of the largest score
-    file = float(((ref - exact).abs() / scale).amax())
-    if not (max(own, file) <= FLOAT32_CEILING and file <= max(rtol, ENGINE_SPREAD * own)):
-        return None
-    return (
-        f"their scores differ by up to {float((got - ref).abs().amax()):.3g}, more than {rtol:g} of the largest score, "
-        f"but both are float32 rounding of one function: a float64 run of the translation is {own:.2g} (of the largest "
-        f"score) from the translation and {file:.2g} from the file"
-    )
+            graph = build_graph(model, z[:1])
+            check_graph(graph, [(model, ""), (twin, "")], z)
+    except CertificateUnavailable:
+        return False
+    except Exception:  # noqa: BLE001 - a graph the bound code cannot walk proves nothing either
+        return False
+    return True
 
 
 def _twin(model: AuditModel, net: torch.nn.Module, dtype: torch.dtype = torch.float32) -> AuditModel:
@@ -425,7 +419,7 @@ def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -
     """Each node of the converted graph against onnxruntime on its own (`onnx_nodes`): a node that is not
     translated exactly, or could not be checked, leaves the translation `inexact` (no certificate).
     Returns the clause for the note."""
-    from robaudit.models.onnx_nodes import check_nodes, nearest_warnings_only
+    from robaudit.models.onnx_nodes import check_nodes, nearest_nodes, nearest_warnings_only
 
     if reference.translated is None or reference.convert is None:
         if reference.hints:
@@ -434,10 +428,21 @@ def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -
     n = reference.batch or (1 if model.batching == "per-sample" else 2)  # a batch size the graph takes
     with torch.no_grad():
         z = model.net_input(x[torch.arange(n) % len(x)].cpu()).numpy().astype(reference.dtype)
-    reason = check_nodes(reference.translated, z, reference.convert, reference.rtol, original=reference.model)
+    compared: set[str] = set()
+    reason = check_nodes(reference.translated, z, reference.convert, reference.rtol, original=reference.model,
+                         compared=compared)  # fmt: skip
+    if reason is None and reference.hints and nearest_warnings_only(reference.hints):
+        unchecked = [n for n in nearest_nodes(reference.translated) if n.output[0] not in compared]
+        if unchecked:  # computed from constants alone: never compared, so the warning stands
+            node = unchecked[0]
+            model.inexact = model.inexact or (
+                f"onnx2torch warned that its translation may differ ({reference.hints[0]}), and its nearest-neighbour "
+                f"node {node.name or node.output[0]} ({node.op_type}) could not be checked on its own"
+            )
+            return ", and node by node on random inputs"
     if reason is None:
-        if reference.hints and nearest_warnings_only(reference.hints):  # all about nearest-neighbour Resize (else `inexact` is set already), which
-            # check_nodes compared exactly on inputs with distinct values: same pixels picked everywhere
+        if reference.hints and nearest_warnings_only(reference.hints):  # all about nearest-neighbour Resize, each
+            # compared exactly on inputs with distinct values: the same pixels picked on every input
             return (", and node by node on random inputs (onnx2torch's warning that its nearest-neighbour Resize "
                     "may pick other pixels is settled: on inputs with distinct values it picks the file's own)")
         return ", and node by node on random inputs"
@@ -516,6 +521,24 @@ def _refuse_state_changes(
 def within_rounding(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
     """Same shape and every score within `rtol` of the sample's largest one (plus `SCORE_FLOOR`)."""
     return got.shape == ref.shape and bool(rounding_agreement(got, ref, rtol).all())
+
+
+def margins_agree(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> bool:
+    """Every margin to `ref`'s top class within `rtol` of the two scores it subtracts (plus `SCORE_FLOOR`).
+
+    `within_rounding` alone scales every score's tolerance by the row's largest: one class of
+    huge constant score (-1e6 on a class never predicted) let a 10-logit mistranslation of the
+    others through (red team 69). Decisions are margins, so margins are held to their own size.
+    """
+    if got.shape != ref.shape:
+        return False
+    if ref.dim() < 2 or ref.shape[1] == 0:
+        return True
+    top = ref.nan_to_num(-math.inf, math.inf, -math.inf).argmax(dim=1, keepdim=True)
+    want, have = ref.gather(1, top) - ref, got.gather(1, top) - got
+    scale = rtol * (ref.gather(1, top).abs() + ref.abs()) + SCORE_FLOOR
+    same = (have == want) | (have.isnan() & want.isnan())
+    return bool((((have - want).abs() <= scale) | same).all())
 
 
 def rounding_agreement(got: torch.Tensor, ref: torch.Tensor, rtol: float) -> torch.Tensor:
