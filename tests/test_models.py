@@ -774,15 +774,17 @@ def _mistranslated_term(rng: np.random.Generator, source: str, size: float) -> t
     return nodes, inits
 
 
-@pytest.mark.parametrize("case", ["huge constant class", "ill-conditioned class"])
+@pytest.mark.parametrize("case", ["huge constant class", "ill-conditioned class", "common offset"])
 def test_a_mistranslation_hidden_by_one_huge_score_is_refused(case: str, tmp_path: Path) -> None:
     """Red team 69. (a) One class of constant score -1e6 widened the check, relative to the largest score,
     to 100 on every score: a CumSum translated into another sum moved the others by up to 10 logits, and
     101 of 360 predictions differed from onnxruntime's, with exit code 0. (b) A class scored as
     (w.x + 1e7) - (1e7 + 1e4), whose float32 rounding is about 0.5, let the float64 yardstick of the first
     version of the ill-conditioned path accept a mistranslation computed from Shape(x) alone, which the
-    node check never sees; robust accuracy came out 6.7 points above the file's. Margins to the top class
-    are now held to their own size, and the ill-conditioned path needs the certificate's rigorous bound."""
+    node check never sees; robust accuracy came out 6.7 points above the file's. (c) Red team 70: an offset
+    of 1e5 on every score widened both tolerances to 10-20 logits; 10 samples robaudit called robust were
+    broken in onnxruntime. Margins to the top class are now held to their own size and the row's spread
+    (plus 64 ulps of the scores), and the ill-conditioned path needs the certificate's rigorous bound."""
     rng = np.random.default_rng(1)
     weight = (rng.standard_normal((10, 64)) * 0.5).astype(np.float32)
     bias = np.zeros(10, np.float32)
@@ -792,6 +794,14 @@ def test_a_mistranslation_hidden_by_one_huge_score_is_refused(case: str, tmp_pat
         bias[0] = -1e6
         nodes.append(helper.make_node("Gemm", ["f", "Wc", "bc"], ["s0"], transB=1))
         more, extra = _mistranslated_term(rng, "x", 0.2)
+    elif case == "common offset":  # a path from Shape(x) alone: the node check does not see it
+        bias[:] = 1e5
+        nodes += [
+            helper.make_node("Gemm", ["f", "Wc", "bc"], ["s0"], transB=1),
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("ConstantOfShape", ["shape"], ["ones"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+        ]
+        more, extra = _mistranslated_term(rng, "ones", 0.05)
     else:
         far = np.zeros((10, 64), np.float32)
         far[0] = rng.standard_normal(64) * 0.2
@@ -821,6 +831,11 @@ def test_a_mistranslation_hidden_by_one_huge_score_is_refused(case: str, tmp_pat
     assert 0.3 < gap < 1e-3 * np.abs(want).max() and (got.argmax(1) != want.argmax(1)).any(), gap
     with pytest.raises(RobauditError, match="does not compute what the ONNX file computes"):
         wrap_model(raw, sample_shape=SHAPE, probe=x[:8])
+    if case == "common offset":  # the same offset without the mistranslated term is audited
+        plain = [nodes[0], helper.make_node("Gemm", ["f", "Wc", "bc"], ["y"], transB=1)]
+        _save_digits_graph(path, plain, inits + [numpy_helper.from_array(bias, "bc")])
+        model, info = wrap_model(load_model(path), sample_shape=SHAPE, probe=x[:8])
+        assert model.inexact is None and any("checked against onnxruntime" in n for n in info.notes)
 
 
 def test_a_nearest_resize_no_check_compares_keeps_its_warning(tmp_path: Path) -> None:
