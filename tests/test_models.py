@@ -838,6 +838,31 @@ def test_a_mistranslation_hidden_by_one_huge_score_is_refused(case: str, tmp_pat
         assert model.inexact is None and any("checked against onnxruntime" in n for n in info.notes)
 
 
+def test_near_tied_probabilities_keep_the_tolerance_they_always_had() -> None:
+    """Red team 71: after logits of size 30-100, two near-tied probabilities of a 1000-class softmax
+    differ between onnxruntime and torch by about 1e-5 (each as far from float64), above 64 ulps of
+    the probabilities; files with LayerNorm or attention (no rigorous fallback) were refused. The
+    margin tolerance never drops below 1e-4 of the row's largest score up to 1, which no offset
+    or huge score can widen beyond 1e-4."""
+    from robaudit.models.wrapper import margins_agree
+
+    ref = torch.full((1, 1000), 0.0208 / 998, dtype=torch.float64)
+    ref[0, 674], ref[0, 630] = 0.501833, 0.477129
+    got = ref.clone()
+    got[0, 630] += 9.33e-6  # the measured gap (onnxruntime was 1.16e-5 from float64, torch 2.3e-6)
+    assert margins_agree(got, ref, 1e-4)
+    got[0, 630] += 1e-4  # a tenth of a percent of the top probability: more than rounding
+    assert not margins_agree(got, ref, 1e-4)
+    logits = ref.log()  # scores of size 10: the floor stays 1e-4, not 1e-4 of them
+    moved = logits.clone()
+    moved[0, 630] += 2e-4
+    assert not margins_agree(moved, logits, 1e-4)
+    moved, logits = moved + 1e5, logits + 1e5  # an offset of 1e5: 64 ulps of the scores, 0.76, and no more
+    assert margins_agree(moved, logits, 1e-4)
+    moved[0, 630] += 1.0
+    assert not margins_agree(moved, logits, 1e-4)
+
+
 def test_a_nearest_resize_no_check_compares_keeps_its_warning(tmp_path: Path) -> None:
     """A nearest Resize of a constant (the image is scaled by it) is never compared on its own (the node
     check compares what depends on the image), so onnx2torch's warning about it is not settled: no
