@@ -1785,8 +1785,7 @@ def _linear_operand(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> _
     linear = _in_family(n, gm, _ONNX_LINEAR, _LINEAR_METHODS, _ATEN_LINEAR, _LINEAR_FUNCTIONS)
     if not linear or (_is_where(n, gm) and (len(args) != 3 or kwargs or isinstance(args[0], _Var))):
         return None  # torch.where(cond) alone is nonzero; a mask that depends on the input selects nonlinearly
-    found: list[_Var] = []
-    fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, _Var) else None)
+    found = _input_operands(args, kwargs)
     return found[0] if len(found) == 1 else None
 
 
@@ -1794,9 +1793,14 @@ def _bilinear(n: fx.Node, gm: fx.GraphModule, args: Any, kwargs: Any) -> bool:
     """Whether the node is a product (matmul, einsum, ...) of two or more input-dependent operands."""
     if not _in_family(n, gm, _ONNX_LINEAR, _LINEAR_METHODS, _ATEN_LINEAR, _LINEAR_FUNCTIONS) or _is_where(n, gm):
         return False
+    return len(_input_operands(args, kwargs)) >= 2
+
+
+def _input_operands(args: Any, kwargs: Any) -> list[_Var]:
+    """The input-dependent operands of a call, in order, however deeply its arguments nest them."""
     found: list[_Var] = []
     fx.node.map_aggregate((args, kwargs), lambda v: found.append(v) if isinstance(v, _Var) else None)
-    return len(found) >= 2
+    return found
 
 
 RUN_SEEDS = (20261206, 1)  # the RNG seeds of `_walk`'s two runs of a graph: what differs between them is random

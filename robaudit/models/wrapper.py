@@ -253,7 +253,7 @@ def _check_translation(model: AuditModel, raw: RawModel, x: torch.Tensor) -> str
         )
     from robaudit.models.onnx_nodes import nearest_warnings_only
 
-    warned = f"onnx2torch warned that its translation may differ from the ONNX file ({hints[0]})" if hints else None
+    warned = _warned(hints)
     if warned and not nearest_warnings_only(hints):  # else settled by the node-by-node check, or not (`_check_nodes`)
         model.inexact = warned
     try:
@@ -312,7 +312,6 @@ def _float32_explains(model: AuditModel, twin: AuditModel, z: torch.Tensor) -> b
     (red team 69). False wherever the graph cannot be built (an op the bound does not read,
     a translation already known to be inexact): the file is then refused.
     """
-    from robaudit.certify.errors import CertificateUnavailable
     from robaudit.certify.fidelity import check_graph
     from robaudit.certify.graph import build_graph
 
@@ -320,11 +319,14 @@ def _float32_explains(model: AuditModel, twin: AuditModel, z: torch.Tensor) -> b
         with torch.no_grad():
             graph = build_graph(model, z[:1])
             check_graph(graph, [(model, ""), (twin, "")], z)
-    except CertificateUnavailable:
-        return False
-    except Exception:  # noqa: BLE001 - a graph the bound code cannot walk proves nothing either
+    except Exception:  # noqa: BLE001 - CertificateUnavailable, or a graph the bound code cannot walk: no proof
         return False
     return True
+
+
+def _warned(hints: list[str]) -> str | None:
+    """Why the translation is not known to be exact where onnx2torch itself warned (`AuditModel.inexact`)."""
+    return f"onnx2torch warned that its translation may differ from the ONNX file ({hints[0]})" if hints else None
 
 
 def _twin(model: AuditModel, net: torch.nn.Module, dtype: torch.dtype = torch.float32) -> AuditModel:
@@ -422,9 +424,9 @@ def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -
     Returns the clause for the note."""
     from robaudit.models.onnx_nodes import check_nodes, nearest_nodes, nearest_warnings_only
 
+    warned = _warned(reference.hints)  # where set, `inexact` is too unless every warning is about nearest Resize
     if reference.translated is None or reference.convert is None:
-        if reference.hints:
-            model.inexact = model.inexact or f"onnx2torch warned that its translation may differ ({reference.hints[0]})"
+        model.inexact = model.inexact or warned
         return ""
     n = reference.batch or (1 if model.batching == "per-sample" else 2)  # a batch size the graph takes
     with torch.no_grad():
@@ -432,21 +434,20 @@ def _check_nodes(model: AuditModel, reference: OnnxReference, x: torch.Tensor) -
     compared: set[str] = set()
     reason = check_nodes(reference.translated, z, reference.convert, reference.rtol, original=reference.model,
                          compared=compared)  # fmt: skip
-    if reason is None and reference.hints and nearest_warnings_only(reference.hints):
+    if reason is None:
+        if warned is None or not nearest_warnings_only(reference.hints):
+            return ", and node by node on random inputs"
         unchecked = [n for n in nearest_nodes(reference.translated) if n.output[0] not in compared]
         if unchecked:  # computed from constants alone: never compared, so the warning stands
             node = unchecked[0]
             model.inexact = model.inexact or (
-                f"onnx2torch warned that its translation may differ ({reference.hints[0]}), and its nearest-neighbour "
-                f"node {node.name or node.output[0]} ({node.op_type}) could not be checked on its own"
+                f"{warned}, and its nearest-neighbour node {node.name or node.output[0]} ({node.op_type}) "
+                "could not be checked on its own"
             )
             return ", and node by node on random inputs"
-    if reason is None:
-        if reference.hints and nearest_warnings_only(reference.hints):  # all about nearest-neighbour Resize, each
-            # compared exactly on inputs with distinct values: the same pixels picked on every input
-            return (", and node by node on random inputs (onnx2torch's warning that its nearest-neighbour Resize "
-                    "may pick other pixels is settled: on inputs with distinct values it picks the file's own)")
-        return ", and node by node on random inputs"
+        # every nearest Resize compared exactly on inputs with distinct values: the same pixels on every input
+        return (", and node by node on random inputs (onnx2torch's warning that its nearest-neighbour Resize "
+                "may pick other pixels is settled: on inputs with distinct values it picks the file's own)")
     model.inexact = model.inexact or f"the ONNX-to-PyTorch translation is not known to be exact: {reason}"
     return f", but not node by node ({reason}: no certificate)"
 
