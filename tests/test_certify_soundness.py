@@ -780,6 +780,26 @@ def test_noise_drawn_inside_forward_is_refused(draw) -> None:
     assert torch.equal(torch.random.get_rng_state(), state)
 
 
+class _WritesInput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sub_(0.5)
+        return self.fc(torch.relu(x).flatten(1))
+
+
+@pytest.mark.parametrize("script", [False, True], ids=["module", "scripted"])
+def test_a_net_that_writes_into_its_input_is_refused_saying_so(script: bool) -> None:
+    """Refused, and the reason names the write: it was blamed on random draws or state kept between calls
+    (red team 73), because every check ran on the one tensor the net had changed."""
+    torch.manual_seed(0)
+    net = torch.jit.script(_WritesInput()) if script else _WritesInput()
+    reason = _refused(net)
+    assert "writes into its input tensor in place" in reason, reason
+
+
 def test_a_model_passed_in_training_mode_is_certified_in_eval_mode_and_says_so() -> None:
     """Dropout and batch statistics make a training-mode output random or batch-dependent: the radii are the
     eval-mode model's, the notes say so, and each submodule's mode is given back exactly as it was."""

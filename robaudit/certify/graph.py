@@ -2030,14 +2030,22 @@ def _refuse_random(net: nn.Module, example: torch.Tensor) -> None:
     be certified for the branch the attacks never see.
     """
     outs = []
+    written = False  # whether a run wrote into its input tensor
     try:
         with torch.random.fork_rng(devices=[]):
             for seed, grad in ((RUN_SEEDS[0], False), (RUN_SEEDS[1], False), (RUN_SEEDS[0], True)):
                 torch.manual_seed(seed)
+                fed = example.clone()
                 with torch.set_grad_enabled(grad):
-                    outs.append(_detached(net(example)))
+                    outs.append(_detached(net(fed)))
+                written = written or not _same(fed, example)
     except Exception as exc:  # noqa: BLE001 - the user's code, run on one sample at batch 1
         raise CertificateUnavailable(f"{type(net).__name__}: fails on one sample ({error_line(exc)})") from None
+    if written:  # the scan hands the net a fresh copy each call; the bound's graph has no such write
+        raise CertificateUnavailable(
+            f"{type(net).__name__}: it writes into its input tensor in place (e.g. x.sub_(...) on the input), "
+            "which the bound's graph does not model"
+        )
     if not _same(outs[0], outs[1]):
         raise CertificateUnavailable(
             f"{type(net).__name__}: its output changes from run to run on the same input (random draws, or "

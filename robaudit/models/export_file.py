@@ -127,15 +127,18 @@ def load_export(path: Path) -> RawModel:
     flipped = _to_inference(module)
     inexact = None
     if flipped:
+        # exported in training mode, or calling F.batch_norm / F.dropout with training=True: the
+        # graph cannot tell which, only that the file's program uses batch statistics or drops units
         notes.append(
-            f"torch.export graph was saved in training mode; switched {flipped} batch-norm/dropout "
-            "op(s) to inference behaviour"
+            f"the torch.export graph runs {flipped} batch-norm/dropout op(s) in training mode (exported in "
+            "training mode, or called with training=True); robaudit switched them to inference behaviour "
+            "(running statistics, no dropout) and audits that rewrite"
         )
-        # the file's own graph normalizes with batch statistics (and drops units at random):
         # radii of the rewrite would not be about the program the file holds
         inexact = (
-            f"the torch.export program was saved in training mode, and robaudit switched {flipped} batch-norm/dropout "
-            "op(s) to inference: radii would be about that rewrite, not the program in the file"
+            f"the torch.export program runs {flipped} batch-norm/dropout op(s) in training mode (batch "
+            "statistics, random dropout), and robaudit switched them to inference: radii would be about that "
+            "rewrite, not the program in the file"
         )
     module = module.to("cpu")
     return RawModel(
