@@ -627,3 +627,21 @@ def test_a_file_that_uses_a_domain_robaudit_writes_its_rewrites_in_is_refused(do
     path = _reserved_domain_file(tmp_path / "reserved.onnx", domain, op, opset)
     with pytest.raises(RobauditError, match=f"operator domain '{domain}', which robaudit reserves"):
         load_model(path)
+
+
+def test_a_max_over_every_axis_is_checked_node_by_node_and_refused_saying_why(tmp_path) -> None:
+    """ReduceMax over every axis gives a 0-d value; its node check drew a numpy scalar for it, which
+    onnxruntime rejects, so the refusal quoted `Unable to handle object of type <class 'numpy.float32'>`
+    (red team 72). The node is now checked like any other and the refusal names the batch axis."""
+    from onnx2torch import convert
+
+    from robaudit.models.onnx_nodes import check_nodes
+
+    g = _Graph(12)
+    top = g.node("ReduceMax", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "m", keepdims=0)  # 0-d
+    g.head(g.node("Relu", [g.node("Sub", [g.conv("x", "d", 3, pads=[1, 1, 1, 1]), top], "s")], "r"), 3 * 6 * 6)
+    path = g.save(tmp_path / "max_all.onnx", opset=13)
+    z = np.random.default_rng(0).random((1, *SHAPE), dtype=np.float32)
+    assert check_nodes(onnx.load(str(path)), z, convert) is None
+    message = _refusal(path)
+    assert "ReduceMax over every axis, the batch axis included" in message, message

@@ -203,7 +203,7 @@ def _draw(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A random tensor of the same shape and dtype, spread like `value` (at least unit scale around it)."""
     scale = float(np.abs(value).max()) if value.size else 1.0
     scale = scale if np.isfinite(scale) and scale > 0 else 1.0
-    return (value + scale * rng.standard_normal(value.shape)).astype(value.dtype)
+    return np.asarray(value + scale * rng.standard_normal(value.shape), dtype=value.dtype)  # 0-d stays an array
 
 
 def _distinct(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -212,7 +212,7 @@ def _distinct(value: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     exact_up_to = 2 ** (np.finfo(value.dtype).nmant + 1) if value.dtype.kind == "f" else 0
     if not 0 < value.size <= exact_up_to:
         return _draw(value, rng)
-    return (rng.permutation(value.size).reshape(value.shape) - value.size / 2).astype(value.dtype)
+    return np.asarray(rng.permutation(value.size).reshape(value.shape) - value.size / 2, dtype=value.dtype)
 
 
 def _difference(got: list, want: list, rtol: float) -> float | None:
