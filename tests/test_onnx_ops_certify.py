@@ -343,6 +343,20 @@ def test_auto_pad_same_is_written_as_the_explicit_pads_onnxruntime_uses(mode: st
     assert (cert.radius > 0).all()
 
 
+def test_a_strided_same_conv_on_a_free_image_size_is_refused_saying_what_to_fix(tmp_path) -> None:
+    """Its pads depend on the image size the file leaves free: the error quoted onnx2torch's bare
+    `"SAME_UPPER" auto_pad is not implemented` (red team 72); it now says why and what to change."""
+    g = _Graph(6)
+    g.head(g.node("Conv", ["x", g.weight("c_w", (3, 2, 3, 3))], "c", auto_pad="SAME_UPPER", strides=[2, 2]), 3 * 3 * 3)
+    path = g.save(tmp_path / "same_free.onnx")
+    model = onnx.load(str(path))
+    for dim, name in zip(model.graph.input[0].type.tensor_type.shape.dim[2:], ("H", "W")):
+        dim.dim_param = name
+    onnx.save(model, str(path))
+    with pytest.raises(RobauditError, match="auto_pad SAME_UPPER/SAME_LOWER on an input whose height or width the file leaves free"):
+        load_model(path)
+
+
 @pytest.mark.parametrize(
     "attrs",
     [

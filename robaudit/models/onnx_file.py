@@ -878,6 +878,13 @@ def _to_torch(model: onnx.ModelProto, path: Path, hints: list[str]) -> tuple:
             f"even after converting the graph to opsets {', '.join(map(str, FALLBACK_OPSETS))}; "
             "re-export the model with a lower opset or save it as TorchScript or torch.export (.pt2)"
         )
+    if "auto_pad is not implemented" in str(first) and any(_is_same_padded(n) for n in model.graph.node):
+        raise RobauditError(
+            f"cannot convert ONNX file {path} to PyTorch: a strided node with auto_pad SAME_UPPER/SAME_LOWER on an "
+            "input whose height or width the file leaves free pads by the image size, which robaudit can write out "
+            "only when the size is fixed; fix the input's size in the file "
+            "(onnx.tools.update_model_dims.update_inputs_outputs_dims) or re-export it with explicit padding"
+        )
     raise RobauditError(f"cannot convert ONNX file {path} to PyTorch with onnx2torch: {one_line(first)}")
 
 
