@@ -659,3 +659,17 @@ def test_a_max_over_every_axis_is_checked_node_by_node_and_refused_saying_why(tm
     assert check_nodes(onnx.load(str(path)), z, convert) is None
     message = _refusal(path)
     assert "ReduceMax over every axis, the batch axis included" in message, message
+
+
+def test_weights_listed_as_graph_inputs_are_named_in_a_note(tmp_path) -> None:
+    """A file may list initializers as graph inputs too (IR < 4 files list every weight so), which an
+    onnxruntime caller can override: the scan audits the file's values, and now says so (red team 72)."""
+    g = _Graph(13)
+    g.head(g.node("Relu", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "r"), 3 * 6 * 6)
+    path = g.save(tmp_path / "weights_as_inputs.onnx")
+    model = onnx.load(str(path))
+    model.graph.input.append(helper.make_tensor_value_info("c_w", TensorProto.FLOAT, [3, 2, 3, 3]))
+    onnx.save(model, str(path))
+    raw = load_model(path)
+    assert any(n.startswith("the ONNX file lists 1 initializer(s) as graph inputs too (c_w)") for n in raw.notes), raw.notes
+    assert not any("graph inputs too" in n for n in load_model(g.save(tmp_path / "plain.onnx")).notes)

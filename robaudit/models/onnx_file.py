@@ -919,6 +919,13 @@ def load_onnx(path: Path) -> RawModel:
         raise RobauditError(
             f"ONNX file {path} takes {len(inputs)} inputs; robaudit audits classifiers with exactly one image input"
         )
+    overridable = [i.name for i in model.graph.input if i.name in initializers]
+    if overridable:  # IR < 4 files list every weight as an input: a caller could feed other values
+        shown = ", ".join(overridable[:3]) + (", ..." if len(overridable) > 3 else "")
+        notes.append(
+            f"the ONNX file lists {len(overridable)} initializer(s) as graph inputs too ({shown}), which a caller "
+            "may feed other values; robaudit audits the model with the values the file holds"
+        )
     elem = inputs[0].type.tensor_type.elem_type
     if elem not in _FLOAT_TYPES:
         name = onnx.TensorProto.DataType.Name(elem) if elem else "unknown"
