@@ -1819,3 +1819,30 @@ def test_safetensors_weights_build_the_architecture_in_their_own_precision(zoo: 
     x = torch.rand((4, *SHAPE), generator=torch.Generator().manual_seed(0))
     with pytest.raises(CertificateUnavailable, match=f"weights are {name}"):
         certify_l2(model, x, model(x).argmax(1), budget="fast")
+
+
+@pytest.mark.parametrize("how", ["script", "trace"])
+def test_a_channel_last_torchscript_file_gets_its_samples_permuted(how: str, tmp_path: Path) -> None:
+    """TorchScript states no input shape: a net taking (H, W, C) images failed on the (C, H, W) samples with a
+    conv channel error, from NCHW and from NHWC data alike (red team 74). A net that fails on the samples' layout
+    and runs on the channel-last one now gets its samples permuted, with a note, and certifies with its
+    channel-first twin's radii; a net that runs on (C, H, W) keeps that layout."""
+    from robaudit.certify import certify_l2
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 4, 5)).eval()
+    hwc = _HWC(net).eval()
+    saved = torch.jit.script(hwc) if how == "script" else torch.jit.trace(hwc, torch.rand(2, 8, 6, 3))
+    saved.save(str(tmp_path / "hwc.pt"))
+    raw = load_model(tmp_path / "hwc.pt")
+    x = torch.rand(6, 3, 8, 6, generator=torch.Generator().manual_seed(2))
+    model, info = wrap_model(raw, sample_shape=(3, 8, 6), probe=x)
+    assert model.channels_last and any("runs on channel-last 8x6x3 ones" in note for note in info.notes), info.notes
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
+    y = net(x).argmax(1)
+    torch.testing.assert_close(certify_l2(model, x, y, budget="fast").radius, certify_l2(net, x, y, budget="fast").radius,
+                               rtol=1e-6, atol=0.0)  # fmt: skip
+    torch.jit.script(net).save(str(tmp_path / "chw.pt"))
+    model, info = wrap_model(load_model(tmp_path / "chw.pt"), sample_shape=(3, 8, 6), probe=x)
+    assert not model.channels_last and not any("channel-last" in note for note in info.notes), info.notes

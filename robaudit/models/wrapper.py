@@ -217,6 +217,30 @@ def _try(fn, *args):
         return None, exc
 
 
+def _try_channel_last(model: AuditModel, x: torch.Tensor) -> list[str]:
+    """Switch `model` to (H, W, C) inputs where it fails on (C, H, W) samples and runs on them; the note, or [].
+
+    A file with a stated input shape is laid out by it (`is_channel_last`); one without
+    (TorchScript) is tried on the samples' layout first. Only the unambiguous case is
+    tried (more than one channel, other than the height), and only a failure on the
+    samples' own layout tries the other: a net that runs on both keeps the samples' layout.
+    """
+    if len(model.sample_shape) != 3:
+        return []
+    c, h, w = model.sample_shape
+    last = (h, w, c)
+    if not is_channel_last(last, model.sample_shape) or _try(model, x)[1] is None:
+        return []
+    model.model_shape, model.channels_last = last, True
+    if _try(model, x)[1] is not None:
+        model.model_shape, model.channels_last = None, False
+        return []
+    return [
+        f"the model fails on {_shape_text(model.sample_shape)} images and runs on channel-last "
+        f"{_shape_text(last)} ones: samples are permuted to that layout (not reshaped)"
+    ]
+
+
 def _per_sample(model: AuditModel, x: torch.Tensor) -> torch.Tensor:
     model.batching, model.chunk = "per-sample", 1
     return model(x)
@@ -638,6 +662,8 @@ def wrap_model(
     model.inexact = model.inexact or raw.inexact
     model.eval()
     model.requires_grad_(False)
+    if input_shape is None:  # a file that states no input shape (TorchScript) may take channel-last images
+        notes += _try_channel_last(model, probe[:1])
 
     # Batching: batched results must match one-sample-at-a-time results (batch >= 2).
     x = probe if probe.shape[0] >= 2 else probe.repeat(2, *([1] * len(sample_shape)))
