@@ -1846,3 +1846,13 @@ def test_a_channel_last_torchscript_file_gets_its_samples_permuted(how: str, tmp
     torch.jit.script(net).save(str(tmp_path / "chw.pt"))
     model, info = wrap_model(load_model(tmp_path / "chw.pt"), sample_shape=(3, 8, 6), probe=x)
     assert not model.channels_last and not any("channel-last" in note for note in info.notes), info.notes
+
+
+def test_a_nan_weight_is_named_when_the_scores_are_not_finite(tmp_path: Path) -> None:
+    """The error blamed the data range and --mean/--std (red team 74); a weight that holds NaN is named."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        net[1].weight[3, 5] = float("nan")
+    torch.jit.script(net).save(str(tmp_path / "nan.pt"))
+    with pytest.raises(RobauditError, match=r"its weights hold NaN or infinite values \(1\.weight\)"):
+        wrap_model(load_model(tmp_path / "nan.pt"), sample_shape=(1, 8, 8), probe=torch.rand(4, 1, 8, 8))

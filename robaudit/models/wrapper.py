@@ -725,6 +725,12 @@ def wrap_model(
     if k < 2:
         raise RobauditError(f"model {name} returns {k} score(s) per sample; robaudit needs one score per class (at least 2)")
     if not torch.isfinite(out).all():
+        broken = [k for k, t in [*net.named_parameters(), *net.named_buffers()] if t.is_floating_point() and not torch.isfinite(t).all()]
+        if broken:
+            raise RobauditError(
+                f"model {name} returned NaN or infinite scores: its weights hold NaN or infinite values "
+                f"({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})"
+            )
         raise RobauditError(
             f"model {name} returned NaN or infinite scores on the first data samples; check the data range and --mean/--std"
         )
