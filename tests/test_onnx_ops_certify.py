@@ -673,3 +673,27 @@ def test_weights_listed_as_graph_inputs_are_named_in_a_note(tmp_path) -> None:
     raw = load_model(path)
     assert any(n.startswith("the ONNX file lists 1 initializer(s) as graph inputs too (c_w)") for n in raw.notes), raw.notes
     assert not any("graph inputs too" in n for n in load_model(g.save(tmp_path / "plain.onnx")).notes)
+
+
+def test_an_output_that_states_no_shape_is_read_with_the_inferred_one(tmp_path) -> None:
+    """onnx's checker refuses a graph output with a tensor type but no shape, which onnxruntime runs (red
+    team 72: `Field 'shape' of 'type' is required but missing`). The shape inference gives is filled in, in
+    memory only, and the file scores and certifies as the same file with its shape stated."""
+    g = _Graph(14)
+    g.head(g.node("Relu", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "r"), 3 * 6 * 6)
+    stated = g.save(tmp_path / "stated.onnx")
+    model = onnx.load(str(stated))
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    bare = tmp_path / "bare.onnx"
+    onnx.save(model, str(bare))
+    before = bare.read_bytes()
+    raw, wrapped = _load(bare)
+    assert any("states no shape" in note for note in raw.notes), raw.notes
+    assert bare.read_bytes() == before
+    _, reference = _load(stated)
+    x = torch.rand((8, *SHAPE), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), reference(x), rtol=0, atol=0)
+    y = reference(x).argmax(1)
+    torch.testing.assert_close(certify_l2(wrapped, x, y, budget="fast").radius, certify_l2(reference, x, y, budget="fast").radius,
+                               rtol=0, atol=0)  # fmt: skip

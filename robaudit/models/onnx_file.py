@@ -114,8 +114,32 @@ def _read(path: Path, notes: list[str]) -> onnx.ModelProto:
             "the file's graph lists nodes before the values they read (the ONNX standard asks for the order "
             "they run in, onnxruntime sorts them itself): read in that order"
         )
+    if _fill_output_shapes(model):
+        notes.append("the file's graph output states no shape (onnxruntime runs it anyway): read with the shape "
+                     "onnx's shape inference gives")
     _check(model, path)
     return model
+
+
+def _fill_output_shapes(model: onnx.ModelProto) -> bool:
+    """Give graph outputs that state a tensor type but no shape the shape inference finds (in memory).
+
+    onnx's checker requires the field and refuses such a file, which onnxruntime runs. Only
+    where inference finds a shape for every such output; True where it filled them.
+    """
+    bare = [o for o in model.graph.output if o.type.HasField("tensor_type") and not o.type.tensor_type.HasField("shape")]
+    if not bare:
+        return False
+    try:
+        inferred = {o.name: o for o in onnx.shape_inference.infer_shapes(model).graph.output}
+    except Exception:  # noqa: BLE001 - inference fails: the checker's message stands
+        return False
+    found = [inferred.get(o.name) for o in bare]
+    if any(f is None or not f.type.tensor_type.HasField("shape") for f in found):
+        return False
+    for out, known in zip(bare, found):
+        out.type.tensor_type.shape.CopyFrom(known.type.tensor_type.shape)
+    return True
 
 
 def _nodes(graph: onnx.GraphProto):
