@@ -697,3 +697,12 @@ def test_an_output_that_states_no_shape_is_read_with_the_inferred_one(tmp_path) 
     y = reference(x).argmax(1)
     torch.testing.assert_close(certify_l2(wrapped, x, y, budget="fast").radius, certify_l2(reference, x, y, budget="fast").radius,
                                rtol=0, atol=0)  # fmt: skip
+
+
+def test_a_gemm_with_a_transposed_input_is_refused_saying_so(tmp_path) -> None:
+    """Gemm with transA=1 was refused as `Gemm: OnnxGemm` alone (red team 72)."""
+    g = _Graph(15)
+    t = g.node("Transpose", [g.node("Flatten", [g.node("Relu", [g.conv("x", "c", 2, pads=[1, 1, 1, 1])], "r")], "f")], "t", perm=[1, 0])
+    g.node("Gemm", [t, g.weight("w", (2 * 6 * 6, CLASSES), 0.3)], "y", transA=1)
+    message = _refusal(g.save(tmp_path / "gemm_trans_a.onnx"))
+    assert "Gemm with transA=1 (its input operand transposed)" in message, message

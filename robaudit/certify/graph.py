@@ -1096,7 +1096,7 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         bias = None if len(args) < 3 or args[2] is None else torch.as_tensor(args[2]).detach().to(F64) * m.beta
         return b.dense(name, var, weight, bias, out_shape)
     if kind == "OnnxGemm" and m.trans_a:
-        raise CertificateUnavailable(f"{name}: Gemm with transA=1 (the input transposed: its batch axis summed over)")
+        raise CertificateUnavailable(f"{name}: Gemm with transA=1 (its input operand transposed), which the bound does not read")
     if kind in ("OnnxReduceStaticAxes", "OnnxReduceSumStaticAxes") and not getattr(m, "axes", getattr(m, "_axes", None)):
         raise CertificateUnavailable(f"{name}: {getattr(m, 'operation_type', 'ReduceSum')} over every axis, the batch axis included")
     raise CertificateUnavailable(name)
