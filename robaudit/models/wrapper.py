@@ -725,7 +725,8 @@ def wrap_model(
     if k < 2:
         raise RobauditError(f"model {name} returns {k} score(s) per sample; robaudit needs one score per class (at least 2)")
     if not torch.isfinite(out).all():
-        broken = [k for k, t in [*net.named_parameters(), *net.named_buffers()] if t.is_floating_point() and not torch.isfinite(t).all()]
+        tensors = [*net.named_parameters(), *net.named_buffers()]
+        broken = [key for key, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
         if broken:
             raise RobauditError(
                 f"model {name} returned NaN or infinite scores: its weights hold NaN or infinite values "
