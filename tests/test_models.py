@@ -1617,6 +1617,100 @@ def test_onnx_file_with_several_outputs_is_classified_by_logits_else_the_first(t
     assert f"classes are read from '{chosen}'" in " ".join(data["model"]["notes"])
 
 
+def _sklearn_style_onnx(path: Path, zipmap: bool) -> Path:
+    """A scikit-learn MLP written as skl2onnx writes one, built here with onnx.helper (skl2onnx is no dependency).
+
+    The label output comes first and needs ai.onnx.ml ops (ArrayFeatureExtractor; with
+    `zipmap`, the probabilities too are a ZipMap of class-to-probability maps); the
+    probability tensor is a Softmax, then an Identity.
+    """
+    from sklearn.neural_network import MLPClassifier
+
+    x, y = bundled_digits()
+    clf = MLPClassifier((32,), max_iter=300, random_state=0).fit(x.reshape(len(x), -1) / 255, y)
+    weights = [numpy_helper.from_array(a.astype(np.float32), name) for a, name in
+               zip([*clf.coefs_, *clf.intercepts_], ["w1", "w2", "b1", "b2"])]  # fmt: skip
+    weights += [numpy_helper.from_array(np.arange(10, dtype=np.int64), "classes"),
+                numpy_helper.from_array(np.array([-1], dtype=np.int64), "flat")]  # fmt: skip
+    ml = {"domain": "ai.onnx.ml"}
+    scores = "softmax_out" if zipmap else "probabilities"
+    nodes = [
+        helper.make_node("Cast", ["X"], ["xf"], to=TensorProto.FLOAT),
+        helper.make_node("MatMul", ["xf", "w1"], ["h1"]), helper.make_node("Add", ["h1", "b1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r1"]),
+        helper.make_node("MatMul", ["r1", "w2"], ["h2"]), helper.make_node("Add", ["h2", "b2"], ["a2"]),
+        helper.make_node("Softmax", ["a2"], ["soft"], axis=1),
+        helper.make_node("Identity", ["soft"], [scores]),
+        helper.make_node("ArgMax", [scores], ["best"], axis=1),
+        helper.make_node("ArrayFeatureExtractor", ["classes", "best"], ["picked"], **ml),
+        helper.make_node("Reshape", ["picked", "flat"], ["label"]),
+    ]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("label", TensorProto.INT64, [None])]
+    if zipmap:
+        nodes.append(helper.make_node("ZipMap", [scores], ["output_probability"], classlabels_int64s=list(range(10)), **ml))
+        outputs.append(helper.make_value_info("output_probability", helper.make_sequence_type_proto(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(TensorProto.FLOAT, [])))))
+    else:
+        outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 10]))
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 64])],
+                              outputs, weights)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("zipmap", [False, True], ids=["probabilities", "zipmap"])
+def test_a_sklearn_style_onnx_file_is_read_through_its_probability_tensor(tmp_path: Path, zipmap: bool) -> None:
+    """skl2onnx's graphs: an integer label output first, ai.onnx.ml ops, a Softmax then an Identity.
+
+    The scan reads the probability tensor (behind the ZipMap, whose labels are 0..9 in
+    column order), leaves out the label branch, which onnx2torch cannot translate, agrees
+    with the file's own label output and certifies through the closing softmax.
+    """
+    import onnxruntime
+
+    path = _sklearn_style_onnx(tmp_path / "mlp.onnx", zipmap)
+    x, y = bundled_digits()
+    np.savez(tmp_path / "d.npz", x=x[:24], y=y[:24])
+    report = tmp_path / "r.json"
+    result = run_cli("scan", path, "--data", tmp_path / "d.npz", "-t", "l2:0.3", "--preset", "quick", "--certify",
+                     "--certify-budget", "fast", "--no-indicator", "--threads", "1", "--json", report)  # fmt: skip
+    assert result.code == 0, result.stderr
+    data = json.loads(report.read_text())
+    notes = " ".join(data["model"]["notes"])
+    source = "'softmax_out', the probability tensor that its ZipMap 'output_probability'" if zipmap else (
+        "'probabilities', the first floating-point one")
+    assert f"classes are read from {source}" in notes
+    assert "node(s) that the class scores do not depend on (ArgMax, ArrayFeatureExtractor, Reshape" in notes
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    labels = session.run(["label"], {"X": x[:24].reshape(24, -1).astype(np.float32) / 255})[0]
+    assert [s["clean_pred"] for s in data["samples"]] == labels.tolist()
+    assert data["summary"]["clean_accuracy"] > 0.9
+    certificate = data["summary"]["certificate"]
+    assert certificate["available"], certificate
+    radii = [(s["certified_l2"], s["adversarial_l2"]) for s in data["samples"] if s.get("certified_l2")]
+    assert len(radii) >= 12 and all(r <= d for r, d in radii if d is not None), radii
+
+
+def test_an_onnx_file_of_ai_onnx_ml_operators_only_is_refused_saying_so(tmp_path: Path) -> None:
+    """A LinearClassifier (scikit-learn's logistic regression) cannot be translated; a lower opset would not help."""
+    coefficients = np.random.default_rng(0).standard_normal((10, 64)).astype(np.float32)
+    node = helper.make_node("LinearClassifier", ["X"], ["label", "scores"], domain="ai.onnx.ml",
+                            coefficients=coefficients.ravel().tolist(), intercepts=[0.0] * 10,
+                            classlabels_ints=list(range(10)), multi_class=1)  # fmt: skip
+    graph = helper.make_graph([node], "logreg", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [None, 64])],
+                              [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+                               helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 10])])  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 1)])
+    onnx.save(model, str(tmp_path / "logreg.onnx"))
+    x, y = bundled_digits()
+    np.savez(tmp_path / "d.npz", x=x[:8], y=y[:8])
+    result = run_cli("scan", tmp_path / "logreg.onnx", "--data", tmp_path / "d.npz", "-t", "l2:0.3", "--preset", "quick")
+    assert_one_line_error(result, "ONNX operator LinearClassifier in")
+    assert "ai.onnx.ml operators" in result.stderr and "lower opset" not in result.stderr
+
+
 class _ClampsItsInput(nn.Module):
     """Old-style code that edits its input in place, where the gradient check cannot see it."""
 

@@ -1664,6 +1664,18 @@ def _softmax_kind(n: fx.Node, gm: fx.GraphModule) -> tuple[str, int, bool] | Non
     return (kind, bound["dim"], False) if isinstance(bound["dim"], int) else None
 
 
+def _is_identity(n: fx.Node, gm: fx.GraphModule) -> bool:
+    """A node that returns its one tensor input unchanged (an ONNX Identity, clone, contiguous, ...)."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        return type(m) is nn.Identity or type(m).__name__ in _ONNX_IDENTITY
+    if n.op == "call_method":
+        return n.target in _IDENTITY_METHODS and len(n.args) == 1 and not n.kwargs
+    return n.op == "call_function" and _aten_name(n.target) in _ATEN_IDENTITY and len(n.args) == 1
+
+
 def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.Node, str] | None:
     """The softmax (or log-softmax) over the class scores that ends the network, if one does.
 
@@ -1675,6 +1687,8 @@ def _final_softmax(gm: fx.GraphModule, values: dict[fx.Node, Any]) -> tuple[fx.N
     out = next((n for n in gm.graph.nodes if n.op == "output"), None)
     target = out.args[0] if out is not None and out.args else None
     target = select_output(target, lambda v: isinstance(v, fx.Node) and torch.is_tensor(values.get(v)))
+    while isinstance(target, fx.Node) and len(target.users) == 1 and _is_identity(target, gm):
+        target = target.args[0]  # Softmax -> Identity -> output (skl2onnx): the identity changes no value
     if not isinstance(target, fx.Node) or len(target.users) != 1 or not target.args:
         return None
     found = _softmax_kind(target, gm)

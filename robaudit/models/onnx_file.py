@@ -896,6 +896,14 @@ def _to_torch(model: onnx.ModelProto, path: Path, hints: list[str]) -> tuple:
     match = _OP_RE.search(str(first))
     if match:
         domain, op, version = match.groups()
+        if domain == "ai.onnx.ml":  # no opset of the default domain has these: converting versions cannot help
+            raise RobauditError(
+                f"ONNX operator {op} in {path} is one of the ai.onnx.ml operators (classical machine learning, as "
+                "skl2onnx writes for scikit-learn models), which robaudit cannot translate to PyTorch for its "
+                "gradient attacks and certificate; export a network of standard ONNX operators, or give its scores "
+                "as a graph output of their own (robaudit reads a float scores output and leaves out the nodes "
+                "only the other outputs need)"
+            )
         where = f" from domain {domain}" if domain not in ("", "ai.onnx") else ""
         raise RobauditError(
             f"ONNX operator {op}{where} (opset {version}) in {path} is not supported by onnx2torch, "
@@ -912,23 +920,86 @@ def _to_torch(model: onnx.ModelProto, path: Path, hints: list[str]) -> tuple:
     raise RobauditError(f"cannot convert ONNX file {path} to PyTorch with onnx2torch: {one_line(first)}")
 
 
+def _is_float_tensor(value: onnx.ValueInfoProto) -> bool:
+    return value.type.HasField("tensor_type") and value.type.tensor_type.elem_type in _FLOAT_TYPES
+
+
+def _zipmap_source(model: onnx.ModelProto, output: onnx.ValueInfoProto) -> onnx.ValueInfoProto | None:
+    """The probability tensor behind an output that a ZipMap turns into a list of {class: probability} maps.
+
+    scikit-learn classifiers exported by skl2onnx end so. Only for integer class labels
+    0..K-1 in column order, where column k of the tensor is class k's probability; the
+    tensor's type and shape come from shape inference.
+    """
+    node = next((n for n in model.graph.node if output.name in n.output), None)
+    if node is None or node.op_type != "ZipMap" or node.domain != "ai.onnx.ml" or not node.input:
+        return None
+    labels = next((list(a.ints) for a in node.attribute if a.name == "classlabels_int64s"), None)
+    if not labels or labels != list(range(len(labels))):
+        return None
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # noqa: BLE001 - no inferred shape: the ZipMap output stays as it is
+        return None
+    found = next((v for v in inferred.graph.value_info if v.name == node.input[0]), None)
+    dims = _dims(found) if found is not None else []
+    if found is None or not _is_float_tensor(found) or len(dims) != 2 or dims[1] != len(labels):
+        return None
+    return found
+
+
 def _keep_scores_output(model: onnx.ModelProto) -> str | None:
     """Keep only the graph output that holds the class scores (in memory); a note when there were several.
 
     The rule is `models.outputs.select_output`'s for dicts: an output named "logits" wins,
-    else the first. Keeping one output means the translation, onnxruntime, the certificate
-    and every check read the same scores.
+    else the first floating-point tensor (a classifier's predicted-label output is an
+    integer tensor, never its scores), else the probabilities behind a ZipMap of integer
+    class labels 0..K-1. Keeping one output means the translation, onnxruntime, the
+    certificate and every check read the same scores; `_drop_dead_nodes` then leaves out
+    what only the other outputs need.
     """
     outputs = list(model.graph.output)
     if len(outputs) < 2:
         return None
     named = [k for k, o in enumerate(outputs) if o.name == "logits"]
-    keep = named[0] if named else 0
-    del model.graph.output[:]
-    model.graph.output.append(outputs[keep])
-    why = "the output named logits" if named else "the first"
+    floats = [k for k, o in enumerate(outputs) if _is_float_tensor(o)]
+    zipped = [(k, v) for k, v in ((k, _zipmap_source(model, o)) for k, o in enumerate(outputs)) if v is not None]
     listed = ", ".join(o.name for o in outputs)
-    return f"the ONNX file has {len(outputs)} outputs ({listed}): classes are read from '{outputs[keep].name}', {why}"
+    head = f"the ONNX file has {len(outputs)} outputs ({listed}): classes are read from "
+    if named or floats or not zipped:
+        keep = named[0] if named else floats[0] if floats else 0
+        why = "the output named logits" if named else "the first floating-point one" if floats and floats[0] else "the first"
+        chosen, note = outputs[keep], f"{head}'{outputs[keep].name}', {why}"
+    else:
+        keep, chosen = zipped[0]
+        note = (f"{head}'{chosen.name}', the probability tensor that its ZipMap '{outputs[keep].name}' lists as "
+                "{class: probability} maps (class labels 0..K-1 in column order)")  # fmt: skip
+    del model.graph.output[:]
+    model.graph.output.append(chosen)
+    return note
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> list[str]:
+    """Leave out the nodes that no graph output depends on (in memory); the op types left out.
+
+    ONNX nodes are pure functions of their inputs, so this is exact. It lets a file whose
+    other outputs need ops robaudit cannot translate (scikit-learn's label output:
+    ArgMax, ArrayFeatureExtractor, ZipMap) be read through its scores alone.
+    """
+    graph = model.graph
+    needed = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    for node in reversed(graph.node):  # sorted (`_sort_nodes`): readers come after the nodes they read
+        if any(name in needed for name in node.output if name):
+            keep.append(node)
+            needed |= _used_names(node)
+    if len(keep) == len(graph.node):
+        return []
+    kept = {id(n) for n in keep}
+    dropped = [n.op_type for n in graph.node if id(n) not in kept]
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    return dropped
 
 
 def load_onnx(path: Path) -> RawModel:
@@ -937,6 +1008,10 @@ def load_onnx(path: Path) -> RawModel:
     model = _read(path, notes)
     _refuse_reserved_domains(model, path)
     chosen = _keep_scores_output(model)
+    dead = _drop_dead_nodes(model)
+    if dead:
+        kinds = ", ".join(dict.fromkeys(dead))
+        chosen = "; ".join(filter(None, [chosen, f"{len(dead)} node(s) that the class scores do not depend on ({kinds}) are left out"]))
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
