@@ -51,6 +51,11 @@ def fit(model: nn.Module, steps: int, lr: float = 1e-2, seed: int = 0) -> nn.Mod
     for p in model.parameters():  # deterministic start whatever ran before
         if p.dim() > 1:
             nn.init.kaiming_uniform_(p, a=math.sqrt(5))
+    for m in model.modules():  # biases too (torch's default init, seeded): drawn at construction, they followed
+        weight, bias = getattr(m, "weight", None), getattr(m, "bias", None)  # whatever tests ran before
+        if isinstance(weight, torch.Tensor) and weight.dim() > 1 and isinstance(bias, torch.Tensor):
+            bound = 1 / math.sqrt(weight[0].numel())
+            nn.init.uniform_(bias, -bound, bound)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-4)
     for _ in range(steps):
         model.train()
