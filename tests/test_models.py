@@ -1680,7 +1680,7 @@ def test_a_sklearn_style_onnx_file_is_read_through_its_probability_tensor(tmp_pa
     data = json.loads(report.read_text())
     notes = " ".join(data["model"]["notes"])
     source = "'softmax_out', the probability tensor that its ZipMap 'output_probability'" if zipmap else (
-        "'probabilities', the first floating-point one")
+        "'probabilities', the first floating-point one computed from the image")
     assert f"classes are read from {source}" in notes
     assert "node(s) that the class scores do not depend on (ArgMax, ArrayFeatureExtractor, Reshape" in notes
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -1691,6 +1691,29 @@ def test_a_sklearn_style_onnx_file_is_read_through_its_probability_tensor(tmp_pa
     assert certificate["available"], certificate
     radii = [(s["certified_l2"], s["adversarial_l2"]) for s in data["samples"] if s.get("certified_l2")]
     assert len(radii) >= 12 and all(r <= d for r, d in radii if d is not None), radii
+
+
+def test_an_onnx_output_that_does_not_read_the_image_is_never_the_scores(tmp_path: Path) -> None:
+    """A constant first output (a class prior, say) is passed over for the scores; a file with no other is refused."""
+    rng = np.random.default_rng(0)
+    weights = [numpy_helper.from_array(rng.standard_normal((64, 10)).astype(np.float32), "w"),
+               numpy_helper.from_array(rng.standard_normal((1, 10)).astype(np.float32), "prior")]  # fmt: skip
+    nodes = [helper.make_node("Flatten", ["x"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["scores"])]
+    image = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1, 8, 8])
+    x, y = bundled_digits()
+    np.savez(tmp_path / "d.npz", x=x[:8], y=y[:8])
+    for name, outputs in [("both", ["prior", "scores"]), ("prior", ["prior"])]:
+        values = [helper.make_tensor_value_info(o, TensorProto.FLOAT, [None, 10]) for o in outputs]
+        graph = helper.make_graph(nodes, name, [image], values, weights)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / f"{name}.onnx"))
+    report = tmp_path / "r.json"
+    result = run_cli("scan", tmp_path / "both.onnx", "--data", tmp_path / "d.npz", "-t", "l2:0.3", "--preset", "quick",
+                     "--no-indicator", "--no-certify", "--json", report)  # fmt: skip
+    assert result.code == 0, result.stderr
+    notes = " ".join(json.loads(report.read_text())["model"]["notes"])
+    assert "classes are read from 'scores', the first floating-point one computed from the image" in notes
+    result = run_cli("scan", tmp_path / "prior.onnx", "--data", tmp_path / "d.npz", "-t", "l2:0.3", "--preset", "quick")
+    assert_one_line_error(result, "its output 'prior' does not depend on the input image")
 
 
 def test_an_onnx_file_of_ai_onnx_ml_operators_only_is_refused_saying_so(tmp_path: Path) -> None:

@@ -952,8 +952,8 @@ def _keep_scores_output(model: onnx.ModelProto) -> str | None:
     """Keep only the graph output that holds the class scores (in memory); a note when there were several.
 
     The rule is `models.outputs.select_output`'s for dicts: an output named "logits" wins,
-    else the first floating-point tensor (a classifier's predicted-label output is an
-    integer tensor, never its scores), else the probabilities behind a ZipMap of integer
+    else the first floating-point tensor computed from the image (a classifier's
+    predicted-label output is an integer tensor, never its scores), else the probabilities behind a ZipMap of integer
     class labels 0..K-1. Keeping one output means the translation, onnxruntime, the
     certificate and every check read the same scores; `_drop_dead_nodes` then leaves out
     what only the other outputs need.
@@ -962,13 +962,16 @@ def _keep_scores_output(model: onnx.ModelProto) -> str | None:
     if len(outputs) < 2:
         return None
     named = [k for k, o in enumerate(outputs) if o.name == "logits"]
-    floats = [k for k, o in enumerate(outputs) if _is_float_tensor(o)]
+    weights = {init.name for init in model.graph.initializer}
+    images = [i.name for i in model.graph.input if i.name not in weights]
+    floats = [k for k, o in enumerate(outputs)
+              if _is_float_tensor(o) and (len(images) != 1 or _reads_input(model, images[0], o.name))]  # fmt: skip
     zipped = [(k, v) for k, v in ((k, _zipmap_source(model, o)) for k, o in enumerate(outputs)) if v is not None]
     listed = ", ".join(o.name for o in outputs)
     head = f"the ONNX file has {len(outputs)} outputs ({listed}): classes are read from "
     if named or floats or not zipped:
         keep = named[0] if named else floats[0] if floats else 0
-        why = "the output named logits" if named else "the first floating-point one" if floats and floats[0] else "the first"
+        why = "the output named logits" if named else "the first floating-point one computed from the image" if floats and floats[0] else "the first"
         chosen, note = outputs[keep], f"{head}'{outputs[keep].name}', {why}"
     else:
         keep, chosen = zipped[0]
@@ -977,6 +980,15 @@ def _keep_scores_output(model: onnx.ModelProto) -> str | None:
     del model.graph.output[:]
     model.graph.output.append(chosen)
     return note
+
+
+def _reads_input(model: onnx.ModelProto, name: str, output: str | None = None) -> bool:
+    """Whether `output` (default: the first graph output) is computed from the input `name` (nodes in running order)."""
+    live = {name}
+    for node in model.graph.node:
+        if _used_names(node) & live:
+            live.update(node.output)
+    return (output or model.graph.output[0].name) in live
 
 
 def _drop_dead_nodes(model: onnx.ModelProto) -> list[str]:
@@ -1017,6 +1029,11 @@ def load_onnx(path: Path) -> RawModel:
     if len(inputs) != 1:
         raise RobauditError(
             f"ONNX file {path} takes {len(inputs)} inputs; robaudit audits classifiers with exactly one image input"
+        )
+    if not _reads_input(model, inputs[0].name):
+        raise RobauditError(
+            f"ONNX file {path}: its output '{model.graph.output[0].name}' does not depend on the input image, so "
+            "there is no classifier to audit"
         )
     overridable = [i.name for i in model.graph.input if i.name in initializers]
     if overridable:  # IR < 4 files list every weight as an input: a caller could feed other values
