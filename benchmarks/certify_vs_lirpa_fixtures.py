@@ -1,0 +1,224 @@
+"""robaudit's certified L2 radii beside auto_LiRPA's CROWN on the third-party fixture models.
+
+Is robaudit "CROWN-tight" on deep nets it has never seen? This bounds the same networks
+with auto_LiRPA (the reference CROWN implementation) and with robaudit, per image, on the
+first N images each model classifies correctly (N = 5 by default).
+
+- Stage `lirpa` (auto_LiRPA on PYTHONPATH: see certify_vs_lirpa.py's docstring for how to
+  fetch it and its small dependencies): the largest L2 radius, in pixel units with the
+  fixture's normalization as the first layer and no [0, 1] box, at which CROWN proves every
+  margin positive (geometric growth from 1e-3, then 12 bisection steps). Each network is
+  written out as explicit torch code from onnx2torch's modules (auto_LiRPA cannot parse
+  onnx2torch's graph modules), checked against robaudit's own wrapper of the file. The
+  normalization is a dense 1x1 convolution with a diagonal weight: auto_LiRPA 0.7.1 under
+  torch 2.14 gave unsound bounds (lower bounds above the true margin) for `(x - m) / s`
+  with buffers and for a grouped 1x1 convolution. So every bound is checked: at eps = 0 it
+  must equal the true margin (to 1e-4), and every radius must lie below the attack distance.
+- Stage `robaudit --budget B`: `certify_l2` per image on the model loaded exactly as
+  certify_fixtures.py loads it, and the same attack distance (FMN + DeepFool, the smaller of
+  the runs with and without the [0, 1] box).
+
+auto_LiRPA bounds the float32 network in float32 with no rounding allowance; robaudit's radii
+also cover the float32 model's rounding (docs/certify.md). Results go to
+benchmarks/results/certify_vs_lirpa_fixtures.json, one key per stage.
+
+    PYTHONPATH=/path/to/auto_LiRPA:/path/to/deps python benchmarks/certify_vs_lirpa_fixtures.py lirpa
+    python benchmarks/certify_vs_lirpa_fixtures.py robaudit --budget default
+    python benchmarks/certify_vs_lirpa_fixtures.py robaudit --budget tight --only eran_mnist_relu_9_200 colt_mnist_0.1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "benchmarks"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+RESULTS = ROOT / "benchmarks" / "results" / "certify_vs_lirpa_fixtures.json"
+MODELS = ("cifar10_resnet_2b", "oval21_cifar_base_kw", "eran_mnist_relu_9_200", "colt_mnist_0.1")
+DATA = {"MNIST": "mnist_test_first100.npz", "CIFAR-10": "cifar10_test_first100.npz"}
+
+
+def fixtures() -> Path:
+    return ROOT.parent / "shared" / "fixtures"
+
+
+def manifest() -> dict:
+    return json.loads((fixtures() / "manifest.json").read_text())["models"]
+
+
+def data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    archive = np.load(fixtures() / "data" / DATA[manifest()[name]["dataset"]])
+    return torch.from_numpy(archive["x"]).float(), torch.from_numpy(archive["y"]).long()
+
+
+def robaudit_model(name: str, probe: torch.Tensor) -> nn.Module:
+    from certify_fixtures import load_fixture
+
+    return load_fixture(fixtures(), manifest()[name], probe).eval()
+
+
+def picked(name: str, n: int) -> list[int]:
+    """The first n images the model (as robaudit loads it) classifies correctly."""
+    x, y = data(name)
+    with torch.no_grad():
+        pred = robaudit_model(name, x[:1])(x).argmax(1)
+    return [k for k in range(len(x)) if pred[k] == y[k]][:n]
+
+
+class _Normalize(nn.Module):
+    """(x - mean) / std as a dense 1x1 convolution with a diagonal weight (bounded soundly by auto_LiRPA)."""
+
+    def __init__(self, mean: list[float], std: list[float]) -> None:
+        super().__init__()
+        c = len(mean)
+        self.conv = nn.Conv2d(c, c, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.diag(1 / torch.tensor(std)).view(c, c, 1, 1))
+            self.conv.bias.copy_(-torch.tensor(mean) / torch.tensor(std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Explicit(nn.Module):
+    """The fixture network as plain torch code over onnx2torch's layers, for auto_LiRPA to parse."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        import onnx
+        from onnx2torch import convert
+
+        entry = manifest()[name]
+        self.name = name
+        self.g = convert(onnx.load(str(fixtures() / entry["file"]))).eval()
+        self.norm = None if entry["mean"] == [0.0] else _Normalize(entry["mean"], entry["std"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, z = self.g, (self.norm(x) if self.norm is not None else x)
+        if self.name == "cifar10_resnet_2b":
+            r1 = torch.relu(g.Conv_0(z))
+            r7 = torch.relu(g.Conv_4(torch.relu(g.Conv_2(r1))) + g.Conv_5(r1))
+            r12 = torch.relu(g.Conv_10(torch.relu(g.Conv_8(r7))) + r7)
+            return g.Gemm_16(torch.relu(g.Gemm_14(r12.flatten(1))))
+        if self.name == "oval21_cifar_base_kw":
+            z = torch.relu(g.Conv_2(torch.relu(g.Conv_0(z))))
+            return g.Gemm_7(torch.relu(g.Gemm_5(z.flatten(1))))
+        if self.name == "eran_mnist_relu_9_200":  # its in-graph Sub 0 / Div 1 are identities; it ends in a ReLU
+            z = z.flatten(1)
+            for k in range(5, 22, 2):
+                z = torch.relu(getattr(g, f"Gemm_{k}")(z))
+            return z
+        if self.name == "colt_mnist_0.1":  # its Shape/Gather/Concat/Reshape chain is flatten(1)
+            z = torch.relu(g.Conv_1(torch.relu(g.Conv(z))))
+            return g.Gemm_1(torch.relu(g.Gemm(z.flatten(1))))
+        raise KeyError(self.name)
+
+
+def stage_lirpa(names: list[str], n: int, steps: int) -> None:
+    import auto_LiRPA
+    from auto_LiRPA import BoundedModule, BoundedTensor, PerturbationLpNorm
+
+    out = {"auto_LiRPA": auto_LiRPA.__version__, "torch": torch.__version__, "models": {}}
+    for name in names:
+        x, y = data(name)
+        idx = picked(name, n)
+        model = Explicit(name).eval().requires_grad_(False)
+        with torch.no_grad():
+            agree = (model(x[:50]) - robaudit_model(name, x[:1])(x[:50])).abs().max().item()
+        bounded = BoundedModule(model, x[:1].clone(), bound_opts={"conv_mode": "patches"}, device="cpu")
+        bounded.eval()
+
+        def lower(xi: torch.Tensor, yi: int, eps: float) -> tuple[torch.Tensor, float]:
+            c = torch.zeros(1, 9, 10)
+            for k, j in enumerate(j for j in range(10) if j != yi):
+                c[0, k, yi], c[0, k, j] = 1.0, -1.0
+            start = time.perf_counter()
+            ball = BoundedTensor(xi, PerturbationLpNorm(norm=2, eps=eps))
+            lb, _ = bounded.compute_bounds(x=(ball,), C=c, method="CROWN", bound_upper=False)
+            return lb.detach().view(-1).double(), time.perf_counter() - start
+
+        rows = []
+        for i in idx:
+            xi, yi = x[i : i + 1], int(y[i])
+            with torch.no_grad():
+                z = model(xi)[0].double()
+            margins = z[yi] - torch.cat([z[:yi], z[yi + 1 :]])
+            at_zero, seconds = lower(xi, yi, 0.0)
+            if float((at_zero - margins).abs().max()) > 1e-4:
+                raise SystemExit(f"{name} image {i}: auto_LiRPA's bound at eps=0 is not the margin: unsound setup")
+            lo, hi, e, calls = 0.0, None, 1e-3, [seconds]
+            while hi is None and e < 8.0:  # grow geometrically, then bisect
+                ok = bool((lower(xi, yi, e)[0] > 0).all())
+                lo, hi, e = (e, None, e * 4) if ok else (lo, e, e)
+            for _ in range(steps if hi is not None else 0):
+                mid = (lo + hi) / 2
+                bound, seconds = lower(xi, yi, mid)
+                calls.append(seconds)
+                lo, hi = (mid, hi) if bool((bound > 0).all()) else (lo, mid)
+            rows.append({"index": i, "crown_radius": lo, "seconds_per_bound": round(float(np.mean(calls)), 3)})
+            print(f"{name} image {i}: CROWN radius {lo:.6g}", flush=True)
+        out["models"][name] = {"explicit_vs_robaudit_max_abs": agree, "rows": rows}
+    save("lirpa_crown", out)
+
+
+def stage_robaudit(names: list[str], n: int, budget: str, fmn_steps: int) -> None:
+    from certify_zoo import attack_distance
+    from robaudit.certify import certify_l2
+
+    out = {"budget": budget, "torch": torch.__version__, "models": {}}
+    for name in names:
+        x, y = data(name)
+        idx = picked(name, n)
+        model = robaudit_model(name, x[:1])
+        rows = []
+        for i in idx:
+            start = time.perf_counter()
+            cert = certify_l2(model, x[i : i + 1], y[i : i + 1], budget=budget)
+            rows.append({"index": i, "radius": float(cert.radius[0]), "method": cert.method[0],
+                         "seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
+            print(f"{name} image {i}: robaudit {budget} radius {rows[-1]['radius']:.6g}", flush=True)
+        xs, ys = x[idx], y[idx]
+        boxed = attack_distance(model, xs, ys, (0.0, 1.0), fmn_steps)
+        free = torch.minimum(attack_distance(model, xs, ys, (-math.inf, math.inf), fmn_steps), boxed)
+        for row, d in zip(rows, free.tolist()):
+            row["attack_distance"] = d
+        out["models"][name] = {"rows": rows}
+    save(f"robaudit_{budget}", out)
+
+
+def save(key: str, value: dict) -> None:
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results[key] = value
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["lirpa", "robaudit"])
+    parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--n", type=int, default=5, help="images per model (the first it classifies correctly)")
+    parser.add_argument("--budget", default="default", help="robaudit's certify budget (stage robaudit)")
+    parser.add_argument("--steps", type=int, default=12, help="bisection steps of the CROWN radius (stage lirpa)")
+    parser.add_argument("--fmn-steps", type=int, default=1000)
+    args = parser.parse_args()
+    if args.stage == "lirpa":
+        stage_lirpa(args.only, args.n, args.steps)
+    else:
+        stage_robaudit(args.only, args.n, args.budget, args.fmn_steps)
+
+
+if __name__ == "__main__":
+    main()
