@@ -263,3 +263,15 @@ def test_torchscript_wrong_channels_names_the_error(tmp_path, save: str) -> None
     saved = torch.jit.script(net) if save == "script" else torch.jit.trace(net, torch.zeros(1, 3, 8, 8))
     torch.jit.save(saved, path)
     _scan_expect_error(path, "digits", fragment="expected input[1, 1, 8, 8] to have 3 channels, but got 1")
+
+
+def test_a_single_logit_binary_classifier_is_refused_saying_how_to_save_it(tmp_path) -> None:
+    """One score per sample has no class to compare with: the error says how to save two."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    path = tmp_path / "one_logit.pt"
+    torch.jit.trace(net.eval(), torch.rand(1, 1, 8, 8)).save(str(path))
+    x, y = bundled_digits()
+    np.savez(tmp_path / "d.npz", x=x[:8], y=(y[:8] >= 5).astype(np.int64))
+    _scan_expect_error(path, tmp_path / "d.npz", fragment="returns 1 score(s) per sample")
+    result = run_cli("scan", path, "--data", tmp_path / "d.npz", "-t", "l2:0.3", "--preset", "quick")
+    assert "torch.cat([-z, z], dim=1)" in result.stderr

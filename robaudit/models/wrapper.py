@@ -723,7 +723,11 @@ def wrap_model(
 
     k = out.shape[1]
     if k < 2:
-        raise RobauditError(f"model {name} returns {k} score(s) per sample; robaudit needs one score per class (at least 2)")
+        raise RobauditError(
+            f"model {name} returns {k} score(s) per sample; robaudit needs one score per class (at least 2): a "
+            "binary classifier with one logit z (the input of its sigmoid, if it has one) can be saved returning "
+            "torch.cat([-z, z], dim=1), whose classes 0 and 1 are those of z < 0 and z > 0"
+        )
     if not torch.isfinite(out).all():
         tensors = [*net.named_parameters(), *net.named_buffers()]
         broken = [key for key, t in tensors if t.is_floating_point() and not torch.isfinite(t).all()]
