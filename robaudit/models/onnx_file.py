@@ -948,7 +948,7 @@ def _zipmap_source(model: onnx.ModelProto, output: onnx.ValueInfoProto) -> onnx.
     return found
 
 
-def _keep_scores_output(model: onnx.ModelProto) -> str | None:
+def _keep_scores_output(model: onnx.ModelProto, image: str) -> str | None:
     """Keep only the graph output that holds the class scores (in memory); a note when there were several.
 
     The rule is `models.outputs.select_output`'s for dicts: an output named "logits" wins,
@@ -956,22 +956,22 @@ def _keep_scores_output(model: onnx.ModelProto) -> str | None:
     predicted-label output is an integer tensor, never its scores), else the probabilities behind a ZipMap of integer
     class labels 0..K-1. Keeping one output means the translation, onnxruntime, the
     certificate and every check read the same scores; `_drop_dead_nodes` then leaves out
-    what only the other outputs need.
+    what only the other outputs need. `image` names the graph's image input.
     """
     outputs = list(model.graph.output)
     if len(outputs) < 2:
         return None
     named = [k for k, o in enumerate(outputs) if o.name == "logits"]
-    weights = {init.name for init in model.graph.initializer}
-    images = [i.name for i in model.graph.input if i.name not in weights]
-    floats = [k for k, o in enumerate(outputs)
-              if _is_float_tensor(o) and (len(images) != 1 or _reads_input(model, images[0], o.name))]  # fmt: skip
-    zipped = [(k, v) for k, v in ((k, _zipmap_source(model, o)) for k, o in enumerate(outputs)) if v is not None]
+    floats = [k for k, o in enumerate(outputs) if _is_float_tensor(o) and _reads_input(model, image, o.name)]
+    zipped = [] if named or floats else [  # a ZipMap's source needs shape inference: only where nothing else decides
+        (k, v) for k, v in ((k, _zipmap_source(model, o)) for k, o in enumerate(outputs)) if v is not None
+    ]
     listed = ", ".join(o.name for o in outputs)
     head = f"the ONNX file has {len(outputs)} outputs ({listed}): classes are read from "
-    if named or floats or not zipped:
+    if not zipped:
         keep = named[0] if named else floats[0] if floats else 0
-        why = "the output named logits" if named else "the first floating-point one computed from the image" if floats and floats[0] else "the first"
+        first_float = "the first floating-point one computed from the image"
+        why = "the output named logits" if named else first_float if floats and floats[0] else "the first"
         chosen, note = outputs[keep], f"{head}'{outputs[keep].name}', {why}"
     else:
         keep, chosen = zipped[0]
@@ -1019,17 +1019,17 @@ def load_onnx(path: Path) -> RawModel:
     notes: list[str] = []
     model = _read(path, notes)
     _refuse_reserved_domains(model, path)
-    chosen = _keep_scores_output(model)
-    dead = _drop_dead_nodes(model)
-    if dead:
-        kinds = ", ".join(dict.fromkeys(dead))
-        chosen = "; ".join(filter(None, [chosen, f"{len(dead)} node(s) that the class scores do not depend on ({kinds}) are left out"]))
     initializers = {init.name for init in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
         raise RobauditError(
             f"ONNX file {path} takes {len(inputs)} inputs; robaudit audits classifiers with exactly one image input"
         )
+    chosen = _keep_scores_output(model, inputs[0].name)
+    dead = _drop_dead_nodes(model)
+    if dead:
+        kinds = ", ".join(dict.fromkeys(dead))
+        chosen = "; ".join(filter(None, [chosen, f"{len(dead)} node(s) that the class scores do not depend on ({kinds}) are left out"]))
     if not _reads_input(model, inputs[0].name):
         raise RobauditError(
             f"ONNX file {path}: its output '{model.graph.output[0].name}' does not depend on the input image, so "
