@@ -31,6 +31,9 @@ class Budget:
     crown_polish_refine: int = 4096
     crown_polish_work: int = 1 << 35  # ... while refining every unit of those nets costs at most this many
     # multiply-adds per sample and evaluation (`CrownBound.refine_cost`)
+    crown_window_work: int = 1 << 36  # ... or, where the dense passes cost more, while refining the convolutional
+    # nodes over their receptive fields (`patches.py`) costs at most this many: that pass runs about 2.5x more
+    # multiply-adds per second (cifar_base, 8 convolutions: 5.8e10 in 17 s against 3.8e11 in about 275 s)
     crown_ball: bool = False  # couple each ReLU layer's units through an L2 ball around its input (ball.py)
     alpha_steps: int = 0  # alpha-CROWN: Adam steps on the unstable ReLUs' lower slopes per radius tried
     alpha_lr: float = 0.1

@@ -49,6 +49,7 @@ from robaudit.certify.global_lipschitz import LIP_RTOL, GlobalLipschitz, schur_b
 from robaudit.certify.graph import Graph
 from robaudit.certify.interval import SYM_CHUNK_ELEMS, Batch, Sym, act_sym, add_sym, affine_sym, intersect
 from robaudit.certify.ops import ActOp, AddOp, AffineOp, MaxPoolOp, PadOp, ReshapeOp, SelectOp
+from robaudit.certify.patches import PATCH_ELEMS, PatchPlan, backward_windows
 from robaudit.certify.rounding import local_rounding
 
 CROWN_RTOL = 1e-9  # outward rounding of every bound, relative to the sum of |terms| that formed it
@@ -60,7 +61,8 @@ POLISH_GROW = 1.2  # ... and then at least this multiple of the best radius whil
 POLISH_LEAP = 3.0  # at most this one, as far as POLISH_REACH of the trial's reach (`_margins`) points: the digits
 # residual net reaches 2-9x a trial and proves at most 1.3x; CIFAR-10 resnet_2b reaches 100-400x and proves over 3x
 POLISH_REACH = 0.125  # the fraction of the reach a leap trusts (the reach is no bound beyond the trial)
-POLISH_EXTRA = 2  # refined evaluations beyond the budget's, only for samples whose last trial certified and leapt
+POLISH_EXTRA = 2  # refined evaluations beyond the budget's, only for samples whose last trial certified and leapt,
+# or that the bisection proved nothing for (its forward bounds are void there: the refined ones are all there is)
 POLISH_COLD = 0.125  # where the bisection proved nothing, the first trial is this fraction of the first-order radius
 # (float32 rounding can swamp the bisection's forward bounds at every radius: 9x200 ERAN MLP)
 
@@ -151,7 +153,17 @@ class CrownBound:
         deep = [i for i in self.needs if not graph.exact[i] and self.depth[i] >= 2]
         self.deep = bool(deep)
         # multiply-adds per sample of one evaluation that refines every unit of those nodes backwards
-        self.refine_cost = sum(2 * math.prod(graph.nodes[i].shape) * prefix[i] for i in deep)
+        dense = {i: 2 * math.prod(graph.nodes[i].shape) * prefix[i] for i in deep}
+        self.refine_cost = sum(dense.values())
+        # where that is beyond `crown_polish_work`, convolutional nodes can be refined over their units'
+        # receptive fields instead (`patches.py`): the polish then uses that pass where it is cheaper
+        self.patch_plan = PatchPlan(graph)
+        self.windowed: set[int] = set()
+        if self.refine_cost > budget.crown_polish_work:
+            windowed = {i for i in deep if self.patch_plan.covers(i) and self.patch_plan.cost(i) < dense[i]}
+            cost = sum(self.patch_plan.cost(i) if i in windowed else dense[i] for i in deep)
+            if windowed and cost <= budget.crown_window_work:
+                self.windowed, self.refine_cost = windowed, cost
 
     # ------------------------------------------------------------------ bounds of the margins
 
@@ -294,7 +306,10 @@ class CrownBound:
                 cap = self.budget.crown_refine if refine is None else refine
                 if sym[i] is None:
                     cap = max(cap, self.budget.crown_refine_unbounded)
-                lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
+                if refine is not None and i in self.windowed:  # the polish, on a net too wide for dense passes
+                    lo[i], hi[i] = self._refine_windows(batch, idx, eps, i, lo[i], hi[i], ctx)
+                else:
+                    lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
             tighter = False  # whether node i's ball is smaller than its box for some sample
             if self.lipschitz is not None:
                 centre = batch.values[i][idx]
@@ -440,6 +455,42 @@ class CrownBound:
             cur_lo, cur_hi = lo_flat.gather(1, cols), hi_flat.gather(1, cols)
             new_lo = torch.where(ok, torch.maximum(cur_lo, low), cur_lo)
             new_hi = torch.where(ok, torch.minimum(cur_hi, -neg_up), cur_hi)
+            # only rounding can cross them, and a bound that overflowed proves nothing: keep the interval pass
+            crossed = (new_lo > new_hi) | new_lo.isnan() | new_hi.isnan()
+            lo_flat.scatter_(1, cols, torch.where(crossed, cur_lo, new_lo))
+            hi_flat.scatter_(1, cols, torch.where(crossed, cur_hi, new_hi))
+        return lo_flat.reshape(lo.shape), hi_flat.reshape(hi.shape)
+
+    def _refine_windows(self, batch, idx, eps, i, lo, hi, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tighten node i's interval with the patches pass (`patches.py`) on every unit that matters.
+
+        As `_refine` picks them (the unstable units where ReLUs read the node), but with no cap:
+        each unit costs a pass over its receptive field only. Chunked to `PATCH_ELEMS`.
+        """
+        g = self.graph
+        n = len(idx)
+        users = [g.nodes[u].op for u in g.consumers[i]]
+        if all(isinstance(u, ActOp) and u.kind in ("relu", "leaky_relu") for u in users):
+            pick = (lo < 0) & (hi > 0)
+        else:
+            pick = torch.ones_like(lo, dtype=torch.bool)
+        flat = pick.reshape(n, -1)
+        counts = flat.sum(1)
+        s = int(counts.max()) if n else 0
+        if s == 0:
+            return lo, hi
+        order = torch.argsort(flat.to(torch.int8), dim=1, descending=True, stable=True)[:, :s]
+        valid = torch.arange(s)[None, :] < counts[:, None]
+        lo_flat, hi_flat = lo.reshape(n, -1).clone(), hi.reshape(n, -1).clone()
+        step = max(1, PATCH_ELEMS // (2 * n * self.patch_plan.widest(i)))
+        values0 = batch.values[0][idx]
+        for start in range(0, s, step):
+            cols = order[:, start : start + step]
+            bound = backward_windows(self.patch_plan, values0, eps, i, cols, ctx.relaxed, ctx.noise, CROWN_RTOL)
+            ok = valid[:, start : start + step]
+            cur_lo, cur_hi = lo_flat.gather(1, cols), hi_flat.gather(1, cols)
+            new_lo = torch.where(ok, torch.maximum(cur_lo, bound[:, 0]), cur_lo)
+            new_hi = torch.where(ok, torch.minimum(cur_hi, -bound[:, 1]), cur_hi)
             # only rounding can cross them, and a bound that overflowed proves nothing: keep the interval pass
             crossed = (new_lo > new_hi) | new_lo.isnan() | new_hi.isnan()
             lo_flat.scatter_(1, cols, torch.where(crossed, cur_lo, new_lo))
@@ -622,7 +673,8 @@ class CrownBound:
             high[live] = torch.where(grow, 2 * trial, torch.where(ok, hi_, trial))
             bracketed[live] = bracketed[live] | ~ok
             done[live] = bracketed[live] & (high[live] - low[live] <= self.budget.tol * high[live])
-        if self.budget.crown_polish_evals and self.deep and self.refine_cost <= self.budget.crown_polish_work:
+        work = self.budget.crown_window_work if self.windowed else self.budget.crown_polish_work
+        if self.budget.crown_polish_evals and self.deep and self.refine_cost <= work:
             best = self._polish(batch, idx, torch.maximum(best, known.to(torch.float64)), first_order, best)
         if self.budget.bab_evals and self.budget.bab_domains and self.relu_units <= self.budget.bab_units:
             best = self._branch(batch, idx, torch.maximum(best, known.to(torch.float64)), first_order, best)
@@ -641,7 +693,8 @@ class CrownBound:
         bounds at every radius on deep, wide nets) the first trial is `POLISH_COLD` times
         the first-order radius (a quarter of it again while trials prove nothing). A trial
         that certifies grows by `POLISH_GROW` to `POLISH_LEAP`, as its linear form's reach
-        suggests; while trials leap, up to `POLISH_EXTRA` evaluations follow the budget's.
+        suggests; while trials leap, and for samples that started cold, up to `POLISH_EXTRA`
+        evaluations follow the budget's.
         Each trial certifies what `certified_within` proves, also where it fails.
         """
         budget = self.budget
@@ -655,7 +708,7 @@ class CrownBound:
         trial = torch.where(cold, POLISH_COLD * fo, torch.minimum(POLISH_FIRST * low, ceiling))
         leaping = torch.zeros_like(cold)
         for k in range(budget.crown_polish_evals + POLISH_EXTRA):
-            wanted = leaping if k >= budget.crown_polish_evals else torch.ones_like(cold)
+            wanted = (leaping | cold) if k >= budget.crown_polish_evals else torch.ones_like(cold)
             live = torch.nonzero(wanted & torch.isfinite(trial) & (trial > low * (1 + budget.tol))).flatten()
             if len(live) == 0:
                 break
