@@ -4,6 +4,13 @@ Is robaudit "CROWN-tight" on deep nets it has never seen? This bounds the same n
 with auto_LiRPA (the reference CROWN implementation) and with robaudit, per image, on the
 first N images each model classifies correctly (N = 5 by default).
 
+Besides the four fixtures, `--vnncomp2022 DIR` (a checkout of
+github.com/ChristopherBrix/vnncomp2022_benchmarks) adds two deeper CIFAR-10 nets that are
+not fixtures: `cifar_base` (benchmarks/cifar_biasfield: eight convolutions, no pooling)
+and `sri_resnet_a` (benchmarks/sri_resnet_a: three residual blocks with strided 1x1
+shortcuts), both read with the usual CIFAR-10 normalization, on the fixtures' CIFAR-10
+images. Their .onnx.gz files are unpacked into a temporary folder.
+
 - Stage `lirpa` (auto_LiRPA on PYTHONPATH: see certify_vs_lirpa.py's docstring for how to
   fetch it and its small dependencies): the largest L2 radius, in pixel units with the
   fixture's normalization as the first layer and no [0, 1] box, at which CROWN proves every
@@ -25,6 +32,7 @@ benchmarks/results/certify_vs_lirpa_fixtures.json, one key per stage.
     PYTHONPATH=/path/to/auto_LiRPA:/path/to/deps python benchmarks/certify_vs_lirpa_fixtures.py lirpa
     python benchmarks/certify_vs_lirpa_fixtures.py robaudit --budget default
     python benchmarks/certify_vs_lirpa_fixtures.py robaudit --budget tight --only eran_mnist_relu_9_200 colt_mnist_0.1
+    python benchmarks/certify_vs_lirpa_fixtures.py robaudit --vnncomp2022 ../vnncomp2022_benchmarks --only cifar_base sri_resnet_a
 """
 
 from __future__ import annotations
@@ -49,6 +57,12 @@ for p in (ROOT, ROOT / "benchmarks"):
 RESULTS = ROOT / "benchmarks" / "results" / "certify_vs_lirpa_fixtures.json"
 MODELS = ("cifar10_resnet_2b", "oval21_cifar_base_kw", "eran_mnist_relu_9_200", "colt_mnist_0.1")
 DATA = {"MNIST": "mnist_test_first100.npz", "CIFAR-10": "cifar10_test_first100.npz"}
+CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
+DEEP = {  # not fixtures: from vnncomp2022_benchmarks (`--vnncomp2022`)
+    "cifar_base": "benchmarks/cifar_biasfield/onnx/cifar_base.onnx.gz",
+    "sri_resnet_a": "benchmarks/sri_resnet_a/onnx/resnet_3b2_bn_mixup_adv_4.0_bs128_lr-1.onnx.gz",
+}
+_DEEP_FILES: dict[str, Path] = {}  # name -> unpacked .onnx
 
 
 def fixtures() -> Path:
@@ -56,7 +70,22 @@ def fixtures() -> Path:
 
 
 def manifest() -> dict:
-    return json.loads((fixtures() / "manifest.json").read_text())["models"]
+    models = json.loads((fixtures() / "manifest.json").read_text())["models"]
+    for name, path in _DEEP_FILES.items():
+        models[name] = {"dataset": "CIFAR-10", "mean": CIFAR_MEAN, "std": CIFAR_STD, "file": str(path)}
+    return models
+
+
+def unpack_deep(root: Path, names: list[str]) -> None:
+    """Unpack the chosen vnncomp2022 nets into a temporary folder (absolute paths join over the fixtures root)."""
+    import gzip
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="robaudit-vnncomp2022-"))
+    for name in names:
+        target = folder / f"{name}.onnx"
+        target.write_bytes(gzip.decompress((root / DEEP[name]).read_bytes()))
+        _DEEP_FILES[name] = target
 
 
 def data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +132,7 @@ class Explicit(nn.Module):
 
         entry = manifest()[name]
         self.name = name
-        self.g = convert(onnx.load(str(fixtures() / entry["file"]))).eval()
+        self.g = convert(onnx.load(str(fixtures() / entry["file"]))).eval()  # (an absolute path stays itself)
         self.norm = None if entry["mean"] == [0.0] else _Normalize(entry["mean"], entry["std"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +153,16 @@ class Explicit(nn.Module):
         if self.name == "colt_mnist_0.1":  # its Shape/Gather/Concat/Reshape chain is flatten(1)
             z = torch.relu(g.Conv_1(torch.relu(g.Conv(z))))
             return g.Gemm_1(torch.relu(g.Gemm(z.flatten(1))))
+        if self.name == "cifar_base":  # Conv/ReLU seven times, a last Conv to 10x1x1, flatten
+            for k in range(0, 15, 2):
+                z = getattr(g, f"Conv_{k}")(z)
+                z = torch.relu(z) if k < 14 else z
+            return z.flatten(1)
+        if self.name == "sri_resnet_a":  # stem, three blocks relu(shortcut(z) + conv(relu(conv(z)))), two Gemms
+            z = torch.relu(g.Conv_0(z))
+            for a, b, c in ((2, 3, 5), (8, 9, 11), (14, 15, 17)):
+                z = torch.relu(getattr(g, f"Conv_{a}")(z) + getattr(g, f"Conv_{c}")(torch.relu(getattr(g, f"Conv_{b}")(z))))
+            return g.Gemm_23(torch.relu(g.Gemm_21(z.flatten(1))))
         raise KeyError(self.name)
 
 
@@ -200,20 +239,28 @@ def stage_robaudit(names: list[str], n: int, budget: str, fmn_steps: int) -> Non
 
 
 def save(key: str, value: dict) -> None:
+    """Store a stage's results; models run before under the same key and not rerun now are kept."""
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-    results[key] = value
+    kept = results.get(key, {}).get("models", {})
+    results[key] = {**value, "models": {**kept, **value["models"]}}
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["lirpa", "robaudit"])
-    parser.add_argument("--only", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--only", nargs="+", choices=[*MODELS, *DEEP], default=list(MODELS))
+    parser.add_argument("--vnncomp2022", type=Path, help="checkout of vnncomp2022_benchmarks, for cifar_base and sri_resnet_a")
     parser.add_argument("--n", type=int, default=5, help="images per model (the first it classifies correctly)")
     parser.add_argument("--budget", default="default", help="robaudit's certify budget (stage robaudit)")
     parser.add_argument("--steps", type=int, default=12, help="bisection steps of the CROWN radius (stage lirpa)")
     parser.add_argument("--fmn-steps", type=int, default=1000)
     args = parser.parse_args()
+    deep = [name for name in args.only if name in DEEP]
+    if deep:
+        if args.vnncomp2022 is None:
+            parser.error(f"{', '.join(deep)}: give --vnncomp2022 DIR (a checkout of vnncomp2022_benchmarks)")
+        unpack_deep(args.vnncomp2022, deep)
     if args.stage == "lirpa":
         stage_lirpa(args.only, args.n, args.steps)
     else:

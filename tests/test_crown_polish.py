@@ -113,7 +113,7 @@ def test_polish_raises_deep_net_radii_and_they_stay_sound(resnet_and_data) -> No
     assert torch.equal(capped.radius, plain.radius)
 
 
-def test_refined_evaluations_start_cold_where_the_bisection_proves_nothing() -> None:
+def test_refined_evaluations_start_cold_where_the_bisection_proves_nothing(monkeypatch) -> None:
     """The 9x200 ERAN MLP (third-party, natural training): the worst-case float32 rounding
     allowance, carried forward through nine layers, swamps the bisection's bounds at every
     radius, so it proves 0 everywhere; the refined evaluations then start from a fraction of
@@ -125,9 +125,18 @@ def test_refined_evaluations_start_cold_where_the_bisection_proves_nothing() -> 
     default = get_budget("default")
     plain = certify_with(model, x, y, _crown_only, budget=dataclasses.replace(default, crown_polish_evals=0))
     assert plain.radius.tolist() == [0.0] * 4
+    trials = []
+    inner = CrownBound.certified_within
+    monkeypatch.setattr(CrownBound, "certified_within", lambda self, *a, **k: trials.append(1) or inner(self, *a, **k))
     polished = certify_with(model, x, y, _crown_only, budget=default)
     assert bool((polished.radius > 0.01).all()), polished.radius
     check_sound(model, x, y, polished)
+    # the bisection gives up after BISECT_COLD trials that prove nothing; all of them change no radius
+    import robaudit.certify.crown as crown_module
+
+    assert len(trials) == crown_module.BISECT_COLD < default.crown_evals
+    monkeypatch.setattr(crown_module, "BISECT_COLD", default.crown_evals)
+    assert torch.equal(certify_with(model, x, y, _crown_only, budget=default).radius, polished.radius)
 
 
 def test_a_trial_whose_reach_points_far_leaps_further(monkeypatch) -> None:
@@ -142,6 +151,8 @@ def test_a_trial_whose_reach_points_far_leaps_further(monkeypatch) -> None:
     x, y = torch.from_numpy(instances["x"][2:4]).float(), torch.from_numpy(instances["y"][2:4]).long()
     model = _fixture_model("cifar10_resnet_2b", x)
     budget = dataclasses.replace(get_budget("default"), crown_ball=False)
+    # from the bisection's radius (on image 2 it proves one only after 6 trials: a cold start would skip it)
+    monkeypatch.setattr(crown_module, "BISECT_COLD", budget.crown_evals)
     leaped = certify_with(model, x, y, _crown_only, budget=budget)
     monkeypatch.setattr(crown_module, "POLISH_EXTRA", 0)  # no evaluations beyond the budget's two
     two = certify_with(model, x, y, _crown_only, budget=budget)

@@ -63,6 +63,7 @@ POLISH_LEAP = 3.0  # at most this one, as far as POLISH_REACH of the trial's rea
 POLISH_REACH = 0.125  # the fraction of the reach a leap trusts (the reach is no bound beyond the trial)
 POLISH_EXTRA = 2  # refined evaluations beyond the budget's, only for samples whose last trial certified and leapt,
 # or that the bisection proved nothing for (its forward bounds are void there: the refined ones are all there is)
+BISECT_COLD = 6  # where refined evaluations follow, the bisection gives up on samples with nothing proved after this many
 POLISH_COLD = 0.125  # where the bisection proved nothing, the first trial is this fraction of the first-order radius
 # (float32 rounding can swamp the bisection's forward bounds at every radius: 9x200 ERAN MLP)
 
@@ -657,7 +658,10 @@ class CrownBound:
         high = torch.where(torch.isfinite(high), high, torch.full_like(high, 1e3))
         done = torch.zeros(n, dtype=torch.bool)
         bracketed = torch.zeros(n, dtype=torch.bool)
-        for _ in range(self.budget.crown_evals):
+        polishes = self.polishes
+        for k in range(self.budget.crown_evals):
+            if polishes and k == BISECT_COLD:  # nothing proved down to 1/800 of the first-order radius: the
+                done = done | (best <= 0)  # refined evaluations start cold from 1/8 of it, and prove what there is
             live = torch.nonzero(~done).flatten()
             if len(live) == 0:
                 break
@@ -673,12 +677,17 @@ class CrownBound:
             high[live] = torch.where(grow, 2 * trial, torch.where(ok, hi_, trial))
             bracketed[live] = bracketed[live] | ~ok
             done[live] = bracketed[live] & (high[live] - low[live] <= self.budget.tol * high[live])
-        work = self.budget.crown_window_work if self.windowed else self.budget.crown_polish_work
-        if self.budget.crown_polish_evals and self.deep and self.refine_cost <= work:
+        if self.polishes:
             best = self._polish(batch, idx, torch.maximum(best, known.to(torch.float64)), first_order, best)
         if self.budget.bab_evals and self.budget.bab_domains and self.relu_units <= self.budget.bab_units:
             best = self._branch(batch, idx, torch.maximum(best, known.to(torch.float64)), first_order, best)
         return best
+
+    @property
+    def polishes(self) -> bool:
+        """Whether the refined evaluations run after the bisection (deep nets, within the work caps)."""
+        work = self.budget.crown_window_work if self.windowed else self.budget.crown_polish_work
+        return bool(self.budget.crown_polish_evals and self.deep and self.refine_cost <= work)
 
     def _polish(self, batch: Batch, idx: torch.Tensor, start: torch.Tensor, first_order: torch.Tensor, best):
         """Raise each radius with a few CROWN evaluations whose intermediate bounds are all refined.
