@@ -165,6 +165,7 @@ def _windows(t: torch.Tensor, shape: tuple[int, ...], geo: Geometry, grid: tuple
     """(n, R, C, kh, kw): for each sample's R grid positions `pos` (n, R), its window on t (n or 1, *shape).
 
     t is read as (C, H, W) per sample; outside the node (its padding) the windows read 0.
+    Only the windows asked for are gathered (a pass runs in many chunks of positions).
     """
     c, h, w = _chw(shape)
     m = t.shape[0]
@@ -176,13 +177,17 @@ def _windows(t: torch.Tensor, shape: tuple[int, ...], geo: Geometry, grid: tuple
     bottom = max(0, (gh - 1) * sh - ph + kh - h)
     right = max(0, (gw - 1) * sw - pw + kw - w)
     padded = F.pad(t, (pw, right, ph, bottom))
-    cols = F.unfold(padded, (kh, kw), stride=(sh, sw))  # (m, C kh kw, ly lx)
-    ly = (padded.shape[2] - kh) // sh + 1
-    lx = (padded.shape[3] - kw) // sw + 1
-    cols = cols.reshape(m, c, kh, kw, ly, lx)[..., :gh, :gw].reshape(m, c, kh, kw, gh * gw).permute(0, 4, 1, 2, 3)
+    width = padded.shape[3]
+    corner = (pos // gw) * (sh * width) + (pos % gw) * sw  # (n, R) top-left of each window in the padded plane
+    offsets = (torch.arange(kh)[:, None] * width + torch.arange(kw)[None, :]).flatten()
+    index = (corner[..., None] + offsets).flatten(1)  # (n, R kh kw)
+    flat = padded.flatten(2)  # (m, C, Hp Wp)
+    n, r = pos.shape
     if m == 1:
-        return cols[0][pos]
-    return cols[torch.arange(m)[:, None], pos]
+        out = flat[0][:, index]  # (C, n, R kh kw)
+        return out.reshape(c, n, r, kh, kw).permute(1, 2, 0, 3, 4)
+    out = flat.gather(2, index[:, None].expand(m, c, -1))  # (n, C, R kh kw)
+    return out.reshape(m, c, r, kh, kw).permute(0, 2, 1, 3, 4)
 
 
 def _inside(geo: Geometry, grid: tuple[int, int], shape: tuple[int, ...]) -> bool:
