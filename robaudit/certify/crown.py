@@ -154,6 +154,7 @@ class CrownBound:
         deep = [i for i in self.needs if not graph.exact[i] and self.depth[i] >= 2]
         self.deep = bool(deep)
         # multiply-adds per sample of one evaluation that refines every unit of those nodes backwards
+        self.prefix_cost = prefix
         dense = {i: 2 * math.prod(graph.nodes[i].shape) * prefix[i] for i in deep}
         self.refine_cost = sum(dense.values())
         # where that is beyond `crown_polish_work`, convolutional nodes can be refined over their units'
@@ -307,7 +308,7 @@ class CrownBound:
                 cap = self.budget.crown_refine if refine is None else refine
                 if sym[i] is None:
                     cap = max(cap, self.budget.crown_refine_unbounded)
-                if refine is not None and i in self.windowed:  # the polish, on a net too wide for dense passes
+                if self._windowed(i, cap):  # on a net too wide for dense refinement, where it costs less
                     lo[i], hi[i] = self._refine_windows(batch, idx, eps, i, lo[i], hi[i], ctx)
                 else:
                     lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
@@ -461,6 +462,19 @@ class CrownBound:
             lo_flat.scatter_(1, cols, torch.where(crossed, cur_lo, new_lo))
             hi_flat.scatter_(1, cols, torch.where(crossed, cur_hi, new_hi))
         return lo_flat.reshape(lo.shape), hi_flat.reshape(hi.shape)
+
+    def _windowed(self, i: int, cap: int) -> bool:
+        """Refine node i's every unit by the patches pass rather than up to `cap` units by dense passes?
+
+        Only on nets whose dense refinement is over its work cap (`windowed`), and where the
+        patches pass costs no more than the dense passes would: in `default`'s bisection (64
+        units per node) the dense ones stay; in its refined evaluations and in `tight` (4096
+        units per node) the patches pass refines every unit for less.
+        """
+        if i not in self.windowed:
+            return False
+        dense = 2 * min(math.prod(self.graph.nodes[i].shape), cap) * self.prefix_cost[i]
+        return self.patch_plan.cost(i) <= dense
 
     def _refine_windows(self, batch, idx, eps, i, lo, hi, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor]:
         """Tighten node i's interval with the patches pass (`patches.py`) on every unit that matters.
