@@ -18,6 +18,7 @@ from torch import nn
 
 from robaudit.certify.budget import get_budget
 from robaudit.certify.certificate import _batch, certify_with
+from robaudit.certify import crown as crown_module
 from robaudit.certify.crown import CrownBound, first_order_radius
 from robaudit.certify.graph import build_graph
 import numpy as np
@@ -132,8 +133,6 @@ def test_refined_evaluations_start_cold_where_the_bisection_proves_nothing(monke
     assert bool((polished.radius > 0.01).all()), polished.radius
     check_sound(model, x, y, polished)
     # the bisection gives up after BISECT_COLD trials that prove nothing; all of them change no radius
-    import robaudit.certify.crown as crown_module
-
     assert len(trials) == crown_module.BISECT_COLD < default.crown_evals
     monkeypatch.setattr(crown_module, "BISECT_COLD", default.crown_evals)
     assert torch.equal(certify_with(model, x, y, _crown_only, budget=default).radius, polished.radius)
@@ -145,8 +144,6 @@ def test_a_trial_whose_reach_points_far_leaps_further(monkeypatch) -> None:
     of that unproved; the leap takes it, while trials leap up to `POLISH_EXTRA` more evaluations
     take more, and the radii stay below what attacks find. (Without the L2-ball coupling of
     `ball.py`, which on one of these two images proves the leap's radius in the bisection already.)"""
-    import robaudit.certify.crown as crown_module
-
     instances = np.load(fixtures_dir() / "vnncomp" / "cifar10_resnet_2b.npz")
     x, y = torch.from_numpy(instances["x"][2:4]).float(), torch.from_numpy(instances["y"][2:4]).long()
     model = _fixture_model("cifar10_resnet_2b", x)
@@ -169,8 +166,6 @@ def test_over_the_dense_cap_the_receptive_field_pass_refines_as_tightly(monkeypa
     evaluations refine the conv units over their receptive fields (`patches.py`) and prove
     the dense radii to within 0.1% (only the L2-ball coupling of `ball.py` is left out), and
     attacks confirm them. Not vacuous: the patches pass runs."""
-    import robaudit.certify.crown as crown_module
-
     calls = []
     inner = crown_module.backward_windows
     monkeypatch.setattr(crown_module, "backward_windows", lambda *a, **k: calls.append(1) or inner(*a, **k))

@@ -308,10 +308,7 @@ class CrownBound:
                 cap = self.budget.crown_refine if refine is None else refine
                 if sym[i] is None:
                     cap = max(cap, self.budget.crown_refine_unbounded)
-                if self._windowed(i, cap):  # on a net too wide for dense refinement, where it costs less
-                    lo[i], hi[i] = self._refine_windows(batch, idx, eps, i, lo[i], hi[i], ctx)
-                else:
-                    lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap)
+                lo[i], hi[i] = self._refine(batch, idx, eps, i, lo[i], hi[i], ctx, cap, self._windowed(i, cap))
             tighter = False  # whether node i's ball is smaller than its box for some sample
             if self.lipschitz is not None:
                 centre = batch.values[i][idx]
@@ -423,8 +420,15 @@ class CrownBound:
             return act_sym(src[0], r["a_l"], r["b_l"], r["a_u"], r["b_u"])
         return None  # max pooling: its interval (and backward refinement) carry on
 
-    def _refine(self, batch, idx, eps, i, lo, hi, ctx: _Context, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tighten node i's interval with a backward pass on the units whose bounds matter."""
+    def _refine(
+        self, batch, idx, eps, i, lo, hi, ctx: _Context, cap: int, windowed: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tighten node i's interval with a backward pass on the units whose bounds matter.
+
+        Dense passes refine up to `cap` units per sample (the widest); with `windowed`, every
+        such unit is refined by the patches pass (`patches.py`), which costs a pass over each
+        unit's receptive field only.
+        """
         g = self.graph
         users = [g.nodes[c].op for c in g.consumers[i]]
         if all(isinstance(u, ActOp) and u.kind in ("relu", "leaky_relu") for u in users):
@@ -433,7 +437,7 @@ class CrownBound:
             pick = torch.ones_like(lo, dtype=torch.bool)
         n = len(idx)
         flat = pick.reshape(n, -1)
-        counts = flat.sum(1).clamp_max(cap)
+        counts = flat.sum(1) if windowed else flat.sum(1).clamp_max(cap)
         s = int(counts.max()) if n else 0
         if s == 0:
             return lo, hi
@@ -443,16 +447,23 @@ class CrownBound:
         order = torch.argsort(width, dim=1, descending=True, stable=True)[:, :s]
         valid = torch.arange(s)[None, :] < counts[:, None]
         lo_flat, hi_flat = lo.reshape(n, -1).clone(), hi.reshape(n, -1).clone()
-        widest = max(math.prod(nd.shape) for nd in g.nodes[: i + 1])
-        step = min(s, max(1, self.elems // (2 * n * widest)))
+        if windowed:
+            step = min(s, max(1, PATCH_ELEMS // (2 * n * self.patch_plan.widest(i))))
+        else:
+            widest = max(math.prod(nd.shape) for nd in g.nodes[: i + 1])
+            step = min(s, max(1, self.elems // (2 * n * widest)))
         for start in range(0, s, step):
             cols = order[:, start : start + step]  # (n, c)
             c = cols.shape[1]
-            spec = torch.zeros(n, c, numel, dtype=torch.float64)
-            spec.scatter_(2, cols[:, :, None], 1.0)
-            spec = torch.cat([spec, -spec], dim=1).reshape(n, 2 * c, *g.nodes[i].shape)
-            bound = self._backward(batch, idx, eps, i, spec, ctx)
-            low, neg_up = bound[:, :c], bound[:, c:]
+            if windowed:
+                args = (batch.values[0][idx], eps, i, cols, ctx.relaxed, ctx.noise, CROWN_RTOL)
+                low, neg_up = backward_windows(self.patch_plan, *args).unbind(1)
+            else:
+                spec = torch.zeros(n, c, numel, dtype=torch.float64)
+                spec.scatter_(2, cols[:, :, None], 1.0)
+                spec = torch.cat([spec, -spec], dim=1).reshape(n, 2 * c, *g.nodes[i].shape)
+                bound = self._backward(batch, idx, eps, i, spec, ctx)
+                low, neg_up = bound[:, :c], bound[:, c:]
             ok = valid[:, start : start + step]
             cur_lo, cur_hi = lo_flat.gather(1, cols), hi_flat.gather(1, cols)
             new_lo = torch.where(ok, torch.maximum(cur_lo, low), cur_lo)
@@ -475,42 +486,6 @@ class CrownBound:
             return False
         dense = 2 * min(math.prod(self.graph.nodes[i].shape), cap) * self.prefix_cost[i]
         return self.patch_plan.cost(i) <= dense
-
-    def _refine_windows(self, batch, idx, eps, i, lo, hi, ctx: _Context) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tighten node i's interval with the patches pass (`patches.py`) on every unit that matters.
-
-        As `_refine` picks them (the unstable units where ReLUs read the node), but with no cap:
-        each unit costs a pass over its receptive field only. Chunked to `PATCH_ELEMS`.
-        """
-        g = self.graph
-        n = len(idx)
-        users = [g.nodes[u].op for u in g.consumers[i]]
-        if all(isinstance(u, ActOp) and u.kind in ("relu", "leaky_relu") for u in users):
-            pick = (lo < 0) & (hi > 0)
-        else:
-            pick = torch.ones_like(lo, dtype=torch.bool)
-        flat = pick.reshape(n, -1)
-        counts = flat.sum(1)
-        s = int(counts.max()) if n else 0
-        if s == 0:
-            return lo, hi
-        order = torch.argsort(flat.to(torch.int8), dim=1, descending=True, stable=True)[:, :s]
-        valid = torch.arange(s)[None, :] < counts[:, None]
-        lo_flat, hi_flat = lo.reshape(n, -1).clone(), hi.reshape(n, -1).clone()
-        step = max(1, PATCH_ELEMS // (2 * n * self.patch_plan.widest(i)))
-        values0 = batch.values[0][idx]
-        for start in range(0, s, step):
-            cols = order[:, start : start + step]
-            bound = backward_windows(self.patch_plan, values0, eps, i, cols, ctx.relaxed, ctx.noise, CROWN_RTOL)
-            ok = valid[:, start : start + step]
-            cur_lo, cur_hi = lo_flat.gather(1, cols), hi_flat.gather(1, cols)
-            new_lo = torch.where(ok, torch.maximum(cur_lo, bound[:, 0]), cur_lo)
-            new_hi = torch.where(ok, torch.minimum(cur_hi, -bound[:, 1]), cur_hi)
-            # only rounding can cross them, and a bound that overflowed proves nothing: keep the interval pass
-            crossed = (new_lo > new_hi) | new_lo.isnan() | new_hi.isnan()
-            lo_flat.scatter_(1, cols, torch.where(crossed, cur_lo, new_lo))
-            hi_flat.scatter_(1, cols, torch.where(crossed, cur_hi, new_hi))
-        return lo_flat.reshape(lo.shape), hi_flat.reshape(hi.shape)
 
     @staticmethod
     def _relax(op: ActOp | MaxPoolOp, lo: torch.Tensor, hi: torch.Tensor) -> _Relaxed:
