@@ -5,11 +5,13 @@ with auto_LiRPA (the reference CROWN implementation) and with robaudit, per imag
 first N images each model classifies correctly (N = 5 by default).
 
 Besides the four fixtures, `--vnncomp2022 DIR` (a checkout of
-github.com/ChristopherBrix/vnncomp2022_benchmarks) adds two deeper CIFAR-10 nets that are
+github.com/ChristopherBrix/vnncomp2022_benchmarks) adds four CIFAR-10 nets that are
 not fixtures: `cifar_base` (benchmarks/cifar_biasfield: eight convolutions, no pooling)
 and `sri_resnet_a` (benchmarks/sri_resnet_a: three residual blocks with strided 1x1
-shortcuts), both read with the usual CIFAR-10 normalization, on the fixtures' CIFAR-10
-images. Their .onnx.gz files are unpacked into a temporary folder.
+shortcuts), both read with the usual CIFAR-10 normalization, and the fixture
+oval21_cifar_base_kw's two siblings `oval21_cifar_deep_kw` (four convolutions, two Gemms)
+and `oval21_cifar_wide_kw` (two wider convolutions, two Gemms), read with its
+normalization; all on the fixtures' CIFAR-10 images. Their .onnx.gz files are unpacked into a temporary folder.
 
 - Stage `lirpa` (auto_LiRPA on PYTHONPATH: see certify_vs_lirpa.py's docstring for how to
   fetch it and its small dependencies): the largest L2 radius, in pixel units with the
@@ -60,9 +62,12 @@ RESULTS = ROOT / "benchmarks" / "results" / "certify_vs_lirpa_fixtures.json"
 MODELS = ("cifar10_resnet_2b", "oval21_cifar_base_kw", "eran_mnist_relu_9_200", "colt_mnist_0.1")
 DATA = {"MNIST": "mnist_test_first100.npz", "CIFAR-10": "cifar10_test_first100.npz"}
 CIFAR_MEAN, CIFAR_STD = [0.4914, 0.4822, 0.4465], [0.2471, 0.2435, 0.2616]
-DEEP = {  # not fixtures: from vnncomp2022_benchmarks (`--vnncomp2022`)
-    "cifar_base": "benchmarks/cifar_biasfield/onnx/cifar_base.onnx.gz",
-    "sri_resnet_a": "benchmarks/sri_resnet_a/onnx/resnet_3b2_bn_mixup_adv_4.0_bs128_lr-1.onnx.gz",
+OVAL_MEAN, OVAL_STD = [0.485, 0.456, 0.406], [0.225, 0.225, 0.225]
+DEEP = {  # not fixtures: from vnncomp2022_benchmarks (`--vnncomp2022`); path, mean, std
+    "cifar_base": ("benchmarks/cifar_biasfield/onnx/cifar_base.onnx.gz", CIFAR_MEAN, CIFAR_STD),
+    "sri_resnet_a": ("benchmarks/sri_resnet_a/onnx/resnet_3b2_bn_mixup_adv_4.0_bs128_lr-1.onnx.gz", CIFAR_MEAN, CIFAR_STD),
+    "oval21_cifar_deep_kw": ("benchmarks/oval21/onnx/cifar_deep_kw.onnx.gz", OVAL_MEAN, OVAL_STD),
+    "oval21_cifar_wide_kw": ("benchmarks/oval21/onnx/cifar_wide_kw.onnx.gz", OVAL_MEAN, OVAL_STD),
 }
 _DEEP_FILES: dict[str, Path] = {}  # name -> unpacked .onnx
 
@@ -74,7 +79,8 @@ def fixtures() -> Path:
 def manifest() -> dict:
     models = json.loads((fixtures() / "manifest.json").read_text())["models"]
     for name, path in _DEEP_FILES.items():
-        models[name] = {"dataset": "CIFAR-10", "mean": CIFAR_MEAN, "std": CIFAR_STD, "file": str(path)}
+        _, mean, std = DEEP[name]
+        models[name] = {"dataset": "CIFAR-10", "mean": mean, "std": std, "file": str(path)}
     return models
 
 
@@ -86,7 +92,7 @@ def unpack_deep(root: Path, names: list[str]) -> None:
     folder = Path(tempfile.mkdtemp(prefix="robaudit-vnncomp2022-"))
     for name in names:
         target = folder / f"{name}.onnx"
-        target.write_bytes(gzip.decompress((root / DEEP[name]).read_bytes()))
+        target.write_bytes(gzip.decompress((root / DEEP[name][0]).read_bytes()))
         _DEEP_FILES[name] = target
 
 
@@ -147,6 +153,13 @@ class Explicit(nn.Module):
         if self.name == "oval21_cifar_base_kw":
             z = torch.relu(g.Conv_2(torch.relu(g.Conv_0(z))))
             return g.Gemm_7(torch.relu(g.Gemm_5(z.flatten(1))))
+        if self.name == "oval21_cifar_wide_kw":  # the base net's layout, wider
+            z = torch.relu(g.Conv_2(torch.relu(g.Conv_0(z))))
+            return g.Gemm_7(torch.relu(g.Gemm_5(z.flatten(1))))
+        if self.name == "oval21_cifar_deep_kw":  # four convolutions, two Gemms
+            for k in (0, 2, 4, 6):
+                z = torch.relu(getattr(g, f"Conv_{k}")(z))
+            return g.Gemm_11(torch.relu(g.Gemm_9(z.flatten(1))))
         if self.name == "eran_mnist_relu_9_200":  # its in-graph Sub 0 / Div 1 are identities; it ends in a ReLU
             z = z.flatten(1)
             for k in range(5, 22, 2):
@@ -252,7 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=["lirpa", "robaudit"])
     parser.add_argument("--only", nargs="+", choices=[*MODELS, *DEEP], default=list(MODELS))
-    parser.add_argument("--vnncomp2022", type=Path, help="checkout of vnncomp2022_benchmarks, for cifar_base and sri_resnet_a")
+    parser.add_argument("--vnncomp2022", type=Path, help="checkout of vnncomp2022_benchmarks, for the nets that are not fixtures (DEEP)")
     parser.add_argument("--n", type=int, default=5, help="images per model (the first it classifies correctly)")
     parser.add_argument("--budget", default="default", help="robaudit's certify budget (stage robaudit)")
     parser.add_argument("--steps", type=int, default=12, help="bisection steps of the CROWN radius (stage lirpa)")
