@@ -161,6 +161,22 @@ def test_a_trial_whose_reach_points_far_leaps_further(monkeypatch) -> None:
     check_sound(model, x, y, leaped)
 
 
+def test_after_a_jump_the_refined_evaluations_go_on(monkeypatch) -> None:
+    """CIFAR-10 resnet_2b (third-party), test images 1 and 5: the refined radius is 10-30x the
+    bisection's, and trials that keep growing it 2-3x are far from converged. Two more
+    evaluations after each such jump (within `POLISH_EXTRA`) raise both radii by over 15%
+    (image 5 after a trial above its radius failed), and attacks confirm them."""
+    archive = np.load(fixtures_dir() / "data" / "cifar10_test_first100.npz")
+    x, y = torch.from_numpy(archive["x"][[1, 5]]).float(), torch.from_numpy(archive["y"][[1, 5]]).long()
+    model = _fixture_model("cifar10_resnet_2b", x)
+    jumping = certify_with(model, x, y, _crown_only, budget="default")
+    monkeypatch.setattr(crown_module, "POLISH_JUMP", float("inf"))
+    plain = certify_with(model, x, y, _crown_only, budget="default")
+    assert bool((plain.radius > 0).all())
+    assert bool((jumping.radius > 1.15 * plain.radius).all()), (jumping.radius, plain.radius)
+    check_sound(model, x, y, jumping)
+
+
 def test_over_the_dense_cap_the_receptive_field_pass_refines_as_tightly(monkeypatch) -> None:
     """CIFAR-10 resnet_2b (third-party): with dense refinement over its work cap, the refined
     evaluations refine the conv units over their receptive fields (`patches.py`) and prove
