@@ -99,6 +99,28 @@ def test_nodes_behind_an_op_the_pass_does_not_know_keep_the_dense_pass() -> None
         convs = [i for i, node in enumerate(graph.nodes) if type(node.op).__name__ == "ConvOp"]
         assert plan.covers(convs[0]) and not plan.covers(convs[1])
 
+def test_symmetric_same_padding_is_the_convs_own_and_the_pass_covers_it() -> None:
+    """padding="same" with an odd kernel pads symmetrically, as torch runs it: the conv's own
+    padding, so the pass covers the convs behind it (a pad node in front of the conv sent
+    them all to the dense pass). An even kernel pads one more on the right: a pad node stays.
+    Both graphs compute the model's scores."""
+    torch.manual_seed(0)
+    for kernel, padded in ((3, False), (2, True)):
+        net = nn.Sequential(
+            nn.Conv2d(1, 4, kernel, padding="same"), nn.ReLU(), nn.Conv2d(4, 4, kernel, padding="same"), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3),
+        ).eval()
+        x = torch.rand(2, 1, 8, 8)
+        graph = build_graph(net, x[:1])
+        kinds = [type(node.op).__name__ for node in graph.nodes]
+        assert ("PadOp" in kinds) == padded, kinds
+        with torch.no_grad():
+            assert torch.allclose(graph.logits(x.to(torch.float64)), net(x).double(), atol=1e-5)
+        plan = CrownBound(graph, get_budget("default")).patch_plan
+        convs = [i for i, kind in enumerate(kinds) if kind == "ConvOp"]
+        assert all(plan.covers(i) for i in convs) != padded
+
+
 
 def test_windows_that_grow_as_large_as_the_node_become_the_whole_node() -> None:
     graph, crown, *_ = _setup()

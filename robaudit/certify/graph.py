@@ -711,11 +711,13 @@ class _Builder:
         stride, dilation = _pair(p["stride"]), _pair(p["dilation"])
         padding = p["padding"]
         index, shape = var.index, var.shape
-        if isinstance(padding, str):
-            if padding == "valid":
-                padding = (0, 0)
-            else:  # 'same': torch pads total = d (k - 1), the extra one on the right/bottom
-                totals = [dilation[i] * (w.shape[2 + i] - 1) for i in range(2)]
+        if padding == "valid":
+            padding = (0, 0)
+        elif isinstance(padding, str):  # 'same': torch pads total = d (k - 1), the extra one on the right/bottom
+            totals = [dilation[i] * (w.shape[2 + i] - 1) for i in range(2)]
+            if totals[0] % 2 == 0 and totals[1] % 2 == 0:  # symmetric: the conv's own padding, as torch runs it
+                padding = (totals[0] // 2, totals[1] // 2)  # (and a node the patches pass of crown.py covers)
+            else:
                 pads = (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2)
                 padded = (*shape[:-2], shape[-2] + totals[0], shape[-1] + totals[1])
                 pad = PadOp(name, shape, padded, None, True, pads)
