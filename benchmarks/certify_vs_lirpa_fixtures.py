@@ -11,7 +11,8 @@ and `sri_resnet_a` (benchmarks/sri_resnet_a: three residual blocks with strided 
 shortcuts), both read with the usual CIFAR-10 normalization, and the fixture
 oval21_cifar_base_kw's two siblings `oval21_cifar_deep_kw` (four convolutions, two Gemms)
 and `oval21_cifar_wide_kw` (two wider convolutions, two Gemms), read with its
-normalization; all on the fixtures' CIFAR-10 images. Their .onnx.gz files are unpacked into a temporary folder.
+normalization; all on the fixtures' CIFAR-10 images. Their .onnx.gz files are unpacked
+into a temporary folder.
 
 - Stage `lirpa` (auto_LiRPA on PYTHONPATH: see certify_vs_lirpa.py's docstring for how to
   fetch it and its small dependencies): the largest L2 radius, in pixel units with the
@@ -150,10 +151,7 @@ class Explicit(nn.Module):
             r7 = torch.relu(g.Conv_4(torch.relu(g.Conv_2(r1))) + g.Conv_5(r1))
             r12 = torch.relu(g.Conv_10(torch.relu(g.Conv_8(r7))) + r7)
             return g.Gemm_16(torch.relu(g.Gemm_14(r12.flatten(1))))
-        if self.name == "oval21_cifar_base_kw":
-            z = torch.relu(g.Conv_2(torch.relu(g.Conv_0(z))))
-            return g.Gemm_7(torch.relu(g.Gemm_5(z.flatten(1))))
-        if self.name == "oval21_cifar_wide_kw":  # the base net's layout, wider
+        if self.name in ("oval21_cifar_base_kw", "oval21_cifar_wide_kw"):  # one layout, the second wider
             z = torch.relu(g.Conv_2(torch.relu(g.Conv_0(z))))
             return g.Gemm_7(torch.relu(g.Gemm_5(z.flatten(1))))
         if self.name == "oval21_cifar_deep_kw":  # four convolutions, two Gemms

@@ -99,6 +99,7 @@ def test_nodes_behind_an_op_the_pass_does_not_know_keep_the_dense_pass() -> None
         convs = [i for i, node in enumerate(graph.nodes) if type(node.op).__name__ == "ConvOp"]
         assert plan.covers(convs[0]) and not plan.covers(convs[1])
 
+
 def test_symmetric_same_padding_is_the_convs_own_and_the_pass_covers_it() -> None:
     """padding="same" with an odd kernel pads symmetrically, as torch runs it: the conv's own
     padding, so the pass covers the convs behind it (a pad node in front of the conv sent
@@ -119,7 +120,6 @@ def test_symmetric_same_padding_is_the_convs_own_and_the_pass_covers_it() -> Non
         plan = CrownBound(graph, get_budget("default")).patch_plan
         convs = [i for i, kind in enumerate(kinds) if kind == "ConvOp"]
         assert all(plan.covers(i) for i in convs) != padded
-
 
 
 def test_windows_that_grow_as_large_as_the_node_become_the_whole_node() -> None:

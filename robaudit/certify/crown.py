@@ -720,7 +720,8 @@ class CrownBound:
             got = proved.amin(dim=1)
             best[live] = torch.maximum(best[live], got)
             jumped[1, live] = jumped[0, live]
-            jumped[0, live] = (got >= t) & (got >= POLISH_JUMP * low[live]) & (k > 0)  # the first grows from the bisection's
+            # (the first evaluation's growth is from the bisection's radius, a looser bound: no jump)
+            jumped[0, live] = (got >= t) & (got >= POLISH_JUMP * low[live]) & (k > 0)
             low[live] = torch.maximum(low[live], got)
             high[live] = torch.where(got >= t, high[live], t)
             leap = (POLISH_REACH * hint / t).nan_to_num(POLISH_GROW).clamp(POLISH_GROW, POLISH_LEAP)
