@@ -38,6 +38,11 @@ benchmarks/results/certify_vs_lirpa_fixtures.json, one key per stage.
     python benchmarks/certify_vs_lirpa_fixtures.py robaudit --budget default
     python benchmarks/certify_vs_lirpa_fixtures.py robaudit --budget tight --only eran_mnist_relu_9_200 colt_mnist_0.1
     python benchmarks/certify_vs_lirpa_fixtures.py robaudit --vnncomp2022 ../vnncomp2022_benchmarks --only cifar_base sri_resnet_a
+
+`--pad-nodes` (stage robaudit) certifies each net with every padded Conv rewritten as a
+constant Pad node and an unpadded Conv (the same function, as tf2onnx writes SAME
+padding), under the key `robaudit_<budget>_pad_nodes`: the radii should equal the plain
+run's wherever CROWN's pass over receptive fields goes through pad nodes.
 """
 
 from __future__ import annotations
@@ -71,6 +76,7 @@ DEEP = {  # not fixtures: from vnncomp2022_benchmarks (`--vnncomp2022`); path, m
     "oval21_cifar_wide_kw": ("benchmarks/oval21/onnx/cifar_wide_kw.onnx.gz", OVAL_MEAN, OVAL_STD),
 }
 _DEEP_FILES: dict[str, Path] = {}  # name -> unpacked .onnx
+_PAD_FILES: dict[str, Path] = {}  # name -> the net rewritten with Pad nodes (--pad-nodes)
 
 
 def fixtures() -> Path:
@@ -82,6 +88,8 @@ def manifest() -> dict:
     for name, path in _DEEP_FILES.items():
         _, mean, std = DEEP[name]
         models[name] = {"dataset": "CIFAR-10", "mean": mean, "std": std, "file": str(path)}
+    for name, path in _PAD_FILES.items():
+        models[name] = {**models[name], "file": str(path)}
     return models
 
 
@@ -95,6 +103,41 @@ def unpack_deep(root: Path, names: list[str]) -> None:
         target = folder / f"{name}.onnx"
         target.write_bytes(gzip.decompress((root / DEEP[name][0]).read_bytes()))
         _DEEP_FILES[name] = target
+
+
+def pad_nodes(names: list[str]) -> None:
+    """Rewrite each net's padded Convs as Pad + Conv into a temporary folder (opset 11+: pads as an input)."""
+    import tempfile
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    folder = Path(tempfile.mkdtemp(prefix="robaudit-pad-nodes-"))
+    models = manifest()
+    for name in names:
+        proto = onnx.load(str(fixtures() / models[name]["file"]))
+        opset = max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+        nodes = []
+        for node in proto.graph.node:
+            pads = [a for a in node.attribute if a.name == "pads"]
+            if node.op_type == "Conv" and pads and any(pads[0].ints):
+                t, l, b, r = pads[0].ints
+                spelled = [0, 0, t, l, 0, 0, b, r]
+                tag = f"{node.name or node.output[0]}_pad"
+                if opset >= 11:
+                    proto.graph.initializer.append(numpy_helper.from_array(np.array(spelled, dtype=np.int64), tag + "s"))
+                    nodes.append(helper.make_node("Pad", [node.input[0], tag + "s"], [tag], mode="constant", name=tag))
+                else:
+                    nodes.append(helper.make_node("Pad", [node.input[0]], [tag], mode="constant", pads=spelled, name=tag))
+                node.input[0] = tag
+                node.attribute.remove(pads[0])
+            nodes.append(node)
+        del proto.graph.node[:]
+        proto.graph.node.extend(nodes)
+        onnx.checker.check_model(proto)
+        target = folder / f"{name}.onnx"
+        onnx.save(proto, str(target))
+        _PAD_FILES[name] = target
 
 
 def data(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +269,7 @@ def stage_lirpa(names: list[str], n: int, steps: int) -> None:
     save("lirpa_crown", out)
 
 
-def stage_robaudit(names: list[str], n: int, budget: str, fmn_steps: int) -> None:
+def stage_robaudit(names: list[str], n: int, budget: str, fmn_steps: int, key: str) -> None:
     from certify_zoo import attack_distance
     from robaudit.certify import certify_l2
 
@@ -248,7 +291,7 @@ def stage_robaudit(names: list[str], n: int, budget: str, fmn_steps: int) -> Non
         for row, d in zip(rows, free.tolist()):
             row["attack_distance"] = d
         out["models"][name] = {"rows": rows}
-    save(f"robaudit_{budget}", out)
+    save(key, out)
 
 
 def save(key: str, value: dict) -> None:
@@ -268,6 +311,7 @@ def main() -> None:
     parser.add_argument("--budget", default="default", help="robaudit's certify budget (stage robaudit)")
     parser.add_argument("--steps", type=int, default=12, help="bisection steps of the CROWN radius (stage lirpa)")
     parser.add_argument("--fmn-steps", type=int, default=1000)
+    parser.add_argument("--pad-nodes", action="store_true", help="padded Convs as Pad + Conv (stage robaudit)")
     args = parser.parse_args()
     deep = [name for name in args.only if name in DEEP]
     if deep:
@@ -277,7 +321,10 @@ def main() -> None:
     if args.stage == "lirpa":
         stage_lirpa(args.only, args.n, args.steps)
     else:
-        stage_robaudit(args.only, args.n, args.budget, args.fmn_steps)
+        if args.pad_nodes:
+            pad_nodes(args.only)
+        key = f"robaudit_{args.budget}" + ("_pad_nodes" if args.pad_nodes else "")
+        stage_robaudit(args.only, args.n, args.budget, args.fmn_steps, key)
 
 
 if __name__ == "__main__":

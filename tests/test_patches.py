@@ -4,7 +4,9 @@ It must give the dense backward pass's bound term for term (it leaves out only t
 L2-ball coupling, which the dense pass may add on top): checked here with exact float64
 agreement at zero rounding allowance, on a net with every layout change the pass makes
 (strided windows, windows merged across a residual sum, windows turned into the whole
-node, a shared window cut to the node), and with its outward rounding on. Soundness of
+node, a shared window cut to the node) and on one with every op it reads as a
+convolution or a shift (grouped and dilated convs, average pools, zero and constant
+padding), and with its outward rounding on. Soundness of
 the radii it leads to is attacked in `test_certify_property.py`.
 """
 
@@ -15,6 +17,7 @@ import math
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from robaudit.certify.budget import get_budget
 from robaudit.certify.certificate import _batch
@@ -45,9 +48,29 @@ class _Net(nn.Module):
         return self.fc(torch.relu(self.c6(h)).flatten(1))
 
 
-def _setup():
+class _PaddedNet(nn.Module):
+    """Asymmetric zero padding before a strided conv (as ONNX Pad reads), a grouped conv, an
+    average pool with padding, a dilated conv, a constant padding, a closing average pool."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, 2, 0), nn.BatchNorm2d(8)
+        self.grouped = nn.Conv2d(8, 8, 3, 1, 1, groups=4)
+        self.dilated = nn.Conv2d(8, 6, 3, 1, 2, dilation=2)
+        self.c2 = nn.Conv2d(6, 6, 3, 1, 0)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.b1(self.c1(F.pad(x, (0, 1, 0, 1)))))
+        h = F.avg_pool2d(torch.relu(self.grouped(h)), 3, 1, 1)
+        h = torch.tanh(self.dilated(h))
+        h = torch.relu(self.c2(F.pad(h, (1, 2, 2, 1), value=0.3)))
+        return self.fc(F.avg_pool2d(h, 2).flatten(1))
+
+
+def _setup(make: type[nn.Module] = _Net):
     gen = torch.Generator().manual_seed(0)
-    net = _Net().eval()
+    net = make().eval()
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * (1.5 / math.sqrt(max(1, p[0].numel()))))
@@ -64,14 +87,21 @@ def _setup():
     return graph, crown, batch, idx, eps, ctx
 
 
-def test_the_patches_pass_gives_the_dense_bound_term_for_term(monkeypatch: pytest.MonkeyPatch) -> None:
-    graph, crown, batch, idx, eps, ctx = _setup()
+@pytest.mark.parametrize("make", [_Net, _PaddedNet])
+def test_the_patches_pass_gives_the_dense_bound_term_for_term(monkeypatch: pytest.MonkeyPatch, make) -> None:
+    graph, crown, batch, idx, eps, ctx = _setup(make)
     monkeypatch.setattr(crown_module, "CROWN_RTOL", 0.0)  # both passes without their outward rounding
     plan = crown.patch_plan
     covered = [i for i, node in enumerate(graph.nodes) if node.op is not None and plan.covers(i)]
     layouts = {geo for i in covered for geo in plan.plan(i).values()}
     assert any(geo.shared for geo in layouts) and any(geo.stride[0] > 1 for geo in layouts)
-    assert len(covered) >= 11
+    if make is _Net:
+        assert len(covered) >= 11
+    else:  # every conv and pool, both pads among the nodes their passes go through
+        kinds = [type(graph.nodes[i].op).__name__ for i in covered]
+        assert kinds.count("ConvOp") == 4 and kinds.count("AvgPoolOp") == 2, kinds
+        passed = {j for i in covered for j in plan.plan(i)}
+        assert sum(type(graph.nodes[j].op).__name__ == "SelectOp" for j in passed) == 2
     gen = torch.Generator().manual_seed(1)
     for i in covered:
         shape = graph.nodes[i].shape
@@ -89,9 +119,21 @@ def test_the_patches_pass_gives_the_dense_bound_term_for_term(monkeypatch: pytes
 
 
 def test_nodes_behind_an_op_the_pass_does_not_know_keep_the_dense_pass() -> None:
+    class Crop(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x[:, :, 1:, 1:]
+
     for net in (
         nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)),
-        nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3, groups=2), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)),
+        nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), Crop(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3)),
+        nn.Sequential(  # a pool whose windows at the border divide by less than the kernel: no convolution
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.Conv2d(4, 4, 3), nn.ReLU(),
+            nn.Flatten(), nn.Linear(144, 3),
+        ),
+        nn.Sequential(  # ceil mode adds a window beyond the padded map, which divides by less
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AvgPool2d(3, 2, 0, ceil_mode=True), nn.Conv2d(4, 4, 3), nn.ReLU(),
+            nn.Flatten(), nn.Linear(16, 3),
+        ),
     ):
         x = torch.rand(1, net[0].in_channels, 10, 10)
         graph = build_graph(net.eval(), x)
@@ -102,9 +144,8 @@ def test_nodes_behind_an_op_the_pass_does_not_know_keep_the_dense_pass() -> None
 
 def test_symmetric_same_padding_is_the_convs_own_and_the_pass_covers_it() -> None:
     """padding="same" with an odd kernel pads symmetrically, as torch runs it: the conv's own
-    padding, so the pass covers the convs behind it (a pad node in front of the conv sent
-    them all to the dense pass). An even kernel pads one more on the right: a pad node stays.
-    Both graphs compute the model's scores."""
+    padding. An even kernel pads one more on the right: a pad node stays, and the pass
+    goes through it as a shift. Both graphs compute the model's scores."""
     torch.manual_seed(0)
     for kernel, padded in ((3, False), (2, True)):
         net = nn.Sequential(
@@ -119,7 +160,7 @@ def test_symmetric_same_padding_is_the_convs_own_and_the_pass_covers_it() -> Non
             assert torch.allclose(graph.logits(x.to(torch.float64)), net(x).double(), atol=1e-5)
         plan = CrownBound(graph, get_budget("default")).patch_plan
         convs = [i for i, kind in enumerate(kinds) if kind == "ConvOp"]
-        assert all(plan.covers(i) for i in convs) != padded
+        assert all(plan.covers(i) for i in convs)
 
 
 def test_windows_that_grow_as_large_as_the_node_become_the_whole_node() -> None:

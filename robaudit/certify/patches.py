@@ -18,9 +18,11 @@ zero outside the node. The one thing left out is the L2-ball coupling of ReLU la
 (`ball.py`), which needs a whole layer at once: the dense pass takes the better of it
 and CROWN's intercepts, so leaving it out gives CROWN's intercepts, still sound.
 
-Only nodes whose every ancestor is a convolution (no groups or dilation), an
-elementwise scale, an activation, a residual sum or a reshape that keeps (C, H, W) are
-handled (`PatchPlan.covers`); anything else keeps the dense pass.
+Only nodes whose every ancestor is a convolution (any groups, dilation and stride), an
+average pooling that is one (`_pool_as_conv`), a constant padding of the height and width
+(`_shift`: a pad node, or a selection that only pads), an elementwise scale, an
+activation, a residual sum or a reshape that keeps (C, H, W) are handled
+(`PatchPlan.covers`); anything else (max pooling, a crop, a transpose) keeps the dense pass.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from robaudit.certify.graph import Graph
-from robaudit.certify.ops import ActOp, AddOp, AffineOp, ConvOp, ReshapeOp, ScaleOp
+from robaudit.certify.ops import ActOp, AddOp, AffineOp, AvgPoolOp, ConvOp, PadOp, ReshapeOp, ScaleOp, SelectOp
 
 PATCH_ELEMS = 1 << 22  # coefficients one chunk of refined positions may carry at its widest node
 
@@ -59,9 +61,14 @@ class Geometry:
 
     def through_conv(self, op: ConvOp) -> Geometry:
         (sh, sw), (ph, pw), (kh, kw) = self.stride, self.pad, self.kernel
-        (s0, s1), (p0, p1) = op.stride, op.padding
+        (s0, s1), (p0, p1), (d0, d1) = op.stride, op.padding, op.dilation
         k0, k1 = op.weight.shape[-2:]
-        return Geometry((sh * s0, sw * s1), (ph * s0 + p0, pw * s1 + p1), ((kh - 1) * s0 + k0, (kw - 1) * s1 + k1))
+        kernel = ((kh - 1) * s0 + d0 * (k0 - 1) + 1, (kw - 1) * s1 + d1 * (k1 - 1) + 1)
+        return Geometry((sh * s0, sw * s1), (ph * s0 + p0, pw * s1 + p1), kernel)
+
+    def through_pad(self, top: int, left: int) -> Geometry:
+        """The same windows on the input of a padding by (top, left): a shift, the border falls outside it."""
+        return Geometry(self.stride, (self.pad[0] + top, self.pad[1] + left), self.kernel)
 
     def union(self, other: Geometry) -> Geometry | None:
         """The smallest geometry holding both windows (None where the strides differ or one is shared)."""
@@ -79,6 +86,72 @@ def _chw(shape: tuple[int, ...]) -> tuple[int, int, int] | None:
     return tuple(shape[-3:])  # type: ignore[return-value]
 
 
+def _shift(op: object) -> tuple[int, int] | None:
+    """(top, left) where op pads the height and width of a (C, H, W) node with constants, else None."""
+    if not isinstance(op, (PadOp, SelectOp)):
+        return None
+    if not hasattr(op, "_patches_shift"):
+        op._patches_shift = _find_shift(op)  # type: ignore[attr-defined]
+    return op._patches_shift  # type: ignore[attr-defined]
+
+
+def _find_shift(op: PadOp | SelectOp) -> tuple[int, int] | None:
+    """A pad node (`PadOp`) says so in its pads; a selection (`SelectOp`, how ONNX Pad and
+    F.pad are read) must place every input value at its own position shifted by (top,
+    left) and fill the rest: its first moved value gives the shift, its whole index is
+    then compared. Negative pads (crops) are not a shift this pass knows.
+    """
+    src, dst = _chw(op.in_shape), _chw(op.out_shape)
+    if src is None or dst is None or src[0] != dst[0] or dst[1] < src[1] or dst[2] < src[2]:
+        return None
+    c, h, w = src
+    if isinstance(op, PadOp):
+        pads = tuple(op.pads)
+        if len(pads) < 4 or min(pads[:4]) < 0 or any(pads[4:]):
+            return None
+        left, right, top, bottom = pads[:4]
+        return (top, left) if dst == (c, h + top + bottom, w + left + right) else None
+    n = c * h * w
+    moved = torch.nonzero(op.index != n)
+    if len(moved) != n:
+        return None
+    first = int(moved[0])
+    top, left = (first // dst[2]) % dst[1], first % dst[2]
+    if top + h > dst[1] or left + w > dst[2]:
+        return None
+    want = torch.full(dst, n, dtype=op.index.dtype)
+    want[:, top : top + h, left : left + w] = torch.arange(n).reshape(c, h, w)
+    return (top, left) if torch.equal(op.index, want.flatten()) else None
+
+
+def _pool_as_conv(op: AvgPoolOp) -> ConvOp | None:
+    """The depthwise convolution an average pooling is, where it is one; else None.
+
+    Every window must divide by the same number: no padding left out of the count, and
+    no window that ceil mode adds beyond the padded map (torch divides those by less).
+    """
+    src, dst = _chw(op.in_shape), _chw(op.out_shape)
+    if src is None or dst is None or (not op.count_include_pad and max(op.padding) > 0):
+        return None
+    c, h, w = src
+    (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
+    if dst != (c, (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1):
+        return None
+    weight = torch.full((c, 1, kh, kw), 1.0 / (op.divisor_override or kh * kw), dtype=torch.float64)
+    return ConvOp(op.name, op.in_shape, op.out_shape, None, True, weight, op.stride, op.padding, (1, 1), c)
+
+
+def _as_conv(op: object) -> ConvOp | None:
+    """The convolution op is, for this pass: itself, or an average pooling's (cached on the op)."""
+    if isinstance(op, ConvOp):
+        return op
+    if not isinstance(op, AvgPoolOp):
+        return None
+    if not hasattr(op, "_patches_conv"):
+        op._patches_conv = _pool_as_conv(op)  # type: ignore[attr-defined]
+    return op._patches_conv  # type: ignore[attr-defined]
+
+
 def _handled(graph: Graph, j: int) -> bool:
     node = graph.nodes[j]
     op = node.op
@@ -88,9 +161,19 @@ def _handled(graph: Graph, j: int) -> bool:
         return True
     if isinstance(op, ReshapeOp):
         return _chw(op.in_shape) == _chw(node.shape)
-    if isinstance(op, ConvOp):
-        return op.groups == 1 and op.dilation == (1, 1) and min(op.padding) >= 0
-    return False
+    conv = _as_conv(op)
+    if conv is not None:
+        return min(conv.padding) >= 0
+    return _shift(op) is not None
+
+
+def _moved(geo: Geometry, op: object) -> Geometry:
+    """Geometry of a node's windows on its (first) input."""
+    conv = _as_conv(op)
+    if conv is not None:
+        return geo.through_conv(conv)
+    shift = _shift(op)
+    return geo if shift is None else geo.through_pad(*shift)
 
 
 class PatchPlan:
@@ -111,7 +194,8 @@ class PatchPlan:
         g = self.graph
         incoming: dict[int, list[Geometry]] = {i: [Geometry((1, 1), (0, 0), (1, 1))]}
         out: dict[int, Geometry] | None = {}
-        if not isinstance(g.nodes[i].op, (ConvOp, ScaleOp, AddOp)) or not _handled(g, i):
+        refined = isinstance(g.nodes[i].op, (ScaleOp, AddOp)) or _as_conv(g.nodes[i].op) is not None
+        if not refined or not _handled(g, i):
             out = None
         for j in range(i, -1, -1):
             if out is None or j not in incoming:
@@ -123,7 +207,7 @@ class PatchPlan:
             _, h, w = _chw(node.shape)
             geo = incoming.pop(j)[0] if j == i else _resolve(incoming.pop(j), h, w)
             out[j] = geo
-            moved = geo.through_conv(node.op) if isinstance(node.op, ConvOp) else geo
+            moved = _moved(geo, node.op)
             for k in node.inputs:
                 incoming.setdefault(k, []).append(moved)
         self.geometry[i] = out
@@ -143,11 +227,11 @@ class PatchPlan:
         units = math.prod(self.graph.nodes[i].shape)
         per_row = 0
         for j, geo in plan.items():
-            op = self.graph.nodes[j].op
+            conv = _as_conv(self.graph.nodes[j].op)
             c, _, _ = _chw(self.graph.nodes[j].shape)
             per_row += c * math.prod(geo.kernel)
-            if isinstance(op, ConvOp):
-                per_row += math.prod(geo.kernel) * op.weight[0].numel() * c
+            if conv is not None:
+                per_row += math.prod(geo.kernel) * conv.weight[0].numel() * c
         return 2 * units * per_row
 
 
@@ -270,7 +354,8 @@ def backward_windows(
         node = g.nodes[j]
         op = node.op
         lam = state.pop(j)
-        if (op is None or isinstance(op, ConvOp)) and not _inside(geometry[j], grid, node.shape):
+        conv, shift = _as_conv(op), _shift(op)
+        if (op is None or conv is not None or shift is not None) and not _inside(geometry[j], grid, node.shape):
             # coefficients on the node's padding multiply no unit (elsewhere every per-unit
             # factor read through `win` is 0 there, and the next convolution or the input masks)
             lam = lam * inside_node(j)
@@ -290,7 +375,7 @@ def backward_windows(
             per_channel = bias.reshape(c, -1)
             if bool((per_channel == per_channel[:, :1]).all()):  # one bias per channel: sum the windows first
                 b = per_channel[:, 0]
-                inside = isinstance(op, ConvOp) or geometry[j].shared or _inside(geometry[j], grid, node.shape)
+                inside = conv is not None or geometry[j].shared or _inside(geometry[j], grid, node.shape)
                 if not inside:  # (a scale's coefficients are not masked: the padding must not add its bias)
                     mask = inside_node(j)
                     lam_in, size_in = lam * mask, size * mask
@@ -301,12 +386,15 @@ def backward_windows(
             else:
                 b = lam * win(bias, j)
                 const, scale = const + total(b), scale + total(b.abs())
-        if isinstance(op, ConvOp):
+        if conv is not None:
             rows = lam.reshape(-1, *lam.shape[3:])
-            moved = geometry[j].through_conv(op)
+            moved = geometry[j].through_conv(conv)
             # the transposed convolution, by the input-gradient kernel: 1.1-2.4x faster in float64 on the CPU
-            back = torch.nn.grad.conv2d_input((len(rows), op.weight.shape[1], *moved.kernel), op.weight, rows, op.stride)
+            size = (len(rows), conv.weight.shape[1] * conv.groups, *moved.kernel)
+            back = torch.nn.grad.conv2d_input(size, conv.weight, rows, conv.stride, 0, conv.dilation, conv.groups)
             _push(state, geometry, node.inputs[0], back.reshape(n, 2, r, *back.shape[1:]), moved, grid, pos)
+        elif shift is not None:  # the border's fill is the bias (above); the rest moves by the shift
+            _push(state, geometry, node.inputs[0], lam, geometry[j].through_pad(*shift), grid, pos)
         elif isinstance(op, ScaleOp):
             _push(state, geometry, node.inputs[0], lam * win(_full(op.weight, node.shape), j), geometry[j], grid, pos)
         elif isinstance(op, ReshapeOp):
