@@ -106,8 +106,8 @@ def _find_shift(op: PadOp | SelectOp) -> tuple[int, int] | None:
         return None
     c, h, w = src
     if isinstance(op, PadOp):
-        pads = tuple(op.pads)
-        if len(pads) < 4 or min(pads[:4]) < 0 or any(pads[4:]):
+        pads = (*op.pads, 0, 0, 0)[:4] if len(op.pads) < 4 else tuple(op.pads)  # (left, right[, top, bottom, ...])
+        if min(pads[:4]) < 0 or any(pads[4:]):
             return None
         left, right, top, bottom = pads[:4]
         return (top, left) if dst == (c, h + top + bottom, w + left + right) else None
