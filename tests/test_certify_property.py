@@ -384,13 +384,13 @@ def run_seeds(seeds: range, effort: Effort, extras: bool = False) -> None:
     assert {"certify_l2", "interval", "global-lipschitz"} <= total.methods, total.methods
 
 
-def attack_seeds(seeds: range, budget, effort: Effort, gen_base: int, before_seed=None) -> None:
-    """check_net on random_net(seed) for each seed at one budget; no violation, and every seed gives inputs."""
+def attack_seeds(seeds: range, budget, effort: Effort, gen_base: int, before_seed=None, extras: bool = False) -> None:
+    """check_net on random_net(seed, extras) for each seed at one budget; no violation, and every seed gives inputs."""
     total = Outcome()
     for seed in seeds:
         if before_seed is not None:
             before_seed(seed)
-        got = check_net(random_net(seed), effort, torch.Generator().manual_seed(gen_base + seed), budget)
+        got = check_net(random_net(seed, extras), effort, torch.Generator().manual_seed(gen_base + seed), budget)
         total.violations += got.violations
         total.samples += got.samples
     assert not total.violations, f"{len(total.violations)} soundness violation(s):\n" + "\n".join(total.violations)
@@ -510,37 +510,47 @@ def test_ball_coupled_crown_radii_survive_attacks_and_probes(monkeypatch: pytest
 
 
 WINDOW_SEEDS = range(800, 800 + int(os.environ.get("ROBAUDIT_WINDOW_SEEDS", "150")))
+# nets with clamps, data movement and concatenations: those whose covered nodes the pass reaches through a move
+WINDOW_MOVE_SEEDS = range(2000, 2000 + int(os.environ.get("ROBAUDIT_WINDOW_MOVE_SEEDS", "60")))
 
 
-def _windowed_seeds(seeds: range) -> list[int]:
-    """The seeds whose net has a node behind two layers of relaxations that the patches pass covers."""
+def _windowed_seeds(seeds: range, extras: bool = False) -> list[int]:
+    """The seeds whose net has a node behind two layers of relaxations that the patches pass covers
+    (with `extras`: and whose pass to such a node goes through a pad or a move of channels)."""
     from robaudit.certify.crown import CrownBound
 
     picked = []
     for seed in seeds:
-        rn = random_net(seed)
+        rn = random_net(seed, extras)
         try:
             graph = build_graph(rn.model, torch.zeros(1, *rn.sample_shape))
         except CertificateUnavailable:
             continue
         crown = CrownBound(graph, get_budget("default"))
-        if any(crown.patch_plan.covers(i) and crown.depth[i] >= 2 and not graph.exact[i] for i in crown.needs):
+        deep = [i for i in crown.needs if crown.patch_plan.covers(i) and crown.depth[i] >= 2 and not graph.exact[i]]
+        moves = {type(graph.nodes[j].op).__name__ for i in deep for j in crown.patch_plan.plan(i)} & {"SelectOp", "PadOp"}
+        if deep and (moves or not extras):
             picked.append(seed)
     return picked
 
 
-def test_crown_refined_over_receptive_fields_survives_attacks_and_probes(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "through-moves"])
+def test_crown_refined_over_receptive_fields_survives_attacks_and_probes(
+    monkeypatch: pytest.MonkeyPatch, extras: bool
+) -> None:
     """CROWN's refined evaluations with conv units refined by the patches pass (`patches.py`), on random nets.
 
     The default budget takes that pass only on nets too wide for dense refinement; here
     every net the pass covers takes it (dense refinement made "too costly", the patches
-    pass free). Only the seeds whose net it covers are attacked (about one in five);
-    not vacuous: the pass must run on most of them.
+    pass free). Only the seeds whose net it covers are attacked (about one in five; with
+    the extras' pads, concatenations, chunks and shuffles, those it reaches through one of
+    them, about one in twelve); not vacuous: the pass must run on most of them.
     """
     from robaudit.certify import patches
 
-    seeds = _windowed_seeds(WINDOW_SEEDS)
-    assert len(seeds) >= len(WINDOW_SEEDS) // 20, seeds
+    pool = WINDOW_MOVE_SEEDS if extras else WINDOW_SEEDS
+    seeds = _windowed_seeds(pool, extras)
+    assert len(seeds) >= len(pool) // 30, seeds
     seeds_used: set[int] = set()
     current = [0]
     inner = patches.backward_windows
@@ -552,7 +562,8 @@ def test_crown_refined_over_receptive_fields_survives_attacks_and_probes(monkeyp
     monkeypatch.setattr(crown_module, "backward_windows", counted)
     monkeypatch.setattr(patches.PatchPlan, "cost", lambda self, i: 0)
     budget = dataclasses.replace(get_budget("default"), crown_polish_work=-1)
-    attack_seeds(seeds, budget, Effort(every_method_alone=True), 50_000, before_seed=lambda seed: current.__setitem__(0, seed))
+    effort = Effort(every_method_alone=True)
+    attack_seeds(seeds, budget, effort, 50_000, before_seed=lambda seed: current.__setitem__(0, seed), extras=extras)
     print(f"patches pass: used on {len(seeds_used)} of {len(seeds)} seeds")
     assert len(seeds_used) >= len(seeds) // 2, sorted(seeds_used)
 

@@ -50,9 +50,9 @@ class _Net(nn.Module):
 
 class _PaddedNet(nn.Module):
     """Asymmetric zero padding before a strided conv (as ONNX Pad reads), a grouped conv, an
-    average pool with padding, a dilated conv, an even-kernel "same" conv (a pad node), two
-    maps concatenated along the width (pad nodes and a sum), a constant padding, a closing
-    average pool."""
+    average pool with padding, a dilated conv, an even-kernel "same" conv (a pad node), a
+    concatenation, shuffle and chunk of channels, two maps concatenated along the width (pad
+    nodes and a sum), a constant padding, a closing average pool."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,7 +60,8 @@ class _PaddedNet(nn.Module):
         self.grouped = nn.Conv2d(8, 8, 3, 1, 1, groups=4)
         self.dilated = nn.Conv2d(8, 6, 3, 1, 2, dilation=2)
         self.same = nn.Conv2d(6, 6, 2, padding="same")
-        self.left, self.right = nn.Conv2d(6, 6, (3, 2), 1, (1, 0)), nn.Conv2d(6, 6, (3, 3), 1, (1, 0))
+        self.extra, self.shuffle = nn.Conv2d(6, 2, 3, 1, 1), nn.ChannelShuffle(2)
+        self.left, self.right = nn.Conv2d(4, 6, (3, 2), 1, (1, 0)), nn.Conv2d(4, 6, (3, 3), 1, (1, 0))
         self.c2 = nn.Conv2d(6, 6, 3, 1, 0)
         self.fc = nn.Linear(6 * 4 * 6, 10)
 
@@ -68,6 +69,8 @@ class _PaddedNet(nn.Module):
         h = torch.relu(self.b1(self.c1(F.pad(x, (0, 1, 0, 1)))))
         h = F.avg_pool2d(torch.relu(self.grouped(h)), 3, 1, 1)
         h = torch.relu(self.same(torch.tanh(self.dilated(h))))
+        a, b = self.shuffle(torch.cat([h, torch.tanh(self.extra(h))], dim=1)).chunk(2, dim=1)
+        h = torch.relu(a) + b
         h = torch.relu(torch.cat([self.left(h), self.right(h)], dim=3))  # widths 6 + 5
         h = torch.relu(self.c2(F.pad(h, (1, 2, 2, 1), value=0.3)))
         return self.fc(F.avg_pool2d(h, 2).flatten(1))
@@ -104,9 +107,9 @@ def test_the_patches_pass_gives_the_dense_bound_term_for_term(monkeypatch: pytes
         assert len(covered) >= 11
     else:  # every conv and pool, both pads among the nodes their passes go through
         kinds = [type(graph.nodes[i].op).__name__ for i in covered]
-        assert kinds.count("ConvOp") == 7 and kinds.count("AvgPoolOp") == 2, kinds
+        assert kinds.count("ConvOp") == 8 and kinds.count("AvgPoolOp") == 2, kinds
         passed = [type(graph.nodes[j].op).__name__ for j in {j for i in covered for j in plan.plan(i)}]
-        assert passed.count("SelectOp") == 2 and passed.count("PadOp") == 3, passed
+        assert passed.count("SelectOp") == 5 and passed.count("PadOp") == 5, passed
     gen = torch.Generator().manual_seed(1)
     for i in covered:
         shape = graph.nodes[i].shape

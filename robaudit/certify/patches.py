@@ -20,7 +20,8 @@ and CROWN's intercepts, so leaving it out gives CROWN's intercepts, still sound.
 
 Only nodes whose every ancestor is a convolution (any groups, dilation and stride), an
 average pooling that is one (`_pool_as_conv`), a constant padding of the height and width
-(`_shift`: a pad node, or a selection that only pads), an elementwise scale, an
+(`_shift`: a pad node, or a selection that only pads), a map of whole channels
+(`_channels`: a concatenation, chunk or shuffle of channels), an elementwise scale, an
 activation, a residual sum or a reshape that keeps (C, H, W) are handled
 (`PatchPlan.covers`); anything else (max pooling, a crop, a transpose) keeps the dense pass.
 """
@@ -124,6 +125,38 @@ def _find_shift(op: PadOp | SelectOp) -> tuple[int, int] | None:
     return (top, left) if torch.equal(op.index, want.flatten()) else None
 
 
+def _channels(op: object) -> torch.Tensor | None:
+    """(C_out,) input channel of each output channel (-1: a constant) where op only moves channels, else None."""
+    if not isinstance(op, (PadOp, SelectOp)):
+        return None
+    if not hasattr(op, "_patches_channels"):
+        op._patches_channels = _find_channels(op)  # type: ignore[attr-defined]
+    return op._patches_channels  # type: ignore[attr-defined]
+
+
+def _find_channels(op: PadOp | SelectOp) -> torch.Tensor | None:
+    """A channel map keeps every pixel where it is: a pad node padding the channels only (each
+    part of a concatenation along them), or a selection whose every output channel is a whole
+    input channel or a constant (a chunk, a channel shuffle, a repeat)."""
+    src, dst = _chw(op.in_shape), _chw(op.out_shape)
+    if src is None or dst is None or src[1:] != dst[1:]:
+        return None
+    (c, h, w), c_out = src, dst[0]
+    if isinstance(op, PadOp):
+        pads = tuple(op.pads) + (0,) * 6
+        front, back = pads[4:6]
+        if any(pads[:4]) or any(pads[6:]) or min(front, back) < 0 or front + c + back != c_out:
+            return None
+        source = torch.arange(c_out) - front
+        return torch.where((source >= 0) & (source < c), source, -1)
+    n, plane = c * h * w, h * w
+    rows = op.index.reshape(c_out, plane)
+    fill = (rows == n).all(dim=1)
+    source = torch.where(fill, -1, rows[:, 0] // plane)
+    want = torch.where(fill[:, None], n, source[:, None] * plane + torch.arange(plane))
+    return source if torch.equal(rows, want) else None
+
+
 def _pool_as_conv(op: AvgPoolOp) -> ConvOp | None:
     """The depthwise convolution an average pooling is, where it is one; else None.
 
@@ -164,7 +197,7 @@ def _handled(graph: Graph, j: int) -> bool:
     conv = _as_conv(op)
     if conv is not None:
         return min(conv.padding) >= 0
-    return _shift(op) is not None
+    return _shift(op) is not None or _channels(op) is not None
 
 
 def _moved(geo: Geometry, op: object) -> Geometry:
@@ -354,8 +387,9 @@ def backward_windows(
         node = g.nodes[j]
         op = node.op
         lam = state.pop(j)
-        conv, shift = _as_conv(op), _shift(op)
-        if (op is None or conv is not None or shift is not None) and not _inside(geometry[j], grid, node.shape):
+        conv, shift, channels = _as_conv(op), _shift(op), _channels(op)
+        moves = shift is not None or channels is not None
+        if (op is None or conv is not None or moves) and not _inside(geometry[j], grid, node.shape):
             # coefficients on the node's padding multiply no unit (elsewhere every per-unit
             # factor read through `win` is 0 there, and the next convolution or the input masks)
             lam = lam * inside_node(j)
@@ -395,6 +429,11 @@ def backward_windows(
             _push(state, geometry, node.inputs[0], back.reshape(n, 2, r, *back.shape[1:]), moved, grid, pos)
         elif shift is not None:  # the border's fill is the bias (above); the rest moves by the shift
             _push(state, geometry, node.inputs[0], lam, geometry[j].through_pad(*shift), grid, pos)
+        elif channels is not None:  # constant channels are the bias (above); each other one goes to its source
+            moved = channels >= 0
+            size = (*lam.shape[:3], _chw(g.nodes[node.inputs[0]].shape)[0], *lam.shape[4:])
+            back = lam.new_zeros(size).index_add_(3, channels[moved], lam[:, :, :, moved])
+            _push(state, geometry, node.inputs[0], back, geometry[j], grid, pos)
         elif isinstance(op, ScaleOp):
             _push(state, geometry, node.inputs[0], lam * win(_full(op.weight, node.shape), j), geometry[j], grid, pos)
         elif isinstance(op, ReshapeOp):
