@@ -51,8 +51,9 @@ class _Net(nn.Module):
 class _PaddedNet(nn.Module):
     """Asymmetric zero padding before a strided conv (as ONNX Pad reads), a grouped conv, an
     average pool with padding, a dilated conv, an even-kernel "same" conv (a pad node), a
-    concatenation, shuffle and chunk of channels, two maps concatenated along the width (pad
-    nodes and a sum), a constant padding, a closing average pool."""
+    concatenation, shuffle and chunk of channels, a max pool, two maps concatenated along the
+    width (pad nodes and a sum), a constant padding, a max pool with dilation, a closing
+    average pool."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -62,17 +63,18 @@ class _PaddedNet(nn.Module):
         self.same = nn.Conv2d(6, 6, 2, padding="same")
         self.extra, self.shuffle = nn.Conv2d(6, 2, 3, 1, 1), nn.ChannelShuffle(2)
         self.left, self.right = nn.Conv2d(4, 6, (3, 2), 1, (1, 0)), nn.Conv2d(4, 6, (3, 3), 1, (1, 0))
-        self.c2 = nn.Conv2d(6, 6, 3, 1, 0)
-        self.fc = nn.Linear(6 * 4 * 6, 10)
+        self.c2, self.c3 = nn.Conv2d(6, 6, 3, 1, 0), nn.Conv2d(6, 4, 3, 1, 1)
+        self.fc = nn.Linear(4 * 4 * 6, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.b1(self.c1(F.pad(x, (0, 1, 0, 1)))))
         h = F.avg_pool2d(torch.relu(self.grouped(h)), 3, 1, 1)
         h = torch.relu(self.same(torch.tanh(self.dilated(h))))
         a, b = self.shuffle(torch.cat([h, torch.tanh(self.extra(h))], dim=1)).chunk(2, dim=1)
-        h = torch.relu(a) + b
+        h = F.max_pool2d(torch.relu(a) + b, 3, 1, 1)
         h = torch.relu(torch.cat([self.left(h), self.right(h)], dim=3))  # widths 6 + 5
-        h = torch.relu(self.c2(F.pad(h, (1, 2, 2, 1), value=0.3)))
+        h = torch.relu(self.c2(F.pad(h, (1, 2, 2, 1), value=0.3)))  # 8 x 12
+        h = torch.relu(self.c3(F.max_pool2d(h, 2, 1, 1, dilation=2)))  # 8 x 12 (dilated window 3)
         return self.fc(F.avg_pool2d(h, 2).flatten(1))
 
 
@@ -107,9 +109,9 @@ def test_the_patches_pass_gives_the_dense_bound_term_for_term(monkeypatch: pytes
         assert len(covered) >= 11
     else:  # every conv and pool, both pads among the nodes their passes go through
         kinds = [type(graph.nodes[i].op).__name__ for i in covered]
-        assert kinds.count("ConvOp") == 8 and kinds.count("AvgPoolOp") == 2, kinds
+        assert kinds.count("ConvOp") == 9 and kinds.count("AvgPoolOp") == 2, kinds
         passed = [type(graph.nodes[j].op).__name__ for j in {j for i in covered for j in plan.plan(i)}]
-        assert passed.count("SelectOp") == 5 and passed.count("PadOp") == 5, passed
+        assert passed.count("SelectOp") == 5 and passed.count("PadOp") == 5 and passed.count("MaxPoolOp") == 2, passed
     gen = torch.Generator().manual_seed(1)
     for i in covered:
         shape = graph.nodes[i].shape
@@ -132,7 +134,10 @@ def test_nodes_behind_an_op_the_pass_does_not_know_keep_the_dense_pass() -> None
             return x[:, :, 1:, 1:]
 
     for net in (
-        nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(16, 3)),
+        nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.ReLU(), nn.ReplicationPad2d(1), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+            nn.Linear(256, 3),
+        ),
         nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), Crop(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(100, 3)),
         nn.Sequential(  # a pool whose windows at the border divide by less than the kernel: no convolution
             nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AvgPool2d(3, 1, 1, count_include_pad=False), nn.Conv2d(4, 4, 3), nn.ReLU(),

@@ -21,9 +21,10 @@ and CROWN's intercepts, so leaving it out gives CROWN's intercepts, still sound.
 Only nodes whose every ancestor is a convolution (any groups, dilation and stride), an
 average pooling that is one (`_pool_as_conv`), a constant padding of the height and width
 (`_shift`: a pad node, or a selection that only pads), a map of whole channels
-(`_channels`: a concatenation, chunk or shuffle of channels), an elementwise scale, an
-activation, a residual sum or a reshape that keeps (C, H, W) are handled
-(`PatchPlan.covers`); anything else (max pooling, a crop, a transpose) keeps the dense pass.
+(`_channels`: a concatenation, chunk or shuffle of channels), a max pooling (its CROWN
+relaxation read through the same windows), an elementwise scale, an activation, a
+residual sum or a reshape that keeps (C, H, W) are handled (`PatchPlan.covers`);
+anything else (a crop, a transpose, a replicate padding) keeps the dense pass.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from robaudit.certify.graph import Graph
-from robaudit.certify.ops import ActOp, AddOp, AffineOp, AvgPoolOp, ConvOp, PadOp, ReshapeOp, ScaleOp, SelectOp
+from robaudit.certify.ops import ActOp, AddOp, AffineOp, AvgPoolOp, ConvOp, MaxPoolOp, PadOp, ReshapeOp, ScaleOp, SelectOp
 
 PATCH_ELEMS = 1 << 22  # coefficients one chunk of refined positions may carry at its widest node
 
@@ -60,10 +61,11 @@ class Geometry:
     def shared(self) -> bool:
         return self.stride == (0, 0)
 
-    def through_conv(self, op: ConvOp) -> Geometry:
+    def through_conv(self, op: ConvOp | MaxPoolOp) -> Geometry:
+        """The windows on the input of a convolution or a max pooling (window size, stride, padding, dilation)."""
         (sh, sw), (ph, pw), (kh, kw) = self.stride, self.pad, self.kernel
         (s0, s1), (p0, p1), (d0, d1) = op.stride, op.padding, op.dilation
-        k0, k1 = op.weight.shape[-2:]
+        k0, k1 = op.kernel if isinstance(op, MaxPoolOp) else op.weight.shape[-2:]
         kernel = ((kh - 1) * s0 + d0 * (k0 - 1) + 1, (kw - 1) * s1 + d1 * (k1 - 1) + 1)
         return Geometry((sh * s0, sw * s1), (ph * s0 + p0, pw * s1 + p1), kernel)
 
@@ -195,16 +197,16 @@ def _handled(graph: Graph, j: int) -> bool:
     if isinstance(op, ReshapeOp):
         return _chw(op.in_shape) == _chw(node.shape)
     conv = _as_conv(op)
-    if conv is not None:
-        return min(conv.padding) >= 0
+    if conv is not None or isinstance(op, MaxPoolOp):
+        return min((conv or op).padding) >= 0
     return _shift(op) is not None or _channels(op) is not None
 
 
 def _moved(geo: Geometry, op: object) -> Geometry:
     """Geometry of a node's windows on its (first) input."""
     conv = _as_conv(op)
-    if conv is not None:
-        return geo.through_conv(conv)
+    if conv is not None or isinstance(op, MaxPoolOp):
+        return geo.through_conv(conv or op)
     shift = _shift(op)
     return geo if shift is None else geo.through_pad(*shift)
 
@@ -260,11 +262,14 @@ class PatchPlan:
         units = math.prod(self.graph.nodes[i].shape)
         per_row = 0
         for j, geo in plan.items():
-            conv = _as_conv(self.graph.nodes[j].op)
+            op = self.graph.nodes[j].op
+            conv = _as_conv(op)
             c, _, _ = _chw(self.graph.nodes[j].shape)
             per_row += c * math.prod(geo.kernel)
             if conv is not None:
                 per_row += math.prod(geo.kernel) * conv.weight[0].numel() * c
+            elif isinstance(op, MaxPoolOp):  # its relaxation's window entries, each a transposed convolution
+                per_row += 3 * math.prod(geo.kernel) * math.prod(op.kernel) * c
         return 2 * units * per_row
 
 
@@ -388,7 +393,7 @@ def backward_windows(
         op = node.op
         lam = state.pop(j)
         conv, shift, channels = _as_conv(op), _shift(op), _channels(op)
-        moves = shift is not None or channels is not None
+        moves = shift is not None or channels is not None or isinstance(op, MaxPoolOp)
         if (op is None or conv is not None or moves) and not _inside(geometry[j], grid, node.shape):
             # coefficients on the node's padding multiply no unit (elsewhere every per-unit
             # factor read through `win` is 0 there, and the next convolution or the input masks)
@@ -441,6 +446,23 @@ def backward_windows(
         elif isinstance(op, AddOp):
             _push(state, geometry, node.inputs[0], lam, geometry[j], grid, pos)
             _push(state, geometry, node.inputs[1], op.sign * lam, geometry[j], grid, pos)
+        elif isinstance(op, MaxPoolOp):
+            # CROWN's relaxation (`crown._relax`): below, the entry with the largest lower bound;
+            # above, that entry where it surely wins, else the window's largest upper bound
+            parts, (c, ho, wo), k = relaxed[j].parts, _chw(node.shape), math.prod(op.kernel)
+            sure = win(parts["sure"].reshape(-1, c, ho, wo).to(lam.dtype), j) > 0
+            term = torch.where(sure, 0.0, lam.clamp_max(0)) * win(parts["top"].reshape(-1, c, ho, wo), j)
+            const, scale = const + total(term), scale + total(term.abs())
+            picks = _windows(parts["onehot"].reshape(-1, c * k, ho, wo), (c * k, ho, wo), geometry[j], grid, pos)
+            coef = torch.where(sure, lam, lam.clamp_min(0)).unsqueeze(4)
+            picks = picks.reshape(picks.shape[0], 1, picks.shape[1], c, k, *picks.shape[-2:])  # R is 1 where shared
+            rows = (coef * picks).reshape(n * 2 * r, c * k, *picks.shape[-2:])
+            moved = geometry[j].through_conv(op)
+            # each window entry back to its pixel: a transposed convolution per channel and entry, summed over entries
+            back = torch.nn.grad.conv2d_input(
+                (len(rows), c, *moved.kernel), _entry_kernel(op, c), rows, op.stride, 0, op.dilation, c
+            )
+            _push(state, geometry, node.inputs[0], back.reshape(n, 2, r, *back.shape[1:]), moved, grid, pos)
         else:
             assert isinstance(op, ActOp)
             rel = relaxed[j]
@@ -457,6 +479,13 @@ def backward_windows(
                 const = const + term + total(low)
                 scale = scale + total((neg * lines["b_u"]).abs()) + total(low.abs())
     raise AssertionError("the backward pass never reached the input")  # pragma: no cover
+
+
+def _entry_kernel(op: MaxPoolOp, channels: int) -> torch.Tensor:
+    """(C k, 1, kh, kw): for each channel and window entry (unfold's order), a kernel that is 1 at that entry."""
+    k = math.prod(op.kernel)
+    eye = torch.eye(k, dtype=torch.float64).reshape(k, 1, *op.kernel)
+    return eye.repeat(channels, 1, 1, 1)
 
 
 def _push(state: dict, geometry: dict[int, Geometry], k: int, coef: torch.Tensor, have: Geometry, grid, pos) -> None:
