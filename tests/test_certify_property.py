@@ -681,8 +681,6 @@ REFUSED: list[tuple[str, nn.Module, bool, tuple[str, ...]]] = [
     ("clamp-huge-bound", Fn(lambda x: x.clamp(min=-1e30), "x.clamp(min=-1e30)"), True, ("round x away",)),
     ("threshold-fn-jump", Fn(lambda x: F.threshold(x, 0.0, 0.5), "F.threshold(x, 0, 0.5)"), True, ("threshold",)),
     ("Mish", nn.Mish(), False, ("Mish",)),
-    ("abs", Fn(torch.abs, "torch.abs"), False, ("abs",)),
-    ("abs-method", Fn(lambda x: x.abs(), "x.abs()"), True, ("abs",)),
     ("sin", Fn(torch.sin, "torch.sin"), False, ("sin",)),
     ("exp", Fn(torch.exp, "torch.exp"), False, ("exp",)),
     ("x*x", Fn(lambda x: x * x, "x * x"), False, ("mul",)),
@@ -765,6 +763,8 @@ LINEAR_MASK = torch.arange(16).reshape(4, 4) % 3 == 0  # a constant mask over th
 CERTIFIED: list[tuple[str, nn.Module, bool]] = [
     # piecewise-linear clamps (as ReLUs), concatenation and data movement: exact, so certified,
     # and as sound as everything else. (id, op, on the conv output?)
+    ("abs", Fn(torch.abs, "torch.abs"), False),  # relu(x) + relu(-x): not monotone, yet exact
+    ("abs-method", Fn(lambda x: x.abs(), "x.abs()"), True),
     ("clamp", Fn(lambda x: torch.clamp(x, -0.5, 0.5), "torch.clamp(x, -0.5, 0.5)"), False),
     ("clamp-min-method", Fn(lambda x: x.clamp(min=-0.2), "x.clamp(min=-0.2)"), True),
     ("clamp-max-fn", Fn(lambda x: torch.clamp_max(x, 0.3), "torch.clamp_max(x, 0.3)"), True),

@@ -215,7 +215,15 @@ def reduce_max_min(path: Path, opset: int = 17) -> Path:
     return g.save(path, opset)
 
 
+def abs_values(path: Path) -> Path:
+    """Abs of a conv (onnx2torch's OnnxFunction of torch.abs): |x| = relu(x) + relu(-x), exact."""
+    g = _Graph(14)
+    g.head(g.node("Abs", [g.conv("x", "c", 3, pads=[1, 1, 1, 1])], "a"), 3 * 6 * 6)
+    return g.save(path)
+
+
 FILES = {
+    "abs": abs_values,
     "reduce-max-min": reduce_max_min,
     "reduce-max-min-opset18": lambda path: reduce_max_min(path, 18),
     "conv-asymmetric-pads": conv_asymmetric_pads,

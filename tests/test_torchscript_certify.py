@@ -555,18 +555,21 @@ def test_uneven_adaptive_pool_certifies_alike_in_torchscript_and_dynamo_onnx(tmp
 
 
 class AbsMLP(nn.Module):
+    """|x| in a hidden layer: not monotone, written as relu(x) + relu(-x), exactly (torch.abs in the
+    module, aten abs in TorchScript, ONNX Abs, which onnx2torch wraps as an OnnxFunction like Tanh)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(64, 10)
+        self.fc1, self.head = nn.Linear(64, 32), nn.Linear(32, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.abs(self.fc(x.flatten(1)))  # ONNX Abs: an OnnxFunction like Tanh, but not monotone
+        return self.head(torch.abs(self.fc1(x.flatten(1))))
 
 
-def test_onnx_elementwise_functions_other_than_tanh_are_refused(tmp_path) -> None:
+def test_abs_certifies_alike_in_every_format(tmp_path) -> None:
     x, y = digits()
-    with pytest.raises(CertificateUnavailable, match="OnnxFunction"):
-        certify_l2(loaded(save(AbsMLP(), tmp_path / "abs.onnx", "onnx"), x), x[:4], y[:4], budget="fast")
+    x, y = x[:24], y[:24]
+    assert_every_format_certifies_alike(fit(AbsMLP(), 120), x, y, tmp_path / "abs")
 
 
 @pytest.mark.parametrize("kind", ["trace", "script"])

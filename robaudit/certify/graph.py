@@ -791,6 +791,20 @@ class _Builder:
     def act(self, name: str, var: _Var, kind: str, **params: float) -> int:
         return self.add(name, ActOp(name, var.shape, kind, **params), [var.index], var.shape)
 
+    def absolute(self, name: str, var: _Var) -> int:
+        """|x| = relu(x) + relu(-x): exact, and float32 computes |x| exactly (no rounding charged).
+
+        Not monotone, so not an activation: the two ReLUs are. Over an interval crossing 0
+        their sum's bounds are [0, max(-lo, hi)]-wide; their relaxations add up to the
+        chord of |x| above and any line through 0 of slope in [-1, 1] below.
+        """
+        shape = var.shape
+        with self.rounding_free():
+            up = self.act(f"{name} (relu of x)", var, "relu")
+            flipped = _Var(self.scale(f"{name} (-x)", var, -1.0, 0.0, shape), shape)
+            down = self.act(f"{name} (relu of -x)", flipped, "relu")
+            return self.add(name, AddOp(name, shape, 1.0), [up, down], shape)
+
     def prelu(self, name: str, var: _Var, run: Callable[[torch.Tensor], torch.Tensor]) -> int:
         """PReLU, max(x, 0) + a min(x, 0), with the slopes `run` (the model's own op, re-run in float64) uses.
 
@@ -1068,6 +1082,8 @@ def _module_op(b: _Builder, name: str, m: nn.Module, args: list, kwargs: dict, o
         return b.reshape(name, var, out_shape)
     if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout)) or kind in _ONNX_IDENTITY:
         return var.index
+    if kind == "OnnxFunction" and getattr(m, "function", None) is torch.abs:  # ONNX Abs
+        return b.absolute(name, var)
     if kind == "OnnxFunction" and getattr(m, "function", None) in _ACT_FUNCTIONS:
         # onnx2torch's wrapper of ONNX's elementwise math (Abs, Exp, Tanh, ...): `function(input)`,
         # read like a call of that function; of its table only torch.tanh is an activation here
@@ -1142,6 +1158,8 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
             return b.act(name, var, _ACT_METHODS[target])
         if target == "neg":
             return b.scale(name, var, -1.0, 0.0, out_shape)
+        if target in ("abs", "absolute") and len(args) == 1 and not kwargs:
+            return b.absolute(name, var)
         if target in ("mean", "sum") and not kwargs.get("dtype"):
             dims = args[1] if len(args) > 1 else kwargs.get("dim")
             if dims is None:
@@ -1159,6 +1177,8 @@ def _function_op(b: _Builder, name: str, n: fx.Node, args: list, kwargs: dict, o
         raise CertificateUnavailable(name)
     if target in (operator.neg, torch.neg):
         return b.scale(name, var, -1.0, 0.0, out_shape)
+    if target in (operator.abs, torch.abs, torch.absolute) and len(args) == 1 and not kwargs:
+        return b.absolute(name, var)
     if target in _RESHAPE_FUNCTIONS:
         return b.reshape(name, var, out_shape)
     if target is F.hardsigmoid:
@@ -1354,6 +1374,8 @@ def _aten_op(
         return var.index
     if op == "neg":
         return b.scale(name, var, -1.0, 0.0, out_shape)
+    if op in ("abs", "abs_") and len(args) == 1 and not kwargs:
+        return b.absolute(name, var)
     if op in _ATEN_ACTS:
         return _activation(b, name, var, _ATEN_ACTS[op], args, kwargs)
     if op == "linear":
